@@ -1,0 +1,36 @@
+# `make run` and `make test` are the only two commands a new machine needs.
+SHELL := /bin/bash
+PORT ?= 8000
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test system lint
+
+run: system $(VENV)/.installed .env
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py collectstatic --noinput -v0
+	PORT=$(PORT) scripts/run-all
+
+test: system $(VENV)/.installed
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+system:
+	@scripts/ensure-system
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || "$$(scripts/find-python)" -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+# Random keys for this checkout, written once; keep .env out of version control.
+.env:
+	@umask 077; { \
+	  echo "DEBUG=True"; \
+	  echo "SECRET_KEY=$$(head -c 48 /dev/urandom | base64 | tr -d '/+=\n')"; \
+	  echo "STOCKROOM_ENCRYPTION_KEYS=$$(head -c 48 /dev/urandom | base64 | tr -d '/+=\n')"; \
+	} > $@
+	@echo "Wrote .env with new random keys."

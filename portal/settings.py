@@ -1,0 +1,178 @@
+"""Settings for the Stockroom portal.
+
+Every value can be set from the environment (or a `.env` file next to manage.py); the
+README lists them. Bad values fail at start-up with ImproperlyConfigured, never later.
+"""
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env")
+
+DEBUG = env.bool("DEBUG", default=False)
+
+# Both keys are required outside DEBUG; `make run` writes random ones into .env.
+_DEV_ONLY = "insecure-development-only-key"
+SECRET_KEY = env.str("SECRET_KEY", default=_DEV_ONLY if DEBUG else "")
+STOCKROOM_ENCRYPTION_KEYS = env.list("STOCKROOM_ENCRYPTION_KEYS", default=[_DEV_ONLY] if DEBUG else [])
+if not SECRET_KEY:
+    raise ImproperlyConfigured("Set SECRET_KEY in the environment or in .env.")
+if not STOCKROOM_ENCRYPTION_KEYS:
+    raise ImproperlyConfigured("Set STOCKROOM_ENCRYPTION_KEYS (comma-separated; the first encrypts, all decrypt).")
+
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "provisioning",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "portal.urls"
+WSGI_APPLICATION = "portal.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# State of the portal and of every local instance lives under DATA_DIR.
+DATA_DIR = (BASE_DIR / env.str("DATA_DIR", default="var")).resolve()  # relative to BASE_DIR
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'portal.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Concurrent creates from several web threads and the worker: wait for the write
+    # lock instead of failing with "database is locked".
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-portal.sqlite3")}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+
+LOGIN_URL = "/api-auth/login/"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "provisioning.api.pagination.InstancePagination",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "provisioning.api.views.exception_handler",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Stockroom API",
+    "DESCRIPTION": "Self-service MySQL and Redis instances.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# Celery: a real Redis broker; `make run` starts one on BROKER_PORT.
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6380/0")
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2}
+
+# Instances.
+STOCKROOM_BACKENDS = {
+    "local": {
+        "BACKEND": "provisioning.backends.local.LocalBackend",
+        "OPTIONS": {
+            # When the portal runs as root, instance processes run as this user.
+            "run_as": env.str("STOCKROOM_RUN_AS", default="stockroom"),
+            "mariadbd": env.str("STOCKROOM_MARIADBD", default="/usr/sbin/mariadbd"),
+            "mariadb_install_db": env.str("STOCKROOM_MARIADB_INSTALL_DB", default="/usr/bin/mariadb-install-db"),
+            "redis_server": env.str("STOCKROOM_REDIS_SERVER", default="/usr/bin/redis-server"),
+        },
+    },
+}
+STOCKROOM_DEFAULT_BACKEND = env.str("STOCKROOM_BACKEND", default="local")
+if STOCKROOM_DEFAULT_BACKEND not in STOCKROOM_BACKENDS:
+    raise ImproperlyConfigured(
+        f"STOCKROOM_BACKEND={STOCKROOM_DEFAULT_BACKEND!r}; choose one of {sorted(STOCKROOM_BACKENDS)}."
+    )
+# Address servers listen on, and the address shown to users.
+STOCKROOM_BIND_ADDRESS = env.str("STOCKROOM_BIND_ADDRESS", default="127.0.0.1")
+STOCKROOM_PUBLIC_HOST = env.str("STOCKROOM_PUBLIC_HOST", default="127.0.0.1")
+STOCKROOM_PORT_RANGE = tuple(env.list("STOCKROOM_PORT_RANGE", cast=int, default=[20000, 29999]))
+if len(STOCKROOM_PORT_RANGE) != 2 or not 1024 <= STOCKROOM_PORT_RANGE[0] <= STOCKROOM_PORT_RANGE[1] <= 65535:
+    raise ImproperlyConfigured("STOCKROOM_PORT_RANGE must be 'first,last' within 1024..65535.")
+STOCKROOM_QUOTA = env.int("STOCKROOM_QUOTA", default=10)
+STOCKROOM_START_TIMEOUT = env.float("STOCKROOM_START_TIMEOUT", default=30.0)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "provisioning": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    },
+}

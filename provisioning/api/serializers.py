@@ -1,0 +1,91 @@
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
+from rest_framework import serializers
+
+from ..engines import ENGINES
+from ..models import Instance
+from ..options import Option
+
+
+class InstanceSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Instance
+        fields = [
+            "id",
+            "name",
+            "kind",
+            "status",
+            "status_message",
+            "host",
+            "port",
+            "options",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+
+class OptionField(serializers.Field):
+    """Documents one engine option; values are validated by the option itself in the service."""
+
+    def __init__(self, option: Option, **kwargs):
+        self.option = option
+        super().__init__(required=False, help_text=option.help_text, label=option.label, **kwargs)
+
+    def to_internal_value(self, data):
+        return data
+
+    def to_representation(self, value):
+        return value
+
+
+class OptionFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = OptionField
+
+    def map_serializer_field(self, auto_schema, direction):
+        option = self.target.option
+        if option.kind == "choice":
+            schema = {"type": "string", "enum": list(option.choices)}
+        elif option.kind == "size":
+            schema = {
+                "oneOf": [
+                    {"type": "integer", "minimum": option.min_value, "maximum": option.max_value},
+                    {"type": "string", "example": "256mb"},
+                ]
+            }
+        else:
+            schema = {"type": "integer", "minimum": option.min_value, "maximum": option.max_value}
+        if option.default is not None:
+            schema["default"] = option.default
+        return {**schema, "description": option.help_text}
+
+
+def _create_serializer(kind: str) -> type[serializers.Serializer]:
+    fields = {option.name: OptionField(option) for option in ENGINES[kind].options}
+    fields["name"] = serializers.CharField(required=False, help_text="Defaults to '<kind>-<6 hex digits>'.")
+    return type(f"{kind.capitalize()}CreateSerializer", (serializers.Serializer,), fields)
+
+
+CREATE_SERIALIZERS = {kind: _create_serializer(kind) for kind in ENGINES}
+
+
+class MySQLConfigSerializer(serializers.Serializer):
+    host = serializers.CharField()
+    port = serializers.IntegerField()
+    database = serializers.CharField()
+    username = serializers.CharField()
+    password = serializers.CharField()
+    charset = serializers.CharField()
+    collation = serializers.CharField()
+    binlog_format = serializers.CharField()
+    uri = serializers.CharField()
+
+
+class RedisConfigSerializer(serializers.Serializer):
+    host = serializers.CharField()
+    port = serializers.IntegerField()
+    password = serializers.CharField()
+    maxmemory = serializers.IntegerField()
+    maxmemory_policy = serializers.CharField()
+    maxclients = serializers.IntegerField()
+    appendfsync = serializers.CharField()
+    uri = serializers.CharField()

@@ -1,0 +1,24 @@
+from django.urls import re_path
+from rest_framework.authtoken.views import obtain_auth_token
+
+from .views import InstanceViewSet
+
+# Trailing slashes are optional on every path.
+urlpatterns = [
+    re_path(r"^auth/token/?$", obtain_auth_token, name="api-token"),
+    re_path(
+        r"^storage/(?P<kind>mysql|redis)/instances/?$",
+        InstanceViewSet.as_view({"get": "list", "post": "create"}),
+        name="instance-list",
+    ),
+    re_path(
+        r"^storage/(?P<kind>mysql|redis)/instances/(?P<pk>[0-9]+)/?$",
+        InstanceViewSet.as_view({"get": "retrieve", "delete": "destroy"}),
+        name="instance-detail",
+    ),
+    re_path(
+        r"^storage/(?P<kind>mysql|redis)/instances/(?P<pk>[0-9]+)/config/?$",
+        InstanceViewSet.as_view({"get": "config"}),
+        name="instance-config",
+    ),
+]

@@ -1,0 +1,77 @@
+from django.core.exceptions import ValidationError as DjangoValidationError
+from drf_spectacular.utils import OpenApiParameter, PolymorphicProxySerializer, extend_schema, extend_schema_view
+from rest_framework import exceptions, mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from .. import services
+from ..engines import get_engine
+from ..models import Instance
+from .serializers import CREATE_SERIALIZERS, InstanceSerializer, MySQLConfigSerializer, RedisConfigSerializer
+
+KIND = OpenApiParameter("kind", str, OpenApiParameter.PATH, enum=["mysql", "redis"])
+
+
+def _polymorphic(name: str, serializers: dict):
+    return PolymorphicProxySerializer(
+        component_name=name, serializers=list(serializers.values()), resource_type_field_name=None
+    )
+
+
+@extend_schema_view(
+    list=extend_schema(parameters=[KIND], summary="List my instances of this kind"),
+    retrieve=extend_schema(parameters=[KIND], summary="One instance"),
+)
+class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """MySQL and Redis instances of the signed-in user. Other users' instances do not exist here."""
+
+    serializer_class = InstanceSerializer
+
+    def get_queryset(self):
+        return Instance.objects.visible().filter(owner=self.request.user, kind=self.kwargs["kind"])
+
+    @extend_schema(
+        parameters=[KIND],
+        request=_polymorphic("CreateInstance", CREATE_SERIALIZERS),
+        responses={202: InstanceSerializer},
+        summary="Create an instance; it starts in the background",
+    )
+    def create(self, request, kind: str):
+        if not isinstance(request.data, dict):
+            raise exceptions.ValidationError({"non_field_errors": ["Expected a JSON object of options."]})
+        options = dict(request.data)
+        name = options.pop("name", None)
+        if name is not None and not isinstance(name, str):
+            raise exceptions.ValidationError({"name": [f"Expected a string, got {type(name).__name__}."]})
+        instance = services.create_instance(owner=request.user, kind=kind, name=name, options=options)
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(parameters=[KIND], responses={202: InstanceSerializer}, summary="Delete an instance and its data")
+    def destroy(self, request, kind: str, pk: int):
+        instance = services.delete_instance(instance=self.get_object(), by=request.user)
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        parameters=[KIND],
+        responses=_polymorphic("InstanceConfig", {"mysql": MySQLConfigSerializer, "redis": RedisConfigSerializer}),
+        summary="Connection details and configuration",
+    )
+    @action(detail=True, methods=["get"])
+    def config(self, request, kind: str, pk: int):
+        instance = self.get_object()
+        return Response(get_engine(kind).connection(instance))
+
+
+def exception_handler(exc, context):
+    """Turn the services' exceptions into clear 4xx answers."""
+    if isinstance(exc, DjangoValidationError):
+        detail = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
+        exc = exceptions.ValidationError(detail)
+    elif isinstance(exc, services.QuotaExceeded):
+        exc = exceptions.PermissionDenied(str(exc), code="quota_exceeded")
+    elif isinstance(exc, services.WrongStatus):
+        return Response({"detail": str(exc), "status": exc.instance.status}, status=status.HTTP_409_CONFLICT)
+    elif isinstance(exc, services.NoFreePort):
+        return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+    return drf_exception_handler(exc, context)

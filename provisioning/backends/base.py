@@ -1,0 +1,62 @@
+"""The contract every backend keeps. Services call backends; backends know nothing of HTTP."""
+
+import errno
+import socket
+from functools import cache
+
+from django.conf import settings
+from django.utils.module_loading import import_string
+
+
+class BackendError(Exception):
+    """Something a person can act on went wrong while running an instance.
+
+    The message is shown to the instance's owner as its status message, so it must be
+    readable and must never contain a secret.
+    """
+
+
+class BaseBackend:
+    """Runs database servers for instances. Choose one with STOCKROOM_BACKENDS.
+
+    `create` and `destroy` are called from the worker, never from a request. The service
+    calls `destroy` after a failed `create`, so `create` may leave partial state behind,
+    and `destroy` must clean up whatever exists and be safe to call twice.
+    """
+
+    def __init__(self, alias: str, **options):
+        self.alias = alias
+        self.options = options
+
+    def create(self, instance) -> None:
+        """Start a server for `instance` on `instance.port` with its options and credentials.
+
+        Returns once the server accepts a login, or raises BackendError.
+        """
+        raise NotImplementedError("Backends must implement create().")
+
+    def destroy(self, instance) -> None:
+        """Stop the server, if any, and remove everything `create` made, data included."""
+        raise NotImplementedError("Backends must implement destroy().")
+
+    def port_is_free(self, port: int) -> bool:
+        """Whether nothing on the host listens on `port` (instances' own ports are checked apart)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((settings.STOCKROOM_BIND_ADDRESS, port))
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    return False
+                raise
+        return True
+
+
+@cache
+def _load(alias: str, path: str, options: tuple) -> BaseBackend:
+    return import_string(path)(alias, **dict(options))
+
+
+def get_backend(alias: str | None = None) -> BaseBackend:
+    alias = alias or settings.STOCKROOM_DEFAULT_BACKEND
+    config = settings.STOCKROOM_BACKENDS[alias]
+    return _load(alias, config["BACKEND"], tuple(sorted(config.get("OPTIONS", {}).items())))

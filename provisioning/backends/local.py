@@ -1,0 +1,259 @@
+"""The embedded default: one `mariadbd` or `redis-server` process per instance.
+
+Each instance owns `DATA_DIR/instances/<kind>/<id>/`: its config file, data, log and pid.
+Servers are started with `setsid --fork`, so they belong to no portal process and outlive
+restarts of the web server and the worker. A process belongs to an instance when its
+working directory is inside the instance's directory; that is how `destroy` finds it even
+when no pid file was written.
+"""
+
+import fcntl
+import hashlib
+import logging
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.template.loader import render_to_string
+
+from ..engines import Layout, get_engine
+from ..engines.mysql import MySQL
+from .base import BackendError, BaseBackend
+
+logger = logging.getLogger(__name__)
+
+STORAGE_TEMPLATE = "provisioning/engines/mysql-storage.cnf"
+
+
+def processes_under(directory: Path) -> list[int]:
+    """Live processes whose working directory is `directory` or below it."""
+    found = []
+    prefix = str(directory)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:  # gone, a zombie, or not ours to read
+            continue
+        if cwd == prefix or cwd.startswith(prefix + "/"):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_processes_under(directory: Path, timeout: float = 10.0) -> None:
+    """SIGKILL every process working in `directory` and wait until none is left."""
+    deadline = time.monotonic() + timeout
+    while pids := processes_under(directory):
+        if time.monotonic() > deadline:
+            raise BackendError(f"Processes {pids} in {directory} did not exit.")
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
+
+
+class LocalBackend(BaseBackend):
+    clock = time.monotonic
+    poll_interval = 0.02
+
+    def __init__(self, alias: str, *, run_as: str, mariadbd: str, mariadb_install_db: str, redis_server: str):
+        super().__init__(alias)
+        self.run_as = run_as
+        self.mariadbd = mariadbd
+        self.mariadb_install_db = mariadb_install_db
+        self.redis_server = redis_server
+
+    # Paths -----------------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        return settings.DATA_DIR / "instances"
+
+    def directory(self, instance) -> Path:
+        return self.root / instance.kind / str(instance.pk)
+
+    def layout(self, instance) -> Layout:
+        return Layout(self.directory(instance), settings.STOCKROOM_BIND_ADDRESS, instance.port)
+
+    # The contract ----------------------------------------------------------------------
+
+    def create(self, instance) -> None:
+        engine = get_engine(instance.kind)
+        layout = self.layout(instance)
+        self.destroy(instance)  # a clean slate, should the task run a second time
+        self._mkdir(layout.root)
+        config = layout.root / engine.config_name
+        if isinstance(engine, MySQL):
+            self._copy_as_owner(self._mariadb_template(), layout.data)
+            init_file = layout.root / "init.sql"
+            self._write(init_file, engine.init_sql(instance))
+            self._write(config, engine.render_config(instance, layout))
+            argv = [self.mariadbd, f"--defaults-file={config}", f"--init-file={init_file}"]
+        else:
+            self._mkdir(layout.data)
+            self._write(layout.acl, engine.acl_lines(instance))
+            self._write(config, engine.render_config(instance, layout))
+            argv = [self.redis_server, str(config)]
+        self._spawn(argv, cwd=layout.root, log=layout.log)
+        self._wait_for_login(instance, layout)
+        if isinstance(engine, MySQL):
+            init_file.unlink()
+
+    def destroy(self, instance) -> None:
+        directory = self.directory(instance)
+        kill_processes_under(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        if directory.exists():
+            raise BackendError(f"Could not remove {directory}.")
+
+    # Processes -------------------------------------------------------------------------
+
+    def _spawn(self, argv: list[str], *, cwd: Path, log: Path) -> None:
+        with open(log, "ab") as output:
+            self._chown(log)
+            result = subprocess.run(
+                ["setsid", "--fork", *argv],
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+                **self._drop_privileges(),
+            )
+        if result.returncode:
+            raise BackendError(f"Could not start {Path(argv[0]).name} (exit status {result.returncode}).")
+
+    def _wait_for_login(self, instance, layout: Layout) -> None:
+        """Poll until the user's credentials work, the server dies, or time runs out."""
+        engine = get_engine(instance.kind)
+        deadline = self.clock() + settings.STOCKROOM_START_TIMEOUT
+        last_error: Exception | None = None
+        while self.clock() < deadline:
+            try:
+                engine.check_login(instance, host=settings.STOCKROOM_BIND_ADDRESS, port=instance.port, timeout=2)
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+                last_error = exc
+            # setsid forks before it returns, so a missing process has really exited.
+            if not processes_under(layout.root):
+                raise BackendError(f"The server exited during start-up. {self._log_tail(layout.log)}")
+            time.sleep(self.poll_interval)
+        raise BackendError(
+            f"The server did not accept a login within {settings.STOCKROOM_START_TIMEOUT:g} s "
+            f"({type(last_error).__name__}). {self._log_tail(layout.log)}"
+        )
+
+    @staticmethod
+    def _log_tail(log: Path, lines: int = 3) -> str:
+        try:
+            text = log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "No server log was written."
+        interesting = [line for line in text if "ERROR" in line or "#" in line] or text
+        return "Server log: " + " | ".join(interesting[-lines:]) if interesting else "The server log is empty."
+
+    # MariaDB's data-directory template -------------------------------------------------
+
+    def _mariadb_template(self) -> Path:
+        """A pristine data directory, made once per server version and storage settings.
+
+        Copying it is much faster than running mariadb-install-db for every instance.
+        """
+        storage = render_to_string(STORAGE_TEMPLATE)
+        binary = Path(self.mariadbd)
+        try:
+            stat = binary.stat()
+        except FileNotFoundError:
+            raise BackendError(f"{self.mariadbd} is missing: install the mariadb-server package.") from None
+        recipe = f"{binary}:{stat.st_size}:{stat.st_mtime_ns}\n{storage}"
+        key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
+        templates = settings.DATA_DIR / "templates"
+        target = templates / f"mariadb-{key}"
+        if (target / "data").is_dir():
+            return target / "data"
+        templates.mkdir(parents=True, exist_ok=True)
+        with open(templates / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "data").is_dir():
+                self._build_mariadb_template(target, storage)
+        return target / "data"
+
+    def _build_mariadb_template(self, target: Path, storage: str) -> None:
+        building = target.with_name(target.name + ".building")
+        shutil.rmtree(building, ignore_errors=True)
+        self._mkdir(building)
+        config = building / "my.cnf"
+        self._write(config, "[mysqld]\n" + storage)
+        result = subprocess.run(
+            [
+                self.mariadb_install_db,
+                f"--defaults-file={config}",
+                f"--datadir={building / 'data'}",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                "--skip-name-resolve",
+            ],
+            cwd=building,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            **self._drop_privileges(),
+        )
+        if result.returncode:
+            shutil.rmtree(building, ignore_errors=True)
+            tail = (result.stderr or result.stdout).strip().splitlines()[-2:]
+            raise BackendError(f"mariadb-install-db failed: {' | '.join(tail)}")
+        building.rename(target)
+        logger.info("Built MariaDB data-directory template %s", target)
+
+    # Files and users -------------------------------------------------------------------
+
+    def _drop_privileges(self) -> dict:
+        """Popen arguments that run a child as `run_as` when the portal is root."""
+        if os.geteuid() != 0:
+            return {}
+        account = self._account()
+        return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+    def _account(self) -> pwd.struct_passwd:
+        try:
+            return pwd.getpwnam(self.run_as)
+        except KeyError:
+            raise BackendError(
+                f"The portal runs as root but the user {self.run_as!r} that instances run as does not exist; "
+                f"create it with `useradd --system {self.run_as}` (make run does this)."
+            ) from None
+
+    def _chown(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            account = self._account()
+            os.chown(path, account.pw_uid, account.pw_gid)
+
+    def _mkdir(self, path: Path) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._chown(path)
+
+    def _write(self, path: Path, text: str) -> None:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+        self._chown(path)
+
+    def _copy_as_owner(self, source: Path, target: Path) -> None:
+        result = subprocess.run(
+            ["cp", "-a", "--reflink=auto", str(source), str(target)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            **self._drop_privileges(),
+        )
+        if result.returncode:
+            raise BackendError(f"Could not copy the MariaDB data template: {result.stderr.strip()}")

@@ -1,0 +1,99 @@
+"""What differs between MySQL and Redis, whatever backend runs them."""
+
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+from django.template.loader import render_to_string
+
+from ..options import Option, OptionError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a backend puts an instance's files, as the server sees them, and its address."""
+
+    root: PurePath
+    bind_address: str
+    port: int
+
+    @property
+    def data(self) -> PurePath:
+        return self.root / "data"
+
+    @property
+    def log(self) -> PurePath:
+        return self.root / "server.log"
+
+    @property
+    def pid(self) -> PurePath:
+        return self.root / "server.pid"
+
+    @property
+    def socket(self) -> PurePath:
+        return self.root / "server.sock"
+
+    @property
+    def acl(self) -> PurePath:
+        return self.root / "users.acl"
+
+
+class Engine:
+    """One database engine: its options, its config file and how to log in to it.
+
+    Subclasses set `kind`, `options`, `config_template` and `config_name`, and implement
+    `check_login` and `connection`.
+    """
+
+    kind: str
+    options: tuple[Option, ...]
+    config_template: str
+    config_name: str
+
+    def clean_options(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Validated options with defaults filled in.
+
+        Raises OptionErrors collected as {field: message}; unknown fields are errors too.
+        """
+        known = {option.name: option for option in self.options}
+        errors: dict[str, str] = {
+            name: f"Unknown option; allowed options: {', '.join(known)}." for name in data if name not in known
+        }
+        cleaned: dict[str, Any] = {}
+        for option in self.options:
+            value = data.get(option.name)
+            if value is None:
+                cleaned[option.name] = option.default
+                continue
+            try:
+                cleaned[option.name] = option.clean(value)
+            except OptionError as exc:
+                errors[option.name] = str(exc)
+        if not errors:
+            errors = self.check_together(cleaned)
+        if errors:
+            raise OptionErrors(errors)
+        return cleaned
+
+    def check_together(self, options: dict[str, Any]) -> dict[str, str]:
+        """Rules that involve several options; may fill in dependent defaults."""
+        return {}
+
+    def render_config(self, instance, layout: Layout) -> str:
+        return render_to_string(
+            self.config_template, {"instance": instance, "options": instance.options, "layout": layout}
+        )
+
+    def check_login(self, instance, *, host: str, port: int, timeout: float) -> None:
+        """Log in with the user's credentials and run a trivial command; raise on failure."""
+        raise NotImplementedError("Engines must say how a user logs in.")
+
+    def connection(self, instance) -> dict[str, Any]:
+        """What a user needs to connect: host, port, credentials, options and a URI."""
+        raise NotImplementedError("Engines must describe their connection details.")
+
+
+class OptionErrors(Exception):
+    def __init__(self, errors: dict[str, str]):
+        super().__init__("; ".join(f"{name}: {message}" for name, message in errors.items()))
+        self.errors = errors

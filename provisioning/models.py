@@ -1,0 +1,120 @@
+from django.conf import settings
+from django.db import models, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from .fields import EncryptedTextField
+
+
+class Kind(models.TextChoices):
+    MYSQL = "mysql", "MySQL"
+    REDIS = "redis", "Redis"
+
+
+class Status(models.TextChoices):
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    DELETING = "deleting"
+    DELETED = "deleted"
+    FAILED = "failed"
+
+
+# Statuses in which an instance holds resources: a port, a directory, maybe a process.
+LIVE_STATUSES = (Status.PROVISIONING, Status.RUNNING, Status.DELETING)
+
+
+class InstanceQuerySet(models.QuerySet):
+    def visible(self):
+        """What users see: everything but deleted rows, which stay only for the record."""
+        return self.exclude(status=Status.DELETED)
+
+    def live(self):
+        return self.filter(status__in=LIVE_STATUSES)
+
+
+class Instance(models.Model):
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="instances")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    name = models.CharField(max_length=40)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PROVISIONING)
+    status_message = models.TextField(blank=True)
+    backend = models.CharField(max_length=32, help_text="Alias in STOCKROOM_BACKENDS.")
+    host = models.CharField(max_length=255)
+    port = models.PositiveIntegerField()
+    database = models.CharField(max_length=64, blank=True)
+    username = models.CharField(max_length=64)
+    password = EncryptedTextField()
+    admin_password = EncryptedTextField(help_text="The portal's own account on the instance.")
+    options = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = InstanceQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["owner", "kind", "status"])]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["host", "port"],
+                condition=Q(status__in=LIVE_STATUSES),
+                name="one_live_instance_per_host_port",
+                violation_error_message="Another live instance holds this host and port.",
+            ),
+            models.UniqueConstraint(
+                fields=["owner", "kind", "name"],
+                condition=~Q(status=Status.DELETED),
+                name="unique_name_per_owner_and_kind",
+                violation_error_message="You already have an instance of this kind with this name.",
+            ),
+            models.CheckConstraint(condition=Q(status__in=Status.values), name="status_is_known"),
+            models.CheckConstraint(condition=Q(kind__in=Kind.values), name="kind_is_known"),
+            models.CheckConstraint(condition=Q(port__gte=1, port__lte=65535), name="port_in_range"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name} ({self.status})"
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE_STATUSES
+
+    def transition(self, to: Status, reason: str, *, allowed_from: tuple[Status, ...]) -> bool:
+        """Move to `to` only if the current status is one of `allowed_from`.
+
+        The check and the change are one conditional UPDATE, so two workers can never both
+        win; the winner records an event. Returns whether this call made the change.
+        """
+        with transaction.atomic():
+            current = (
+                Instance.objects.select_for_update()
+                .filter(pk=self.pk, status__in=allowed_from)
+                .values_list("status", flat=True)
+                .first()
+            )
+            changed = current is not None and bool(
+                Instance.objects.filter(pk=self.pk, status=current).update(
+                    status=to, status_message=reason, updated_at=timezone.now()
+                )
+            )
+            if changed:
+                self.events.create(from_status=current, to_status=to, reason=reason)
+        if changed:
+            self.status, self.status_message = to, reason
+        return changed
+
+
+class InstanceEvent(models.Model):
+    """One status change of an instance, with the reason a person can read."""
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="events")
+    from_status = models.CharField(max_length=16, choices=Status.choices, blank=True)
+    to_status = models.CharField(max_length=16, choices=Status.choices)
+    reason = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.from_status or '∅'} → {self.to_status}: {self.reason}"

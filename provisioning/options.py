@@ -1,0 +1,78 @@
+"""Option definitions: the one place that knows each engine's settings.
+
+An `Option` carries its name, label, help text, default and limits. The API serializer,
+the config templates and the README table are all built from these lists.
+"""
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|m|mb|g|gb)?\s*$", re.IGNORECASE)
+# Redis's own unit rules: "k" is 1000, "kb" is 1024.
+_UNITS = {"b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
+
+
+class OptionError(ValueError):
+    """A value that an option does not accept; the message says what is allowed."""
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an integer or a Redis-style size string such as "256mb"."""
+    if isinstance(value, bool):
+        raise OptionError("Expected bytes as an integer or a size such as '256mb'.")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and (match := _SIZE.match(value)):
+        number, unit = match.groups()
+        return int(number) * _UNITS[(unit or "b").lower()]
+    raise OptionError("Expected bytes as an integer or a size such as '256mb' (units: b, kb, mb, gb).")
+
+
+def format_size(value: int) -> str:
+    for unit in ("gb", "mb", "kb"):
+        if value and value % _UNITS[unit] == 0:
+            return f"{value // _UNITS[unit]}{unit}"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One user-settable option of an engine.
+
+    `kind` is "choice" (one of `choices`), "int" (an integer within `min_value`..`max_value`)
+    or "size" (bytes, also accepted as "256mb"; same limits).
+    """
+
+    name: str
+    label: str
+    help_text: str
+    kind: str
+    default: Any = None
+    choices: tuple[str, ...] = field(default_factory=tuple)
+    min_value: int | None = None
+    max_value: int | None = None
+
+    def clean(self, value: Any) -> Any:
+        """Return the canonical value, or raise OptionError naming what is allowed."""
+        if self.kind == "choice":
+            if not isinstance(value, str) or value not in self.choices:
+                raise OptionError(f"{value!r} is not allowed; choose one of: {', '.join(self.choices)}.")
+            return value
+        number = parse_size(value) if self.kind == "size" else self._integer(value)
+        if not self.min_value <= number <= self.max_value:
+            raise OptionError(f"{value!r} is out of range; allowed: {self.describe_range()}.")
+        return number
+
+    def describe_range(self) -> str:
+        show = format_size if self.kind == "size" else str
+        return f"{show(self.min_value)} to {show(self.max_value)}"
+
+    def describe_allowed(self) -> str:
+        return ", ".join(self.choices) if self.kind == "choice" else self.describe_range()
+
+    @staticmethod
+    def _integer(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OptionError(f"{value!r} is not an integer.")
+        return value

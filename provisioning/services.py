@@ -1,0 +1,203 @@
+"""Every change to an instance goes through here: the API, pages and admin call these."""
+
+import logging
+import re
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+
+from . import crypto
+from .backends.base import BackendError, get_backend
+from .engines import OptionErrors, get_engine
+from .engines import mysql as mysql_engine
+from .engines import redis as redis_engine
+from .models import Instance, Kind, Status
+
+logger = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+NAME_RULE = "1 to 40 characters: lower-case letters, digits and hyphens, starting with a letter."
+
+
+class QuotaExceeded(Exception):
+    pass
+
+
+class WrongStatus(Exception):
+    """The instance is not in a status that allows the action."""
+
+    def __init__(self, instance: Instance, action: str):
+        super().__init__(f"Cannot {action} an instance that is {instance.status}.")
+        self.instance = instance
+
+
+class NoFreePort(Exception):
+    pass
+
+
+# Create -------------------------------------------------------------------------------
+
+
+def create_instance(*, owner, kind: str, options: dict[str, Any], name: str | None = None) -> Instance:
+    """Validate, reserve a port and record the instance; a worker starts it after commit.
+
+    Raises ValidationError (bad name or options), QuotaExceeded or NoFreePort.
+    """
+    engine = get_engine(kind)
+    try:
+        cleaned = engine.clean_options(options)
+    except OptionErrors as exc:
+        raise ValidationError(exc.errors) from None
+    if name is not None and not NAME_PATTERN.match(name):
+        raise ValidationError({"name": f"{name!r} is not a valid name; use {NAME_RULE}"})
+    backend = get_backend()
+
+    with transaction.atomic():
+        # One create at a time per user, so the quota and name checks cannot race.
+        get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
+        live = Instance.objects.filter(owner=owner).live().count()
+        if live >= settings.STOCKROOM_QUOTA:
+            raise QuotaExceeded(
+                f"Quota reached: you have {live} live instances and the limit is {settings.STOCKROOM_QUOTA}. "
+                "Delete one first."
+            )
+        name = name or f"{kind}-{secrets.token_hex(3)}"
+        if Instance.objects.visible().filter(owner=owner, kind=kind, name=name).exists():
+            raise ValidationError({"name": f"You already have a {kind} instance named {name!r}."})
+        instance = Instance(
+            owner=owner,
+            kind=kind,
+            name=name,
+            backend=backend.alias,
+            host=settings.STOCKROOM_PUBLIC_HOST,
+            options=cleaned,
+            password=crypto.generate_password(),
+            admin_password=crypto.generate_password(),
+            **_accounts(kind),
+        )
+        _save_with_free_port(instance, backend)
+        instance.events.create(from_status="", to_status=Status.PROVISIONING, reason=f"Requested by {owner}.")
+        transaction.on_commit(lambda: _enqueue("provision_instance", instance, revert_to=Status.FAILED))
+    logger.info("Instance %s (%s) requested by %s on port %s", instance.pk, kind, owner, instance.port)
+    return instance
+
+
+def _accounts(kind: str) -> dict[str, str]:
+    if kind == Kind.MYSQL:
+        return {"database": mysql_engine.DATABASE, "username": mysql_engine.USERNAME}
+    return {"database": "", "username": redis_engine.USERNAME}
+
+
+def _save_with_free_port(instance: Instance, backend) -> None:
+    """Take the lowest port in range that no live instance holds and nothing listens on.
+
+    The database's unique constraint is the arbiter: if a concurrent create took the same
+    port first, the insert fails and the next port is tried.
+    """
+    first, last = settings.STOCKROOM_PORT_RANGE
+    held = set(Instance.objects.live().filter(host=instance.host).values_list("port", flat=True))
+    for port in range(first, last + 1):
+        if port in held or not backend.port_is_free(port):
+            continue
+        instance.port = port
+        try:
+            with transaction.atomic():
+                instance.save()
+            return
+        except IntegrityError:
+            held.add(port)
+    raise NoFreePort(f"No free port is left in {first}-{last}; ask an operator to widen STOCKROOM_PORT_RANGE.")
+
+
+def provision(instance_id: int) -> None:
+    """Worker side of create: start the server, prove a login works, then mark it running."""
+    instance = Instance.objects.filter(pk=instance_id, status=Status.PROVISIONING).first()
+    if instance is None:
+        return  # already handled: the task may be delivered twice
+    backend = get_backend(instance.backend)
+    try:
+        backend.create(instance)
+    except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
+        _fail(instance, backend, "Provisioning failed", exc)
+        return
+    instance.transition(
+        Status.RUNNING, "Started; a login with the user's credentials succeeded.", allowed_from=(Status.PROVISIONING,)
+    )
+    logger.info("Instance %s is running on port %s", instance.pk, instance.port)
+
+
+def _fail(instance: Instance, backend, what: str, exc: Exception) -> None:
+    if isinstance(exc, BackendError):
+        message = f"{what}: {exc}"
+    else:
+        logger.exception("%s for instance %s", what, instance.pk)
+        message = f"{what}: unexpected {type(exc).__name__}; an operator can find details in the worker log."
+    try:
+        backend.destroy(instance)
+    except Exception as cleanup:  # noqa: BLE001
+        logger.exception("Cleanup failed for instance %s", instance.pk)
+        message += f" Cleaning up also failed ({cleanup}); an operator must remove what is left."
+    instance.transition(Status.FAILED, message, allowed_from=(Status.PROVISIONING, Status.DELETING))
+    logger.warning("Instance %s failed: %s", instance.pk, message)
+
+
+# Delete -------------------------------------------------------------------------------
+
+
+def delete_instance(*, instance: Instance, by) -> Instance:
+    """Mark the instance as deleting; a worker stops it and removes its data after commit.
+
+    Raises WrongStatus while the instance is still provisioning or already deleting.
+    """
+    previous = instance.status
+    if not instance.transition(
+        Status.DELETING, f"Deletion requested by {by}.", allowed_from=(Status.RUNNING, Status.FAILED)
+    ):
+        instance.refresh_from_db()
+        raise WrongStatus(instance, "delete")
+    transaction.on_commit(lambda: _enqueue("deprovision_instance", instance, revert_to=previous))
+    return instance
+
+
+def deprovision(instance_id: int) -> None:
+    """Worker side of delete: stop the server, remove its files, release its port."""
+    instance = Instance.objects.filter(pk=instance_id, status=Status.DELETING).first()
+    if instance is None:
+        return
+    backend = get_backend(instance.backend)
+    try:
+        backend.destroy(instance)
+    except Exception as exc:  # noqa: BLE001
+        logger.exception("Delete failed for instance %s", instance.pk)
+        instance.transition(
+            Status.FAILED, f"Delete failed: {exc}. Try deleting again.", allowed_from=(Status.DELETING,)
+        )
+        return
+    instance.transition(
+        Status.DELETED, f"Stopped and removed; port {instance.port} released.", allowed_from=(Status.DELETING,)
+    )
+    logger.info("Instance %s deleted", instance.pk)
+
+
+# Queueing -----------------------------------------------------------------------------
+
+
+def _enqueue(task_name: str, instance: Instance, *, revert_to: Status) -> None:
+    """Send a task to the worker; if the broker is unreachable, say so in the status."""
+    from . import tasks
+
+    task: Callable = getattr(tasks, task_name)
+    try:
+        task.delay(instance.pk)
+    except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
+        logger.error("Could not queue %s for instance %s: %s", task_name, instance.pk, exc)
+        instance.transition(
+            revert_to,
+            f"The job could not be queued: the task broker is unreachable ({type(exc).__name__}). Try again.",
+            allowed_from=(instance.status,),
+        )

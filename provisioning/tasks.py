@@ -1,0 +1,13 @@
+from celery import shared_task
+
+from . import services
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def provision_instance(instance_id: int) -> None:
+    services.provision(instance_id)
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def deprovision_instance(instance_id: int) -> None:
+    services.deprovision(instance_id)

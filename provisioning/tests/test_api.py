@@ -1,0 +1,180 @@
+"""The API's contract without starting servers: validation, auth, quota, pagination.
+
+These tests run inside a transaction that is rolled back, so no job is ever queued.
+"""
+
+import pytest
+from django.db import connection
+from django.test import override_settings
+from rest_framework.test import APIClient
+
+from provisioning.models import Instance, Status
+
+from .conftest import instance_dir
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "field", "hint"),
+    [
+        ("mysql", {"charset": "klingon"}, "charset", "utf8mb4, latin1"),
+        ("mysql", {"charset": 7}, "charset", "utf8mb4"),
+        ("mysql", {"binlog_format": "row"}, "binlog_format", "ROW, STATEMENT, MIXED"),
+        ("mysql", {"charset": "latin1", "collation": "utf8mb4_bin"}, "collation", "latin1_swedish_ci"),
+        ("mysql", {"collation": "no_such_collation"}, "collation", "utf8mb4_general_ci"),
+        ("mysql", {"engine": "innodb"}, "engine", "charset, collation, binlog_format"),
+        ("redis", {"maxmemory": "lots"}, "maxmemory", "256mb"),
+        ("redis", {"maxmemory": -5}, "maxmemory", "1mb to 4gb"),
+        ("redis", {"maxmemory": "9gb"}, "maxmemory", "1mb to 4gb"),
+        ("redis", {"maxmemory": True}, "maxmemory", "integer"),
+        ("redis", {"maxmemory_policy": "lru"}, "maxmemory_policy", "allkeys-lru"),
+        ("redis", {"maxclients": 0}, "maxclients", "1 to 10000"),
+        ("redis", {"maxclients": 10001}, "maxclients", "1 to 10000"),
+        ("redis", {"maxclients": "100"}, "maxclients", "not an integer"),
+        ("redis", {"maxclients": 1.5}, "maxclients", "not an integer"),
+        ("redis", {"appendfsync": "sometimes"}, "appendfsync", "always, everysec, no"),
+        ("redis", {"password": "mine"}, "password", "maxmemory"),
+        ("redis", {"name": "Bad Name!"}, "name", "lower-case letters"),
+        ("redis", {"name": 12}, "name", "string"),
+    ],
+)
+def test_it_rejects_bad_input_naming_the_field(api, kind, body, field, hint):
+    response = api.post(f"/api/storage/{kind}/instances", body, format="json")
+    assert response.status_code == 400, response.content
+    assert hint in " ".join(response.json()[field])
+    assert not Instance.objects.exists()
+    assert not (instance_dir(kind, 1)).exists()
+
+
+@pytest.mark.parametrize("body", ['"just a string"', "[1, 2]", "{not json"])
+def test_it_rejects_a_body_that_is_not_an_object(api, body):
+    response = api.post("/api/storage/redis/instances", body, content_type="application/json")
+    assert response.status_code == 400
+
+
+def test_create_answers_202_with_the_reserved_port(api, alice):
+    response = api.post("/api/storage/redis/instances", {"name": "cache", "maxmemory": "256mb"}, format="json")
+    assert response.status_code == 202
+    body = response.json()
+    assert body["status"] == "provisioning"
+    assert body["name"] == "cache"
+    assert body["options"]["maxmemory"] == 256 * 1024 * 1024
+    assert 31000 <= body["port"] <= 31999
+    assert "password" not in body
+    instance = Instance.objects.get()
+    assert instance.owner == alice
+    assert list(instance.events.values_list("to_status", flat=True)) == ["provisioning"]
+
+
+def test_names_are_unique_per_owner_and_kind(api):
+    assert api.post("/api/storage/redis/instances", {"name": "cache"}, format="json").status_code == 202
+    response = api.post("/api/storage/redis/instances", {"name": "cache"}, format="json")
+    assert response.status_code == 400
+    assert "already" in response.json()["name"][0]
+    assert api.post("/api/storage/mysql/instances", {"name": "cache"}, format="json").status_code == 202
+
+
+def test_each_create_gets_its_own_port(api):
+    ports = {api.post("/api/storage/redis/instances", {}, format="json").json()["port"] for _ in range(3)}
+    assert len(ports) == 3
+
+
+@override_settings(STOCKROOM_QUOTA=2)
+def test_the_quota_holds(api, outsider):
+    for _ in range(2):
+        assert api.post("/api/storage/redis/instances", {}, format="json").status_code == 202
+    response = api.post("/api/storage/mysql/instances", {}, format="json")
+    assert response.status_code == 403
+    assert "Quota reached" in response.json()["detail"]
+    assert Instance.objects.count() == 2
+    assert outsider.post("/api/storage/redis/instances", {}, format="json").status_code == 202
+
+
+@override_settings(STOCKROOM_QUOTA=1)
+def test_failed_and_deleted_instances_do_not_count(api):
+    first = api.post("/api/storage/redis/instances", {}, format="json").json()
+    Instance.objects.filter(pk=first["id"]).update(status=Status.FAILED)
+    assert api.post("/api/storage/redis/instances", {}, format="json").status_code == 202
+
+
+def test_anonymous_gets_401():
+    client = APIClient()
+    assert client.get("/api/storage/redis/instances").status_code == 401
+    assert client.post("/api/storage/redis/instances", {}, format="json").status_code == 401
+
+
+def test_an_outsider_gets_404_for_every_verb(api, outsider):
+    pk = api.post("/api/storage/mysql/instances", {}, format="json").json()["id"]
+    assert outsider.get(f"/api/storage/mysql/instances/{pk}").status_code == 404
+    assert outsider.get(f"/api/storage/mysql/instances/{pk}/config").status_code == 404
+    assert outsider.delete(f"/api/storage/mysql/instances/{pk}").status_code == 404
+    assert outsider.get("/api/storage/mysql/instances").json()["count"] == 0
+    assert Instance.objects.get(pk=pk).status == Status.PROVISIONING
+
+
+def test_the_kind_in_the_path_must_match(api):
+    pk = api.post("/api/storage/mysql/instances", {}, format="json").json()["id"]
+    assert api.get(f"/api/storage/redis/instances/{pk}").status_code == 404
+    assert api.get("/api/storage/postgres/instances").status_code == 404
+
+
+def test_delete_while_provisioning_is_a_conflict(api):
+    pk = api.post("/api/storage/redis/instances", {}, format="json").json()["id"]
+    response = api.delete(f"/api/storage/redis/instances/{pk}")
+    assert response.status_code == 409
+    assert response.json()["status"] == "provisioning"
+
+
+def test_config_shows_the_credentials_to_the_owner(api):
+    pk = api.post("/api/storage/mysql/instances", {"charset": "latin1"}, format="json").json()["id"]
+    config = api.get(f"/api/storage/mysql/instances/{pk}/config").json()
+    assert set(config) == {
+        "host", "port", "database", "username", "password", "charset", "collation", "binlog_format", "uri"
+    }  # fmt: skip
+    assert len(config["password"]) >= 24 and config["password"].isalnum()
+    assert config["collation"] == "latin1_swedish_ci"
+    assert config["uri"] == (
+        f"mysql://{config['username']}:{config['password']}@{config['host']}:{config['port']}/{config['database']}"
+    )
+
+
+def test_passwords_are_encrypted_in_the_database(api):
+    pk = api.post("/api/storage/redis/instances", {}, format="json").json()["id"]
+    password = api.get(f"/api/storage/redis/instances/{pk}/config").json()["password"]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT password, admin_password FROM provisioning_instance WHERE id = %s", [pk])
+        stored, stored_admin = cursor.fetchone()
+    assert password not in stored
+    assert stored.startswith("gAAAA")  # a Fernet token
+    assert stored_admin.startswith("gAAAA")
+
+
+def test_list_is_paginated_and_trailing_slashes_are_optional(api):
+    for _ in range(3):
+        api.post("/api/storage/redis/instances/", {}, format="json")
+    page = api.get("/api/storage/redis/instances?page_size=2").json()
+    assert page["count"] == 3
+    assert len(page["results"]) == 2
+    assert page["next"] and page["previous"] is None
+    assert len(api.get("/api/storage/redis/instances/?page=2&page_size=2").json()["results"]) == 1
+
+
+def test_a_token_is_issued_for_a_username_and_password(alice):
+    client = APIClient()
+    response = client.post("/api/auth/token", {"username": "alice", "password": "correct-horse-battery"})
+    assert response.status_code == 200
+    client.credentials(HTTP_AUTHORIZATION=f"Token {response.json()['token']}")
+    assert client.get("/api/storage/mysql/instances").status_code == 200
+    wrong = APIClient().post("/api/auth/token", {"username": "alice", "password": "nope"})
+    assert wrong.status_code == 400
+
+
+def test_session_login_works_too(client, alice):
+    client.force_login(alice)
+    assert client.get("/api/storage/redis/instances").status_code == 200
+
+
+def test_schema_and_docs_are_served(client):
+    assert client.get("/api/schema").status_code == 200
+    assert client.get("/api/docs").status_code == 200
