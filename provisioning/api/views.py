@@ -1,4 +1,5 @@
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import QueryDict
 from drf_spectacular.utils import OpenApiParameter, PolymorphicProxySerializer, extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.decorators import action
@@ -40,7 +41,7 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     def create(self, request, kind: str):
         if not isinstance(request.data, dict):
             raise exceptions.ValidationError({"non_field_errors": ["Expected a JSON object of options."]})
-        options = dict(request.data)
+        options = request.data.dict() if isinstance(request.data, QueryDict) else dict(request.data)
         name = options.pop("name", None)
         if name is not None and not isinstance(name, str):
             raise exceptions.ValidationError({"name": [f"Expected a string, got {type(name).__name__}."]})

@@ -2,6 +2,8 @@ import hashlib
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ..options import Option
 from .base import Engine
@@ -19,6 +21,7 @@ POLICIES = (
     "volatile-ttl",
 )
 MiB = 1024 * 1024
+NO_RETRY = Retry(NoBackoff(), 0)
 
 
 def acl_password_hash(password: str) -> str:
@@ -82,6 +85,7 @@ class Redis(Engine):
             password=instance.password,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            retry=NO_RETRY,  # the caller decides whether and when to try again
         )
         try:
             client.ping()

@@ -77,3 +77,17 @@ def stop_leftover_servers():
 @pytest.fixture(autouse=True)
 def fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def queued_for_real():
+    """Send tasks to the broker instead of running them in the test process."""
+    from portal.celery import app
+
+    app.conf.task_always_eager = False
+    yield app
+    app.conf.task_always_eager = True
+
+
+def broker_port() -> int:
+    return int(settings.CELERY_BROKER_URL.rsplit(":", 1)[1].split("/")[0])

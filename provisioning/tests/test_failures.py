@@ -1,0 +1,67 @@
+"""Failures end in a readable `failed` status and leave nothing behind."""
+
+import pytest
+
+from provisioning.backends.base import BackendError
+from provisioning.backends.local import LocalBackend, processes_under
+from provisioning.models import Instance
+
+from .conftest import broker_port, instance_dir, port_refuses, wait_for_status
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class StartsThenFails(LocalBackend):
+    """A real server is started, then the login check fails: cleanup must kill it."""
+
+    def _wait_for_login(self, instance, layout):
+        assert processes_under(layout.root), "the server should be running at this point"
+        raise BackendError("injected failure after start")
+
+
+def local_backend_with(settings, **changes):
+    backend = dict(settings.STOCKROOM_BACKENDS["local"])
+    backend.update(changes.pop("top", {}))
+    backend["OPTIONS"] = {**backend["OPTIONS"], **changes}
+    settings.STOCKROOM_BACKENDS = {"local": backend}
+
+
+@pytest.mark.parametrize("kind", ["mysql", "redis"])
+def test_a_failure_after_start_kills_the_server_and_releases_everything(api, settings, kind):
+    local_backend_with(settings, top={"BACKEND": f"{__name__}.StartsThenFails"})
+    pk = api.post(f"/api/storage/{kind}/instances", {}).json()["id"]
+    instance = wait_for_status(api, kind, pk, "failed", "running")
+    assert instance["status"] == "failed"
+    assert instance["status_message"] == "Provisioning failed: injected failure after start"
+    assert port_refuses(instance["port"])
+    assert not instance_dir(kind, pk).exists()
+    assert not processes_under(settings.DATA_DIR / "instances")
+    assert not Instance.objects.live().exists()
+
+
+def test_a_server_that_will_not_start_ends_failed(api, settings):
+    local_backend_with(settings, redis_server="/bin/false")
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    instance = wait_for_status(api, "redis", pk, "failed", "running")
+    assert instance["status_message"].startswith("Provisioning failed: The server exited during start-up.")
+    assert not instance_dir("redis", pk).exists()
+    events = list(Instance.objects.get(pk=pk).events.values_list("from_status", "to_status"))
+    assert events == [("", "provisioning"), ("provisioning", "failed")]
+
+
+def test_a_failed_instance_can_be_deleted(api, settings):
+    local_backend_with(settings, redis_server="/bin/false")
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "failed")
+    assert api.delete(f"/api/storage/redis/instances/{pk}").status_code == 202
+    wait_for_status(api, "redis", pk, "gone")
+
+
+def test_an_unreachable_broker_fails_the_instance_with_a_message(api, queued_for_real):
+    assert port_refuses(broker_port())
+    response = api.post("/api/storage/redis/instances", {})
+    assert response.status_code == 202
+    instance = Instance.objects.get(pk=response.json()["id"])
+    assert instance.status == "failed"
+    assert "task broker is unreachable" in instance.status_message
+    assert not instance_dir("redis", instance.pk).exists()
