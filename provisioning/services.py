@@ -76,6 +76,7 @@ def create_instance(*, owner, kind: str, options: dict[str, Any], name: str | No
             backend=backend.alias,
             host=settings.STOCKROOM_PUBLIC_HOST,
             options=cleaned,
+            status_message="Waiting for a worker to start the server.",
             password=crypto.generate_password(),
             admin_password=crypto.generate_password(),
             **_accounts(kind),
