@@ -1,0 +1,27 @@
+from django.core.management.base import BaseCommand
+
+from provisioning.engines import ENGINES
+from provisioning.options import format_size
+
+
+def options_markdown() -> str:
+    """The README's table of options, built from the engines' own definitions."""
+    rows = ["| kind | option | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for kind, engine in ENGINES.items():
+        for option in engine.options:
+            if option.default is None:
+                default = "(see meaning)"
+            elif option.kind == "size":
+                default = f"`{format_size(option.default)}`"
+            else:
+                default = f"`{option.default}`"
+            allowed = option.describe_allowed().replace(", ", " · ")
+            rows.append(f"| {kind} | `{option.name}` | {default} | {allowed} | {option.help_text} |")
+    return "\n".join(rows) + "\n"
+
+
+class Command(BaseCommand):
+    help = "Print the Markdown table of instance options that the README embeds."
+
+    def handle(self, *args, **options):
+        self.stdout.write(options_markdown(), ending="")
