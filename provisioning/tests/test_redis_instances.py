@@ -1,8 +1,11 @@
 """Redis end to end on the local backend: API → real redis-server → real logins → delete."""
 
+import os
+
 import pytest
 import redis
 
+from provisioning.backends.local import processes_under
 from provisioning.engines.redis import NO_RETRY
 
 from .conftest import instance_dir, port_refuses, wait_for_status
@@ -35,6 +38,11 @@ def test_a_redis_instance_from_request_to_deletion(api):
     assert client.get("greeting") == b"hello"
     assert connect(config, username="default").ping()
     client.close()
+
+    servers = processes_under(instance_dir("redis", pk))
+    assert len(servers) == 1
+    if os.geteuid() == 0:
+        assert os.stat(f"/proc/{servers[0]}").st_uid != 0, "instance servers must not run as root"
 
     response = api.delete(f"/api/storage/redis/instances/{pk}")
     assert response.status_code == 202
