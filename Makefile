@@ -11,7 +11,8 @@ run: system $(VENV)/.installed .env
 	$(PY) manage.py collectstatic --noinput -v0
 	PORT=$(PORT) scripts/run-all
 
-test: system $(VENV)/.installed
+test: $(VENV)/.installed
+	@scripts/ensure-system chromium
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed

@@ -1,5 +1,6 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
+from . import services
 from .models import Instance, InstanceEvent
 
 
@@ -14,7 +15,8 @@ class InstanceEventInline(admin.TabularInline):
 @admin.register(Instance)
 class InstanceAdmin(admin.ModelAdmin):
     list_display = ["id", "kind", "name", "owner", "status", "host", "port", "backend", "created_at"]
-    list_filter = ["kind", "status", "backend"]
+    list_filter = ["kind", "status", "backend", "owner"]
+    actions = ["delete_instances"]
     search_fields = ["name", "owner__username", "port"]
     readonly_fields = [
         "owner",
@@ -32,6 +34,27 @@ class InstanceAdmin(admin.ModelAdmin):
     ]
     exclude = ["password", "admin_password"]
     inlines = [InstanceEventInline]
+
+    @admin.action(description="Delete the selected instances (stop servers, remove data)")
+    def delete_instances(self, request, queryset):
+        deleted, refused = 0, []
+        for instance in queryset.visible():
+            try:
+                services.delete_instance(instance=instance, by=request.user)
+                deleted += 1
+            except services.WrongStatus as exc:
+                refused.append(f"{instance.name}: {exc}")
+        self.message_user(request, f"Deleting {deleted} instance(s).")
+        if refused:
+            self.message_user(request, " ".join(refused), level=messages.WARNING)
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # rows must go through the service, never a raw delete
+        return actions
+
+    def has_delete_permission(self, request, obj=None):
+        return False
 
     def has_add_permission(self, request):
         return False  # instances are created through the API so that a worker starts them

@@ -1,15 +1,22 @@
 """Personas and helpers. alice owns instances, charlie is an outsider."""
 
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+import redis
 from django.conf import settings
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from provisioning.backends.local import kill_processes_under
+from provisioning.engines.redis import NO_RETRY
 
 
 def client_for(user) -> APIClient:
@@ -91,3 +98,65 @@ def queued_for_real():
 
 def broker_port() -> int:
     return int(settings.CELERY_BROKER_URL.rsplit(":", 1)[1].split("/")[0])
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    port = broker_port()
+    server = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, retry=NO_RETRY)
+
+    def answers() -> bool:
+        try:
+            return client.ping()
+        except redis.ConnectionError:
+            return False
+
+    wait_until(answers, 10, "the broker")
+    yield
+    server.terminate()
+    server.wait(10)
+
+
+class Worker:
+    def __init__(self, log: Path):
+        self.log = log
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        database = settings.DATABASES["default"]["NAME"]  # the test database
+        env = os.environ | {"DATABASE_URL": f"sqlite:///{database}"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "portal", "worker", "--concurrency", "2", "--loglevel", "INFO",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=settings.BASE_DIR,
+            env=env,
+            stdout=self.log.open("a"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_until(lambda: " ready." in self.log.read_text(), 60, "the worker")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+        self.log.write_text("")
+
+
+@pytest.fixture
+def worker(broker, queued_for_real, tmp_path):
+    worker = Worker(tmp_path / "worker.log")
+    worker.start()
+    yield worker
+    if worker.process.poll() is None:
+        worker.stop()

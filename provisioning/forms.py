@@ -1,0 +1,42 @@
+"""Create forms, generated from the same option definitions the API uses.
+
+Forms only shape the input; validation of values happens once, in the service, and its
+errors are put back next to the field.
+"""
+
+from django import forms
+
+from .engines import ENGINES
+from .options import Option, format_size
+
+
+def _field(option: Option) -> forms.Field:
+    common = {"label": option.label, "help_text": option.help_text, "required": False}
+    if option.kind == "choice":
+        choices = [(value, value) for value in option.choices]
+        if option.default is None:
+            choices.insert(0, ("", "Default"))
+        return forms.ChoiceField(choices=choices, initial=option.default, **common)
+    if option.kind == "size":
+        return forms.CharField(
+            initial=format_size(option.default),
+            widget=forms.TextInput(attrs={"placeholder": "e.g. 256mb"}),
+            **common,
+        )
+    return forms.IntegerField(initial=option.default, **common)
+
+
+def create_form_class(kind: str) -> type[forms.Form]:
+    fields = {
+        "name": forms.CharField(
+            required=False,
+            max_length=40,
+            help_text="Optional. Lower-case letters, digits and hyphens.",
+            widget=forms.TextInput(attrs={"placeholder": f"{kind}-…", "autocomplete": "off"}),
+        )
+    }
+    fields.update({option.name: _field(option) for option in ENGINES[kind].options})
+    return type(f"{kind.capitalize()}CreateForm", (forms.Form,), fields)
+
+
+CREATE_FORMS = {kind: create_form_class(kind) for kind in ENGINES}

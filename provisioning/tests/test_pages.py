@@ -1,0 +1,103 @@
+"""Server-rendered pages: they call the same services as the API."""
+
+import pytest
+from django.test import Client
+
+from provisioning.models import Instance, Status
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def web(client, alice):
+    client.force_login(alice)
+    return client
+
+
+def test_pages_need_a_signed_in_user(client):
+    for url in ("/", "/new/redis/", "/token/"):
+        response = client.get(url)
+        assert response.status_code == 302
+        assert response["Location"].startswith("/accounts/login/")
+
+
+def test_the_empty_dashboard_explains_what_to_do(web):
+    page = web.get("/").content.decode()
+    assert "No instances yet" in page
+    assert 'href="/new/mysql/"' in page and 'href="/new/redis/"' in page
+
+
+def test_the_form_is_built_from_the_option_definitions(web):
+    page = web.get("/new/redis/").content.decode()
+    for label in ("Memory limit", "Eviction policy", "Maximum clients", "Append-only fsync"):
+        assert label in page
+    assert 'value="64mb"' in page
+    assert "allkeys-lru" in page
+
+
+def test_a_bad_value_is_shown_at_its_field(web):
+    response = web.post("/new/redis/", {"maxmemory": "9gb", "maxclients": "100"})
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert 'id="maxmemory-error"' in page and "1mb to 4gb" in page
+    assert not Instance.objects.exists()
+
+
+def test_creating_goes_to_the_instance_page(web):
+    response = web.post("/new/mysql/", {"name": "shop", "charset": "latin1", "binlog_format": "ROW"})
+    instance = Instance.objects.get()
+    assert response.status_code == 302 and response["Location"] == f"/instances/{instance.pk}/"
+    assert instance.options["charset"] == "latin1"
+    page = web.get(response["Location"]).content.decode()
+    assert "provisioning" in page and 'data-busy="true"' in page
+
+
+def test_an_outsider_gets_404_on_every_page(web, charlie):
+    web.post("/new/redis/", {})
+    pk = Instance.objects.get().pk
+    outsider = Client()
+    outsider.force_login(charlie)
+    for url in (f"/instances/{pk}/", f"/instances/{pk}/panel/", f"/instances/{pk}/delete/"):
+        assert outsider.get(url).status_code == 404
+    assert outsider.post(f"/instances/{pk}/delete/").status_code == 404
+    assert Instance.objects.get().status == Status.PROVISIONING
+
+
+def test_forms_are_protected_against_csrf(alice):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(alice)
+    assert client.post("/new/redis/", {}).status_code == 403
+    assert not Instance.objects.exists()
+
+
+def test_the_token_page_creates_and_regenerates(web):
+    assert "no token yet" in web.get("/token/").content.decode()
+    web.post("/token/regenerate/")
+    first = web.get("/token/").context["token"].key
+    web.post("/token/regenerate/")
+    assert web.get("/token/").context["token"].key != first
+
+
+def test_staff_see_every_instance_in_the_admin(web, alice, charlie, django_user_model):
+    web.post("/new/redis/", {"name": "alices"})
+    staff = django_user_model.objects.create_superuser("olga", password="operator-pass-1")
+    admin = Client()
+    admin.force_login(staff)
+    page = admin.get("/admin/provisioning/instance/").content.decode()
+    assert "alices" in page
+    outsider = Client()
+    outsider.force_login(charlie)
+    assert outsider.get("/admin/provisioning/instance/").status_code == 302
+
+
+def test_the_admin_delete_action_goes_through_the_service(web, django_user_model):
+    web.post("/new/redis/", {})
+    instance = Instance.objects.get()
+    Instance.objects.filter(pk=instance.pk).update(status=Status.RUNNING)
+    staff = django_user_model.objects.create_superuser("olga", password="operator-pass-1")
+    admin = Client()
+    admin.force_login(staff)
+    admin.post("/admin/provisioning/instance/", {"action": "delete_instances", "_selected_action": [instance.pk]})
+    instance.refresh_from_db()
+    assert instance.status == Status.DELETING
+    assert instance.events.last().reason == "Deletion requested by olga."

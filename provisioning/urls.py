@@ -1,0 +1,13 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("", views.dashboard, name="dashboard"),
+    path("new/<str:kind>/", views.create, name="create"),
+    path("instances/<int:pk>/", views.detail, name="instance"),
+    path("instances/<int:pk>/panel/", views.panel, name="instance-panel"),
+    path("instances/<int:pk>/delete/", views.delete, name="instance-delete"),
+    path("token/", views.token, name="token"),
+    path("token/regenerate/", views.regenerate_token, name="token-regenerate"),
+]

@@ -1,0 +1,124 @@
+"""Server-rendered pages. Every change goes through services, exactly as in the API."""
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.http import Http404
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+from rest_framework.authtoken.models import Token
+
+from . import services
+from .engines import ENGINES, get_engine
+from .forms import CREATE_FORMS
+from .models import Instance, Kind
+
+
+def _my_instance(request, pk: int) -> Instance:
+    return get_object_or_404(Instance.objects.visible(), pk=pk, owner=request.user)
+
+
+@login_required
+def dashboard(request):
+    instances = Instance.objects.visible().filter(owner=request.user)
+    page = Paginator(instances, 20).get_page(request.GET.get("page"))
+    return render(request, "provisioning/dashboard.html", {"page": page, "kinds": Kind.choices})
+
+
+@login_required
+def create(request, kind: str):
+    if kind not in ENGINES:
+        raise Http404
+    form_class = CREATE_FORMS[kind]
+    form = form_class(request.POST if request.method == "POST" else None)
+    if request.method == "POST" and form.is_valid():
+        options = {name: value for name, value in form.cleaned_data.items() if value not in (None, "")}
+        name = options.pop("name", None)
+        try:
+            instance = services.create_instance(owner=request.user, kind=kind, name=name, options=options)
+        except ValidationError as exc:
+            for field, errors in exc.message_dict.items():
+                form.add_error(field if field in form.fields else None, errors)
+        except (services.QuotaExceeded, services.NoFreePort) as exc:
+            form.add_error(None, str(exc))
+        else:
+            return redirect("instance", pk=instance.pk)
+    return render(request, "provisioning/create.html", {"form": form, "kind": kind, "label": Kind(kind).label})
+
+
+@login_required
+def detail(request, pk: int):
+    instance = _my_instance(request, pk)
+    return render(request, "provisioning/detail.html", _detail_context(instance))
+
+
+@login_required
+def panel(request, pk: int):
+    """The part of the instance page that changes with its status; polled while it is busy."""
+    instance = _my_instance(request, pk)
+    return render(request, "provisioning/_panel.html", _detail_context(instance))
+
+
+def _detail_context(instance: Instance) -> dict:
+    connection = get_engine(instance.kind).connection(instance) if instance.status == "running" else None
+    return {
+        "instance": instance,
+        "connection": connection,
+        "snippets": _snippets(instance.kind, connection) if connection else [],
+        "events": instance.events.all(),
+        "busy": instance.status in ("provisioning", "deleting"),
+    }
+
+
+@login_required
+def delete(request, pk: int):
+    instance = _my_instance(request, pk)
+    if request.method == "POST":
+        try:
+            services.delete_instance(instance=instance, by=request.user)
+        except services.WrongStatus as exc:
+            messages.error(request, str(exc))
+        return redirect("instance", pk=instance.pk)
+    return render(request, "provisioning/delete.html", {"instance": instance})
+
+
+@login_required
+def token(request):
+    return render(request, "provisioning/token.html", {"token": Token.objects.filter(user=request.user).first()})
+
+
+@login_required
+@require_POST
+def regenerate_token(request):
+    Token.objects.filter(user=request.user).delete()
+    Token.objects.create(user=request.user)
+    messages.success(request, "A new token was created; the old one no longer works.")
+    return redirect("token")
+
+
+MASK = "••••••••"
+
+
+def _snippets(kind: str, c: dict) -> list[dict]:
+    """Ready-to-paste ways to connect; shown with the password masked until revealed."""
+    if kind == Kind.MYSQL:
+        texts = [
+            ("URI", c["uri"]),
+            ("CLI", f"mysql -h {c['host']} -P {c['port']} -u {c['username']} -p{c['password']} {c['database']}"),
+            (
+                "Python",
+                f'import pymysql\ndb = pymysql.connect(host="{c["host"]}", port={c["port"]}, user="{c["username"]}",'
+                f'\n                     password="{c["password"]}", database="{c["database"]}")',
+            ),
+        ]
+    else:
+        texts = [
+            ("URI", c["uri"]),
+            ("CLI", f"redis-cli -u {c['uri']}"),
+            ("Python", f'import redis\nr = redis.Redis.from_url("{c["uri"]}")'),
+        ]
+    return [
+        {"id": label.lower(), "label": label, "text": text, "masked": text.replace(c["password"], MASK)}
+        for label, text in texts
+    ]
