@@ -48,13 +48,8 @@ class InstanceAdmin(admin.ModelAdmin):
         if refused:
             self.message_user(request, " ".join(refused), level=messages.WARNING)
 
-    def get_actions(self, request):
-        actions = super().get_actions(request)
-        actions.pop("delete_selected", None)  # rows must go through the service, never a raw delete
-        return actions
-
     def has_delete_permission(self, request, obj=None):
-        return False
+        return False  # rows go through the service (the action above), never a raw delete
 
     def has_add_permission(self, request):
         return False  # instances are created through the API so that a worker starts them

@@ -12,7 +12,7 @@ from rest_framework.authtoken.models import Token
 from . import services
 from .engines import ENGINES, get_engine
 from .forms import CREATE_FORMS
-from .models import Instance, Kind
+from .models import Instance, Kind, Status
 
 
 def _my_instance(request, pk: int) -> Instance:
@@ -49,6 +49,9 @@ def create(request, kind: str):
 
 @login_required
 def detail(request, pk: int):
+    if Instance.objects.filter(pk=pk, owner=request.user, status=Status.DELETED).exists():
+        messages.info(request, "That instance has been deleted.")
+        return redirect("dashboard")
     instance = _my_instance(request, pk)
     return render(request, "provisioning/detail.html", _detail_context(instance))
 

@@ -101,3 +101,12 @@ def test_the_admin_delete_action_goes_through_the_service(web, django_user_model
     instance.refresh_from_db()
     assert instance.status == Status.DELETING
     assert instance.events.last().reason == "Deletion requested by olga."
+
+
+def test_a_deleted_instance_page_leads_back_to_the_dashboard(web):
+    web.post("/new/redis/", {})
+    instance = Instance.objects.get()
+    Instance.objects.filter(pk=instance.pk).update(status=Status.DELETED)
+    response = web.get(f"/instances/{instance.pk}/")
+    assert response.status_code == 302 and response["Location"] == "/"
+    assert web.get(f"/instances/{instance.pk}/panel/").status_code == 404
