@@ -4,6 +4,8 @@ Every value can be set from the environment (or a `.env` file next to manage.py)
 README lists them. Bad values fail at start-up with ImproperlyConfigured, never later.
 """
 
+import hashlib
+import os
 from pathlib import Path
 
 import environ
@@ -161,6 +163,18 @@ STOCKROOM_BACKENDS = {
         },
     },
 }
+
+
+def _instances_dir() -> Path:
+    """Where local instances live: DATA_DIR/instances, unless the unprivileged user that
+    instance servers run as (when the portal is root) cannot get there, e.g. under /root."""
+    default = DATA_DIR / "instances"
+    if os.geteuid() != 0 or all(p.stat().st_mode & 0o001 for p in (DATA_DIR, *DATA_DIR.parents)):
+        return default
+    return Path("/var/lib/stockroom") / hashlib.sha256(str(DATA_DIR).encode()).hexdigest()[:12]
+
+
+STOCKROOM_INSTANCES_DIR = Path(env.str("STOCKROOM_INSTANCES_DIR", default=str(_instances_dir())))
 STOCKROOM_DEFAULT_BACKEND = env.str("STOCKROOM_BACKEND", default="local")
 if STOCKROOM_DEFAULT_BACKEND not in STOCKROOM_BACKENDS:
     raise ImproperlyConfigured(

@@ -40,7 +40,7 @@ class Instance(models.Model):
     status_message = models.TextField(blank=True)
     backend = models.CharField(max_length=32, help_text="Alias in STOCKROOM_BACKENDS.")
     host = models.CharField(max_length=255)
-    port = models.PositiveIntegerField()
+    port = models.PositiveIntegerField(null=True, blank=True, help_text="Empty once the instance has failed.")
     database = models.CharField(max_length=64, blank=True)
     username = models.CharField(max_length=64)
     password = EncryptedTextField()
@@ -70,6 +70,10 @@ class Instance(models.Model):
             models.CheckConstraint(condition=Q(status__in=Status.values), name="status_is_known"),
             models.CheckConstraint(condition=Q(kind__in=Kind.values), name="kind_is_known"),
             models.CheckConstraint(condition=Q(port__gte=1, port__lte=65535), name="port_in_range"),
+            models.CheckConstraint(
+                condition=Q(port__isnull=False) | Q(status__in=[Status.FAILED, Status.DELETING, Status.DELETED]),
+                name="port_is_set_until_failure",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -84,7 +88,11 @@ class Instance(models.Model):
 
         The check and the change are one conditional UPDATE, so two workers can never both
         win; the winner records an event. Returns whether this call made the change.
+        A failed instance holds nothing, so moving to FAILED also gives up the port.
         """
+        changes = {"status": to, "status_message": reason, "updated_at": timezone.now()}
+        if to == Status.FAILED:
+            changes["port"] = None
         with transaction.atomic():
             current = (
                 Instance.objects.select_for_update()
@@ -93,14 +101,13 @@ class Instance(models.Model):
                 .first()
             )
             changed = current is not None and bool(
-                Instance.objects.filter(pk=self.pk, status=current).update(
-                    status=to, status_message=reason, updated_at=timezone.now()
-                )
+                Instance.objects.filter(pk=self.pk, status=current).update(**changes)
             )
             if changed:
                 self.events.create(from_status=current, to_status=to, reason=reason)
         if changed:
-            self.status, self.status_message = to, reason
+            for field, value in changes.items():
+                setattr(self, field, value)
         return changed
 
 

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|m|mb|g|gb)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(\d{1,15})\s*(b|k|kb|m|mb|g|gb)?\s*", re.IGNORECASE)
 # Redis's own unit rules: "k" is 1000, "kb" is 1024.
 _UNITS = {"b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
 
@@ -23,7 +23,7 @@ def parse_size(value: Any) -> int:
         raise OptionError("Expected bytes as an integer or a size such as '256mb'.")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and (match := _SIZE.match(value)):
+    if isinstance(value, str) and (match := _SIZE.fullmatch(value)):
         number, unit = match.groups()
         return int(number) * _UNITS[(unit or "b").lower()]
     raise OptionError("Expected bytes as an integer or a size such as '256mb' (units: b, kb, mb, gb).")

@@ -20,7 +20,7 @@ from .models import Instance, Kind, Status
 
 logger = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,39}")
 NAME_RULE = "1 to 40 characters: lower-case letters, digits and hyphens, starting with a letter."
 
 
@@ -53,7 +53,7 @@ def create_instance(*, owner, kind: str, options: dict[str, Any], name: str | No
         cleaned = engine.clean_options(options)
     except OptionErrors as exc:
         raise ValidationError(exc.errors) from None
-    if name is not None and not NAME_PATTERN.match(name):
+    if name is not None and not NAME_PATTERN.fullmatch(name):
         raise ValidationError({"name": f"{name!r} is not a valid name; use {NAME_RULE}"})
     backend = get_backend()
 
@@ -111,6 +111,8 @@ def _save_with_free_port(instance: Instance, backend) -> None:
                 instance.save()
             return
         except IntegrityError:
+            if not Instance.objects.live().filter(host=instance.host, port=port).exists():
+                raise  # not a port clash: let the caller see it
             held.add(port)
     raise NoFreePort(f"No free port is left in {first}-{last}; ask an operator to widen STOCKROOM_PORT_RANGE.")
 
@@ -126,18 +128,24 @@ def provision(instance_id: int) -> None:
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
         _fail(instance, backend, "Provisioning failed", exc)
         return
-    instance.transition(
+    if instance.transition(
         Status.RUNNING, "Started; a login with the user's credentials succeeded.", allowed_from=(Status.PROVISIONING,)
-    )
-    logger.info("Instance %s is running on port %s", instance.pk, instance.port)
+    ):
+        logger.info("Instance %s is running on port %s", instance.pk, instance.port)
+    else:  # someone else moved it on meanwhile; what they decided stands
+        logger.warning("Instance %s left provisioning while it was being started", instance.pk)
+
+
+def _describe(what: str, instance: Instance, exc: Exception) -> str:
+    """A message for the owner: a backend's own words, or a pointer to the worker log."""
+    if isinstance(exc, BackendError):
+        return f"{what}: {exc}"
+    logger.exception("%s for instance %s", what, instance.pk)
+    return f"{what}: unexpected {type(exc).__name__}; an operator can find details in the worker log."
 
 
 def _fail(instance: Instance, backend, what: str, exc: Exception) -> None:
-    if isinstance(exc, BackendError):
-        message = f"{what}: {exc}"
-    else:
-        logger.exception("%s for instance %s", what, instance.pk)
-        message = f"{what}: unexpected {type(exc).__name__}; an operator can find details in the worker log."
+    message = _describe(what, instance, exc)
     try:
         backend.destroy(instance)
     except Exception as cleanup:  # noqa: BLE001
@@ -174,10 +182,8 @@ def deprovision(instance_id: int) -> None:
     try:
         backend.destroy(instance)
     except Exception as exc:  # noqa: BLE001
-        logger.exception("Delete failed for instance %s", instance.pk)
-        instance.transition(
-            Status.FAILED, f"Delete failed: {exc}. Try deleting again.", allowed_from=(Status.DELETING,)
-        )
+        message = _describe("Delete failed", instance, exc) + " Try deleting again."
+        instance.transition(Status.FAILED, message, allowed_from=(Status.DELETING,))
         return
     instance.transition(
         Status.DELETED, f"Stopped and removed; port {instance.port} released.", allowed_from=(Status.DELETING,)

@@ -61,6 +61,8 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     @action(detail=True, methods=["get"])
     def config(self, request, kind: str, pk: int):
         instance = self.get_object()
+        if instance.port is None:
+            raise services.WrongStatus(instance, "connect to")
         return Response(get_engine(kind).connection(instance))
 
 

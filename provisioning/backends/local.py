@@ -1,6 +1,7 @@
 """The embedded default: one `mariadbd` or `redis-server` process per instance.
 
-Each instance owns `DATA_DIR/instances/<kind>/<id>/`: its config file, data, log and pid.
+Each instance owns `STOCKROOM_INSTANCES_DIR/<kind>/<id>/` (by default under DATA_DIR): its
+config file, data, log and pid.
 Servers are started with `setsid --fork`, so they belong to no portal process and outlive
 restarts of the web server and the worker. A process belongs to an instance when its
 working directory is inside the instance's directory; that is how `destroy` finds it even
@@ -12,6 +13,7 @@ import hashlib
 import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +30,7 @@ from .base import BackendError, BaseBackend
 logger = logging.getLogger(__name__)
 
 STORAGE_TEMPLATE = "provisioning/engines/mysql-storage.cnf"
+HASHES = re.compile(r"\*[0-9A-Fa-f]{40}|#[0-9a-f]{64}")
 
 
 def processes_under(directory: Path) -> list[int]:
@@ -75,7 +78,7 @@ class LocalBackend(BaseBackend):
 
     @property
     def root(self) -> Path:
-        return settings.DATA_DIR / "instances"
+        return settings.STOCKROOM_INSTANCES_DIR
 
     def directory(self, instance) -> Path:
         return self.root / instance.kind / str(instance.pk)
@@ -93,6 +96,7 @@ class LocalBackend(BaseBackend):
         config = layout.root / engine.config_name
         if isinstance(engine, MySQL):
             self._copy_as_owner(self._mariadb_template(), layout.data)
+            self._mkdir(layout.files)
             init_file = layout.root / "init.sql"
             self._write(init_file, engine.init_sql(instance))
             self._write(config, engine.render_config(instance, layout))
@@ -153,8 +157,9 @@ class LocalBackend(BaseBackend):
 
     @staticmethod
     def _log_tail(log: Path, lines: int = 3) -> str:
+        """The last interesting log lines, for a status message; password hashes are blanked."""
         try:
-            text = log.read_text(errors="replace").strip().splitlines()
+            text = HASHES.sub("<hash>", log.read_text(errors="replace")).strip().splitlines()
         except OSError:
             return "No server log was written."
         interesting = [line for line in text if "ERROR" in line or "#" in line] or text
@@ -175,7 +180,7 @@ class LocalBackend(BaseBackend):
             raise BackendError(f"{self.mariadbd} is missing: install the mariadb-server package.") from None
         recipe = f"{binary}:{stat.st_size}:{stat.st_mtime_ns}\n{storage}"
         key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
-        templates = settings.DATA_DIR / "templates"
+        templates = self.root / "_templates"
         target = templates / f"mariadb-{key}"
         if (target / "data").is_dir():
             return target / "data"

@@ -34,6 +34,11 @@ class Layout:
         return self.root / "server.sock"
 
     @property
+    def files(self) -> PurePath:
+        """The only folder a MySQL server may read or write files in (secure_file_priv)."""
+        return self.root / "files"
+
+    @property
     def acl(self) -> PurePath:
         return self.root / "users.acl"
 

@@ -72,6 +72,12 @@ class MySQL(Engine):
         options = instance.options
         return "\n".join(
             [
+                # mariadb-install-db also makes root@127.0.0.1, root@::1 and root@<host> without a
+                # password; only the portal's root@localhost (Unix socket) may remain.
+                "DELETE FROM mysql.global_priv WHERE NOT (User = 'root' AND Host = 'localhost') "
+                "AND User <> 'mariadb.sys';",
+                "DELETE FROM mysql.proxies_priv WHERE NOT (User = 'root' AND Host = 'localhost');",
+                "FLUSH PRIVILEGES;",
                 f"ALTER USER '{ADMIN_USERNAME}'@'localhost' IDENTIFIED BY PASSWORD "
                 f"'{native_password_hash(instance.admin_password)}';",
                 f"CREATE DATABASE IF NOT EXISTS `{instance.database}` "

@@ -68,14 +68,14 @@ def port_refuses(port: int) -> bool:
 
 
 def instance_dir(kind: str, pk: int):
-    return settings.DATA_DIR / "instances" / kind / str(pk)
+    return settings.STOCKROOM_INSTANCES_DIR / kind / str(pk)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def stop_leftover_servers():
     """Whatever a failing test left running is stopped at the end, so CI leaves nothing behind."""
     yield
-    root = settings.DATA_DIR / "instances"
+    root = settings.STOCKROOM_INSTANCES_DIR
     if root.exists():
         kill_processes_under(root)
         shutil.rmtree(root, ignore_errors=True)

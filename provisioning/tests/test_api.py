@@ -28,6 +28,7 @@ pytestmark = pytest.mark.django_db
         ("redis", {"maxmemory": -5}, "maxmemory", "1mb to 4gb"),
         ("redis", {"maxmemory": "9gb"}, "maxmemory", "1mb to 4gb"),
         ("redis", {"maxmemory": True}, "maxmemory", "integer"),
+        ("redis", {"maxmemory": "1" * 5000 + "mb"}, "maxmemory", "256mb"),
         ("redis", {"maxmemory_policy": "lru"}, "maxmemory_policy", "allkeys-lru"),
         ("redis", {"maxclients": 0}, "maxclients", "1 to 10000"),
         ("redis", {"maxclients": 10001}, "maxclients", "1 to 10000"),
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.django_db
         ("redis", {"password": "mine"}, "password", "maxmemory"),
         ("redis", {"name": "Bad Name!"}, "name", "lower-case letters"),
         ("redis", {"name": 12}, "name", "string"),
+        ("redis", {"name": "cache\n"}, "name", "lower-case letters"),
     ],
 )
 def test_it_rejects_bad_input_naming_the_field(api, kind, body, field, hint):
@@ -178,3 +180,12 @@ def test_session_login_works_too(client, alice):
 def test_schema_and_docs_are_served(client):
     assert client.get("/api/schema").status_code == 200
     assert client.get("/api/docs").status_code == 200
+
+
+def test_a_failed_instance_has_no_connection(api):
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    Instance.objects.get(pk=pk).transition(Status.FAILED, "broken", allowed_from=(Status.PROVISIONING,))
+    assert api.get(f"/api/storage/redis/instances/{pk}").json()["port"] is None
+    response = api.get(f"/api/storage/redis/instances/{pk}/config")
+    assert response.status_code == 409
+    assert response.json()["status"] == "failed"

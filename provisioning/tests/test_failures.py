@@ -35,7 +35,7 @@ def test_a_failure_after_start_kills_the_server_and_releases_everything(api, set
     assert instance["status_message"] == "Provisioning failed: injected failure after start"
     assert port_refuses(instance["port"])
     assert not instance_dir(kind, pk).exists()
-    assert not processes_under(settings.DATA_DIR / "instances")
+    assert not processes_under(settings.STOCKROOM_INSTANCES_DIR)
     assert not Instance.objects.live().exists()
 
 
@@ -65,3 +65,18 @@ def test_an_unreachable_broker_fails_the_instance_with_a_message(api, queued_for
     assert instance.status == "failed"
     assert "task broker is unreachable" in instance.status_message
     assert not instance_dir("redis", instance.pk).exists()
+
+
+def test_a_failed_instance_whose_port_was_reused_can_still_be_deleted(api, settings):
+    local_backend_with(settings, redis_server="/bin/false")
+    failed = api.post("/api/storage/redis/instances", {}).json()
+    wait_for_status(api, "redis", failed["id"], "failed")
+    local_backend_with(settings, redis_server="/usr/bin/redis-server")
+    reused = api.post("/api/storage/redis/instances", {}).json()
+    assert reused["port"] == failed["port"]
+    assert wait_for_status(api, "redis", reused["id"], "running")
+    assert api.delete(f"/api/storage/redis/instances/{failed['id']}").status_code == 202
+    wait_for_status(api, "redis", failed["id"], "gone")
+    assert wait_for_status(api, "redis", reused["id"], "running")
+    api.delete(f"/api/storage/redis/instances/{reused['id']}")
+    wait_for_status(api, "redis", reused["id"], "gone")

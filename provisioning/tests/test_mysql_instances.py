@@ -67,6 +67,10 @@ def test_the_user_can_touch_only_its_own_database(api):
         unix_socket=str(instance_dir("mysql", pk) / "server.sock"), user="root", password=instance.admin_password
     )
     with admin.cursor() as cursor:
+        cursor.execute("SELECT CONCAT(User, '@', Host) FROM mysql.user ORDER BY 1")
+        assert [row[0] for row in cursor.fetchall()] == ["app@%", "mariadb.sys@localhost", "root@localhost"]
+        cursor.execute("SELECT @@secure_file_priv")
+        assert cursor.fetchone()[0] == str(instance_dir("mysql", pk) / "files") + "/"
         cursor.execute("CREATE DATABASE other")
         cursor.execute("CREATE TABLE other.secrets (v INT)")
     admin.close()
@@ -85,8 +89,11 @@ def test_the_user_can_touch_only_its_own_database(api):
             assert denied.value.args[0] in (1044, 1045, 1142, 1227), statement
         assert scalar(db, "SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = 'other'") == 0
 
+    for password in ("", config["password"], instance.admin_password):
+        with pytest.raises(pymysql.err.OperationalError):  # root only through the Unix socket
+            connect(config, user="root", password=password, database=None)
     with pytest.raises(pymysql.err.OperationalError):
-        connect(config, user="root", password=config["password"], database=None)
+        connect(config, user="", password="", database=None)
     with pytest.raises(pymysql.err.OperationalError):
         connect(config, password="wrong-password")
 

@@ -25,7 +25,8 @@ def test_no_plaintext_password_in_any_file_or_log(api, caplog):
     ]
     assert len(secrets) == 4 and all(len(secret) >= 24 for secret in secrets)
 
-    files = [path for path in settings.DATA_DIR.rglob("*") if path.is_file()]
+    roots = {settings.DATA_DIR, settings.STOCKROOM_INSTANCES_DIR}
+    files = [path for root in roots for path in root.rglob("*") if path.is_file()]
     assert any(path.name == "users.acl" for path in files)
     assert any(path.name.startswith("test-portal.sqlite3") for path in files)
     for path in files:
