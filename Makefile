@@ -4,15 +4,14 @@ PORT ?= 8000
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test system lint
+.PHONY: run test system test-system lint
 
 run: system $(VENV)/.installed .env
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py collectstatic --noinput -v0
 	PORT=$(PORT) scripts/run-all
 
-test: $(VENV)/.installed
-	@scripts/ensure-system chromium
+test: test-system $(VENV)/.installed
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
@@ -22,15 +21,18 @@ lint: $(VENV)/.installed
 system:
 	@scripts/ensure-system
 
+test-system:  # browser tests need Debian's chromium too
+	@scripts/ensure-system chromium
+
 $(VENV)/.installed: requirements.txt
-	test -x $(PY) || "$$(scripts/find-python)" -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && "$$(scripts/find-python)" -m venv $(VENV); }
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
 # Random keys for this checkout, written once; keep .env out of version control.
 .env:
 	@umask 077; { \
-	  echo "DEBUG=True"; \
+	  echo "DEBUG=False"; \
 	  echo "SECRET_KEY=$$(head -c 48 /dev/urandom | base64 | tr -d '/+=\n')"; \
 	  echo "STOCKROOM_ENCRYPTION_KEYS=$$(head -c 48 /dev/urandom | base64 | tr -d '/+=\n')"; \
 	} > $@
