@@ -84,20 +84,20 @@ class LocalBackend(BaseBackend):
         return self.root / instance.kind / str(instance.pk)
 
     def layout(self, instance) -> Layout:
-        return Layout(self.directory(instance), settings.STOCKROOM_BIND_ADDRESS, instance.port)
+        return Layout.under(self.directory(instance), bind_address=settings.STOCKROOM_BIND_ADDRESS, port=instance.port)
 
     # The contract ----------------------------------------------------------------------
 
     def create(self, instance) -> None:
         engine = get_engine(instance.kind)
-        layout = self.layout(instance)
+        directory, layout = self.directory(instance), self.layout(instance)
         self.destroy(instance)  # a clean slate, should the task run a second time
-        self._mkdir(layout.root)
-        config = layout.root / engine.config_name
+        self._mkdir(directory)
+        config = directory / engine.config_name
         if isinstance(engine, MySQL):
             self._copy_as_owner(self._mariadb_template(), layout.data)
             self._mkdir(layout.files)
-            init_file = layout.root / "init.sql"
+            init_file = directory / "init.sql"
             self._write(init_file, engine.init_sql(instance))
             self._write(config, engine.render_config(instance, layout))
             argv = [self.mariadbd, f"--defaults-file={config}", f"--init-file={init_file}"]
@@ -106,8 +106,8 @@ class LocalBackend(BaseBackend):
             self._write(layout.acl, engine.acl_lines(instance))
             self._write(config, engine.render_config(instance, layout))
             argv = [self.redis_server, str(config)]
-        self._spawn(argv, cwd=layout.root, log=layout.log)
-        self._wait_for_login(instance, layout)
+        self._spawn(argv, cwd=directory, log=layout.log)
+        self._wait_for_login(instance, directory, layout.log)
         if isinstance(engine, MySQL):
             init_file.unlink()
 
@@ -135,7 +135,7 @@ class LocalBackend(BaseBackend):
         if result.returncode:
             raise BackendError(f"Could not start {Path(argv[0]).name} (exit status {result.returncode}).")
 
-    def _wait_for_login(self, instance, layout: Layout) -> None:
+    def _wait_for_login(self, instance, directory: Path, log: Path) -> None:
         """Poll until the user's credentials work, the server dies, or time runs out."""
         engine = get_engine(instance.kind)
         deadline = self.clock() + settings.STOCKROOM_START_TIMEOUT
@@ -147,12 +147,12 @@ class LocalBackend(BaseBackend):
             except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
                 last_error = exc
             # setsid forks before it returns, so a missing process has really exited.
-            if not processes_under(layout.root):
-                raise BackendError(f"The server exited during start-up. {self._log_tail(layout.log)}")
+            if not processes_under(directory):
+                raise BackendError(f"The server exited during start-up. {self._log_tail(log)}")
             time.sleep(self.poll_interval)
         raise BackendError(
             f"The server did not accept a login within {settings.STOCKROOM_START_TIMEOUT:g} s "
-            f"({type(last_error).__name__}). {self._log_tail(layout.log)}"
+            f"({type(last_error).__name__}). {self._log_tail(log)}"
         )
 
     @staticmethod

@@ -11,36 +11,33 @@ from ..options import Option, OptionError
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a backend puts an instance's files, as the server sees them, and its address."""
+    """Where a server finds its files, as the server sees them, and the address it listens on.
 
-    root: PurePath
+    The local backend puts everything under one folder (`Layout.under`); the Docker backend
+    uses the paths the official images expect.
+    """
+
     bind_address: str
     port: int
+    data: PurePath
+    log: PurePath | str  # "" sends the log to standard output
+    pid: PurePath
+    socket: PurePath
+    files: PurePath  # the only folder a MySQL server may read or write files in
+    acl: PurePath
 
-    @property
-    def data(self) -> PurePath:
-        return self.root / "data"
-
-    @property
-    def log(self) -> PurePath:
-        return self.root / "server.log"
-
-    @property
-    def pid(self) -> PurePath:
-        return self.root / "server.pid"
-
-    @property
-    def socket(self) -> PurePath:
-        return self.root / "server.sock"
-
-    @property
-    def files(self) -> PurePath:
-        """The only folder a MySQL server may read or write files in (secure_file_priv)."""
-        return self.root / "files"
-
-    @property
-    def acl(self) -> PurePath:
-        return self.root / "users.acl"
+    @classmethod
+    def under(cls, root: PurePath, *, bind_address: str, port: int) -> "Layout":
+        return cls(
+            bind_address=bind_address,
+            port=port,
+            data=root / "data",
+            log=root / "server.log",
+            pid=root / "server.pid",
+            socket=root / "server.sock",
+            files=root / "files",
+            acl=root / "users.acl",
+        )
 
 
 class Engine:

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 class StartsThenFails(LocalBackend):
     """A real server is started, then the login check fails: cleanup must kill it."""
 
-    def _wait_for_login(self, instance, layout):
-        assert processes_under(layout.root), "the server should be running at this point"
+    def _wait_for_login(self, instance, directory, log):
+        assert processes_under(directory), "the server should be running at this point"
         raise BackendError("injected failure after start")
 
 
