@@ -11,8 +11,13 @@ run: system $(VENV)/.installed .env
 	$(PY) manage.py collectstatic --noinput -v0
 	PORT=$(PORT) scripts/run-all
 
+# Docker-backend tests need an engine and a locally built image; ensure-docker prepares both
+# and the dockerd it may start is stopped again when the tests end.
 test: test-system $(VENV)/.installed
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	@docker_env=$$(scripts/ensure-docker) || exit 1; set -a; eval "$$docker_env"; set +a; \
+	status=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
+	if [ -n "$${STOCKROOM_TEST_DOCKERD_PID:-}" ]; then kill "$$STOCKROOM_TEST_DOCKERD_PID"; fi; \
+	exit $$status
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -21,8 +26,8 @@ lint: $(VENV)/.installed
 system:
 	@scripts/ensure-system
 
-test-system:  # browser tests need Debian's chromium too
-	@scripts/ensure-system chromium
+test-system:  # browser tests need Debian's chromium; Docker tests docker.io and debootstrap
+	@scripts/ensure-system chromium docker.io debootstrap
 
 $(VENV)/.installed: requirements.txt
 	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && "$$(scripts/find-python)" -m venv $(VENV); }

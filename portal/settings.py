@@ -151,6 +151,22 @@ CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2}
 
 # Instances.
+_DATA_DIR_DIGEST = hashlib.sha256(str(DATA_DIR).encode()).hexdigest()[:12]
+
+
+def _instances_dir() -> Path:
+    """Where local instances live: DATA_DIR/instances, unless the unprivileged user that
+    instance servers run as (when the portal is root) cannot get there, e.g. under /root."""
+    default = DATA_DIR / "instances"
+    if os.geteuid() != 0 or all(p.stat().st_mode & 0o001 for p in (DATA_DIR, *DATA_DIR.parents)):
+        return default
+    return Path("/var/lib/stockroom") / _DATA_DIR_DIGEST
+
+
+STOCKROOM_INSTANCES_DIR = Path(env.str("STOCKROOM_INSTANCES_DIR", default=str(_instances_dir())))
+# Labels this portal's containers, so two portals can share a Docker host.
+STOCKROOM_PORTAL_ID = env.str("STOCKROOM_PORTAL_ID", default=_DATA_DIR_DIGEST)
+
 STOCKROOM_BACKENDS = {
     "local": {
         "BACKEND": "provisioning.backends.local.LocalBackend",
@@ -162,19 +178,22 @@ STOCKROOM_BACKENDS = {
             "redis_server": env.str("STOCKROOM_REDIS_SERVER", default="/usr/bin/redis-server"),
         },
     },
+    "docker": {
+        "BACKEND": "provisioning.backends.docker.DockerBackend",
+        "OPTIONS": {
+            "base_url": env.str("DOCKER_BASE_URL", default="unix:///var/run/docker.sock"),
+            "volume_root": env.str("DOCKER_VOLUME_ROOT", default=str(DATA_DIR / "docker")),
+            "host_ip": env.str("DOCKER_HOST_IP", default="127.0.0.1"),
+            "images": {
+                "mysql": env.str("DOCKER_MYSQL_IMAGE", default="mysql:8.4"),
+                "redis": env.str("DOCKER_REDIS_IMAGE", default="redis:7.4"),
+            },
+            "network_mode": env.str("DOCKER_NETWORK_MODE", default="bridge"),
+            "portal_id": STOCKROOM_PORTAL_ID,
+        },
+    },
 }
 
-
-def _instances_dir() -> Path:
-    """Where local instances live: DATA_DIR/instances, unless the unprivileged user that
-    instance servers run as (when the portal is root) cannot get there, e.g. under /root."""
-    default = DATA_DIR / "instances"
-    if os.geteuid() != 0 or all(p.stat().st_mode & 0o001 for p in (DATA_DIR, *DATA_DIR.parents)):
-        return default
-    return Path("/var/lib/stockroom") / hashlib.sha256(str(DATA_DIR).encode()).hexdigest()[:12]
-
-
-STOCKROOM_INSTANCES_DIR = Path(env.str("STOCKROOM_INSTANCES_DIR", default=str(_instances_dir())))
 STOCKROOM_DEFAULT_BACKEND = env.str("STOCKROOM_BACKEND", default="local")
 if STOCKROOM_DEFAULT_BACKEND not in STOCKROOM_BACKENDS:
     raise ImproperlyConfigured(

@@ -74,7 +74,7 @@ def create_instance(*, owner, kind: str, options: dict[str, Any], name: str | No
             kind=kind,
             name=name,
             backend=backend.alias,
-            host=settings.STOCKROOM_PUBLIC_HOST,
+            host=backend.public_host,
             options=cleaned,
             status_message="Waiting for a worker to start the server.",
             password=crypto.generate_password(),

@@ -1,8 +1,8 @@
 """The contract every backend keeps. Services call backends; backends know nothing of HTTP."""
 
 import errno
+import json
 import socket
-from functools import cache
 
 from django.conf import settings
 from django.utils.module_loading import import_string
@@ -39,6 +39,11 @@ class BaseBackend:
         """Stop the server, if any, and remove everything `create` made, data included."""
         raise NotImplementedError("Backends must implement destroy().")
 
+    @property
+    def public_host(self) -> str:
+        """The host name or address users connect to."""
+        return settings.STOCKROOM_PUBLIC_HOST
+
     def port_is_free(self, port: int) -> bool:
         """Whether nothing on the host listens on `port` (instances' own ports are checked apart)."""
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -51,12 +56,14 @@ class BaseBackend:
         return True
 
 
-@cache
-def _load(alias: str, path: str, options: tuple) -> BaseBackend:
-    return import_string(path)(alias, **dict(options))
+_loaded: dict[tuple[str, str], BaseBackend] = {}
 
 
 def get_backend(alias: str | None = None) -> BaseBackend:
+    """The backend for `alias` (default: STOCKROOM_DEFAULT_BACKEND), made once per configuration."""
     alias = alias or settings.STOCKROOM_DEFAULT_BACKEND
     config = settings.STOCKROOM_BACKENDS[alias]
-    return _load(alias, config["BACKEND"], tuple(sorted(config.get("OPTIONS", {}).items())))
+    key = (alias, json.dumps(config, sort_keys=True, default=str))
+    if key not in _loaded:
+        _loaded[key] = import_string(config["BACKEND"])(alias, **config.get("OPTIONS", {}))
+    return _loaded[key]

@@ -86,6 +86,10 @@ class Engine:
             self.config_template, {"instance": instance, "options": instance.options, "layout": layout}
         )
 
+    def memory_limit(self, options: dict[str, Any]) -> int:
+        """Bytes a container running this engine with these options may use."""
+        raise NotImplementedError("Engines must say how much memory a server needs.")
+
     def check_login(self, instance, *, host: str, port: int, timeout: float) -> None:
         """Log in with the user's credentials and run a trivial command; raise on failure."""
         raise NotImplementedError("Engines must say how a user logs in.")

@@ -64,6 +64,10 @@ class MySQL(Engine):
             }
         return {}
 
+    def memory_limit(self, options: dict[str, Any]) -> int:
+        # A 16 MB buffer pool plus per-connection buffers; official MySQL 8.4 needs the headroom.
+        return 512 * 1024 * 1024
+
     def init_sql(self, instance) -> str:
         """Statements run once at first start: the admin password, the user's database and account.
 

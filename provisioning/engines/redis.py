@@ -70,6 +70,10 @@ class Redis(Engine):
         ),
     )
 
+    def memory_limit(self, options: dict[str, Any]) -> int:
+        # Data up to maxmemory, plus fragmentation and the copy-on-write of an AOF rewrite.
+        return options["maxmemory"] + options["maxmemory"] // 2 + 64 * MiB
+
     def acl_lines(self, instance) -> str:
         """The user may do anything to data but not administer the server; the portal may."""
         return (

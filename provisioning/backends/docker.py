@@ -1,0 +1,253 @@
+"""One container per instance, through the Docker SDK.
+
+Containers are named `stockroom-<kind>-<id>` and labelled with the instance id, its kind and
+this portal's id, so the portal can always find its own containers and tell them from
+anyone else's. The rendered config is bind-mounted read-only; data lives in a bind mount
+under `DOCKER_VOLUME_ROOT/<kind>/<id>`. Images follow the official images' contract:
+MySQL takes `MYSQL_*` variables, `/etc/mysql/conf.d` and `/var/lib/mysql`; Redis runs
+`redis-server <conf>` with data in `/data`.
+"""
+
+import logging
+import shutil
+import time
+from functools import cached_property
+from pathlib import Path, PurePosixPath
+
+from django.conf import settings
+
+from ..engines import Layout, get_engine
+from ..models import Kind
+from .base import BackendError, BaseBackend
+
+logger = logging.getLogger(__name__)
+
+LABEL = "io.stockroom"
+MYSQL_CONFIG = PurePosixPath("/etc/mysql/conf.d/stockroom.cnf")
+REDIS_CONFIG = PurePosixPath("/usr/local/etc/redis/redis.conf")
+REDIS_ACL = PurePosixPath("/usr/local/etc/redis/users.acl")
+CONTAINER_PORTS = {Kind.MYSQL: 3306, Kind.REDIS: 6379}
+
+
+class DockerBackend(BaseBackend):
+    clock = time.monotonic
+    poll_interval = 0.1
+
+    def __init__(
+        self,
+        alias: str,
+        *,
+        base_url: str,
+        volume_root: str,
+        host_ip: str,
+        images: dict[str, str],
+        network_mode: str = "bridge",
+        portal_id: str = "default",
+    ):
+        super().__init__(alias)
+        if network_mode not in ("bridge", "host"):
+            raise BackendError(f"DOCKER_NETWORK_MODE must be 'bridge' or 'host', not {network_mode!r}.")
+        self.base_url = base_url
+        self.volume_root = Path(volume_root)
+        self.host_ip = host_ip
+        self.images = dict(images)
+        self.network_mode = network_mode
+        self.portal_id = portal_id
+
+    # The client is made on first use, so a portal whose Docker daemon is down still starts.
+    @cached_property
+    def client(self):
+        import docker
+
+        return self._docker("connect", docker.DockerClient, base_url=self.base_url, timeout=30)
+
+    @property
+    def public_host(self) -> str:
+        return self.host_ip
+
+    def _docker(self, what: str, call, *args, **kwargs):
+        """Run one SDK call; turn Docker's errors into a BackendError saying what failed."""
+        import docker.errors
+        import requests.exceptions
+
+        try:
+            return call(*args, **kwargs)
+        except docker.errors.APIError as exc:
+            raise BackendError(f"Docker could not {what}: {exc.explanation or exc}") from exc
+        except (docker.errors.DockerException, requests.exceptions.ConnectionError) as exc:
+            raise BackendError(f"The Docker daemon at {self.base_url} is not reachable (could not {what}).") from exc
+
+    # Names and places -----------------------------------------------------------------
+
+    def name(self, instance) -> str:
+        return f"stockroom-{instance.kind}-{instance.pk}"
+
+    def labels(self, instance) -> dict[str, str]:
+        return {
+            f"{LABEL}.managed": "true",
+            f"{LABEL}.portal": self.portal_id,
+            f"{LABEL}.instance": str(instance.pk),
+            f"{LABEL}.kind": instance.kind,
+        }
+
+    def directory(self, instance) -> Path:
+        return self.volume_root / instance.kind / str(instance.pk)
+
+    def layout(self, instance) -> Layout:
+        """Paths inside the container; the port it listens on there."""
+        if self.network_mode == "host":
+            bind_address, port = settings.STOCKROOM_BIND_ADDRESS, instance.port
+        else:
+            bind_address, port = "0.0.0.0", CONTAINER_PORTS[instance.kind]
+        if instance.kind == Kind.MYSQL:
+            data = PurePosixPath("/var/lib/mysql")
+            return Layout(
+                bind_address=bind_address,
+                port=port,
+                data=data,
+                log=data / "server.log",
+                pid=PurePosixPath("/run/mysqld/mysqld.pid"),
+                socket=PurePosixPath("/run/mysqld/mysqld.sock"),
+                files=PurePosixPath("/var/lib/mysql-files"),
+                acl=REDIS_ACL,
+            )
+        data = PurePosixPath("/data")
+        return Layout(
+            bind_address=bind_address,
+            port=port,
+            data=data,
+            log="",
+            pid=data / "redis.pid",
+            socket=data / "redis.sock",
+            files=data,
+            acl=REDIS_ACL,
+        )
+
+    # The contract ----------------------------------------------------------------------
+
+    def create(self, instance) -> None:
+        self.destroy(instance)  # a clean slate, should the task run a second time
+        engine = get_engine(instance.kind)
+        image = self._image(instance.kind)
+        directory = self.directory(instance)
+        (directory / "data").mkdir(parents=True, mode=0o700)
+        config = directory / engine.config_name
+        config.write_text(engine.render_config(instance, self.layout(instance)))
+        config.chmod(0o644)  # read by the server's own user inside the container
+        volumes = {str(directory / "data"): {"bind": str(self.layout(instance).data), "mode": "rw"}}
+        if instance.kind == Kind.MYSQL:
+            volumes[str(config)] = {"bind": str(MYSQL_CONFIG), "mode": "ro"}
+            command = None
+            environment = {
+                "MYSQL_ROOT_PASSWORD": instance.admin_password,
+                "MYSQL_DATABASE": instance.database,
+                "MYSQL_USER": instance.username,
+                "MYSQL_PASSWORD": instance.password,
+            }
+        else:
+            acl = directory / "users.acl"
+            acl.write_text(engine.acl_lines(instance))
+            acl.chmod(0o644)
+            volumes[str(config)] = {"bind": str(REDIS_CONFIG), "mode": "ro"}
+            volumes[str(acl)] = {"bind": str(REDIS_ACL), "mode": "ro"}
+            command = ["redis-server", str(REDIS_CONFIG)]
+            environment = {}
+        network = (
+            {"network_mode": "host"}
+            if self.network_mode == "host"
+            else {"ports": {f"{CONTAINER_PORTS[instance.kind]}/tcp": (self.host_ip, instance.port)}}
+        )
+        container = self._docker(
+            "start the container",
+            self.client.containers.run,
+            image,
+            command,
+            name=self.name(instance),
+            labels=self.labels(instance),
+            environment=environment,
+            volumes=volumes,
+            mem_limit=engine.memory_limit(instance.options),
+            restart_policy={"Name": "unless-stopped"},
+            detach=True,
+            **network,
+        )
+        self._wait_for_login(instance, container)
+
+    def destroy(self, instance) -> None:
+        for container in self._containers({f"{LABEL}.instance": str(instance.pk), f"{LABEL}.kind": instance.kind}):
+            self.remove_container(container)
+        self._remove_data(self.directory(instance))
+
+    def remove_container(self, container) -> None:
+        """Remove a container of this portal's and its data directory."""
+        self._docker("remove the container", container.remove, force=True, v=True)
+        labels = container.labels
+        self._remove_data(self.volume_root / labels[f"{LABEL}.kind"] / labels[f"{LABEL}.instance"])
+
+    @staticmethod
+    def _remove_data(directory: Path) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+        if directory.exists():
+            raise BackendError(f"Could not remove {directory}.")
+
+    def orphans(self, known_ids: set[int]) -> list:
+        """This portal's containers that belong to no known instance."""
+        return [
+            container
+            for container in self._containers({})
+            if int(container.labels.get(f"{LABEL}.instance", "0")) not in known_ids
+        ]
+
+    # Helpers ---------------------------------------------------------------------------
+
+    def _containers(self, labels: dict[str, str]) -> list:
+        wanted = {f"{LABEL}.managed": "true", f"{LABEL}.portal": self.portal_id, **labels}
+        filters = {"label": [f"{key}={value}" for key, value in wanted.items()]}
+        return self._docker("list containers", self.client.containers.list, all=True, filters=filters)
+
+    def _image(self, kind: str) -> str:
+        import docker.errors
+
+        image = self.images[kind]
+        try:
+            self._docker(f"inspect the image {image}", self.client.images.get, image)
+        except BackendError as exc:
+            if not isinstance(exc.__cause__, docker.errors.ImageNotFound):
+                raise
+            logger.info("Pulling %s", image)
+            try:
+                self.client.images.pull(image)
+            except Exception as pull_error:  # noqa: BLE001 - any failure means the image is unusable
+                raise BackendError(
+                    f"The image {image} is not available and could not be pulled "
+                    f"({type(pull_error).__name__}). Ask an operator to provide it."
+                ) from pull_error
+        return image
+
+    def _wait_for_login(self, instance, container) -> None:
+        engine = get_engine(instance.kind)
+        host = settings.STOCKROOM_BIND_ADDRESS if self.network_mode == "host" else self.host_ip
+        deadline = self.clock() + settings.STOCKROOM_START_TIMEOUT
+        last_error: Exception | None = None
+        while self.clock() < deadline:
+            try:
+                engine.check_login(instance, host=host, port=instance.port, timeout=2)
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+                last_error = exc
+            self._docker("inspect the container", container.reload)
+            state = container.attrs["State"]
+            if state["Status"] in ("exited", "dead") or container.attrs.get("RestartCount", 0) > 0:
+                raise BackendError(f"The container exited during start-up. {self._log_tail(container)}")
+            time.sleep(self.poll_interval)
+        raise BackendError(
+            f"The server did not accept a login within {settings.STOCKROOM_START_TIMEOUT:g} s "
+            f"({type(last_error).__name__}). {self._log_tail(container)}"
+        )
+
+    def _log_tail(self, container, lines: int = 3) -> str:
+        try:
+            text = container.logs(tail=lines).decode(errors="replace").strip()
+        except Exception:  # noqa: BLE001 - a missing log must not hide the real error
+            return ""
+        return f"Container log: {' | '.join(text.splitlines())}" if text else "The container log is empty."
