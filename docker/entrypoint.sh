@@ -1,6 +1,6 @@
 #!/bin/bash
-# Follows the official `mysql` image's contract (MYSQL_ROOT_PASSWORD, MYSQL_DATABASE, MYSQL_USER,
-# MYSQL_PASSWORD; extra config in /etc/mysql/conf.d; data in /var/lib/mysql) and the official
+# Follows the official `mysql` image's contract (MYSQL_ROOT_PASSWORD, MYSQL_ROOT_HOST (default %),
+# MYSQL_DATABASE, MYSQL_USER, MYSQL_PASSWORD; extra config in /etc/mysql/conf.d; data in /var/lib/mysql) and the official
 # `redis` image's (`redis-server <conf>`, data in /data), with Debian's MariaDB and Redis.
 set -euo pipefail
 
@@ -25,10 +25,16 @@ if [ "${1:-}" = "mariadbd" ] || [ "${1:-}" = "mysqld" ]; then
       sleep 0.1
     done
     {
+      echo "SET @@SESSION.SQL_LOG_BIN = 0;"
       echo "DELETE FROM mysql.global_priv WHERE NOT (User = 'root' AND Host = 'localhost') AND User <> 'mariadb.sys';"
       echo "DELETE FROM mysql.proxies_priv WHERE NOT (User = 'root' AND Host = 'localhost');"
       echo "FLUSH PRIVILEGES;"
       echo "ALTER USER 'root'@'localhost' IDENTIFIED BY '${MYSQL_ROOT_PASSWORD}';"
+      root_host=${MYSQL_ROOT_HOST:-%}
+      if [ "$root_host" != "localhost" ]; then
+        echo "CREATE USER 'root'@'${root_host}' IDENTIFIED BY '${MYSQL_ROOT_PASSWORD}';"
+        echo "GRANT ALL ON *.* TO 'root'@'${root_host}' WITH GRANT OPTION;"
+      fi
       if [ -n "${MYSQL_DATABASE:-}" ]; then
         echo "CREATE DATABASE IF NOT EXISTS \`${MYSQL_DATABASE}\`;"
       fi

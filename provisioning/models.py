@@ -1,3 +1,5 @@
+from datetime import timedelta
+
 from django.conf import settings
 from django.db import models, transaction
 from django.db.models import Q
@@ -14,13 +16,29 @@ class Kind(models.TextChoices):
 class Status(models.TextChoices):
     PROVISIONING = "provisioning"
     RUNNING = "running"
+    UNHEALTHY = "unhealthy"  # running, but it stopped answering; being restarted
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RESTARTING = "restarting"
+    ROTATING = "rotating"  # a new password is being set
     DELETING = "deleting"
     DELETED = "deleted"
     FAILED = "failed"
 
 
 # Statuses in which an instance holds resources: a port, a directory, maybe a process.
-LIVE_STATUSES = (Status.PROVISIONING, Status.RUNNING, Status.DELETING)
+# A failed instance gives up its port; a deleted one keeps only its history.
+LIVE_STATUSES = tuple(status for status in Status if status not in (Status.FAILED, Status.DELETED))
+# Statuses in which a worker is (or should be) busy with the instance.
+BUSY_STATUSES = (
+    Status.PROVISIONING,
+    Status.STOPPING,
+    Status.STARTING,
+    Status.RESTARTING,
+    Status.ROTATING,
+    Status.DELETING,
+)
 
 
 class InstanceQuerySet(models.QuerySet):
@@ -46,6 +64,11 @@ class Instance(models.Model):
     password = EncryptedTextField()
     admin_password = EncryptedTextField(help_text="The portal's own account on the instance.")
     options = models.JSONField(default=dict)
+    # Health: restarts tried since the instance last answered, and when to try the next one.
+    restart_attempts = models.PositiveIntegerField(default=0)
+    next_restart_at = models.DateTimeField(null=True, blank=True)
+    # A worker that acts on the instance holds it until then; see claim().
+    claimed_until = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -82,6 +105,19 @@ class Instance(models.Model):
     @property
     def live(self) -> bool:
         return self.status in LIVE_STATUSES
+
+    def claim(self, *, seconds: float) -> bool:
+        """Take the instance for `seconds`, unless another worker holds it. One UPDATE decides."""
+        now = timezone.now()
+        taken = (
+            Instance.objects.filter(pk=self.pk)
+            .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=now))
+            .update(claimed_until=now + timedelta(seconds=seconds))
+        )
+        return bool(taken)
+
+    def release(self) -> None:
+        Instance.objects.filter(pk=self.pk).update(claimed_until=None)
 
     def transition(self, to: Status, reason: str, *, allowed_from: tuple[Status, ...]) -> bool:
         """Move to `to` only if the current status is one of `allowed_from`.

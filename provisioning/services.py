@@ -4,6 +4,7 @@ import logging
 import re
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -120,14 +121,16 @@ def _save_with_free_port(instance: Instance, backend) -> None:
 def provision(instance_id: int) -> None:
     """Worker side of create: start the server, prove a login works, then mark it running."""
     instance = Instance.objects.filter(pk=instance_id, status=Status.PROVISIONING).first()
-    if instance is None:
-        return  # already handled: the task may be delivered twice
+    if instance is None or not instance.claim(seconds=_claim_seconds()):
+        return  # already handled, or another worker is on it: the task may be delivered twice
     backend = get_backend(instance.backend)
     try:
         backend.create(instance)
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
         _fail(instance, backend, "Provisioning failed", exc)
         return
+    finally:
+        instance.release()
     if instance.transition(
         Status.RUNNING, "Started; a login with the user's credentials succeeded.", allowed_from=(Status.PROVISIONING,)
     ):
@@ -161,11 +164,13 @@ def _fail(instance: Instance, backend, what: str, exc: Exception) -> None:
 def delete_instance(*, instance: Instance, by) -> Instance:
     """Mark the instance as deleting; a worker stops it and removes its data after commit.
 
-    Raises WrongStatus while the instance is still provisioning or already deleting.
+    Raises WrongStatus while a worker is busy with the instance or it is already deleted.
     """
     previous = instance.status
     if not instance.transition(
-        Status.DELETING, f"Deletion requested by {by}.", allowed_from=(Status.RUNNING, Status.FAILED)
+        Status.DELETING,
+        f"Deletion requested by {by}.",
+        allowed_from=(Status.RUNNING, Status.UNHEALTHY, Status.STOPPED, Status.FAILED),
     ):
         instance.refresh_from_db()
         raise WrongStatus(instance, "delete")
@@ -176,7 +181,7 @@ def delete_instance(*, instance: Instance, by) -> Instance:
 def deprovision(instance_id: int) -> None:
     """Worker side of delete: stop the server, remove its files, release its port."""
     instance = Instance.objects.filter(pk=instance_id, status=Status.DELETING).first()
-    if instance is None:
+    if instance is None or not instance.claim(seconds=_claim_seconds()):
         return
     backend = get_backend(instance.backend)
     try:
@@ -185,22 +190,106 @@ def deprovision(instance_id: int) -> None:
         message = _describe("Delete failed", instance, exc) + " Try deleting again."
         instance.transition(Status.FAILED, message, allowed_from=(Status.DELETING,))
         return
+    finally:
+        instance.release()
     instance.transition(
         Status.DELETED, f"Stopped and removed; port {instance.port} released.", allowed_from=(Status.DELETING,)
     )
     logger.info("Instance %s deleted", instance.pk)
 
 
+# Lifecycle actions --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Action:
+    """A user action on a running (or stopped) instance, carried out by the worker."""
+
+    title: str
+    allowed_from: tuple[Status, ...]
+    busy: Status
+    done: Status
+    done_message: str
+
+
+ACTIONS = {
+    "stop": Action("Stop", (Status.RUNNING, Status.UNHEALTHY), Status.STOPPING, Status.STOPPED, "Stopped; data kept."),
+    "start": Action("Start", (Status.STOPPED,), Status.STARTING, Status.RUNNING, "Started; a login succeeded."),
+    "restart": Action(
+        "Restart",
+        (Status.RUNNING, Status.UNHEALTHY),
+        Status.RESTARTING,
+        Status.RUNNING,
+        "Restarted; a login succeeded.",
+    ),
+    "rotate-password": Action(
+        "Password rotation",
+        (Status.RUNNING,),
+        Status.ROTATING,
+        Status.RUNNING,
+        "Password rotated; the old one no longer works.",
+    ),
+}
+
+
+def request_action(*, instance: Instance, action: str, by) -> Instance:
+    """Mark the instance busy with `action`; a worker carries it out after commit.
+
+    Raises WrongStatus when the instance's status does not allow the action.
+    """
+    spec = ACTIONS[action]
+    previous = instance.status
+    if not instance.transition(spec.busy, f"{spec.title} requested by {by}.", allowed_from=spec.allowed_from):
+        instance.refresh_from_db()
+        raise WrongStatus(instance, action.replace("-", " "))
+    transaction.on_commit(lambda: _enqueue("perform_action", instance, action, revert_to=previous))
+    return instance
+
+
+def perform_action(instance_id: int, action: str) -> None:
+    """Worker side of a lifecycle action."""
+    spec = ACTIONS[action]
+    instance = Instance.objects.filter(pk=instance_id, status=spec.busy).first()
+    if instance is None or not instance.claim(seconds=_claim_seconds()):
+        return
+    backend = get_backend(instance.backend)
+    try:
+        if action in ("stop", "restart"):
+            backend.stop(instance)
+        if action in ("start", "restart"):
+            backend.start(instance)
+        if action == "rotate-password":
+            password = crypto.generate_password()
+            backend.set_password(instance, password)
+            Instance.objects.filter(pk=instance.pk).update(password=password)
+            instance.password = password
+            backend.probe(instance)
+    except Exception as exc:  # noqa: BLE001
+        # A stopped instance stays stopped; anything that should run is left to the reconciler.
+        fallback = Status.STOPPED if action == "start" else Status.UNHEALTHY
+        instance.transition(fallback, _describe(f"{spec.title} failed", instance, exc), allowed_from=(spec.busy,))
+    else:
+        Instance.objects.filter(pk=instance.pk).update(restart_attempts=0, next_restart_at=None)
+        instance.transition(spec.done, spec.done_message, allowed_from=(spec.busy,))
+    finally:
+        instance.release()
+
+
+def _claim_seconds() -> float:
+    """How long a worker may hold an instance: two server starts and some slack."""
+    return settings.STOCKROOM_START_TIMEOUT * 2 + 30
+
+
 # Queueing -----------------------------------------------------------------------------
 
 
-def _enqueue(task_name: str, instance: Instance, *, revert_to: Status) -> None:
+def _enqueue(task_name: str, instance: Instance, *args, revert_to: Status) -> None:
     """Send a task to the worker; if the broker is unreachable, say so in the status."""
     from . import tasks
 
     task: Callable = getattr(tasks, task_name)
     try:
-        task.delay(instance.pk)
+        task.delay(instance.pk, *args)
     except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
         logger.error("Could not queue %s for instance %s: %s", task_name, instance.pk, exc)
         instance.transition(

@@ -11,3 +11,8 @@ def provision_instance(instance_id: int) -> None:
 @shared_task(acks_late=True, ignore_result=True)
 def deprovision_instance(instance_id: int) -> None:
     services.deprovision(instance_id)
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def perform_action(instance_id: int, action: str) -> None:
+    services.perform_action(instance_id, action)

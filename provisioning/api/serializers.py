@@ -24,6 +24,18 @@ class InstanceSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class EventSerializer(serializers.Serializer):
+    """One status change. Fields are built in get_fields because "from" is a Python keyword."""
+
+    def get_fields(self):
+        return {
+            "time": serializers.DateTimeField(source="created_at"),
+            "from": serializers.CharField(source="from_status", help_text="Empty for the first event."),
+            "to": serializers.CharField(source="to_status"),
+            "reason": serializers.CharField(),
+        }
+
+
 class OptionField(serializers.Field):
     """Documents one engine option; values are validated by the option itself in the service."""
 

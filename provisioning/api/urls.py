@@ -21,4 +21,17 @@ urlpatterns = [
         InstanceViewSet.as_view({"get": "config"}),
         name="instance-config",
     ),
+    re_path(
+        r"^storage/(?P<kind>mysql|redis)/instances/(?P<pk>[0-9]+)/events/?$",
+        InstanceViewSet.as_view({"get": "events"}),
+        name="instance-events",
+    ),
+    *[
+        re_path(
+            rf"^storage/(?P<kind>mysql|redis)/instances/(?P<pk>[0-9]+)/{action}/?$",
+            InstanceViewSet.as_view({"post": action.replace("-", "_")}),
+            name=f"instance-{action}",
+        )
+        for action in ("stop", "start", "restart", "rotate-password")
+    ],
 ]

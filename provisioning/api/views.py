@@ -9,7 +9,13 @@ from rest_framework.views import exception_handler as drf_exception_handler
 from .. import services
 from ..engines import get_engine
 from ..models import Instance
-from .serializers import CREATE_SERIALIZERS, InstanceSerializer, MySQLConfigSerializer, RedisConfigSerializer
+from .serializers import (
+    CREATE_SERIALIZERS,
+    EventSerializer,
+    InstanceSerializer,
+    MySQLConfigSerializer,
+    RedisConfigSerializer,
+)
 
 KIND = OpenApiParameter("kind", str, OpenApiParameter.PATH, enum=["mysql", "redis"])
 
@@ -64,6 +70,41 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         if instance.port is None:
             raise services.WrongStatus(instance, "connect to")
         return Response(get_engine(kind).connection(instance))
+
+    def _act(self, request, kind: str, pk: int, action: str):
+        instance = services.request_action(instance=self.get_object(), action=action, by=request.user)
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(parameters=[KIND], request=None, responses={202: InstanceSerializer, 409: None})
+    @action(detail=True, methods=["post"])
+    def stop(self, request, kind: str, pk: int):
+        """Stop the server; data is kept. Allowed while running or unhealthy."""
+        return self._act(request, kind, pk, "stop")
+
+    @extend_schema(parameters=[KIND], request=None, responses={202: InstanceSerializer, 409: None})
+    @action(detail=True, methods=["post"])
+    def start(self, request, kind: str, pk: int):
+        """Start a stopped server."""
+        return self._act(request, kind, pk, "start")
+
+    @extend_schema(parameters=[KIND], request=None, responses={202: InstanceSerializer, 409: None})
+    @action(detail=True, methods=["post"])
+    def restart(self, request, kind: str, pk: int):
+        """Restart the server. Allowed while running or unhealthy."""
+        return self._act(request, kind, pk, "restart")
+
+    @extend_schema(parameters=[KIND], request=None, responses={202: InstanceSerializer, 409: None})
+    @action(detail=True, methods=["post"], url_path="rotate-password")
+    def rotate_password(self, request, kind: str, pk: int):
+        """Give the user a new random password; the old one stops working."""
+        return self._act(request, kind, pk, "rotate-password")
+
+    @extend_schema(parameters=[KIND], responses=EventSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def events(self, request, kind: str, pk: int):
+        """The instance's status history, oldest first, paginated."""
+        page = self.paginate_queryset(self.get_object().events.all())
+        return self.get_paginated_response(EventSerializer(page, many=True).data)
 
 
 def exception_handler(exc, context):

@@ -39,6 +39,29 @@ class BaseBackend:
         """Stop the server, if any, and remove everything `create` made, data included."""
         raise NotImplementedError("Backends must implement destroy().")
 
+    def stop(self, instance) -> None:
+        """Stop the server cleanly; keep its data and configuration."""
+        raise NotImplementedError("Backends must implement stop().")
+
+    def start(self, instance) -> None:
+        """Start a stopped (or dead) server again; return once the user's login works."""
+        raise NotImplementedError("Backends must implement start().")
+
+    def set_password(self, instance, password: str) -> None:
+        """Replace the user's password on the running server; the old one must stop working."""
+        raise NotImplementedError("Backends must implement set_password().")
+
+    def probe(self, instance, timeout: float = 2.0) -> None:
+        """Log in with the user's credentials; raise if the server does not answer."""
+        from ..engines import get_engine
+
+        get_engine(instance.kind).check_login(instance, host=self.probe_host, port=instance.port, timeout=timeout)
+
+    @property
+    def probe_host(self) -> str:
+        """Where the worker reaches instance servers."""
+        return settings.STOCKROOM_BIND_ADDRESS
+
     @property
     def public_host(self) -> str:
         """The host name or address users connect to."""

@@ -14,6 +14,7 @@ import time
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 
+import pymysql
 from django.conf import settings
 
 from ..engines import Layout, get_engine
@@ -146,7 +147,7 @@ class DockerBackend(BaseBackend):
             }
         else:
             acl = directory / "users.acl"
-            acl.write_text(engine.acl_lines(instance))
+            acl.write_text(engine.acl_lines(instance, instance.password))
             acl.chmod(0o644)
             volumes[str(config)] = {"bind": str(REDIS_CONFIG), "mode": "ro"}
             volumes[str(acl)] = {"bind": str(REDIS_ACL), "mode": "ro"}
@@ -173,8 +174,38 @@ class DockerBackend(BaseBackend):
         )
         self._wait_for_login(instance, container)
 
+    def stop(self, instance) -> None:
+        for container in self._own(instance):
+            self._docker("stop the container", container.stop, timeout=30)
+
+    def start(self, instance) -> None:
+        containers = self._own(instance)
+        if not containers:
+            raise BackendError("The instance's container is gone; delete the instance and create a new one.")
+        self._docker("start the container", containers[0].start)
+        self._wait_for_login(instance, containers[0])
+
+    def set_password(self, instance, password: str) -> None:
+        engine = get_engine(instance.kind)
+        if instance.kind == Kind.MYSQL:
+            # Images following the official contract give root a network login (MYSQL_ROOT_HOST=%).
+            admin = pymysql.connect(
+                host=self.probe_host, port=instance.port, user="root", password=instance.admin_password
+            )
+            try:
+                engine.set_password(admin, instance, password)
+            finally:
+                admin.close()
+        else:
+            (self.directory(instance) / "users.acl").write_text(engine.acl_lines(instance, password))
+            engine.reload_acl(instance, host=self.probe_host, port=instance.port)
+
+    @property
+    def probe_host(self) -> str:
+        return settings.STOCKROOM_BIND_ADDRESS if self.network_mode == "host" else self.host_ip
+
     def destroy(self, instance) -> None:
-        for container in self._containers({f"{LABEL}.instance": str(instance.pk), f"{LABEL}.kind": instance.kind}):
+        for container in self._own(instance):
             self.remove_container(container)
         self._remove_data(self.directory(instance))
 
@@ -199,6 +230,9 @@ class DockerBackend(BaseBackend):
         ]
 
     # Helpers ---------------------------------------------------------------------------
+
+    def _own(self, instance) -> list:
+        return self._containers({f"{LABEL}.instance": str(instance.pk), f"{LABEL}.kind": instance.kind})
 
     def _containers(self, labels: dict[str, str]) -> list:
         wanted = {f"{LABEL}.managed": "true", f"{LABEL}.portal": self.portal_id, **labels}
@@ -225,19 +259,17 @@ class DockerBackend(BaseBackend):
         return image
 
     def _wait_for_login(self, instance, container) -> None:
-        engine = get_engine(instance.kind)
-        host = settings.STOCKROOM_BIND_ADDRESS if self.network_mode == "host" else self.host_ip
         deadline = self.clock() + settings.STOCKROOM_START_TIMEOUT
         last_error: Exception | None = None
         while self.clock() < deadline:
             try:
-                engine.check_login(instance, host=host, port=instance.port, timeout=2)
+                self.probe(instance)
                 return
             except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
                 last_error = exc
             self._docker("inspect the container", container.reload)
             state = container.attrs["State"]
-            if state["Status"] in ("exited", "dead") or container.attrs.get("RestartCount", 0) > 0:
+            if state["Status"] in ("exited", "dead", "restarting"):
                 raise BackendError(f"The container exited during start-up. {self._log_tail(container)}")
             time.sleep(self.poll_interval)
         raise BackendError(

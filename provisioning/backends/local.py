@@ -20,11 +20,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pymysql
 from django.conf import settings
 from django.template.loader import render_to_string
 
 from ..engines import Layout, get_engine
-from ..engines.mysql import MySQL
+from ..engines.mysql import ADMIN_USERNAME, MySQL
 from .base import BackendError, BaseBackend
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,19 @@ def kill_processes_under(directory: Path, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def stop_processes_under(directory: Path, timeout: float = 30.0) -> None:
+    """SIGTERM every process working in `directory` so it can shut down cleanly; SIGKILL stragglers."""
+    for pid in processes_under(directory):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while processes_under(directory) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kill_processes_under(directory)
+
+
 class LocalBackend(BaseBackend):
     clock = time.monotonic
     poll_interval = 0.02
@@ -93,23 +107,39 @@ class LocalBackend(BaseBackend):
         directory, layout = self.directory(instance), self.layout(instance)
         self.destroy(instance)  # a clean slate, should the task run a second time
         self._mkdir(directory)
-        config = directory / engine.config_name
+        init_file = None
         if isinstance(engine, MySQL):
             self._copy_as_owner(self._mariadb_template(), layout.data)
             self._mkdir(layout.files)
             init_file = directory / "init.sql"
             self._write(init_file, engine.init_sql(instance))
-            self._write(config, engine.render_config(instance, layout))
-            argv = [self.mariadbd, f"--defaults-file={config}", f"--init-file={init_file}"]
         else:
             self._mkdir(layout.data)
-            self._write(layout.acl, engine.acl_lines(instance))
-            self._write(config, engine.render_config(instance, layout))
-            argv = [self.redis_server, str(config)]
-        self._spawn(argv, cwd=directory, log=layout.log)
-        self._wait_for_login(instance, directory, layout.log)
-        if isinstance(engine, MySQL):
+            self._write(layout.acl, engine.acl_lines(instance, instance.password))
+        self._write(directory / engine.config_name, engine.render_config(instance, layout))
+        self._run_server(instance, init_file=init_file)
+        if init_file:
             init_file.unlink()
+
+    def stop(self, instance) -> None:
+        stop_processes_under(self.directory(instance))
+
+    def start(self, instance) -> None:
+        kill_processes_under(self.directory(instance))  # whatever is left of a server that hung
+        self._run_server(instance)
+
+    def set_password(self, instance, password: str) -> None:
+        engine = get_engine(instance.kind)
+        if isinstance(engine, MySQL):
+            socket = str(self.layout(instance).socket)
+            admin = pymysql.connect(unix_socket=socket, user=ADMIN_USERNAME, password=instance.admin_password)
+            try:
+                engine.set_password(admin, instance, password)
+            finally:
+                admin.close()
+        else:
+            self._write(self.layout(instance).acl, engine.acl_lines(instance, password))
+            engine.reload_acl(instance, host=settings.STOCKROOM_BIND_ADDRESS, port=instance.port)
 
     def destroy(self, instance) -> None:
         directory = self.directory(instance)
@@ -119,6 +149,18 @@ class LocalBackend(BaseBackend):
             raise BackendError(f"Could not remove {directory}.")
 
     # Processes -------------------------------------------------------------------------
+
+    def _run_server(self, instance, *, init_file: Path | None = None) -> None:
+        directory, layout = self.directory(instance), self.layout(instance)
+        config = directory / get_engine(instance.kind).config_name
+        if instance.kind == "mysql":
+            argv = [self.mariadbd, f"--defaults-file={config}"]
+            if init_file:
+                argv.append(f"--init-file={init_file}")
+        else:
+            argv = [self.redis_server, str(config)]
+        self._spawn(argv, cwd=directory, log=layout.log)
+        self._wait_for_login(instance, directory, layout.log)
 
     def _spawn(self, argv: list[str], *, cwd: Path, log: Path) -> None:
         with open(log, "ab") as output:
@@ -137,12 +179,11 @@ class LocalBackend(BaseBackend):
 
     def _wait_for_login(self, instance, directory: Path, log: Path) -> None:
         """Poll until the user's credentials work, the server dies, or time runs out."""
-        engine = get_engine(instance.kind)
         deadline = self.clock() + settings.STOCKROOM_START_TIMEOUT
         last_error: Exception | None = None
         while self.clock() < deadline:
             try:
-                engine.check_login(instance, host=settings.STOCKROOM_BIND_ADDRESS, port=instance.port, timeout=2)
+                self.probe(instance)
                 return
             except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
                 last_error = exc

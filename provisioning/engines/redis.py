@@ -74,12 +74,22 @@ class Redis(Engine):
         # Data up to maxmemory, plus fragmentation and the copy-on-write of an AOF rewrite.
         return options["maxmemory"] + options["maxmemory"] // 2 + 64 * MiB
 
-    def acl_lines(self, instance) -> str:
+    def acl_lines(self, instance, password: str) -> str:
         """The user may do anything to data but not administer the server; the portal may."""
         return (
-            f"user {USERNAME} on {acl_password_hash(instance.password)} ~* &* +@all -@admin +config|get\n"
+            f"user {USERNAME} on {acl_password_hash(password)} ~* &* +@all -@admin +config|get\n"
             f"user {ADMIN_USERNAME} on {acl_password_hash(instance.admin_password)} ~* &* +@all\n"
         )
+
+    def reload_acl(self, instance, *, host: str, port: int) -> None:
+        """Make the server read its ACL file again, as the portal's own user."""
+        admin = redis.Redis(
+            host=host, port=port, username=ADMIN_USERNAME, password=instance.admin_password, retry=NO_RETRY
+        )
+        try:
+            admin.execute_command("ACL", "LOAD")
+        finally:
+            admin.close()
 
     def check_login(self, instance, *, host: str, port: int, timeout: float) -> None:
         client = redis.Redis(
