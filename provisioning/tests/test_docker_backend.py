@@ -205,3 +205,29 @@ def test_containers_unknown_to_the_portal_are_reported_and_removable(docker_sett
         foreign.remove(force=True)
         if container_of(backend, 999999):
             stray.remove(force=True)
+
+
+@pytest.mark.parametrize("kind", ["mysql", "redis"])
+def test_lifecycle_actions_on_containers(api, docker_settings, kind):
+    from .test_lifecycle import act, running
+
+    docker_settings()
+    pk, config = running(api, kind)
+    assert act(api, kind, pk, "stop", "stopped", "unhealthy")["status"] == "stopped"
+    assert port_refuses(config["port"])
+    assert act(api, kind, pk, "start", "running", "stopped")["status"] == "running"
+    assert act(api, kind, pk, "rotate-password", "running", "unhealthy")["status"] == "running"
+    new = api.get(f"/api/storage/{kind}/instances/{pk}/config").json()
+    assert new["password"] != config["password"]
+    if kind == "mysql":
+        from .test_lifecycle import mysql
+
+        mysql(new).close()
+        with pytest.raises(pymysql.err.OperationalError):
+            mysql(config)
+    else:
+        assert redis.Redis(host=new["host"], port=new["port"], password=new["password"], retry=NO_RETRY).ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host=config["host"], port=config["port"], password=config["password"], retry=NO_RETRY).ping()
+    api.delete(f"/api/storage/{kind}/instances/{pk}")
+    wait_for_status(api, kind, pk, "gone", timeout=60)
