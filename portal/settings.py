@@ -207,6 +207,26 @@ if len(STOCKROOM_PORT_RANGE) != 2 or not 1024 <= STOCKROOM_PORT_RANGE[0] <= STOC
     raise ImproperlyConfigured("STOCKROOM_PORT_RANGE must be 'first,last' within 1024..65535.")
 STOCKROOM_QUOTA = env.int("STOCKROOM_QUOTA", default=10)
 STOCKROOM_START_TIMEOUT = env.float("STOCKROOM_START_TIMEOUT", default=30.0)
+# How long a worker may hold an instance before another may take over (it died, say).
+STOCKROOM_CLAIM_SECONDS = env.float("STOCKROOM_CLAIM_SECONDS", default=STOCKROOM_START_TIMEOUT * 2 + 30)
+
+# Health: the reconciler compares what should be with what is, every interval.
+STOCKROOM_RECONCILE_INTERVAL = env.float("STOCKROOM_RECONCILE_INTERVAL", default=10.0)
+STOCKROOM_PROBE_TIMEOUT = env.float("STOCKROOM_PROBE_TIMEOUT", default=2.0)
+STOCKROOM_PROBE_CONCURRENCY = env.int("STOCKROOM_PROBE_CONCURRENCY", default=32)
+STOCKROOM_MAX_RESTARTS = env.int("STOCKROOM_MAX_RESTARTS", default=5)
+STOCKROOM_RESTART_BACKOFF = env.float("STOCKROOM_RESTART_BACKOFF", default=2.0)  # doubles per attempt
+STOCKROOM_RESTART_BACKOFF_MAX = env.float("STOCKROOM_RESTART_BACKOFF_MAX", default=300.0)
+STOCKROOM_STUCK_TIMEOUT = env.float("STOCKROOM_STUCK_TIMEOUT", default=120.0)
+STOCKROOM_ORPHAN_GRACE = env.float("STOCKROOM_ORPHAN_GRACE", default=300.0)
+CELERY_BEAT_SCHEDULE = {
+    "reconcile": {
+        "task": "provisioning.tasks.reconcile",
+        "schedule": STOCKROOM_RECONCILE_INTERVAL,
+        "options": {"expires": STOCKROOM_RECONCILE_INTERVAL},  # a late pass is dropped, not queued up
+    },
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
 LOGGING = {
     "version": 1,

@@ -161,3 +161,28 @@ class InstanceEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.from_status or '∅'} → {self.to_status}: {self.reason}"
+
+
+class Orphan(models.Model):
+    """Something a backend runs or keeps for the portal that belongs to no instance.
+
+    The reconciler records what it finds here (operators see it in the admin) and removes
+    it once it has been an orphan for longer than STOCKROOM_ORPHAN_GRACE.
+    """
+
+    backend = models.CharField(max_length=32)
+    key = models.CharField(max_length=255, help_text="What the backend calls it: a folder or a container.")
+    description = models.TextField()
+    first_seen = models.DateTimeField(auto_now_add=True)
+    removed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-first_seen"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["backend", "key"], condition=Q(removed_at__isnull=True), name="one_open_orphan_per_key"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.backend}: {self.key}"

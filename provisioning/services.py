@@ -5,19 +5,21 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from . import crypto
 from .backends.base import BackendError, get_backend
 from .engines import OptionErrors, get_engine
 from .engines import mysql as mysql_engine
 from .engines import redis as redis_engine
-from .models import Instance, Kind, Status
+from .models import BUSY_STATUSES, Instance, Kind, Status
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ def _save_with_free_port(instance: Instance, backend) -> None:
 def provision(instance_id: int) -> None:
     """Worker side of create: start the server, prove a login works, then mark it running."""
     instance = Instance.objects.filter(pk=instance_id, status=Status.PROVISIONING).first()
-    if instance is None or not instance.claim(seconds=_claim_seconds()):
+    if instance is None or not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
         return  # already handled, or another worker is on it: the task may be delivered twice
     backend = get_backend(instance.backend)
     try:
@@ -181,7 +183,7 @@ def delete_instance(*, instance: Instance, by) -> Instance:
 def deprovision(instance_id: int) -> None:
     """Worker side of delete: stop the server, remove its files, release its port."""
     instance = Instance.objects.filter(pk=instance_id, status=Status.DELETING).first()
-    if instance is None or not instance.claim(seconds=_claim_seconds()):
+    if instance is None or not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
         return
     backend = get_backend(instance.backend)
     try:
@@ -250,7 +252,7 @@ def perform_action(instance_id: int, action: str) -> None:
     """Worker side of a lifecycle action."""
     spec = ACTIONS[action]
     instance = Instance.objects.filter(pk=instance_id, status=spec.busy).first()
-    if instance is None or not instance.claim(seconds=_claim_seconds()):
+    if instance is None or not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
         return
     backend = get_backend(instance.backend)
     try:
@@ -275,9 +277,104 @@ def perform_action(instance_id: int, action: str) -> None:
         instance.release()
 
 
-def _claim_seconds() -> float:
-    """How long a worker may hold an instance: two server starts and some slack."""
-    return settings.STOCKROOM_START_TIMEOUT * 2 + 30
+# Healing (the reconciler decides, these act) ------------------------------------------
+
+
+def enqueue_heal(instance: Instance) -> None:
+    from . import tasks
+
+    tasks.heal_instance.delay(instance.pk)
+
+
+def enqueue_recover(instance: Instance) -> None:
+    from . import tasks
+
+    tasks.recover_instance.delay(instance.pk)
+
+
+def restart_delay(attempt: int) -> float:
+    """Seconds to wait before restart number `attempt + 1`: exponential, capped."""
+    return min(settings.STOCKROOM_RESTART_BACKOFF * 2**attempt, settings.STOCKROOM_RESTART_BACKOFF_MAX)
+
+
+def heal(instance_id: int) -> None:
+    """Restart an unhealthy instance, with backoff; give up after STOCKROOM_MAX_RESTARTS."""
+    instance = Instance.objects.filter(pk=instance_id, status=Status.UNHEALTHY).first()
+    if instance is None or not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
+        return
+    backend = get_backend(instance.backend)
+    try:
+        now = timezone.now()
+        if instance.next_restart_at and instance.next_restart_at > now:
+            return
+        attempt = instance.restart_attempts
+        if attempt >= settings.STOCKROOM_MAX_RESTARTS:
+            _give_up(instance, backend)
+            return
+        Instance.objects.filter(pk=instance.pk).update(
+            restart_attempts=attempt + 1, next_restart_at=now + timedelta(seconds=restart_delay(attempt))
+        )
+        try:
+            backend.start(instance)
+        except Exception as exc:  # noqa: BLE001
+            message = _describe(f"Restart {attempt + 1} of {settings.STOCKROOM_MAX_RESTARTS} failed", instance, exc)
+            Instance.objects.filter(pk=instance.pk, status=Status.UNHEALTHY).update(status_message=message)
+            return
+        if instance.transition(
+            Status.RUNNING, f"Restarted after it stopped answering (attempt {attempt + 1}).",
+            allowed_from=(Status.UNHEALTHY,),
+        ):  # fmt: skip
+            Instance.objects.filter(pk=instance.pk).update(restart_attempts=0, next_restart_at=None)
+    finally:
+        instance.release()
+
+
+def _give_up(instance: Instance, backend) -> None:
+    """Stop trying: no process and no port are held any more; the data stays until deleted."""
+    reason = instance.status_message
+    try:
+        backend.stop(instance)
+    except Exception:  # noqa: BLE001 - the status says what matters
+        logger.exception("Could not stop instance %s after giving up on it", instance.pk)
+    instance.transition(
+        Status.FAILED,
+        f"Did not come back after {instance.restart_attempts} restarts (last: {reason}). "
+        "The data is kept until you delete the instance.",
+        allowed_from=(Status.UNHEALTHY,),
+    )
+
+
+def recover(instance_id: int) -> None:
+    """Finish or undo work that a worker left behind (it died, or the broker lost the job)."""
+    instance = Instance.objects.filter(pk=instance_id).first()
+    if instance is None or instance.status not in BUSY_STATUSES:
+        return
+    if not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
+        return
+    busy, backend = instance.status, get_backend(instance.backend)
+    note = "The worker handling it stopped"
+    try:
+        if busy == Status.DELETING:
+            instance.release()
+            deprovision(instance.pk)
+            return
+        if busy == Status.STOPPING:
+            backend.stop(instance)
+            instance.transition(Status.STOPPED, f"{note}; the stop was finished.", allowed_from=(busy,))
+            return
+        try:
+            backend.probe(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - it does not answer
+            if busy == Status.PROVISIONING:
+                _fail(instance, backend, f"{note} before the server was ready", BackendError(type(exc).__name__))
+            else:
+                instance.transition(
+                    Status.UNHEALTHY, f"{note}; the server does not answer, restarting it.", allowed_from=(busy,)
+                )
+            return
+        instance.transition(Status.RUNNING, f"{note}; the server answers, so it is running.", allowed_from=(busy,))
+    finally:
+        instance.release()
 
 
 # Queueing -----------------------------------------------------------------------------

@@ -16,3 +16,20 @@ def deprovision_instance(instance_id: int) -> None:
 @shared_task(acks_late=True, ignore_result=True)
 def perform_action(instance_id: int, action: str) -> None:
     services.perform_action(instance_id, action)
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def heal_instance(instance_id: int) -> None:
+    services.heal(instance_id)
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def recover_instance(instance_id: int) -> None:
+    services.recover(instance_id)
+
+
+@shared_task(ignore_result=True)
+def reconcile() -> None:
+    from .reconciler import Reconciler
+
+    Reconciler().run_once()

@@ -57,6 +57,16 @@ class BaseBackend:
 
         get_engine(instance.kind).check_login(instance, host=self.probe_host, port=instance.port, timeout=timeout)
 
+    def orphans(self, known_ids: set[int]) -> dict[str, str]:
+        """What this backend keeps for the portal that belongs to none of `known_ids`.
+
+        Returns {key: description}; `remove_orphan(key)` removes one.
+        """
+        raise NotImplementedError("Backends must list their orphans.")
+
+    def remove_orphan(self, key: str) -> None:
+        raise NotImplementedError("Backends must remove their orphans.")
+
     @property
     def probe_host(self) -> str:
         """Where the worker reaches instance servers."""

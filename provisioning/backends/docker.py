@@ -212,8 +212,9 @@ class DockerBackend(BaseBackend):
     def remove_container(self, container) -> None:
         """Remove a container of this portal's and its data directory."""
         self._docker("remove the container", container.remove, force=True, v=True)
-        labels = container.labels
-        self._remove_data(self.volume_root / labels[f"{LABEL}.kind"] / labels[f"{LABEL}.instance"])
+        kind, instance = container.labels.get(f"{LABEL}.kind", ""), container.labels.get(f"{LABEL}.instance", "")
+        if kind in CONTAINER_PORTS and instance.isdigit():
+            self._remove_data(self.volume_root / kind / instance)
 
     @staticmethod
     def _remove_data(directory: Path) -> None:
@@ -221,13 +222,19 @@ class DockerBackend(BaseBackend):
         if directory.exists():
             raise BackendError(f"Could not remove {directory}.")
 
-    def orphans(self, known_ids: set[int]) -> list:
-        """This portal's containers that belong to no known instance."""
-        return [
-            container
-            for container in self._containers({})
-            if int(container.labels.get(f"{LABEL}.instance", "0")) not in known_ids
-        ]
+    def orphans(self, known_ids: set[int]) -> dict[str, str]:
+        found = {}
+        for container in self._containers({}):
+            instance = container.labels.get(f"{LABEL}.instance", "")
+            if not instance.isdigit() or int(instance) not in known_ids:
+                kind = container.labels.get(f"{LABEL}.kind", "?")
+                found[container.name] = f"Container of {kind} instance {instance or '?'}, {container.status}."
+        return found
+
+    def remove_orphan(self, key: str) -> None:
+        for container in self._containers({}):
+            if container.name == key:
+                self.remove_container(container)
 
     # Helpers ---------------------------------------------------------------------------
 

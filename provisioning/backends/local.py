@@ -148,6 +148,22 @@ class LocalBackend(BaseBackend):
         if directory.exists():
             raise BackendError(f"Could not remove {directory}.")
 
+    def orphans(self, known_ids: set[int]) -> dict[str, str]:
+        found = {}
+        for kind in ("mysql", "redis"):
+            for directory in sorted((self.root / kind).glob("*")):
+                if directory.name.isdigit() and int(directory.name) not in known_ids:
+                    pids = processes_under(directory)
+                    state = f"server running (pid {', '.join(map(str, pids))})" if pids else "no process"
+                    found[f"{kind}/{directory.name}"] = f"Folder {directory}; {state}."
+        return found
+
+    def remove_orphan(self, key: str) -> None:
+        kind, pk = key.split("/")
+        directory = self.root / kind / pk
+        kill_processes_under(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
     # Processes -------------------------------------------------------------------------
 
     def _run_server(self, instance, *, init_file: Path | None = None) -> None:

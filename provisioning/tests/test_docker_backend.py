@@ -195,10 +195,10 @@ def test_containers_unknown_to_the_portal_are_reported_and_removable(docker_sett
     )
     foreign = backend.client.containers.create(IMAGE, ["sleep", "60"], labels={f"{LABEL}.managed": "true"})
     try:
-        call_command("docker_orphans")
+        call_command("orphans", "--backend", "docker")
         assert "stockroom-redis-999999" in capsys.readouterr().out
-        call_command("docker_orphans", "--remove")
-        assert "Removed 1 orphaned container(s)." in capsys.readouterr().out
+        call_command("orphans", "--backend", "docker", "--remove")
+        assert "Removed 1 orphan(s)." in capsys.readouterr().out
         assert container_of(backend, 999999) is None
         foreign.reload()  # another portal's container is left alone
     finally:

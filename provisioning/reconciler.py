@@ -1,0 +1,123 @@
+"""Level-triggered reconciliation: compare what should be (the database) with what is.
+
+One pass probes every instance that should answer, concurrently, then decides per instance
+and hands slow work (restarts, recovery) to worker tasks, which claim the instance before
+acting. Celery beat runs a pass every STOCKROOM_RECONCILE_INTERVAL seconds.
+"""
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import Q
+from django.utils import timezone
+
+from . import services
+from .backends.base import BackendError, get_backend
+from .models import BUSY_STATUSES, Instance, Orphan, Status
+
+logger = logging.getLogger(__name__)
+
+PROBED = (Status.RUNNING, Status.UNHEALTHY)
+
+
+@dataclass
+class Pass:
+    """What one reconcile pass saw and did."""
+
+    probed: int = 0
+    unhealthy: list[int] = field(default_factory=list)
+    recovered: list[int] = field(default_factory=list)
+    restarts: list[int] = field(default_factory=list)
+    stuck: list[int] = field(default_factory=list)
+    orphans: int = 0
+
+
+class Reconciler:
+    clock = staticmethod(timezone.now)
+
+    def run_once(self) -> Pass:
+        report = Pass()
+        now = self.clock()
+        self._probe_and_heal(report, now)
+        self._recover_stuck(report, now)
+        self._track_orphans(report, now)
+        if report.unhealthy or report.recovered or report.restarts or report.stuck:
+            logger.info("Reconcile pass: %s", report)
+        return report
+
+    # Health ----------------------------------------------------------------------------
+
+    def _probe_and_heal(self, report: Pass, now) -> None:
+        instances = list(Instance.objects.filter(status__in=PROBED).order_by("pk"))
+        report.probed = len(instances)
+        with ThreadPoolExecutor(max_workers=settings.STOCKROOM_PROBE_CONCURRENCY) as pool:
+            errors = dict(zip((i.pk for i in instances), pool.map(self._probe, instances), strict=True))
+        for instance in instances:
+            error = errors[instance.pk]
+            if error is None and instance.status == Status.UNHEALTHY:
+                if instance.transition(Status.RUNNING, "Answers again.", allowed_from=(Status.UNHEALTHY,)):
+                    Instance.objects.filter(pk=instance.pk).update(restart_attempts=0, next_restart_at=None)
+                    report.recovered.append(instance.pk)
+            elif error is not None and instance.status == Status.RUNNING:
+                if instance.transition(
+                    Status.UNHEALTHY, f"Stopped answering ({error}); restarting it.", allowed_from=(Status.RUNNING,)
+                ):
+                    Instance.objects.filter(pk=instance.pk).update(restart_attempts=0, next_restart_at=now)
+                    report.unhealthy.append(instance.pk)
+                    services.enqueue_heal(instance)
+                    report.restarts.append(instance.pk)
+            elif error is not None and instance.status == Status.UNHEALTHY:
+                due = instance.next_restart_at is None or instance.next_restart_at <= now
+                free = instance.claimed_until is None or instance.claimed_until < now
+                if due and free:
+                    services.enqueue_heal(instance)
+                    report.restarts.append(instance.pk)
+
+    @staticmethod
+    def _probe(instance: Instance) -> str | None:
+        """None if the user's login works, else a short reason."""
+        try:
+            get_backend(instance.backend).probe(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - any failure means "does not answer"
+            return type(exc).__name__
+        return None
+
+    # Work a dead worker left behind ----------------------------------------------------
+
+    def _recover_stuck(self, report: Pass, now) -> None:
+        cutoff = now - timedelta(seconds=settings.STOCKROOM_STUCK_TIMEOUT)
+        stuck = Instance.objects.filter(status__in=BUSY_STATUSES, updated_at__lt=cutoff).filter(
+            Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
+        )
+        for instance in stuck:
+            services.enqueue_recover(instance)
+            report.stuck.append(instance.pk)
+
+    # Orphans ---------------------------------------------------------------------------
+
+    def _track_orphans(self, report: Pass, now) -> None:
+        grace = now - timedelta(seconds=settings.STOCKROOM_ORPHAN_GRACE)
+        for alias in settings.STOCKROOM_BACKENDS:
+            if alias != settings.STOCKROOM_DEFAULT_BACKEND and not Instance.objects.filter(backend=alias).exists():
+                continue  # a backend nobody uses may not even be reachable
+            backend = get_backend(alias)
+            known = set(Instance.objects.visible().filter(backend=alias).values_list("pk", flat=True))
+            try:
+                found = backend.orphans(known)
+            except BackendError as exc:
+                logger.warning("Could not list orphans of %s: %s", alias, exc)
+                continue
+            report.orphans += len(found)
+            open_rows = {row.key: row for row in Orphan.objects.filter(backend=alias, removed_at__isnull=True)}
+            for key, row in open_rows.items():
+                if key not in found:  # gone by itself, or adopted
+                    row.delete()
+            for key, description in found.items():
+                row = open_rows.get(key) or Orphan.objects.create(backend=alias, key=key, description=description)
+                if row.first_seen < grace:
+                    logger.warning("Removing orphan %s of %s: %s", key, alias, description)
+                    backend.remove_orphan(key)
+                    Orphan.objects.filter(pk=row.pk).update(removed_at=now)
