@@ -3,6 +3,8 @@
 import errno
 import json
 import socket
+import time
+from collections.abc import Callable
 
 from django.conf import settings
 from django.utils.module_loading import import_string
@@ -23,6 +25,9 @@ class BaseBackend:
     calls `destroy` after a failed `create`, so `create` may leave partial state behind,
     and `destroy` must clean up whatever exists and be safe to call twice.
     """
+
+    clock = time.monotonic
+    poll_interval = 0.02
 
     def __init__(self, alias: str, **options):
         self.alias = alias
@@ -56,6 +61,24 @@ class BaseBackend:
         from ..engines import get_engine
 
         get_engine(instance.kind).check_login(instance, host=self.probe_host, port=instance.port, timeout=timeout)
+
+    def wait_for_login(self, instance, *, exited: Callable[[], bool], log_tail: Callable[[], str]) -> None:
+        """Poll until the user's credentials work, the server has exited, or time runs out."""
+        deadline = self.clock() + settings.STOCKROOM_START_TIMEOUT
+        last_error: Exception | None = None
+        while self.clock() < deadline:
+            try:
+                self.probe(instance)
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+                last_error = exc
+            if exited():
+                raise BackendError(f"The server exited during start-up. {log_tail()}")
+            time.sleep(self.poll_interval)
+        raise BackendError(
+            f"The server did not accept a login within {settings.STOCKROOM_START_TIMEOUT:g} s "
+            f"({type(last_error).__name__}). {log_tail()}"
+        )
 
     def orphans(self, known_ids: set[int]) -> dict[str, str]:
         """What this backend keeps for the portal that belongs to none of `known_ids`.

@@ -10,7 +10,6 @@ MySQL takes `MYSQL_*` variables, `/etc/mysql/conf.d` and `/var/lib/mysql`; Redis
 
 import logging
 import shutil
-import time
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 
@@ -31,7 +30,6 @@ CONTAINER_PORTS = {Kind.MYSQL: 3306, Kind.REDIS: 6379}
 
 
 class DockerBackend(BaseBackend):
-    clock = time.monotonic
     poll_interval = 0.1
 
     def __init__(
@@ -266,23 +264,11 @@ class DockerBackend(BaseBackend):
         return image
 
     def _wait_for_login(self, instance, container) -> None:
-        deadline = self.clock() + settings.STOCKROOM_START_TIMEOUT
-        last_error: Exception | None = None
-        while self.clock() < deadline:
-            try:
-                self.probe(instance)
-                return
-            except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
-                last_error = exc
+        def exited() -> bool:
             self._docker("inspect the container", container.reload)
-            state = container.attrs["State"]
-            if state["Status"] in ("exited", "dead", "restarting"):
-                raise BackendError(f"The container exited during start-up. {self._log_tail(container)}")
-            time.sleep(self.poll_interval)
-        raise BackendError(
-            f"The server did not accept a login within {settings.STOCKROOM_START_TIMEOUT:g} s "
-            f"({type(last_error).__name__}). {self._log_tail(container)}"
-        )
+            return container.attrs["State"]["Status"] in ("exited", "dead", "restarting")
+
+        self.wait_for_login(instance, exited=exited, log_tail=lambda: self._log_tail(container))
 
     def _log_tail(self, container, lines: int = 3) -> str:
         try:

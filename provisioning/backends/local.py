@@ -78,9 +78,6 @@ def stop_processes_under(directory: Path, timeout: float = 30.0) -> None:
 
 
 class LocalBackend(BaseBackend):
-    clock = time.monotonic
-    poll_interval = 0.02
-
     def __init__(self, alias: str, *, run_as: str, mariadbd: str, mariadb_install_db: str, redis_server: str):
         super().__init__(alias)
         self.run_as = run_as
@@ -194,22 +191,9 @@ class LocalBackend(BaseBackend):
             raise BackendError(f"Could not start {Path(argv[0]).name} (exit status {result.returncode}).")
 
     def _wait_for_login(self, instance, directory: Path, log: Path) -> None:
-        """Poll until the user's credentials work, the server dies, or time runs out."""
-        deadline = self.clock() + settings.STOCKROOM_START_TIMEOUT
-        last_error: Exception | None = None
-        while self.clock() < deadline:
-            try:
-                self.probe(instance)
-                return
-            except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
-                last_error = exc
-            # setsid forks before it returns, so a missing process has really exited.
-            if not processes_under(directory):
-                raise BackendError(f"The server exited during start-up. {self._log_tail(log)}")
-            time.sleep(self.poll_interval)
-        raise BackendError(
-            f"The server did not accept a login within {settings.STOCKROOM_START_TIMEOUT:g} s "
-            f"({type(last_error).__name__}). {self._log_tail(log)}"
+        # setsid forks before it returns, so a missing process has really exited.
+        self.wait_for_login(
+            instance, exited=lambda: not processes_under(directory), log_tail=lambda: self._log_tail(log)
         )
 
     @staticmethod
