@@ -29,6 +29,7 @@ class InstanceAdmin(admin.ModelAdmin):
         "database",
         "username",
         "options",
+        "timings",
         "created_at",
         "updated_at",
     ]

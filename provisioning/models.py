@@ -1,3 +1,4 @@
+import time
 from datetime import timedelta
 
 from django.conf import settings
@@ -69,6 +70,8 @@ class Instance(models.Model):
     next_restart_at = models.DateTimeField(null=True, blank=True)
     # A worker that acts on the instance holds it until then; see claim().
     claimed_until = models.DateTimeField(null=True, blank=True)
+    # Seconds each step of the create took (queued, data_directory, server_start, first_login).
+    timings = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -105,6 +108,14 @@ class Instance(models.Model):
     @property
     def live(self) -> bool:
         return self.status in LIVE_STATUSES
+
+    def mark(self, step: str | None) -> None:
+        """Record in `timings` the seconds since the previous mark under `step` (None: start the clock)."""
+        now = time.perf_counter()
+        started = self.__dict__.get("_marked_at")
+        if step is not None and started is not None:
+            self.timings[step] = round(now - started, 4)
+        self._marked_at = now
 
     def claim(self, *, seconds: float) -> bool:
         """Take the instance for `seconds`, unless another worker holds it. One UPDATE decides."""

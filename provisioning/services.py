@@ -126,6 +126,8 @@ def provision(instance_id: int) -> None:
     if instance is None or not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
         return  # already handled, or another worker is on it: the task may be delivered twice
     backend = get_backend(instance.backend)
+    instance.timings = {"queued": round((timezone.now() - instance.created_at).total_seconds(), 4)}
+    instance.mark(None)
     try:
         backend.create(instance)
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
@@ -133,6 +135,7 @@ def provision(instance_id: int) -> None:
         return
     finally:
         instance.release()
+    Instance.objects.filter(pk=instance.pk).update(timings=instance.timings)
     if instance.transition(
         Status.RUNNING, "Started; a login with the user's credentials succeeded.", allowed_from=(Status.PROVISIONING,)
     ):

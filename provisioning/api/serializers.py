@@ -18,9 +18,11 @@ class InstanceSerializer(serializers.ModelSerializer):
             "host",
             "port",
             "options",
+            "timings",
             "created_at",
             "updated_at",
         ]
+        extra_kwargs = {"timings": {"help_text": "Seconds each step of the create took, measured by the worker."}}
         read_only_fields = fields
 
 

@@ -66,9 +66,15 @@ class BaseBackend:
         """Poll until the user's credentials work, the server has exited, or time runs out."""
         deadline = self.clock() + settings.STOCKROOM_START_TIMEOUT
         last_error: Exception | None = None
+        listening = False
         while self.clock() < deadline:
+            if not listening and (listening := self._accepts_connections(instance)):
+                instance.mark("server_start")
             try:
                 self.probe(instance)
+                if not listening:  # it came up between the two checks
+                    instance.mark("server_start")
+                instance.mark("first_login")
                 return
             except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
                 last_error = exc
@@ -79,6 +85,13 @@ class BaseBackend:
             f"The server did not accept a login within {settings.STOCKROOM_START_TIMEOUT:g} s "
             f"({type(last_error).__name__}). {log_tail()}"
         )
+
+    def _accepts_connections(self, instance) -> bool:
+        try:
+            socket.create_connection((self.probe_host, instance.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
     def orphans(self, known_ids: set[int]) -> dict[str, str]:
         """What this backend keeps for the portal that belongs to none of `known_ids`.

@@ -156,6 +156,7 @@ class DockerBackend(BaseBackend):
             if self.network_mode == "host"
             else {"ports": {f"{CONTAINER_PORTS[instance.kind]}/tcp": (self.host_ip, instance.port)}}
         )
+        instance.mark("data_directory")
         container = self._docker(
             "start the container",
             self.client.containers.run,

@@ -114,6 +114,7 @@ class LocalBackend(BaseBackend):
             self._mkdir(layout.data)
             self._write(layout.acl, engine.acl_lines(instance, instance.password))
         self._write(directory / engine.config_name, engine.render_config(instance, layout))
+        instance.mark("data_directory")
         self._run_server(instance, init_file=init_file)
         if init_file:
             init_file.unlink()
