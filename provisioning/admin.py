@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 
 from . import services
-from .models import Instance, InstanceEvent
+from .models import Instance, InstanceEvent, Orphan, Webhook, WebhookDelivery
 
 
 class InstanceEventInline(admin.TabularInline):
@@ -16,7 +16,7 @@ class InstanceEventInline(admin.TabularInline):
 class InstanceAdmin(admin.ModelAdmin):
     list_display = ["id", "kind", "name", "owner", "status", "host", "port", "backend", "created_at"]
     list_filter = ["kind", "status", "backend", "owner"]
-    actions = ["delete_instances"]
+    actions = ["restart_instances", "stop_instances", "start_instances", "delete_instances"]
     search_fields = ["name", "owner__username", "port"]
     readonly_fields = [
         "owner",
@@ -38,14 +38,38 @@ class InstanceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Delete the selected instances (stop servers, remove data)")
     def delete_instances(self, request, queryset):
-        deleted, refused = 0, []
+        self._apply(
+            request, queryset, "delete", lambda instance: services.delete_instance(instance=instance, by=request.user)
+        )
+
+    @admin.action(description="Restart the selected instances")
+    def restart_instances(self, request, queryset):
+        self._request(request, queryset, "restart")
+
+    @admin.action(description="Stop the selected instances (data kept)")
+    def stop_instances(self, request, queryset):
+        self._request(request, queryset, "stop")
+
+    @admin.action(description="Start the selected stopped instances")
+    def start_instances(self, request, queryset):
+        self._request(request, queryset, "start")
+
+    def _request(self, request, queryset, action: str) -> None:
+        self._apply(
+            request, queryset, action,
+            lambda instance: services.request_action(instance=instance, action=action, by=request.user),
+        )  # fmt: skip
+
+    def _apply(self, request, queryset, verb: str, service) -> None:
+        """Call the service per instance; report how many it took and why the others were refused."""
+        done, refused = 0, []
         for instance in queryset.visible():
             try:
-                services.delete_instance(instance=instance, by=request.user)
-                deleted += 1
+                service(instance)
+                done += 1
             except services.WrongStatus as exc:
                 refused.append(f"{instance.name}: {exc}")
-        self.message_user(request, f"Deleting {deleted} instance(s).")
+        self.message_user(request, f"Asked the worker to {verb} {done} instance(s).")
         if refused:
             self.message_user(request, " ".join(refused), level=messages.WARNING)
 
@@ -54,3 +78,43 @@ class InstanceAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # instances are created through the API so that a worker starts them
+
+
+@admin.register(Orphan)
+class OrphanAdmin(admin.ModelAdmin):
+    """What a backend runs or keeps for no instance; the reconciler removes it after the grace period."""
+
+    list_display = ["key", "backend", "description", "first_seen", "removed_at"]
+    list_filter = ["backend", ("removed_at", admin.EmptyFieldListFilter)]
+    search_fields = ["key", "description"]
+    readonly_fields = list_display
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class WebhookDeliveryInline(admin.TabularInline):
+    model = WebhookDelivery
+    fields = ["created_at", "event", "status", "attempts", "response_code", "error"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ["-created_at"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Webhook)
+class WebhookAdmin(admin.ModelAdmin):
+    list_display = ["id", "url", "owner", "created_at"]
+    search_fields = ["url", "owner__username"]
+    readonly_fields = ["owner", "url", "created_at"]
+    exclude = ["secret"]
+    inlines = [WebhookDeliveryInline]
+
+    def has_add_permission(self, request):
+        return False  # registered by their owners, who are shown the secret once

@@ -109,6 +109,12 @@ class Instance(models.Model):
     def live(self) -> bool:
         return self.status in LIVE_STATUSES
 
+    def record_event(self, from_status: str, to_status: str, reason: str) -> "InstanceEvent":
+        """Write the history entry for a status change and queue its webhook deliveries."""
+        event = self.events.create(from_status=from_status, to_status=to_status, reason=reason)
+        event.notify()
+        return event
+
     def mark(self, step: str | None) -> None:
         """Record in `timings` the seconds since the previous mark under `step` (None: start the clock)."""
         now = time.perf_counter()
@@ -151,7 +157,7 @@ class Instance(models.Model):
                 Instance.objects.filter(pk=self.pk, status=current).update(**changes)
             )
             if changed:
-                self.events.create(from_status=current, to_status=to, reason=reason)
+                self.record_event(current, to, reason)
         if changed:
             for field, value in changes.items():
                 setattr(self, field, value)
@@ -172,6 +178,16 @@ class InstanceEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.from_status or '∅'} → {self.to_status}: {self.reason}"
+
+    def notify(self) -> None:
+        """One delivery per webhook of the owner, sent by a worker once this transaction commits."""
+        webhooks = Webhook.objects.filter(owner_id=self.instance.owner_id)
+        deliveries = WebhookDelivery.objects.bulk_create(WebhookDelivery(webhook=hook, event=self) for hook in webhooks)
+        if deliveries:
+            from .tasks import deliver_webhook
+
+            ids = [delivery.pk for delivery in deliveries]
+            transaction.on_commit(lambda: [deliver_webhook.delay(pk) for pk in ids])
 
 
 class Orphan(models.Model):
@@ -197,3 +213,49 @@ class Orphan(models.Model):
 
     def __str__(self) -> str:
         return f"{self.backend}: {self.key}"
+
+
+class Webhook(models.Model):
+    """A URL the owner wants told about every status change of their instances."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="webhooks")
+    url = models.URLField(max_length=2000)
+    secret = EncryptedTextField(help_text="Signs each delivery; shown to the owner once.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return self.url
+
+
+class DeliveryStatus(models.TextChoices):
+    PENDING = "pending"  # not sent yet, or failed and waiting for its next attempt
+    DELIVERED = "delivered"
+    FAILED = "failed"  # every attempt failed
+
+
+class WebhookDelivery(models.Model):
+    """One event sent (or being sent) to one webhook, with the outcome of the last attempt."""
+
+    webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="deliveries")
+    event = models.ForeignKey(InstanceEvent, on_delete=models.CASCADE, related_name="deliveries")
+    status = models.CharField(max_length=16, choices=DeliveryStatus.choices, default=DeliveryStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    response_code = models.PositiveIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    # A worker sending it holds it until then; a pending delivery is (re)sent from then on.
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status", "next_attempt_at"])]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=DeliveryStatus.values), name="delivery_status_is_known")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event} → {self.webhook} ({self.status})"

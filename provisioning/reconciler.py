@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from . import services
+from . import services, webhooks
 from .backends.base import BackendError, get_backend
 from .models import BUSY_STATUSES, Instance, Orphan, Status
 
@@ -33,6 +33,7 @@ class Pass:
     restarts: list[int] = field(default_factory=list)
     stuck: list[int] = field(default_factory=list)
     orphans: int = 0
+    deliveries: int = 0
 
 
 class Reconciler:
@@ -44,6 +45,7 @@ class Reconciler:
         self._probe_and_heal(report, now)
         self._recover_stuck(report, now)
         self._track_orphans(report, now)
+        self._resend_deliveries(report, now)
         if report.unhealthy or report.recovered or report.restarts or report.stuck:
             logger.info("Reconcile pass: %s", report)
         return report
@@ -121,3 +123,14 @@ class Reconciler:
                     logger.warning("Removing orphan %s of %s: %s", key, alias, description)
                     backend.remove_orphan(key)
                     Orphan.objects.filter(pk=row.pk).update(removed_at=now)
+
+    # Webhook deliveries whose queued retry was lost -------------------------------------
+
+    def _resend_deliveries(self, report: Pass, now) -> None:
+        from .tasks import deliver_webhook
+
+        # A retry is queued with a countdown; only those a full period overdue were lost.
+        late = now - timedelta(seconds=settings.STOCKROOM_RECONCILE_INTERVAL)
+        for pk in webhooks.due_deliveries(late):
+            deliver_webhook.delay(pk)
+            report.deliveries += 1

@@ -85,7 +85,7 @@ def create_instance(*, owner, kind: str, options: dict[str, Any], name: str | No
             **_accounts(kind),
         )
         _save_with_free_port(instance, backend)
-        instance.events.create(from_status="", to_status=Status.PROVISIONING, reason=f"Requested by {owner}.")
+        instance.record_event("", Status.PROVISIONING, f"Requested by {owner}.")
         transaction.on_commit(lambda: _enqueue("provision_instance", instance, revert_to=Status.FAILED))
     logger.info("Instance %s (%s) requested by %s on port %s", instance.pk, kind, owner, instance.port)
     return instance

@@ -33,3 +33,10 @@ def reconcile() -> None:
     from .reconciler import Reconciler
 
     Reconciler().run_once()
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def deliver_webhook(delivery_id: int) -> None:
+    from .webhooks import Sender
+
+    Sender().deliver(delivery_id)

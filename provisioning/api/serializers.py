@@ -2,7 +2,7 @@ from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from rest_framework import serializers
 
 from ..engines import ENGINES
-from ..models import Instance
+from ..models import DeliveryStatus, Instance, Webhook, WebhookDelivery
 from ..options import Option
 
 
@@ -103,3 +103,41 @@ class RedisConfigSerializer(serializers.Serializer):
     maxclients = serializers.IntegerField()
     appendfsync = serializers.CharField()
     uri = serializers.CharField()
+
+
+class WebhookSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Webhook
+        fields = ["id", "url", "created_at"]
+        read_only_fields = ["id", "created_at"]
+        extra_kwargs = {"url": {"validators": [], "help_text": "Where events are POSTed: an http(s) URL."}}
+
+
+class NewWebhookSerializer(WebhookSerializer):
+    secret = serializers.CharField(
+        read_only=True,
+        help_text="Verify the X-Stockroom-Signature header (sha256=HMAC-SHA256 of the body) with it. Shown once.",
+    )
+
+    class Meta(WebhookSerializer.Meta):
+        fields = [*WebhookSerializer.Meta.fields, "secret"]
+
+
+class DeliverySerializer(serializers.ModelSerializer):
+    instance = serializers.SerializerMethodField()
+    event = EventSerializer(read_only=True)
+
+    class Meta:
+        model = WebhookDelivery
+        fields = ["id", "instance", "event", "status", "attempts", "response_code", "error", "next_attempt_at"]
+        read_only_fields = fields
+
+    def to_representation(self, delivery):
+        data = super().to_representation(delivery)
+        if delivery.status != DeliveryStatus.PENDING:
+            data["next_attempt_at"] = None
+        return data
+
+    def get_instance(self, delivery) -> dict:
+        instance = delivery.event.instance
+        return {"id": instance.pk, "kind": instance.kind, "name": instance.name}

@@ -1,7 +1,7 @@
 from django.urls import re_path
 from rest_framework.authtoken.views import obtain_auth_token
 
-from .views import InstanceViewSet
+from .views import InstanceViewSet, WebhookViewSet
 
 # Trailing slashes are optional on every path.
 urlpatterns = [
@@ -34,4 +34,15 @@ urlpatterns = [
         )
         for action in ("stop", "start", "restart", "rotate-password")
     ],
+    re_path(r"^webhooks/?$", WebhookViewSet.as_view({"get": "list", "post": "create"}), name="webhook-list"),
+    re_path(
+        r"^webhooks/(?P<pk>[0-9]+)/?$",
+        WebhookViewSet.as_view({"get": "retrieve", "delete": "destroy"}),
+        name="webhook-detail",
+    ),
+    re_path(
+        r"^webhooks/(?P<pk>[0-9]+)/deliveries/?$",
+        WebhookViewSet.as_view({"get": "deliveries"}),
+        name="webhook-deliveries",
+    ),
 ]

@@ -6,15 +6,18 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from .. import services
+from .. import services, webhooks
 from ..engines import get_engine
-from ..models import Instance
+from ..models import Instance, Webhook
 from .serializers import (
     CREATE_SERIALIZERS,
+    DeliverySerializer,
     EventSerializer,
     InstanceSerializer,
     MySQLConfigSerializer,
+    NewWebhookSerializer,
     RedisConfigSerializer,
+    WebhookSerializer,
 )
 
 KIND = OpenApiParameter("kind", str, OpenApiParameter.PATH, enum=["mysql", "redis"])
@@ -107,12 +110,44 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         return self.get_paginated_response(EventSerializer(page, many=True).data)
 
 
+@extend_schema_view(
+    list=extend_schema(summary="List my webhooks"),
+    retrieve=extend_schema(summary="One webhook"),
+    destroy=extend_schema(summary="Delete a webhook; its deliveries go with it"),
+)
+class WebhookViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
+):
+    """URLs told about every status change of the user's instances. Other users' webhooks do not exist here."""
+
+    serializer_class = WebhookSerializer
+
+    def get_queryset(self):
+        return Webhook.objects.filter(owner=self.request.user)
+
+    @extend_schema(responses={201: NewWebhookSerializer}, summary="Register a webhook; the answer holds its secret")
+    def create(self, request):
+        serializer = WebhookSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        webhook, secret = webhooks.create_webhook(owner=request.user, url=serializer.validated_data["url"])
+        webhook.secret = secret
+        return Response(NewWebhookSerializer(webhook).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(responses=DeliverySerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def deliveries(self, request, pk: int):
+        """What was sent to this webhook and how it went, newest first, paginated."""
+        deliveries = self.get_object().deliveries.select_related("event__instance")
+        page = self.paginate_queryset(deliveries)
+        return self.get_paginated_response(DeliverySerializer(page, many=True).data)
+
+
 def exception_handler(exc, context):
     """Turn the services' exceptions into clear 4xx answers."""
     if isinstance(exc, DjangoValidationError):
         detail = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
         exc = exceptions.ValidationError(detail)
-    elif isinstance(exc, services.QuotaExceeded):
+    elif isinstance(exc, services.QuotaExceeded | webhooks.TooManyWebhooks):
         exc = exceptions.PermissionDenied(str(exc), code="quota_exceeded")
     elif isinstance(exc, services.WrongStatus):
         return Response({"detail": str(exc), "status": exc.instance.status}, status=status.HTTP_409_CONFLICT)

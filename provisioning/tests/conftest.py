@@ -1,12 +1,17 @@
 """Personas and helpers. alice owns instances, charlie is an outsider."""
 
+import hashlib
+import hmac
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -160,3 +165,58 @@ def worker(broker, queued_for_real, tmp_path):
     yield worker
     if worker.process.poll() is None:
         worker.stop()
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that records what it gets and can be told to fail."""
+
+    def __init__(self):
+        self.received: list[tuple[dict, bytes]] = []
+        self.failures_left = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if receiver.failures_left > 0:
+                    receiver.failures_left -= 1
+                    self.send_response(503)
+                else:
+                    receiver.received.append((dict(self.headers), body))
+                    self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/stockroom"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def events(self) -> list[dict]:
+        return [json.loads(body) for _, body in self.received]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    receiver = Receiver()
+    yield receiver
+    receiver.close()
+
+
+def verify(secret: str, headers: dict, body: bytes) -> bool:
+    """What a receiver does: recompute the HMAC of the body and compare in constant time."""
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, headers["X-Stockroom-Signature"])
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port nothing listens on (the kernel picks it, then it is let go)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

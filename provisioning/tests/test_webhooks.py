@@ -1,0 +1,131 @@
+"""Webhooks: registered by their owner, told about every status change, signed, retried."""
+
+import json
+
+import pytest
+
+from provisioning.models import Webhook
+from provisioning.webhooks import retry_delay
+
+from .conftest import port_refuses, verify, wait_for_status
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def register(api, url: str) -> dict:
+    response = api.post("/api/webhooks", {"url": url})
+    assert response.status_code == 201, response.json()
+    return response.json()
+
+
+def test_the_secret_is_shown_once_and_stored_encrypted(api):
+    hook = register(api, "https://ci.example.com/stockroom")
+    assert hook["secret"].startswith("whsec_") and len(hook["secret"]) > 40
+    assert "secret" not in api.get(f"/api/webhooks/{hook['id']}").json()
+    assert "secret" not in api.get("/api/webhooks").json()["results"][0]
+    assert Webhook.objects.get().secret == hook["secret"]
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT secret FROM provisioning_webhook")
+        assert hook["secret"] not in cursor.fetchone()[0]
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "javascript:alert(1)", "example.com/hook", "", "http://"])
+def test_it_rejects_urls_that_are_not_http(api, url):
+    response = api.post("/api/webhooks", {"url": url})
+    assert response.status_code == 400
+    assert "url" in response.json()
+    assert not Webhook.objects.exists()
+
+
+def test_it_limits_webhooks_per_user(api, settings):
+    settings.STOCKROOM_WEBHOOK_LIMIT = 2
+    register(api, "https://a.example.com/")
+    register(api, "https://b.example.com/")
+    response = api.post("/api/webhooks", {"url": "https://c.example.com/"})
+    assert response.status_code == 403
+    assert "limit is 2" in response.json()["detail"]
+
+
+def test_outsiders_get_404(api, outsider):
+    hook = register(api, "https://ci.example.com/stockroom")
+    for path in (f"/api/webhooks/{hook['id']}", f"/api/webhooks/{hook['id']}/deliveries"):
+        assert outsider.get(path).status_code == 404
+    assert outsider.delete(f"/api/webhooks/{hook['id']}").status_code == 404
+    assert outsider.get("/api/webhooks").json()["results"] == []
+    assert api.delete(f"/api/webhooks/{hook['id']}").status_code == 204
+    assert api.get(f"/api/webhooks/{hook['id']}").status_code == 404
+
+
+def test_every_status_change_is_posted_signed(api, outsider, receiver):
+    hook = register(api, receiver.url)
+    register(outsider, receiver.url)  # charlie's webhook hears nothing of alice's instances
+    pk = api.post("/api/storage/redis/instances", {"name": "cache"}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+    api.delete(f"/api/storage/redis/instances/{pk}")
+    wait_for_status(api, "redis", pk, "gone")
+
+    transitions = [(event["from"], event["to"]) for event in receiver.events()]
+    assert transitions == [("", "provisioning"), ("provisioning", "running"), ("running", "deleting"),
+                           ("deleting", "deleted")]  # fmt: skip
+    first = receiver.events()[0]
+    assert first["type"] == "instance.status_changed"
+    assert first["instance"] == {"id": pk, "kind": "redis", "name": "cache"}
+    assert first["reason"] == "Requested by alice."
+    for headers, body in receiver.received:
+        assert verify(hook["secret"], headers, body)
+        tampered = body.replace(b'"cache"', b'"other"')
+        assert not verify(hook["secret"], headers, tampered), "a changed body must fail verification"
+        assert not verify("whsec_wrong", headers, body)
+
+    deliveries = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()
+    assert deliveries["count"] == 4
+    assert {(d["status"], d["attempts"], d["response_code"]) for d in deliveries["results"]} == {("delivered", 1, 204)}
+
+
+def test_a_failing_receiver_is_retried(api, receiver, settings):
+    settings.STOCKROOM_WEBHOOK_BACKOFF = 0  # retries come at once; the eager worker runs them inline
+    hook = register(api, receiver.url)
+    receiver.failures_left = 2
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+
+    assert [event["to"] for event in receiver.events()] == ["provisioning", "running"]
+    deliveries = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()["results"]
+    first = next(d for d in deliveries if d["event"]["to"] == "provisioning")
+    assert (first["status"], first["attempts"], first["response_code"]) == ("delivered", 3, 204)
+    api.delete(f"/api/storage/redis/instances/{pk}")
+
+
+def test_a_receiver_that_stays_down_is_given_up_on(api, settings, unused_port):
+    settings.STOCKROOM_WEBHOOK_BACKOFF = 0
+    settings.STOCKROOM_WEBHOOK_ATTEMPTS = 3
+    assert port_refuses(unused_port)
+    hook = register(api, f"http://127.0.0.1:{unused_port}/hook")
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+
+    deliveries = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()["results"]
+    assert len(deliveries) == 2
+    for delivery in deliveries:
+        assert delivery["status"] == "failed"
+        assert delivery["attempts"] == 3
+        assert delivery["error"] == "Could not reach the receiver (ConnectionError). Gave up after 3 attempts."
+        assert delivery["next_attempt_at"] is None
+    api.delete(f"/api/storage/redis/instances/{pk}")
+
+
+def test_retries_back_off_exponentially(settings):
+    settings.STOCKROOM_WEBHOOK_BACKOFF = 10
+    assert [retry_delay(attempt) for attempt in (1, 2, 3, 4)] == [10, 20, 40, 80]
+
+
+def test_the_payload_is_compact_json(api, receiver):
+    register(api, receiver.url)
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+    headers, body = receiver.received[0]
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body)["delivery"] == int(headers["X-Stockroom-Delivery"])
+    api.delete(f"/api/storage/redis/instances/{pk}")

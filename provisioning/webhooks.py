@@ -1,0 +1,140 @@
+"""Webhooks: users register URLs; every status change of their instances is POSTed there, signed.
+
+Deliveries run in the worker (never in a request), with a short timeout and exponential
+backoff. Each one is claimed by a conditional UPDATE, so a delivery that both a retry and the
+reconciler's sweep pick up is still sent once per attempt.
+"""
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from datetime import timedelta
+
+import requests
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
+from django.db import transaction
+from django.utils import timezone
+
+from .models import DeliveryStatus, Webhook, WebhookDelivery
+
+logger = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Stockroom-Signature"
+DELIVERY_HEADER = "X-Stockroom-Delivery"
+URL_RULE = "an http:// or https:// URL"
+
+
+class TooManyWebhooks(Exception):
+    pass
+
+
+def create_webhook(*, owner, url: str) -> tuple[Webhook, str]:
+    """Register `url` for `owner`; returns the webhook and its signing secret (shown only now).
+
+    Raises ValidationError for a URL that is not http(s), TooManyWebhooks past the limit.
+    """
+    try:
+        URLValidator(schemes=["http", "https"])(url)
+    except ValidationError:
+        raise ValidationError({"url": f"{url!r} is not {URL_RULE}."}) from None
+    with transaction.atomic():
+        count = Webhook.objects.select_for_update().filter(owner=owner).count()
+        if count >= settings.STOCKROOM_WEBHOOK_LIMIT:
+            raise TooManyWebhooks(
+                f"You have {count} webhooks and the limit is {settings.STOCKROOM_WEBHOOK_LIMIT}. Delete one first."
+            )
+        secret = f"whsec_{secrets.token_urlsafe(32)}"
+        webhook = Webhook.objects.create(owner=owner, url=url, secret=secret)
+    logger.info("Webhook %s registered by %s", webhook.pk, owner)
+    return webhook, secret
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The signature header's value: HMAC-SHA256 of the exact body, keyed with the secret."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def payload(delivery: WebhookDelivery) -> dict:
+    event, instance = delivery.event, delivery.event.instance
+    return {
+        "delivery": delivery.pk,
+        "type": "instance.status_changed",
+        "time": event.created_at.isoformat(),
+        "instance": {"id": instance.pk, "kind": instance.kind, "name": instance.name},
+        "from": event.from_status,
+        "to": event.to_status,
+        "reason": event.reason,
+    }
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based): doubling from the base."""
+    return settings.STOCKROOM_WEBHOOK_BACKOFF * 2 ** (attempt - 1)
+
+
+class Sender:
+    """Sends one delivery. `post` is a class attribute so tests can swap the HTTP client."""
+
+    post = staticmethod(requests.post)
+
+    def deliver(self, delivery_id: int) -> None:
+        """Attempt a pending delivery that is due; record the outcome; schedule a retry if any."""
+        timeout = settings.STOCKROOM_WEBHOOK_TIMEOUT
+        now = timezone.now()
+        claimed = WebhookDelivery.objects.filter(
+            pk=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
+        ).update(next_attempt_at=now + timedelta(seconds=timeout + 30))
+        if not claimed:
+            return  # delivered, given up, not due yet, or another worker is sending it
+        delivery = WebhookDelivery.objects.select_related("webhook", "event__instance").get(pk=delivery_id)
+        body = json.dumps(payload(delivery), separators=(",", ":")).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "Stockroom-Webhooks/1",
+            DELIVERY_HEADER: str(delivery.pk),
+            SIGNATURE_HEADER: sign(delivery.webhook.secret, body),
+        }
+        code, error = None, ""
+        try:
+            response = self.post(
+                delivery.webhook.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            )
+            code = response.status_code
+            if not 200 <= code < 300:
+                error = f"The receiver answered {code}."
+        except requests.RequestException as exc:
+            error = f"Could not reach the receiver ({type(exc).__name__})."
+        self._record(delivery, code, error)
+
+    @staticmethod
+    def _record(delivery: WebhookDelivery, code: int | None, error: str) -> None:
+        attempts = delivery.attempts + 1
+        changes = {"attempts": attempts, "response_code": code, "error": error}
+        if not error:
+            changes["status"] = DeliveryStatus.DELIVERED
+        elif attempts >= settings.STOCKROOM_WEBHOOK_ATTEMPTS:
+            changes["status"] = DeliveryStatus.FAILED
+            changes["error"] = f"{error} Gave up after {attempts} attempts."
+        else:
+            delay = retry_delay(attempts)
+            changes["next_attempt_at"] = timezone.now() + timedelta(seconds=delay)
+        WebhookDelivery.objects.filter(pk=delivery.pk).update(**changes)
+        if error:
+            logger.info("Webhook delivery %s, attempt %s: %s", delivery.pk, attempts, error)
+        if "next_attempt_at" in changes:
+            from .tasks import deliver_webhook
+
+            deliver_webhook.apply_async((delivery.pk,), countdown=delay)
+
+
+def due_deliveries(now) -> list[int]:
+    """Pending deliveries whose time has come; the reconciler re-queues any a lost task left behind."""
+    return list(
+        WebhookDelivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now).values_list(
+            "pk", flat=True
+        )[:1000]
+    )
