@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from . import services, webhooks
 from .backends.base import BackendError, get_backend
-from .models import BUSY_STATUSES, Instance, Orphan, Status
+from .models import BUSY_STATUSES, Heartbeat, Instance, Orphan, Status
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Reconciler:
         self._resend_deliveries(report, now)
         if report.unhealthy or report.recovered or report.restarts or report.stuck:
             logger.info("Reconcile pass: %s", report)
+        Heartbeat.objects.update_or_create(name="reconciler", defaults={"beat_at": self.clock(), "detail": str(report)})
         return report
 
     # Health ----------------------------------------------------------------------------

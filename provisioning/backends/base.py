@@ -93,6 +93,13 @@ class BaseBackend:
             return False
         return True
 
+    def check(self) -> str:
+        """Whether the backend can create instances now; for /healthz.
+
+        Returns a short description on success; raises BackendError saying what is wrong.
+        """
+        raise NotImplementedError("Backends must say whether they are usable.")
+
     def orphans(self, known_ids: set[int]) -> dict[str, str]:
         """What this backend keeps for the portal that belongs to none of `known_ids`.
 

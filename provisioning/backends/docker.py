@@ -221,6 +221,10 @@ class DockerBackend(BaseBackend):
         if directory.exists():
             raise BackendError(f"Could not remove {directory}.")
 
+    def check(self) -> str:
+        version = self._docker("answer a ping", self.client.version)
+        return f"Docker {version.get('Version', '?')} at {self.base_url}."
+
     def orphans(self, known_ids: set[int]) -> dict[str, str]:
         found = {}
         for container in self._containers({}):

@@ -146,6 +146,15 @@ class LocalBackend(BaseBackend):
         if directory.exists():
             raise BackendError(f"Could not remove {directory}.")
 
+    def check(self) -> str:
+        missing = [path for path in (self.mariadbd, self.redis_server) if not os.access(path, os.X_OK)]
+        if missing:
+            raise BackendError(f"Missing server binaries: {', '.join(missing)}.")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise BackendError(f"Cannot write to {self.root}.")
+        return f"Servers found; instances under {self.root}."
+
     def orphans(self, known_ids: set[int]) -> dict[str, str]:
         found = {}
         for kind in ("mysql", "redis"):

@@ -135,25 +135,38 @@ def broker(tmp_path):
 
 
 class Worker:
-    def __init__(self, log: Path):
+    """`celery worker` against the test database; with beat=True it also runs the reconciler."""
+
+    def __init__(self, log: Path, *, beat: bool = False, env: dict[str, str] | None = None):
         self.log = log
+        self.beat = beat
+        self.env = env or {}
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, **env: str) -> None:
         database = settings.DATABASES["default"]["NAME"]  # the test database
-        env = os.environ | {"DATABASE_URL": f"sqlite:///{database}"}
+        argv = [sys.executable, "-m", "celery", "-A", "portal", "worker", "--concurrency", "2", "--loglevel", "INFO",
+                "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
+        if self.beat:
+            argv += ["--beat", "--schedule", str(self.log.with_suffix(".beat"))]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "portal", "worker", "--concurrency", "2", "--loglevel", "INFO",
-             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            argv,
             cwd=settings.BASE_DIR,
-            env=env,
+            env=os.environ | {"DATABASE_URL": f"sqlite:///{database}"} | self.env | env,
             stdout=self.log.open("a"),
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            start_new_session=True,  # kill() takes the pool processes too
+        )
         wait_until(lambda: " ready." in self.log.read_text(), 60, "the worker")
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+        self.log.write_text("")
+
+    def kill(self) -> None:
+        """What a crash or an OOM kill does: no clean-up, tasks left half done."""
+        os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(30)
         self.log.write_text("")
 

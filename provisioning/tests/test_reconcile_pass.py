@@ -1,0 +1,134 @@
+"""One reconcile pass at a time, called directly (tasks run inline), against real servers."""
+
+import copy
+import os
+import signal
+import subprocess
+
+import pytest
+from django.conf import settings as django_settings
+
+from provisioning.backends.local import processes_under
+from provisioning.models import Instance, Orphan, Status
+from provisioning.reconciler import Reconciler
+from provisioning.services import heal
+
+from .conftest import instance_dir, port_refuses, wait_for_status
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def running_redis(api) -> Instance:
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    assert wait_for_status(api, "redis", pk, "running", "failed")["status"] == "running"
+    return Instance.objects.get(pk=pk)
+
+
+def kill(instance: Instance) -> None:
+    for pid in processes_under(instance_dir(instance.kind, instance.pk)):
+        os.kill(pid, signal.SIGKILL)
+
+
+def break_redis_server(settings) -> None:
+    """From now on redis-server cannot start (as if its binary had been removed)."""
+    backends = copy.deepcopy(settings.STOCKROOM_BACKENDS)
+    backends["local"]["OPTIONS"]["redis_server"] = "/bin/false"
+    settings.STOCKROOM_BACKENDS = backends
+
+
+def test_it_gives_up_after_the_last_restart_and_keeps_the_data(api, settings):
+    settings.STOCKROOM_MAX_RESTARTS = 2
+    settings.STOCKROOM_RESTART_BACKOFF = 0
+    instance = running_redis(api)
+    break_redis_server(settings)
+    kill(instance)
+
+    reports = [Reconciler().run_once() for _ in range(3)]
+    assert reports[0].unhealthy == [instance.pk]
+    assert [report.restarts for report in reports] == [[instance.pk]] * 3
+
+    instance.refresh_from_db()
+    assert instance.status == Status.FAILED
+    assert instance.status_message.startswith("Did not come back after 2 restarts (last: Restart 2 of 2 failed")
+    assert instance.port is None
+    assert not processes_under(instance_dir("redis", instance.pk))
+    assert (instance_dir("redis", instance.pk) / "data").is_dir(), "the data is kept until the owner deletes it"
+    assert [event.to_status for event in instance.events.all()] == ["provisioning", "running", "unhealthy", "failed"]
+
+    api.delete(f"/api/storage/redis/instances/{instance.pk}")
+    wait_for_status(api, "redis", instance.pk, "gone")
+    assert not instance_dir("redis", instance.pk).exists()
+
+
+def test_restarts_back_off(api, settings):
+    settings.STOCKROOM_RESTART_BACKOFF = 60
+    instance = running_redis(api)
+    break_redis_server(settings)
+    kill(instance)
+    Reconciler().run_once()  # notices, restarts once (fails), next try in 60 s
+    assert Reconciler().run_once().restarts == []
+    instance.refresh_from_db()
+    assert (instance.status, instance.restart_attempts) == (Status.UNHEALTHY, 1)
+    assert instance.status_message.startswith("Restart 1 of 5 failed: The server exited during start-up.")
+    api.delete(f"/api/storage/redis/instances/{instance.pk}")
+    wait_for_status(api, "redis", instance.pk, "gone")
+
+
+def test_a_claimed_instance_is_left_to_its_worker(api):
+    instance = running_redis(api)
+    kill(instance)
+    assert instance.transition(Status.UNHEALTHY, "test", allowed_from=(Status.RUNNING,))
+    assert instance.claim(seconds=60)
+    assert not instance.claim(seconds=60), "a second worker cannot take it"
+    heal(instance.pk)  # what a second worker would do
+    instance.refresh_from_db()
+    assert (instance.status, instance.restart_attempts) == (Status.UNHEALTHY, 0)
+    assert Reconciler().run_once().restarts == []
+    instance.release()
+    assert Reconciler().run_once().restarts == [instance.pk]
+    instance.refresh_from_db()
+    assert instance.status == Status.RUNNING
+    api.delete(f"/api/storage/redis/instances/{instance.pk}")
+    wait_for_status(api, "redis", instance.pk, "gone")
+
+
+def test_a_lost_delete_is_finished(api, settings):
+    settings.STOCKROOM_STUCK_TIMEOUT = 0
+    instance = running_redis(api)
+    port = instance.port
+    # As if the worker died before it picked up the job: the status says deleting, nothing happened.
+    assert instance.transition(Status.DELETING, "Deletion requested by alice.", allowed_from=(Status.RUNNING,))
+    assert Reconciler().run_once().stuck == [instance.pk]
+    instance.refresh_from_db()
+    assert instance.status == Status.DELETED
+    assert not instance_dir("redis", instance.pk).exists()
+    assert port_refuses(port)
+
+
+@pytest.fixture
+def orphan_folder():
+    """What a portal that lost its database row would leave: a folder with a server in it."""
+    folder = django_settings.STOCKROOM_INSTANCES_DIR / "redis" / "987654"
+    folder.mkdir(parents=True)
+    process = subprocess.Popen(["sleep", "300"], cwd=folder)
+    yield folder
+    process.kill()
+    process.wait()
+
+
+def test_orphans_are_shown_to_operators_then_removed(orphan_folder, settings, admin_client):
+    settings.STOCKROOM_ORPHAN_GRACE = 3600
+    assert Reconciler().run_once().orphans == 1
+    orphan = Orphan.objects.get()
+    assert orphan.key == "redis/987654"
+    assert "server running (pid" in orphan.description
+    assert processes_under(orphan_folder), "still within the grace period"
+    page = admin_client.get("/admin/provisioning/orphan/").content.decode()
+    assert "redis/987654" in page
+
+    settings.STOCKROOM_ORPHAN_GRACE = 0
+    Reconciler().run_once()
+    orphan.refresh_from_db()
+    assert orphan.removed_at is not None
+    assert not orphan_folder.exists()
+    assert Reconciler().run_once().orphans == 0
