@@ -42,10 +42,9 @@ def broker() -> str:
 def workers() -> str:
     from portal.celery import app
 
-    replies = app.control.ping(timeout=TIMEOUT)
-    if not replies:
+    if not app.control.ping(timeout=TIMEOUT, limit=1):  # the first answer is enough
         raise CheckFailed(f"No worker answered a ping within {TIMEOUT:g} s.")
-    return f"{len(replies)} worker(s) answered."
+    return "A worker answered."
 
 
 def reconciler() -> str:

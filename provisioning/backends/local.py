@@ -153,7 +153,7 @@ class LocalBackend(BaseBackend):
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.W_OK):
             raise BackendError(f"Cannot write to {self.root}.")
-        return f"Servers found; instances under {self.root}."
+        return "Server binaries found; the instances folder is writable."
 
     def orphans(self, known_ids: set[int]) -> dict[str, str]:
         found = {}
