@@ -215,6 +215,11 @@ class Action:
     busy: Status
     done: Status
     done_message: str
+    button: str = ""  # the label on pages, if not the title
+
+    @property
+    def label(self) -> str:
+        return self.button or self.title
 
 
 ACTIONS = {
@@ -233,6 +238,7 @@ ACTIONS = {
         Status.ROTATING,
         Status.RUNNING,
         "Password rotated; the old one no longer works.",
+        button="Rotate password",
     ),
 }
 

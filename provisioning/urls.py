@@ -8,6 +8,7 @@ urlpatterns = [
     path("instances/<int:pk>/", views.detail, name="instance"),
     path("instances/<int:pk>/panel/", views.panel, name="instance-panel"),
     path("instances/<int:pk>/delete/", views.delete, name="instance-delete"),
+    path("instances/<int:pk>/<slug:action>/", views.act, name="instance-action"),
     path("token/", views.token, name="token"),
     path("token/regenerate/", views.regenerate_token, name="token-regenerate"),
 ]

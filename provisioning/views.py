@@ -12,7 +12,7 @@ from rest_framework.authtoken.models import Token
 from . import services
 from .engines import ENGINES, get_engine
 from .forms import CREATE_FORMS
-from .models import Instance, Kind, Status
+from .models import BUSY_STATUSES, Instance, Kind, Status
 
 
 def _my_instance(request, pk: int) -> Instance:
@@ -70,8 +70,25 @@ def _detail_context(instance: Instance) -> dict:
         "connection": connection,
         "snippets": _snippets(instance.kind, connection) if connection else [],
         "events": instance.events.all(),
-        "busy": instance.status in ("provisioning", "deleting"),
+        "actions": [
+            (name, spec.label) for name, spec in services.ACTIONS.items() if instance.status in spec.allowed_from
+        ],
+        "busy": instance.status in (*BUSY_STATUSES, Status.UNHEALTHY),
     }
+
+
+@login_required
+@require_POST
+def act(request, pk: int, action: str):
+    """Stop, start, restart or rotate the password, through the same service as the API."""
+    if action not in services.ACTIONS:
+        raise Http404
+    instance = _my_instance(request, pk)
+    try:
+        services.request_action(instance=instance, action=action, by=request.user)
+    except services.WrongStatus as exc:
+        messages.error(request, str(exc))
+    return redirect("instance", pk=instance.pk)
 
 
 @login_required

@@ -25,7 +25,12 @@ document.addEventListener("click", async (event) => {
   }
 });
 
-// While provisioning or deleting, refresh the status panel every second; no page reload.
+document.addEventListener("submit", (event) => {
+  const question = event.target.dataset.confirm;
+  if (question && !window.confirm(question)) event.preventDefault();
+});
+
+// While the instance is busy or unhealthy, refresh the status panel every second; no page reload.
 const panel = document.getElementById("panel");
 if (panel) {
   const refresh = async () => {

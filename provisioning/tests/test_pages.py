@@ -1,5 +1,7 @@
 """Server-rendered pages: they call the same services as the API."""
 
+import re
+
 import pytest
 from django.test import Client
 
@@ -59,7 +61,8 @@ def test_an_outsider_gets_404_on_every_page(web, charlie):
     outsider.force_login(charlie)
     for url in (f"/instances/{pk}/", f"/instances/{pk}/panel/", f"/instances/{pk}/delete/"):
         assert outsider.get(url).status_code == 404
-    assert outsider.post(f"/instances/{pk}/delete/").status_code == 404
+    for action in ("delete", "stop", "start", "restart", "rotate-password"):
+        assert outsider.post(f"/instances/{pk}/{action}/").status_code == 404
     assert Instance.objects.get().status == Status.PROVISIONING
 
 
@@ -110,3 +113,48 @@ def test_a_deleted_instance_page_leads_back_to_the_dashboard(web):
     response = web.get(f"/instances/{instance.pk}/")
     assert response.status_code == 302 and response["Location"] == "/"
     assert web.get(f"/instances/{instance.pk}/panel/").status_code == 404
+
+
+def running(web) -> Instance:
+    web.post("/new/redis/", {})
+    instance = Instance.objects.get()
+    Instance.objects.filter(pk=instance.pk).update(status=Status.RUNNING)
+    return instance
+
+
+def buttons(page: bytes) -> list[str]:
+    return re.findall(r'data-action="([a-z-]+)"', page.decode())
+
+
+def test_the_page_offers_the_actions_the_status_allows(web):
+    instance = running(web)
+    assert buttons(web.get(f"/instances/{instance.pk}/").content) == ["stop", "restart", "rotate-password"]
+    Instance.objects.filter(pk=instance.pk).update(status=Status.STOPPED)
+    assert buttons(web.get(f"/instances/{instance.pk}/panel/").content) == ["start"]
+    Instance.objects.filter(pk=instance.pk).update(status=Status.PROVISIONING)
+    assert buttons(web.get(f"/instances/{instance.pk}/panel/").content) == []
+
+
+def test_an_action_from_the_page_goes_through_the_service(web):
+    instance = running(web)
+    response = web.post(f"/instances/{instance.pk}/restart/")
+    assert response.status_code == 302 and response["Location"] == f"/instances/{instance.pk}/"
+    instance.refresh_from_db()
+    assert instance.status == Status.RESTARTING
+    assert instance.events.last().reason == "Restart requested by alice."
+
+    page = web.post(f"/instances/{instance.pk}/start/", follow=True).content.decode()
+    assert "Cannot start an instance that is restarting." in page
+    assert web.post(f"/instances/{instance.pk}/explode/").status_code == 404
+    assert web.get(f"/instances/{instance.pk}/restart/").status_code == 405
+
+
+def test_the_admin_restart_action_goes_through_the_service(web, django_user_model):
+    instance = running(web)
+    staff = django_user_model.objects.create_superuser("olga", password="operator-pass-1")
+    admin = Client()
+    admin.force_login(staff)
+    admin.post("/admin/provisioning/instance/", {"action": "restart_instances", "_selected_action": [instance.pk]})
+    instance.refresh_from_db()
+    assert instance.status == Status.RESTARTING
+    assert instance.events.last().reason == "Restart requested by olga."
