@@ -16,6 +16,14 @@ def web(client, alice):
     return client
 
 
+@pytest.fixture
+def admin(django_user_model) -> Client:
+    """olga, an operator."""
+    client = Client()
+    client.force_login(django_user_model.objects.create_superuser("olga", password="operator-pass-1"))
+    return client
+
+
 def test_pages_need_a_signed_in_user(client):
     for url in ("/", "/new/redis/", "/token/"):
         response = client.get(url)
@@ -81,11 +89,8 @@ def test_the_token_page_creates_and_regenerates(web):
     assert web.get("/token/").context["token"].key != first
 
 
-def test_staff_see_every_instance_in_the_admin(web, alice, charlie, django_user_model):
+def test_staff_see_every_instance_in_the_admin(web, admin, charlie):
     web.post("/new/redis/", {"name": "alices"})
-    staff = django_user_model.objects.create_superuser("olga", password="operator-pass-1")
-    admin = Client()
-    admin.force_login(staff)
     page = admin.get("/admin/provisioning/instance/").content.decode()
     assert "alices" in page
     outsider = Client()
@@ -93,13 +98,10 @@ def test_staff_see_every_instance_in_the_admin(web, alice, charlie, django_user_
     assert outsider.get("/admin/provisioning/instance/").status_code == 302
 
 
-def test_the_admin_delete_action_goes_through_the_service(web, django_user_model):
+def test_the_admin_delete_action_goes_through_the_service(web, admin):
     web.post("/new/redis/", {})
     instance = Instance.objects.get()
     Instance.objects.filter(pk=instance.pk).update(status=Status.RUNNING)
-    staff = django_user_model.objects.create_superuser("olga", password="operator-pass-1")
-    admin = Client()
-    admin.force_login(staff)
     admin.post("/admin/provisioning/instance/", {"action": "delete_instances", "_selected_action": [instance.pk]})
     instance.refresh_from_db()
     assert instance.status == Status.DELETING
@@ -149,11 +151,8 @@ def test_an_action_from_the_page_goes_through_the_service(web):
     assert web.get(f"/instances/{instance.pk}/restart/").status_code == 405
 
 
-def test_the_admin_restart_action_goes_through_the_service(web, django_user_model):
+def test_the_admin_restart_action_goes_through_the_service(web, admin):
     instance = running(web)
-    staff = django_user_model.objects.create_superuser("olga", password="operator-pass-1")
-    admin = Client()
-    admin.force_login(staff)
     admin.post("/admin/provisioning/instance/", {"action": "restart_instances", "_selected_action": [instance.pk]})
     instance.refresh_from_db()
     assert instance.status == Status.RESTARTING
