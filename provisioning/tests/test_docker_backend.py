@@ -180,6 +180,20 @@ def test_a_stopped_daemon_fails_cleanly(api, docker_settings, tmp_path):
     assert not Instance.objects.live().exists()
 
 
+def test_healthz_says_whether_the_daemon_answers(client, docker_settings, tmp_path):
+    docker_settings()
+    assert client.get("/healthz").json()["checks"]["backends"]["detail"].startswith("docker: Docker ")
+    docker_settings(base_url=f"unix://{tmp_path}/no-docker.sock")
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    backends = response.json()["checks"]["backends"]
+    assert not backends["ok"]
+    assert (
+        backends["detail"]
+        == f"docker: The Docker daemon at unix://{tmp_path}/no-docker.sock is not reachable (could not connect)."
+    )
+
+
 def test_containers_unknown_to_the_portal_are_reported_and_removable(docker_settings, capsys):
     backend = docker_settings()
     stray = backend.client.containers.create(

@@ -116,6 +116,7 @@ def test_healthz_without_a_broker(client):
     body = client.get("/healthz").json()
     assert body["status"] == "down"
     assert not body["checks"]["broker"]["ok"]
+    assert body["checks"]["workers"]["detail"] == "Not checked: workers are reached through the broker."
     assert body["checks"]["reconciler"]["detail"] == "No reconcile pass has finished yet; is celery beat running?"
 
 
