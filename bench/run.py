@@ -2,7 +2,7 @@
 
 The stack is the portal's own: a Redis broker, a Celery worker (no beat, so the only reconcile
 passes are the timed ones) and gunicorn, with DATA_DIR=var/bench, SQLite, and instance ports
-33000-34899. Everything it starts is stopped by PID; every instance server it provisioned is
+30000-30899. Everything it starts is stopped by PID; every instance server it provisioned is
 deleted through the API, and whatever an error left behind is killed at the end.
 """
 

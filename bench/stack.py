@@ -23,10 +23,11 @@ LOG_DIR = DATA_DIR / "logs"
 WEB_PORT = 8700
 BROKER_PORT = 32700
 POSTGRES_PORT = 32701
-# Portal instances take 33000-34899; the naive baseline's servers take 34900-34999.
-# The test suite uses 31000-31999, so a bench and a test run never meet.
-PORT_RANGE = (33000, 34899)
-BASELINE_PORTS = range(34900, 35000)
+# Portal instances take 30000-30899, the naive baseline's servers 30900-30999: below Linux's
+# ephemeral ports (32768 and up), which any client connection may hold when a server wants to
+# listen, and apart from `make run` (20000-29999) and the test suite (31000-31999).
+PORT_RANGE = (30000, 30899)
+BASELINE_PORTS = range(30900, 31000)
 RUN_AS = "stockroom"  # instance and baseline servers run as this user when we are root
 
 
