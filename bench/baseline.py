@@ -2,7 +2,8 @@
 `redis-server`, timed from the first command to the first successful login, as the portal is.
 
 It creates no user and no database (MySQL's password-less root logs in), so it does less work
-than the portal; the servers run with their built-in defaults.
+than the portal; the servers run with their built-in defaults. Each MariaDB gets its own tmpdir:
+bootstraps running at once in a shared /tmp were seen to lose each other's temporary tables.
 """
 
 import shutil
@@ -20,15 +21,18 @@ def start_and_connect(kind: str, port: int, directory: Path) -> tuple[float, sub
     start = time.perf_counter()
     if kind == "mysql":
         data = directory / "data"
-        subprocess.run(
-            [shutil.which("mariadb-install-db") or "mariadb-install-db", "--no-defaults", f"--datadir={data}"]
+        installed = subprocess.run(
+            ["mariadb-install-db", "--no-defaults", f"--datadir={data}", f"--tmpdir={directory}"]
             + ["--auth-root-authentication-method=normal", "--skip-test-db"],
             cwd=directory,
-            check=True,
             capture_output=True,
+            text=True,
             **run_as_kwargs(),
         )
-        argv = ["mariadbd", "--no-defaults", f"--datadir={data}", f"--socket={directory / 'server.sock'}"]
+        if installed.returncode:
+            raise RuntimeError(f"mariadb-install-db failed: {(installed.stderr or installed.stdout)[-500:]}")
+        argv = ["mariadbd", "--no-defaults", f"--datadir={data}", f"--tmpdir={directory}"]
+        argv += [f"--socket={directory / 'server.sock'}"]
         argv += [f"--port={port}", "--bind-address=127.0.0.1", f"--log-error={directory / 'server.log'}"]
         config = {"host": "127.0.0.1", "port": port, "username": "root", "password": ""}
     else:
