@@ -103,7 +103,7 @@ class Service:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches only the bench, which then stops us in order
+                start_new_session=True,  # Ctrl-C reaches only the bench, which then stops these in order
                 **self.popen,
             )
 
