@@ -41,7 +41,7 @@ def summary(seconds: list[float]) -> dict:
 
 def _first_line(*argv: str) -> str:
     try:
-        return subprocess.run(argv, capture_output=True, text=True).stdout.strip().splitlines()[0]
+        return " ".join(subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0].split())
     except (OSError, IndexError):
         return "not found"
 
