@@ -4,7 +4,7 @@ PORT ?= 8000
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test system test-system lint
+.PHONY: run test system test-system lint bench
 
 run: system $(VENV)/.installed .env
 	$(PY) manage.py migrate --noinput
@@ -18,6 +18,11 @@ test: test-system $(VENV)/.installed
 	status=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
 	if [ -n "$${STOCKROOM_TEST_DOCKERD_PID:-}" ]; then kill "$$STOCKROOM_TEST_DOCKERD_PID"; fi; \
 	exit $$status
+
+# The benchmark against a stack of its own (var/bench, web port 8700); not part of make test.
+# BENCH_QUICK=1 does less of each measurement and finishes in under two minutes.
+bench: system $(VENV)/.installed
+	BENCH_QUICK=$(BENCH_QUICK) $(PY) -m bench
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,7 @@
+"""The benchmark of issue 6: `make bench` (or `python -m bench`), against the real stack on loopback.
+
+Sections, each a module: `connectable` (time to connectable and its breakdown, with the naive
+baseline), `density` (memory of idle instances), `api_load` (the API under load over 10,000
+rows), `reconcile` (one reconcile pass). `stack` starts and stops the processes, `client` talks
+to the API, `report` writes `bench/results.json` and prints the Markdown table.
+"""

@@ -1,0 +1,188 @@
+"""Numbers and their presentation: percentiles, the machine, the Markdown table and the JSON."""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .stack import BASE_DIR, postgres_version
+
+RESULTS = BASE_DIR / "bench" / "results.json"
+
+# Targets for the 2-core test machine (issue 6).
+TARGETS = {
+    "redis_connectable_p50_ms": 150,
+    "mysql_connectable_p50_ms": 600,
+    "idle_mysql_pss_mb": 60,
+    "idle_redis_pss_mb": 8,
+    "list_p95_ms": 50,
+    "reconcile_seconds": 3,
+}
+
+
+def progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def summary(seconds: list[float]) -> dict:
+    """Count, p50, p95 and max in milliseconds (p95 interpolated between samples)."""
+    p95 = statistics.quantiles(seconds, n=20, method="inclusive")[-1] if len(seconds) > 1 else seconds[0]
+    return {
+        "n": len(seconds),
+        "p50_ms": round(statistics.median(seconds) * 1000, 1),
+        "p95_ms": round(p95 * 1000, 1),
+        "max_ms": round(max(seconds) * 1000, 1),
+    }
+
+
+def _first_line(*argv: str) -> str:
+    try:
+        return " ".join(subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0].split())
+    except (OSError, IndexError):
+        return "not found"
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    memory_kb = int(next(line.split()[1] for line in meminfo if line.startswith("MemTotal:")))
+    os_release = dict(line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line)
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": _first_line("git", "-C", str(BASE_DIR), "rev-parse", "--short", "HEAD"),
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory_kb / 1024**2, 1),
+        "os": os_release.get("PRETTY_NAME", "").strip('"'),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "mariadb": _first_line("mariadbd", "--version"),
+        "redis": _first_line("redis-server", "--version"),
+        "postgresql": postgres_version() or "not installed",
+        "load_average_at_start": [round(load, 2) for load in os.getloadavg()],
+    }
+
+
+def write(results: dict) -> None:
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+# The table ----------------------------------------------------------------------------
+
+
+def _met(value: float, target: float) -> str:
+    return "yes" if value <= target else "**no**"
+
+
+def _percentiles(numbers: dict) -> str:
+    return f"p50 {numbers['p50_ms']:g} · p95 {numbers['p95_ms']:g} · max {numbers['max_ms']:g} ms"
+
+
+def table(results: dict) -> str:
+    """The Markdown table the README quotes: each measurement, its target and whether it was met."""
+    rows = []
+    connectable = results["connectable"]
+    concurrency = connectable["concurrency"]
+    for kind, name in (("redis", "Redis"), ("mysql", "MySQL")):
+        numbers = connectable[kind]
+        target = TARGETS[f"{kind}_connectable_p50_ms"]
+        n = numbers["sequential"]["n"]
+        rows += [
+            (
+                f"1. {name} time to connectable, API path, {n} sequential",
+                _percentiles(numbers["sequential"]),
+                f"p50 ≤ {target} ms",
+                _met(numbers["sequential"]["p50_ms"], target),
+            ),
+            (
+                f"1. {name} time to connectable, API path, {n} at {concurrency} at a time",
+                _percentiles(numbers["concurrent"]),
+                "",
+                "",
+            ),
+            (
+                f"1. {name} naive baseline, sequential / {concurrency} at a time",
+                f"p50 {numbers['baseline_sequential']['p50_ms']:g} / {numbers['baseline_concurrent']['p50_ms']:g} ms;"
+                f" baseline ÷ portal p50: {numbers['baseline_over_portal_p50_sequential']:g}×"
+                f" / {numbers['baseline_over_portal_p50_concurrent']:g}×",
+                "",
+                "",
+            ),
+        ]
+    steps = results["breakdown"]["steps_ms"]
+    rows.append(
+        (
+            "2. One MySQL create, step by step",
+            f"API {steps['api']:g} · queued {steps['queued']:g} · data directory {steps['data_directory']:g}"
+            f" · server start incl. user creation {steps['server_start']:g} · first login {steps['first_login']:g}"
+            f" · status poll, config and client login {steps['status_poll_config_and_client_login']:g}"
+            f" = {results['breakdown']['total_ms']:g} ms",
+            "",
+            "",
+        )
+    )
+    for kind, name in (("mysql", "MySQL"), ("redis", "Redis")):
+        memory = results["density"][kind]
+        target = TARGETS[f"idle_{kind}_pss_mb"]
+        rows.append(
+            (
+                f"3. Idle {name}, default options",
+                f"PSS {memory['pss_mb']:g} MB (RSS {memory['rss_mb']:g}, private {memory['private_mb']:g});"
+                f" {memory['per_gib_by_pss']} fit in 1 GiB",
+                f"≤ {target} MB",
+                _met(memory["pss_mb"], target),
+            )
+        )
+    for database, load in results["api_load"].items():
+        if "skipped" in load:
+            rows.append((f"4. API under load, {database}", load["skipped"], "", ""))
+            continue
+        label = f"4. {database}, {load['rows']:,} rows, {load['clients']} clients:"
+        for endpoint, path in (("list", "`GET …/instances?page=N`"), ("config", "`GET …/{id}/config`")):
+            numbers = load[endpoint]
+            rows.append(
+                (
+                    f"{label} {path}",
+                    f"p50 {numbers['p50_ms']:g} · p95 {numbers['p95_ms']:g} ms"
+                    f" · {numbers['requests_per_second']:g} req/s",
+                    f"p95 ≤ {TARGETS['list_p95_ms']} ms" if endpoint == "list" else "",
+                    _met(numbers["p95_ms"], TARGETS["list_p95_ms"]) if endpoint == "list" else "",
+                )
+            )
+        counts = load["queries_per_list"]
+        rows.append(
+            (
+                f"{label} SQL queries per list request",
+                " · ".join(f"{count} at page_size {size}" for size, count in counts.items()),
+                "same at every page size",
+                "yes" if len(set(counts.values())) == 1 else "**no**",
+            )
+        )
+    reconcile = results["reconcile"]
+    rows.append(
+        (
+            f"5. Reconcile pass, {reconcile['instances']} running instances"
+            f" ({reconcile['redis']} Redis + {reconcile['mysql']} MySQL)",
+            f"{reconcile['median_seconds']:g} s per pass"
+            f" (median of {len(reconcile['passes'])}; max {reconcile['max_seconds']:g} s)",
+            f"≤ {TARGETS['reconcile_seconds']} s",
+            _met(reconcile["median_seconds"], TARGETS["reconcile_seconds"]),
+        )
+    )
+    lines = ["| measurement | result | target | met |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(lines)
+
+
+def describe_machine(info: dict) -> str:
+    return (
+        f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB RAM; {info['os']}, Linux {info['kernel']};"
+        f" Python {info['python']}; {info['mariadb']}; {info['redis']}; {info['postgresql']}."
+        f" Load average at start {info['load_average_at_start']}; {info['date']}, commit {info['commit']}."
+    )

@@ -1,0 +1,223 @@
+"""The processes the benchmark runs against: broker, Celery worker, gunicorn and, when it is
+installed, a throwaway PostgreSQL cluster. All on 127.0.0.1; all stopped by the PID we started.
+"""
+
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = BASE_DIR / "var" / "bench"
+LOG_DIR = DATA_DIR / "logs"
+WEB_PORT = 8700
+BROKER_PORT = 32700
+POSTGRES_PORT = 32701
+# Portal instances take 30000-30899, the naive baseline's servers 30900-30999: below Linux's
+# ephemeral ports (32768 and up), which any client connection may hold when a server wants to
+# listen, and apart from `make run` (20000-29999) and the test suite (31000-31999).
+PORT_RANGE = (30000, 30899)
+BASELINE_PORTS = range(30900, 31000)
+RUN_AS = "stockroom"  # instance and baseline servers run as this user when we are root
+
+
+def environment(*, database_url: str | None = None) -> dict[str, str]:
+    """The portal's settings for the bench stack: its own DATA_DIR, database, ports and a high
+    quota, whatever `.env` says. Keys are random per run: every run starts from an empty database.
+    """
+    return os.environ | {
+        "DJANGO_SETTINGS_MODULE": "portal.settings",
+        "DEBUG": "False",
+        "SECRET_KEY": secrets.token_urlsafe(48),
+        "STOCKROOM_ENCRYPTION_KEYS": secrets.token_urlsafe(48),
+        "DATA_DIR": str(DATA_DIR),
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{BROKER_PORT}/0",
+        "CELERY_TASK_ALWAYS_EAGER": "False",
+        "STOCKROOM_PORT_RANGE": f"{PORT_RANGE[0]},{PORT_RANGE[1]}",
+        "STOCKROOM_QUOTA": "1000",
+        "DATABASE_URL": database_url or f"sqlite:///{DATA_DIR / 'portal.sqlite3'}",
+        "STOCKROOM_BACKEND": "local",
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+def run_as_kwargs() -> dict:
+    """Popen arguments that run a child as RUN_AS when we are root (servers refuse root)."""
+    if os.geteuid() != 0:
+        return {}
+    account = pwd.getpwnam(RUN_AS)
+    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+
+def give_to_run_as(path: Path) -> None:
+    if os.geteuid() == 0:
+        account = pwd.getpwnam(RUN_AS)
+        os.chown(path, account.pw_uid, account.pw_gid)
+
+
+def wait_until(ready: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} was not ready within {timeout:g} s")
+        time.sleep(interval)
+
+
+def accepts_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class Service:
+    """One long-running process: how to start it and how to tell that it is ready."""
+
+    name: str
+    argv: list[str]
+    ready: Callable[[], bool]
+    env: dict[str, str] | None = None
+    popen: dict = field(default_factory=dict)
+    stop_signal: int = signal.SIGTERM
+    process: subprocess.Popen | None = None
+
+    def start(self, *, timeout: float = 60) -> None:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        with open(LOG_DIR / f"{self.name}.log", "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                cwd=BASE_DIR,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches only the bench, which then stops these in order
+                **self.popen,
+            )
+
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {LOG_DIR}/{self.name}.log")
+            return self.ready()
+
+        wait_until(ready, timeout=timeout, what=self.name, interval=0.05)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(self.stop_signal)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextmanager
+def running(*services: Service) -> Iterator[None]:
+    """Start `services` in order; stop the ones that started, in reverse order, however we leave."""
+    started: list[Service] = []
+    try:
+        for service in services:
+            started.append(service)
+            service.start()
+        yield
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+def _log_says(name: str, text: str) -> Callable[[], bool]:
+    path = LOG_DIR / f"{name}.log"
+    return lambda: path.exists() and text in path.read_text(errors="replace")
+
+
+def broker() -> Service:
+    directory = DATA_DIR / "broker"
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(BROKER_PORT), "--dir", str(directory)]
+    return Service("broker", [*argv, "--save", "", "--appendonly", "no"], lambda: accepts_connections(BROKER_PORT))
+
+
+def worker(env: dict[str, str], *, concurrency: int) -> Service:
+    """A Celery worker without beat: the only reconcile passes are the ones the bench times."""
+    log = LOG_DIR / "worker.log"
+    log.unlink(missing_ok=True)  # so "ready." below is this run's
+    argv = [sys.executable, "-m", "celery", "-A", "portal", "worker", "--concurrency", str(concurrency)]
+    argv += ["--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    return Service("worker", argv, _log_says("worker", " ready."), env=env)
+
+
+def web(env: dict[str, str]) -> Service:
+    """gunicorn as `make run` starts it: 2 workers with 4 threads each."""
+    argv = [sys.executable, "-m", "gunicorn", "portal.wsgi", "--bind", f"127.0.0.1:{WEB_PORT}"]
+    argv += ["--workers", "2", "--threads", "4", "--graceful-timeout", "3"]
+    return Service("web", argv, lambda: accepts_connections(WEB_PORT), env=env)
+
+
+# PostgreSQL ---------------------------------------------------------------------------
+
+
+def _postgres_bin() -> Path | None:
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return versions[-1].parent if versions else None
+
+
+def postgres_version() -> str | None:
+    binaries = _postgres_bin()
+    if binaries is None:
+        return None
+    return subprocess.run([binaries / "postgres", "--version"], capture_output=True, text=True).stdout.strip()
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[str | None]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1:POSTGRES_PORT; yields its DATABASE_URL.
+
+    Yields None when PostgreSQL is not installed. The cluster and its files are gone afterwards.
+    """
+    binaries = _postgres_bin()
+    if binaries is None:
+        yield None
+        return
+    owner = {}
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        account = pwd.getpwnam("postgres")
+        owner = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+    root = Path(tempfile.mkdtemp(prefix="stockroom-bench-pg-"))
+    if owner:
+        os.chown(root, owner["user"], owner["group"])
+    try:
+        subprocess.run(
+            [binaries / "initdb", "-D", root / "data", "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+            **owner,
+        )
+        server = Service(
+            "postgres",
+            [str(binaries / "postgres"), "-D", str(root / "data"), "-k", str(root)]
+            + ["-c", "listen_addresses=127.0.0.1", "-p", str(POSTGRES_PORT)],
+            lambda: accepts_connections(POSTGRES_PORT),
+            popen=owner,
+            stop_signal=signal.SIGINT,  # "fast" shutdown
+        )
+        with running(server):
+            yield f"postgres://postgres@127.0.0.1:{POSTGRES_PORT}/postgres"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
