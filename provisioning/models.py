@@ -184,10 +184,10 @@ class InstanceEvent(models.Model):
         webhooks = Webhook.objects.filter(owner_id=self.instance.owner_id)
         deliveries = WebhookDelivery.objects.bulk_create(WebhookDelivery(webhook=hook, event=self) for hook in webhooks)
         if deliveries:
-            from .tasks import deliver_webhook
+            from .webhooks import queue
 
             ids = [delivery.pk for delivery in deliveries]
-            transaction.on_commit(lambda: [deliver_webhook.delay(pk) for pk in ids])
+            transaction.on_commit(lambda: queue(ids))
 
 
 class Orphan(models.Model):

@@ -30,10 +30,11 @@ class Pass:
     probed: int = 0
     unhealthy: list[int] = field(default_factory=list)
     recovered: list[int] = field(default_factory=list)
-    restarts: list[int] = field(default_factory=list)
+    heals: list[int] = field(default_factory=list)
     stuck: list[int] = field(default_factory=list)
     orphans: int = 0
     deliveries: int = 0
+    failed_phases: list[str] = field(default_factory=list)
 
 
 class Reconciler:
@@ -42,11 +43,14 @@ class Reconciler:
     def run_once(self) -> Pass:
         report = Pass()
         now = self.clock()
-        self._probe_and_heal(report, now)
-        self._recover_stuck(report, now)
-        self._track_orphans(report, now)
-        self._resend_deliveries(report, now)
-        if report.unhealthy or report.recovered or report.restarts or report.stuck:
+        # One phase's trouble (a backend that errs, a broker that blinks) must not stop the others.
+        for phase in (self._probe_and_heal, self._recover_stuck, self._track_orphans, self._resend_deliveries):
+            try:
+                phase(report, now)
+            except Exception:  # noqa: BLE001 - logged, and the pass goes on
+                logger.exception("Reconcile phase %s failed", phase.__name__)
+                report.failed_phases.append(phase.__name__)
+        if report.unhealthy or report.recovered or report.heals or report.stuck or report.failed_phases:
             logger.info("Reconcile pass: %s", report)
         Heartbeat.objects.update_or_create(name="reconciler", defaults={"beat_at": self.clock(), "detail": str(report)})
         return report
@@ -71,13 +75,13 @@ class Reconciler:
                     Instance.objects.filter(pk=instance.pk).update(restart_attempts=0, next_restart_at=now)
                     report.unhealthy.append(instance.pk)
                     services.enqueue_heal(instance)
-                    report.restarts.append(instance.pk)
+                    report.heals.append(instance.pk)
             elif error is not None and instance.status == Status.UNHEALTHY:
                 due = instance.next_restart_at is None or instance.next_restart_at <= now
                 free = instance.claimed_until is None or instance.claimed_until < now
                 if due and free:
                     services.enqueue_heal(instance)
-                    report.restarts.append(instance.pk)
+                    report.heals.append(instance.pk)
 
     @staticmethod
     def _probe(instance: Instance) -> str | None:
@@ -122,7 +126,11 @@ class Reconciler:
                 row = open_rows.get(key) or Orphan.objects.create(backend=alias, key=key, description=description)
                 if row.first_seen < grace:
                     logger.warning("Removing orphan %s of %s: %s", key, alias, description)
-                    backend.remove_orphan(key)
+                    try:
+                        backend.remove_orphan(key)
+                    except Exception:  # noqa: BLE001 - it stays listed; the next pass tries again
+                        logger.exception("Could not remove orphan %s of %s", key, alias)
+                        continue
                     Orphan.objects.filter(pk=row.pk).update(removed_at=now)
 
     # Webhook deliveries whose queued retry was lost -------------------------------------

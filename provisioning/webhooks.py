@@ -131,6 +131,18 @@ class Sender:
             deliver_webhook.apply_async((delivery.pk,), countdown=delay)
 
 
+def queue(delivery_ids: list[int]) -> None:
+    """Hand deliveries to the worker. If the broker is down they stay pending, and the
+    reconciler's sweep sends them later: a status change must never fail for a webhook."""
+    from .tasks import deliver_webhook
+
+    try:
+        for pk in delivery_ids:
+            deliver_webhook.delay(pk)
+    except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
+        logger.warning("Could not queue webhook deliveries %s (%s); they are sent later", delivery_ids, exc)
+
+
 def due_deliveries(now) -> list[int]:
     """Pending deliveries whose time has come; the reconciler re-queues any a lost task left behind."""
     return list(

@@ -4,7 +4,7 @@ import pytest
 
 from provisioning.backends.base import BackendError
 from provisioning.backends.local import LocalBackend, processes_under
-from provisioning.models import Instance
+from provisioning.models import Instance, WebhookDelivery
 
 from .conftest import broker_port, instance_dir, port_refuses, wait_for_status
 
@@ -57,14 +57,19 @@ def test_a_failed_instance_can_be_deleted(api, settings):
     wait_for_status(api, "redis", pk, "gone")
 
 
-def test_an_unreachable_broker_fails_the_instance_with_a_message(api, queued_for_real):
+@pytest.mark.parametrize("webhook", [False, True], ids=["", "with-a-webhook"])
+def test_an_unreachable_broker_fails_the_instance_with_a_message(api, queued_for_real, webhook):
     assert port_refuses(broker_port())
+    if webhook:  # its deliveries cannot be queued either; they wait, and the create still answers
+        api.post("/api/webhooks", {"url": "https://ci.example.com/hook"})
     response = api.post("/api/storage/redis/instances", {})
     assert response.status_code == 202
     instance = Instance.objects.get(pk=response.json()["id"])
     assert instance.status == "failed"
     assert "task broker is unreachable" in instance.status_message
     assert not instance_dir("redis", instance.pk).exists()
+    if webhook:
+        assert set(WebhookDelivery.objects.values_list("status", flat=True)) == {"pending"}
 
 
 def test_a_failed_instance_whose_port_was_reused_can_still_be_deleted(api, settings):

@@ -45,7 +45,7 @@ def test_it_gives_up_after_the_last_restart_and_keeps_the_data(api, settings):
 
     reports = [Reconciler().run_once() for _ in range(3)]
     assert reports[0].unhealthy == [instance.pk]
-    assert [report.restarts for report in reports] == [[instance.pk]] * 3
+    assert [report.heals for report in reports] == [[instance.pk]] * 3
 
     instance.refresh_from_db()
     assert instance.status == Status.FAILED
@@ -66,7 +66,7 @@ def test_restarts_back_off(api, settings):
     break_redis_server(settings)
     kill(instance)
     Reconciler().run_once()  # notices, restarts once (fails), next try in 60 s
-    assert Reconciler().run_once().restarts == []
+    assert Reconciler().run_once().heals == []
     instance.refresh_from_db()
     assert (instance.status, instance.restart_attempts) == (Status.UNHEALTHY, 1)
     assert instance.status_message.startswith("Restart 1 of 5 failed: The server exited during start-up.")
@@ -83,9 +83,9 @@ def test_a_claimed_instance_is_left_to_its_worker(api):
     heal(instance.pk)  # what a second worker would do
     instance.refresh_from_db()
     assert (instance.status, instance.restart_attempts) == (Status.UNHEALTHY, 0)
-    assert Reconciler().run_once().restarts == []
+    assert Reconciler().run_once().heals == []
     instance.release()
-    assert Reconciler().run_once().restarts == [instance.pk]
+    assert Reconciler().run_once().heals == [instance.pk]
     instance.refresh_from_db()
     assert instance.status == Status.RUNNING
     api.delete(f"/api/storage/redis/instances/{instance.pk}")

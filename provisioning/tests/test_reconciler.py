@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 from datetime import datetime
 from functools import partial
 
@@ -118,6 +119,19 @@ def test_healthz_without_a_broker(client):
     assert not body["checks"]["broker"]["ok"]
     assert body["checks"]["workers"]["detail"] == "Not checked: workers are reached through the broker."
     assert body["checks"]["reconciler"]["detail"] == "No reconcile pass has finished yet; is celery beat running?"
+
+
+def test_healthz_answers_when_the_broker_hangs(client, monkeypatch):
+    """A broker that accepts connections but never answers must not hold the answer."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        monkeypatch.setenv("CELERY_BROKER_URL", f"redis://127.0.0.1:{silent.getsockname()[1]}/0")  # Celery reads it
+        body = client.get("/healthz").json()
+    assert body["status"] == "down"
+    assert body["checks"]["broker"] == {"ok": False, "detail": "Timeout reading from socket",
+                                        "ms": body["checks"]["broker"]["ms"]}  # fmt: skip
+    assert body["checks"]["database"]["ok"] is True
 
 
 @pytest.fixture
