@@ -126,18 +126,25 @@ class Instance(models.Model):
     def claim(self, *, seconds: float) -> bool:
         """Take the instance for `seconds`, unless another worker holds it. One UPDATE decides."""
         now = timezone.now()
+        until = now + timedelta(seconds=seconds)
         taken = (
             Instance.objects.filter(pk=self.pk)
             .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=now))
-            .update(claimed_until=now + timedelta(seconds=seconds))
+            .update(claimed_until=until)
         )
+        if taken:
+            self._claimed_until = until
         return bool(taken)
 
     def release(self) -> None:
-        Instance.objects.filter(pk=self.pk).update(claimed_until=None)
+        """Give up this object's claim; a claim that expired and was taken by another worker stays."""
+        until = self.__dict__.pop("_claimed_until", None)
+        if until is not None:
+            Instance.objects.filter(pk=self.pk, claimed_until=until).update(claimed_until=None)
 
-    def transition(self, to: Status, reason: str, *, allowed_from: tuple[Status, ...]) -> bool:
-        """Move to `to` only if the current status is one of `allowed_from`.
+    def transition(self, to: Status, reason: str, *, allowed_from: tuple[Status, ...], unchanged_since=None) -> bool:
+        """Move to `to` only if the current status is one of `allowed_from` (and, given
+        `unchanged_since`, only if the row has not changed since that `updated_at`).
 
         The check and the change are one conditional UPDATE, so two workers can never both
         win; the winner records an event. Returns whether this call made the change.
@@ -146,10 +153,11 @@ class Instance(models.Model):
         changes = {"status": to, "status_message": reason, "updated_at": timezone.now()}
         if to == Status.FAILED:
             changes["port"] = None
+        unchanged = Q() if unchanged_since is None else Q(updated_at=unchanged_since)
         with transaction.atomic():
             current = (
                 Instance.objects.select_for_update()
-                .filter(pk=self.pk, status__in=allowed_from)
+                .filter(unchanged, pk=self.pk, status__in=allowed_from)
                 .values_list("status", flat=True)
                 .first()
             )

@@ -69,8 +69,12 @@ class Reconciler:
                     Instance.objects.filter(pk=instance.pk).update(restart_attempts=0, next_restart_at=None)
                     report.recovered.append(instance.pk)
             elif error is not None and instance.status == Status.RUNNING:
+                # Not if it changed while we probed (a new password, a restart): the probe is stale.
                 if instance.transition(
-                    Status.UNHEALTHY, f"Stopped answering ({error}); restarting it.", allowed_from=(Status.RUNNING,)
+                    Status.UNHEALTHY,
+                    f"Stopped answering ({error}); restarting it.",
+                    allowed_from=(Status.RUNNING,),
+                    unchanged_since=instance.updated_at,
                 ):
                     Instance.objects.filter(pk=instance.pk).update(restart_attempts=0, next_restart_at=now)
                     report.unhealthy.append(instance.pk)
@@ -85,12 +89,16 @@ class Reconciler:
 
     @staticmethod
     def _probe(instance: Instance) -> str | None:
-        """None if the user's login works, else a short reason."""
-        try:
-            get_backend(instance.backend).probe(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT)
-        except Exception as exc:  # noqa: BLE001 - any failure means "does not answer"
-            return type(exc).__name__
-        return None
+        """None if the user's login works, else a short reason. A server gets a second chance,
+        so one slow answer on a busy host does not get it restarted."""
+        backend = get_backend(instance.backend)
+        for _ in range(2):
+            try:
+                backend.probe(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT)
+                return None
+            except Exception as exc:  # noqa: BLE001 - any failure means "does not answer"
+                error = type(exc).__name__
+        return error
 
     # Work a dead worker left behind ----------------------------------------------------
 

@@ -43,6 +43,10 @@ class NoFreePort(Exception):
     pass
 
 
+class Busy(Exception):
+    """Another worker holds the instance; the task is tried again a little later."""
+
+
 # Create -------------------------------------------------------------------------------
 
 
@@ -123,8 +127,9 @@ def _save_with_free_port(instance: Instance, backend) -> None:
 def provision(instance_id: int) -> None:
     """Worker side of create: start the server, prove a login works, then mark it running."""
     instance = Instance.objects.filter(pk=instance_id, status=Status.PROVISIONING).first()
-    if instance is None or not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
-        return  # already handled, or another worker is on it: the task may be delivered twice
+    if instance is None:
+        return  # already handled: the task may be delivered twice
+    _claim(instance)
     backend = get_backend(instance.backend)
     instance.timings = {"queued": round((timezone.now() - instance.created_at).total_seconds(), 4)}
     instance.mark(None)
@@ -186,8 +191,9 @@ def delete_instance(*, instance: Instance, by) -> Instance:
 def deprovision(instance_id: int) -> None:
     """Worker side of delete: stop the server, remove its files, release its port."""
     instance = Instance.objects.filter(pk=instance_id, status=Status.DELETING).first()
-    if instance is None or not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
+    if instance is None:
         return
+    _claim(instance)
     backend = get_backend(instance.backend)
     try:
         backend.destroy(instance)
@@ -261,29 +267,62 @@ def perform_action(instance_id: int, action: str) -> None:
     """Worker side of a lifecycle action."""
     spec = ACTIONS[action]
     instance = Instance.objects.filter(pk=instance_id, status=spec.busy).first()
-    if instance is None or not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
+    if instance is None:
         return
+    _claim(instance)
     backend = get_backend(instance.backend)
     try:
-        if action in ("stop", "restart"):
+        if action == "stop":
             backend.stop(instance)
-        if action in ("start", "restart"):
+        elif action == "start":
             backend.start(instance)
-        if action == "rotate-password":
-            password = crypto.generate_password()
-            backend.set_password(instance, password)
-            Instance.objects.filter(pk=instance.pk).update(password=password)
-            instance.password = password
-            backend.probe(instance)
+        elif action == "restart":
+            backend.restart(instance)
+        else:
+            _rotate_password(instance, backend)
     except Exception as exc:  # noqa: BLE001
-        # A stopped instance stays stopped; anything that should run is left to the reconciler.
-        fallback = Status.STOPPED if action == "start" else Status.UNHEALTHY
-        instance.transition(fallback, _describe(f"{spec.title} failed", instance, exc), allowed_from=(spec.busy,))
+        message = _describe(f"{spec.title} failed", instance, exc)
+        if action == "start":  # a stopped instance stays stopped, with nothing half-started left running
+            _stop_quietly(instance, backend)
+            instance.transition(Status.STOPPED, message, allowed_from=(spec.busy,))
+        else:  # anything that should run is left to the reconciler
+            instance.transition(Status.UNHEALTHY, message, allowed_from=(spec.busy,))
     else:
         Instance.objects.filter(pk=instance.pk).update(restart_attempts=0, next_restart_at=None)
         instance.transition(spec.done, spec.done_message, allowed_from=(spec.busy,))
     finally:
         instance.release()
+
+
+def _rotate_password(instance: Instance, backend) -> None:
+    """Set a new password; if that fails part-way, put the old one back so the user is not locked out."""
+    old, new = instance.password, crypto.generate_password()
+    try:
+        backend.set_password(instance, new)
+        Instance.objects.filter(pk=instance.pk).update(password=new)
+    except Exception:
+        try:
+            backend.set_password(instance, old)
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            logger.exception("Could not restore the old password of instance %s", instance.pk)
+        raise
+    instance.password = new
+    backend.probe(instance)
+
+
+def _stop_quietly(instance: Instance, backend) -> str:
+    """Stop what may be running; returns "" or a sentence saying that it could not."""
+    try:
+        backend.stop(instance)
+    except Exception as exc:  # noqa: BLE001 - the caller's status message says what matters
+        logger.exception("Could not stop instance %s", instance.pk)
+        return f" Stopping what was left also failed ({exc}); an operator should check the host."
+    return ""
+
+
+def _claim(instance: Instance) -> None:
+    if not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
+        raise Busy(f"Instance {instance.pk} is held by another worker.")
 
 
 # Healing (the reconciler decides, these act) ------------------------------------------
@@ -310,24 +349,24 @@ def heal(instance_id: int) -> None:
     """Restart an unhealthy instance, with backoff; give up after STOCKROOM_MAX_RESTARTS."""
     instance = Instance.objects.filter(pk=instance_id, status=Status.UNHEALTHY).first()
     if instance is None or not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
-        return
+        return  # the reconciler asks again next pass
     backend = get_backend(instance.backend)
     try:
-        now = timezone.now()
-        if instance.next_restart_at and instance.next_restart_at > now:
+        if instance.next_restart_at and instance.next_restart_at > timezone.now():
             return
         attempt = instance.restart_attempts
         if attempt >= settings.STOCKROOM_MAX_RESTARTS:
             _give_up(instance, backend)
             return
-        Instance.objects.filter(pk=instance.pk).update(
-            restart_attempts=attempt + 1, next_restart_at=now + timedelta(seconds=restart_delay(attempt))
-        )
+        Instance.objects.filter(pk=instance.pk).update(restart_attempts=attempt + 1)
         try:
-            backend.start(instance)
+            backend.restart(instance)
         except Exception as exc:  # noqa: BLE001
             message = _describe(f"Restart {attempt + 1} of {settings.STOCKROOM_MAX_RESTARTS} failed", instance, exc)
-            Instance.objects.filter(pk=instance.pk, status=Status.UNHEALTHY).update(status_message=message)
+            # The wait counts from now: a start that timed out must not eat the backoff.
+            Instance.objects.filter(pk=instance.pk, status=Status.UNHEALTHY).update(
+                status_message=message, next_restart_at=timezone.now() + timedelta(seconds=restart_delay(attempt))
+            )
             return
         if instance.transition(
             Status.RUNNING, f"Restarted after it stopped answering (attempt {attempt + 1}).",
@@ -341,14 +380,11 @@ def heal(instance_id: int) -> None:
 def _give_up(instance: Instance, backend) -> None:
     """Stop trying: no process and no port are held any more; the data stays until deleted."""
     reason = instance.status_message
-    try:
-        backend.stop(instance)
-    except Exception:  # noqa: BLE001 - the status says what matters
-        logger.exception("Could not stop instance %s after giving up on it", instance.pk)
+    trouble = _stop_quietly(instance, backend)
     instance.transition(
         Status.FAILED,
         f"Did not come back after {instance.restart_attempts} restarts (last: {reason}). "
-        "The data is kept until you delete the instance.",
+        f"The data is kept until you delete the instance.{trouble}",
         allowed_from=(Status.UNHEALTHY,),
     )
 
@@ -368,8 +404,13 @@ def recover(instance_id: int) -> None:
             deprovision(instance.pk)
             return
         if busy == Status.STOPPING:
-            backend.stop(instance)
-            instance.transition(Status.STOPPED, f"{note}; the stop was finished.", allowed_from=(busy,))
+            trouble = _stop_quietly(instance, backend)
+            if trouble:
+                instance.transition(
+                    Status.UNHEALTHY, f"{note}; finishing the stop failed.{trouble}", allowed_from=(busy,)
+                )
+            else:
+                instance.transition(Status.STOPPED, f"{note}; the stop was finished.", allowed_from=(busy,))
             return
         try:
             backend.probe(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT)

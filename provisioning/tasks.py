@@ -2,18 +2,22 @@ from celery import shared_task
 
 from . import services
 
+# A task that finds its instance held by another worker waits and tries again (1, 2, 4 … s);
+# after that the reconciler's recovery of stuck instances takes over.
+WHEN_BUSY = {"autoretry_for": (services.Busy,), "retry_backoff": 1, "max_retries": 6, "retry_jitter": False}
 
-@shared_task(acks_late=True, ignore_result=True)
+
+@shared_task(acks_late=True, ignore_result=True, **WHEN_BUSY)
 def provision_instance(instance_id: int) -> None:
     services.provision(instance_id)
 
 
-@shared_task(acks_late=True, ignore_result=True)
+@shared_task(acks_late=True, ignore_result=True, **WHEN_BUSY)
 def deprovision_instance(instance_id: int) -> None:
     services.deprovision(instance_id)
 
 
-@shared_task(acks_late=True, ignore_result=True)
+@shared_task(acks_late=True, ignore_result=True, **WHEN_BUSY)
 def perform_action(instance_id: int, action: str) -> None:
     services.perform_action(instance_id, action)
 

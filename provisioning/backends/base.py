@@ -52,6 +52,11 @@ class BaseBackend:
         """Start a stopped (or dead) server again; return once the user's login works."""
         raise NotImplementedError("Backends must implement start().")
 
+    def restart(self, instance) -> None:
+        """Stop whatever runs (cleanly if it can), then start; return once a login works."""
+        self.stop(instance)
+        self.start(instance)
+
     def set_password(self, instance, password: str) -> None:
         """Replace the user's password on the running server; the old one must stop working."""
         raise NotImplementedError("Backends must implement set_password().")

@@ -17,6 +17,7 @@ import pymysql
 from django.conf import settings
 
 from ..engines import Layout, get_engine
+from ..engines.mysql import ADMIN_TIMEOUTS
 from ..models import Kind
 from .base import BackendError, BaseBackend
 
@@ -189,7 +190,11 @@ class DockerBackend(BaseBackend):
         if instance.kind == Kind.MYSQL:
             # Images following the official contract give root a network login (MYSQL_ROOT_HOST=%).
             admin = pymysql.connect(
-                host=self.probe_host, port=instance.port, user="root", password=instance.admin_password
+                host=self.probe_host,
+                port=instance.port,
+                user="root",
+                password=instance.admin_password,
+                **ADMIN_TIMEOUTS,
             )
             try:
                 engine.set_password(admin, instance, password)

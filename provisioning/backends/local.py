@@ -25,7 +25,7 @@ from django.conf import settings
 from django.template.loader import render_to_string
 
 from ..engines import Layout, get_engine
-from ..engines.mysql import ADMIN_USERNAME, MySQL
+from ..engines.mysql import ADMIN_TIMEOUTS, ADMIN_USERNAME, MySQL
 from .base import BackendError, BaseBackend
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,9 @@ class LocalBackend(BaseBackend):
         engine = get_engine(instance.kind)
         if isinstance(engine, MySQL):
             socket = str(self.layout(instance).socket)
-            admin = pymysql.connect(unix_socket=socket, user=ADMIN_USERNAME, password=instance.admin_password)
+            admin = pymysql.connect(
+                unix_socket=socket, user=ADMIN_USERNAME, password=instance.admin_password, **ADMIN_TIMEOUTS
+            )
             try:
                 engine.set_password(admin, instance, password)
             finally:

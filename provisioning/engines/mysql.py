@@ -16,6 +16,8 @@ COLLATIONS: dict[str, tuple[str, ...]] = {
 DATABASE = "app"
 USERNAME = "app"
 ADMIN_USERNAME = "root"
+# Seconds; an administrative statement that takes longer has failed.
+ADMIN_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 10, "write_timeout": 10}
 
 
 def native_password_hash(password: str) -> str:

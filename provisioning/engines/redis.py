@@ -29,6 +29,9 @@ def acl_password_hash(password: str) -> str:
     return "#" + hashlib.sha256(password.encode()).hexdigest()
 
 
+ADMIN_TIMEOUT = 10  # seconds; an administrative command that takes longer has failed
+
+
 class Redis(Engine):
     kind = "redis"
     config_template = "provisioning/engines/redis.conf"
@@ -84,7 +87,12 @@ class Redis(Engine):
     def reload_acl(self, instance, *, host: str, port: int) -> None:
         """Make the server read its ACL file again, as the portal's own user."""
         admin = redis.Redis(
-            host=host, port=port, username=ADMIN_USERNAME, password=instance.admin_password, retry=NO_RETRY
+            host=host,
+            port=port,
+            username=ADMIN_USERNAME,
+            password=instance.admin_password,
+            retry=NO_RETRY,
+            socket_timeout=ADMIN_TIMEOUT,
         )
         try:
             admin.execute_command("ACL", "LOAD")

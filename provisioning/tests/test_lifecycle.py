@@ -4,7 +4,7 @@ import pymysql
 import pytest
 import redis
 
-from provisioning.engines.redis import NO_RETRY
+from provisioning.engines.redis import NO_RETRY, Redis
 
 from .conftest import port_refuses, wait_for_status
 
@@ -101,5 +101,30 @@ def test_outsiders_get_404_for_actions_and_events(api, outsider):
         assert outsider.post(f"/api/storage/redis/instances/{pk}/{action}").status_code == 404
     assert outsider.get(f"/api/storage/redis/instances/{pk}/events").status_code == 404
     assert api.post(f"/api/storage/redis/instances/{pk}/start").status_code == 409
+    api.delete(f"/api/storage/redis/instances/{pk}")
+    wait_for_status(api, "redis", pk, "gone")
+
+
+def test_a_rotation_that_fails_half_way_keeps_the_old_password(api, monkeypatch):
+    pk, config = running(api, "redis")
+    real_reload = Redis.reload_acl
+    calls = []
+
+    def reload_fails_once(self, instance, **where):
+        calls.append(1)
+        if len(calls) == 1:  # the new ACL file is written, but the server does not take it
+            raise redis.ConnectionError("Connection reset by peer")
+        real_reload(self, instance, **where)
+
+    monkeypatch.setattr(Redis, "reload_acl", reload_fails_once)
+    after = act(api, "redis", pk, "rotate-password", "unhealthy", "running")
+    assert after["status"] == "unhealthy"
+    assert after["status_message"] == "Password rotation failed: unexpected ConnectionError; " + (
+        "an operator can find details in the worker log."
+    )
+    assert api.get(f"/api/storage/redis/instances/{pk}/config").json()["password"] == config["password"]
+    # The file on disk has the old password again, so a restart does not lock the user out.
+    act(api, "redis", pk, "restart", "running", "failed")
+    assert redis.Redis(port=config["port"], password=config["password"], retry=NO_RETRY).ping()
     api.delete(f"/api/storage/redis/instances/{pk}")
     wait_for_status(api, "redis", pk, "gone")

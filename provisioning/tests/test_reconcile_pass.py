@@ -8,10 +8,11 @@ import subprocess
 import pytest
 from django.conf import settings as django_settings
 
+from provisioning import tasks
 from provisioning.backends.local import processes_under
 from provisioning.models import Instance, Orphan, Status
 from provisioning.reconciler import Reconciler
-from provisioning.services import heal
+from provisioning.services import Busy, heal, perform_action
 
 from .conftest import instance_dir, port_refuses, wait_for_status
 
@@ -132,3 +133,33 @@ def test_orphans_are_shown_to_operators_then_removed(orphan_folder, settings, ad
     assert orphan.removed_at is not None
     assert not orphan_folder.exists()
     assert Reconciler().run_once().orphans == 0
+
+
+def test_an_action_waits_while_another_worker_holds_the_instance(api):
+    instance = running_redis(api)
+    assert instance.transition(Status.STOPPING, "Stop requested by alice.", allowed_from=(Status.RUNNING,))
+    holder = Instance.objects.get(pk=instance.pk)
+    assert holder.claim(seconds=60)  # say, a heal in progress
+    with pytest.raises(Busy):
+        perform_action(instance.pk, "stop")
+    assert Busy in tasks.perform_action.autoretry_for  # so the worker tries again shortly
+    holder.release()
+    perform_action(instance.pk, "stop")
+    instance.refresh_from_db()
+    assert instance.status == Status.STOPPED
+    api.delete(f"/api/storage/redis/instances/{instance.pk}")
+    wait_for_status(api, "redis", instance.pk, "gone")
+
+
+def test_a_probe_that_raced_a_change_does_not_count(api):
+    instance = running_redis(api)
+    seen = Instance.objects.get(pk=instance.pk)  # what a pass read before probing
+    assert instance.transition(Status.ROTATING, "Password rotation requested by alice.", allowed_from=(Status.RUNNING,))
+    assert instance.transition(Status.RUNNING, "Password rotated.", allowed_from=(Status.ROTATING,))
+    assert not seen.transition(
+        Status.UNHEALTHY, "Stopped answering.", allowed_from=(Status.RUNNING,), unchanged_since=seen.updated_at
+    )
+    instance.refresh_from_db()
+    assert instance.status == Status.RUNNING
+    api.delete(f"/api/storage/redis/instances/{instance.pk}")
+    wait_for_status(api, "redis", instance.pk, "gone")
