@@ -223,6 +223,8 @@ STOCKROOM_WEBHOOK_LIMIT = env.int("STOCKROOM_WEBHOOK_LIMIT", default=10)  # per 
 STOCKROOM_WEBHOOK_TIMEOUT = env.float("STOCKROOM_WEBHOOK_TIMEOUT", default=5.0)
 STOCKROOM_WEBHOOK_ATTEMPTS = env.int("STOCKROOM_WEBHOOK_ATTEMPTS", default=6)
 STOCKROOM_WEBHOOK_BACKOFF = env.float("STOCKROOM_WEBHOOK_BACKOFF", default=10.0)  # doubles per attempt
+# Allow webhook URLs on loopback and private networks (a portal for one private network).
+STOCKROOM_WEBHOOK_ALLOW_PRIVATE = env.bool("STOCKROOM_WEBHOOK_ALLOW_PRIVATE", default=False)
 CELERY_BEAT_SCHEDULE = {
     "reconcile": {
         "task": "provisioning.tasks.reconcile",

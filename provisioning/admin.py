@@ -18,23 +18,12 @@ class InstanceAdmin(admin.ModelAdmin):
     list_filter = ["kind", "status", "backend", "owner"]
     actions = ["restart_instances", "stop_instances", "start_instances", "delete_instances"]
     search_fields = ["name", "owner__username", "port"]
-    readonly_fields = [
-        "owner",
-        "kind",
-        "status",
-        "status_message",
-        "backend",
-        "host",
-        "port",
-        "database",
-        "username",
-        "options",
-        "timings",
-        "created_at",
-        "updated_at",
-    ]
     exclude = ["password", "admin_password"]
     inlines = [InstanceEventInline]
+
+    def get_readonly_fields(self, request, obj=None):
+        # Every change goes through the services (the actions above), so nothing is edited here.
+        return [field.name for field in Instance._meta.fields if field.name not in self.exclude]
 
     @admin.action(description="Delete the selected instances (stop servers, remove data)")
     def delete_instances(self, request, queryset):

@@ -7,13 +7,17 @@ reconciler's sweep pick up is still sent once per attempt.
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
+import socket
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import requests
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import transaction
@@ -32,6 +36,28 @@ class TooManyWebhooks(Exception):
     pass
 
 
+class PrivateAddress(Exception):
+    """The URL leads to an address inside the portal's own network."""
+
+
+def check_address(host: str) -> None:
+    """Refuse hosts that are (or resolve to) loopback, private, link-local or other non-public
+    addresses, unless STOCKROOM_WEBHOOK_ALLOW_PRIVATE: a webhook must not become a way to
+    probe the portal's network or its instances. Checked at registration and before each send.
+    """
+    if settings.STOCKROOM_WEBHOOK_ALLOW_PRIVATE:
+        return
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (socket.gaierror, UnicodeError):
+        return  # unresolvable: sending fails with a clear error of its own
+    for address in sorted(addresses):
+        if not ipaddress.ip_address(address.split("%")[0]).is_global:
+            raise PrivateAddress(
+                f"{host} is a non-public address ({address}); webhooks may only reach public addresses."
+            )
+
+
 def create_webhook(*, owner, url: str) -> tuple[Webhook, str]:
     """Register `url` for `owner`; returns the webhook and its signing secret (shown only now).
 
@@ -39,10 +65,18 @@ def create_webhook(*, owner, url: str) -> tuple[Webhook, str]:
     """
     try:
         URLValidator(schemes=["http", "https"])(url)
-    except ValidationError:
+        host = urlsplit(url).hostname
+        urlsplit(url).port  # noqa: B018 - raises ValueError outside 0-65535
+    except (ValidationError, ValueError):
         raise ValidationError({"url": f"{url!r} is not {URL_RULE}."}) from None
+    try:
+        check_address(host)
+    except PrivateAddress as exc:
+        raise ValidationError({"url": str(exc)}) from None
     with transaction.atomic():
-        count = Webhook.objects.select_for_update().filter(owner=owner).count()
+        # One registration at a time per user, so the limit cannot be raced past.
+        get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
+        count = Webhook.objects.filter(owner=owner).count()
         if count >= settings.STOCKROOM_WEBHOOK_LIMIT:
             raise TooManyWebhooks(
                 f"You have {count} webhooks and the limit is {settings.STOCKROOM_WEBHOOK_LIMIT}. Delete one first."
@@ -90,7 +124,25 @@ class Sender:
         ).update(next_attempt_at=now + timedelta(seconds=timeout + 30))
         if not claimed:
             return  # delivered, given up, not due yet, or another worker is sending it
-        delivery = WebhookDelivery.objects.select_related("webhook", "event__instance").get(pk=delivery_id)
+        delivery = WebhookDelivery.objects.select_related("webhook", "event__instance").filter(pk=delivery_id).first()
+        if delivery is None:
+            return  # its webhook was deleted meanwhile
+        code, error, permanent = None, "", False
+        try:
+            code = self._send(delivery, timeout)
+            if not 200 <= code < 300:
+                error = f"The receiver answered {code}."
+        except PrivateAddress as exc:  # the same every time: no point in retrying
+            error, permanent = str(exc), True
+        except requests.RequestException as exc:
+            error = f"Could not reach the receiver ({type(exc).__name__})."
+        except Exception as exc:  # noqa: BLE001 - counted as a failed attempt, never retried forever
+            logger.exception("Webhook delivery %s failed", delivery.pk)
+            error = f"Could not send it ({type(exc).__name__})."
+        self._record(delivery, code, error, permanent=permanent)
+
+    def _send(self, delivery: WebhookDelivery, timeout: float) -> int:
+        check_address(urlsplit(delivery.webhook.url).hostname)
         body = json.dumps(payload(delivery), separators=(",", ":")).encode()
         headers = {
             "Content-Type": "application/json",
@@ -98,24 +150,17 @@ class Sender:
             DELIVERY_HEADER: str(delivery.pk),
             SIGNATURE_HEADER: sign(delivery.webhook.secret, body),
         }
-        code, error = None, ""
-        try:
-            response = self.post(
-                delivery.webhook.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
-            )
-            code = response.status_code
-            if not 200 <= code < 300:
-                error = f"The receiver answered {code}."
-        except requests.RequestException as exc:
-            error = f"Could not reach the receiver ({type(exc).__name__})."
-        self._record(delivery, code, error)
+        response = self.post(delivery.webhook.url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+        return response.status_code
 
     @staticmethod
-    def _record(delivery: WebhookDelivery, code: int | None, error: str) -> None:
+    def _record(delivery: WebhookDelivery, code: int | None, error: str, *, permanent: bool = False) -> None:
         attempts = delivery.attempts + 1
         changes = {"attempts": attempts, "response_code": code, "error": error}
         if not error:
             changes["status"] = DeliveryStatus.DELIVERED
+        elif permanent:
+            changes["status"] = DeliveryStatus.FAILED
         elif attempts >= settings.STOCKROOM_WEBHOOK_ATTEMPTS:
             changes["status"] = DeliveryStatus.FAILED
             changes["error"] = f"{error} Gave up after {attempts} attempts."

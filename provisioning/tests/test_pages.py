@@ -157,3 +157,12 @@ def test_the_admin_restart_action_goes_through_the_service(web, admin):
     instance.refresh_from_db()
     assert instance.status == Status.RESTARTING
     assert instance.events.last().reason == "Restart requested by olga."
+
+
+def test_the_admin_shows_an_instance_but_edits_nothing_and_hides_passwords(web, admin):
+    instance = running(web)
+    page = admin.get(f"/admin/provisioning/instance/{instance.pk}/change/").content.decode()
+    assert instance.name in page and "Requested by alice." in page
+    for field in ("name", "status", "port", "claimed_until", "restart_attempts", "password", "admin_password"):
+        assert f'name="{field}"' not in page
+    assert instance.password not in page and instance.admin_password not in page

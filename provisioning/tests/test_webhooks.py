@@ -129,3 +129,30 @@ def test_the_payload_is_compact_json(api, receiver):
     assert headers["Content-Type"] == "application/json"
     assert json.loads(body)["delivery"] == int(headers["X-Stockroom-Delivery"])
     api.delete(f"/api/storage/redis/instances/{pk}")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8000/", "http://10.1.2.3/hook", "http://169.254.169.254/latest", "http://[::1]/x"]
+)
+def test_it_refuses_non_public_addresses_by_default(api, settings, url):
+    settings.STOCKROOM_WEBHOOK_ALLOW_PRIVATE = False
+    response = api.post("/api/webhooks", {"url": url})
+    assert response.status_code == 400
+    assert "webhooks may only reach public addresses" in response.json()["url"][0]
+
+
+def test_a_name_that_resolves_to_a_private_address_is_refused_at_send_time(api, settings, receiver):
+    hook = register(api, receiver.url.replace("127.0.0.1", "localhost"))  # allowed while registering
+    settings.STOCKROOM_WEBHOOK_ALLOW_PRIVATE = False  # say, the operator tightened it since
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+    assert receiver.received == []
+    delivery = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()["results"][0]
+    assert delivery["status"] == "failed" and delivery["attempts"] == 1
+    assert delivery["error"].startswith("localhost is a non-public address (")
+    api.delete(f"/api/storage/redis/instances/{pk}")
+
+
+@pytest.mark.parametrize("url", ["http://example.com:99999/", "https://example.com:-1/"])
+def test_it_rejects_impossible_ports(api, url):
+    assert api.post("/api/webhooks", {"url": url}).status_code == 400
