@@ -79,6 +79,9 @@ DATA_DIR = (BASE_DIR / env.str("DATA_DIR", default="var")).resolve()  # relative
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'portal.sqlite3'}")}
+# Keep connections between requests (a new PostgreSQL connection costs milliseconds each time).
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Concurrent creates from several web threads and the worker: wait for the write
     # lock instead of failing with "database is locked".

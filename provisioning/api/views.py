@@ -39,7 +39,10 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     serializer_class = InstanceSerializer
 
     def get_queryset(self):
-        return Instance.objects.visible().filter(owner=self.request.user, kind=self.kwargs["kind"])
+        instances = Instance.objects.visible().filter(owner=self.request.user, kind=self.kwargs["kind"])
+        if self.action in ("list", "retrieve"):  # they never show passwords: skip decrypting them
+            instances = instances.defer("password", "admin_password")
+        return instances
 
     @extend_schema(
         parameters=[KIND],

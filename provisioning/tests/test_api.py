@@ -189,3 +189,33 @@ def test_a_failed_instance_has_no_connection(api):
     response = api.get(f"/api/storage/redis/instances/{pk}/config")
     assert response.status_code == 409
     assert response.json()["status"] == "failed"
+
+
+@pytest.mark.parametrize("page_size", [5, 50])
+def test_a_list_page_costs_the_same_queries_whatever_its_size(api, alice, django_assert_num_queries, page_size):
+    Instance.objects.bulk_create(
+        Instance(
+            owner=alice,
+            kind="redis",
+            name=f"r{i}",
+            status=Status.RUNNING,
+            host="127.0.0.1",
+            port=40000 + i,
+            username="default",
+            password="x",
+            admin_password="x",
+        )  # fmt: skip
+        for i in range(60)
+    )
+    with django_assert_num_queries(3):  # the token, the count, the page
+        response = api.get(f"/api/storage/redis/instances?page_size={page_size}")
+    assert len(response.json()["results"]) == page_size
+
+
+def test_webhook_deliveries_cost_the_same_queries_whatever_their_number(api, django_assert_num_queries):
+    hook = api.post("/api/webhooks", {"url": "https://ci.example.com/hook"}).json()
+    for _ in range(3):
+        api.post("/api/storage/redis/instances", {})  # one delivery each: its "provisioning" event
+    with django_assert_num_queries(4):  # the token, the webhook, the count, the page
+        response = api.get(f"/api/webhooks/{hook['id']}/deliveries")
+    assert response.json()["count"] == 3
