@@ -220,6 +220,8 @@ STOCKROOM_PROBE_CONCURRENCY = env.int("STOCKROOM_PROBE_CONCURRENCY", default=32)
 STOCKROOM_MAX_RESTARTS = env.int("STOCKROOM_MAX_RESTARTS", default=5)
 STOCKROOM_RESTART_BACKOFF = env.float("STOCKROOM_RESTART_BACKOFF", default=2.0)  # doubles per attempt
 STOCKROOM_RESTART_BACKOFF_MAX = env.float("STOCKROOM_RESTART_BACKOFF_MAX", default=300.0)
+# An instance that stays up this long after a restart starts counting restarts from zero again.
+STOCKROOM_STABLE_SECONDS = env.float("STOCKROOM_STABLE_SECONDS", default=600.0)
 STOCKROOM_STUCK_TIMEOUT = env.float("STOCKROOM_STUCK_TIMEOUT", default=120.0)
 STOCKROOM_ORPHAN_GRACE = env.float("STOCKROOM_ORPHAN_GRACE", default=300.0)
 STOCKROOM_WEBHOOK_LIMIT = env.int("STOCKROOM_WEBHOOK_LIMIT", default=10)  # per user

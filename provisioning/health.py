@@ -19,6 +19,7 @@ from django.views.decorators.http import require_GET
 
 from .backends.base import BackendError, get_backend
 from .models import Heartbeat, Instance
+from .reconciler import HEARTBEAT
 
 TIMEOUT = 1.0  # per network call
 DEADLINE = 3.0  # for the whole answer
@@ -59,8 +60,8 @@ def workers() -> str:
 
 def reconciler() -> str:
     """Beat schedules a pass every interval; three missed passes mean beat or the workers are stuck."""
-    beat = Heartbeat.objects.filter(name="reconciler").first()
-    if beat is None:
+    beat = Heartbeat.objects.filter(name=HEARTBEAT).first()
+    if beat is None or beat.beat_at is None:
         raise CheckFailed("No reconcile pass has finished yet; is celery beat running?")
     age = timezone.now() - beat.beat_at
     if age > timedelta(seconds=3 * settings.STOCKROOM_RECONCILE_INTERVAL):

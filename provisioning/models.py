@@ -282,8 +282,10 @@ class Heartbeat(models.Model):
     """When a periodic job last finished, and what it did; /healthz reads it."""
 
     name = models.CharField(max_length=32, primary_key=True)
-    beat_at = models.DateTimeField()
+    beat_at = models.DateTimeField(null=True, blank=True, help_text="When it last finished.")
     detail = models.TextField(blank=True)
+    # Held while a run is in progress, so that runs never overlap; it expires should the runner die.
+    running_until = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
-        return f"{self.name} at {self.beat_at:%Y-%m-%d %H:%M:%S}"
+        return f"{self.name}, last finished {self.beat_at or 'never'}"

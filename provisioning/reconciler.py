@@ -21,6 +21,7 @@ from .models import BUSY_STATUSES, Heartbeat, Instance, Orphan, Status
 logger = logging.getLogger(__name__)
 
 PROBED = (Status.RUNNING, Status.UNHEALTHY)
+HEARTBEAT = "reconciler"  # the Heartbeat row /healthz reads
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Pass:
     orphans: int = 0
     deliveries: int = 0
     failed_phases: list[str] = field(default_factory=list)
+    skipped: bool = False  # another pass was still running
 
 
 class Reconciler:
@@ -43,17 +45,33 @@ class Reconciler:
     def run_once(self) -> Pass:
         report = Pass()
         now = self.clock()
-        # One phase's trouble (a backend that errs, a broker that blinks) must not stop the others.
-        for phase in (self._probe_and_heal, self._recover_stuck, self._track_orphans, self._resend_deliveries):
-            try:
-                phase(report, now)
-            except Exception:  # noqa: BLE001 - logged, and the pass goes on
-                logger.exception("Reconcile phase %s failed", phase.__name__)
-                report.failed_phases.append(phase.__name__)
+        if not self._take_turn(now):
+            logger.warning("The previous reconcile pass is still running; skipping this one")
+            report.skipped = True
+            return report
+        try:
+            # One phase's trouble (a backend that errs, a broker that blinks) must not stop the others.
+            for phase in (self._probe_and_heal, self._recover_stuck, self._track_orphans, self._resend_deliveries):
+                try:
+                    phase(report, now)
+                except Exception:  # noqa: BLE001 - logged, and the pass goes on
+                    logger.exception("Reconcile phase %s failed", phase.__name__)
+                    report.failed_phases.append(phase.__name__)
+        finally:
+            Heartbeat.objects.filter(name=HEARTBEAT).update(
+                beat_at=self.clock(), detail=str(report), running_until=None
+            )
         if report.unhealthy or report.recovered or report.heals or report.stuck or report.failed_phases:
             logger.info("Reconcile pass: %s", report)
-        Heartbeat.objects.update_or_create(name="reconciler", defaults={"beat_at": self.clock(), "detail": str(report)})
         return report
+
+    @staticmethod
+    def _take_turn(now) -> bool:
+        """One pass at a time, across all workers; a pass that died frees its turn after a while."""
+        Heartbeat.objects.get_or_create(name=HEARTBEAT)
+        until = now + timedelta(seconds=max(60.0, 10 * settings.STOCKROOM_RECONCILE_INTERVAL))
+        free = Q(running_until__isnull=True) | Q(running_until__lt=now)
+        return bool(Heartbeat.objects.filter(free, name=HEARTBEAT).update(running_until=until))
 
     # Health ----------------------------------------------------------------------------
 
@@ -66,17 +84,22 @@ class Reconciler:
             error = errors[instance.pk]
             if error is None and instance.status == Status.UNHEALTHY:
                 if instance.transition(Status.RUNNING, "Answers again.", allowed_from=(Status.UNHEALTHY,)):
-                    Instance.objects.filter(pk=instance.pk).update(restart_attempts=0, next_restart_at=None)
+                    Instance.objects.filter(pk=instance.pk).update(next_restart_at=None)
                     report.recovered.append(instance.pk)
             elif error is not None and instance.status == Status.RUNNING:
+                # Restarts count on from the last failure unless it has stayed up since: a server that
+                # keeps dying soon after each restart ends `failed` instead of looping forever.
+                up_since = instance.updated_at
+                stable = now - up_since >= timedelta(seconds=settings.STOCKROOM_STABLE_SECONDS)
                 # Not if it changed while we probed (a new password, a restart): the probe is stale.
                 if instance.transition(
                     Status.UNHEALTHY,
                     f"Stopped answering ({error}); restarting it.",
                     allowed_from=(Status.RUNNING,),
-                    unchanged_since=instance.updated_at,
+                    unchanged_since=up_since,
                 ):
-                    Instance.objects.filter(pk=instance.pk).update(restart_attempts=0, next_restart_at=now)
+                    attempts = 0 if stable else instance.restart_attempts
+                    Instance.objects.filter(pk=instance.pk).update(restart_attempts=attempts, next_restart_at=now)
                     report.unhealthy.append(instance.pk)
                     services.enqueue_heal(instance)
                     report.heals.append(instance.pk)

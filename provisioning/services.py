@@ -372,7 +372,7 @@ def heal(instance_id: int) -> None:
             Status.RUNNING, f"Restarted after it stopped answering (attempt {attempt + 1}).",
             allowed_from=(Status.UNHEALTHY,),
         ):  # fmt: skip
-            Instance.objects.filter(pk=instance.pk).update(restart_attempts=0, next_restart_at=None)
+            Instance.objects.filter(pk=instance.pk).update(next_restart_at=None)  # attempts count on; see reconciler
     finally:
         instance.release()
 
@@ -383,7 +383,8 @@ def _give_up(instance: Instance, backend) -> None:
     trouble = _stop_quietly(instance, backend)
     instance.transition(
         Status.FAILED,
-        f"Did not come back after {instance.restart_attempts} restarts (last: {reason}). "
+        f"Gave up after {instance.restart_attempts} restarts: it did not come back, or did not stay up for "
+        f"{settings.STOCKROOM_STABLE_SECONDS:g} s (last: {reason}). "
         f"The data is kept until you delete the instance.{trouble}",
         allowed_from=(Status.UNHEALTHY,),
     )

@@ -109,6 +109,7 @@ class DockerBackend(BaseBackend):
                 pid=PurePosixPath("/run/mysqld/mysqld.pid"),
                 socket=PurePosixPath("/run/mysqld/mysqld.sock"),
                 files=PurePosixPath("/var/lib/mysql-files"),
+                tmp=PurePosixPath("/tmp"),  # the container's own
                 acl=REDIS_ACL,
             )
         data = PurePosixPath("/data")
@@ -120,6 +121,7 @@ class DockerBackend(BaseBackend):
             pid=data / "redis.pid",
             socket=data / "redis.sock",
             files=data,
+            tmp=data,
             acl=REDIS_ACL,
         )
 

@@ -108,6 +108,7 @@ class LocalBackend(BaseBackend):
         if isinstance(engine, MySQL):
             self._copy_as_owner(self._mariadb_template(), layout.data)
             self._mkdir(layout.files)
+            self._mkdir(layout.tmp)
             init_file = directory / "init.sql"
             self._write(init_file, engine.init_sql(instance))
         else:

@@ -24,6 +24,7 @@ class Layout:
     pid: PurePath
     socket: PurePath
     files: PurePath  # the only folder a MySQL server may read or write files in
+    tmp: PurePath  # the server's temporary files, apart from every other server's
     acl: PurePath
 
     @classmethod
@@ -36,6 +37,7 @@ class Layout:
             pid=root / "server.pid",
             socket=root / "server.sock",
             files=root / "files",
+            tmp=root / "tmp",
             acl=root / "users.acl",
         )
 

@@ -73,6 +73,8 @@ def test_the_user_can_touch_only_its_own_database(api):
         assert [row[0] for row in cursor.fetchall()] == ["app@%", "mariadb.sys@localhost", "root@localhost"]
         cursor.execute("SELECT @@secure_file_priv")
         assert cursor.fetchone()[0] == str(instance_dir("mysql", pk) / "files") + "/"
+        cursor.execute("SELECT @@tmpdir")  # its own, not a /tmp shared with every other server
+        assert cursor.fetchone()[0] == str(instance_dir("mysql", pk) / "tmp")
         cursor.execute("CREATE DATABASE other")
         cursor.execute("CREATE TABLE other.secrets (v INT)")
     admin.close()

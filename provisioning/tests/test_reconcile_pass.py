@@ -4,13 +4,15 @@ import copy
 import os
 import signal
 import subprocess
+from datetime import timedelta
 
 import pytest
 from django.conf import settings as django_settings
+from django.utils import timezone
 
 from provisioning import tasks
 from provisioning.backends.local import processes_under
-from provisioning.models import Instance, Orphan, Status
+from provisioning.models import Heartbeat, Instance, Orphan, Status
 from provisioning.reconciler import Reconciler
 from provisioning.services import Busy, heal, perform_action
 
@@ -50,7 +52,9 @@ def test_it_gives_up_after_the_last_restart_and_keeps_the_data(api, settings):
 
     instance.refresh_from_db()
     assert instance.status == Status.FAILED
-    assert instance.status_message.startswith("Did not come back after 2 restarts (last: Restart 2 of 2 failed")
+    assert instance.status_message.startswith(
+        "Gave up after 2 restarts: it did not come back, or did not stay up for 600 s (last: Restart 2 of 2 failed"
+    )
     assert instance.port is None
     assert not processes_under(instance_dir("redis", instance.pk))
     assert (instance_dir("redis", instance.pk) / "data").is_dir(), "the data is kept until the owner deletes it"
@@ -161,5 +165,49 @@ def test_a_probe_that_raced_a_change_does_not_count(api):
     )
     instance.refresh_from_db()
     assert instance.status == Status.RUNNING
+    api.delete(f"/api/storage/redis/instances/{instance.pk}")
+    wait_for_status(api, "redis", instance.pk, "gone")
+
+
+def test_a_server_that_keeps_dying_after_each_restart_ends_failed(api, settings):
+    settings.STOCKROOM_MAX_RESTARTS = 2
+    settings.STOCKROOM_RESTART_BACKOFF = 0
+    instance = running_redis(api)
+    for attempt in (1, 2):
+        kill(instance)
+        Reconciler().run_once()  # noticed and restarted: running again, but not for long
+        instance.refresh_from_db()
+        assert (instance.status, instance.restart_attempts) == (Status.RUNNING, attempt)
+    kill(instance)
+    Reconciler().run_once()
+    instance.refresh_from_db()
+    assert instance.status == Status.FAILED
+    assert instance.status_message.startswith("Gave up after 2 restarts")
+    api.delete(f"/api/storage/redis/instances/{instance.pk}")
+    wait_for_status(api, "redis", instance.pk, "gone")
+
+
+def test_a_server_that_stayed_up_starts_counting_again(api, settings):
+    settings.STOCKROOM_STABLE_SECONDS = 0
+    instance = running_redis(api)
+    for _ in range(3):
+        kill(instance)
+        Reconciler().run_once()
+        instance.refresh_from_db()
+        assert (instance.status, instance.restart_attempts) == (Status.RUNNING, 1)
+    api.delete(f"/api/storage/redis/instances/{instance.pk}")
+    wait_for_status(api, "redis", instance.pk, "gone")
+
+
+def test_passes_never_overlap(api):
+    instance = running_redis(api)
+    Reconciler().run_once()
+    Heartbeat.objects.filter(name="reconciler").update(running_until=timezone.now() + timedelta(seconds=60))
+    kill(instance)  # something to do, but another pass holds the turn
+    report = Reconciler().run_once()
+    assert report.skipped and report.probed == 0
+    Heartbeat.objects.filter(name="reconciler").update(running_until=timezone.now() - timedelta(seconds=1))
+    assert Reconciler().run_once().unhealthy == [instance.pk], "a turn left by a dead pass expires"
+    assert Heartbeat.objects.get(name="reconciler").running_until is None
     api.delete(f"/api/storage/redis/instances/{instance.pk}")
     wait_for_status(api, "redis", instance.pk, "gone")
