@@ -415,9 +415,13 @@ def recover(instance_id: int) -> None:
             return
         try:
             backend.probe(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT)
-        except Exception as exc:  # noqa: BLE001 - it does not answer
-            if busy == Status.PROVISIONING:
-                _fail(instance, backend, f"{note} before the server was ready", BackendError(type(exc).__name__))
+        except Exception:  # noqa: BLE001 - it does not answer
+            if busy == Status.PROVISIONING:  # a create starts from a clean slate, so just do it again
+                Instance.objects.filter(pk=instance.pk).update(
+                    status_message=f"{note} before the server was ready; starting it again."
+                )
+                instance.release()
+                provision(instance.pk)
             else:
                 instance.transition(
                     Status.UNHEALTHY, f"{note}; the server does not answer, restarting it.", allowed_from=(busy,)

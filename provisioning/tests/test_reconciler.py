@@ -161,7 +161,9 @@ def test_a_worker_killed_mid_create_leaves_nothing_behind(api, broker, queued_fo
     assert Instance.objects.get(pk=survivor).status == "provisioning"
 
     # A new worker, with beat: the reconciler finds both stuck once the dead worker's claims expire.
-    worker = Worker(tmp_path / "worker2.log", beat=True, env={"STOCKROOM_RECONCILE_INTERVAL": "1", **RECOVERY})
+    # The survivor's server answers, so it is running; the doomed one is created again, and fails.
+    env = {"STOCKROOM_REDIS_SERVER": slow_redis_server, "STOCKROOM_RECONCILE_INTERVAL": "1", **RECOVERY}
+    worker = Worker(tmp_path / "worker2.log", beat=True, env=env)
     worker.start()
     try:
         running = wait_for_status(api, "redis", survivor, "running", "failed", timeout=60)
@@ -171,7 +173,11 @@ def test_a_worker_killed_mid_create_leaves_nothing_behind(api, broker, queued_fo
 
         failed = wait_for_status(api, "redis", doomed, "failed", "running", timeout=60)
         assert failed["status"] == "failed"
-        assert failed["status_message"].startswith("The worker handling it stopped before the server was ready")
+        assert failed["status_message"].startswith("Provisioning failed: The server exited during start-up.")
+        events = [
+            event["reason"] for event in api.get(f"/api/storage/redis/instances/{doomed}/events").json()["results"]
+        ]
+        assert events == ["Requested by alice.", failed["status_message"]]
         assert failed["port"] is None
         assert not instance_dir("redis", doomed).exists()
         assert port_refuses(doomed_port)
