@@ -5,9 +5,10 @@ that has not finished by then counts as failed. Any failing check makes the answ
 body says which one and why, so the first look at an outage is also the diagnosis.
 """
 
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import timedelta
 
 from django.conf import settings
@@ -24,6 +25,8 @@ from .reconciler import HEARTBEAT
 TIMEOUT = 1.0  # per network call
 DEADLINE = 3.0  # for the whole answer
 _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="healthz")
+_inflight: dict[str, Future] = {}
+_inflight_lock = threading.Lock()
 
 
 class CheckFailed(Exception):
@@ -65,13 +68,16 @@ def reconciler() -> str:
         raise CheckFailed("No reconcile pass has finished yet; is celery beat running?")
     age = timezone.now() - beat.beat_at
     if age > timedelta(seconds=3 * settings.STOCKROOM_RECONCILE_INTERVAL):
-        raise CheckFailed(f"The last reconcile pass finished {age.total_seconds():.0f} s ago.")
+        raise CheckFailed(
+            f"The last complete reconcile pass finished {age.total_seconds():.0f} s ago. Last: {beat.detail}"
+        )
     return f"Last pass {age.total_seconds():.1f} s ago."
 
 
 def backends() -> str:
     """The default backend, and any other that holds live instances."""
-    aliases = {settings.STOCKROOM_DEFAULT_BACKEND, *Instance.objects.live().values_list("backend", flat=True)}
+    in_use = Instance.objects.live().order_by().values_list("backend", flat=True).distinct()
+    aliases = {settings.STOCKROOM_DEFAULT_BACKEND, *in_use}
     usable, problems = [], []
     for alias in sorted(aliases):
         try:
@@ -103,8 +109,18 @@ def _timed(check: Callable[[], str]) -> dict:
     return result | {"ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
+def _start(name: str, check: Callable[[], str]) -> Future:
+    """A check still running for an earlier request is joined, not started again, so a check
+    that hangs holds one thread at most, however often /healthz is asked."""
+    with _inflight_lock:
+        future = _inflight.get(name)
+        if future is None or future.done():
+            future = _inflight[name] = _pool.submit(_timed, check)
+        return future
+
+
 def run_checks() -> dict[str, dict]:
-    futures = {name: _pool.submit(_timed, check) for name, check in CHECKS.items()}
+    futures = {name: _start(name, check) for name, check in CHECKS.items()}
     wait(futures.values(), timeout=DEADLINE)
     late = {"ok": False, "detail": f"No answer within {DEADLINE:g} s.", "ms": DEADLINE * 1000}
     return {name: future.result() if future.done() else late for name, future in futures.items()}

@@ -1,8 +1,9 @@
+import threading
 import time
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import models, transaction
+from django.db import connections, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -133,7 +134,9 @@ class Instance(models.Model):
         self._marked_at = now
 
     def claim(self, *, seconds: float) -> bool:
-        """Take the instance for `seconds`, unless another worker holds it. One UPDATE decides."""
+        """Take the instance unless another worker holds it (one UPDATE decides) and keep it until
+        release(): a thread renews the claim every seconds/3, so only a dead worker's claim expires,
+        `seconds` after its last renewal."""
         now = timezone.now()
         until = now + timedelta(seconds=seconds)
         taken = (
@@ -142,14 +145,15 @@ class Instance(models.Model):
             .update(claimed_until=until)
         )
         if taken:
-            self._claimed_until = until
+            self._claim_keeper = ClaimKeeper(self.pk, until, seconds)
+            self._claim_keeper.start()
         return bool(taken)
 
     def release(self) -> None:
         """Give up this object's claim; a claim that expired and was taken by another worker stays."""
-        until = self.__dict__.pop("_claimed_until", None)
-        if until is not None:
-            Instance.objects.filter(pk=self.pk, claimed_until=until).update(claimed_until=None)
+        keeper = self.__dict__.pop("_claim_keeper", None)
+        if keeper is not None:
+            Instance.objects.filter(pk=self.pk, claimed_until=keeper.stop()).update(claimed_until=None)
 
     def transition(self, to: Status, reason: str, *, allowed_from: tuple[Status, ...], unchanged_since=None) -> bool:
         """Move to `to` only if the current status is one of `allowed_from` (and, given
@@ -179,6 +183,35 @@ class Instance(models.Model):
             for field, value in changes.items():
                 setattr(self, field, value)
         return changed
+
+
+class ClaimKeeper(threading.Thread):
+    """Renews one instance's claim while the worker that holds it is busy with it."""
+
+    def __init__(self, pk: int, until, seconds: float):
+        super().__init__(name=f"claim-{pk}", daemon=True)
+        self.pk, self.until, self.seconds = pk, until, seconds
+        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        try:
+            while not self.stopped.wait(self.seconds / 3):
+                with self.lock:
+                    if self.stopped.is_set():
+                        return
+                    until = timezone.now() + timedelta(seconds=self.seconds)
+                    if not Instance.objects.filter(pk=self.pk, claimed_until=self.until).update(claimed_until=until):
+                        return  # taken over: it had expired, so this worker was presumed dead
+                    self.until = until
+        finally:
+            connections.close_all()  # this thread's own connection
+
+    def stop(self):
+        """Stop renewing; returns the claim's current end, which identifies it."""
+        with self.lock:
+            self.stopped.set()
+            return self.until
 
 
 class InstanceEvent(models.Model):

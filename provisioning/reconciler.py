@@ -6,6 +6,7 @@ acting. Celery beat runs a pass every STOCKROOM_RECONCILE_INTERVAL seconds.
 """
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 PROBED = (Status.RUNNING, Status.UNHEALTHY)
 HEARTBEAT = "reconciler"  # the Heartbeat row /healthz reads
+TURN = timedelta(minutes=2)  # how long a pass holds its turn without renewing it (once per phase)
+SECOND_CHANCE_AFTER = 0.2  # seconds before a server that did not answer is asked again
 
 
 @dataclass
@@ -45,7 +48,8 @@ class Reconciler:
     def run_once(self) -> Pass:
         report = Pass()
         now = self.clock()
-        if not self._take_turn(now):
+        turn = self._take_turn(now)
+        if turn is None:
             logger.warning("The previous reconcile pass is still running; skipping this one")
             report.skipped = True
             return report
@@ -57,21 +61,31 @@ class Reconciler:
                 except Exception:  # noqa: BLE001 - logged, and the pass goes on
                     logger.exception("Reconcile phase %s failed", phase.__name__)
                     report.failed_phases.append(phase.__name__)
+                turn = self._keep_turn(turn)
         finally:
-            Heartbeat.objects.filter(name=HEARTBEAT).update(
-                beat_at=self.clock(), detail=str(report), running_until=None
-            )
+            # /healthz reads beat_at: it moves only when every phase worked.
+            done = {"detail": str(report), "running_until": None}
+            if not report.failed_phases:
+                done["beat_at"] = self.clock()
+            Heartbeat.objects.filter(name=HEARTBEAT, running_until=turn).update(**done)
         if report.unhealthy or report.recovered or report.heals or report.stuck or report.failed_phases:
             logger.info("Reconcile pass: %s", report)
         return report
 
     @staticmethod
-    def _take_turn(now) -> bool:
-        """One pass at a time, across all workers; a pass that died frees its turn after a while."""
+    def _take_turn(now):
+        """One pass at a time, across all workers. Returns the turn's end (which identifies it), or
+        None while another pass holds it; a pass that died frees its turn after a while."""
         Heartbeat.objects.get_or_create(name=HEARTBEAT)
-        until = now + timedelta(seconds=max(60.0, 10 * settings.STOCKROOM_RECONCILE_INTERVAL))
+        until = now + TURN
         free = Q(running_until__isnull=True) | Q(running_until__lt=now)
-        return bool(Heartbeat.objects.filter(free, name=HEARTBEAT).update(running_until=until))
+        return until if Heartbeat.objects.filter(free, name=HEARTBEAT).update(running_until=until) else None
+
+    def _keep_turn(self, turn):
+        """Renew the turn between phases, so that only a pass that died loses it."""
+        until = self.clock() + TURN
+        Heartbeat.objects.filter(name=HEARTBEAT, running_until=turn).update(running_until=until)
+        return until
 
     # Health ----------------------------------------------------------------------------
 
@@ -99,10 +113,14 @@ class Reconciler:
                     unchanged_since=up_since,
                 ):
                     attempts = 0 if stable else instance.restart_attempts
-                    Instance.objects.filter(pk=instance.pk).update(restart_attempts=attempts, next_restart_at=now)
+                    # A server that died soon after a restart waits for its backoff before the next one.
+                    wait = services.restart_delay(attempts) if attempts else 0
+                    due = now + timedelta(seconds=wait)
+                    Instance.objects.filter(pk=instance.pk).update(restart_attempts=attempts, next_restart_at=due)
                     report.unhealthy.append(instance.pk)
-                    services.enqueue_heal(instance)
-                    report.heals.append(instance.pk)
+                    if not wait:  # otherwise a later pass finds it due
+                        services.enqueue_heal(instance)
+                        report.heals.append(instance.pk)
             elif error is not None and instance.status == Status.UNHEALTHY:
                 due = instance.next_restart_at is None or instance.next_restart_at <= now
                 free = instance.claimed_until is None or instance.claimed_until < now
@@ -115,7 +133,9 @@ class Reconciler:
         """None if the user's login works, else a short reason. A server gets a second chance,
         so one slow answer on a busy host does not get it restarted."""
         backend = get_backend(instance.backend)
-        for _ in range(2):
+        for attempt in range(2):
+            if attempt:
+                time.sleep(SECOND_CHANCE_AFTER)
             try:
                 backend.probe(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT)
                 return None

@@ -129,24 +129,27 @@ def provision(instance_id: int) -> None:
     instance = Instance.objects.filter(pk=instance_id, status=Status.PROVISIONING).first()
     if instance is None:
         return  # already handled: the task may be delivered twice
-    _claim(instance)
     backend = get_backend(instance.backend)
+    _claim(instance)
     instance.timings = {"queued": round((timezone.now() - instance.created_at).total_seconds(), 4)}
     instance.mark(None)
-    try:
-        backend.create(instance)
-    except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
-        _fail(instance, backend, "Provisioning failed", exc)
-        return
+    try:  # the claim is held until the outcome is recorded
+        try:
+            backend.create(instance)
+        except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
+            _fail(instance, backend, "Provisioning failed", exc)
+            return
+        Instance.objects.filter(pk=instance.pk).update(timings=instance.timings, restart_attempts=0)
+        if instance.transition(
+            Status.RUNNING,
+            "Started; a login with the user's credentials succeeded.",
+            allowed_from=(Status.PROVISIONING,),
+        ):
+            logger.info("Instance %s is running on port %s", instance.pk, instance.port)
+        else:  # someone else moved it on meanwhile; what they decided stands
+            logger.warning("Instance %s left provisioning while it was being started", instance.pk)
     finally:
         instance.release()
-    Instance.objects.filter(pk=instance.pk).update(timings=instance.timings)
-    if instance.transition(
-        Status.RUNNING, "Started; a login with the user's credentials succeeded.", allowed_from=(Status.PROVISIONING,)
-    ):
-        logger.info("Instance %s is running on port %s", instance.pk, instance.port)
-    else:  # someone else moved it on meanwhile; what they decided stands
-        logger.warning("Instance %s left provisioning while it was being started", instance.pk)
 
 
 def _describe(what: str, instance: Instance, exc: Exception) -> str:
@@ -193,20 +196,21 @@ def deprovision(instance_id: int) -> None:
     instance = Instance.objects.filter(pk=instance_id, status=Status.DELETING).first()
     if instance is None:
         return
-    _claim(instance)
     backend = get_backend(instance.backend)
+    _claim(instance)
     try:
-        backend.destroy(instance)
-    except Exception as exc:  # noqa: BLE001
-        message = _describe("Delete failed", instance, exc) + " Try deleting again."
-        instance.transition(Status.FAILED, message, allowed_from=(Status.DELETING,))
-        return
+        try:
+            backend.destroy(instance)
+        except Exception as exc:  # noqa: BLE001
+            message = _describe("Delete failed", instance, exc) + " Try deleting again."
+            instance.transition(Status.FAILED, message, allowed_from=(Status.DELETING,))
+            return
+        instance.transition(
+            Status.DELETED, f"Stopped and removed; port {instance.port} released.", allowed_from=(Status.DELETING,)
+        )
+        logger.info("Instance %s deleted", instance.pk)
     finally:
         instance.release()
-    instance.transition(
-        Status.DELETED, f"Stopped and removed; port {instance.port} released.", allowed_from=(Status.DELETING,)
-    )
-    logger.info("Instance %s deleted", instance.pk)
 
 
 # Lifecycle actions --------------------------------------------------------------------
@@ -249,6 +253,9 @@ ACTIONS = {
 }
 
 
+ACTION_OF = {spec.busy: name for name, spec in ACTIONS.items()}  # what a busy status is busy with
+
+
 def request_action(*, instance: Instance, action: str, by) -> Instance:
     """Mark the instance busy with `action`; a worker carries it out after commit.
 
@@ -269,8 +276,8 @@ def perform_action(instance_id: int, action: str) -> None:
     instance = Instance.objects.filter(pk=instance_id, status=spec.busy).first()
     if instance is None:
         return
-    _claim(instance)
     backend = get_backend(instance.backend)
+    _claim(instance)
     try:
         if action == "stop":
             backend.stop(instance)
@@ -283,7 +290,7 @@ def perform_action(instance_id: int, action: str) -> None:
     except Exception as exc:  # noqa: BLE001
         message = _describe(f"{spec.title} failed", instance, exc)
         if action == "start":  # a stopped instance stays stopped, with nothing half-started left running
-            _stop_quietly(instance, backend)
+            message += _stop_quietly(instance, backend)
             instance.transition(Status.STOPPED, message, allowed_from=(spec.busy,))
         else:  # anything that should run is left to the reconciler
             instance.transition(Status.UNHEALTHY, message, allowed_from=(spec.busy,))
@@ -391,43 +398,49 @@ def _give_up(instance: Instance, backend) -> None:
 
 
 def recover(instance_id: int) -> None:
-    """Finish or undo work that a worker left behind (it died, or the broker lost the job)."""
-    instance = Instance.objects.filter(pk=instance_id).first()
-    if instance is None or instance.status not in BUSY_STATUSES:
+    """Finish work that a worker left behind (it died, or the broker lost the job).
+
+    A server that answers is running. Otherwise the work is done again: a create from a clean
+    slate (once; a second loss fails it), a delete, or the user's action.
+    """
+    instance = Instance.objects.filter(pk=instance_id, status__in=BUSY_STATUSES).first()
+    if instance is None:
         return
-    if not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
-        return
-    busy, backend = instance.status, get_backend(instance.backend)
+    busy = instance.status
     note = "The worker handling it stopped"
     try:
         if busy == Status.DELETING:
-            instance.release()
             deprovision(instance.pk)
-            return
-        if busy == Status.STOPPING:
-            trouble = _stop_quietly(instance, backend)
-            if trouble:
-                instance.transition(
-                    Status.UNHEALTHY, f"{note}; finishing the stop failed.{trouble}", allowed_from=(busy,)
-                )
-            else:
-                instance.transition(Status.STOPPED, f"{note}; the stop was finished.", allowed_from=(busy,))
-            return
-        try:
-            backend.probe(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT)
-        except Exception:  # noqa: BLE001 - it does not answer
-            if busy == Status.PROVISIONING:  # a create starts from a clean slate, so just do it again
-                Instance.objects.filter(pk=instance.pk).update(
-                    status_message=f"{note} before the server was ready; starting it again."
-                )
-                instance.release()
-                provision(instance.pk)
-            else:
-                instance.transition(
-                    Status.UNHEALTHY, f"{note}; the server does not answer, restarting it.", allowed_from=(busy,)
-                )
-            return
-        instance.transition(Status.RUNNING, f"{note}; the server answers, so it is running.", allowed_from=(busy,))
+        elif busy in (Status.PROVISIONING, Status.STARTING, Status.RESTARTING) and _answers(instance):
+            instance.transition(Status.RUNNING, f"{note}; the server answers, so it is running.", allowed_from=(busy,))
+        elif busy == Status.PROVISIONING and instance.restart_attempts:
+            _fail_claimed(instance, f"{note} twice while creating it", BackendError("giving up"))
+        elif busy == Status.PROVISIONING:  # a create starts from a clean slate, so just do it again
+            Instance.objects.filter(pk=instance.pk, status=busy).update(
+                restart_attempts=1,
+                status_message=f"{note} before the server was ready; starting it again.",
+                updated_at=timezone.now(),
+            )
+            provision(instance.pk)
+        else:
+            perform_action(instance.pk, ACTION_OF[busy])
+    except Busy:
+        pass  # a live worker took it meanwhile
+
+
+def _answers(instance: Instance) -> bool:
+    try:
+        get_backend(instance.backend).probe(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT)
+    except Exception:  # noqa: BLE001 - any failure means "does not answer"
+        return False
+    return True
+
+
+def _fail_claimed(instance: Instance, what: str, exc: Exception) -> None:
+    backend = get_backend(instance.backend)
+    _claim(instance)
+    try:
+        _fail(instance, backend, what, exc)
     finally:
         instance.release()
 
@@ -442,6 +455,8 @@ def _enqueue(task_name: str, instance: Instance, *args, revert_to: Status) -> No
     task: Callable = getattr(tasks, task_name)
     try:
         task.delay(instance.pk, *args)
+    except Busy:  # only when tasks run inline (tests): the reconciler's recovery takes over
+        logger.warning("Instance %s was held by another worker; %s left to recovery", instance.pk, task_name)
     except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
         logger.error("Could not queue %s for instance %s: %s", task_name, instance.pk, exc)
         instance.transition(

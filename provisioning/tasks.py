@@ -2,9 +2,15 @@ from celery import shared_task
 
 from . import services
 
-# A task that finds its instance held by another worker waits and tries again (1, 2, 4 … s);
-# after that the reconciler's recovery of stuck instances takes over.
-WHEN_BUSY = {"autoretry_for": (services.Busy,), "retry_backoff": 1, "max_retries": 6, "retry_jitter": False}
+# A task that finds its instance held by another worker waits and tries again (1, 2, 4 … 30 s,
+# about 4 minutes in all); after that the reconciler's recovery of stuck instances takes over.
+WHEN_BUSY = {
+    "autoretry_for": (services.Busy,),
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "max_retries": 12,
+    "retry_jitter": False,
+}
 
 
 @shared_task(acks_late=True, ignore_result=True, **WHEN_BUSY)

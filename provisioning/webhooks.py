@@ -15,7 +15,8 @@ import socket
 from datetime import timedelta
 from urllib.parse import urlsplit
 
-import requests
+import certifi
+import urllib3
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
@@ -40,22 +41,73 @@ class PrivateAddress(Exception):
     """The URL leads to an address inside the portal's own network."""
 
 
-def check_address(host: str) -> None:
-    """Refuse hosts that are (or resolve to) loopback, private, link-local or other non-public
-    addresses, unless STOCKROOM_WEBHOOK_ALLOW_PRIVATE: a webhook must not become a way to
-    probe the portal's network or its instances. Checked at registration and before each send.
-    """
-    if settings.STOCKROOM_WEBHOOK_ALLOW_PRIVATE:
-        return
+class Unresolvable(Exception):
+    pass
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def is_public(address: str) -> bool:
+    """Whether an address is on the public internet, IPv4 hidden inside IPv6 included."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6:
+        if ip in IPV4_COMPATIBLE:
+            return False
+        embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+        if ip in NAT64:
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if any(inner is not None and not inner.is_global for inner in embedded):
+            return False
+    return ip.is_global
+
+
+def resolve(host: str, port: int) -> str:
+    """The address to connect to: every address `host` has must be public (unless
+    STOCKROOM_WEBHOOK_ALLOW_PRIVATE), so that a webhook cannot probe the portal's own network or
+    its instances. The request then goes to this very address, so a second lookup (DNS rebinding)
+    cannot lead it elsewhere."""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
-    except (socket.gaierror, UnicodeError):
-        return  # unresolvable: sending fails with a clear error of its own
-    for address in sorted(addresses):
-        if not ipaddress.ip_address(address.split("%")[0]).is_global:
-            raise PrivateAddress(
-                f"{host} is a non-public address ({address}); webhooks may only reach public addresses."
-            )
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise Unresolvable(f"Could not resolve {host} ({exc}).") from None
+    addresses = [info[4][0] for info in found]
+    if not settings.STOCKROOM_WEBHOOK_ALLOW_PRIVATE:
+        for address in addresses:
+            if not is_public(address):
+                raise PrivateAddress(
+                    f"{host} is a non-public address ({address}); webhooks may only reach public addresses."
+                )
+    return addresses[0]
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
+    """POST `body` to `url` at the address resolve() checked; returns the status code.
+
+    No redirects, no retries, nothing read but the status line and headers.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname.encode("idna").decode()
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    address = resolve(host, port)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    options = {"timeout": urllib3.Timeout(connect=timeout, read=timeout), "retries": False, "maxsize": 1}
+    if parts.scheme == "https":  # the certificate must match the name, not the address
+        pool = urllib3.HTTPSConnectionPool(
+            address, port, server_hostname=host, assert_hostname=host, cert_reqs="CERT_REQUIRED",
+            ca_certs=certifi.where(), **options,
+        )  # fmt: skip
+    else:
+        pool = urllib3.HTTPConnectionPool(address, port, **options)
+    default_port = port == (443 if parts.scheme == "https" else 80)
+    headers = headers | {"Host": host if default_port else f"{host}:{port}"}
+    try:
+        response = pool.urlopen("POST", path, body=body, headers=headers, redirect=False, preload_content=False)
+        response.release_conn()
+        return response.status
+    finally:
+        pool.close()
 
 
 def create_webhook(*, owner, url: str) -> tuple[Webhook, str]:
@@ -66,13 +118,17 @@ def create_webhook(*, owner, url: str) -> tuple[Webhook, str]:
     try:
         URLValidator(schemes=["http", "https"])(url)
         host = urlsplit(url).hostname
-        urlsplit(url).port  # noqa: B018 - raises ValueError outside 0-65535
-    except (ValidationError, ValueError):
+        if not urlsplit(url).port and urlsplit(url).port is not None:
+            raise ValueError("port 0")
+    except (ValidationError, ValueError):  # .port raises ValueError outside 0-65535
         raise ValidationError({"url": f"{url!r} is not {URL_RULE}."}) from None
-    try:
-        check_address(host)
-    except PrivateAddress as exc:
-        raise ValidationError({"url": str(exc)}) from None
+    if not settings.STOCKROOM_WEBHOOK_ALLOW_PRIVATE:
+        try:
+            resolve(host, 443)  # early feedback; each send checks again
+        except PrivateAddress as exc:
+            raise ValidationError({"url": str(exc)}) from None
+        except Unresolvable:
+            pass  # a receiver that is not up yet is fine
     with transaction.atomic():
         # One registration at a time per user, so the limit cannot be raced past.
         get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
@@ -113,7 +169,7 @@ def retry_delay(attempt: int) -> float:
 class Sender:
     """Sends one delivery. `post` is a class attribute so tests can swap the HTTP client."""
 
-    post = staticmethod(requests.post)
+    post = staticmethod(post)
 
     def deliver(self, delivery_id: int) -> None:
         """Attempt a pending delivery that is due; record the outcome; schedule a retry if any."""
@@ -134,7 +190,9 @@ class Sender:
                 error = f"The receiver answered {code}."
         except PrivateAddress as exc:  # the same every time: no point in retrying
             error, permanent = str(exc), True
-        except requests.RequestException as exc:
+        except Unresolvable as exc:
+            error = str(exc)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             error = f"Could not reach the receiver ({type(exc).__name__})."
         except Exception as exc:  # noqa: BLE001 - counted as a failed attempt, never retried forever
             logger.exception("Webhook delivery %s failed", delivery.pk)
@@ -142,7 +200,6 @@ class Sender:
         self._record(delivery, code, error, permanent=permanent)
 
     def _send(self, delivery: WebhookDelivery, timeout: float) -> int:
-        check_address(urlsplit(delivery.webhook.url).hostname)
         body = json.dumps(payload(delivery), separators=(",", ":")).encode()
         headers = {
             "Content-Type": "application/json",
@@ -150,8 +207,7 @@ class Sender:
             DELIVERY_HEADER: str(delivery.pk),
             SIGNATURE_HEADER: sign(delivery.webhook.secret, body),
         }
-        response = self.post(delivery.webhook.url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
-        return response.status_code
+        return self.post(delivery.webhook.url, body, headers, timeout)
 
     @staticmethod
     def _record(delivery: WebhookDelivery, code: int | None, error: str, *, permanent: bool = False) -> None:

@@ -137,16 +137,17 @@ def broker(tmp_path):
 class Worker:
     """`celery worker` against the test database; with beat=True it also runs the reconciler."""
 
-    def __init__(self, log: Path, *, beat: bool = False, env: dict[str, str] | None = None):
+    def __init__(self, log: Path, *, beat: bool = False, concurrency: int = 2, env: dict[str, str] | None = None):
         self.log = log
         self.beat = beat
+        self.concurrency = concurrency
         self.env = env or {}
         self.process: subprocess.Popen | None = None
 
     def start(self, **env: str) -> None:
         database = settings.DATABASES["default"]["NAME"]  # the test database
-        argv = [sys.executable, "-m", "celery", "-A", "portal", "worker", "--concurrency", "2", "--loglevel", "INFO",
-                "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
+        argv = [sys.executable, "-m", "celery", "-A", "portal", "worker", "--concurrency", str(self.concurrency),
+                "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
         if self.beat:
             argv += ["--beat", "--schedule", str(self.log.with_suffix(".beat"))]
         self.process = subprocess.Popen(

@@ -211,3 +211,17 @@ def test_passes_never_overlap(api):
     assert Heartbeat.objects.get(name="reconciler").running_until is None
     api.delete(f"/api/storage/redis/instances/{instance.pk}")
     wait_for_status(api, "redis", instance.pk, "gone")
+
+
+def test_a_server_that_died_again_soon_waits_for_its_backoff(api, settings):
+    settings.STOCKROOM_RESTART_BACKOFF = 60
+    instance = running_redis(api)
+    kill(instance)
+    assert Reconciler().run_once().heals == [instance.pk]  # the first failure: restarted at once
+    kill(instance)
+    assert Reconciler().run_once().heals == []  # again, soon after: it waits
+    instance.refresh_from_db()
+    assert (instance.status, instance.restart_attempts) == (Status.UNHEALTHY, 1)
+    assert instance.next_restart_at > timezone.now() + timedelta(seconds=100)  # 60 s doubled
+    api.delete(f"/api/storage/redis/instances/{instance.pk}")
+    wait_for_status(api, "redis", instance.pk, "gone")

@@ -1,11 +1,12 @@
 """Webhooks: registered by their owner, told about every status change, signed, retried."""
 
 import json
+import socket
 
 import pytest
 
 from provisioning.models import Webhook
-from provisioning.webhooks import retry_delay
+from provisioning.webhooks import is_public, retry_delay
 
 from .conftest import port_refuses, verify, wait_for_status
 
@@ -111,7 +112,7 @@ def test_a_receiver_that_stays_down_is_given_up_on(api, settings, unused_port):
     for delivery in deliveries:
         assert delivery["status"] == "failed"
         assert delivery["attempts"] == 3
-        assert delivery["error"] == "Could not reach the receiver (ConnectionError). Gave up after 3 attempts."
+        assert delivery["error"] == "Could not reach the receiver (NewConnectionError). Gave up after 3 attempts."
         assert delivery["next_attempt_at"] is None
     api.delete(f"/api/storage/redis/instances/{pk}")
 
@@ -156,3 +157,38 @@ def test_a_name_that_resolves_to_a_private_address_is_refused_at_send_time(api, 
 @pytest.mark.parametrize("url", ["http://example.com:99999/", "https://example.com:-1/"])
 def test_it_rejects_impossible_ports(api, url):
     assert api.post("/api/webhooks", {"url": url}).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["::127.0.0.1", "64:ff9b::7f00:1", "2002:7f00:1::", "::ffff:10.0.0.1", "0.0.0.0", "fe80::1%eth0", "100.64.0.1"],
+)
+def test_private_addresses_hidden_in_other_forms_are_not_public(address):
+    assert not is_public(address)
+
+
+@pytest.mark.parametrize("address", ["93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"])
+def test_public_addresses_are_public(address):
+    assert is_public(address)
+
+
+def test_the_request_goes_to_the_address_that_was_checked(api, receiver, monkeypatch):
+    """DNS rebinding: the name is looked up once per send, and the connection goes to that address."""
+    real_lookup, lookups = socket.getaddrinfo, []
+
+    def lookup(host, port, *args, **kwargs):
+        if host != "hooks.example.com":
+            return real_lookup(host, port, *args, **kwargs)
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    hook = register(api, receiver.url.replace("127.0.0.1", "hooks.example.com"))
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+    assert len(receiver.received) == len(lookups) == 2  # provisioning, running: one lookup each
+    headers, _ = receiver.received[0]
+    assert headers["Host"] == f"hooks.example.com:{receiver.server.server_port}"
+    deliveries = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()["results"]
+    assert {delivery["status"] for delivery in deliveries} == {"delivered"}
+    api.delete(f"/api/storage/redis/instances/{pk}")
