@@ -88,6 +88,11 @@ class Instance(models.Model):
                 condition=~Q(status=Status.DELETED),  # exactly what visible() asks for
                 name="instance_list_order",
             ),
+            models.Index(
+                fields=["owner", "-created_at", "-id", "status"],
+                condition=~Q(status=Status.DELETED),
+                name="instance_dashboard_order",  # both kinds, as the dashboard lists them
+            ),
             models.Index(fields=["status"], name="instance_status"),  # the reconciler's scans
         ]
         constraints = [

@@ -3,13 +3,13 @@
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.core.paginator import Paginator
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 from rest_framework.authtoken.models import Token
 
 from . import services
+from .api.pagination import IdsFirstPaginator
 from .engines import ENGINES, get_engine
 from .forms import CREATE_FORMS
 from .models import BUSY_STATUSES, Instance, Kind, Status
@@ -21,8 +21,8 @@ def _my_instance(request, pk: int) -> Instance:
 
 @login_required
 def dashboard(request):
-    instances = Instance.objects.visible().filter(owner=request.user)
-    page = Paginator(instances, 20).get_page(request.GET.get("page"))
+    instances = Instance.objects.visible().filter(owner=request.user).defer("password", "admin_password")
+    page = IdsFirstPaginator(instances, 20).get_page(request.GET.get("page"))
     return render(request, "provisioning/dashboard.html", {"page": page, "kinds": Kind.choices})
 
 
