@@ -126,7 +126,7 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PAGINATION_CLASS": "provisioning.api.pagination.InstancePagination",
+    "DEFAULT_PAGINATION_CLASS": "provisioning.api.pagination.Pagination",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "EXCEPTION_HANDLER": "provisioning.api.views.exception_handler",
@@ -151,6 +151,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_EAGER_PROPAGATES = True
+# The most a task may take; Celery kills one that runs longer, and its claim on an instance lapses.
+STOCKROOM_TASK_TIME_LIMIT = env.float("STOCKROOM_TASK_TIME_LIMIT", default=900.0)
+CELERY_TASK_TIME_LIMIT = STOCKROOM_TASK_TIME_LIMIT
 # A broker that accepts connections but does not answer must not hold a web request for long.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 2}
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2}

@@ -1,13 +1,16 @@
+import logging
 import threading
 import time
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import connections, models, transaction
+from django.db import DatabaseError, close_old_connections, connections, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from .fields import EncryptedTextField
+
+logger = logging.getLogger(__name__)
 
 
 class Kind(models.TextChoices):
@@ -71,6 +74,8 @@ class Instance(models.Model):
     next_restart_at = models.DateTimeField(null=True, blank=True)
     # A worker that acts on the instance holds it until then; see claim().
     claimed_until = models.DateTimeField(null=True, blank=True)
+    # Times work on the instance's current busy status was taken over from a worker that died.
+    recoveries = models.PositiveSmallIntegerField(default=0)
     # Seconds each step of the create took (queued, data_directory, server_start, first_login).
     timings = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -158,7 +163,7 @@ class Instance(models.Model):
         """Give up this object's claim; a claim that expired and was taken by another worker stays."""
         keeper = self.__dict__.pop("_claim_keeper", None)
         if keeper is not None:
-            Instance.objects.filter(pk=self.pk, claimed_until=keeper.stop()).update(claimed_until=None)
+            Instance.objects.filter(pk=self.pk, claimed_until__in=keeper.stop()).update(claimed_until=None)
 
     def transition(self, to: Status, reason: str, *, allowed_from: tuple[Status, ...], unchanged_since=None) -> bool:
         """Move to `to` only if the current status is one of `allowed_from` (and, given
@@ -169,6 +174,8 @@ class Instance(models.Model):
         A failed instance holds nothing, so moving to FAILED also gives up the port.
         """
         changes = {"status": to, "status_message": reason, "updated_at": timezone.now()}
+        if to not in BUSY_STATUSES:
+            changes["recoveries"] = 0
         if to == Status.FAILED:
             changes["port"] = None
         unchanged = Q() if unchanged_since is None else Q(updated_at=unchanged_since)
@@ -191,32 +198,47 @@ class Instance(models.Model):
 
 
 class ClaimKeeper(threading.Thread):
-    """Renews one instance's claim while the worker that holds it is busy with it."""
+    """Renews one instance's claim while the worker that holds it is busy with it.
+
+    It stops renewing after STOCKROOM_TASK_TIME_LIMIT, the most any task may take (Celery kills a
+    task that runs longer), so a hung worker's claim lapses too. No lock is held during database
+    I/O; release() clears whichever end the claim has: the current one or a renewal in flight.
+    """
 
     def __init__(self, pk: int, until, seconds: float):
         super().__init__(name=f"claim-{pk}", daemon=True)
-        self.pk, self.until, self.seconds = pk, until, seconds
+        self.pk, self.seconds = pk, seconds
+        self.ends = [until]  # the claim's end, and a renewal's while it is being written
+        self.give_up_at = time.monotonic() + settings.STOCKROOM_TASK_TIME_LIMIT
         self.stopped = threading.Event()
         self.lock = threading.Lock()
 
     def run(self) -> None:
         try:
-            while not self.stopped.wait(self.seconds / 3):
+            while not self.stopped.wait(self.seconds / 3) and time.monotonic() < self.give_up_at:
+                until = timezone.now() + timedelta(seconds=self.seconds)
                 with self.lock:
-                    if self.stopped.is_set():
-                        return
-                    until = timezone.now() + timedelta(seconds=self.seconds)
-                    if not Instance.objects.filter(pk=self.pk, claimed_until=self.until).update(claimed_until=until):
-                        return  # taken over: it had expired, so this worker was presumed dead
-                    self.until = until
+                    current = self.ends[0]
+                    self.ends.append(until)
+                try:
+                    renewed = Instance.objects.filter(pk=self.pk, claimed_until=current).update(claimed_until=until)
+                except DatabaseError:  # a blip: keep the old end and try again next time
+                    logger.warning("Could not renew the claim on instance %s", self.pk, exc_info=True)
+                    close_old_connections()
+                    renewed = None
+                with self.lock:
+                    self.ends = [until] if renewed else [current]
+                if renewed == 0 and not self.stopped.is_set():
+                    logger.error("Instance %s: the claim lapsed and was taken over", self.pk)
+                    return
         finally:
             connections.close_all()  # this thread's own connection
 
-    def stop(self):
-        """Stop renewing; returns the claim's current end, which identifies it."""
+    def stop(self) -> list:
+        """Stop renewing; returns the ends the claim may have now."""
         with self.lock:
             self.stopped.set()
-            return self.until
+            return list(self.ends)
 
 
 class InstanceEvent(models.Model):

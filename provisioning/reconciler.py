@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 PROBED = (Status.RUNNING, Status.UNHEALTHY)
 HEARTBEAT = "reconciler"  # the Heartbeat row /healthz reads
-TURN = timedelta(minutes=2)  # how long a pass holds its turn without renewing it (once per phase)
+TURN = timedelta(minutes=5)  # how long a pass holds its turn without renewing it (once per phase)
 SECOND_CHANCE_AFTER = 0.2  # seconds before a server that did not answer is asked again
 
 
@@ -40,6 +40,11 @@ class Pass:
     deliveries: int = 0
     failed_phases: list[str] = field(default_factory=list)
     skipped: bool = False  # another pass was still running
+
+    def summary(self) -> str:
+        """For the heartbeat, which /healthz shows to anyone: counts, not instance ids."""
+        text = f"probed {self.probed}, unhealthy {len(self.unhealthy)}, stuck {len(self.stuck)}, orphans {self.orphans}"
+        return text + (f"; failed: {', '.join(self.failed_phases)}" if self.failed_phases else "")
 
 
 class Reconciler:
@@ -62,9 +67,13 @@ class Reconciler:
                     logger.exception("Reconcile phase %s failed", phase.__name__)
                     report.failed_phases.append(phase.__name__)
                 turn = self._keep_turn(turn)
+                if turn is None:
+                    logger.error("This reconcile pass lost its turn (it ran past %s); ending it", TURN)
+                    report.failed_phases.append("lost its turn")
+                    break
         finally:
             # /healthz reads beat_at: it moves only when every phase worked.
-            done = {"detail": str(report), "running_until": None}
+            done = {"detail": report.summary(), "running_until": None}
             if not report.failed_phases:
                 done["beat_at"] = self.clock()
             Heartbeat.objects.filter(name=HEARTBEAT, running_until=turn).update(**done)
@@ -82,10 +91,11 @@ class Reconciler:
         return until if Heartbeat.objects.filter(free, name=HEARTBEAT).update(running_until=until) else None
 
     def _keep_turn(self, turn):
-        """Renew the turn between phases, so that only a pass that died loses it."""
+        """Renew the turn between phases, so that only a pass that died loses it; None if lost."""
         until = self.clock() + TURN
-        Heartbeat.objects.filter(name=HEARTBEAT, running_until=turn).update(running_until=until)
-        return until
+        return (
+            until if Heartbeat.objects.filter(name=HEARTBEAT, running_until=turn).update(running_until=until) else None
+        )
 
     # Health ----------------------------------------------------------------------------
 
@@ -151,6 +161,8 @@ class Reconciler:
             Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
         )
         for instance in stuck:
+            # Touched, so that the next passes do not queue it again while this job waits.
+            Instance.objects.filter(pk=instance.pk).update(updated_at=now)
             services.enqueue_recover(instance)
             report.stuck.append(instance.pk)
 

@@ -4,6 +4,7 @@ import logging
 import re
 import secrets
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -130,26 +131,25 @@ def provision(instance_id: int) -> None:
     if instance is None:
         return  # already handled: the task may be delivered twice
     backend = get_backend(instance.backend)
-    _claim(instance)
+    with _held(instance):
+        _provision(instance, backend)
+
+
+def _provision(instance: Instance, backend) -> None:
     instance.timings = {"queued": round((timezone.now() - instance.created_at).total_seconds(), 4)}
     instance.mark(None)
-    try:  # the claim is held until the outcome is recorded
-        try:
-            backend.create(instance)
-        except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
-            _fail(instance, backend, "Provisioning failed", exc)
-            return
-        Instance.objects.filter(pk=instance.pk).update(timings=instance.timings, restart_attempts=0)
-        if instance.transition(
-            Status.RUNNING,
-            "Started; a login with the user's credentials succeeded.",
-            allowed_from=(Status.PROVISIONING,),
-        ):
-            logger.info("Instance %s is running on port %s", instance.pk, instance.port)
-        else:  # someone else moved it on meanwhile; what they decided stands
-            logger.warning("Instance %s left provisioning while it was being started", instance.pk)
-    finally:
-        instance.release()
+    try:
+        backend.create(instance)
+    except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
+        _fail(instance, backend, "Provisioning failed", exc)
+        return
+    Instance.objects.filter(pk=instance.pk).update(timings=instance.timings)
+    if instance.transition(
+        Status.RUNNING, "Started; a login with the user's credentials succeeded.", allowed_from=(Status.PROVISIONING,)
+    ):
+        logger.info("Instance %s is running on port %s", instance.pk, instance.port)
+    else:  # someone else moved it on meanwhile; what they decided stands
+        logger.warning("Instance %s left provisioning while it was being started", instance.pk)
 
 
 def _describe(what: str, instance: Instance, exc: Exception) -> str:
@@ -197,20 +197,21 @@ def deprovision(instance_id: int) -> None:
     if instance is None:
         return
     backend = get_backend(instance.backend)
-    _claim(instance)
+    with _held(instance):
+        _deprovision(instance, backend)
+
+
+def _deprovision(instance: Instance, backend) -> None:
     try:
-        try:
-            backend.destroy(instance)
-        except Exception as exc:  # noqa: BLE001
-            message = _describe("Delete failed", instance, exc) + " Try deleting again."
-            instance.transition(Status.FAILED, message, allowed_from=(Status.DELETING,))
-            return
-        instance.transition(
-            Status.DELETED, f"Stopped and removed; port {instance.port} released.", allowed_from=(Status.DELETING,)
-        )
-        logger.info("Instance %s deleted", instance.pk)
-    finally:
-        instance.release()
+        backend.destroy(instance)
+    except Exception as exc:  # noqa: BLE001
+        message = _describe("Delete failed", instance, exc) + " Try deleting again."
+        instance.transition(Status.FAILED, message, allowed_from=(Status.DELETING,))
+        return
+    instance.transition(
+        Status.DELETED, f"Stopped and removed; port {instance.port} released.", allowed_from=(Status.DELETING,)
+    )
+    logger.info("Instance %s deleted", instance.pk)
 
 
 # Lifecycle actions --------------------------------------------------------------------
@@ -272,12 +273,16 @@ def request_action(*, instance: Instance, action: str, by) -> Instance:
 
 def perform_action(instance_id: int, action: str) -> None:
     """Worker side of a lifecycle action."""
-    spec = ACTIONS[action]
-    instance = Instance.objects.filter(pk=instance_id, status=spec.busy).first()
+    instance = Instance.objects.filter(pk=instance_id, status=ACTIONS[action].busy).first()
     if instance is None:
         return
     backend = get_backend(instance.backend)
-    _claim(instance)
+    with _held(instance):
+        _perform(instance, backend, action)
+
+
+def _perform(instance: Instance, backend, action: str) -> None:
+    spec = ACTIONS[action]
     try:
         if action == "stop":
             backend.stop(instance)
@@ -297,8 +302,6 @@ def perform_action(instance_id: int, action: str) -> None:
     else:
         Instance.objects.filter(pk=instance.pk).update(restart_attempts=0, next_restart_at=None)
         instance.transition(spec.done, spec.done_message, allowed_from=(spec.busy,))
-    finally:
-        instance.release()
 
 
 def _rotate_password(instance: Instance, backend) -> None:
@@ -327,9 +330,15 @@ def _stop_quietly(instance: Instance, backend) -> str:
     return ""
 
 
-def _claim(instance: Instance) -> None:
+@contextmanager
+def _held(instance: Instance):
+    """Hold the instance for the block (Busy if another worker holds it); see Instance.claim."""
     if not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
         raise Busy(f"Instance {instance.pk} is held by another worker.")
+    try:
+        yield
+    finally:
+        instance.release()
 
 
 # Healing (the reconciler decides, these act) ------------------------------------------
@@ -355,9 +364,11 @@ def restart_delay(attempt: int) -> float:
 def heal(instance_id: int) -> None:
     """Restart an unhealthy instance, with backoff; give up after STOCKROOM_MAX_RESTARTS."""
     instance = Instance.objects.filter(pk=instance_id, status=Status.UNHEALTHY).first()
-    if instance is None or not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
-        return  # the reconciler asks again next pass
+    if instance is None:
+        return
     backend = get_backend(instance.backend)
+    if not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
+        return  # the reconciler asks again next pass
     try:
         if instance.next_restart_at and instance.next_restart_at > timezone.now():
             return
@@ -400,49 +411,58 @@ def _give_up(instance: Instance, backend) -> None:
 def recover(instance_id: int) -> None:
     """Finish work that a worker left behind (it died, or the broker lost the job).
 
-    A server that answers is running. Otherwise the work is done again: a create from a clean
-    slate (once; a second loss fails it), a delete, or the user's action.
+    A server that answers is running. Otherwise the work is done again, once: a create from a
+    clean slate, a delete, or the user's action. If that is cut short too, it is given up.
     """
     instance = Instance.objects.filter(pk=instance_id, status__in=BUSY_STATUSES).first()
     if instance is None:
         return
-    busy = instance.status
-    note = "The worker handling it stopped"
+    backend = get_backend(instance.backend)
     try:
-        if busy == Status.DELETING:
-            deprovision(instance.pk)
-        elif busy in (Status.PROVISIONING, Status.STARTING, Status.RESTARTING) and _answers(instance):
-            instance.transition(Status.RUNNING, f"{note}; the server answers, so it is running.", allowed_from=(busy,))
-        elif busy == Status.PROVISIONING and instance.restart_attempts:
-            _fail_claimed(instance, f"{note} twice while creating it", BackendError("giving up"))
-        elif busy == Status.PROVISIONING:  # a create starts from a clean slate, so just do it again
-            Instance.objects.filter(pk=instance.pk, status=busy).update(
-                restart_attempts=1,
-                status_message=f"{note} before the server was ready; starting it again.",
-                updated_at=timezone.now(),
-            )
-            provision(instance.pk)
-        else:
-            perform_action(instance.pk, ACTION_OF[busy])
+        with _held(instance):
+            _recover(instance, backend)
     except Busy:
-        pass  # a live worker took it meanwhile
+        pass  # a live worker has it after all
 
 
-def _answers(instance: Instance) -> bool:
+def _recover(instance: Instance, backend) -> None:
+    busy, note = instance.status, "The worker handling it stopped"
+    if instance.recoveries:
+        _give_up_recovering(instance, backend, f"{note} twice")
+        return
+    Instance.objects.filter(pk=instance.pk).update(recoveries=1)
+    if busy == Status.DELETING:
+        _deprovision(instance, backend)
+    elif busy in (Status.PROVISIONING, Status.STARTING, Status.RESTARTING) and _answers(instance, backend):
+        instance.transition(Status.RUNNING, f"{note}; the server answers, so it is running.", allowed_from=(busy,))
+    elif busy == Status.PROVISIONING:  # a create starts from a clean slate, so just do it again
+        Instance.objects.filter(pk=instance.pk).update(
+            status_message=f"{note} before the server was ready; starting it again."
+        )
+        _provision(instance, backend)
+    else:
+        _perform(instance, backend, ACTION_OF[busy])
+
+
+def _give_up_recovering(instance: Instance, backend, what: str) -> None:
+    """A create or delete ends failed (with its leftovers removed); an action hands the
+    instance to the reconciler as unhealthy."""
+    busy = instance.status
+    if busy in (Status.PROVISIONING, Status.DELETING):
+        verb = "create" if busy == Status.PROVISIONING else "delete"
+        _fail(instance, backend, what, BackendError(f"the {verb} was given up; try again."))
+    else:
+        instance.transition(
+            Status.UNHEALTHY, f"{what}; the {ACTION_OF[busy].replace('-', ' ')} was given up.", allowed_from=(busy,)
+        )
+
+
+def _answers(instance: Instance, backend) -> bool:
     try:
-        get_backend(instance.backend).probe(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT)
+        backend.probe(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT)
     except Exception:  # noqa: BLE001 - any failure means "does not answer"
         return False
     return True
-
-
-def _fail_claimed(instance: Instance, what: str, exc: Exception) -> None:
-    backend = get_backend(instance.backend)
-    _claim(instance)
-    try:
-        _fail(instance, backend, what, exc)
-    finally:
-        instance.release()
 
 
 # Queueing -----------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
     port = parts.port or (443 if parts.scheme == "https" else 80)
     address = resolve(host, port)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    options = {"timeout": urllib3.Timeout(connect=timeout, read=timeout), "retries": False, "maxsize": 1}
+    options = {"timeout": urllib3.Timeout(total=timeout), "retries": False, "maxsize": 1}
     if parts.scheme == "https":  # the certificate must match the name, not the address
         pool = urllib3.HTTPSConnectionPool(
             address, port, server_hostname=host, assert_hostname=host, cert_reqs="CERT_REQUIRED",
@@ -100,11 +100,12 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
         )  # fmt: skip
     else:
         pool = urllib3.HTTPConnectionPool(address, port, **options)
+    name = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
     default_port = port == (443 if parts.scheme == "https" else 80)
-    headers = headers | {"Host": host if default_port else f"{host}:{port}"}
+    headers = headers | {"Host": name if default_port else f"{name}:{port}"}
     try:
         response = pool.urlopen("POST", path, body=body, headers=headers, redirect=False, preload_content=False)
-        response.release_conn()
+        response.close()  # the status is all we need
         return response.status
     finally:
         pool.close()
@@ -117,11 +118,14 @@ def create_webhook(*, owner, url: str) -> tuple[Webhook, str]:
     """
     try:
         URLValidator(schemes=["http", "https"])(url)
-        host = urlsplit(url).hostname
-        if not urlsplit(url).port and urlsplit(url).port is not None:
+        parts = urlsplit(url)
+        if parts.port == 0:  # .port itself raises ValueError outside 0-65535
             raise ValueError("port 0")
-    except (ValidationError, ValueError):  # .port raises ValueError outside 0-65535
+    except (ValidationError, ValueError):
         raise ValidationError({"url": f"{url!r} is not {URL_RULE}."}) from None
+    if parts.username is not None:
+        raise ValidationError({"url": "Put no user name or password in the URL; check the signature instead."})
+    host = parts.hostname
     if not settings.STOCKROOM_WEBHOOK_ALLOW_PRIVATE:
         try:
             resolve(host, 443)  # early feedback; each send checks again

@@ -1,4 +1,5 @@
 from django.core.paginator import Paginator
+from django.db.models import QuerySet
 from rest_framework.pagination import PageNumberPagination
 
 
@@ -11,6 +12,8 @@ class IdsFirstPaginator(Paginator):
     """
 
     def page(self, number):
+        if not isinstance(self.object_list, QuerySet):
+            return super().page(number)
         number = self.validate_number(number)
         bottom = (number - 1) * self.per_page
         top = bottom + self.per_page
@@ -20,8 +23,13 @@ class IdsFirstPaginator(Paginator):
         return self._get_page(list(self.object_list.filter(pk__in=ids)), number, self)
 
 
-class InstancePagination(PageNumberPagination):
-    django_paginator_class = IdsFirstPaginator
+class Pagination(PageNumberPagination):
     page_size = 20
     page_size_query_param = "page_size"
     max_page_size = 100
+
+
+class InstancePagination(Pagination):
+    """For the long lists: instances, which a user or a CI system may have thousands of."""
+
+    django_paginator_class = IdsFirstPaginator

@@ -9,6 +9,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 from .. import services, webhooks
 from ..engines import get_engine
 from ..models import Instance, Webhook
+from .pagination import InstancePagination
 from .serializers import (
     CREATE_SERIALIZERS,
     DeliverySerializer,
@@ -37,6 +38,7 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     """MySQL and Redis instances of the signed-in user. Other users' instances do not exist here."""
 
     serializer_class = InstanceSerializer
+    pagination_class = InstancePagination
 
     def get_queryset(self):
         instances = Instance.objects.visible().filter(owner=self.request.user, kind=self.kwargs["kind"])

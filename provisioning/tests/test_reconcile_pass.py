@@ -4,9 +4,11 @@ import copy
 import os
 import signal
 import subprocess
+import time
 from datetime import timedelta
 
 import pytest
+import redis
 from django.conf import settings as django_settings
 from django.utils import timezone
 
@@ -14,7 +16,7 @@ from provisioning import tasks
 from provisioning.backends.local import processes_under
 from provisioning.models import Heartbeat, Instance, Orphan, Status
 from provisioning.reconciler import Reconciler
-from provisioning.services import Busy, heal, perform_action
+from provisioning.services import Busy, heal, perform_action, recover
 
 from .conftest import instance_dir, port_refuses, wait_for_status
 
@@ -225,3 +227,60 @@ def test_a_server_that_died_again_soon_waits_for_its_backoff(api, settings):
     assert instance.next_restart_at > timezone.now() + timedelta(seconds=100)  # 60 s doubled
     api.delete(f"/api/storage/redis/instances/{instance.pk}")
     wait_for_status(api, "redis", instance.pk, "gone")
+
+
+def test_a_claim_is_renewed_while_its_worker_lives_and_lapses_after_the_task_limit(api, settings):
+    instance = running_redis(api)
+    assert instance.claim(seconds=0.6)  # renewed every 0.2 s
+    time.sleep(1.5)
+    instance.refresh_from_db()
+    assert instance.claimed_until > timezone.now(), "still held: its worker is alive"
+    instance.release()
+    instance.refresh_from_db()
+    assert instance.claimed_until is None
+
+    settings.STOCKROOM_TASK_TIME_LIMIT = 0.5  # a hung worker stops renewing after this
+    assert instance.claim(seconds=0.3)
+    time.sleep(1.5)
+    instance.refresh_from_db()
+    assert instance.claimed_until < timezone.now(), "lapsed: recovery can take over"
+    instance.release()
+    api.delete(f"/api/storage/redis/instances/{instance.pk}")
+    wait_for_status(api, "redis", instance.pk, "gone")
+
+
+def test_a_rotation_cut_short_is_done_again(api):
+    instance = running_redis(api)
+    old = instance.password
+    # As if the worker died during the rotation: the status says rotating, the job is gone.
+    assert instance.transition(Status.ROTATING, "Password rotation requested by alice.", allowed_from=(Status.RUNNING,))
+    recover(instance.pk)
+    instance.refresh_from_db()
+    assert instance.status == Status.RUNNING
+    assert instance.password != old
+    config = api.get(f"/api/storage/redis/instances/{instance.pk}/config").json()
+    assert redis.Redis(port=config["port"], password=instance.password).ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=config["port"], password=old).ping()
+    api.delete(f"/api/storage/redis/instances/{instance.pk}")
+    wait_for_status(api, "redis", instance.pk, "gone")
+
+
+@pytest.mark.parametrize(
+    ("busy", "ends", "message"),
+    [
+        (Status.RESTARTING, Status.UNHEALTHY, "The worker handling it stopped twice; the restart was given up."),
+        (Status.DELETING, Status.FAILED, "The worker handling it stopped twice: the delete was given up; try again."),
+    ],
+)
+def test_work_cut_short_twice_is_given_up(api, busy, ends, message):
+    instance = running_redis(api)
+    Instance.objects.filter(pk=instance.pk).update(status=busy, recoveries=1)
+    recover(instance.pk)
+    instance.refresh_from_db()
+    assert (instance.status, instance.status_message, instance.recoveries) == (ends, message, 0)
+    if ends == Status.FAILED:
+        assert not instance_dir("redis", instance.pk).exists()
+    else:
+        api.delete(f"/api/storage/redis/instances/{instance.pk}")
+        wait_for_status(api, "redis", instance.pk, "gone")

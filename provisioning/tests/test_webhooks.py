@@ -192,3 +192,9 @@ def test_the_request_goes_to_the_address_that_was_checked(api, receiver, monkeyp
     deliveries = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()["results"]
     assert {delivery["status"] for delivery in deliveries} == {"delivered"}
     api.delete(f"/api/storage/redis/instances/{pk}")
+
+
+def test_it_refuses_credentials_in_the_url(api):
+    response = api.post("/api/webhooks", {"url": "https://user:secret@ci.example.com/hook"})
+    assert response.status_code == 400
+    assert "no user name or password" in response.json()["url"][0]
