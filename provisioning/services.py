@@ -367,32 +367,36 @@ def heal(instance_id: int) -> None:
     if instance is None:
         return
     backend = get_backend(instance.backend)
-    if not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
-        return  # the reconciler asks again next pass
     try:
-        if instance.next_restart_at and instance.next_restart_at > timezone.now():
-            return
-        attempt = instance.restart_attempts
-        if attempt >= settings.STOCKROOM_MAX_RESTARTS:
-            _give_up(instance, backend)
-            return
-        Instance.objects.filter(pk=instance.pk).update(restart_attempts=attempt + 1)
-        try:
-            backend.restart(instance)
-        except Exception as exc:  # noqa: BLE001
-            message = _describe(f"Restart {attempt + 1} of {settings.STOCKROOM_MAX_RESTARTS} failed", instance, exc)
-            # The wait counts from now: a start that timed out must not eat the backoff.
-            Instance.objects.filter(pk=instance.pk, status=Status.UNHEALTHY).update(
-                status_message=message, next_restart_at=timezone.now() + timedelta(seconds=restart_delay(attempt))
-            )
-            return
-        if instance.transition(
-            Status.RUNNING, f"Restarted after it stopped answering (attempt {attempt + 1}).",
-            allowed_from=(Status.UNHEALTHY,),
-        ):  # fmt: skip
-            Instance.objects.filter(pk=instance.pk).update(next_restart_at=None)  # attempts count on; see reconciler
-    finally:
-        instance.release()
+        with _held(instance):
+            _heal(instance, backend)
+    except Busy:
+        pass  # the reconciler asks again next pass
+
+
+def _heal(instance: Instance, backend) -> None:
+    if instance.next_restart_at and instance.next_restart_at > timezone.now():
+        return
+    attempt = instance.restart_attempts
+    if attempt >= settings.STOCKROOM_MAX_RESTARTS:
+        _give_up(instance, backend)
+        return
+    Instance.objects.filter(pk=instance.pk).update(restart_attempts=attempt + 1)
+    try:
+        backend.restart(instance)
+    except Exception as exc:  # noqa: BLE001
+        message = _describe(f"Restart {attempt + 1} of {settings.STOCKROOM_MAX_RESTARTS} failed", instance, exc)
+        # The wait counts from now: a start that timed out must not eat the backoff.
+        Instance.objects.filter(pk=instance.pk, status=Status.UNHEALTHY).update(
+            status_message=message, next_restart_at=timezone.now() + timedelta(seconds=restart_delay(attempt))
+        )
+        return
+    if instance.transition(
+        Status.RUNNING,
+        f"Restarted after it stopped answering (attempt {attempt + 1}).",
+        allowed_from=(Status.UNHEALTHY,),
+    ):
+        Instance.objects.filter(pk=instance.pk).update(next_restart_at=None)  # attempts count on; see reconciler
 
 
 def _give_up(instance: Instance, backend) -> None:
