@@ -63,46 +63,55 @@ def is_public(address: str) -> bool:
     return ip.is_global
 
 
-def resolve(host: str, port: int) -> str:
-    """The address to connect to: every address `host` has must be public (unless
-    STOCKROOM_WEBHOOK_ALLOW_PRIVATE), so that a webhook cannot probe the portal's own network or
-    its instances. The request then goes to this very address, so a second lookup (DNS rebinding)
-    cannot lead it elsewhere."""
+def resolve(host: str, port: int) -> list[str]:
+    """The addresses to connect to, in the resolver's order: every address `host` has must be
+    public (unless STOCKROOM_WEBHOOK_ALLOW_PRIVATE), so that a webhook cannot probe the portal's own
+    network or its instances. The request then goes to these very addresses, so a second lookup
+    (DNS rebinding) cannot lead it elsewhere."""
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise Unresolvable(f"Could not resolve {host} ({exc}).") from None
-    addresses = [info[4][0] for info in found]
+    addresses = list(dict.fromkeys(info[4][0] for info in found))
     if not settings.STOCKROOM_WEBHOOK_ALLOW_PRIVATE:
         for address in addresses:
             if not is_public(address):
                 raise PrivateAddress(
                     f"{host} is a non-public address ({address}); webhooks may only reach public addresses."
                 )
-    return addresses[0]
+    return addresses
 
 
 def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
-    """POST `body` to `url` at the address resolve() checked; returns the status code.
-
-    No redirects, no retries, nothing read but the status line and headers.
+    """POST `body` to `url` at the addresses resolve() checked, the next one only if connecting
+    to one fails; returns the status code. No redirects, nothing read but the status line.
     """
     parts = urlsplit(url)
     host = parts.hostname.encode("idna").decode()
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    address = resolve(host, port)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    name = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
+    default_port = port == (443 if parts.scheme == "https" else 80)
+    headers = headers | {"Host": name if default_port else f"{name}:{port}"}
+    *others, last = resolve(host, port)
+    request = {"scheme": parts.scheme, "port": port, "host": host, "path": path, "body": body, "headers": headers}
+    for address in others:
+        try:
+            return _post_to(address, timeout=timeout, **request)
+        except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError):
+            continue  # the next address; what the receiver answers is final
+    return _post_to(last, timeout=timeout, **request)
+
+
+def _post_to(address: str, *, scheme, port, host, path, body, headers, timeout) -> int:
     options = {"timeout": urllib3.Timeout(total=timeout), "retries": False, "maxsize": 1}
-    if parts.scheme == "https":  # the certificate must match the name, not the address
+    if scheme == "https":  # the certificate must match the name, not the address
         pool = urllib3.HTTPSConnectionPool(
             address, port, server_hostname=host, assert_hostname=host, cert_reqs="CERT_REQUIRED",
             ca_certs=certifi.where(), **options,
         )  # fmt: skip
     else:
         pool = urllib3.HTTPConnectionPool(address, port, **options)
-    name = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
-    default_port = port == (443 if parts.scheme == "https" else 80)
-    headers = headers | {"Host": name if default_port else f"{name}:{port}"}
     try:
         response = pool.urlopen("POST", path, body=body, headers=headers, redirect=False, preload_content=False)
         response.close()  # the status is all we need

@@ -198,3 +198,21 @@ def test_it_refuses_credentials_in_the_url(api):
     response = api.post("/api/webhooks", {"url": "https://user:secret@ci.example.com/hook"})
     assert response.status_code == 400
     assert "no user name or password" in response.json()["url"][0]
+
+
+def test_the_next_checked_address_is_tried_when_one_refuses(api, receiver, monkeypatch):
+    real_lookup = socket.getaddrinfo
+
+    def lookup(host, port, *args, **kwargs):
+        if host != "hooks.example.com":
+            return real_lookup(host, port, *args, **kwargs)
+        # Nothing listens on 127.0.0.2; the receiver is on 127.0.0.1.
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in ("127.0.0.2", "127.0.0.1")]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    hook = register(api, receiver.url.replace("127.0.0.1", "hooks.example.com"))
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+    deliveries = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()["results"]
+    assert {(delivery["status"], delivery["attempts"]) for delivery in deliveries} == {("delivered", 1)}
+    api.delete(f"/api/storage/redis/instances/{pk}")
