@@ -176,6 +176,8 @@ class Instance(models.Model):
         changes = {"status": to, "status_message": reason, "updated_at": timezone.now()}
         if to not in BUSY_STATUSES:
             changes["recoveries"] = 0
+        if to != Status.UNHEALTHY:
+            changes["next_restart_at"] = None  # only an unhealthy instance waits for a restart
         if to == Status.FAILED:
             changes["port"] = None
         unchanged = Q() if unchanged_since is None else Q(updated_at=unchanged_since)

@@ -6,7 +6,6 @@ acting. Celery beat runs a pass every STOCKROOM_RECONCILE_INTERVAL seconds.
 """
 
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -24,7 +23,6 @@ logger = logging.getLogger(__name__)
 PROBED = (Status.RUNNING, Status.UNHEALTHY)
 HEARTBEAT = "reconciler"  # the Heartbeat row /healthz reads
 TURN = timedelta(minutes=5)  # how long a pass holds its turn without renewing it (once per phase)
-SECOND_CHANCE_AFTER = 0.2  # seconds before a server that did not answer is asked again
 
 
 @dataclass
@@ -108,7 +106,6 @@ class Reconciler:
             error = errors[instance.pk]
             if error is None and instance.status == Status.UNHEALTHY:
                 if instance.transition(Status.RUNNING, "Answers again.", allowed_from=(Status.UNHEALTHY,)):
-                    Instance.objects.filter(pk=instance.pk).update(next_restart_at=None)
                     report.recovered.append(instance.pk)
             elif error is not None and instance.status == Status.RUNNING:
                 # Restarts count on from the last failure unless it has stayed up since: a server that
@@ -140,18 +137,8 @@ class Reconciler:
 
     @staticmethod
     def _probe(instance: Instance) -> str | None:
-        """None if the user's login works, else a short reason. A server gets a second chance,
-        so one slow answer on a busy host does not get it restarted."""
-        backend = get_backend(instance.backend)
-        for attempt in range(2):
-            if attempt:
-                time.sleep(SECOND_CHANCE_AFTER)
-            try:
-                backend.probe(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT)
-                return None
-            except Exception as exc:  # noqa: BLE001 - any failure means "does not answer"
-                error = type(exc).__name__
-        return error
+        # A second chance, so that one slow answer on a busy host does not get a server restarted.
+        return get_backend(instance.backend).login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT, tries=2)
 
     # Work a dead worker left behind ----------------------------------------------------
 
@@ -160,9 +147,10 @@ class Reconciler:
         stuck = Instance.objects.filter(status__in=BUSY_STATUSES, updated_at__lt=cutoff).filter(
             Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
         )
+        stuck = list(stuck)
+        # Touched, so that the next passes do not queue them again while these jobs wait.
+        Instance.objects.filter(pk__in=[instance.pk for instance in stuck]).update(updated_at=now)
         for instance in stuck:
-            # Touched, so that the next passes do not queue it again while this job waits.
-            Instance.objects.filter(pk=instance.pk).update(updated_at=now)
             services.enqueue_recover(instance)
             report.stuck.append(instance.pk)
 

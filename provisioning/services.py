@@ -4,7 +4,7 @@ import logging
 import re
 import secrets
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -127,12 +127,7 @@ def _save_with_free_port(instance: Instance, backend) -> None:
 
 def provision(instance_id: int) -> None:
     """Worker side of create: start the server, prove a login works, then mark it running."""
-    instance = Instance.objects.filter(pk=instance_id, status=Status.PROVISIONING).first()
-    if instance is None:
-        return  # already handled: the task may be delivered twice
-    backend = get_backend(instance.backend)
-    with _held(instance):
-        _provision(instance, backend)
+    _work_on(instance_id, (Status.PROVISIONING,), _provision)
 
 
 def _provision(instance: Instance, backend) -> None:
@@ -174,6 +169,9 @@ def _fail(instance: Instance, backend, what: str, exc: Exception) -> None:
 # Delete -------------------------------------------------------------------------------
 
 
+DELETABLE = (Status.RUNNING, Status.UNHEALTHY, Status.STOPPED, Status.FAILED)
+
+
 def delete_instance(*, instance: Instance, by) -> Instance:
     """Mark the instance as deleting; a worker stops it and removes its data after commit.
 
@@ -183,7 +181,7 @@ def delete_instance(*, instance: Instance, by) -> Instance:
     if not instance.transition(
         Status.DELETING,
         f"Deletion requested by {by}.",
-        allowed_from=(Status.RUNNING, Status.UNHEALTHY, Status.STOPPED, Status.FAILED),
+        allowed_from=DELETABLE,
     ):
         instance.refresh_from_db()
         raise WrongStatus(instance, "delete")
@@ -193,12 +191,7 @@ def delete_instance(*, instance: Instance, by) -> Instance:
 
 def deprovision(instance_id: int) -> None:
     """Worker side of delete: stop the server, remove its files, release its port."""
-    instance = Instance.objects.filter(pk=instance_id, status=Status.DELETING).first()
-    if instance is None:
-        return
-    backend = get_backend(instance.backend)
-    with _held(instance):
-        _deprovision(instance, backend)
+    _work_on(instance_id, (Status.DELETING,), _deprovision)
 
 
 def _deprovision(instance: Instance, backend) -> None:
@@ -273,12 +266,7 @@ def request_action(*, instance: Instance, action: str, by) -> Instance:
 
 def perform_action(instance_id: int, action: str) -> None:
     """Worker side of a lifecycle action."""
-    instance = Instance.objects.filter(pk=instance_id, status=ACTIONS[action].busy).first()
-    if instance is None:
-        return
-    backend = get_backend(instance.backend)
-    with _held(instance):
-        _perform(instance, backend, action)
+    _work_on(instance_id, (ACTIONS[action].busy,), _perform, action)
 
 
 def _perform(instance: Instance, backend, action: str) -> None:
@@ -300,7 +288,7 @@ def _perform(instance: Instance, backend, action: str) -> None:
         else:  # anything that should run is left to the reconciler
             instance.transition(Status.UNHEALTHY, message, allowed_from=(spec.busy,))
     else:
-        Instance.objects.filter(pk=instance.pk).update(restart_attempts=0, next_restart_at=None)
+        Instance.objects.filter(pk=instance.pk).update(restart_attempts=0)  # the owner acted: count afresh
         instance.transition(spec.done, spec.done_message, allowed_from=(spec.busy,))
 
 
@@ -330,13 +318,20 @@ def _stop_quietly(instance: Instance, backend) -> str:
     return ""
 
 
-@contextmanager
-def _held(instance: Instance):
-    """Hold the instance for the block (Busy if another worker holds it); see Instance.claim."""
+def _work_on(instance_id: int, statuses: tuple[Status, ...], work: Callable, *args) -> None:
+    """The worker side of every service: if the instance is still in one of `statuses` (a task
+    may be delivered twice), claim it, call work(instance, backend, *args) and release it.
+
+    Raises Busy if another worker holds it; see Instance.claim.
+    """
+    instance = Instance.objects.filter(pk=instance_id, status__in=statuses).first()
+    if instance is None:
+        return
+    backend = get_backend(instance.backend)
     if not instance.claim(seconds=settings.STOCKROOM_CLAIM_SECONDS):
         raise Busy(f"Instance {instance.pk} is held by another worker.")
     try:
-        yield
+        work(instance, backend, *args)
     finally:
         instance.release()
 
@@ -363,15 +358,8 @@ def restart_delay(attempt: int) -> float:
 
 def heal(instance_id: int) -> None:
     """Restart an unhealthy instance, with backoff; give up after STOCKROOM_MAX_RESTARTS."""
-    instance = Instance.objects.filter(pk=instance_id, status=Status.UNHEALTHY).first()
-    if instance is None:
-        return
-    backend = get_backend(instance.backend)
-    try:
-        with _held(instance):
-            _heal(instance, backend)
-    except Busy:
-        pass  # the reconciler asks again next pass
+    with suppress(Busy):  # the reconciler asks again next pass
+        _work_on(instance_id, (Status.UNHEALTHY,), _heal)
 
 
 def _heal(instance: Instance, backend) -> None:
@@ -391,12 +379,12 @@ def _heal(instance: Instance, backend) -> None:
             status_message=message, next_restart_at=timezone.now() + timedelta(seconds=restart_delay(attempt))
         )
         return
-    if instance.transition(
+    # Restarts keep counting (see the reconciler) until the server has stayed up for a while.
+    instance.transition(
         Status.RUNNING,
         f"Restarted after it stopped answering (attempt {attempt + 1}).",
         allowed_from=(Status.UNHEALTHY,),
-    ):
-        Instance.objects.filter(pk=instance.pk).update(next_restart_at=None)  # attempts count on; see reconciler
+    )
 
 
 def _give_up(instance: Instance, backend) -> None:
@@ -418,15 +406,8 @@ def recover(instance_id: int) -> None:
     A server that answers is running. Otherwise the work is done again, once: a create from a
     clean slate, a delete, or the user's action. If that is cut short too, it is given up.
     """
-    instance = Instance.objects.filter(pk=instance_id, status__in=BUSY_STATUSES).first()
-    if instance is None:
-        return
-    backend = get_backend(instance.backend)
-    try:
-        with _held(instance):
-            _recover(instance, backend)
-    except Busy:
-        pass  # a live worker has it after all
+    with suppress(Busy):  # a live worker has it after all
+        _work_on(instance_id, BUSY_STATUSES, _recover)
 
 
 def _recover(instance: Instance, backend) -> None:
@@ -437,7 +418,10 @@ def _recover(instance: Instance, backend) -> None:
     Instance.objects.filter(pk=instance.pk).update(recoveries=1)
     if busy == Status.DELETING:
         _deprovision(instance, backend)
-    elif busy in (Status.PROVISIONING, Status.STARTING, Status.RESTARTING) and _answers(instance, backend):
+    elif (
+        busy in (Status.PROVISIONING, Status.STARTING, Status.RESTARTING)
+        and backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT) is None
+    ):
         instance.transition(Status.RUNNING, f"{note}; the server answers, so it is running.", allowed_from=(busy,))
     elif busy == Status.PROVISIONING:  # a create starts from a clean slate, so just do it again
         Instance.objects.filter(pk=instance.pk).update(
@@ -459,14 +443,6 @@ def _give_up_recovering(instance: Instance, backend, what: str) -> None:
         instance.transition(
             Status.UNHEALTHY, f"{what}; the {ACTION_OF[busy].replace('-', ' ')} was given up.", allowed_from=(busy,)
         )
-
-
-def _answers(instance: Instance, backend) -> bool:
-    try:
-        backend.probe(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT)
-    except Exception:  # noqa: BLE001 - any failure means "does not answer"
-        return False
-    return True
 
 
 # Queueing -----------------------------------------------------------------------------

@@ -67,6 +67,18 @@ class BaseBackend:
 
         get_engine(instance.kind).check_login(instance, host=self.probe_host, port=instance.port, timeout=timeout)
 
+    def login_error(self, instance, *, timeout: float, tries: int = 1, pause: float = 0.2) -> str | None:
+        """None if the user's login works (within `tries`, `pause` s apart), else a short reason."""
+        for attempt in range(tries):
+            if attempt:
+                time.sleep(pause)
+            try:
+                self.probe(instance, timeout=timeout)
+                return None
+            except Exception as exc:  # noqa: BLE001 - any failure means "does not answer"
+                error = type(exc).__name__
+        return error
+
     def wait_for_login(self, instance, *, exited: Callable[[], bool], log_tail: Callable[[], str]) -> None:
         """Poll until the user's credentials work, the server has exited, or time runs out."""
         deadline = self.clock() + settings.STOCKROOM_START_TIMEOUT

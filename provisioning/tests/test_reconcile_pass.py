@@ -16,11 +16,22 @@ from provisioning import tasks
 from provisioning.backends.local import processes_under
 from provisioning.models import Heartbeat, Instance, Orphan, Status
 from provisioning.reconciler import Reconciler
-from provisioning.services import Busy, heal, perform_action, recover
+from provisioning.services import DELETABLE, Busy, heal, perform_action, recover
 
 from .conftest import instance_dir, port_refuses, wait_for_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def delete_what_each_test_made(api):
+    """The instances a test leaves are deleted through the API when it ends, as their owner would."""
+    yield
+    left = Instance.objects.visible().filter(status__in=DELETABLE)
+    for instance in left:
+        api.delete(f"/api/storage/{instance.kind}/instances/{instance.pk}")
+    for instance in left:
+        wait_for_status(api, instance.kind, instance.pk, "gone")
 
 
 def running_redis(api) -> Instance:
@@ -77,8 +88,6 @@ def test_restarts_back_off(api, settings):
     instance.refresh_from_db()
     assert (instance.status, instance.restart_attempts) == (Status.UNHEALTHY, 1)
     assert instance.status_message.startswith("Restart 1 of 5 failed: The server exited during start-up.")
-    api.delete(f"/api/storage/redis/instances/{instance.pk}")
-    wait_for_status(api, "redis", instance.pk, "gone")
 
 
 def test_a_claimed_instance_is_left_to_its_worker(api):
@@ -95,8 +104,6 @@ def test_a_claimed_instance_is_left_to_its_worker(api):
     assert Reconciler().run_once().heals == [instance.pk]
     instance.refresh_from_db()
     assert instance.status == Status.RUNNING
-    api.delete(f"/api/storage/redis/instances/{instance.pk}")
-    wait_for_status(api, "redis", instance.pk, "gone")
 
 
 def test_a_lost_delete_is_finished(api, settings):
@@ -153,8 +160,6 @@ def test_an_action_waits_while_another_worker_holds_the_instance(api):
     perform_action(instance.pk, "stop")
     instance.refresh_from_db()
     assert instance.status == Status.STOPPED
-    api.delete(f"/api/storage/redis/instances/{instance.pk}")
-    wait_for_status(api, "redis", instance.pk, "gone")
 
 
 def test_a_probe_that_raced_a_change_does_not_count(api):
@@ -167,8 +172,6 @@ def test_a_probe_that_raced_a_change_does_not_count(api):
     )
     instance.refresh_from_db()
     assert instance.status == Status.RUNNING
-    api.delete(f"/api/storage/redis/instances/{instance.pk}")
-    wait_for_status(api, "redis", instance.pk, "gone")
 
 
 def test_a_server_that_keeps_dying_after_each_restart_ends_failed(api, settings):
@@ -185,8 +188,6 @@ def test_a_server_that_keeps_dying_after_each_restart_ends_failed(api, settings)
     instance.refresh_from_db()
     assert instance.status == Status.FAILED
     assert instance.status_message.startswith("Gave up after 2 restarts")
-    api.delete(f"/api/storage/redis/instances/{instance.pk}")
-    wait_for_status(api, "redis", instance.pk, "gone")
 
 
 def test_a_server_that_stayed_up_starts_counting_again(api, settings):
@@ -197,8 +198,6 @@ def test_a_server_that_stayed_up_starts_counting_again(api, settings):
         Reconciler().run_once()
         instance.refresh_from_db()
         assert (instance.status, instance.restart_attempts) == (Status.RUNNING, 1)
-    api.delete(f"/api/storage/redis/instances/{instance.pk}")
-    wait_for_status(api, "redis", instance.pk, "gone")
 
 
 def test_passes_never_overlap(api):
@@ -211,8 +210,6 @@ def test_passes_never_overlap(api):
     Heartbeat.objects.filter(name="reconciler").update(running_until=timezone.now() - timedelta(seconds=1))
     assert Reconciler().run_once().unhealthy == [instance.pk], "a turn left by a dead pass expires"
     assert Heartbeat.objects.get(name="reconciler").running_until is None
-    api.delete(f"/api/storage/redis/instances/{instance.pk}")
-    wait_for_status(api, "redis", instance.pk, "gone")
 
 
 def test_a_server_that_died_again_soon_waits_for_its_backoff(api, settings):
@@ -225,8 +222,6 @@ def test_a_server_that_died_again_soon_waits_for_its_backoff(api, settings):
     instance.refresh_from_db()
     assert (instance.status, instance.restart_attempts) == (Status.UNHEALTHY, 1)
     assert instance.next_restart_at > timezone.now() + timedelta(seconds=100)  # 60 s doubled
-    api.delete(f"/api/storage/redis/instances/{instance.pk}")
-    wait_for_status(api, "redis", instance.pk, "gone")
 
 
 def test_a_claim_is_renewed_while_its_worker_lives_and_lapses_after_the_task_limit(api, settings):
@@ -245,8 +240,6 @@ def test_a_claim_is_renewed_while_its_worker_lives_and_lapses_after_the_task_lim
     instance.refresh_from_db()
     assert instance.claimed_until < timezone.now(), "lapsed: recovery can take over"
     instance.release()
-    api.delete(f"/api/storage/redis/instances/{instance.pk}")
-    wait_for_status(api, "redis", instance.pk, "gone")
 
 
 def test_a_rotation_cut_short_is_done_again(api):
@@ -262,8 +255,6 @@ def test_a_rotation_cut_short_is_done_again(api):
     assert redis.Redis(port=config["port"], password=instance.password).ping()
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(port=config["port"], password=old).ping()
-    api.delete(f"/api/storage/redis/instances/{instance.pk}")
-    wait_for_status(api, "redis", instance.pk, "gone")
 
 
 @pytest.mark.parametrize(
@@ -281,6 +272,3 @@ def test_work_cut_short_twice_is_given_up(api, busy, ends, message):
     assert (instance.status, instance.status_message, instance.recoveries) == (ends, message, 0)
     if ends == Status.FAILED:
         assert not instance_dir("redis", instance.pk).exists()
-    else:
-        api.delete(f"/api/storage/redis/instances/{instance.pk}")
-        wait_for_status(api, "redis", instance.pk, "gone")
