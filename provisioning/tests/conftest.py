@@ -153,7 +153,12 @@ class Worker:
         self.process = subprocess.Popen(
             argv,
             cwd=settings.BASE_DIR,
-            env=os.environ | {"DATABASE_URL": f"sqlite:///{database}"} | self.env | env,
+            # The test process runs tasks inline (pytest.ini); a real worker must queue them, or beat
+            # would run each reconcile pass itself, in a process forked from the worker.
+            env=os.environ
+            | {"DATABASE_URL": f"sqlite:///{database}", "CELERY_TASK_ALWAYS_EAGER": "False"}
+            | self.env
+            | env,
             stdout=self.log.open("a"),
             stderr=subprocess.STDOUT,
             start_new_session=True,  # kill() takes the pool processes too
