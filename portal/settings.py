@@ -175,6 +175,9 @@ STOCKROOM_INSTANCES_DIR = Path(env.str("STOCKROOM_INSTANCES_DIR", default=str(_i
 # Labels this portal's containers, so two portals can share a Docker host.
 STOCKROOM_PORTAL_ID = env.str("STOCKROOM_PORTAL_ID", default=_DATA_DIR_DIGEST)
 
+# The kinds of instance on offer, each an Engine class (one folder under provisioning/engines/).
+STOCKROOM_ENGINES = ["provisioning.engines.mysql.MySQL", "provisioning.engines.redis.Redis"]
+
 STOCKROOM_BACKENDS = {
     "local": {
         "BACKEND": "provisioning.backends.local.LocalBackend",

@@ -6,7 +6,7 @@ errors are put back next to the field.
 
 from django import forms
 
-from .engines import ENGINES
+from .engines import engines, get_engine
 from .options import Option, format_size
 
 
@@ -35,8 +35,8 @@ def create_form_class(kind: str) -> type[forms.Form]:
             widget=forms.TextInput(attrs={"placeholder": f"{kind}-…", "autocomplete": "off"}),
         )
     }
-    fields.update({option.name: _field(option) for option in ENGINES[kind].options})
+    fields.update({option.name: _field(option) for option in get_engine(kind).options})
     return type(f"{kind.capitalize()}CreateForm", (forms.Form,), fields)
 
 
-CREATE_FORMS = {kind: create_form_class(kind) for kind in ENGINES}
+CREATE_FORMS = {kind: create_form_class(kind) for kind in engines()}

@@ -10,9 +10,9 @@ from rest_framework.authtoken.models import Token
 
 from . import services
 from .api.pagination import IdsFirstPaginator
-from .engines import ENGINES, get_engine
+from .engines import engines, get_engine
 from .forms import CREATE_FORMS
-from .models import BUSY_STATUSES, Instance, Kind, Status
+from .models import BUSY_STATUSES, Instance, Status
 
 
 def _my_instance(request, pk: int) -> Instance:
@@ -23,12 +23,13 @@ def _my_instance(request, pk: int) -> Instance:
 def dashboard(request):
     instances = Instance.objects.visible().filter(owner=request.user).defer("password", "admin_password")
     page = IdsFirstPaginator(instances, 20).get_page(request.GET.get("page"))
-    return render(request, "provisioning/dashboard.html", {"page": page, "kinds": Kind.choices})
+    kinds = [(kind, engine.label) for kind, engine in engines().items()]
+    return render(request, "provisioning/dashboard.html", {"page": page, "kinds": kinds})
 
 
 @login_required
 def create(request, kind: str):
-    if kind not in ENGINES:
+    if kind not in engines():
         raise Http404
     form_class = CREATE_FORMS[kind]
     form = form_class(request.POST if request.method == "POST" else None)
@@ -44,7 +45,7 @@ def create(request, kind: str):
             form.add_error(None, str(exc))
         else:
             return redirect("instance", pk=instance.pk)
-    return render(request, "provisioning/create.html", {"form": form, "kind": kind, "label": Kind(kind).label})
+    return render(request, "provisioning/create.html", {"form": form, "kind": kind, "label": get_engine(kind).label})
 
 
 @login_required
@@ -122,23 +123,7 @@ MASK = "••••••••"
 
 def _snippets(kind: str, c: dict) -> list[dict]:
     """Ready-to-paste ways to connect; shown with the password masked until revealed."""
-    if kind == Kind.MYSQL:
-        texts = [
-            ("URI", c["uri"]),
-            ("CLI", f"mysql -h {c['host']} -P {c['port']} -u {c['username']} -p{c['password']} {c['database']}"),
-            (
-                "Python",
-                f'import pymysql\ndb = pymysql.connect(host="{c["host"]}", port={c["port"]}, user="{c["username"]}",'
-                f'\n                     password="{c["password"]}", database="{c["database"]}")',
-            ),
-        ]
-    else:
-        texts = [
-            ("URI", c["uri"]),
-            ("CLI", f"redis-cli -u {c['uri']}"),
-            ("Python", f'import redis\nr = redis.Redis.from_url("{c["uri"]}")'),
-        ]
     return [
         {"id": label.lower(), "label": label, "text": text, "masked": text.replace(c["password"], MASK)}
-        for label, text in texts
+        for label, text in get_engine(kind).snippets(c)
     ]

@@ -1,7 +1,7 @@
 from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from rest_framework import serializers
 
-from ..engines import ENGINES
+from ..engines import engines, get_engine
 from ..models import DeliveryStatus, Instance, Webhook, WebhookDelivery
 from ..options import Option
 
@@ -74,12 +74,12 @@ class OptionFieldSchema(OpenApiSerializerFieldExtension):
 
 
 def _create_serializer(kind: str) -> type[serializers.Serializer]:
-    fields = {option.name: OptionField(option) for option in ENGINES[kind].options}
+    fields = {option.name: OptionField(option) for option in get_engine(kind).options}
     fields["name"] = serializers.CharField(required=False, help_text="Defaults to '<kind>-<6 hex digits>'.")
     return type(f"{kind.capitalize()}CreateSerializer", (serializers.Serializer,), fields)
 
 
-CREATE_SERIALIZERS = {kind: _create_serializer(kind) for kind in ENGINES}
+CREATE_SERIALIZERS = {kind: _create_serializer(kind) for kind in engines()}
 
 
 class MySQLConfigSerializer(serializers.Serializer):

@@ -49,10 +49,13 @@ class Engine:
     `check_login` and `connection`.
     """
 
-    kind: str
+    kind: str  # in URLs and the database: lower-case letters and digits
+    label: str  # for people: "MySQL"
     options: tuple[Option, ...]
     config_template: str
     config_name: str
+    # What connection() returns: field name -> int or str; the API's config schema is built from it.
+    connection_fields: dict[str, type]
 
     def clean_options(self, data: dict[str, Any]) -> dict[str, Any]:
         """Validated options with defaults filled in.
@@ -97,8 +100,15 @@ class Engine:
         raise NotImplementedError("Engines must say how a user logs in.")
 
     def connection(self, instance) -> dict[str, Any]:
-        """What a user needs to connect: host, port, credentials, options and a URI."""
+        """What a user needs to connect: host, port, credentials, options and a URI.
+
+        The keys are exactly those of `connection_fields`.
+        """
         raise NotImplementedError("Engines must describe their connection details.")
+
+    def snippets(self, connection: dict[str, Any]) -> list[tuple[str, str]]:
+        """Ready-to-paste ways to connect, as (label, text), from `connection()`'s answer."""
+        return [("URI", connection["uri"])]
 
 
 class OptionErrors(Exception):

@@ -27,6 +27,18 @@ def native_password_hash(password: str) -> str:
 
 class MySQL(Engine):
     kind = "mysql"
+    label = "MySQL"
+    connection_fields = {
+        "host": str,
+        "port": int,
+        "database": str,
+        "username": str,
+        "password": str,
+        "charset": str,
+        "collation": str,
+        "binlog_format": str,
+        "uri": str,
+    }
     config_template = "provisioning/engines/mysql.cnf"
     config_name = "my.cnf"
     options = (
@@ -135,3 +147,15 @@ class MySQL(Engine):
             "binlog_format": instance.options["binlog_format"],
             "uri": f"mysql://{instance.username}:{instance.password}@{instance.host}:{instance.port}/{instance.database}",
         }
+
+    def snippets(self, connection: dict[str, Any]) -> list[tuple[str, str]]:
+        c = connection
+        return [
+            ("URI", c["uri"]),
+            ("CLI", f"mysql -h {c['host']} -P {c['port']} -u {c['username']} -p{c['password']} {c['database']}"),
+            (
+                "Python",
+                f'import pymysql\ndb = pymysql.connect(host="{c["host"]}", port={c["port"]}, user="{c["username"]}",'
+                f'\n                     password="{c["password"]}", database="{c["database"]}")',
+            ),
+        ]

@@ -34,6 +34,17 @@ ADMIN_TIMEOUT = 10  # seconds; an administrative command that takes longer has f
 
 class Redis(Engine):
     kind = "redis"
+    label = "Redis"
+    connection_fields = {
+        "host": str,
+        "port": int,
+        "password": str,
+        "maxmemory": int,
+        "maxmemory_policy": str,
+        "maxclients": int,
+        "appendfsync": str,
+        "uri": str,
+    }
     config_template = "provisioning/engines/redis.conf"
     config_name = "redis.conf"
     options = (
@@ -122,3 +133,11 @@ class Redis(Engine):
             **{option.name: instance.options[option.name] for option in self.options},
             "uri": f"redis://{instance.username}:{instance.password}@{instance.host}:{instance.port}/0",
         }
+
+    def snippets(self, connection: dict[str, Any]) -> list[tuple[str, str]]:
+        uri = connection["uri"]
+        return [
+            ("URI", uri),
+            ("CLI", f"redis-cli -u {uri}"),
+            ("Python", f'import redis\nr = redis.Redis.from_url("{uri}")'),
+        ]

@@ -1,13 +1,13 @@
 from django.core.management.base import BaseCommand
 
-from provisioning.engines import ENGINES
+from provisioning.engines import engines
 from provisioning.options import format_size
 
 
 def options_markdown() -> str:
     """The README's table of options, built from the engines' own definitions."""
     rows = ["| kind | option | default | allowed | meaning |", "|---|---|---|---|---|"]
-    for kind, engine in ENGINES.items():
+    for kind, engine in engines().items():
         for option in engine.options:
             if option.default is None:
                 default = "(see meaning)"
