@@ -184,9 +184,12 @@ STOCKROOM_BACKENDS = {
         "OPTIONS": {
             # When the portal runs as root, instance processes run as this user.
             "run_as": env.str("STOCKROOM_RUN_AS", default="stockroom"),
-            "mariadbd": env.str("STOCKROOM_MARIADBD", default="/usr/sbin/mariadbd"),
-            "mariadb_install_db": env.str("STOCKROOM_MARIADB_INSTALL_DB", default="/usr/bin/mariadb-install-db"),
-            "redis_server": env.str("STOCKROOM_REDIS_SERVER", default="/usr/bin/redis-server"),
+            # Program name an engine asks for -> path; one not named here is looked up on PATH.
+            "programs": {
+                "mariadbd": env.str("STOCKROOM_MARIADBD", default="/usr/sbin/mariadbd"),
+                "mariadb-install-db": env.str("STOCKROOM_MARIADB_INSTALL_DB", default="/usr/bin/mariadb-install-db"),
+                "redis-server": env.str("STOCKROOM_REDIS_SERVER", default="/usr/bin/redis-server"),
+            },
         },
     },
     "docker": {
@@ -195,9 +198,14 @@ STOCKROOM_BACKENDS = {
             "base_url": env.str("DOCKER_BASE_URL", default="unix:///var/run/docker.sock"),
             "volume_root": env.str("DOCKER_VOLUME_ROOT", default=str(DATA_DIR / "docker")),
             "host_ip": env.str("DOCKER_HOST_IP", default="127.0.0.1"),
+            # Kind -> image; a kind not named here runs its engine's default image.
             "images": {
-                "mysql": env.str("DOCKER_MYSQL_IMAGE", default="mysql:8.4"),
-                "redis": env.str("DOCKER_REDIS_IMAGE", default="redis:7.4"),
+                kind: image
+                for kind, image in (
+                    ("mysql", env.str("DOCKER_MYSQL_IMAGE", default="")),
+                    ("redis", env.str("DOCKER_REDIS_IMAGE", default="")),
+                )
+                if image
             },
             "network_mode": env.str("DOCKER_NETWORK_MODE", default="bridge"),
             "portal_id": STOCKROOM_PORTAL_ID,

@@ -1,21 +1,12 @@
-import logging
-import threading
 import time
-from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, connections, models, transaction
+from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
 from .fields import EncryptedTextField
-
-logger = logging.getLogger(__name__)
-
-
-class Kind(models.TextChoices):
-    MYSQL = "mysql", "MySQL"
-    REDIS = "redis", "Redis"
 
 
 class Status(models.TextChoices):
@@ -57,7 +48,7 @@ class InstanceQuerySet(models.QuerySet):
 
 class Instance(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="instances")
-    kind = models.CharField(max_length=16, choices=Kind.choices)
+    kind = models.CharField(max_length=16, help_text="The engine's kind, as in STOCKROOM_ENGINES.")
     name = models.CharField(max_length=40)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PROVISIONING)
     status_message = models.TextField(blank=True)
@@ -114,7 +105,6 @@ class Instance(models.Model):
                 violation_error_message="You already have an instance of this kind with this name.",
             ),
             models.CheckConstraint(condition=Q(status__in=Status.values), name="status_is_known"),
-            models.CheckConstraint(condition=Q(kind__in=Kind.values), name="kind_is_known"),
             models.CheckConstraint(condition=Q(port__gte=1, port__lte=65535), name="port_in_range"),
             models.CheckConstraint(
                 condition=Q(port__isnull=False) | Q(status__in=[Status.FAILED, Status.DELETING, Status.DELETED]),
@@ -129,118 +119,13 @@ class Instance(models.Model):
     def live(self) -> bool:
         return self.status in LIVE_STATUSES
 
-    def record_event(self, from_status: str, to_status: str, reason: str) -> "InstanceEvent":
-        """Write the history entry for a status change and queue its webhook deliveries."""
-        event = self.events.create(from_status=from_status, to_status=to_status, reason=reason)
-        event.notify()
-        return event
-
     def mark(self, step: str | None) -> None:
         """Record in `timings` the seconds since the previous mark under `step` (None: start the clock)."""
         now = time.perf_counter()
-        started = self.__dict__.get("_marked_at")
+        started: Any = self.__dict__.get("_marked_at")
         if step is not None and started is not None:
             self.timings[step] = round(now - started, 4)
         self._marked_at = now
-
-    def claim(self, *, seconds: float) -> bool:
-        """Take the instance unless another worker holds it (one UPDATE decides) and keep it until
-        release(): a thread renews the claim every seconds/3, so only a dead worker's claim expires,
-        `seconds` after its last renewal."""
-        now = timezone.now()
-        until = now + timedelta(seconds=seconds)
-        taken = (
-            Instance.objects.filter(pk=self.pk)
-            .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=now))
-            .update(claimed_until=until)
-        )
-        if taken:
-            self._claim_keeper = ClaimKeeper(self.pk, until, seconds)
-            self._claim_keeper.start()
-        return bool(taken)
-
-    def release(self) -> None:
-        """Give up this object's claim; a claim that expired and was taken by another worker stays."""
-        keeper = self.__dict__.pop("_claim_keeper", None)
-        if keeper is not None:
-            Instance.objects.filter(pk=self.pk, claimed_until__in=keeper.stop()).update(claimed_until=None)
-
-    def transition(self, to: Status, reason: str, *, allowed_from: tuple[Status, ...], unchanged_since=None) -> bool:
-        """Move to `to` only if the current status is one of `allowed_from` (and, given
-        `unchanged_since`, only if the row has not changed since that `updated_at`).
-
-        The check and the change are one conditional UPDATE, so two workers can never both
-        win; the winner records an event. Returns whether this call made the change.
-        A failed instance holds nothing, so moving to FAILED also gives up the port.
-        """
-        changes = {"status": to, "status_message": reason, "updated_at": timezone.now()}
-        if to not in BUSY_STATUSES:
-            changes["recoveries"] = 0
-        if to != Status.UNHEALTHY:
-            changes["next_restart_at"] = None  # only an unhealthy instance waits for a restart
-        if to == Status.FAILED:
-            changes["port"] = None
-        unchanged = Q() if unchanged_since is None else Q(updated_at=unchanged_since)
-        with transaction.atomic():
-            current = (
-                Instance.objects.select_for_update()
-                .filter(unchanged, pk=self.pk, status__in=allowed_from)
-                .values_list("status", flat=True)
-                .first()
-            )
-            changed = current is not None and bool(
-                Instance.objects.filter(pk=self.pk, status=current).update(**changes)
-            )
-            if changed:
-                self.record_event(current, to, reason)
-        if changed:
-            for field, value in changes.items():
-                setattr(self, field, value)
-        return changed
-
-
-class ClaimKeeper(threading.Thread):
-    """Renews one instance's claim while the worker that holds it is busy with it.
-
-    It stops renewing after STOCKROOM_TASK_TIME_LIMIT, the most any task may take (Celery kills a
-    task that runs longer), so a hung worker's claim lapses too. No lock is held during database
-    I/O; release() clears whichever end the claim has: the current one or a renewal in flight.
-    """
-
-    def __init__(self, pk: int, until, seconds: float):
-        super().__init__(name=f"claim-{pk}", daemon=True)
-        self.pk, self.seconds = pk, seconds
-        self.ends = [until]  # the claim's end, and a renewal's while it is being written
-        self.give_up_at = time.monotonic() + settings.STOCKROOM_TASK_TIME_LIMIT
-        self.stopped = threading.Event()
-        self.lock = threading.Lock()
-
-    def run(self) -> None:
-        try:
-            while not self.stopped.wait(self.seconds / 3) and time.monotonic() < self.give_up_at:
-                until = timezone.now() + timedelta(seconds=self.seconds)
-                with self.lock:
-                    current = self.ends[0]
-                    self.ends.append(until)
-                try:
-                    renewed = Instance.objects.filter(pk=self.pk, claimed_until=current).update(claimed_until=until)
-                except DatabaseError:  # a blip: keep the old end and try again next time
-                    logger.warning("Could not renew the claim on instance %s", self.pk, exc_info=True)
-                    close_old_connections()
-                    renewed = None
-                with self.lock:
-                    self.ends = [until] if renewed else [current]
-                if renewed == 0 and not self.stopped.is_set():
-                    logger.error("Instance %s: the claim lapsed and was taken over", self.pk)
-                    return
-        finally:
-            connections.close_all()  # this thread's own connection
-
-    def stop(self) -> list:
-        """Stop renewing; returns the ends the claim may have now."""
-        with self.lock:
-            self.stopped.set()
-            return list(self.ends)
 
 
 class InstanceEvent(models.Model):
@@ -257,16 +142,6 @@ class InstanceEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.from_status or '∅'} → {self.to_status}: {self.reason}"
-
-    def notify(self) -> None:
-        """One delivery per webhook of the owner, sent by a worker once this transaction commits."""
-        webhooks = Webhook.objects.filter(owner_id=self.instance.owner_id)
-        deliveries = WebhookDelivery.objects.bulk_create(WebhookDelivery(webhook=hook, event=self) for hook in webhooks)
-        if deliveries:
-            from .webhooks import queue
-
-            ids = [delivery.pk for delivery in deliveries]
-            transaction.on_commit(lambda: queue(ids))
 
 
 class Orphan(models.Model):

@@ -14,9 +14,9 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from . import services, webhooks
 from .backends.base import BackendError, get_backend
 from .models import BUSY_STATUSES, Heartbeat, Instance, Orphan, Status
+from .services import healing, webhooks, work
 
 logger = logging.getLogger(__name__)
 
@@ -105,35 +105,16 @@ class Reconciler:
         for instance in instances:
             error = errors[instance.pk]
             if error is None and instance.status == Status.UNHEALTHY:
-                if instance.transition(Status.RUNNING, "Answers again.", allowed_from=(Status.UNHEALTHY,)):
+                if healing.answers_again(instance):
                     report.recovered.append(instance.pk)
             elif error is not None and instance.status == Status.RUNNING:
-                # Restarts count on from the last failure unless it has stayed up since: a server that
-                # keeps dying soon after each restart ends `failed` instead of looping forever.
-                up_since = instance.updated_at
-                stable = now - up_since >= timedelta(seconds=settings.STOCKROOM_STABLE_SECONDS)
-                # Not if it changed while we probed (a new password, a restart): the probe is stale.
-                if instance.transition(
-                    Status.UNHEALTHY,
-                    f"Stopped answering ({error}); restarting it.",
-                    allowed_from=(Status.RUNNING,),
-                    unchanged_since=up_since,
-                ):
-                    attempts = 0 if stable else instance.restart_attempts
-                    # A server that died soon after a restart waits for its backoff before the next one.
-                    wait = services.restart_delay(attempts) if attempts else 0
-                    due = now + timedelta(seconds=wait)
-                    Instance.objects.filter(pk=instance.pk).update(restart_attempts=attempts, next_restart_at=due)
+                if healing.stopped_answering(instance, error, now=now):
                     report.unhealthy.append(instance.pk)
-                    if not wait:  # otherwise a later pass finds it due
-                        services.enqueue_heal(instance)
+                    if instance.next_restart_at is not None and instance.next_restart_at <= now:
                         report.heals.append(instance.pk)
-            elif error is not None and instance.status == Status.UNHEALTHY:
-                due = instance.next_restart_at is None or instance.next_restart_at <= now
-                free = instance.claimed_until is None or instance.claimed_until < now
-                if due and free:
-                    services.enqueue_heal(instance)
-                    report.heals.append(instance.pk)
+            elif error is not None and instance.status == Status.UNHEALTHY and healing.restart_due(instance, now=now):
+                healing.request_heal(instance)
+                report.heals.append(instance.pk)
 
     @staticmethod
     def _probe(instance: Instance) -> str | None:
@@ -148,11 +129,8 @@ class Reconciler:
             Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
         )
         stuck = list(stuck)
-        # Touched, so that the next passes do not queue them again while these jobs wait.
-        Instance.objects.filter(pk__in=[instance.pk for instance in stuck]).update(updated_at=now)
-        for instance in stuck:
-            services.enqueue_recover(instance)
-            report.stuck.append(instance.pk)
+        work.recover_later(stuck, now=now)
+        report.stuck.extend(instance.pk for instance in stuck)
 
     # Orphans ---------------------------------------------------------------------------
 
@@ -187,10 +165,6 @@ class Reconciler:
     # Webhook deliveries whose queued retry was lost -------------------------------------
 
     def _resend_deliveries(self, report: Pass, now) -> None:
-        from .tasks import deliver_webhook
-
         # A retry is queued with a countdown; only those a full period overdue were lost.
         late = now - timedelta(seconds=settings.STOCKROOM_RECONCILE_INTERVAL)
-        for pk in webhooks.due_deliveries(late):
-            deliver_webhook.delay(pk)
-            report.deliveries += 1
+        report.deliveries += webhooks.resend_due(late)

@@ -1,6 +1,7 @@
 from celery import shared_task
 
 from . import services
+from .services.webhooks import Sender
 
 # A task that finds its instance held by another worker waits and tries again (1, 2, 4 … 30 s,
 # about 4 minutes in all); after that the reconciler's recovery of stuck instances takes over.
@@ -47,6 +48,4 @@ def reconcile() -> None:
 
 @shared_task(acks_late=True, ignore_result=True)
 def deliver_webhook(delivery_id: int) -> None:
-    from .webhooks import Sender
-
     Sender().deliver(delivery_id)

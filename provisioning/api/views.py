@@ -6,9 +6,10 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from .. import services, webhooks
+from .. import services
 from ..engines import get_engine
 from ..models import Instance, Webhook
+from ..services import webhooks
 from .pagination import InstancePagination
 from .serializers import (
     CREATE_SERIALIZERS,

@@ -9,13 +9,10 @@ from collections.abc import Callable
 from django.conf import settings
 from django.utils.module_loading import import_string
 
+from ..engines import get_engine
+from ..errors import BackendError
 
-class BackendError(Exception):
-    """Something a person can act on went wrong while running an instance.
-
-    The message is shown to the instance's owner as its status message, so it must be
-    readable and must never contain a secret.
-    """
+__all__ = ["BackendError", "BaseBackend", "get_backend"]
 
 
 class BaseBackend:
@@ -63,8 +60,6 @@ class BaseBackend:
 
     def probe(self, instance, timeout: float = 2.0) -> None:
         """Log in with the user's credentials; raise if the server does not answer."""
-        from ..engines import get_engine
-
         get_engine(instance.kind).check_login(instance, host=self.probe_host, port=instance.port, timeout=timeout)
 
     def login_error(self, instance, *, timeout: float, tries: int = 1, pause: float = 0.2) -> str | None:

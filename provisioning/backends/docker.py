@@ -2,32 +2,24 @@
 
 Containers are named `stockroom-<kind>-<id>` and labelled with the instance id, its kind and
 this portal's id, so the portal can always find its own containers and tell them from
-anyone else's. The rendered config is bind-mounted read-only; data lives in a bind mount
-under `DOCKER_VOLUME_ROOT/<kind>/<id>`. Images follow the official images' contract:
-MySQL takes `MYSQL_*` variables, `/etc/mysql/conf.d` and `/var/lib/mysql`; Redis runs
-`redis-server <conf>` with data in `/data`.
+anyone else's. The engine says what goes in a container (`Engine.container`): its files are
+bind-mounted read-only from `DOCKER_VOLUME_ROOT/<kind>/<id>`, and data lives in a bind mount
+beside them.
 """
 
 import logging
 import shutil
 from functools import cached_property
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-import pymysql
 from django.conf import settings
 
-from ..engines import Layout, get_engine
-from ..engines.mysql import ADMIN_TIMEOUTS
-from ..models import Kind
+from ..engines import Endpoint, Layout, engines, get_engine
 from .base import BackendError, BaseBackend
 
 logger = logging.getLogger(__name__)
 
 LABEL = "io.stockroom"
-MYSQL_CONFIG = PurePosixPath("/etc/mysql/conf.d/stockroom.cnf")
-REDIS_CONFIG = PurePosixPath("/usr/local/etc/redis/redis.conf")
-REDIS_ACL = PurePosixPath("/usr/local/etc/redis/users.acl")
-CONTAINER_PORTS = {Kind.MYSQL: 3306, Kind.REDIS: 6379}
 
 
 class DockerBackend(BaseBackend):
@@ -95,35 +87,10 @@ class DockerBackend(BaseBackend):
 
     def layout(self, instance) -> Layout:
         """Paths inside the container; the port it listens on there."""
+        engine = get_engine(instance.kind)
         if self.network_mode == "host":
-            bind_address, port = settings.STOCKROOM_BIND_ADDRESS, instance.port
-        else:
-            bind_address, port = "0.0.0.0", CONTAINER_PORTS[instance.kind]
-        if instance.kind == Kind.MYSQL:
-            data = PurePosixPath("/var/lib/mysql")
-            return Layout(
-                bind_address=bind_address,
-                port=port,
-                data=data,
-                log=data / "server.log",
-                pid=PurePosixPath("/run/mysqld/mysqld.pid"),
-                socket=PurePosixPath("/run/mysqld/mysqld.sock"),
-                files=PurePosixPath("/var/lib/mysql-files"),
-                tmp=PurePosixPath("/tmp"),  # the container's own
-                acl=REDIS_ACL,
-            )
-        data = PurePosixPath("/data")
-        return Layout(
-            bind_address=bind_address,
-            port=port,
-            data=data,
-            log="",
-            pid=data / "redis.pid",
-            socket=data / "redis.sock",
-            files=data,
-            tmp=data,
-            acl=REDIS_ACL,
-        )
+            return engine.container_layout(bind_address=settings.STOCKROOM_BIND_ADDRESS, port=instance.port)
+        return engine.container_layout(bind_address="0.0.0.0", port=engine.container_port)
 
     # The contract ----------------------------------------------------------------------
 
@@ -131,43 +98,27 @@ class DockerBackend(BaseBackend):
         self.destroy(instance)  # a clean slate, should the task run a second time
         engine = get_engine(instance.kind)
         image = self._image(instance.kind)
-        directory = self.directory(instance)
+        directory, layout = self.directory(instance), self.layout(instance)
+        spec = engine.container(instance, layout)
         (directory / "data").mkdir(parents=True, mode=0o700)
-        config = directory / engine.config_name
-        config.write_text(engine.render_config(instance, self.layout(instance)))
-        config.chmod(0o644)  # read by the server's own user inside the container
-        volumes = {str(directory / "data"): {"bind": str(self.layout(instance).data), "mode": "rw"}}
-        if instance.kind == Kind.MYSQL:
-            volumes[str(config)] = {"bind": str(MYSQL_CONFIG), "mode": "ro"}
-            command = None
-            environment = {
-                "MYSQL_ROOT_PASSWORD": instance.admin_password,
-                "MYSQL_DATABASE": instance.database,
-                "MYSQL_USER": instance.username,
-                "MYSQL_PASSWORD": instance.password,
-            }
-        else:
-            acl = directory / "users.acl"
-            acl.write_text(engine.acl_lines(instance, instance.password))
-            acl.chmod(0o644)
-            volumes[str(config)] = {"bind": str(REDIS_CONFIG), "mode": "ro"}
-            volumes[str(acl)] = {"bind": str(REDIS_ACL), "mode": "ro"}
-            command = ["redis-server", str(REDIS_CONFIG)]
-            environment = {}
+        volumes = {str(directory / "data"): {"bind": str(layout.data), "mode": "rw"}}
+        for name, (path, text) in spec.files.items():
+            self._write(directory / name, text)
+            volumes[str(directory / name)] = {"bind": str(path), "mode": "ro"}
         network = (
             {"network_mode": "host"}
             if self.network_mode == "host"
-            else {"ports": {f"{CONTAINER_PORTS[instance.kind]}/tcp": (self.host_ip, instance.port)}}
+            else {"ports": {f"{engine.container_port}/tcp": (self.host_ip, instance.port)}}
         )
         instance.mark("data_directory")
         container = self._docker(
             "start the container",
             self.client.containers.run,
             image,
-            command,
+            spec.command,
             name=self.name(instance),
             labels=self.labels(instance),
-            environment=environment,
+            environment=spec.environment,
             volumes=volumes,
             mem_limit=engine.memory_limit(instance.options),
             restart_policy={"Name": "unless-stopped"},
@@ -175,6 +126,11 @@ class DockerBackend(BaseBackend):
             **network,
         )
         self._wait_for_login(instance, container)
+
+    @staticmethod
+    def _write(path: Path, text: str) -> None:
+        path.write_text(text)
+        path.chmod(0o644)  # read by the server's own user inside the container
 
     def stop(self, instance) -> None:
         for container in self._own(instance):
@@ -188,23 +144,13 @@ class DockerBackend(BaseBackend):
         self._wait_for_login(instance, containers[0])
 
     def set_password(self, instance, password: str) -> None:
-        engine = get_engine(instance.kind)
-        if instance.kind == Kind.MYSQL:
-            # Images following the official contract give root a network login (MYSQL_ROOT_HOST=%).
-            admin = pymysql.connect(
-                host=self.probe_host,
-                port=instance.port,
-                user="root",
-                password=instance.admin_password,
-                **ADMIN_TIMEOUTS,
-            )
-            try:
-                engine.set_password(admin, instance, password)
-            finally:
-                admin.close()
-        else:
-            (self.directory(instance) / "users.acl").write_text(engine.acl_lines(instance, password))
-            engine.reload_acl(instance, host=self.probe_host, port=instance.port)
+        directory = self.directory(instance)
+        get_engine(instance.kind).set_password(
+            instance,
+            password,
+            admin=Endpoint(self.probe_host, instance.port),
+            write=lambda name, text: self._write(directory / name, text),
+        )
 
     @property
     def probe_host(self) -> str:
@@ -219,7 +165,7 @@ class DockerBackend(BaseBackend):
         """Remove a container of this portal's and its data directory."""
         self._docker("remove the container", container.remove, force=True, v=True)
         kind, instance = container.labels.get(f"{LABEL}.kind", ""), container.labels.get(f"{LABEL}.instance", "")
-        if kind in CONTAINER_PORTS and instance.isdigit():
+        if kind in engines() and instance.isdigit():
             self._remove_data(self.volume_root / kind / instance)
 
     @staticmethod
@@ -259,7 +205,7 @@ class DockerBackend(BaseBackend):
     def _image(self, kind: str) -> str:
         import docker.errors
 
-        image = self.images[kind]
+        image = self.images.get(kind) or get_engine(kind).image
         try:
             self._docker(f"inspect the image {image}", self.client.images.get, image)
         except BackendError as exc:

@@ -1,4 +1,4 @@
-"""The embedded default: one `mariadbd` or `redis-server` process per instance.
+"""The embedded default: one server process per instance, as the engine says to start it.
 
 Each instance owns `STOCKROOM_INSTANCES_DIR/<kind>/<id>/` (by default under DATA_DIR): its
 config file, data, log and pid.
@@ -8,8 +8,6 @@ working directory is inside the instance's directory; that is how `destroy` find
 when no pid file was written.
 """
 
-import fcntl
-import hashlib
 import logging
 import os
 import pwd
@@ -18,19 +16,20 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import pymysql
 from django.conf import settings
-from django.template.loader import render_to_string
 
-from ..engines import Layout, get_engine
-from ..engines.mysql import ADMIN_TIMEOUTS, ADMIN_USERNAME, MySQL
+from ..engines import Endpoint, Layout, engines, get_engine
 from .base import BackendError, BaseBackend
+
+if TYPE_CHECKING:
+    from ..models import Instance
 
 logger = logging.getLogger(__name__)
 
-STORAGE_TEMPLATE = "provisioning/engines/mysql-storage.cnf"
 HASHES = re.compile(r"\*[0-9A-Fa-f]{40}|#[0-9a-f]{64}")
 
 
@@ -78,71 +77,76 @@ def stop_processes_under(directory: Path, timeout: float = 30.0) -> None:
 
 
 class LocalBackend(BaseBackend):
-    def __init__(self, alias: str, *, run_as: str, mariadbd: str, mariadb_install_db: str, redis_server: str):
+    """Runs each instance's server as a process on this host.
+
+    `programs` maps a program name an engine asks for (a server binary) to its path; a program
+    not named there is looked up on PATH.
+    """
+
+    def __init__(self, alias: str, *, run_as: str, programs: dict[str, str] | None = None):
         super().__init__(alias)
         self.run_as = run_as
-        self.mariadbd = mariadbd
-        self.mariadb_install_db = mariadb_install_db
-        self.redis_server = redis_server
+        self.programs = dict(programs or {})
 
     # Paths -----------------------------------------------------------------------------
 
     @property
     def root(self) -> Path:
-        return settings.STOCKROOM_INSTANCES_DIR
+        return Path(settings.STOCKROOM_INSTANCES_DIR)
 
-    def directory(self, instance) -> Path:
+    @property
+    def cache(self) -> Path:
+        return self.root / "_templates"
+
+    def directory(self, instance: "Instance") -> Path:
         return self.root / instance.kind / str(instance.pk)
 
-    def layout(self, instance) -> Layout:
+    def layout(self, instance: "Instance") -> Layout:
+        assert instance.port is not None
         return Layout.under(self.directory(instance), bind_address=settings.STOCKROOM_BIND_ADDRESS, port=instance.port)
+
+    def program(self, name: str) -> Path:
+        path = self.programs.get(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+        if not path or not os.access(path, os.X_OK):
+            raise BackendError(f"The program {name} is missing; install the package that provides it.")
+        return Path(path)
 
     # The contract ----------------------------------------------------------------------
 
-    def create(self, instance) -> None:
+    def create(self, instance: "Instance") -> None:
         engine = get_engine(instance.kind)
         directory, layout = self.directory(instance), self.layout(instance)
         self.destroy(instance)  # a clean slate, should the task run a second time
-        self._mkdir(directory)
-        init_file = None
-        if isinstance(engine, MySQL):
-            self._copy_as_owner(self._mariadb_template(), layout.data)
-            self._mkdir(layout.files)
-            self._mkdir(layout.tmp)
-            init_file = directory / "init.sql"
-            self._write(init_file, engine.init_sql(instance))
-        else:
-            self._mkdir(layout.data)
-            self._write(layout.acl, engine.acl_lines(instance, instance.password))
-        self._write(directory / engine.config_name, engine.render_config(instance, layout))
+        self.mkdir(directory)
+        setup = engine.local_setup(instance, layout, self)
+        if setup.seed:
+            self._copy_as_owner(setup.seed, Path(layout.data))
+        for folder in setup.dirs:
+            self.mkdir(folder)
+        for name, text in setup.files.items():
+            self.write(directory / name, text)
         instance.mark("data_directory")
-        self._run_server(instance, init_file=init_file)
-        if init_file:
-            init_file.unlink()
+        self._run_server(instance, extra=setup.first_start_args)
+        for name in setup.remove_after_first_start:
+            (directory / name).unlink()
 
-    def stop(self, instance) -> None:
+    def stop(self, instance: "Instance") -> None:
         stop_processes_under(self.directory(instance))
 
-    def start(self, instance) -> None:
+    def start(self, instance: "Instance") -> None:
         kill_processes_under(self.directory(instance))  # whatever is left of a server that hung
         self._run_server(instance)
 
-    def set_password(self, instance, password: str) -> None:
-        engine = get_engine(instance.kind)
-        if isinstance(engine, MySQL):
-            socket = str(self.layout(instance).socket)
-            admin = pymysql.connect(
-                unix_socket=socket, user=ADMIN_USERNAME, password=instance.admin_password, **ADMIN_TIMEOUTS
-            )
-            try:
-                engine.set_password(admin, instance, password)
-            finally:
-                admin.close()
-        else:
-            self._write(self.layout(instance).acl, engine.acl_lines(instance, password))
-            engine.reload_acl(instance, host=settings.STOCKROOM_BIND_ADDRESS, port=instance.port)
+    def set_password(self, instance: "Instance", password: str) -> None:
+        directory, layout = self.directory(instance), self.layout(instance)
+        get_engine(instance.kind).set_password(
+            instance,
+            password,
+            admin=Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=str(layout.socket)),
+            write=lambda name, text: self.write(directory / name, text),
+        )
 
-    def destroy(self, instance) -> None:
+    def destroy(self, instance: "Instance") -> None:
         directory = self.directory(instance)
         kill_processes_under(directory)
         shutil.rmtree(directory, ignore_errors=True)
@@ -150,17 +154,17 @@ class LocalBackend(BaseBackend):
             raise BackendError(f"Could not remove {directory}.")
 
     def check(self) -> str:
-        missing = [path for path in (self.mariadbd, self.redis_server) if not os.access(path, os.X_OK)]
-        if missing:
-            raise BackendError(f"Missing server binaries: {', '.join(missing)}.")
+        for engine in engines().values():
+            for name in engine.local_programs:
+                self.program(name)
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.W_OK):
             raise BackendError(f"Cannot write to {self.root}.")
-        return "Server binaries found; the instances folder is writable."
+        return "Server programs found; the instances folder is writable."
 
     def orphans(self, known_ids: set[int]) -> dict[str, str]:
         found = {}
-        for kind in ("mysql", "redis"):
+        for kind in engines():
             for directory in sorted((self.root / kind).glob("*")):
                 if directory.name.isdigit() and int(directory.name) not in known_ids:
                     pids = processes_under(directory)
@@ -176,17 +180,19 @@ class LocalBackend(BaseBackend):
 
     # Processes -------------------------------------------------------------------------
 
-    def _run_server(self, instance, *, init_file: Path | None = None) -> None:
+    def _run_server(self, instance: "Instance", *, extra: Sequence[str] = ()) -> None:
         directory, layout = self.directory(instance), self.layout(instance)
-        config = directory / get_engine(instance.kind).config_name
-        if instance.kind == "mysql":
-            argv = [self.mariadbd, f"--defaults-file={config}"]
-            if init_file:
-                argv.append(f"--init-file={init_file}")
-        else:
-            argv = [self.redis_server, str(config)]
-        self._spawn(argv, cwd=directory, log=layout.log)
-        self._wait_for_login(instance, directory, layout.log)
+        engine = get_engine(instance.kind)
+        argv = [*engine.local_argv(self, directory / engine.config_name), *extra]
+        log = Path(layout.log)
+        self._spawn(argv, cwd=directory, log=log)
+        self._wait_for_login(instance, directory, log)
+
+    def _wait_for_login(self, instance: "Instance", directory: Path, log: Path) -> None:
+        # setsid forks before it returns, so a missing process has really exited.
+        self.wait_for_login(
+            instance, exited=lambda: not processes_under(directory), log_tail=lambda: self._log_tail(log)
+        )
 
     def _spawn(self, argv: list[str], *, cwd: Path, log: Path) -> None:
         with open(log, "ab") as output:
@@ -203,12 +209,6 @@ class LocalBackend(BaseBackend):
         if result.returncode:
             raise BackendError(f"Could not start {Path(argv[0]).name} (exit status {result.returncode}).")
 
-    def _wait_for_login(self, instance, directory: Path, log: Path) -> None:
-        # setsid forks before it returns, so a missing process has really exited.
-        self.wait_for_login(
-            instance, exited=lambda: not processes_under(directory), log_tail=lambda: self._log_tail(log)
-        )
-
     @staticmethod
     def _log_tail(log: Path, lines: int = 3) -> str:
         """The last interesting log lines, for a status message; password hashes are blanked."""
@@ -219,63 +219,29 @@ class LocalBackend(BaseBackend):
         interesting = [line for line in text if "ERROR" in line or "#" in line] or text
         return "Server log: " + " | ".join(interesting[-lines:]) if interesting else "The server log is empty."
 
-    # MariaDB's data-directory template -------------------------------------------------
+    # Files and users: what an engine's local_setup() may use (the Host protocol) -----------
 
-    def _mariadb_template(self) -> Path:
-        """A pristine data directory, made once per server version and storage settings.
-
-        Copying it is much faster than running mariadb-install-db for every instance.
-        """
-        storage = render_to_string(STORAGE_TEMPLATE)
-        binary = Path(self.mariadbd)
-        try:
-            stat = binary.stat()
-        except FileNotFoundError:
-            raise BackendError(f"{self.mariadbd} is missing: install the mariadb-server package.") from None
-        recipe = f"{binary}:{stat.st_size}:{stat.st_mtime_ns}\n{storage}"
-        key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
-        templates = self.root / "_templates"
-        target = templates / f"mariadb-{key}"
-        if (target / "data").is_dir():
-            return target / "data"
-        templates.mkdir(parents=True, exist_ok=True)
-        with open(templates / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (target / "data").is_dir():
-                self._build_mariadb_template(target, storage)
-        return target / "data"
-
-    def _build_mariadb_template(self, target: Path, storage: str) -> None:
-        building = target.with_name(target.name + ".building")
-        shutil.rmtree(building, ignore_errors=True)
-        self._mkdir(building)
-        config = building / "my.cnf"
-        self._write(config, "[mysqld]\n" + storage)
-        result = subprocess.run(
-            [
-                self.mariadb_install_db,
-                f"--defaults-file={config}",
-                f"--datadir={building / 'data'}",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-                "--skip-name-resolve",
-            ],
-            cwd=building,
+    def run(self, argv: Sequence[str | Path], *, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(arg) for arg in argv],
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             **self._drop_privileges(),
         )
-        if result.returncode:
-            shutil.rmtree(building, ignore_errors=True)
-            tail = (result.stderr or result.stdout).strip().splitlines()[-2:]
-            raise BackendError(f"mariadb-install-db failed: {' | '.join(tail)}")
-        building.rename(target)
-        logger.info("Built MariaDB data-directory template %s", target)
 
-    # Files and users -------------------------------------------------------------------
+    def mkdir(self, path: Path) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._chown(path)
 
-    def _drop_privileges(self) -> dict:
+    def write(self, path: Path, text: str) -> None:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+        self._chown(path)
+
+    def _drop_privileges(self) -> dict[str, Any]:
         """Popen arguments that run a child as `run_as` when the portal is root."""
         if os.geteuid() != 0:
             return {}
@@ -296,23 +262,7 @@ class LocalBackend(BaseBackend):
             account = self._account()
             os.chown(path, account.pw_uid, account.pw_gid)
 
-    def _mkdir(self, path: Path) -> None:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._chown(path)
-
-    def _write(self, path: Path, text: str) -> None:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(text)
-        self._chown(path)
-
     def _copy_as_owner(self, source: Path, target: Path) -> None:
-        result = subprocess.run(
-            ["cp", "-a", "--reflink=auto", str(source), str(target)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            **self._drop_privileges(),
-        )
+        result = self.run(["cp", "-a", "--reflink=auto", source, target], cwd=source.parent)
         if result.returncode:
-            raise BackendError(f"Could not copy the MariaDB data template: {result.stderr.strip()}")
+            raise BackendError(f"Could not copy the data template: {result.stderr.strip()}")

@@ -6,7 +6,7 @@ from functools import cache
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from .base import Engine, Layout, OptionErrors
+from .base import Container, Endpoint, Engine, Host, Layout, LocalSetup, OptionErrors
 
 
 class UnknownKind(LookupError):
@@ -31,4 +31,15 @@ def get_engine(kind: str) -> Engine:
         raise UnknownKind(f"No engine of kind {kind!r}; registered: {', '.join(engines())}.") from None
 
 
-__all__ = ["Engine", "Layout", "OptionErrors", "UnknownKind", "engines", "get_engine"]
+__all__ = [
+    "Container",
+    "Endpoint",
+    "Engine",
+    "Host",
+    "Layout",
+    "LocalSetup",
+    "OptionErrors",
+    "UnknownKind",
+    "engines",
+    "get_engine",
+]

@@ -1,20 +1,34 @@
-"""What differs between MySQL and Redis, whatever backend runs them."""
+"""The contract every engine keeps: what a kind of database *is*, whatever backend runs it.
 
-from dataclasses import dataclass
-from pathlib import PurePath
-from typing import Any
+An engine owns every fact about its kind: options and the config file, accounts and how a user
+connects, how a server is started on the host (`local_setup`, `local_argv`) or in a container
+(`container`), how the portal sets a password and how it proves a login works. Backends, the API,
+pages and admin ask the engine and never branch on the kind. Adding a kind means one folder under
+`provisioning/engines/` and one line in STOCKROOM_ENGINES.
+"""
 
-from django.template.loader import render_to_string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path, PurePath, PurePosixPath
+from subprocess import CompletedProcess
+from typing import TYPE_CHECKING, Any, Protocol
+
+from django.template import Context
+from django.template import Engine as TemplateEngine
 
 from ..options import Option, OptionError
+
+if TYPE_CHECKING:
+    from ..models import Instance
 
 
 @dataclass(frozen=True)
 class Layout:
     """Where a server finds its files, as the server sees them, and the address it listens on.
 
-    The local backend puts everything under one folder (`Layout.under`); the Docker backend
-    uses the paths the official images expect.
+    The local backend puts everything under one folder (`Layout.under`); in a container the
+    engine says where its image expects them (`Engine.container_layout`).
     """
 
     bind_address: str
@@ -42,20 +56,85 @@ class Layout:
         )
 
 
-class Engine:
-    """One database engine: its options, its config file and how to log in to it.
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the portal reaches a running server for administration."""
 
-    Subclasses set `kind`, `options`, `config_template` and `config_name`, and implement
-    `check_login` and `connection`.
+    host: str
+    port: int
+    socket: str | None = None  # a Unix socket, when the portal can reach the server's own
+
+
+# Writes one of the instance's files (by its name, e.g. "users.acl") where the server reads it.
+WriteFile = Callable[[str, str], None]
+
+
+class Host(Protocol):
+    """What the local backend lends an engine to lay out a new instance on this host.
+
+    Everything it makes belongs to the user that instance servers run as.
+    """
+
+    def program(self, name: str) -> Path:
+        """The path of a server program (e.g. "redis-server"), as configured or found on PATH."""
+        ...
+
+    def mkdir(self, path: Path) -> None: ...
+
+    def write(self, path: Path, text: str) -> None: ...
+
+    def run(self, argv: Sequence[str | Path], *, cwd: Path) -> CompletedProcess[str]:
+        """Run a program as the instances' user; output is captured as text."""
+        ...
+
+    @property
+    def cache(self) -> Path:
+        """A folder for things built once and shared by instances (e.g. a data-directory template)."""
+        ...
+
+
+@dataclass(frozen=True)
+class LocalSetup:
+    """What a brand-new local instance needs before its first start."""
+
+    files: dict[str, str]  # name in the instance's folder -> content (config, ACL, init file)
+    dirs: tuple[Path, ...] = ()  # folders to make
+    seed: Path | None = None  # a data directory to copy in, instead of an empty one
+    first_start_args: tuple[str, ...] = ()  # added to local_argv() at the first start only
+    remove_after_first_start: tuple[str, ...] = ()  # names in `files` not needed once started
+
+
+@dataclass(frozen=True)
+class Container:
+    """How a container runs the server, in the image contract the engine targets."""
+
+    files: dict[str, tuple[PurePosixPath, str]]  # name -> (path in the container, content); mounted read-only
+    command: list[str] | None = None  # None: the image's own
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+class Engine:
+    """One kind of database. Subclasses set the class attributes and implement the methods that
+    raise NotImplementedError; the rest have defaults that fit most kinds.
     """
 
     kind: str  # in URLs and the database: lower-case letters and digits
     label: str  # for people: "MySQL"
     options: tuple[Option, ...]
-    config_template: str
-    config_name: str
+    config_template: str  # a Django template in the engine's folder, rendered with instance, options, layout
+    config_name: str  # the rendered file's name in the instance's folder
     # What connection() returns: field name -> int or str; the API's config schema is built from it.
     connection_fields: dict[str, type]
+    # The accounts a new instance gets: the user's database (if the kind has databases) and user name.
+    database: str = ""
+    username: str
+    # Programs the local backend must find to run this kind.
+    local_programs: tuple[str, ...] = ()
+    # The default image of the Docker backend, and the port the server listens on inside it.
+    image: str
+    container_port: int
+
+    # Options ---------------------------------------------------------------------------
 
     def clean_options(self, data: dict[str, Any]) -> dict[str, Any]:
         """Validated options with defaults filled in.
@@ -86,20 +165,59 @@ class Engine:
         """Rules that involve several options; may fill in dependent defaults."""
         return {}
 
-    def render_config(self, instance, layout: Layout) -> str:
-        return render_to_string(
-            self.config_template, {"instance": instance, "options": instance.options, "layout": layout}
-        )
-
     def memory_limit(self, options: dict[str, Any]) -> int:
-        """Bytes a container running this engine with these options may use."""
+        """Bytes a server with these options may use (a container's memory limit)."""
         raise NotImplementedError("Engines must say how much memory a server needs.")
 
-    def check_login(self, instance, *, host: str, port: int, timeout: float) -> None:
+    # Files -----------------------------------------------------------------------------
+
+    @cached_property
+    def _templates(self) -> TemplateEngine:
+        import inspect
+
+        folder = Path(inspect.getfile(type(self))).parent
+        return TemplateEngine(dirs=[str(folder)], autoescape=False)
+
+    def render(self, template: str, **context: Any) -> str:
+        """Render one of the engine's own templates (kept in its folder)."""
+        return self._templates.get_template(template).render(Context(context))
+
+    def render_config(self, instance: "Instance", layout: Layout) -> str:
+        return self.render(self.config_template, instance=instance, options=instance.options, layout=layout)
+
+    # Running a server ------------------------------------------------------------------
+
+    def local_setup(self, instance: "Instance", layout: Layout, host: Host) -> LocalSetup:
+        """Files, folders and data a new instance needs on this host before its first start."""
+        raise NotImplementedError("Engines must say how a local server is laid out.")
+
+    def local_argv(self, host: Host, config: Path) -> list[str]:
+        """The command that starts the server in the foreground with the rendered `config`."""
+        raise NotImplementedError("Engines must say how a local server is started.")
+
+    def container_layout(self, *, bind_address: str, port: int) -> Layout:
+        """Where the engine's image keeps the server's files."""
+        raise NotImplementedError("Engines must say where their image keeps its files.")
+
+    def container(self, instance: "Instance", layout: Layout) -> Container:
+        """The files, command and environment of a new container for `instance`."""
+        raise NotImplementedError("Engines must describe their container.")
+
+    # Administration and logins ---------------------------------------------------------
+
+    def set_password(self, instance: "Instance", password: str, *, admin: Endpoint, write: WriteFile) -> None:
+        """Give the user `password` on the running server; the old one must stop working.
+
+        `admin` is where the portal's own account reaches the server; `write` replaces one of the
+        instance's files where the server reads it.
+        """
+        raise NotImplementedError("Engines must say how a password is changed.")
+
+    def check_login(self, instance: "Instance", *, host: str, port: int, timeout: float) -> None:
         """Log in with the user's credentials and run a trivial command; raise on failure."""
         raise NotImplementedError("Engines must say how a user logs in.")
 
-    def connection(self, instance) -> dict[str, Any]:
+    def connection(self, instance: "Instance") -> dict[str, Any]:
         """What a user needs to connect: host, port, credentials, options and a URI.
 
         The keys are exactly those of `connection_fields`.

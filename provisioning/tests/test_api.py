@@ -9,6 +9,7 @@ from django.test import override_settings
 from rest_framework.test import APIClient
 
 from provisioning.models import Instance, Status
+from provisioning.services.state import Side, transition
 
 from .conftest import instance_dir
 
@@ -184,7 +185,8 @@ def test_schema_and_docs_are_served(client):
 
 def test_a_failed_instance_has_no_connection(api):
     pk = api.post("/api/storage/redis/instances", {}).json()["id"]
-    Instance.objects.get(pk=pk).transition(Status.FAILED, "broken", allowed_from=(Status.PROVISIONING,))
+    instance = Instance.objects.get(pk=pk)
+    transition(instance, Status.FAILED, "broken", side=Side.WORKER, allowed_from=(Status.PROVISIONING,))
     assert api.get(f"/api/storage/redis/instances/{pk}").json()["port"] is None
     response = api.get(f"/api/storage/redis/instances/{pk}/config")
     assert response.status_code == 409

@@ -19,10 +19,11 @@ class StartsThenFails(LocalBackend):
         raise BackendError("injected failure after start")
 
 
-def local_backend_with(settings, **changes):
+def local_backend_with(settings, top=None, **programs):
     backend = dict(settings.STOCKROOM_BACKENDS["local"])
-    backend.update(changes.pop("top", {}))
-    backend["OPTIONS"] = {**backend["OPTIONS"], **changes}
+    backend.update(top or {})
+    options = backend["OPTIONS"]
+    backend["OPTIONS"] = {**options, "programs": {**options["programs"], **programs}}
     settings.STOCKROOM_BACKENDS = {"local": backend}
 
 
@@ -40,7 +41,7 @@ def test_a_failure_after_start_kills_the_server_and_releases_everything(api, set
 
 
 def test_a_server_that_will_not_start_ends_failed(api, settings):
-    local_backend_with(settings, redis_server="/bin/false")
+    local_backend_with(settings, **{"redis-server": "/bin/false"})
     pk = api.post("/api/storage/redis/instances", {}).json()["id"]
     instance = wait_for_status(api, "redis", pk, "failed", "running")
     assert instance["status_message"].startswith("Provisioning failed: The server exited during start-up.")
@@ -50,7 +51,7 @@ def test_a_server_that_will_not_start_ends_failed(api, settings):
 
 
 def test_a_failed_instance_can_be_deleted(api, settings):
-    local_backend_with(settings, redis_server="/bin/false")
+    local_backend_with(settings, **{"redis-server": "/bin/false"})
     pk = api.post("/api/storage/redis/instances", {}).json()["id"]
     wait_for_status(api, "redis", pk, "failed")
     assert api.delete(f"/api/storage/redis/instances/{pk}").status_code == 202
@@ -73,10 +74,10 @@ def test_an_unreachable_broker_fails_the_instance_with_a_message(api, queued_for
 
 
 def test_a_failed_instance_whose_port_was_reused_can_still_be_deleted(api, settings):
-    local_backend_with(settings, redis_server="/bin/false")
+    local_backend_with(settings, **{"redis-server": "/bin/false"})
     failed = api.post("/api/storage/redis/instances", {}).json()
     wait_for_status(api, "redis", failed["id"], "failed")
-    local_backend_with(settings, redis_server="/usr/bin/redis-server")
+    local_backend_with(settings, **{"redis-server": "/usr/bin/redis-server"})
     reused = api.post("/api/storage/redis/instances", {}).json()
     assert reused["port"] == failed["port"]
     assert wait_for_status(api, "redis", reused["id"], "running")

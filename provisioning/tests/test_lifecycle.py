@@ -110,11 +110,11 @@ def test_a_rotation_that_fails_half_way_keeps_the_old_password(api, monkeypatch)
     real_reload = Redis.reload_acl
     calls = []
 
-    def reload_fails_once(self, instance, **where):
+    def reload_fails_once(self, instance, admin):
         calls.append(1)
         if len(calls) == 1:  # the new ACL file is written, but the server does not take it
             raise redis.ConnectionError("Connection reset by peer")
-        real_reload(self, instance, **where)
+        real_reload(self, instance, admin)
 
     monkeypatch.setattr(Redis, "reload_acl", reload_fails_once)
     after = act(api, "redis", pk, "rotate-password", "unhealthy", "running")

@@ -17,6 +17,11 @@ from provisioning.backends.local import processes_under
 from provisioning.models import Heartbeat, Instance, Orphan, Status
 from provisioning.reconciler import Reconciler
 from provisioning.services import DELETABLE, Busy, heal, perform_action, recover
+from provisioning.services.claims import claim, release
+from provisioning.services.state import Side, transition
+
+REQUEST, WORKER, HEALER = Side.REQUEST, Side.WORKER, Side.HEALER
+ROTATION = "Password rotation requested by alice."
 
 from .conftest import instance_dir, port_refuses, wait_for_status
 
@@ -48,7 +53,7 @@ def kill(instance: Instance) -> None:
 def break_redis_server(settings) -> None:
     """From now on redis-server cannot start (as if its binary had been removed)."""
     backends = copy.deepcopy(settings.STOCKROOM_BACKENDS)
-    backends["local"]["OPTIONS"]["redis_server"] = "/bin/false"
+    backends["local"]["OPTIONS"]["programs"]["redis-server"] = "/bin/false"
     settings.STOCKROOM_BACKENDS = backends
 
 
@@ -93,14 +98,15 @@ def test_restarts_back_off(api, settings):
 def test_a_claimed_instance_is_left_to_its_worker(api):
     instance = running_redis(api)
     kill(instance)
-    assert instance.transition(Status.UNHEALTHY, "test", allowed_from=(Status.RUNNING,))
-    assert instance.claim(seconds=60)
-    assert not instance.claim(seconds=60), "a second worker cannot take it"
+    assert transition(instance, Status.UNHEALTHY, "test", side=HEALER, allowed_from=(Status.RUNNING,))
+    keeper = claim(instance, seconds=60)
+    assert keeper
+    assert not claim(instance, seconds=60), "a second worker cannot take it"
     heal(instance.pk)  # what a second worker would do
     instance.refresh_from_db()
     assert (instance.status, instance.restart_attempts) == (Status.UNHEALTHY, 0)
     assert Reconciler().run_once().heals == []
-    instance.release()
+    release(instance, keeper)
     assert Reconciler().run_once().heals == [instance.pk]
     instance.refresh_from_db()
     assert instance.status == Status.RUNNING
@@ -111,7 +117,7 @@ def test_a_lost_delete_is_finished(api, settings):
     instance = running_redis(api)
     port = instance.port
     # As if the worker died before it picked up the job: the status says deleting, nothing happened.
-    assert instance.transition(Status.DELETING, "Deletion requested by alice.", allowed_from=(Status.RUNNING,))
+    assert transition(instance, Status.DELETING, "Deletion requested.", side=REQUEST, allowed_from=(Status.RUNNING,))
     assert Reconciler().run_once().stuck == [instance.pk]
     instance.refresh_from_db()
     assert instance.status == Status.DELETED
@@ -150,13 +156,16 @@ def test_orphans_are_shown_to_operators_then_removed(orphan_folder, settings, ad
 
 def test_an_action_waits_while_another_worker_holds_the_instance(api):
     instance = running_redis(api)
-    assert instance.transition(Status.STOPPING, "Stop requested by alice.", allowed_from=(Status.RUNNING,))
+    assert transition(
+        instance, Status.STOPPING, "Stop requested by alice.", side=REQUEST, allowed_from=(Status.RUNNING,)
+    )
     holder = Instance.objects.get(pk=instance.pk)
-    assert holder.claim(seconds=60)  # say, a heal in progress
+    keeper = claim(holder, seconds=60)  # say, a heal in progress
+    assert keeper
     with pytest.raises(Busy):
         perform_action(instance.pk, "stop")
     assert Busy in tasks.perform_action.autoretry_for  # so the worker tries again shortly
-    holder.release()
+    release(holder, keeper)
     perform_action(instance.pk, "stop")
     instance.refresh_from_db()
     assert instance.status == Status.STOPPED
@@ -165,10 +174,21 @@ def test_an_action_waits_while_another_worker_holds_the_instance(api):
 def test_a_probe_that_raced_a_change_does_not_count(api):
     instance = running_redis(api)
     seen = Instance.objects.get(pk=instance.pk)  # what a pass read before probing
-    assert instance.transition(Status.ROTATING, "Password rotation requested by alice.", allowed_from=(Status.RUNNING,))
-    assert instance.transition(Status.RUNNING, "Password rotated.", allowed_from=(Status.ROTATING,))
-    assert not seen.transition(
-        Status.UNHEALTHY, "Stopped answering.", allowed_from=(Status.RUNNING,), unchanged_since=seen.updated_at
+    assert transition(
+        instance,
+        Status.ROTATING,
+        ROTATION,
+        side=REQUEST,
+        allowed_from=(Status.RUNNING,),
+    )
+    assert transition(instance, Status.RUNNING, "Password rotated.", side=WORKER, allowed_from=(Status.ROTATING,))
+    assert not transition(
+        seen,
+        Status.UNHEALTHY,
+        "Stopped answering.",
+        side=HEALER,
+        allowed_from=(Status.RUNNING,),
+        unchanged_since=seen.updated_at,
     )
     instance.refresh_from_db()
     assert instance.status == Status.RUNNING
@@ -226,27 +246,35 @@ def test_a_server_that_died_again_soon_waits_for_its_backoff(api, settings):
 
 def test_a_claim_is_renewed_while_its_worker_lives_and_lapses_after_the_task_limit(api, settings):
     instance = running_redis(api)
-    assert instance.claim(seconds=0.6)  # renewed every 0.2 s
+    keeper = claim(instance, seconds=0.6)  # renewed every 0.2 s
+    assert keeper
     time.sleep(1.5)
     instance.refresh_from_db()
     assert instance.claimed_until > timezone.now(), "still held: its worker is alive"
-    instance.release()
+    release(instance, keeper)
     instance.refresh_from_db()
     assert instance.claimed_until is None
 
     settings.STOCKROOM_TASK_TIME_LIMIT = 0.5  # a hung worker stops renewing after this
-    assert instance.claim(seconds=0.3)
+    keeper = claim(instance, seconds=0.3)
+    assert keeper
     time.sleep(1.5)
     instance.refresh_from_db()
     assert instance.claimed_until < timezone.now(), "lapsed: recovery can take over"
-    instance.release()
+    release(instance, keeper)
 
 
 def test_a_rotation_cut_short_is_done_again(api):
     instance = running_redis(api)
     old = instance.password
     # As if the worker died during the rotation: the status says rotating, the job is gone.
-    assert instance.transition(Status.ROTATING, "Password rotation requested by alice.", allowed_from=(Status.RUNNING,))
+    assert transition(
+        instance,
+        Status.ROTATING,
+        ROTATION,
+        side=REQUEST,
+        allowed_from=(Status.RUNNING,),
+    )
     recover(instance.pk)
     instance.refresh_from_db()
     assert instance.status == Status.RUNNING

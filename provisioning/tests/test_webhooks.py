@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from provisioning.models import Webhook
-from provisioning.webhooks import is_public, retry_delay
+from provisioning.services.webhooks import is_public, retry_delay
 
 from .conftest import port_refuses, verify, wait_for_status
 

@@ -1,15 +1,22 @@
+"""Redis: one `redis-server` per instance, or a container in the official image's contract."""
+
 import hashlib
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..options import Option
-from .base import Engine
+from ...options import Option
+from ..base import Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile
+
+if TYPE_CHECKING:
+    from ...models import Instance
 
 USERNAME = "default"
 ADMIN_USERNAME = "stockroom"
+ACL_FILE = "users.acl"
 POLICIES = (
     "noeviction",
     "allkeys-lru",
@@ -22,6 +29,8 @@ POLICIES = (
 )
 MiB = 1024 * 1024
 NO_RETRY = Retry(NoBackoff(), 0)
+ADMIN_TIMEOUT = 10  # seconds; an administrative command that takes longer has failed
+CONFIG_DIR = PurePosixPath("/usr/local/etc/redis")  # in the official image
 
 
 def acl_password_hash(password: str) -> str:
@@ -29,12 +38,15 @@ def acl_password_hash(password: str) -> str:
     return "#" + hashlib.sha256(password.encode()).hexdigest()
 
 
-ADMIN_TIMEOUT = 10  # seconds; an administrative command that takes longer has failed
-
-
 class Redis(Engine):
     kind = "redis"
     label = "Redis"
+    config_template = "redis.conf"
+    config_name = "redis.conf"
+    username = USERNAME
+    local_programs = ("redis-server",)
+    image = "redis:7.4"
+    container_port = 6379
     connection_fields = {
         "host": str,
         "port": int,
@@ -45,8 +57,6 @@ class Redis(Engine):
         "appendfsync": str,
         "uri": str,
     }
-    config_template = "provisioning/engines/redis.conf"
-    config_name = "redis.conf"
     options = (
         Option(
             "maxmemory",
@@ -86,31 +96,76 @@ class Redis(Engine):
 
     def memory_limit(self, options: dict[str, Any]) -> int:
         # Data up to maxmemory, plus fragmentation and the copy-on-write of an AOF rewrite.
-        return options["maxmemory"] + options["maxmemory"] // 2 + 64 * MiB
+        maxmemory: int = options["maxmemory"]
+        return maxmemory + maxmemory // 2 + 64 * MiB
 
-    def acl_lines(self, instance, password: str) -> str:
+    # Running a server ------------------------------------------------------------------
+
+    def local_setup(self, instance: "Instance", layout: Layout, host: Host) -> LocalSetup:
+        return LocalSetup(
+            files={
+                self.config_name: self.render_config(instance, layout),
+                ACL_FILE: self.acl_lines(instance, instance.password),
+            },
+            dirs=(Path(layout.data),),
+        )
+
+    def local_argv(self, host: Host, config: Path) -> list[str]:
+        return [str(host.program("redis-server")), str(config)]
+
+    def container_layout(self, *, bind_address: str, port: int) -> Layout:
+        data = PurePosixPath("/data")
+        return Layout(
+            bind_address=bind_address,
+            port=port,
+            data=data,
+            log="",
+            pid=data / "redis.pid",
+            socket=data / "redis.sock",
+            files=data,
+            tmp=data,
+            acl=CONFIG_DIR / ACL_FILE,
+        )
+
+    def container(self, instance: "Instance", layout: Layout) -> Container:
+        config = CONFIG_DIR / self.config_name
+        return Container(
+            files={
+                self.config_name: (config, self.render_config(instance, layout)),
+                ACL_FILE: (CONFIG_DIR / ACL_FILE, self.acl_lines(instance, instance.password)),
+            },
+            command=["redis-server", str(config)],
+        )
+
+    def acl_lines(self, instance: "Instance", password: str) -> str:
         """The user may do anything to data but not administer the server; the portal may."""
         return (
             f"user {USERNAME} on {acl_password_hash(password)} ~* &* +@all -@admin +config|get\n"
             f"user {ADMIN_USERNAME} on {acl_password_hash(instance.admin_password)} ~* &* +@all\n"
         )
 
-    def reload_acl(self, instance, *, host: str, port: int) -> None:
+    # Administration and logins ---------------------------------------------------------
+
+    def set_password(self, instance: "Instance", password: str, *, admin: Endpoint, write: WriteFile) -> None:
+        write(ACL_FILE, self.acl_lines(instance, password))
+        self.reload_acl(instance, admin)
+
+    def reload_acl(self, instance: "Instance", admin: Endpoint) -> None:
         """Make the server read its ACL file again, as the portal's own user."""
-        admin = redis.Redis(
-            host=host,
-            port=port,
+        client = redis.Redis(
+            host=admin.host,
+            port=admin.port,
             username=ADMIN_USERNAME,
             password=instance.admin_password,
             retry=NO_RETRY,
             socket_timeout=ADMIN_TIMEOUT,
         )
         try:
-            admin.execute_command("ACL", "LOAD")
+            client.execute_command("ACL", "LOAD")
         finally:
-            admin.close()
+            client.close()
 
-    def check_login(self, instance, *, host: str, port: int, timeout: float) -> None:
+    def check_login(self, instance: "Instance", *, host: str, port: int, timeout: float) -> None:
         client = redis.Redis(
             host=host,
             port=port,
@@ -125,7 +180,7 @@ class Redis(Engine):
         finally:
             client.close()
 
-    def connection(self, instance) -> dict[str, Any]:
+    def connection(self, instance: "Instance") -> dict[str, Any]:
         return {
             "host": instance.host,
             "port": instance.port,

@@ -12,7 +12,7 @@ import json
 import logging
 import secrets
 import socket
-from datetime import timedelta
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 import certifi
@@ -24,7 +24,8 @@ from django.core.validators import URLValidator
 from django.db import transaction
 from django.utils import timezone
 
-from .models import DeliveryStatus, Webhook, WebhookDelivery
+from ..models import DeliveryStatus, Webhook, WebhookDelivery
+from . import jobs
 
 logger = logging.getLogger(__name__)
 
@@ -240,21 +241,7 @@ class Sender:
         if error:
             logger.info("Webhook delivery %s, attempt %s: %s", delivery.pk, attempts, error)
         if "next_attempt_at" in changes:
-            from .tasks import deliver_webhook
-
-            deliver_webhook.apply_async((delivery.pk,), countdown=delay)
-
-
-def queue(delivery_ids: list[int]) -> None:
-    """Hand deliveries to the worker. If the broker is down they stay pending, and the
-    reconciler's sweep sends them later: a status change must never fail for a webhook."""
-    from .tasks import deliver_webhook
-
-    try:
-        for pk in delivery_ids:
-            deliver_webhook.delay(pk)
-    except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
-        logger.warning("Could not queue webhook deliveries %s (%s); they are sent later", delivery_ids, exc)
+            jobs.send("deliver_webhook", delivery.pk, countdown=delay)
 
 
 def due_deliveries(now) -> list[int]:
@@ -264,3 +251,11 @@ def due_deliveries(now) -> list[int]:
             "pk", flat=True
         )[:1000]
     )
+
+
+def resend_due(now: datetime) -> int:
+    """Queue again every pending delivery due by `now` (a queued retry was lost); returns how many."""
+    due = due_deliveries(now)
+    for pk in due:
+        jobs.send("deliver_webhook", pk)
+    return len(due)

@@ -1,0 +1,276 @@
+"""MySQL, served by MariaDB: one `mariadbd` per instance, or a container in the official image's contract."""
+
+import fcntl
+import hashlib
+import logging
+import shutil
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import pymysql
+
+from ...errors import BackendError
+from ...options import Option
+from ..base import Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile
+
+if TYPE_CHECKING:
+    from ...models import Instance
+
+logger = logging.getLogger(__name__)
+
+# Charset -> its collations; the first one is the charset's default.
+COLLATIONS: dict[str, tuple[str, ...]] = {
+    "utf8mb4": ("utf8mb4_general_ci", "utf8mb4_unicode_ci", "utf8mb4_unicode_520_ci", "utf8mb4_bin"),
+    "latin1": ("latin1_swedish_ci", "latin1_general_ci", "latin1_general_cs", "latin1_bin"),
+    "ascii": ("ascii_general_ci", "ascii_bin"),
+}
+
+DATABASE = "app"
+USERNAME = "app"
+ADMIN_USERNAME = "root"
+# Seconds; an administrative statement that takes longer has failed.
+ADMIN_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 10, "write_timeout": 10}
+INIT_FILE = "init.sql"
+STORAGE_TEMPLATE = "storage.cnf"
+
+
+def native_password_hash(password: str) -> str:
+    """mysql_native_password's stored form, so no plaintext is ever written to disk."""
+    return "*" + hashlib.sha1(hashlib.sha1(password.encode()).digest()).hexdigest().upper()
+
+
+class MySQL(Engine):
+    kind = "mysql"
+    label = "MySQL"
+    config_template = "my.cnf"
+    config_name = "my.cnf"
+    database = DATABASE
+    username = USERNAME
+    local_programs = ("mariadbd", "mariadb-install-db")
+    image = "mysql:8.4"
+    container_port = 3306
+    connection_fields = {
+        "host": str,
+        "port": int,
+        "database": str,
+        "username": str,
+        "password": str,
+        "charset": str,
+        "collation": str,
+        "binlog_format": str,
+        "uri": str,
+    }
+    options = (
+        Option(
+            "charset",
+            "Character set",
+            "Server and database character set.",
+            kind="choice",
+            default="utf8mb4",
+            choices=tuple(COLLATIONS),
+        ),
+        Option(
+            "collation",
+            "Collation",
+            "Must belong to the character set; defaults to the charset's default collation.",
+            kind="choice",
+            choices=tuple(c for collations in COLLATIONS.values() for c in collations),
+        ),
+        Option(
+            "binlog_format",
+            "Binary log format",
+            "Binary logging is always on; this sets its format.",
+            kind="choice",
+            default="ROW",
+            choices=("ROW", "STATEMENT", "MIXED"),
+        ),
+    )
+
+    def check_together(self, options: dict[str, Any]) -> dict[str, str]:
+        allowed = COLLATIONS[options["charset"]]
+        if options["collation"] is None:
+            options["collation"] = allowed[0]
+        elif options["collation"] not in allowed:
+            return {
+                "collation": f"{options['collation']!r} does not belong to charset {options['charset']!r}; "
+                f"choose one of: {', '.join(allowed)}."
+            }
+        return {}
+
+    def memory_limit(self, options: dict[str, Any]) -> int:
+        # A 16 MB buffer pool plus per-connection buffers; official MySQL 8.4 needs the headroom.
+        return 512 * 1024 * 1024
+
+    # Running a server ------------------------------------------------------------------
+
+    def local_setup(self, instance: "Instance", layout: Layout, host: Host) -> LocalSetup:
+        assert isinstance(layout.data, Path)
+        return LocalSetup(
+            files={self.config_name: self.render_config(instance, layout), INIT_FILE: self.init_sql(instance)},
+            dirs=(Path(layout.files), Path(layout.tmp)),
+            seed=self._data_template(host),
+            first_start_args=(f"--init-file={layout.data.parent / INIT_FILE}",),
+            remove_after_first_start=(INIT_FILE,),
+        )
+
+    def local_argv(self, host: Host, config: Path) -> list[str]:
+        return [str(host.program("mariadbd")), f"--defaults-file={config}"]
+
+    def container_layout(self, *, bind_address: str, port: int) -> Layout:
+        data = PurePosixPath("/var/lib/mysql")
+        return Layout(
+            bind_address=bind_address,
+            port=port,
+            data=data,
+            log=data / "server.log",
+            pid=PurePosixPath("/run/mysqld/mysqld.pid"),
+            socket=PurePosixPath("/run/mysqld/mysqld.sock"),
+            files=PurePosixPath("/var/lib/mysql-files"),
+            tmp=PurePosixPath("/tmp"),  # the container's own
+            acl=PurePosixPath("/dev/null"),  # MySQL keeps its accounts in its data
+        )
+
+    def container(self, instance: "Instance", layout: Layout) -> Container:
+        config = (PurePosixPath("/etc/mysql/conf.d/stockroom.cnf"), self.render_config(instance, layout))
+        return Container(
+            files={self.config_name: config},
+            environment={
+                "MYSQL_ROOT_PASSWORD": instance.admin_password,
+                "MYSQL_DATABASE": instance.database,
+                "MYSQL_USER": instance.username,
+                "MYSQL_PASSWORD": instance.password,
+            },
+        )
+
+    def init_sql(self, instance: "Instance") -> str:
+        """Statements run once at first start: the admin password, the user's database and account.
+
+        One statement per line (MariaDB's --init-file reads lines); passwords appear only hashed.
+        """
+        options = instance.options
+        return "\n".join(
+            [
+                # mariadb-install-db also makes root@127.0.0.1, root@::1 and root@<host> without a
+                # password; only the portal's root@localhost (Unix socket) may remain.
+                "DELETE FROM mysql.global_priv WHERE NOT (User = 'root' AND Host = 'localhost') "
+                "AND User <> 'mariadb.sys';",
+                "DELETE FROM mysql.proxies_priv WHERE NOT (User = 'root' AND Host = 'localhost');",
+                "FLUSH PRIVILEGES;",
+                f"ALTER USER '{ADMIN_USERNAME}'@'localhost' IDENTIFIED BY PASSWORD "
+                f"'{native_password_hash(instance.admin_password)}';",
+                f"CREATE DATABASE IF NOT EXISTS `{instance.database}` "
+                f"CHARACTER SET {options['charset']} COLLATE {options['collation']};",
+                f"CREATE USER IF NOT EXISTS '{instance.username}'@'%' IDENTIFIED BY PASSWORD "
+                f"'{native_password_hash(instance.password)}';",
+                f"GRANT ALL PRIVILEGES ON `{instance.database}`.* TO '{instance.username}'@'%';",
+                "",
+            ]
+        )
+
+    # The data-directory template -------------------------------------------------------
+
+    def _data_template(self, host: Host) -> Path:
+        """A pristine data directory, made once per server version and storage settings.
+
+        Copying it is much faster than running mariadb-install-db for every instance.
+        """
+        storage = self.render(STORAGE_TEMPLATE)
+        binary = host.program("mariadbd")
+        stat = binary.stat()
+        recipe = f"{binary}:{stat.st_size}:{stat.st_mtime_ns}\n{storage}"
+        key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
+        target = host.cache / f"mariadb-{key}"
+        if (target / "data").is_dir():
+            return target / "data"
+        host.cache.mkdir(parents=True, exist_ok=True)
+        with open(host.cache / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "data").is_dir():
+                self._build_data_template(host, target, storage)
+        return target / "data"
+
+    def _build_data_template(self, host: Host, target: Path, storage: str) -> None:
+        building = target.with_name(target.name + ".building")
+        shutil.rmtree(building, ignore_errors=True)
+        host.mkdir(building)
+        config = building / "my.cnf"
+        host.write(config, "[mysqld]\n" + storage)
+        result = host.run(
+            [
+                host.program("mariadb-install-db"),
+                f"--defaults-file={config}",
+                f"--datadir={building / 'data'}",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                "--skip-name-resolve",
+            ],
+            cwd=building,
+        )
+        if result.returncode:
+            shutil.rmtree(building, ignore_errors=True)
+            tail = (result.stderr or result.stdout).strip().splitlines()[-2:]
+            raise BackendError(f"mariadb-install-db failed: {' | '.join(tail)}")
+        building.rename(target)
+        logger.info("Built MariaDB data-directory template %s", target)
+
+    # Administration and logins ---------------------------------------------------------
+
+    def set_password(self, instance: "Instance", password: str, *, admin: Endpoint, write: WriteFile) -> None:
+        where: dict[str, Any] = {"host": admin.host, "port": admin.port}
+        if admin.socket:
+            where = {"unix_socket": admin.socket}
+        connection = pymysql.connect(user=ADMIN_USERNAME, password=instance.admin_password, **where, **ADMIN_TIMEOUTS)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT VERSION()")
+                if "MariaDB" in cursor.fetchone()[0]:
+                    # The hashed form keeps the plaintext out of the binary log.
+                    cursor.execute(
+                        f"ALTER USER '{instance.username}'@'%%' IDENTIFIED BY PASSWORD %s",
+                        [native_password_hash(password)],
+                    )
+                else:  # MySQL writes only the hash to its binary log
+                    cursor.execute(f"ALTER USER '{instance.username}'@'%%' IDENTIFIED BY %s", [password])
+        finally:
+            connection.close()
+
+    def check_login(self, instance: "Instance", *, host: str, port: int, timeout: float) -> None:
+        connection = pymysql.connect(
+            host=host,
+            port=port,
+            user=instance.username,
+            password=instance.password,
+            database=instance.database,
+            connect_timeout=timeout,
+            read_timeout=timeout,
+        )
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        finally:
+            connection.close()
+
+    def connection(self, instance: "Instance") -> dict[str, Any]:
+        return {
+            "host": instance.host,
+            "port": instance.port,
+            "database": instance.database,
+            "username": instance.username,
+            "password": instance.password,
+            "charset": instance.options["charset"],
+            "collation": instance.options["collation"],
+            "binlog_format": instance.options["binlog_format"],
+            "uri": f"mysql://{instance.username}:{instance.password}@{instance.host}:{instance.port}/{instance.database}",
+        }
+
+    def snippets(self, connection: dict[str, Any]) -> list[tuple[str, str]]:
+        c = connection
+        return [
+            ("URI", c["uri"]),
+            ("CLI", f"mysql -h {c['host']} -P {c['port']} -u {c['username']} -p{c['password']} {c['database']}"),
+            (
+                "Python",
+                f'import pymysql\ndb = pymysql.connect(host="{c["host"]}", port={c["port"]}, user="{c["username"]}",'
+                f'\n                     password="{c["password"]}", database="{c["database"]}")',
+            ),
+        ]

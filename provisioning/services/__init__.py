@@ -1,0 +1,36 @@
+"""Every change to an instance goes through here; the API, pages, admin, tasks and the reconciler
+call these and nothing below them writes.
+
+- requests: the request side (validate, quota, reserve, queue);
+- work: the worker side (claim, do, record) and recovery of work a dead worker left;
+- healing: the healing policy, the only writer of restart counting and backoff;
+- state: the transition table and the one function that changes a status;
+- webhooks: registering receivers and sending them each status change.
+"""
+
+from .actions import ACTIONS, DELETABLE, Action
+from .claims import Busy
+from .healing import heal
+from .requests import NoFreePort, QuotaExceeded, WrongStatus, create_instance, delete_instance, request_action
+from .webhooks import TooManyWebhooks, create_webhook
+from .work import deprovision, perform_action, provision, recover
+
+__all__ = [
+    "ACTIONS",
+    "DELETABLE",
+    "Action",
+    "Busy",
+    "NoFreePort",
+    "QuotaExceeded",
+    "TooManyWebhooks",
+    "WrongStatus",
+    "create_instance",
+    "create_webhook",
+    "delete_instance",
+    "deprovision",
+    "heal",
+    "perform_action",
+    "provision",
+    "recover",
+    "request_action",
+]

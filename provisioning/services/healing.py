@@ -1,0 +1,124 @@
+"""The healing policy: the only writer of restart counting and backoff.
+
+The reconciler decides (this one stopped answering, that one answers again) and calls these;
+a worker restarts an unhealthy server through heal(), with exponential backoff, and gives up
+after STOCKROOM_MAX_RESTARTS.
+"""
+
+import logging
+from contextlib import suppress
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from ..backends.base import BaseBackend
+from ..models import Instance, Status
+from . import jobs
+from .claims import Busy, work_on
+from .outcomes import describe, stop_quietly
+from .state import Side, transition
+
+logger = logging.getLogger(__name__)
+
+
+def restart_delay(attempt: int) -> float:
+    """Seconds to wait before restart number `attempt + 1`: exponential, capped."""
+    delay: float = min(settings.STOCKROOM_RESTART_BACKOFF * 2**attempt, settings.STOCKROOM_RESTART_BACKOFF_MAX)
+    return delay
+
+
+def stopped_answering(instance: Instance, error: str, *, now: datetime) -> bool:
+    """A running server did not answer the reconciler's probe: mark it unhealthy and, unless it
+    must wait for its backoff, queue its restart. Returns whether it was marked (not if it
+    changed while it was probed: a new password, a restart).
+
+    Restarts count on from the last failure unless it has stayed up for STOCKROOM_STABLE_SECONDS,
+    so a server that keeps dying soon after each restart ends failed instead of looping forever.
+    """
+    up_since = instance.updated_at
+    stable = now - up_since >= timedelta(seconds=settings.STOCKROOM_STABLE_SECONDS)
+    attempts = 0 if stable else instance.restart_attempts
+    wait = restart_delay(attempts) if attempts else 0  # one that died soon after a restart waits
+    marked = transition(
+        instance,
+        Status.UNHEALTHY,
+        f"Stopped answering ({error}); restarting it.",
+        side=Side.HEALER,
+        allowed_from=(Status.RUNNING,),
+        unchanged_since=up_since,
+        also={"restart_attempts": attempts, "next_restart_at": now + timedelta(seconds=wait)},
+    )
+    if marked and not wait:  # otherwise a later pass finds it due
+        request_heal(instance)
+    return marked
+
+
+def answers_again(instance: Instance) -> bool:
+    """An unhealthy server answered the probe: it is running."""
+    return transition(instance, Status.RUNNING, "Answers again.", side=Side.HEALER, allowed_from=(Status.UNHEALTHY,))
+
+
+def restart_due(instance: Instance, *, now: datetime) -> bool:
+    """Whether an unhealthy instance's backoff is over and no worker holds it."""
+    due = instance.next_restart_at is None or instance.next_restart_at <= now
+    free = instance.claimed_until is None or instance.claimed_until < now
+    return due and free
+
+
+def request_heal(instance: Instance) -> None:
+    jobs.send("heal_instance", instance.pk)
+
+
+def forget_restarts(instance: Instance) -> None:
+    """The owner acted on the instance (a start, a restart): count restarts afresh."""
+    Instance.objects.filter(pk=instance.pk).update(restart_attempts=0)
+    instance.restart_attempts = 0
+
+
+def heal(instance_id: int) -> None:
+    """Worker side: restart an unhealthy instance, with backoff; give up after STOCKROOM_MAX_RESTARTS."""
+    with suppress(Busy):  # the reconciler asks again next pass
+        work_on(instance_id, (Status.UNHEALTHY,), _heal)
+
+
+def _heal(instance: Instance, backend: BaseBackend) -> None:
+    if instance.next_restart_at and instance.next_restart_at > timezone.now():
+        return
+    attempt = instance.restart_attempts
+    if attempt >= settings.STOCKROOM_MAX_RESTARTS:
+        _give_up(instance, backend)
+        return
+    Instance.objects.filter(pk=instance.pk).update(restart_attempts=attempt + 1)
+    try:
+        backend.restart(instance)
+    except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
+        message = describe(f"Restart {attempt + 1} of {settings.STOCKROOM_MAX_RESTARTS} failed", instance, exc)
+        # The wait counts from now: a start that timed out must not eat the backoff.
+        Instance.objects.filter(pk=instance.pk, status=Status.UNHEALTHY).update(
+            status_message=message, next_restart_at=timezone.now() + timedelta(seconds=restart_delay(attempt))
+        )
+        return
+    # Restarts keep counting (see stopped_answering) until the server has stayed up for a while.
+    transition(
+        instance,
+        Status.RUNNING,
+        f"Restarted after it stopped answering (attempt {attempt + 1}).",
+        side=Side.HEALER,
+        allowed_from=(Status.UNHEALTHY,),
+    )
+
+
+def _give_up(instance: Instance, backend: BaseBackend) -> None:
+    """Stop trying: no process and no port are held any more; the data stays until deleted."""
+    reason = instance.status_message
+    trouble = stop_quietly(instance, backend)
+    transition(
+        instance,
+        Status.FAILED,
+        f"Gave up after {instance.restart_attempts} restarts: it did not come back, or did not stay up for "
+        f"{settings.STOCKROOM_STABLE_SECONDS:g} s (last: {reason}). "
+        f"The data is kept until you delete the instance.{trouble}",
+        side=Side.HEALER,
+        allowed_from=(Status.UNHEALTHY,),
+    )

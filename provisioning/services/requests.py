@@ -1,0 +1,162 @@
+"""The request side: what the API, pages and admin call. Validate, check the quota, reserve,
+record, and queue the job for a worker once the transaction commits."""
+
+import logging
+import re
+import secrets
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+
+from .. import crypto
+from ..backends.base import BaseBackend, get_backend
+from ..engines import OptionErrors, get_engine
+from ..models import Instance, Status
+from . import jobs
+from .actions import ACTIONS, DELETABLE
+from .claims import Busy
+from .state import Side, record_event, transition
+
+logger = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,39}")
+NAME_RULE = "1 to 40 characters: lower-case letters, digits and hyphens, starting with a letter."
+
+
+class QuotaExceeded(Exception):
+    pass
+
+
+class WrongStatus(Exception):
+    """The instance is not in a status that allows the action."""
+
+    def __init__(self, instance: Instance, action: str):
+        super().__init__(f"Cannot {action} an instance that is {instance.status}.")
+        self.instance = instance
+
+
+class NoFreePort(Exception):
+    pass
+
+
+def create_instance(
+    *, owner: AbstractBaseUser, kind: str, options: dict[str, Any], name: str | None = None
+) -> Instance:
+    """Validate, reserve a port and record the instance; a worker starts it after commit.
+
+    Raises ValidationError (bad name or options), QuotaExceeded or NoFreePort.
+    """
+    engine = get_engine(kind)
+    try:
+        cleaned = engine.clean_options(options)
+    except OptionErrors as exc:
+        raise ValidationError(exc.errors) from None
+    if name is not None and not NAME_PATTERN.fullmatch(name):
+        raise ValidationError({"name": f"{name!r} is not a valid name; use {NAME_RULE}"})
+    backend = get_backend()
+
+    with transaction.atomic():
+        # One create at a time per user, so the quota and name checks cannot race.
+        get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
+        live = Instance.objects.filter(owner=owner).live().count()
+        if live >= settings.STOCKROOM_QUOTA:
+            raise QuotaExceeded(
+                f"Quota reached: you have {live} live instances and the limit is {settings.STOCKROOM_QUOTA}. "
+                "Delete one first."
+            )
+        name = name or f"{kind}-{secrets.token_hex(3)}"
+        if Instance.objects.visible().filter(owner=owner, kind=kind, name=name).exists():
+            raise ValidationError({"name": f"You already have a {kind} instance named {name!r}."})
+        instance = Instance(
+            owner=owner,
+            kind=kind,
+            name=name,
+            backend=backend.alias,
+            host=backend.public_host,
+            options=cleaned,
+            status_message="Waiting for a worker to start the server.",
+            password=crypto.generate_password(),
+            admin_password=crypto.generate_password(),
+            database=engine.database,
+            username=engine.username,
+        )
+        _save_with_free_port(instance, backend)
+        record_event(instance, "", Status.PROVISIONING, f"Requested by {owner}.")
+        transaction.on_commit(lambda: _enqueue("provision_instance", instance, revert_to=Status.FAILED))
+    logger.info("Instance %s (%s) requested by %s on port %s", instance.pk, kind, owner, instance.port)
+    return instance
+
+
+def _save_with_free_port(instance: Instance, backend: BaseBackend) -> None:
+    """Take the lowest port in range that no live instance holds and nothing listens on.
+
+    The database's unique constraint is the arbiter: if a concurrent create took the same
+    port first, the insert fails and the next port is tried.
+    """
+    first, last = settings.STOCKROOM_PORT_RANGE
+    held = set(Instance.objects.live().filter(host=instance.host).values_list("port", flat=True))
+    for port in range(first, last + 1):
+        if port in held or not backend.port_is_free(port):
+            continue
+        instance.port = port
+        try:
+            with transaction.atomic():
+                instance.save()
+            return
+        except IntegrityError:
+            if not Instance.objects.live().filter(host=instance.host, port=port).exists():
+                raise  # not a port clash: let the caller see it
+            held.add(port)
+    raise NoFreePort(f"No free port is left in {first}-{last}; ask an operator to widen STOCKROOM_PORT_RANGE.")
+
+
+def delete_instance(*, instance: Instance, by: object) -> Instance:
+    """Mark the instance as deleting; a worker stops it and removes its data after commit.
+
+    Raises WrongStatus while a worker is busy with the instance or it is already deleted.
+    """
+    previous = Status(instance.status)
+    if not transition(
+        instance, Status.DELETING, f"Deletion requested by {by}.", side=Side.REQUEST, allowed_from=DELETABLE
+    ):
+        instance.refresh_from_db()
+        raise WrongStatus(instance, "delete")
+    transaction.on_commit(lambda: _enqueue("deprovision_instance", instance, revert_to=previous))
+    return instance
+
+
+def request_action(*, instance: Instance, action: str, by: object) -> Instance:
+    """Mark the instance busy with `action`; a worker carries it out after commit.
+
+    Raises WrongStatus when the instance's status does not allow the action.
+    """
+    spec = ACTIONS[action]
+    previous = Status(instance.status)
+    if not transition(
+        instance, spec.busy, f"{spec.title} requested by {by}.", side=Side.REQUEST, allowed_from=spec.allowed_from
+    ):
+        instance.refresh_from_db()
+        raise WrongStatus(instance, action.replace("-", " "))
+    transaction.on_commit(lambda: _enqueue("perform_action", instance, action, revert_to=previous))
+    return instance
+
+
+def _enqueue(task_name: str, instance: Instance, *args: Any, revert_to: Status) -> None:
+    """Send a task to the worker; if the broker is unreachable, say so in the status."""
+    try:
+        jobs.send(task_name, instance.pk, *args)
+    except Busy:  # only when tasks run inline (tests): the reconciler's recovery takes over
+        logger.warning("Instance %s was held by another worker; %s left to recovery", instance.pk, task_name)
+    except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
+        logger.error("Could not queue %s for instance %s: %s", task_name, instance.pk, exc)
+        transition(
+            instance,
+            revert_to,
+            f"The job could not be queued: the task broker is unreachable ({type(exc).__name__}). Try again.",
+            side=Side.REQUEST,
+            allowed_from=(Status(instance.status),),
+        )

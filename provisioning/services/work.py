@@ -1,0 +1,190 @@
+"""The worker side: claim the instance, do the job through its backend, record the outcome.
+
+Every job ends in a status a person can act on. Work that a dead worker left behind is done
+again once by recover(), then given up.
+"""
+
+import logging
+from contextlib import suppress
+from datetime import datetime
+
+from django.conf import settings
+from django.utils import timezone
+
+from .. import crypto
+from ..backends.base import BackendError, BaseBackend
+from ..models import BUSY_STATUSES, Instance, Status
+from . import healing, jobs
+from .actions import ACTION_OF, ACTIONS
+from .claims import Busy, work_on
+from .outcomes import describe, stop_quietly
+from .state import Side, transition
+
+logger = logging.getLogger(__name__)
+
+
+# Create -------------------------------------------------------------------------------
+
+
+def provision(instance_id: int) -> None:
+    """Start the server, prove a login works, then mark it running."""
+    work_on(instance_id, (Status.PROVISIONING,), _provision)
+
+
+def _provision(instance: Instance, backend: BaseBackend) -> None:
+    instance.timings = {"queued": round((timezone.now() - instance.created_at).total_seconds(), 4)}
+    instance.mark(None)
+    try:
+        backend.create(instance)
+    except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
+        _fail(instance, backend, "Provisioning failed", exc)
+        return
+    if transition(
+        instance,
+        Status.RUNNING,
+        "Started; a login with the user's credentials succeeded.",
+        side=Side.WORKER,
+        allowed_from=(Status.PROVISIONING,),
+        also={"timings": instance.timings},
+    ):
+        logger.info("Instance %s is running on port %s", instance.pk, instance.port)
+    else:  # someone else moved it on meanwhile; what they decided stands
+        logger.warning("Instance %s left provisioning while it was being started", instance.pk)
+
+
+def _fail(instance: Instance, backend: BaseBackend, what: str, exc: Exception) -> None:
+    message = describe(what, instance, exc)
+    try:
+        backend.destroy(instance)
+    except Exception as cleanup:  # noqa: BLE001 - the status says so; an operator cleans up
+        logger.exception("Cleanup failed for instance %s", instance.pk)
+        message += f" Cleaning up also failed ({cleanup}); an operator must remove what is left."
+    transition(instance, Status.FAILED, message, side=Side.WORKER, allowed_from=(Status.PROVISIONING, Status.DELETING))
+    logger.warning("Instance %s failed: %s", instance.pk, message)
+
+
+# Delete -------------------------------------------------------------------------------
+
+
+def deprovision(instance_id: int) -> None:
+    """Stop the server, remove its files, release its port."""
+    work_on(instance_id, (Status.DELETING,), _deprovision)
+
+
+def _deprovision(instance: Instance, backend: BaseBackend) -> None:
+    try:
+        backend.destroy(instance)
+    except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
+        message = describe("Delete failed", instance, exc) + " Try deleting again."
+        transition(instance, Status.FAILED, message, side=Side.WORKER, allowed_from=(Status.DELETING,))
+        return
+    transition(
+        instance,
+        Status.DELETED,
+        f"Stopped and removed; port {instance.port} released.",
+        side=Side.WORKER,
+        allowed_from=(Status.DELETING,),
+    )
+    logger.info("Instance %s deleted", instance.pk)
+
+
+# Lifecycle actions --------------------------------------------------------------------
+
+
+def perform_action(instance_id: int, action: str) -> None:
+    work_on(instance_id, (ACTIONS[action].busy,), _perform, action)
+
+
+def _perform(instance: Instance, backend: BaseBackend, action: str) -> None:
+    spec = ACTIONS[action]
+    try:
+        if action == "stop":
+            backend.stop(instance)
+        elif action == "start":
+            backend.start(instance)
+        elif action == "restart":
+            backend.restart(instance)
+        else:
+            _rotate_password(instance, backend)
+    except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
+        message = describe(f"{spec.title} failed", instance, exc)
+        if action == "start":  # a stopped instance stays stopped, with nothing half-started left running
+            message += stop_quietly(instance, backend)
+            transition(instance, Status.STOPPED, message, side=Side.WORKER, allowed_from=(spec.busy,))
+        else:  # anything that should run is left to the reconciler
+            transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(spec.busy,))
+    else:
+        healing.forget_restarts(instance)
+        transition(instance, spec.done, spec.done_message, side=Side.WORKER, allowed_from=(spec.busy,))
+
+
+def _rotate_password(instance: Instance, backend: BaseBackend) -> None:
+    """Set a new password; if that fails part-way, put the old one back so the user is not locked out."""
+    old, new = instance.password, crypto.generate_password()
+    try:
+        backend.set_password(instance, new)
+        Instance.objects.filter(pk=instance.pk).update(password=new)
+    except Exception:
+        try:
+            backend.set_password(instance, old)
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            logger.exception("Could not restore the old password of instance %s", instance.pk)
+        raise
+    instance.password = new
+    backend.probe(instance)
+
+
+# Work a dead worker left behind -------------------------------------------------------
+
+
+def recover_later(instances: list[Instance], *, now: datetime) -> None:
+    """Queue recovery of instances whose worker died. They are touched first, so that the next
+    reconcile passes do not queue them again while these jobs wait."""
+    Instance.objects.filter(pk__in=[instance.pk for instance in instances]).update(updated_at=now)
+    for instance in instances:
+        jobs.send("recover_instance", instance.pk)
+
+
+def recover(instance_id: int) -> None:
+    """Finish work that a worker left behind (it died, or the broker lost the job).
+
+    A server that answers is running. Otherwise the work is done again, once: a create from a
+    clean slate, a delete, or the user's action. If that is cut short too, it is given up.
+    """
+    with suppress(Busy):  # a live worker has it after all
+        work_on(instance_id, BUSY_STATUSES, _recover)
+
+
+def _recover(instance: Instance, backend: BaseBackend) -> None:
+    busy, note = Status(instance.status), "The worker handling it stopped"
+    if instance.recoveries:
+        _give_up_recovering(instance, backend, f"{note} twice")
+        return
+    Instance.objects.filter(pk=instance.pk).update(recoveries=1)
+    if busy == Status.DELETING:
+        _deprovision(instance, backend)
+    elif (
+        busy in (Status.PROVISIONING, Status.STARTING, Status.RESTARTING)
+        and backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT) is None
+    ):
+        message = f"{note}; the server answers, so it is running."
+        transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(busy,))
+    elif busy == Status.PROVISIONING:  # a create starts from a clean slate, so just do it again
+        Instance.objects.filter(pk=instance.pk).update(
+            status_message=f"{note} before the server was ready; starting it again."
+        )
+        _provision(instance, backend)
+    else:
+        _perform(instance, backend, ACTION_OF[busy])
+
+
+def _give_up_recovering(instance: Instance, backend: BaseBackend, what: str) -> None:
+    """A create or delete ends failed (with its leftovers removed); an action hands the
+    instance to the reconciler as unhealthy."""
+    busy = Status(instance.status)
+    if busy in (Status.PROVISIONING, Status.DELETING):
+        verb = "create" if busy == Status.PROVISIONING else "delete"
+        _fail(instance, backend, what, BackendError(f"the {verb} was given up; try again."))
+    else:
+        message = f"{what}; the {ACTION_OF[busy].replace('-', ' ')} was given up."
+        transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(busy,))
