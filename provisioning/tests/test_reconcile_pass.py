@@ -20,10 +20,10 @@ from provisioning.services import DELETABLE, Busy, heal, perform_action, recover
 from provisioning.services.claims import claim, release
 from provisioning.services.state import Side, transition
 
+from .conftest import instance_dir, port_refuses, wait_for_status
+
 REQUEST, WORKER, HEALER = Side.REQUEST, Side.WORKER, Side.HEALER
 ROTATION = "Password rotation requested by alice."
-
-from .conftest import instance_dir, port_refuses, wait_for_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
