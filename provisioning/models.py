@@ -37,12 +37,12 @@ BUSY_STATUSES = (
 )
 
 
-class InstanceQuerySet(models.QuerySet):
-    def visible(self):
+class InstanceQuerySet(models.QuerySet["Instance"]):
+    def visible(self) -> "InstanceQuerySet":
         """What users see: everything but deleted rows, which stay only for the record."""
         return self.exclude(status=Status.DELETED)
 
-    def live(self):
+    def live(self) -> "InstanceQuerySet":
         return self.filter(status__in=LIVE_STATUSES)
 
 

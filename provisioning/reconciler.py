@@ -8,7 +8,8 @@ acting. Celery beat runs a pass every STOCKROOM_RECONCILE_INTERVAL seconds.
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db.models import Q
@@ -71,7 +72,7 @@ class Reconciler:
                     break
         finally:
             # /healthz reads beat_at: it moves only when every phase worked.
-            done = {"detail": report.summary(), "running_until": None}
+            done: dict[str, Any] = {"detail": report.summary(), "running_until": None}
             if not report.failed_phases:
                 done["beat_at"] = self.clock()
             Heartbeat.objects.filter(name=HEARTBEAT, running_until=turn).update(**done)
@@ -80,7 +81,7 @@ class Reconciler:
         return report
 
     @staticmethod
-    def _take_turn(now):
+    def _take_turn(now: datetime) -> datetime | None:
         """One pass at a time, across all workers. Returns the turn's end (which identifies it), or
         None while another pass holds it; a pass that died frees its turn after a while."""
         Heartbeat.objects.get_or_create(name=HEARTBEAT)
@@ -88,7 +89,7 @@ class Reconciler:
         free = Q(running_until__isnull=True) | Q(running_until__lt=now)
         return until if Heartbeat.objects.filter(free, name=HEARTBEAT).update(running_until=until) else None
 
-    def _keep_turn(self, turn):
+    def _keep_turn(self, turn: datetime | None) -> datetime | None:
         """Renew the turn between phases, so that only a pass that died loses it; None if lost."""
         until = self.clock() + TURN
         return (
@@ -97,7 +98,7 @@ class Reconciler:
 
     # Health ----------------------------------------------------------------------------
 
-    def _probe_and_heal(self, report: Pass, now) -> None:
+    def _probe_and_heal(self, report: Pass, now: datetime) -> None:
         instances = list(Instance.objects.filter(status__in=PROBED).order_by("pk"))
         report.probed = len(instances)
         with ThreadPoolExecutor(max_workers=settings.STOCKROOM_PROBE_CONCURRENCY) as pool:
@@ -123,18 +124,19 @@ class Reconciler:
 
     # Work a dead worker left behind ----------------------------------------------------
 
-    def _recover_stuck(self, report: Pass, now) -> None:
+    def _recover_stuck(self, report: Pass, now: datetime) -> None:
         cutoff = now - timedelta(seconds=settings.STOCKROOM_STUCK_TIMEOUT)
-        stuck = Instance.objects.filter(status__in=BUSY_STATUSES, updated_at__lt=cutoff).filter(
-            Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
+        stuck = list(
+            Instance.objects.filter(status__in=BUSY_STATUSES, updated_at__lt=cutoff).filter(
+                Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
+            )
         )
-        stuck = list(stuck)
         work.recover_later(stuck, now=now)
         report.stuck.extend(instance.pk for instance in stuck)
 
     # Orphans ---------------------------------------------------------------------------
 
-    def _track_orphans(self, report: Pass, now) -> None:
+    def _track_orphans(self, report: Pass, now: datetime) -> None:
         grace = now - timedelta(seconds=settings.STOCKROOM_ORPHAN_GRACE)
         for alias in settings.STOCKROOM_BACKENDS:
             if alias != settings.STOCKROOM_DEFAULT_BACKEND and not Instance.objects.filter(backend=alias).exists():
@@ -164,7 +166,7 @@ class Reconciler:
 
     # Webhook deliveries whose queued retry was lost -------------------------------------
 
-    def _resend_deliveries(self, report: Pass, now) -> None:
+    def _resend_deliveries(self, report: Pass, now: datetime) -> None:
         # A retry is queued with a countdown; only those a full period overdue were lost.
         late = now - timedelta(seconds=settings.STOCKROOM_RECONCILE_INTERVAL)
         report.deliveries += webhooks.resend_due(late)

@@ -5,12 +5,16 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.utils.module_loading import import_string
 
 from ..engines import get_engine
 from ..errors import BackendError
+
+if TYPE_CHECKING:
+    from ..models import Instance
 
 __all__ = ["BackendError", "BaseBackend", "get_backend"]
 
@@ -23,46 +27,48 @@ class BaseBackend:
     and `destroy` must clean up whatever exists and be safe to call twice.
     """
 
-    clock = time.monotonic
+    clock = staticmethod(time.monotonic)
     poll_interval = 0.02
 
-    def __init__(self, alias: str, **options):
+    def __init__(self, alias: str, **options: Any):
         self.alias = alias
         self.options = options
 
-    def create(self, instance) -> None:
+    def create(self, instance: "Instance") -> None:
         """Start a server for `instance` on `instance.port` with its options and credentials.
 
         Returns once the server accepts a login, or raises BackendError.
         """
         raise NotImplementedError("Backends must implement create().")
 
-    def destroy(self, instance) -> None:
+    def destroy(self, instance: "Instance") -> None:
         """Stop the server, if any, and remove everything `create` made, data included."""
         raise NotImplementedError("Backends must implement destroy().")
 
-    def stop(self, instance) -> None:
+    def stop(self, instance: "Instance") -> None:
         """Stop the server cleanly; keep its data and configuration."""
         raise NotImplementedError("Backends must implement stop().")
 
-    def start(self, instance) -> None:
+    def start(self, instance: "Instance") -> None:
         """Start a stopped (or dead) server again; return once the user's login works."""
         raise NotImplementedError("Backends must implement start().")
 
-    def restart(self, instance) -> None:
+    def restart(self, instance: "Instance") -> None:
         """Stop whatever runs (cleanly if it can), then start; return once a login works."""
         self.stop(instance)
         self.start(instance)
 
-    def set_password(self, instance, password: str) -> None:
+    def set_password(self, instance: "Instance", password: str) -> None:
         """Replace the user's password on the running server; the old one must stop working."""
         raise NotImplementedError("Backends must implement set_password().")
 
-    def probe(self, instance, timeout: float = 2.0) -> None:
+    def probe(self, instance: "Instance", timeout: float = 2.0) -> None:
         """Log in with the user's credentials; raise if the server does not answer."""
+        if instance.port is None:
+            raise BackendError("The instance has no port: it holds no server.")
         get_engine(instance.kind).check_login(instance, host=self.probe_host, port=instance.port, timeout=timeout)
 
-    def login_error(self, instance, *, timeout: float, tries: int = 1, pause: float = 0.2) -> str | None:
+    def login_error(self, instance: "Instance", *, timeout: float, tries: int = 1, pause: float = 0.2) -> str | None:
         """None if the user's login works (within `tries`, `pause` s apart), else a short reason."""
         for attempt in range(tries):
             if attempt:
@@ -74,7 +80,7 @@ class BaseBackend:
                 error = type(exc).__name__
         return error
 
-    def wait_for_login(self, instance, *, exited: Callable[[], bool], log_tail: Callable[[], str]) -> None:
+    def wait_for_login(self, instance: "Instance", *, exited: Callable[[], bool], log_tail: Callable[[], str]) -> None:
         """Poll until the user's credentials work, the server has exited, or time runs out."""
         deadline = self.clock() + settings.STOCKROOM_START_TIMEOUT
         last_error: Exception | None = None
@@ -98,7 +104,7 @@ class BaseBackend:
             f"({type(last_error).__name__}). {log_tail()}"
         )
 
-    def _accepts_connections(self, instance) -> bool:
+    def _accepts_connections(self, instance: "Instance") -> bool:
         try:
             socket.create_connection((self.probe_host, instance.port), timeout=1).close()
         except OSError:
@@ -125,12 +131,12 @@ class BaseBackend:
     @property
     def probe_host(self) -> str:
         """Where the worker reaches instance servers."""
-        return settings.STOCKROOM_BIND_ADDRESS
+        return str(settings.STOCKROOM_BIND_ADDRESS)
 
     @property
     def public_host(self) -> str:
         """The host name or address users connect to."""
-        return settings.STOCKROOM_PUBLIC_HOST
+        return str(settings.STOCKROOM_PUBLIC_HOST)
 
     def port_is_free(self, port: int) -> bool:
         """Whether nothing on the host listens on `port` (instances' own ports are checked apart)."""
@@ -150,8 +156,9 @@ _loaded: dict[tuple[str, str], BaseBackend] = {}
 def get_backend(alias: str | None = None) -> BaseBackend:
     """The backend for `alias` (default: STOCKROOM_DEFAULT_BACKEND), made once per configuration."""
     alias = alias or settings.STOCKROOM_DEFAULT_BACKEND
-    config = settings.STOCKROOM_BACKENDS[alias]
+    config: dict[str, Any] = settings.STOCKROOM_BACKENDS[alias]
     key = (alias, json.dumps(config, sort_keys=True, default=str))
     if key not in _loaded:
-        _loaded[key] = import_string(config["BACKEND"])(alias, **config.get("OPTIONS", {}))
+        backend: BaseBackend = import_string(config["BACKEND"])(alias, **config.get("OPTIONS", {}))
+        _loaded[key] = backend
     return _loaded[key]

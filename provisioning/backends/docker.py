@@ -9,13 +9,18 @@ beside them.
 
 import logging
 import shutil
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
 from ..engines import Endpoint, Layout, engines, get_engine
 from .base import BackendError, BaseBackend
+
+if TYPE_CHECKING:
+    from ..models import Instance
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +53,16 @@ class DockerBackend(BaseBackend):
 
     # The client is made on first use, so a portal whose Docker daemon is down still starts.
     @cached_property
-    def client(self):
+    def client(self) -> Any:
         import docker
 
-        return self._docker("connect", docker.DockerClient, base_url=self.base_url, timeout=30)
+        return self._docker("connect", docker.DockerClient, base_url=self.base_url, timeout=30)  # type: ignore[attr-defined]
 
     @property
     def public_host(self) -> str:
         return self.host_ip
 
-    def _docker(self, what: str, call, *args, **kwargs):
+    def _docker(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one SDK call; turn Docker's errors into a BackendError saying what failed."""
         import docker.errors
         import requests.exceptions
@@ -71,10 +76,10 @@ class DockerBackend(BaseBackend):
 
     # Names and places -----------------------------------------------------------------
 
-    def name(self, instance) -> str:
+    def name(self, instance: "Instance") -> str:
         return f"stockroom-{instance.kind}-{instance.pk}"
 
-    def labels(self, instance) -> dict[str, str]:
+    def labels(self, instance: "Instance") -> dict[str, str]:
         return {
             f"{LABEL}.managed": "true",
             f"{LABEL}.portal": self.portal_id,
@@ -82,19 +87,20 @@ class DockerBackend(BaseBackend):
             f"{LABEL}.kind": instance.kind,
         }
 
-    def directory(self, instance) -> Path:
-        return self.volume_root / instance.kind / str(instance.pk)
+    def directory(self, instance: "Instance") -> Path:
+        return Path(self.volume_root / instance.kind / str(instance.pk))
 
-    def layout(self, instance) -> Layout:
+    def layout(self, instance: "Instance") -> Layout:
         """Paths inside the container; the port it listens on there."""
         engine = get_engine(instance.kind)
+        assert instance.port is not None, "only an instance that holds a port has a container"
         if self.network_mode == "host":
             return engine.container_layout(bind_address=settings.STOCKROOM_BIND_ADDRESS, port=instance.port)
         return engine.container_layout(bind_address="0.0.0.0", port=engine.container_port)
 
     # The contract ----------------------------------------------------------------------
 
-    def create(self, instance) -> None:
+    def create(self, instance: "Instance") -> None:
         self.destroy(instance)  # a clean slate, should the task run a second time
         engine = get_engine(instance.kind)
         image = self._image(instance.kind)
@@ -132,19 +138,20 @@ class DockerBackend(BaseBackend):
         path.write_text(text)
         path.chmod(0o644)  # read by the server's own user inside the container
 
-    def stop(self, instance) -> None:
+    def stop(self, instance: "Instance") -> None:
         for container in self._own(instance):
             self._docker("stop the container", container.stop, timeout=30)
 
-    def start(self, instance) -> None:
+    def start(self, instance: "Instance") -> None:
         containers = self._own(instance)
         if not containers:
             raise BackendError("The instance's container is gone; delete the instance and create a new one.")
         self._docker("start the container", containers[0].start)
         self._wait_for_login(instance, containers[0])
 
-    def set_password(self, instance, password: str) -> None:
+    def set_password(self, instance: "Instance", password: str) -> None:
         directory = self.directory(instance)
+        assert instance.port is not None, "only an instance that holds a port has a server"
         get_engine(instance.kind).set_password(
             instance,
             password,
@@ -156,12 +163,12 @@ class DockerBackend(BaseBackend):
     def probe_host(self) -> str:
         return settings.STOCKROOM_BIND_ADDRESS if self.network_mode == "host" else self.host_ip
 
-    def destroy(self, instance) -> None:
+    def destroy(self, instance: "Instance") -> None:
         for container in self._own(instance):
             self.remove_container(container)
         self._remove_data(self.directory(instance))
 
-    def remove_container(self, container) -> None:
+    def remove_container(self, container: Any) -> None:
         """Remove a container of this portal's and its data directory."""
         self._docker("remove the container", container.remove, force=True, v=True)
         kind, instance = container.labels.get(f"{LABEL}.kind", ""), container.labels.get(f"{LABEL}.instance", "")
@@ -194,13 +201,14 @@ class DockerBackend(BaseBackend):
 
     # Helpers ---------------------------------------------------------------------------
 
-    def _own(self, instance) -> list:
+    def _own(self, instance: "Instance") -> list[Any]:
         return self._containers({f"{LABEL}.instance": str(instance.pk), f"{LABEL}.kind": instance.kind})
 
-    def _containers(self, labels: dict[str, str]) -> list:
+    def _containers(self, labels: dict[str, str]) -> list[Any]:
         wanted = {f"{LABEL}.managed": "true", f"{LABEL}.portal": self.portal_id, **labels}
         filters = {"label": [f"{key}={value}" for key, value in wanted.items()]}
-        return self._docker("list containers", self.client.containers.list, all=True, filters=filters)
+        found: list[Any] = self._docker("list containers", self.client.containers.list, all=True, filters=filters)
+        return found
 
     def _image(self, kind: str) -> str:
         import docker.errors
@@ -221,14 +229,14 @@ class DockerBackend(BaseBackend):
                 ) from pull_error
         return image
 
-    def _wait_for_login(self, instance, container) -> None:
+    def _wait_for_login(self, instance: "Instance", container: Any) -> None:
         def exited() -> bool:
             self._docker("inspect the container", container.reload)
-            return container.attrs["State"]["Status"] in ("exited", "dead", "restarting")
+            return bool(container.attrs["State"]["Status"] in ("exited", "dead", "restarting"))
 
         self.wait_for_login(instance, exited=exited, log_tail=lambda: self._log_tail(container))
 
-    def _log_tail(self, container, lines: int = 3) -> str:
+    def _log_tail(self, container: Any, lines: int = 3) -> str:
         try:
             text = container.logs(tail=lines).decode(errors="replace").strip()
         except Exception:  # noqa: BLE001 - a missing log must not hide the real error

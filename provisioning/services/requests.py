@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
@@ -43,9 +43,7 @@ class NoFreePort(Exception):
     pass
 
 
-def create_instance(
-    *, owner: AbstractBaseUser, kind: str, options: dict[str, Any], name: str | None = None
-) -> Instance:
+def create_instance(*, owner: User, kind: str, options: dict[str, Any], name: str | None = None) -> Instance:
     """Validate, reserve a port and record the instance; a worker starts it after commit.
 
     Raises ValidationError (bad name or options), QuotaExceeded or NoFreePort.

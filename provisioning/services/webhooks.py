@@ -12,7 +12,9 @@ import json
 import logging
 import secrets
 import socket
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import certifi
@@ -26,6 +28,9 @@ from django.utils import timezone
 
 from ..models import DeliveryStatus, Webhook, WebhookDelivery
 from . import jobs
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +78,7 @@ def resolve(host: str, port: int) -> list[str]:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise Unresolvable(f"Could not resolve {host} ({exc}).") from None
-    addresses = list(dict.fromkeys(info[4][0] for info in found))
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
     if not settings.STOCKROOM_WEBHOOK_ALLOW_PRIVATE:
         for address in addresses:
             if not is_public(address):
@@ -88,31 +93,43 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
     to one fails; returns the status code. No redirects, nothing read but the status line.
     """
     parts = urlsplit(url)
-    host = parts.hostname.encode("idna").decode()
+    host = (parts.hostname or "").encode("idna").decode()
     port = parts.port or (443 if parts.scheme == "https" else 80)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     name = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
     default_port = port == (443 if parts.scheme == "https" else 80)
     headers = headers | {"Host": name if default_port else f"{name}:{port}"}
     *others, last = resolve(host, port)
-    request = {"scheme": parts.scheme, "port": port, "host": host, "path": path, "body": body, "headers": headers}
+    request = _Request(parts.scheme, port, host, path, body, headers)
     for address in others:
         try:
-            return _post_to(address, timeout=timeout, **request)
+            return _post_to(address, request, timeout=timeout)
         except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError):
             continue  # the next address; what the receiver answers is final
-    return _post_to(last, timeout=timeout, **request)
+    return _post_to(last, request, timeout=timeout)
 
 
-def _post_to(address: str, *, scheme, port, host, path, body, headers, timeout) -> int:
-    options = {"timeout": urllib3.Timeout(total=timeout), "retries": False, "maxsize": 1}
-    if scheme == "https":  # the certificate must match the name, not the address
+@dataclass(frozen=True)
+class _Request:
+    scheme: str
+    port: int
+    host: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
+
+
+def _post_to(address: str, request: _Request, *, timeout: float) -> int:
+    pool: urllib3.HTTPConnectionPool
+    limit = urllib3.Timeout(total=timeout)
+    if request.scheme == "https":  # the certificate must match the name, not the address
         pool = urllib3.HTTPSConnectionPool(
-            address, port, server_hostname=host, assert_hostname=host, cert_reqs="CERT_REQUIRED",
-            ca_certs=certifi.where(), **options,
+            address, request.port, server_hostname=request.host, assert_hostname=request.host,
+            cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(), timeout=limit, retries=False, maxsize=1,
         )  # fmt: skip
     else:
-        pool = urllib3.HTTPConnectionPool(address, port, **options)
+        pool = urllib3.HTTPConnectionPool(address, request.port, timeout=limit, retries=False, maxsize=1)
+    path, body, headers = request.path, request.body, request.headers
     try:
         response = pool.urlopen("POST", path, body=body, headers=headers, redirect=False, preload_content=False)
         response.close()  # the status is all we need
@@ -121,7 +138,7 @@ def _post_to(address: str, *, scheme, port, host, path, body, headers, timeout) 
         pool.close()
 
 
-def create_webhook(*, owner, url: str) -> tuple[Webhook, str]:
+def create_webhook(*, owner: "User", url: str) -> tuple[Webhook, str]:
     """Register `url` for `owner`; returns the webhook and its signing secret (shown only now).
 
     Raises ValidationError for a URL that is not http(s), TooManyWebhooks past the limit.
@@ -135,7 +152,7 @@ def create_webhook(*, owner, url: str) -> tuple[Webhook, str]:
         raise ValidationError({"url": f"{url!r} is not {URL_RULE}."}) from None
     if parts.username is not None:
         raise ValidationError({"url": "Put no user name or password in the URL; check the signature instead."})
-    host = parts.hostname
+    host = parts.hostname or ""
     if not settings.STOCKROOM_WEBHOOK_ALLOW_PRIVATE:
         try:
             resolve(host, 443)  # early feedback; each send checks again
@@ -162,7 +179,7 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def payload(delivery: WebhookDelivery) -> dict:
+def payload(delivery: WebhookDelivery) -> dict[str, Any]:
     event, instance = delivery.event, delivery.event.instance
     return {
         "delivery": delivery.pk,
@@ -177,7 +194,7 @@ def payload(delivery: WebhookDelivery) -> dict:
 
 def retry_delay(attempt: int) -> float:
     """Seconds to wait after failed attempt number `attempt` (1-based): doubling from the base."""
-    return settings.STOCKROOM_WEBHOOK_BACKOFF * 2 ** (attempt - 1)
+    return float(settings.STOCKROOM_WEBHOOK_BACKOFF * 2 ** (attempt - 1))
 
 
 class Sender:
@@ -226,7 +243,7 @@ class Sender:
     @staticmethod
     def _record(delivery: WebhookDelivery, code: int | None, error: str, *, permanent: bool = False) -> None:
         attempts = delivery.attempts + 1
-        changes = {"attempts": attempts, "response_code": code, "error": error}
+        changes: dict[str, Any] = {"attempts": attempts, "response_code": code, "error": error}
         if not error:
             changes["status"] = DeliveryStatus.DELIVERED
         elif permanent:
@@ -244,7 +261,7 @@ class Sender:
             jobs.send("deliver_webhook", delivery.pk, countdown=delay)
 
 
-def due_deliveries(now) -> list[int]:
+def due_deliveries(now: datetime) -> list[int]:
     """Pending deliveries whose time has come; the reconciler re-queues any a lost task left behind."""
     return list(
         WebhookDelivery.objects.filter(status=DeliveryStatus.PENDING, next_attempt_at__lte=now).values_list(

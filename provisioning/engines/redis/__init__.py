@@ -161,7 +161,7 @@ class Redis(Engine):
             socket_timeout=ADMIN_TIMEOUT,
         )
         try:
-            client.execute_command("ACL", "LOAD")
+            client.acl_load()
         finally:
             client.close()
 
