@@ -3,8 +3,9 @@ SHELL := /bin/bash
 PORT ?= 8000
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check --require-hashes
 
-.PHONY: run test system test-system lint bench
+.PHONY: run test lint system test-system bench
 
 run: system $(VENV)/.installed .env
 	$(PY) manage.py migrate --noinput
@@ -13,7 +14,7 @@ run: system $(VENV)/.installed .env
 
 # Docker-backend tests need an engine and a locally built image; ensure-docker prepares both
 # and the dockerd it may start is stopped again when the tests end.
-test: test-system $(VENV)/.installed
+test: test-system $(VENV)/.installed-dev
 	@docker_env=$$(scripts/ensure-docker) || exit 1; set -a; eval "$$docker_env"; set +a; \
 	status=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
 	if [ -n "$${STOCKROOM_TEST_DOCKERD_PID:-}" ]; then kill "$$STOCKROOM_TEST_DOCKERD_PID"; fi; \
@@ -24,7 +25,7 @@ test: test-system $(VENV)/.installed
 bench: system $(VENV)/.installed
 	BENCH_QUICK=$(BENCH_QUICK) $(PY) -m bench
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
@@ -34,9 +35,15 @@ system:
 test-system:  # browser tests need Debian's chromium; Docker tests docker.io and debootstrap
 	@scripts/ensure-system chromium docker.io debootstrap
 
+# What `make run` needs (requirements.txt); tests and checks add requirements-dev.txt.
+# Both are compiled with hashes (see the .in files), so pip installs exactly what was reviewed.
 $(VENV)/.installed: requirements.txt
 	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && "$$(scripts/find-python)" -m venv $(VENV); }
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PIP_INSTALL) -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PIP_INSTALL) -r requirements.txt -r requirements-dev.txt
 	touch $@
 
 # Random keys for this checkout, written once; keep .env out of version control.
