@@ -3,8 +3,15 @@ SHELL := /bin/bash
 PORT ?= 8000
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check --require-hashes
+# Throwaway keys, enough for portal.settings to import in checks that serve no request and
+# keep no data; an in-memory database, so a check never touches the portal's own.
+CHECK_ENV := STOCKROOM_ENCRYPTION_KEYS=check-only DATABASE_URL=sqlite://:memory:
+# A production portal behind a TLS proxy, with a secret key made up on the spot.
+DEPLOY_ENV := $(CHECK_ENV) DEBUG=False STOCKROOM_HTTPS=True \
+	SECRET_KEY=$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(50))')
 
-.PHONY: run test system test-system lint bench
+.PHONY: run test check lint system test-system bench
 
 run: system $(VENV)/.installed .env
 	$(PY) manage.py migrate --noinput
@@ -13,7 +20,7 @@ run: system $(VENV)/.installed .env
 
 # Docker-backend tests need an engine and a locally built image; ensure-docker prepares both
 # and the dockerd it may start is stopped again when the tests end.
-test: test-system $(VENV)/.installed
+test: check test-system $(VENV)/.installed-dev
 	@docker_env=$$(scripts/ensure-docker) || exit 1; set -a; eval "$$docker_env"; set +a; \
 	status=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
 	if [ -n "$${STOCKROOM_TEST_DOCKERD_PID:-}" ]; then kill "$$STOCKROOM_TEST_DOCKERD_PID"; fi; \
@@ -24,7 +31,14 @@ test: test-system $(VENV)/.installed
 bench: system $(VENV)/.installed
 	BENCH_QUICK=$(BENCH_QUICK) $(PY) -m bench
 
-lint: $(VENV)/.installed
+# Everything CI checks before the tests; stops at the first failure. `make test` runs it first.
+check: lint
+	$(CHECK_ENV) SECRET_KEY=check-only $(PY) manage.py makemigrations --check --dry-run
+	$(DEPLOY_ENV) $(PY) manage.py check --deploy --fail-level WARNING
+	$(VENV)/bin/lint-imports
+	$(CHECK_ENV) SECRET_KEY=check-only $(VENV)/bin/mypy
+
+lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
@@ -34,9 +48,15 @@ system:
 test-system:  # browser tests need Debian's chromium; Docker tests docker.io and debootstrap
 	@scripts/ensure-system chromium docker.io debootstrap
 
+# What `make run` needs (requirements.txt); tests and checks add requirements-dev.txt.
+# Both are compiled with hashes (see the .in files), so pip installs exactly what was reviewed.
 $(VENV)/.installed: requirements.txt
 	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && "$$(scripts/find-python)" -m venv $(VENV); }
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PIP_INSTALL) -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PIP_INSTALL) -r requirements.txt -r requirements-dev.txt
 	touch $@
 
 # Random keys for this checkout, written once; keep .env out of version control.

@@ -93,7 +93,7 @@ def wait_for_login(kind: str, config: dict[str, Any], *, deadline: float) -> Non
         try:
             log_in(kind, config)
             return
-        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+        except Exception as exc:  # any failure means "not yet"
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"no {kind} login on port {config['port']}: {exc}") from exc
         time.sleep(POLL_INTERVAL)

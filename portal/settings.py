@@ -30,6 +30,23 @@ if not STOCKROOM_ENCRYPTION_KEYS:
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
+# Served over HTTPS by a TLS-terminating proxy that sets X-Forwarded-Proto. Off by default, so
+# `make run` keeps serving plain http on 127.0.0.1.
+STOCKROOM_HTTPS = env.bool("STOCKROOM_HTTPS", default=False)
+if STOCKROOM_HTTPS:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = True
+    SECURE_HSTS_SECONDS = 365 * 24 * 3600
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    # Trust the proxy's word on the scheme; the proxy must overwrite the header clients send.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SILENCED_SYSTEM_CHECKS = [
+    # HSTS preloading is a promise, for the whole domain and hard to take back, made by whoever
+    # owns the domain when they submit it to browsers; not something the portal can decide.
+    "security.W021",
+]
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
