@@ -6,8 +6,7 @@ from .models import Instance, InstanceEvent, Orphan, Webhook, WebhookDelivery
 
 class InstanceEventInline(admin.TabularInline):
     model = InstanceEvent
-    fields = ["created_at", "from_status", "to_status", "reason"]
-    readonly_fields = fields
+    fields = readonly_fields = ("created_at", "from_status", "to_status", "reason")
     extra = 0
     can_delete = False
 
@@ -73,10 +72,9 @@ class InstanceAdmin(admin.ModelAdmin):
 class OrphanAdmin(admin.ModelAdmin):
     """What a backend runs or keeps for no instance; the reconciler removes it after the grace period."""
 
-    list_display = ["key", "backend", "description", "first_seen", "removed_at"]
+    list_display = readonly_fields = ("key", "backend", "description", "first_seen", "removed_at")
     list_filter = ["backend", ("removed_at", admin.EmptyFieldListFilter)]
     search_fields = ["key", "description"]
-    readonly_fields = list_display
 
     def has_add_permission(self, request):
         return False
@@ -87,8 +85,7 @@ class OrphanAdmin(admin.ModelAdmin):
 
 class WebhookDeliveryInline(admin.TabularInline):
     model = WebhookDelivery
-    fields = ["created_at", "event", "status", "attempts", "response_code", "error"]
-    readonly_fields = fields
+    fields = readonly_fields = ("created_at", "event", "status", "attempts", "response_code", "error")
     extra = 0
     can_delete = False
     ordering = ["-created_at"]

@@ -60,13 +60,22 @@ class Option:
                 raise OptionError(f"{value!r} is not allowed; choose one of: {', '.join(self.choices)}.")
             return value
         number = parse_size(value) if self.kind == "size" else self._integer(value)
-        if not self.min_value <= number <= self.max_value:
+        low, high = self.limits
+        if not low <= number <= high:
             raise OptionError(f"{value!r} is out of range; allowed: {self.describe_range()}.")
         return number
 
+    @property
+    def limits(self) -> tuple[int, int]:
+        """The allowed range of an int or size option."""
+        if self.min_value is None or self.max_value is None:
+            raise TypeError(f"Option {self.name!r} of kind {self.kind!r} needs min_value and max_value.")
+        return self.min_value, self.max_value
+
     def describe_range(self) -> str:
         show = format_size if self.kind == "size" else str
-        return f"{show(self.min_value)} to {show(self.max_value)}"
+        low, high = self.limits
+        return f"{show(low)} to {show(high)}"
 
     def describe_allowed(self) -> str:
         return ", ".join(self.choices) if self.kind == "choice" else self.describe_range()

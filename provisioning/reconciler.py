@@ -62,7 +62,7 @@ class Reconciler:
             for phase in (self._probe_and_heal, self._recover_stuck, self._track_orphans, self._resend_deliveries):
                 try:
                     phase(report, now)
-                except Exception:  # noqa: BLE001 - logged, and the pass goes on
+                except Exception:  # logged, and the pass goes on
                     logger.exception("Reconcile phase %s failed", phase.__name__)
                     report.failed_phases.append(phase.__name__)
                 turn = self._keep_turn(turn)
@@ -159,7 +159,7 @@ class Reconciler:
                     logger.warning("Removing orphan %s of %s: %s", key, alias, description)
                     try:
                         backend.remove_orphan(key)
-                    except Exception:  # noqa: BLE001 - it stays listed; the next pass tries again
+                    except Exception:  # it stays listed; the next pass tries again
                         logger.exception("Could not remove orphan %s of %s", key, alias)
                         continue
                     Orphan.objects.filter(pk=row.pk).update(removed_at=now)

@@ -56,7 +56,7 @@ class DockerBackend(BaseBackend):
     def client(self) -> Any:
         import docker
 
-        return self._docker("connect", docker.DockerClient, base_url=self.base_url, timeout=30)  # type: ignore[attr-defined]
+        return self._docker("connect", docker.DockerClient, base_url=self.base_url, timeout=30)
 
     @property
     def public_host(self) -> str:
@@ -222,7 +222,7 @@ class DockerBackend(BaseBackend):
             logger.info("Pulling %s", image)
             try:
                 self.client.images.pull(image)
-            except Exception as pull_error:  # noqa: BLE001 - any failure means the image is unusable
+            except Exception as pull_error:  # any failure means the image is unusable
                 raise BackendError(
                     f"The image {image} is not available and could not be pulled "
                     f"({type(pull_error).__name__}). Ask an operator to provide it."

@@ -20,7 +20,7 @@ def stop_quietly(instance: Instance, backend: BaseBackend) -> str:
     """Stop what may be running; returns "" or a sentence saying that it could not."""
     try:
         backend.stop(instance)
-    except Exception as exc:  # noqa: BLE001 - the caller's status message says what matters
+    except Exception as exc:  # the caller's status message says what matters
         logger.exception("Could not stop instance %s", instance.pk)
         return f" Stopping what was left also failed ({exc}); an operator should check the host."
     return ""

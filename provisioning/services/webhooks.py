@@ -225,7 +225,7 @@ class Sender:
             error = str(exc)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             error = f"Could not reach the receiver ({type(exc).__name__})."
-        except Exception as exc:  # noqa: BLE001 - counted as a failed attempt, never retried forever
+        except Exception as exc:  # counted as a failed attempt, never retried forever
             logger.exception("Webhook delivery %s failed", delivery.pk)
             error = f"Could not send it ({type(exc).__name__})."
         self._record(delivery, code, error, permanent=permanent)

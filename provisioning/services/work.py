@@ -56,7 +56,7 @@ def _fail(instance: Instance, backend: BaseBackend, what: str, exc: Exception) -
     message = describe(what, instance, exc)
     try:
         backend.destroy(instance)
-    except Exception as cleanup:  # noqa: BLE001 - the status says so; an operator cleans up
+    except Exception as cleanup:  # the status says so; an operator cleans up
         logger.exception("Cleanup failed for instance %s", instance.pk)
         message += f" Cleaning up also failed ({cleanup}); an operator must remove what is left."
     transition(instance, Status.FAILED, message, side=Side.WORKER, allowed_from=(Status.PROVISIONING, Status.DELETING))
@@ -127,7 +127,7 @@ def _rotate_password(instance: Instance, backend: BaseBackend) -> None:
     except Exception:
         try:
             backend.set_password(instance, old)
-        except Exception:  # noqa: BLE001 - the first error is the one to report
+        except Exception:  # the first error is the one to report
             logger.exception("Could not restore the old password of instance %s", instance.pk)
         raise
     instance.password = new

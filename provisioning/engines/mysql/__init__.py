@@ -28,8 +28,7 @@ COLLATIONS: dict[str, tuple[str, ...]] = {
 DATABASE = "app"
 USERNAME = "app"
 ADMIN_USERNAME = "root"
-# Seconds; an administrative statement that takes longer has failed.
-ADMIN_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 10, "write_timeout": 10}
+ADMIN_TIMEOUT = 10  # seconds; an administrative statement that takes longer has failed
 INIT_FILE = "init.sql"
 STORAGE_TEMPLATE = "storage.cnf"
 
@@ -216,14 +215,21 @@ class MySQL(Engine):
     # Administration and logins ---------------------------------------------------------
 
     def set_password(self, instance: "Instance", password: str, *, admin: Endpoint, write: WriteFile) -> None:
-        where: dict[str, Any] = {"host": admin.host, "port": admin.port}
-        if admin.socket:
-            where = {"unix_socket": admin.socket}
-        connection = pymysql.connect(user=ADMIN_USERNAME, password=instance.admin_password, **where, **ADMIN_TIMEOUTS)
+        connection = pymysql.connect(
+            user=ADMIN_USERNAME,
+            password=instance.admin_password,
+            unix_socket=admin.socket,
+            host=None if admin.socket else admin.host,
+            port=admin.port,
+            connect_timeout=ADMIN_TIMEOUT,
+            read_timeout=ADMIN_TIMEOUT,
+            write_timeout=ADMIN_TIMEOUT,
+        )
         try:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT VERSION()")
-                if "MariaDB" in cursor.fetchone()[0]:
+                version = cursor.fetchone()
+                if version and "MariaDB" in version[0]:
                     # The hashed form keeps the plaintext out of the binary log.
                     cursor.execute(
                         f"ALTER USER '{instance.username}'@'%%' IDENTIFIED BY PASSWORD %s",
