@@ -39,7 +39,9 @@ def postgres_version() -> str | None:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:`port` (connections closing on it do not count)."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as postgres does
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
@@ -127,22 +129,32 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, stop)
-    with postgres_cluster(port, prefix="stockroom-test-pg-", settings=NOT_DURABLE) as url:
-        if url is None:
-            print("PostgreSQL is not installed (scripts/ensure-system postgresql installs it).", file=sys.stderr)
-            return 1
-        child = subprocess.Popen(command, env=os.environ | {"DATABASE_URL": url})
+    try:
+        with postgres_cluster(port, prefix="stockroom-test-pg-", settings=NOT_DURABLE) as url:
+            if url is None:
+                print("PostgreSQL is not installed (scripts/ensure-system postgresql installs it).", file=sys.stderr)
+                return 1
+            print(f"PostgreSQL cluster for this run: {url}", file=sys.stderr)
+            return run(command, env=os.environ | {"DATABASE_URL": url})
+    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+        detail = exc.stderr.decode(errors="replace") if isinstance(exc, subprocess.CalledProcessError) else ""
+        print(f"Could not start PostgreSQL: {exc} {detail}", file=sys.stderr)
+        return 1
+
+
+def run(command: list[str], *, env: dict[str, str]) -> int:
+    child = subprocess.Popen(command, env=env)
+    try:
+        return child.wait()
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt):  # Ctrl-C reached the command too; a SIGTERM did not
+            child.terminate()
         try:
-            return child.wait()
-        except BaseException as exc:
-            if not isinstance(exc, KeyboardInterrupt):  # Ctrl-C reached the command too; a SIGTERM did not
-                child.terminate()
-            try:
-                child.wait(60)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-            raise
+            child.wait(60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
 
 
 if __name__ == "__main__":
