@@ -87,6 +87,8 @@ def wait_for_status(api: APIClient, kind: str, pk: int, *wanted: str, timeout: f
 
 
 def port_refuses(port: int) -> bool:
+    if not isinstance(port, int):  # None would "refuse" too: port 0 never answers
+        raise TypeError(f"port_refuses() needs a port number, not {port!r}")
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except ConnectionRefusedError:

@@ -29,11 +29,13 @@ def local_backend_with(settings, **changes):
 @pytest.mark.parametrize("kind", ["mysql", "redis"])
 def test_a_failure_after_start_kills_the_server_and_releases_everything(api, settings, kind):
     local_backend_with(settings, top={"BACKEND": f"{__name__}.StartsThenFails"})
-    pk = api.post(f"/api/storage/{kind}/instances", {}).json()["id"]
+    created = api.post(f"/api/storage/{kind}/instances", {}).json()
+    pk, port = created["id"], created["port"]
     instance = wait_for_status(api, kind, pk, "failed", "running")
     assert instance["status"] == "failed"
     assert instance["status_message"] == "Provisioning failed: injected failure after start"
-    assert port_refuses(instance["port"])
+    assert instance["port"] is None, "a failed instance holds no port"
+    assert port_refuses(port), "the server that was listening there is gone"
     assert not instance_dir(kind, pk).exists()
     assert not processes_under(settings.STOCKROOM_INSTANCES_DIR)
     assert not Instance.objects.live().exists()
