@@ -11,7 +11,7 @@ from rest_framework.test import APIClient
 
 from provisioning.models import Instance, Status
 
-from .conftest import instance_dir
+from ..conftest import instance_dir
 
 pytestmark = pytest.mark.django_db
 
