@@ -6,16 +6,17 @@ from provisioning.backends.base import BackendError
 from provisioning.backends.local import LocalBackend, processes_under
 from provisioning.models import Instance, WebhookDelivery
 
-from .conftest import broker_port, instance_dir, port_refuses, wait_for_status
+from .conftest import broker_port, instance_dir, port_refuses, wait_for_status, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 class StartsThenFails(LocalBackend):
-    """A real server is started, then the login check fails: cleanup must kill it."""
+    """A real server is started and listens, then the login check fails: cleanup must kill it."""
 
     def _wait_for_login(self, instance, directory, log):
         assert processes_under(directory), "the server should be running at this point"
+        wait_until(lambda: not port_refuses(instance.port), 30, "the server to listen")
         raise BackendError("injected failure after start")
 
 
