@@ -66,8 +66,8 @@ def act(api, committed) -> Callable[..., dict]:
     return act
 
 
-def reconcile(*, later: float = 0) -> "Pass":  # noqa: F821 - the Pass type is the reconciler's
-    """One reconcile pass, as beat runs it, with its clock `later` seconds ahead of now."""
+def reconcile(*, later: float = 0):
+    """One reconcile pass, as beat runs it, with its clock `later` seconds ahead of now; returns its report."""
     reconciler = Reconciler()
     if later:
         reconciler.clock = lambda: timezone.now() + timedelta(seconds=later)
