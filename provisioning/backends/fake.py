@@ -8,9 +8,12 @@ and reach it with get_backend("fake").
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import BackendError, BaseBackend
+
+if TYPE_CHECKING:
+    from ..models import Instance
 
 
 @dataclass
@@ -31,7 +34,7 @@ class NotAnswering(ConnectionRefusedError):
 class FakeBackend(BaseBackend):
     OPERATIONS = ("create", "destroy", "stop", "start", "set_password", "probe", "check", "remove_orphan")
 
-    def __init__(self, alias: str, **options):
+    def __init__(self, alias: str, **options: Any):
         super().__init__(alias, **options)
         self.lock = threading.Lock()  # the reconciler probes from a pool of threads
         self.reset()
@@ -43,7 +46,7 @@ class FakeBackend(BaseBackend):
             self.failures: dict[str, list[Exception]] = {}
             self.squatted: set[int] = set()  # ports something outside the portal listens on
             self.calls: list[tuple[str, int | None]] = []
-            self.while_probing: Callable[[Any], None] | None = None
+            self.while_probing: Callable[[Instance], None] | None = None
 
     # Test controls -----------------------------------------------------------------------
 
@@ -76,7 +79,7 @@ class FakeBackend(BaseBackend):
         if error is not None:
             raise error
 
-    def _server(self, instance) -> Server:
+    def _server(self, instance: "Instance") -> Server:
         try:
             return self.servers[instance.pk]
         except KeyError:
@@ -84,7 +87,7 @@ class FakeBackend(BaseBackend):
 
     # The contract ----------------------------------------------------------------------
 
-    def create(self, instance) -> None:
+    def create(self, instance: "Instance") -> None:
         server = Server(port=instance.port, options=dict(instance.options), password=instance.password)
         with self.lock:
             self.servers[instance.pk] = server
@@ -92,18 +95,18 @@ class FakeBackend(BaseBackend):
         instance.mark("server_start")
         instance.mark("first_login")
 
-    def destroy(self, instance) -> None:
+    def destroy(self, instance: "Instance") -> None:
         self._enter("destroy", instance.pk)
         with self.lock:
             self.servers.pop(instance.pk, None)
 
-    def stop(self, instance) -> None:
+    def stop(self, instance: "Instance") -> None:
         self._enter("stop", instance.pk)
         with self.lock:
             if instance.pk in self.servers:  # stopping what is not there is not an error
                 self.servers[instance.pk].running = False
 
-    def start(self, instance) -> None:
+    def start(self, instance: "Instance") -> None:
         self._enter("start", instance.pk)
         server = self._server(instance)
         with self.lock:
@@ -111,7 +114,7 @@ class FakeBackend(BaseBackend):
         if server.password != instance.password:
             raise BackendError("The server started, but the user's login was refused.")
 
-    def set_password(self, instance, password: str) -> None:
+    def set_password(self, instance: "Instance", password: str) -> None:
         self._enter("set_password", instance.pk)
         server = self._server(instance)
         if not server.running:
@@ -119,7 +122,7 @@ class FakeBackend(BaseBackend):
         with self.lock:
             server.password = password
 
-    def probe(self, instance, timeout: float = 2.0) -> None:
+    def probe(self, instance: "Instance", timeout: float = 2.0) -> None:
         if self.while_probing is not None:
             self.while_probing(instance)
         self._enter("probe", instance.pk)
@@ -129,7 +132,7 @@ class FakeBackend(BaseBackend):
         if server.password != instance.password:
             raise PermissionError("The user's login was refused.")
 
-    def login_error(self, instance, *, timeout: float, tries: int = 1, pause: float = 0.2) -> str | None:
+    def login_error(self, instance: "Instance", *, timeout: float, tries: int = 1, pause: float = 0.2) -> str | None:
         return super().login_error(instance, timeout=timeout, tries=tries, pause=0)  # no server to wait for
 
     def check(self) -> str:
