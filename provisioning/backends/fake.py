@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class Server:
     """What a real backend would have for one instance: a process (or not), a password, data."""
 
-    port: int
+    port: int | None  # as the instance had it; None once it failed
     options: dict[str, Any]
     password: str
     running: bool = True
