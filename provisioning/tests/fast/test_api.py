@@ -168,9 +168,9 @@ def test_schema_and_docs_are_served(client):
     assert client.get("/api/docs").status_code == 200
 
 
-def test_a_failed_instance_has_no_connection(api):
-    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
-    Instance.objects.get(pk=pk).transition(Status.FAILED, "broken", allowed_from=(Status.PROVISIONING,))
+def test_a_failed_instance_has_no_connection(api, create, fake):
+    fake.fail_next("create", BackendError("broken"))
+    pk = create("redis")["id"]
     assert api.get(f"/api/storage/redis/instances/{pk}").json()["port"] is None
     response = api.get(f"/api/storage/redis/instances/{pk}/config")
     assert response.status_code == 409
