@@ -11,20 +11,28 @@ CHECK_ENV := STOCKROOM_ENCRYPTION_KEYS=check-only DATABASE_URL=sqlite://:memory:
 DEPLOY_ENV := $(CHECK_ENV) DEBUG=False STOCKROOM_HTTPS=True \
 	SECRET_KEY=$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(50))')
 
-.PHONY: run test check lint system test-system bench
+.PHONY: run test test-fast check lint system test-system bench
 
 run: system $(VENV)/.installed .env
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py collectstatic --noinput -v0
 	PORT=$(PORT) scripts/run-all
 
-# Docker-backend tests need an engine and a locally built image; ensure-docker prepares both
-# and the dockerd it may start is stopped again when the tests end.
+# `make check` first; then the whole suite twice: on SQLite, then on a throwaway PostgreSQL cluster
+# (127.0.0.1:32702) that scripts/with-postgres starts and removes. Docker-backend tests need an engine
+# and a locally built image; ensure-docker prepares both and the dockerd it may start is stopped
+# when the tests end.
 test: check test-system $(VENV)/.installed-dev
 	@docker_env=$$(scripts/ensure-docker) || exit 1; set -a; eval "$$docker_env"; set +a; \
-	status=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
+	status=0; \
+	echo "=== The test suite on SQLite"; $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
+	echo "=== The test suite on PostgreSQL"; scripts/with-postgres $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
 	if [ -n "$${STOCKROOM_TEST_DOCKERD_PID:-}" ]; then kill "$$STOCKROOM_TEST_DOCKERD_PID"; fi; \
 	exit $$status
+
+# Logic only, over an in-memory fake backend (no servers, no broker): well under 30 s.
+test-fast: $(VENV)/.installed-dev
+	$(VENV)/bin/pytest provisioning/tests/fast $(PYTEST_ARGS)
 
 # The benchmark against a stack of its own (var/bench, web port 8700); not part of make test.
 # BENCH_QUICK=1 does less of each measurement and finishes in under two minutes.
@@ -46,7 +54,7 @@ system:
 	@scripts/ensure-system
 
 test-system:  # browser tests need Debian's chromium; Docker tests docker.io and debootstrap
-	@scripts/ensure-system chromium docker.io debootstrap
+	@scripts/ensure-system chromium docker.io debootstrap postgresql
 
 # What `make run` needs (requirements.txt); tests and checks add requirements-dev.txt.
 # Both are compiled with hashes (see the .in files), so pip installs exactly what was reviewed.

@@ -9,7 +9,9 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .stack import BASE_DIR, postgres_version
+from devtools.postgres import postgres_version
+
+from .stack import BASE_DIR
 
 RESULTS = BASE_DIR / "bench" / "results.json"
 

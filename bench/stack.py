@@ -1,21 +1,22 @@
 """The processes the benchmark runs against: broker, Celery worker, gunicorn and, when it is
-installed, a throwaway PostgreSQL cluster. All on 127.0.0.1; all stopped by the PID we started.
+installed, a throwaway PostgreSQL cluster (devtools.postgres, which the tests use too). All on
+127.0.0.1; all stopped by the PID we started.
 """
 
 import os
 import pwd
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from devtools import postgres
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = BASE_DIR / "var" / "bench"
@@ -170,54 +171,6 @@ def web(env: dict[str, str]) -> Service:
 # PostgreSQL ---------------------------------------------------------------------------
 
 
-def _postgres_bin() -> Path | None:
-    initdb = shutil.which("initdb")
-    if initdb:
-        return Path(initdb).resolve().parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    return versions[-1].parent if versions else None
-
-
-def postgres_version() -> str | None:
-    binaries = _postgres_bin()
-    if binaries is None:
-        return None
-    return subprocess.run([binaries / "postgres", "--version"], capture_output=True, text=True).stdout.strip()
-
-
-@contextmanager
-def postgres_cluster() -> Iterator[str | None]:
-    """A throwaway PostgreSQL cluster on 127.0.0.1:POSTGRES_PORT; yields its DATABASE_URL.
-
-    Yields None when PostgreSQL is not installed. The cluster and its files are gone afterwards.
-    """
-    binaries = _postgres_bin()
-    if binaries is None:
-        yield None
-        return
-    owner = {}
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        account = pwd.getpwnam("postgres")
-        owner = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
-    root = Path(tempfile.mkdtemp(prefix="stockroom-bench-pg-"))
-    if owner:
-        os.chown(root, owner["user"], owner["group"])
-    try:
-        subprocess.run(
-            [binaries / "initdb", "-D", root / "data", "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-            check=True,
-            capture_output=True,
-            **owner,
-        )
-        server = Service(
-            "postgres",
-            [str(binaries / "postgres"), "-D", str(root / "data"), "-k", str(root)]
-            + ["-c", "listen_addresses=127.0.0.1", "-p", str(POSTGRES_PORT)],
-            lambda: accepts_connections(POSTGRES_PORT),
-            popen=owner,
-            stop_signal=signal.SIGINT,  # "fast" shutdown
-        )
-        with running(server):
-            yield f"postgres://postgres@127.0.0.1:{POSTGRES_PORT}/postgres"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+def postgres_cluster() -> AbstractContextManager[str | None]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1:POSTGRES_PORT (None if not installed); see devtools."""
+    return postgres.postgres_cluster(POSTGRES_PORT, prefix="stockroom-bench-pg-")

@@ -13,6 +13,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -22,6 +23,27 @@ from rest_framework.test import APIClient
 
 from provisioning.backends.local import kill_processes_under
 from provisioning.engines.redis import NO_RETRY
+
+
+def pytest_report_header(config) -> str:
+    database = settings.DATABASES["default"]
+    test_name = database.get("TEST", {}).get("NAME") or f"test_{database['NAME']}"
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        return f"database: SQLite, {test_name}"
+    return f"database: {database['ENGINE'].rsplit('.', 1)[1]} at {database['HOST']}:{database['PORT']}, {test_name}"
+
+
+def database_url() -> str:
+    """DATABASE_URL for another process that must see the test database (which Django
+    names at set-up, e.g. test_postgres), whichever database the suite runs on."""
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        return f"sqlite:///{database['NAME']}"
+    assert database["ENGINE"] == "django.db.backends.postgresql", "the tests run on SQLite or PostgreSQL"
+    login = quote(database["USER"], safe="")
+    if database["PASSWORD"]:
+        login += ":" + quote(database["PASSWORD"], safe="")
+    return f"postgres://{login}@{database['HOST']}:{database['PORT']}/{quote(database['NAME'], safe='')}"
 
 
 def client_for(user) -> APIClient:
@@ -65,6 +87,8 @@ def wait_for_status(api: APIClient, kind: str, pk: int, *wanted: str, timeout: f
 
 
 def port_refuses(port: int) -> bool:
+    if not isinstance(port, int):  # None would "refuse" too: port 0 never answers
+        raise TypeError(f"port_refuses() needs a port number, not {port!r}")
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except ConnectionRefusedError:
@@ -145,7 +169,6 @@ class Worker:
         self.process: subprocess.Popen | None = None
 
     def start(self, **env: str) -> None:
-        database = settings.DATABASES["default"]["NAME"]  # the test database
         argv = [sys.executable, "-m", "celery", "-A", "portal", "worker", "--concurrency", str(self.concurrency),
                 "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
         if self.beat:
@@ -155,10 +178,7 @@ class Worker:
             cwd=settings.BASE_DIR,
             # The test process runs tasks inline (pytest.ini); a real worker must queue them, or beat
             # would run each reconcile pass itself, in a process forked from the worker.
-            env=os.environ
-            | {"DATABASE_URL": f"sqlite:///{database}", "CELERY_TASK_ALWAYS_EAGER": "False"}
-            | self.env
-            | env,
+            env=os.environ | {"DATABASE_URL": database_url(), "CELERY_TASK_ALWAYS_EAGER": "False"} | self.env | env,
             stdout=self.log.open("a"),
             stderr=subprocess.STDOUT,
             start_new_session=True,  # kill() takes the pool processes too

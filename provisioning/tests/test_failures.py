@@ -6,16 +6,17 @@ from provisioning.backends.base import BackendError
 from provisioning.backends.local import LocalBackend, processes_under
 from provisioning.models import Instance, WebhookDelivery
 
-from .conftest import broker_port, instance_dir, port_refuses, wait_for_status
+from .conftest import broker_port, instance_dir, port_refuses, wait_for_status, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 class StartsThenFails(LocalBackend):
-    """A real server is started, then the login check fails: cleanup must kill it."""
+    """A real server is started and listens, then the login check fails: cleanup must kill it."""
 
     def _wait_for_login(self, instance, directory, log):
         assert processes_under(directory), "the server should be running at this point"
+        wait_until(lambda: not port_refuses(instance.port), 30, "the server to listen")
         raise BackendError("injected failure after start")
 
 
@@ -30,11 +31,13 @@ def local_backend_with(settings, top=None, **programs):
 @pytest.mark.parametrize("kind", ["mysql", "redis"])
 def test_a_failure_after_start_kills_the_server_and_releases_everything(api, settings, kind):
     local_backend_with(settings, top={"BACKEND": f"{__name__}.StartsThenFails"})
-    pk = api.post(f"/api/storage/{kind}/instances", {}).json()["id"]
+    created = api.post(f"/api/storage/{kind}/instances", {}).json()
+    pk, port = created["id"], created["port"]
     instance = wait_for_status(api, kind, pk, "failed", "running")
     assert instance["status"] == "failed"
     assert instance["status_message"] == "Provisioning failed: injected failure after start"
-    assert port_refuses(instance["port"])
+    assert instance["port"] is None, "a failed instance holds no port"
+    assert port_refuses(port), "the server that was listening there is gone"
     assert not instance_dir(kind, pk).exists()
     assert not processes_under(settings.STOCKROOM_INSTANCES_DIR)
     assert not Instance.objects.live().exists()

@@ -1,8 +1,8 @@
-from pathlib import Path
+from django.conf import settings
 
 from provisioning.management.commands.options_table import options_markdown
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = settings.BASE_DIR / "README.md"
 
 
 def test_the_readme_documents_the_current_options():

@@ -1,0 +1,1 @@
+"""Tools for developing Stockroom (tests, benchmark); nothing here runs in the portal."""

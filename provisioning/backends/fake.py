@@ -1,0 +1,152 @@
+"""An in-memory backend for logic tests: it keeps per-instance state and can be told to fail.
+
+It starts no server and proves nothing about provisioning; tests that claim "it works" use a real
+backend. Tests select it through settings (STOCKROOM_BACKENDS["fake"], STOCKROOM_DEFAULT_BACKEND)
+and reach it with get_backend("fake").
+"""
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .base import BackendError, BaseBackend
+
+if TYPE_CHECKING:
+    from ..models import Instance
+
+
+@dataclass
+class Server:
+    """What a real backend would have for one instance: a process (or not), a password, data."""
+
+    port: int | None  # as the instance had it; None once it failed
+    options: dict[str, Any]
+    password: str
+    running: bool = True
+    data: dict[str, Any] = field(default_factory=dict)  # survives stop, start and restart; not destroy
+
+
+class NotAnswering(ConnectionRefusedError):
+    """What a probe of a server that is not running gets."""
+
+
+class FakeBackend(BaseBackend):
+    OPERATIONS = ("create", "destroy", "stop", "start", "set_password", "probe", "check", "remove_orphan")
+
+    def __init__(self, alias: str, **options: Any):
+        super().__init__(alias, **options)
+        self.lock = threading.Lock()  # the reconciler probes from a pool of threads
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every server, queued failure, squatted port and recorded call."""
+        with self.lock:
+            self.servers: dict[int, Server] = {}
+            self.failures: dict[str, list[Exception]] = {}
+            self.squatted: set[int] = set()  # ports something outside the portal listens on
+            self.calls: list[tuple[str, int | None]] = []
+            self.while_probing: Callable[[Instance], None] | None = None
+
+    # Test controls -----------------------------------------------------------------------
+
+    def fail_next(self, operation: str, error: Exception, *, times: int = 1) -> None:
+        """The next `times` calls of `operation` raise `error` (after doing nothing, except that a
+        failing create leaves a half-made server behind, as a real one may)."""
+        if operation not in self.OPERATIONS:
+            raise ValueError(f"{operation!r} is not one of {', '.join(self.OPERATIONS)}")
+        with self.lock:
+            self.failures.setdefault(operation, []).extend([error] * times)
+
+    def kill(self, instance_id: int) -> None:
+        """What `kill -9` does: the server is gone, its data stays; probes fail until it is started."""
+        with self.lock:
+            self.servers[instance_id].running = False
+
+    def server(self, instance_id: int) -> Server | None:
+        return self.servers.get(instance_id)
+
+    def called(self, operation: str) -> list[int | None]:
+        """The instance ids `operation` was called for, in order."""
+        return [pk for name, pk in self.calls if name == operation]
+
+    def _enter(self, operation: str, instance_id: int | None) -> None:
+        """Record the call; raise the failure queued for it, if any."""
+        with self.lock:
+            self.calls.append((operation, instance_id))
+            queued = self.failures.get(operation)
+            error = queued.pop(0) if queued else None
+        if error is not None:
+            raise error
+
+    def _server(self, instance: "Instance") -> Server:
+        try:
+            return self.servers[instance.pk]
+        except KeyError:
+            raise BackendError(f"There is no server for instance {instance.pk}.") from None
+
+    # The contract ----------------------------------------------------------------------
+
+    def create(self, instance: "Instance") -> None:
+        server = Server(port=instance.port, options=dict(instance.options), password=instance.password)
+        with self.lock:
+            self.servers[instance.pk] = server
+        self._enter("create", instance.pk)
+        instance.mark("server_start")
+        instance.mark("first_login")
+
+    def destroy(self, instance: "Instance") -> None:
+        self._enter("destroy", instance.pk)
+        with self.lock:
+            self.servers.pop(instance.pk, None)
+
+    def stop(self, instance: "Instance") -> None:
+        self._enter("stop", instance.pk)
+        with self.lock:
+            if instance.pk in self.servers:  # stopping what is not there is not an error
+                self.servers[instance.pk].running = False
+
+    def start(self, instance: "Instance") -> None:
+        self._enter("start", instance.pk)
+        server = self._server(instance)
+        with self.lock:
+            server.running = True
+        if server.password != instance.password:
+            raise BackendError("The server started, but the user's login was refused.")
+
+    def set_password(self, instance: "Instance", password: str) -> None:
+        self._enter("set_password", instance.pk)
+        server = self._server(instance)
+        if not server.running:
+            raise BackendError("The server is not running.")
+        with self.lock:
+            server.password = password
+
+    def probe(self, instance: "Instance", timeout: float = 2.0) -> None:
+        if self.while_probing is not None:
+            self.while_probing(instance)
+        self._enter("probe", instance.pk)
+        server = self.servers.get(instance.pk)
+        if server is None or not server.running:
+            raise NotAnswering(f"Nothing answers on port {instance.port}.")
+        if server.password != instance.password:
+            raise PermissionError("The user's login was refused.")
+
+    def login_error(self, instance: "Instance", *, timeout: float, tries: int = 1, pause: float = 0.2) -> str | None:
+        return super().login_error(instance, timeout=timeout, tries=tries, pause=0)  # no server to wait for
+
+    def check(self) -> str:
+        self._enter("check", None)
+        return f"Fake backend with {len(self.servers)} servers."
+
+    def orphans(self, known_ids: set[int]) -> dict[str, str]:
+        with self.lock:
+            return {str(pk): f"fake server on port {s.port}" for pk, s in self.servers.items() if pk not in known_ids}
+
+    def remove_orphan(self, key: str) -> None:
+        self._enter("remove_orphan", int(key))
+        with self.lock:
+            self.servers.pop(int(key), None)
+
+    def port_is_free(self, port: int) -> bool:
+        return port not in self.squatted
