@@ -1,0 +1,196 @@
+"""A tenant stays inside its own instance: the attacks of issue 11 that the engines stop, replayed
+against real servers the way a tenant who owns one instance would try them."""
+
+import json
+
+import pytest
+import redis
+from django.core.cache.backends.redis import RedisCache
+from kombu import Connection
+
+from provisioning.engines.redis import ADMIN_USERNAME, NO_RETRY
+from provisioning.models import Instance
+
+from .conftest import broker_port, wait_for_status
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def running(api, kind: str) -> tuple[int, dict]:
+    pk = api.post(f"/api/storage/{kind}/instances", {}).json()["id"]
+    body = wait_for_status(api, kind, pk, "running", "failed")
+    assert body["status"] == "running", body["status_message"]
+    return pk, api.get(f"/api/storage/{kind}/instances/{pk}/config").json()
+
+
+def delete(api, kind: str, pk: int) -> None:
+    assert api.delete(f"/api/storage/{kind}/instances/{pk}").status_code == 202
+    wait_for_status(api, kind, pk, "gone")
+
+
+# Redis ---------------------------------------------------------------------------------
+
+
+def tenant_redis(config: dict, **overrides) -> redis.Redis:
+    """What an application does: the URI from /config, in redis-py (which sends CLIENT SETINFO)."""
+    return redis.Redis.from_url(config["uri"], retry=NO_RETRY, **overrides)
+
+
+def admin_redis(pk: int, config: dict) -> redis.Redis:
+    instance = Instance.objects.get(pk=pk)
+    return redis.Redis(port=config["port"], username=ADMIN_USERNAME, password=instance.admin_password, retry=NO_RETRY)
+
+
+# (command, why a tenant must not have it)
+DENIED_REDIS = [
+    (("MIGRATE", "127.0.0.1", "6379", "k", "0", "1000"), "connects to another server"),
+    (("RESTORE", "r", "0", b"\x00\x01"), "loads a raw payload"),
+    (("RESTORE-ASKING", "r", "0", b"\x00\x01"), "loads a raw payload"),
+    (("FUNCTION", "RESTORE", b"\x00\x01"), "loads a raw payload"),
+    (("DEBUG", "SLEEP", "0"), "debugging"),
+    (("MODULE", "LOAD", "/tmp/evil.so"), "loads code"),
+    (("SYNC",), "replication"),
+    (("PSYNC", "?", "-1"), "replication"),
+    (("REPLCONF", "listening-port", "1"), "replication"),
+    (("REPLICAOF", "127.0.0.1", "6379"), "replication"),
+    (("SLAVEOF", "127.0.0.1", "6379"), "replication"),
+    (("MONITOR",), "sees every client's commands"),
+    (("CONFIG", "SET", "maxmemory", "0"), "administration"),
+    (("CONFIG", "SET", "dir", "/tmp"), "administration"),
+    (("CONFIG", "REWRITE"), "administration"),
+    (("ACL", "SETUSER", "eve", "on", ">pw", "+@all"), "administration"),
+    (("ACL", "LOAD"), "administration"),
+    (("ACL", "LIST"), "administration"),
+    (("CLIENT", "LIST"), "administration"),
+    (("CLIENT", "KILL", "USER", ADMIN_USERNAME), "administration"),
+    (("SHUTDOWN", "NOSAVE"), "administration"),
+    (("SAVE",), "administration"),
+    (("BGSAVE",), "administration"),
+    (("BGREWRITEAOF",), "administration"),
+]
+
+
+def test_a_redis_tenant_runs_celery_and_cache_workloads(api):
+    pk, config = running(api, "redis")
+    client = tenant_redis(config)
+
+    # Celery's broker and result backend, command by command.
+    client.lpush("celery", "task-1")
+    assert client.brpop(["celery"], timeout=1) == (b"celery", b"task-1")
+    with client.pipeline(transaction=True) as pipe:  # MULTI … EXEC
+        pipe.zadd("unacked_index", {"tag": 1.0}).hset("unacked", "tag", "body").execute()
+    assert client.hget("unacked", "tag") == b"body"
+    subscriber = client.pubsub()
+    subscriber.subscribe("celery-task-meta")
+    assert subscriber.get_message(timeout=1)["type"] == "subscribe"
+    assert client.publish("celery-task-meta", "done") == 1
+    assert subscriber.get_message(timeout=1)["data"] == b"done"
+    subscriber.close()
+    assert client.eval("return redis.call('INCR', KEYS[1])", 1, "counter") == 1
+
+    # Kombu itself, as a Celery worker uses it.
+    with Connection(config["uri"]) as connection:
+        queue = connection.SimpleQueue("tasks")
+        queue.put({"task": "add", "args": [2, 3]})
+        message = queue.get(timeout=2)
+        assert message.payload == {"task": "add", "args": [2, 3]}
+        message.ack()
+        queue.close()
+
+    # A cache, command by command and through Django's own Redis cache.
+    assert client.set("page", "html", ex=60)
+    assert client.get("page") == b"html"
+    assert client.mget(["page", "missing"]) == [b"html", None]
+    assert client.incr("hits") == 1 and client.expire("hits", 60)
+    assert b"page" in list(client.scan_iter(match="pa*"))
+    assert client.keys("pa*") == [b"page"]
+    client.rpush("scores", 3, 1, 2)
+    assert client.sort("scores") == [b"1", b"2", b"3"]
+    assert client.info("memory")["maxmemory"] == config["maxmemory"]
+    assert client.config_get("maxmemory") == {"maxmemory": str(config["maxmemory"])}
+    assert isinstance(client.slowlog_get(), list)
+    assert client.client_setname("web-1") and client.client_getname() == "web-1"
+    assert client.client_id() > 0 and client.client_info()["name"] == "web-1"
+    # CLIENT SETINFO (Redis 7.2) is allowed; Redis 7.0 does not know it, and says so.
+    try:
+        client.execute_command("CLIENT", "SETINFO", "LIB-NAME", "stockroom-test")
+    except redis.ResponseError as exc:
+        assert not isinstance(exc, redis.exceptions.NoPermissionError)
+        assert "unknown subcommand" in str(exc).lower()
+    cache = RedisCache(config["uri"], {})
+    cache.set("fragment", {"a": 1}, timeout=60)
+    assert cache.get("fragment") == {"a": 1}
+    cache.set("views", 0)
+    assert cache.incr("views") == 1
+    cache.clear()  # FLUSHDB
+    assert client.dbsize() == 0
+    client.set("again", 1)
+    assert client.flushall()
+    assert client.dbsize() == 0
+
+    client.close()
+    delete(api, "redis", pk)
+
+
+def test_a_redis_tenant_is_refused_what_reaches_outside_or_administers(api):
+    pk, config = running(api, "redis")
+    client = tenant_redis(config)
+    admin = admin_redis(pk, config)
+    for command, why in DENIED_REDIS:
+        with pytest.raises(redis.ResponseError) as refused:
+            client.execute_command(*command)
+        if command[0] in ("DEBUG", "MODULE"):  # refused for everyone before the ACL is read
+            assert "not allowed" in str(refused.value), command
+        else:
+            assert isinstance(refused.value, redis.exceptions.NoPermissionError), (command, why, refused.value)
+        # Whatever else refuses it, the ACL does too.
+        answer = admin.execute_command("ACL", "DRYRUN", "default", *command)
+        assert answer != b"OK" and b"no permissions" in answer, (command, why, answer)
+    assert client.ping()  # a refusal does not end the session
+
+    # The portal's own user keeps what it needs to run the server.
+    for command in (
+        ("ACL", "LOAD"),
+        ("CLIENT", "KILL", "USER", "default"),
+        ("CONFIG", "SET", "maxmemory", "0"),
+        ("SHUTDOWN",),
+        ("BGREWRITEAOF",),
+    ):
+        assert admin.execute_command("ACL", "DRYRUN", ADMIN_USERNAME, *command) == b"OK", command
+    assert admin.config_get("sanitize-dump-payload") == {"sanitize-dump-payload": "yes"}
+    admin.close()
+    client.close()
+    delete(api, "redis", pk)
+
+
+def test_a_redis_tenant_cannot_migrate_a_crafted_task_into_the_broker(api, broker):
+    """Issue 11, attack 1: MIGRATE from the tenant's own Redis into the portal's Celery broker."""
+    pk, config = running(api, "redis")
+    port = str(broker_port())
+    client = tenant_redis(config)
+    crafted = json.dumps({"headers": {"task": "provisioning.tasks.delete_instance"}, "body": "…"})
+    client.lpush("celery", crafted)
+
+    for attempt in (
+        ("MIGRATE", "127.0.0.1", port, "celery", "0", "5000"),
+        ("MIGRATE", "127.0.0.1", port, "celery", "0", "5000", "COPY", "REPLACE"),
+        ("MIGRATE", "127.0.0.1", port, "", "0", "5000", "KEYS", "celery"),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.execute_command(*attempt)
+    # Neither from inside a script nor queued in a transaction.
+    with pytest.raises(redis.ResponseError, match="can.t run this command"):
+        client.eval("return redis.call('MIGRATE', ARGV[1], ARGV[2], 'celery', 0, 5000)", 0, "127.0.0.1", port)
+    with pytest.raises(redis.ResponseError), client.pipeline(transaction=True) as pipe:
+        pipe.execute_command("MIGRATE", "127.0.0.1", port, "celery", "0", "5000").execute()
+    # Nor by dumping the key and restoring a payload.
+    payload = client.dump("celery")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        client.restore("copy", 0, payload)
+
+    target = redis.Redis(port=int(port), retry=NO_RETRY)
+    assert target.dbsize() == 0, "something arrived in the broker"
+    target.close()
+    assert client.lrange("celery", 0, -1) == [crafted.encode()]  # still the tenant's own
+    client.close()
+    delete(api, "redis", pk)
