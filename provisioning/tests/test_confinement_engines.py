@@ -3,17 +3,21 @@ against real servers the way a tenant who owns one instance would try them."""
 
 import json
 
+import pymysql
 import pytest
 import redis
 from django.core.cache.backends.redis import RedisCache
 from kombu import Connection
 
+from provisioning.backends.local import processes_under
 from provisioning.engines.redis import ADMIN_USERNAME, NO_RETRY
 from provisioning.models import Instance
 
-from .conftest import broker_port, wait_for_status
+from .conftest import broker_port, instance_dir, wait_for_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+MiB = 1024 * 1024
 
 
 def running(api, kind: str) -> tuple[int, dict]:
@@ -26,6 +30,14 @@ def running(api, kind: str) -> tuple[int, dict]:
 def delete(api, kind: str, pk: int) -> None:
     assert api.delete(f"/api/storage/{kind}/instances/{pk}").status_code == 202
     wait_for_status(api, kind, pk, "gone")
+
+
+def peak_memory(kind: str, pk: int) -> int:
+    """The most resident memory the instance's server has used, in bytes."""
+    (pid,) = processes_under(instance_dir(kind, pk))
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 # Redis ---------------------------------------------------------------------------------
@@ -194,3 +206,85 @@ def test_a_redis_tenant_cannot_migrate_a_crafted_task_into_the_broker(api, broke
     assert client.lrange("celery", 0, -1) == [crafted.encode()]  # still the tenant's own
     client.close()
     delete(api, "redis", pk)
+
+
+# MySQL (MariaDB) -----------------------------------------------------------------------
+
+
+def tenant_mysql(config: dict, **overrides) -> pymysql.Connection:
+    arguments = {
+        "host": config["host"],
+        "port": config["port"],
+        "user": config["username"],
+        "password": config["password"],
+        "database": config["database"],
+    }
+    return pymysql.connect(**(arguments | overrides))
+
+
+def query(db: pymysql.Connection, sql: str, args=None) -> tuple:
+    with db.cursor() as cursor:
+        cursor.execute(sql, args)
+        return cursor.fetchall()
+
+
+def error_code(db: pymysql.Connection, sql: str) -> int:
+    with pytest.raises(pymysql.MySQLError) as refused:
+        query(db, sql)
+    return refused.value.args[0]
+
+
+def test_a_mysql_tenant_cannot_grow_the_server_from_one_session(api):
+    """Issue 11, attack 4: `SET SESSION max_heap_table_size=1G` and a MEMORY table took mariadbd
+    from 55 MB to 1.1 GB."""
+    pk, config = running(api, "mysql")
+    with tenant_mysql(config) as db:
+        for variable, cap in (
+            ("max_heap_table_size", 16 * MiB),
+            ("tmp_table_size", 16 * MiB),
+            ("max_session_mem_used", 128 * MiB),
+            ("sort_buffer_size", 16 * MiB),
+            ("join_buffer_size", 16 * MiB),
+        ):
+            query(db, f"SET SESSION {variable} = 1024 * 1024 * 1024")
+            assert query(db, f"SELECT @@session.{variable}") == ((cap,),), variable
+
+        query(db, "CREATE TABLE hog (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(1000)) ENGINE=MEMORY")
+        with pytest.raises(pymysql.MySQLError) as full:  # 1 GiB of rows
+            query(db, "INSERT INTO hog (v) SELECT REPEAT('x', 1000) FROM seq_1_to_1100000")
+        assert full.value.args[0] == 1114, full.value  # ER_RECORD_FILE_FULL: "The table 'hog' is full"
+        (rows,) = query(db, "SELECT COUNT(*) FROM hog")[0]
+        assert 0 < rows * 1000 <= 16 * MiB  # rows of 1,000 characters up to the cap, then no more
+        # One statement that needs far more memory: a 3-million-value IN list (700 MB without the cap).
+        huge = "SELECT 1 IN (" + ",".join(["7"] * 3_000_000) + ")"
+        assert error_code(db, huge) == 1290  # ER_OPTION_PREVENTS_STATEMENT: --max-session-mem-used
+        assert query(db, "SELECT 1") == ((1,),)  # the session goes on
+    assert peak_memory("mysql", pk) < 256 * MiB
+    delete(api, "mysql", pk)
+
+
+def test_a_mysql_tenant_has_no_server_wide_rights(api):
+    pk, config = running(api, "mysql")
+    files = instance_dir("mysql", pk) / "files"
+    with tenant_mysql(config) as db:
+        grants = " ".join(row[0] for row in query(db, "SHOW GRANTS"))
+        assert "FILE" not in grants and "SUPER" not in grants and "ON *.* TO" in grants
+        for statement in (
+            "SET GLOBAL max_heap_table_size = 1073741824",
+            "SET GLOBAL max_session_mem_used = 1073741824",
+            "SET GLOBAL read_only = 1",
+            "SET SESSION sql_log_bin = 0",
+            "SHUTDOWN",
+        ):
+            assert error_code(db, statement) == 1227, statement  # ER_SPECIFIC_ACCESS_DENIED_ERROR
+        assert [row[0] for row in query(db, "SHOW DATABASES")] == ["app", "information_schema"]
+        assert error_code(db, "SELECT * FROM mysql.user") == 1142  # ER_TABLEACCESS_DENIED_ERROR
+        query(db, "CREATE TABLE t (v TEXT)")
+        # No FILE privilege: neither the host's files nor the instance's own files folder.
+        assert error_code(db, "LOAD DATA INFILE '/etc/passwd' INTO TABLE t") == 1045
+        assert error_code(db, f"LOAD DATA INFILE '{files}/x' INTO TABLE t") == 1045
+        assert query(db, "SELECT LOAD_FILE('/etc/passwd')") == ((None,),)
+        assert error_code(db, f"SELECT 1 INTO OUTFILE '{files}/out'") == 1227
+        assert error_code(db, "SELECT 1 INTO OUTFILE '/tmp/stockroom-tenant-out'") == 1227
+    assert not any(files.iterdir())
+    delete(api, "mysql", pk)
