@@ -88,7 +88,7 @@ class Redis(Engine):
     config_name = "redis.conf"
     username = USERNAME
     local_programs = ("redis-server",)
-    image = "redis:7.4"
+    image = "redis:7.0"  # the major version of Debian bookworm's redis-server, which the engine is tested on
     container_port = 6379
     connection_fields = {
         "host": str,
