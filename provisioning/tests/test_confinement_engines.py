@@ -27,6 +27,12 @@ def running(api, kind: str) -> tuple[int, dict]:
     return pk, api.get(f"/api/storage/{kind}/instances/{pk}/config").json()
 
 
+def rotate(api, kind: str, pk: int) -> dict:
+    assert api.post(f"/api/storage/{kind}/instances/{pk}/rotate-password").status_code == 202
+    assert wait_for_status(api, kind, pk, "running", "unhealthy")["status"] == "running"
+    return api.get(f"/api/storage/{kind}/instances/{pk}/config").json()
+
+
 def delete(api, kind: str, pk: int) -> None:
     assert api.delete(f"/api/storage/{kind}/instances/{pk}").status_code == 202
     wait_for_status(api, kind, pk, "gone")
@@ -208,6 +214,30 @@ def test_a_redis_tenant_cannot_migrate_a_crafted_task_into_the_broker(api, broke
     delete(api, "redis", pk)
 
 
+def test_a_redis_rotation_ends_the_sessions_opened_with_the_old_password(api):
+    pk, config = running(api, "redis")
+    old = tenant_redis(config, single_connection_client=True)
+    old.set("kept", "before the rotation")
+    listener = tenant_redis(config).pubsub()
+    listener.subscribe("news")
+    assert listener.get_message(timeout=1)["type"] == "subscribe"
+
+    new = rotate(api, "redis", pk)
+    assert new["password"] != config["password"]
+    with pytest.raises(redis.ConnectionError):
+        old.get("kept")
+    with pytest.raises(redis.ConnectionError):
+        listener.get_message(timeout=1)
+    with pytest.raises(redis.AuthenticationError):
+        tenant_redis(config).ping()
+    fresh = tenant_redis(new)
+    assert fresh.get("kept") == b"before the rotation"
+    fresh.close()
+    old.close()
+    listener.close()
+    delete(api, "redis", pk)
+
+
 # MySQL (MariaDB) -----------------------------------------------------------------------
 
 
@@ -287,4 +317,23 @@ def test_a_mysql_tenant_has_no_server_wide_rights(api):
         assert error_code(db, f"SELECT 1 INTO OUTFILE '{files}/out'") == 1227
         assert error_code(db, "SELECT 1 INTO OUTFILE '/tmp/stockroom-tenant-out'") == 1227
     assert not any(files.iterdir())
+    delete(api, "mysql", pk)
+
+
+def test_a_mysql_rotation_ends_the_sessions_opened_with_the_old_password(api):
+    pk, config = running(api, "mysql")
+    old = tenant_mysql(config)
+    query(old, "CREATE TABLE notes (v VARCHAR(40))")
+    query(old, "INSERT INTO notes VALUES ('before the rotation')")
+    old.commit()
+
+    new = rotate(api, "mysql", pk)
+    assert new["password"] != config["password"]
+    with pytest.raises(pymysql.err.OperationalError) as ended:
+        query(old, "SELECT v FROM notes")
+    assert ended.value.args[0] in (2006, 2013), ended.value  # server gone / lost connection
+    with pytest.raises(pymysql.err.OperationalError):
+        tenant_mysql(config)
+    with tenant_mysql(new) as fresh:
+        assert query(fresh, "SELECT v FROM notes") == (("before the rotation",),)
     delete(api, "mysql", pk)

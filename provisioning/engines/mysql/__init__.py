@@ -234,6 +234,9 @@ class MySQL(Engine):
                     f"ALTER USER '{instance.username}'@'%%' IDENTIFIED BY PASSWORD %s",
                     [native_password_hash(password)],
                 )
+                # A session keeps working after its password changes; end those opened with the
+                # old one. The portal's own (root) session is another user's.
+                cursor.execute(f"KILL CONNECTION USER '{instance.username}'@'%'")
         finally:
             connection.close()
 

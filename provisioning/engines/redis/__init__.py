@@ -195,7 +195,8 @@ class Redis(Engine):
         self.reload_acl(instance, admin)
 
     def reload_acl(self, instance: "Instance", admin: Endpoint) -> None:
-        """Make the server read its ACL file again, as the portal's own user."""
+        """Make the server read its ACL file again, as the portal's own user, and end the user's
+        sessions: Redis keeps a connection logged in under the old password otherwise."""
         client = redis.Redis(
             host=admin.host,
             port=admin.port,
@@ -206,6 +207,7 @@ class Redis(Engine):
         )
         try:
             client.acl_load()
+            client.client_kill_filter(user=USERNAME)
         finally:
             client.close()
 
