@@ -296,7 +296,13 @@ def test_a_mysql_tenant_cannot_grow_the_server_from_one_session(api):
 def test_a_mysql_tenant_has_no_server_wide_rights(api):
     pk, config = running(api, "mysql")
     files = instance_dir("mysql", pk) / "files"
+    portal = pymysql.connect(
+        unix_socket=str(instance_dir("mysql", pk) / "server.sock"),
+        user="root",
+        password=Instance.objects.get(pk=pk).admin_password,
+    )
     with tenant_mysql(config) as db:
+        assert error_code(db, f"KILL CONNECTION {portal.thread_id()}") == 1095  # ER_KILL_DENIED_ERROR
         grants = " ".join(row[0] for row in query(db, "SHOW GRANTS"))
         assert "FILE" not in grants and "SUPER" not in grants and "ON *.* TO" in grants
         for statement in (
@@ -317,6 +323,8 @@ def test_a_mysql_tenant_has_no_server_wide_rights(api):
         assert error_code(db, f"SELECT 1 INTO OUTFILE '{files}/out'") == 1227
         assert error_code(db, "SELECT 1 INTO OUTFILE '/tmp/stockroom-tenant-out'") == 1227
     assert not any(files.iterdir())
+    assert query(portal, "SELECT 1") == ((1,),)
+    portal.close()
     delete(api, "mysql", pk)
 
 
