@@ -46,7 +46,7 @@ class MySQL(Engine):
     database = DATABASE
     username = USERNAME
     local_programs = ("mariadbd", "mariadb-install-db")
-    image = "mysql:8.4"
+    image = "mariadb:10.11"  # the major version of Debian bookworm's mariadbd, which the engine is tested on
     container_port = 3306
     connection_fields = {
         "host": str,
@@ -97,7 +97,7 @@ class MySQL(Engine):
         return {}
 
     def memory_limit(self, options: dict[str, Any]) -> int:
-        # A 16 MB buffer pool plus per-connection buffers; official MySQL 8.4 needs the headroom.
+        # A 16 MB buffer pool plus per-connection buffers (each session capped in my.cnf).
         return 512 * 1024 * 1024
 
     # Running a server ------------------------------------------------------------------
@@ -124,8 +124,10 @@ class MySQL(Engine):
             log=data / "server.log",
             pid=PurePosixPath("/run/mysqld/mysqld.pid"),
             socket=PurePosixPath("/run/mysqld/mysqld.sock"),
-            files=PurePosixPath("/var/lib/mysql-files"),
-            tmp=PurePosixPath("/tmp"),  # the container's own
+            # The container's own /tmp: the official image has no /var/lib/mysql-files, and MariaDB
+            # will not start when secure_file_priv names a missing folder.
+            files=PurePosixPath("/tmp"),
+            tmp=PurePosixPath("/tmp"),
             acl=PurePosixPath("/dev/null"),  # MySQL keeps its accounts in its data
         )
 
@@ -227,16 +229,14 @@ class MySQL(Engine):
         )
         try:
             with connection.cursor() as cursor:
-                cursor.execute("SELECT VERSION()")
-                version = cursor.fetchone()
-                if version and "MariaDB" in version[0]:
-                    # The hashed form keeps the plaintext out of the binary log.
-                    cursor.execute(
-                        f"ALTER USER '{instance.username}'@'%%' IDENTIFIED BY PASSWORD %s",
-                        [native_password_hash(password)],
-                    )
-                else:  # MySQL writes only the hash to its binary log
-                    cursor.execute(f"ALTER USER '{instance.username}'@'%%' IDENTIFIED BY %s", [password])
+                # The hashed form keeps the plaintext out of the binary log.
+                cursor.execute(
+                    f"ALTER USER '{instance.username}'@'%%' IDENTIFIED BY PASSWORD %s",
+                    [native_password_hash(password)],
+                )
+                # A session keeps working after its password changes; end those opened with the
+                # old one. The portal's own (root) session is another user's.
+                cursor.execute(f"KILL CONNECTION USER '{instance.username}'@'%'")
         finally:
             connection.close()
 

@@ -32,6 +32,49 @@ NO_RETRY = Retry(NoBackoff(), 0)
 ADMIN_TIMEOUT = 10  # seconds; an administrative command that takes longer has failed
 CONFIG_DIR = PurePosixPath("/usr/local/etc/redis")  # in the official image
 
+# The tenant's ACL rule, read left to right: everything that is not @dangerous; then what
+# applications and their client libraries use that Redis files under @dangerous; then, last so
+# that nothing above can add them back, what opens connections to other servers, loads raw
+# payloads, replicates or watches every command. CLIENT SETNAME, ID, INFO and (from Redis 7.2)
+# SETINFO are @connection, not @dangerous, so `+@all` already grants them; naming SETINFO would
+# make Redis 7.0, which lacks it, refuse the whole ACL file ("Unknown command"). On 7.0 it answers
+# "unknown subcommand", which client libraries ignore.
+TENANT_RULE = (
+    "+@all",
+    "-@dangerous",
+    # Data and cache commands: own data only, whatever they cost.
+    "+keys",
+    "+flushdb",
+    "+flushall",
+    "+swapdb",
+    "+sort",
+    "+sort_ro",
+    # What clients and dashboards read about the server.
+    "+info",
+    "+config|get",
+    "+slowlog|get",
+    "+slowlog|len",
+    "+role",
+    "+lastsave",
+    # Never, whatever the categories above say: what connects to any host and port and writes
+    # there (the portal's Celery broker, say),
+    "-migrate",
+    # loads raw serialized payloads,
+    "-restore",
+    "-restore-asking",
+    "-function|restore",
+    # debugs, loads code or replicates,
+    "-debug",
+    "-module",
+    "-sync",
+    "-psync",
+    "-replconf",
+    "-replicaof",
+    "-slaveof",
+    # or sees every client's commands.
+    "-monitor",
+)
+
 
 def acl_password_hash(password: str) -> str:
     """The `#<sha256>` form of an ACL password: the plaintext never reaches the disk."""
@@ -45,7 +88,7 @@ class Redis(Engine):
     config_name = "redis.conf"
     username = USERNAME
     local_programs = ("redis-server",)
-    image = "redis:7.4"
+    image = "redis:7.0"  # the major version of Debian bookworm's redis-server, which the engine is tested on
     container_port = 6379
     connection_fields = {
         "host": str,
@@ -138,9 +181,10 @@ class Redis(Engine):
         )
 
     def acl_lines(self, instance: "Instance", password: str) -> str:
-        """The user may do anything to data but not administer the server; the portal may."""
+        """The user may do anything to its data but not reach outside the server or administer
+        it (TENANT_RULE); the portal's own user may do everything."""
         return (
-            f"user {USERNAME} on {acl_password_hash(password)} ~* &* +@all -@admin +config|get\n"
+            f"user {USERNAME} on {acl_password_hash(password)} ~* &* {' '.join(TENANT_RULE)}\n"
             f"user {ADMIN_USERNAME} on {acl_password_hash(instance.admin_password)} ~* &* +@all\n"
         )
 
@@ -151,7 +195,8 @@ class Redis(Engine):
         self.reload_acl(instance, admin)
 
     def reload_acl(self, instance: "Instance", admin: Endpoint) -> None:
-        """Make the server read its ACL file again, as the portal's own user."""
+        """Make the server read its ACL file again, as the portal's own user, and end the user's
+        sessions: Redis keeps a connection logged in under the old password otherwise."""
         client = redis.Redis(
             host=admin.host,
             port=admin.port,
@@ -162,6 +207,7 @@ class Redis(Engine):
         )
         try:
             client.acl_load()
+            client.client_kill_filter(user=USERNAME)
         finally:
             client.close()
 
