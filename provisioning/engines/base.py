@@ -206,7 +206,8 @@ class Engine:
     # Administration and logins ---------------------------------------------------------
 
     def set_password(self, instance: "Instance", password: str, *, admin: Endpoint, write: WriteFile) -> None:
-        """Give the user `password` on the running server; the old one must stop working.
+        """Give the user `password` on the running server; the old one must stop working, and
+        sessions opened with it are ended.
 
         `admin` is where the portal's own account reaches the server; `write` replaces one of the
         instance's files where the server reads it.
