@@ -11,6 +11,8 @@ from typing import Any
 _SIZE = re.compile(r"\s*(\d{1,15})\s*(b|k|kb|m|mb|g|gb)?\s*", re.IGNORECASE)
 # Redis's own unit rules: "k" is 1000, "kb" is 1024.
 _UNITS = {"b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
+MiB = 1024**2
+GiB = 1024**3
 
 
 class OptionError(ValueError):
@@ -30,10 +32,20 @@ def parse_size(value: Any) -> int:
 
 
 def format_size(value: int) -> str:
+    """The exact size in the form options accept: "256mb", or bytes."""
     for unit in ("gb", "mb", "kb"):
         if value and value % _UNITS[unit] == 0:
             return f"{value // _UNITS[unit]}{unit}"
     return str(value)
+
+
+def describe_size(value: int) -> str:
+    """A size for people, rounded: "80 MiB", "11.9 GiB"."""
+    if value >= GiB:
+        return f"{value / GiB:.1f} GiB"
+    if value >= MiB:
+        return f"{value / MiB:.0f} MiB"
+    return f"{value} bytes"
 
 
 @dataclass(frozen=True)
@@ -85,3 +97,21 @@ class Option:
         if isinstance(value, bool) or not isinstance(value, int):
             raise OptionError(f"{value!r} is not an integer.")
         return value
+
+
+def disk_option(*, min_value: int, help_text: str = "") -> Option:
+    """The `disk` option every engine offers: the most its data, logs and temporary files may take.
+
+    The backend enforces it (the local backend with a filesystem of that size per instance);
+    engines choose the least a server can start with.
+    """
+    return Option(
+        "disk",
+        "Disk space",
+        "Bytes for data, logs and temporary files, or a size such as '10gb' (units: b, kb, mb, gb); "
+        "writes beyond it fail." + (f" {help_text}" if help_text else ""),
+        kind="size",
+        default=1 * GiB,
+        min_value=min_value,
+        max_value=64 * GiB,
+    )

@@ -165,9 +165,22 @@ class Engine:
         """Rules that involve several options; may fill in dependent defaults."""
         return {}
 
+    def memory_reservation(self, options: dict[str, Any]) -> int:
+        """Bytes a server with these options is expected to use: idle, with its buffers, caches
+        and data (e.g. Redis's maxmemory) full. Never more than memory_limit(options).
+
+        The portal admits a create or start only while the reservations of running instances fit
+        STOCKROOM_MEMORY_BUDGET and the owner's STOCKROOM_MEMORY_QUOTA, so it is a promise that
+        several servers can keep at once, not a worst case.
+        """
+        raise NotImplementedError("Engines must say how much memory a server is expected to use.")
+
     def memory_limit(self, options: dict[str, Any]) -> int:
-        """Bytes a server with these options may use (a container's memory limit)."""
-        raise NotImplementedError("Engines must say how much memory a server needs.")
+        """Bytes a server with these options may use at most: the kernel's limit (a cgroup, a
+        container's memory limit), past which it is killed. Limits may add up to more than the
+        host has (overcommit); reservations may not.
+        """
+        raise NotImplementedError("Engines must say how much memory a server may use.")
 
     # Files -----------------------------------------------------------------------------
 

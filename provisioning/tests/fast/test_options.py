@@ -17,6 +17,7 @@ def test_mysql_defaults():
         "charset": "utf8mb4",
         "collation": "utf8mb4_general_ci",
         "binlog_format": "ROW",
+        "disk": 1024**3,
     }
 
 
@@ -36,6 +37,7 @@ def test_redis_defaults():
         "maxmemory_policy": "noeviction",
         "maxclients": 1000,
         "appendfsync": "everysec",
+        "disk": 1024**3,
     }
 
 
@@ -43,3 +45,47 @@ def test_it_collects_every_error_at_once():
     with pytest.raises(OptionErrors) as caught:
         get_engine("redis").clean_options({"maxclients": 0, "appendfsync": "sometimes", "colour": "red"})
     assert set(caught.value.errors) == {"maxclients", "appendfsync", "colour"}
+
+
+@pytest.mark.parametrize("kind", ["mysql", "redis"])
+@pytest.mark.parametrize(("disk", "hint"), [("100gb", "to 64gb"), (1024, "to 64gb"), ("lots", "units: b, kb")])
+def test_disk_has_a_minimum_and_a_maximum(kind, disk, hint):
+    with pytest.raises(OptionErrors) as caught:
+        get_engine(kind).clean_options({"disk": disk})
+    assert hint in caught.value.errors["disk"]
+
+
+def test_redis_disk_holds_twice_maxmemory():
+    """The append-only file can be as big as the data, and a rewrite writes a second one."""
+    redis = get_engine("redis")
+    with pytest.raises(OptionErrors) as caught:
+        redis.clean_options({"maxmemory": "1gb", "disk": "1gb"})
+    assert caught.value.errors == {
+        "disk": "1gb is too small for maxmemory 1gb; allowed: at least twice maxmemory (2gb)."
+    }
+    assert redis.clean_options({"maxmemory": "1gb", "disk": "2gb"})["disk"] == 2 * 1024**3
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("mysql", {}),
+        ("mysql", {"disk": "64gb"}),
+        ("redis", {}),
+        ("redis", {"maxmemory": "1mb"}),
+        ("redis", {"maxmemory": "4gb", "disk": "8gb"}),
+    ],
+)
+def test_a_reservation_is_never_above_the_limit(kind, options):
+    engine = get_engine(kind)
+    cleaned = engine.clean_options(options)
+    assert 0 < engine.memory_reservation(cleaned) <= engine.memory_limit(cleaned)
+
+
+def test_a_redis_reserves_its_maxmemory_and_the_server_itself():
+    redis = get_engine("redis")
+    small, big = (
+        redis.memory_reservation(redis.clean_options({"maxmemory": size, "disk": "2gb"})) for size in ("64mb", "1gb")
+    )
+    assert small > 64 * 1024**2
+    assert big - small == 1024**3 - 64 * 1024**2
