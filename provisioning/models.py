@@ -3,7 +3,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from .fields import EncryptedTextField
@@ -24,8 +24,12 @@ class Status(models.TextChoices):
 
 
 # Statuses in which an instance holds resources: a port, a directory, maybe a process.
-# A failed instance gives up its port; a deleted one keeps only its history.
+# A failed instance gives up its port (and may keep its data: see Instance.holds_data); a deleted
+# one keeps only its history.
 LIVE_STATUSES = tuple(status for status in Status if status not in (Status.FAILED, Status.DELETED))
+# Statuses in which an instance's server runs or may run at any moment, so its memory reservation
+# counts against the budget and its owner's quota: a stopped one reserves none until it starts.
+RESERVING_STATUSES = tuple(status for status in LIVE_STATUSES if status != Status.STOPPED)
 # Statuses in which a worker is (or should be) busy with the instance.
 BUSY_STATUSES = (
     Status.PROVISIONING,
@@ -45,6 +49,14 @@ class InstanceQuerySet(models.QuerySet["Instance"]):
     def live(self) -> "InstanceQuerySet":
         return self.filter(status__in=LIVE_STATUSES)
 
+    def holding_data(self) -> "InstanceQuerySet":
+        """What the count quota counts: every live instance, and every failed one that kept its data."""
+        return self.filter(Q(status__in=LIVE_STATUSES) | Q(status=Status.FAILED, holds_data=True))
+
+    def reserving_memory(self) -> "InstanceQuerySet":
+        """What the memory budget and quotas count: every instance whose server runs or may run."""
+        return self.filter(status__in=RESERVING_STATUSES)
+
 
 class Instance(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="instances")
@@ -60,6 +72,20 @@ class Instance(models.Model):
     password = EncryptedTextField()
     admin_password = EncryptedTextField(help_text="The portal's own account on the instance.")
     options = models.JSONField(default=dict)
+    # The engine's, for these options, set by create_instance (0 only in rows made without it).
+    memory_reservation = models.PositiveBigIntegerField(
+        default=0, help_text="Bytes the server is expected to use; counted against the memory budget and quota."
+    )
+    memory_limit = models.PositiveBigIntegerField(
+        default=0, help_text="Bytes the server may use at most (the kernel's limit)."
+    )
+    # True from the create until the backend has removed the instance's data: a failed create
+    # whose leftovers were removed, or a delete. It matters for failed instances: one that kept
+    # its data (the healer gave up on it; a delete or a clean-up failed) still counts against the
+    # quota, one whose data is gone does not. See InstanceQuerySet.holding_data().
+    holds_data = models.BooleanField(
+        default=True, help_text="Its data may still exist on the backend; it counts against the owner's quota."
+    )
     # Health: restarts tried since the instance last answered, and when to try the next one.
     restart_attempts = models.PositiveIntegerField(default=0)
     next_restart_at = models.DateTimeField(null=True, blank=True)
@@ -109,6 +135,9 @@ class Instance(models.Model):
             models.CheckConstraint(
                 condition=Q(port__isnull=False) | Q(status__in=[Status.FAILED, Status.DELETING, Status.DELETED]),
                 name="port_is_set_until_failure",
+            ),
+            models.CheckConstraint(
+                condition=Q(memory_reservation__lte=F("memory_limit")), name="reservation_within_limit"
             ),
         ]
 
@@ -226,3 +255,13 @@ class Heartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}, last finished {self.beat_at or 'never'}"
+
+
+class Lock(models.Model):
+    """A row that transactions lock in turn (SELECT … FOR UPDATE), for checks that must not race
+    across rows, such as the memory budget of the whole host. See services/capacity.py."""
+
+    name = models.CharField(max_length=32, primary_key=True)
+
+    def __str__(self) -> str:
+        return self.name
