@@ -33,8 +33,9 @@ RUN_AS = "stockroom"  # instance and baseline servers run as this user when we a
 
 
 def environment(*, database_url: str | None = None) -> dict[str, str]:
-    """The portal's settings for the bench stack: its own DATA_DIR, database, ports and a high
-    quota, whatever `.env` says. Keys are random per run: every run starts from an empty database.
+    """The portal's settings for the bench stack: its own DATA_DIR, database, ports, and quotas
+    and a memory budget high enough for the reconcile measurement's 200 idle instances, whatever
+    `.env` says. Keys are random per run: every run starts from an empty database.
     """
     return os.environ | {
         "DJANGO_SETTINGS_MODULE": "portal.settings",
@@ -46,6 +47,8 @@ def environment(*, database_url: str | None = None) -> dict[str, str]:
         "CELERY_TASK_ALWAYS_EAGER": "False",
         "STOCKROOM_PORT_RANGE": f"{PORT_RANGE[0]},{PORT_RANGE[1]}",
         "STOCKROOM_QUOTA": "1000",
+        "STOCKROOM_MEMORY_QUOTA": "1024gb",
+        "STOCKROOM_MEMORY_BUDGET": "1024gb",
         "DATABASE_URL": database_url or f"sqlite:///{DATA_DIR / 'portal.sqlite3'}",
         "STOCKROOM_BACKEND": "local",
         "LOG_LEVEL": "WARNING",

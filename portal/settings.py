@@ -241,7 +241,41 @@ STOCKROOM_PUBLIC_HOST = env.str("STOCKROOM_PUBLIC_HOST", default="127.0.0.1")
 STOCKROOM_PORT_RANGE = tuple(env.list("STOCKROOM_PORT_RANGE", cast=int, default=[20000, 29999]))
 if len(STOCKROOM_PORT_RANGE) != 2 or not 1024 <= STOCKROOM_PORT_RANGE[0] <= STOCKROOM_PORT_RANGE[1] <= 65535:
     raise ImproperlyConfigured("STOCKROOM_PORT_RANGE must be 'first,last' within 1024..65535.")
-STOCKROOM_QUOTA = env.int("STOCKROOM_QUOTA", default=10)
+STOCKROOM_QUOTA = env.int("STOCKROOM_QUOTA", default=10)  # instances holding data, per user
+
+
+def _host_memory() -> int:
+    """Bytes of memory this host has (MemTotal)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _memory_size(name: str, default: str) -> int:
+    """Bytes from a size such as "16gb" (the units of Redis-style options), or "NN%" of the host's memory."""
+    from provisioning.options import OptionError, parse_size  # no Django in it: safe while settings load
+
+    value = env.str(name, default=default).strip()
+    try:
+        if value.endswith("%"):
+            size = _host_memory() * float(value[:-1]) // 100
+        else:
+            size = parse_size(value)
+    except (OptionError, ValueError):
+        raise ImproperlyConfigured(f"{name}={value!r}: expected a size such as '16gb' or a share like '75%'.") from None
+    if size <= 0:
+        raise ImproperlyConfigured(f"{name}={value!r} leaves no memory for any instance.")
+    return int(size)
+
+
+# Memory is counted in the reservations of instances that run or may run (see services/capacity.py):
+# all of them together within the host's budget, each user's within their quota.
+STOCKROOM_MEMORY_BUDGET = _memory_size("STOCKROOM_MEMORY_BUDGET", "75%")
+STOCKROOM_MEMORY_QUOTA = _memory_size("STOCKROOM_MEMORY_QUOTA", "4gb")
 STOCKROOM_START_TIMEOUT = env.float("STOCKROOM_START_TIMEOUT", default=30.0)
 # How long a worker may hold an instance before another may take over (it died, say).
 STOCKROOM_CLAIM_SECONDS = env.float("STOCKROOM_CLAIM_SECONDS", default=STOCKROOM_START_TIMEOUT * 2 + 30)

@@ -2,6 +2,7 @@ from django.contrib import admin, messages
 
 from . import services
 from .models import Instance, InstanceEvent, Orphan, Webhook, WebhookDelivery
+from .options import describe_size
 
 
 class InstanceEventInline(admin.TabularInline):
@@ -13,12 +14,23 @@ class InstanceEventInline(admin.TabularInline):
 
 @admin.register(Instance)
 class InstanceAdmin(admin.ModelAdmin):
-    list_display = ["id", "kind", "name", "owner", "status", "host", "port", "backend", "created_at"]
-    list_filter = ["kind", "status", "backend", "owner"]
+    list_display = [
+        "id", "kind", "name", "owner", "status", "host", "port", "backend",
+        "reservation", "limit", "holds_data", "created_at",
+    ]  # fmt: skip
+    list_filter = ["kind", "status", "backend", "holds_data", "owner"]
     actions = ["restart_instances", "stop_instances", "start_instances", "delete_instances"]
     search_fields = ["name", "owner__username", "port"]
     exclude = ["password", "admin_password"]
     inlines = [InstanceEventInline]
+
+    @admin.display(description="memory reserved", ordering="memory_reservation")
+    def reservation(self, instance: Instance) -> str:
+        return describe_size(instance.memory_reservation)
+
+    @admin.display(description="memory limit", ordering="memory_limit")
+    def limit(self, instance: Instance) -> str:
+        return describe_size(instance.memory_limit)
 
     def get_readonly_fields(self, request, obj=None):
         # Every change goes through the services (the actions above), so nothing is edited here.
@@ -55,7 +67,7 @@ class InstanceAdmin(admin.ModelAdmin):
             try:
                 service(instance)
                 done += 1
-            except services.WrongStatus as exc:
+            except (services.WrongStatus, services.QuotaExceeded, services.NoCapacity) as exc:
                 refused.append(f"{instance.name}: {exc}")
         self.message_user(request, f"Asked the worker to {verb} {done} instance(s).")
         if refused:

@@ -41,7 +41,7 @@ def create(request, kind: str):
         except ValidationError as exc:
             for field, errors in exc.message_dict.items():
                 form.add_error(field if field in form.fields else None, errors)
-        except (services.QuotaExceeded, services.NoFreePort) as exc:
+        except (services.QuotaExceeded, services.NoCapacity) as exc:
             form.add_error(None, str(exc))
         else:
             return redirect("instance", pk=instance.pk)
@@ -87,7 +87,7 @@ def act(request, pk: int, action: str):
     instance = _my_instance(request, pk)
     try:
         services.request_action(instance=instance, action=action, by=request.user)
-    except services.WrongStatus as exc:
+    except (services.WrongStatus, services.QuotaExceeded, services.NoCapacity) as exc:
         messages.error(request, str(exc))
     return redirect("instance", pk=instance.pk)
 

@@ -18,6 +18,8 @@ class InstanceSerializer(serializers.ModelSerializer):
             "host",
             "port",
             "options",
+            "memory_reservation",
+            "memory_limit",
             "timings",
             "created_at",
             "updated_at",

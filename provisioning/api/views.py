@@ -157,6 +157,6 @@ def exception_handler(exc, context):
         exc = exceptions.PermissionDenied(str(exc), code="quota_exceeded")
     elif isinstance(exc, services.WrongStatus):
         return Response({"detail": str(exc), "status": exc.instance.status}, status=status.HTTP_409_CONFLICT)
-    elif isinstance(exc, services.NoFreePort):
+    elif isinstance(exc, services.NoCapacity):  # no memory or no port left on the host
         return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
     return drf_exception_handler(exc, context)

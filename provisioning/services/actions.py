@@ -15,6 +15,9 @@ class Action:
     done: Status
     done_message: str
     button: str = ""  # the label on pages, if not the title
+    # Whether it takes an instance from reserving no memory to reserving it, so it must fit the
+    # budget and the owner's quota first (services/capacity.py).
+    reserves_memory: bool = False
 
     @property
     def label(self) -> str:
@@ -23,7 +26,9 @@ class Action:
 
 ACTIONS = {
     "stop": Action("Stop", (Status.RUNNING, Status.UNHEALTHY), Status.STOPPING, Status.STOPPED, "Stopped; data kept."),
-    "start": Action("Start", (Status.STOPPED,), Status.STARTING, Status.RUNNING, "Started; a login succeeded."),
+    "start": Action(
+        "Start", (Status.STOPPED,), Status.STARTING, Status.RUNNING, "Started; a login succeeded.", reserves_memory=True
+    ),
     "restart": Action(
         "Restart",
         (Status.RUNNING, Status.UNHEALTHY),

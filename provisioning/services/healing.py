@@ -110,7 +110,8 @@ def _heal(instance: Instance, backend: BaseBackend) -> None:
 
 
 def _give_up(instance: Instance, backend: BaseBackend) -> None:
-    """Stop trying: no process and no port are held any more; the data stays until deleted."""
+    """Stop trying: no process and no port are held any more; the data stays until deleted, and
+    counts against the owner's quota until then (holds_data stays True)."""
     reason = instance.status_message
     trouble = stop_quietly(instance, backend)
     transition(

@@ -1,5 +1,6 @@
-"""The request side: what the API, pages and admin call. Validate, check the quota, reserve,
-record, and queue the job for a worker once the transaction commits."""
+"""The request side: what the API, pages and admin call. Validate, check the quotas and the
+host's room (services/capacity.py), reserve, record, and queue the job for a worker once the
+transaction commits."""
 
 import logging
 import re
@@ -7,7 +8,6 @@ import secrets
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
@@ -16,8 +16,9 @@ from .. import crypto
 from ..backends.base import BaseBackend, get_backend
 from ..engines import OptionErrors, get_engine
 from ..models import Instance, Status
-from . import jobs
+from . import capacity, jobs
 from .actions import ACTIONS, DELETABLE
+from .capacity import NoCapacity, QuotaExceeded
 from .claims import Busy
 from .state import Side, record_event, transition
 
@@ -25,10 +26,6 @@ logger = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,39}")
 NAME_RULE = "1 to 40 characters: lower-case letters, digits and hyphens, starting with a letter."
-
-
-class QuotaExceeded(Exception):
-    pass
 
 
 class WrongStatus(Exception):
@@ -39,14 +36,15 @@ class WrongStatus(Exception):
         self.instance = instance
 
 
-class NoFreePort(Exception):
-    pass
+class NoFreePort(NoCapacity):
+    """Every port in STOCKROOM_PORT_RANGE is taken."""
 
 
 def create_instance(*, owner: User, kind: str, options: dict[str, Any], name: str | None = None) -> Instance:
     """Validate, reserve a port and record the instance; a worker starts it after commit.
 
-    Raises ValidationError (bad name or options), QuotaExceeded or NoFreePort.
+    Raises ValidationError (bad name or options), QuotaExceeded (a quota of the owner's, 403) or
+    NoCapacity (no room on the host: memory or ports, 503).
     """
     engine = get_engine(kind)
     try:
@@ -56,16 +54,13 @@ def create_instance(*, owner: User, kind: str, options: dict[str, Any], name: st
     if name is not None and not NAME_PATTERN.fullmatch(name):
         raise ValidationError({"name": f"{name!r} is not a valid name; use {NAME_RULE}"})
     backend = get_backend()
+    reservation = engine.memory_reservation(cleaned)
 
     with transaction.atomic():
-        # One create at a time per user, so the quota and name checks cannot race.
-        get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
-        live = Instance.objects.filter(owner=owner).live().count()
-        if live >= settings.STOCKROOM_QUOTA:
-            raise QuotaExceeded(
-                f"Quota reached: you have {live} live instances and the limit is {settings.STOCKROOM_QUOTA}. "
-                "Delete one first."
-            )
+        # The quota, name and memory checks cannot race with another create or a start.
+        capacity.hold(owner)
+        capacity.check_count(owner)
+        capacity.check_memory(owner, reservation, what=f"a new {engine.label} instance")
         name = name or f"{kind}-{secrets.token_hex(3)}"
         if Instance.objects.visible().filter(owner=owner, kind=kind, name=name).exists():
             raise ValidationError({"name": f"You already have a {kind} instance named {name!r}."})
@@ -76,6 +71,8 @@ def create_instance(*, owner: User, kind: str, options: dict[str, Any], name: st
             backend=backend.alias,
             host=backend.public_host,
             options=cleaned,
+            memory_reservation=reservation,
+            memory_limit=engine.memory_limit(cleaned),
             status_message="Waiting for a worker to start the server.",
             password=crypto.generate_password(),
             admin_password=crypto.generate_password(),
@@ -130,13 +127,29 @@ def delete_instance(*, instance: Instance, by: object) -> Instance:
 def request_action(*, instance: Instance, action: str, by: object) -> Instance:
     """Mark the instance busy with `action`; a worker carries it out after commit.
 
-    Raises WrongStatus when the instance's status does not allow the action.
+    Raises WrongStatus when the instance's status does not allow the action; for a start,
+    QuotaExceeded or NoCapacity when its memory reservation does not fit.
     """
     spec = ACTIONS[action]
     previous = Status(instance.status)
-    if not transition(
-        instance, spec.busy, f"{spec.title} requested by {by}.", side=Side.REQUEST, allowed_from=spec.allowed_from
-    ):
+    try:
+        with transaction.atomic():
+            if spec.reserves_memory:
+                capacity.hold(instance.owner)
+            moved = transition(
+                instance,
+                spec.busy,
+                f"{spec.title} requested by {by}.",
+                side=Side.REQUEST,
+                allowed_from=spec.allowed_from,
+            )
+            if moved and spec.reserves_memory:  # a refusal rolls the transition back
+                needs = instance.memory_reservation
+                capacity.check_memory(instance.owner, needs, what=instance.name, excluding=instance)
+    except (QuotaExceeded, NoCapacity):
+        instance.refresh_from_db()
+        raise
+    if not moved:
         instance.refresh_from_db()
         raise WrongStatus(instance, action.replace("-", " "))
     transaction.on_commit(lambda: _enqueue("perform_action", instance, action, revert_to=previous))

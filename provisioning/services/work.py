@@ -53,13 +53,24 @@ def _provision(instance: Instance, backend: BaseBackend) -> None:
 
 
 def _fail(instance: Instance, backend: BaseBackend, what: str, exc: Exception) -> None:
+    """A create (or a delete given up) ends failed, its leftovers removed: then it holds no data
+    and leaves the owner's quota; what could not be removed keeps counting until it is deleted."""
     message = describe(what, instance, exc)
     try:
         backend.destroy(instance)
+        removed = True
     except Exception as cleanup:  # the status says so; an operator cleans up
         logger.exception("Cleanup failed for instance %s", instance.pk)
         message += f" Cleaning up also failed ({cleanup}); an operator must remove what is left."
-    transition(instance, Status.FAILED, message, side=Side.WORKER, allowed_from=(Status.PROVISIONING, Status.DELETING))
+        removed = False
+    transition(
+        instance,
+        Status.FAILED,
+        message,
+        side=Side.WORKER,
+        allowed_from=(Status.PROVISIONING, Status.DELETING),
+        also={"holds_data": not removed},
+    )
     logger.warning("Instance %s failed: %s", instance.pk, message)
 
 
@@ -76,7 +87,9 @@ def _deprovision(instance: Instance, backend: BaseBackend) -> None:
         backend.destroy(instance)
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
         message = describe("Delete failed", instance, exc) + " Try deleting again."
-        transition(instance, Status.FAILED, message, side=Side.WORKER, allowed_from=(Status.DELETING,))
+        # Whatever the destroy left may be data: it keeps counting against the quota.
+        kept = {"holds_data": True}
+        transition(instance, Status.FAILED, message, side=Side.WORKER, allowed_from=(Status.DELETING,), also=kept)
         return
     transition(
         instance,
@@ -84,6 +97,7 @@ def _deprovision(instance: Instance, backend: BaseBackend) -> None:
         f"Stopped and removed; port {instance.port} released.",
         side=Side.WORKER,
         allowed_from=(Status.DELETING,),
+        also={"holds_data": False},
     )
     logger.info("Instance %s deleted", instance.pk)
 
