@@ -1,12 +1,23 @@
-from drf_spectacular.extensions import OpenApiSerializerFieldExtension
-from rest_framework import serializers
+import re
+from functools import cache
 
-from ..engines import engines, get_engine
+from rest_framework import serializers
+from rest_framework.fields import empty
+from rest_framework.utils import html
+
+from .. import services
+from ..engines import Engine
 from ..models import DeliveryStatus, Instance, Webhook, WebhookDelivery
-from ..options import Option
+from ..options import Option, format_size
+
+
+class KindField(serializers.CharField):
+    """An instance's kind; the schema lists the registered kinds (see schema.py)."""
 
 
 class InstanceSerializer(serializers.ModelSerializer):
+    kind = KindField(read_only=True)
+
     class Meta:
         model = Instance
         fields = [
@@ -40,71 +51,120 @@ class EventSerializer(serializers.Serializer):
         }
 
 
-class OptionField(serializers.Field):
-    """Documents one engine option; values are validated by the option itself in the service."""
+class ShapingField:
+    """Shapes one engine option's input; the engine validates the value, once, in the service.
+
+    Absent means the default, and so does null (documented as nullable). An HTML form sends
+    every field, so a blank one counts as absent.
+    """
 
     def __init__(self, option: Option, **kwargs):
         self.option = option
-        super().__init__(required=False, help_text=option.help_text, label=option.label, **kwargs)
+        kwargs.setdefault("initial", option.default)
+        kwargs.setdefault("help_text", option.help_text)
+        super().__init__(required=False, allow_null=True, label=option.label, **kwargs)
 
-    def to_internal_value(self, data):
+    def run_validation(self, data=empty):
+        is_empty, data = self.validate_empty_values(data)
+        if is_empty:
+            return data
+        return self.shape(data, from_form=html.is_html_input(self.root.initial_data))
+
+    def shape(self, data, *, from_form: bool):
         return data
+
+
+class ChoiceOptionField(ShapingField, serializers.ChoiceField):
+    def __init__(self, option: Option):
+        super().__init__(option, choices=option.choices)
+
+
+def _with_range(option: Option) -> str:
+    return f"{option.help_text} Allowed: {option.describe_range()}."
+
+
+class IntegerOptionField(ShapingField, serializers.IntegerField):
+    def __init__(self, option: Option):
+        super().__init__(option, help_text=_with_range(option))
+
+    def shape(self, data, *, from_form: bool):
+        # A form sends text; JSON keeps its own types, so "100" there stays text and is refused.
+        if from_form and isinstance(data, str) and re.fullmatch(r"\s*-?[0-9]{1,15}\s*", data):
+            return int(data)
+        return data
+
+
+class SizeOptionField(ShapingField, serializers.Field):
+    """Bytes as an integer, or a size string such as "256mb"; a text box in the browsable API."""
+
+    def __init__(self, option: Option):
+        initial = format_size(option.default) if option.default is not None else None
+        super().__init__(option, initial=initial, help_text=_with_range(option))
 
     def to_representation(self, value):
         return value
 
 
-class OptionFieldSchema(OpenApiSerializerFieldExtension):
-    target_class = OptionField
+class NameField(serializers.CharField):
+    """The instance's name; null, absent or (from a form) blank gives a generated one.
 
-    def map_serializer_field(self, auto_schema, direction):
-        option = self.target.option
-        if option.kind == "choice":
-            schema = {"type": "string", "enum": list(option.choices)}
-        elif option.kind == "size":
-            schema = {
-                "oneOf": [
-                    {"type": "integer", "minimum": option.min_value, "maximum": option.max_value},
-                    {"type": "string", "example": "256mb"},
-                ]
-            }
-        else:
-            schema = {"type": "integer", "minimum": option.min_value, "maximum": option.max_value}
-        if option.default is not None:
-            schema["default"] = option.default
-        return {**schema, "description": option.help_text}
+    The service checks the pattern; JSON must send a string, as it always had to.
+    """
 
+    def __init__(self):
+        super().__init__(
+            required=False,
+            allow_null=True,
+            max_length=40,
+            help_text="Defaults to '<kind>-<6 hex digits>'. " + services.NAME_RULE,
+        )
 
-def _create_serializer(kind: str) -> type[serializers.Serializer]:
-    fields = {option.name: OptionField(option) for option in get_engine(kind).options}
-    fields["name"] = serializers.CharField(required=False, help_text="Defaults to '<kind>-<6 hex digits>'.")
-    return type(f"{kind.capitalize()}CreateSerializer", (serializers.Serializer,), fields)
+    def run_validation(self, data=empty):
+        is_empty, data = self.validate_empty_values(data)
+        if is_empty:
+            return data
+        if not isinstance(data, str):
+            raise serializers.ValidationError(f"Expected a string, got {type(data).__name__}.")
+        return data
 
 
-CREATE_SERIALIZERS = {kind: _create_serializer(kind) for kind in engines()}
+OPTION_FIELDS = {"choice": ChoiceOptionField, "int": IntegerOptionField, "size": SizeOptionField}
 
 
-class MySQLConfigSerializer(serializers.Serializer):
-    host = serializers.CharField()
-    port = serializers.IntegerField()
-    database = serializers.CharField()
-    username = serializers.CharField()
-    password = serializers.CharField()
-    charset = serializers.CharField()
-    collation = serializers.CharField()
-    binlog_format = serializers.CharField()
-    uri = serializers.CharField()
+class CreateInstanceSerializer(serializers.Serializer):
+    """Base of each engine's create serializer: its options and a name.
+
+    Keys that are not fields are passed on too, so the engine names them as unknown options.
+    """
+
+    engine: Engine
+    default_error_messages = {"invalid": "Expected a JSON object of options."}
+
+    def to_internal_value(self, data):
+        shaped = super().to_internal_value(data)
+        ignored = {"csrfmiddlewaretoken"} if html.is_html_input(data) else set()  # the browsable API's form
+        unknown = {key: data.get(key) for key in data if key not in self.fields and key not in ignored}
+        return {**unknown, **shaped}
 
 
-class RedisConfigSerializer(serializers.Serializer):
-    host = serializers.CharField()
-    port = serializers.IntegerField()
-    password = serializers.CharField()
-    maxmemory = serializers.IntegerField()
-    maxmemory_policy = serializers.CharField()
-    maxclients = serializers.IntegerField()
-    appendfsync = serializers.CharField()
-    uri = serializers.CharField()
+@cache
+def create_serializer(engine: Engine) -> type[CreateInstanceSerializer]:
+    """The create serializer for one engine, built from its options once per engine object."""
+    fields = {option.name: OPTION_FIELDS[option.kind](option) for option in engine.options}
+    fields["name"] = NameField()
+    return type(
+        f"{engine.kind.capitalize()}CreateSerializer", (CreateInstanceSerializer,), {"engine": engine, **fields}
+    )
+
+
+@cache
+def config_serializer(engine: Engine) -> type[serializers.Serializer]:
+    """Describes `engine.connection()`'s answer, field by field, for the schema."""
+    fields = {
+        name: serializers.IntegerField() if python_type is int else serializers.CharField()
+        for name, python_type in engine.connection_fields.items()
+    }
+    return type(f"{engine.kind.capitalize()}ConfigSerializer", (serializers.Serializer,), fields)
 
 
 class WebhookSerializer(serializers.ModelSerializer):

@@ -3,46 +3,55 @@ from rest_framework.authtoken.views import obtain_auth_token
 
 from .views import InstanceViewSet, WebhookViewSet
 
-# Trailing slashes are optional on every path.
+# Any kind fits the pattern; InstanceViewSet answers 404 for one no engine is registered for,
+# so a new engine needs no new URLs. Trailing slashes are optional on every path.
+INSTANCES = r"^storage/(?P<kind>[a-z0-9]+)/instances"
+
 urlpatterns = [
     re_path(r"^auth/token/?$", obtain_auth_token, name="api-token"),
     re_path(
-        r"^storage/(?P<kind>mysql|redis)/instances/?$",
-        InstanceViewSet.as_view({"get": "list", "post": "create"}),
+        rf"{INSTANCES}/?$",
+        InstanceViewSet.as_view({"get": "list", "post": "create"}, name="{label} instances"),
         name="instance-list",
     ),
     re_path(
-        r"^storage/(?P<kind>mysql|redis)/instances/(?P<pk>[0-9]+)/?$",
-        InstanceViewSet.as_view({"get": "retrieve", "delete": "destroy"}),
+        rf"{INSTANCES}/(?P<pk>[0-9]+)/?$",
+        InstanceViewSet.as_view({"get": "retrieve", "delete": "destroy"}, name="{label} instance"),
         name="instance-detail",
     ),
     re_path(
-        r"^storage/(?P<kind>mysql|redis)/instances/(?P<pk>[0-9]+)/config/?$",
-        InstanceViewSet.as_view({"get": "config"}),
+        rf"{INSTANCES}/(?P<pk>[0-9]+)/config/?$",
+        InstanceViewSet.as_view({"get": "config"}, name="{label} instance: connection"),
         name="instance-config",
     ),
     re_path(
-        r"^storage/(?P<kind>mysql|redis)/instances/(?P<pk>[0-9]+)/events/?$",
-        InstanceViewSet.as_view({"get": "events"}),
+        rf"{INSTANCES}/(?P<pk>[0-9]+)/events/?$",
+        InstanceViewSet.as_view({"get": "events"}, name="{label} instance: history"),
         name="instance-events",
     ),
     *[
         re_path(
-            rf"^storage/(?P<kind>mysql|redis)/instances/(?P<pk>[0-9]+)/{action}/?$",
-            InstanceViewSet.as_view({"post": action.replace("-", "_")}),
+            rf"{INSTANCES}/(?P<pk>[0-9]+)/{action}/?$",
+            InstanceViewSet.as_view(
+                {"post": action.replace("-", "_")}, name=f"{{label}} instance: {action.replace('-', ' ')}"
+            ),
             name=f"instance-{action}",
         )
         for action in ("stop", "start", "restart", "rotate-password")
     ],
-    re_path(r"^webhooks/?$", WebhookViewSet.as_view({"get": "list", "post": "create"}), name="webhook-list"),
+    re_path(
+        r"^webhooks/?$",
+        WebhookViewSet.as_view({"get": "list", "post": "create"}, name="Webhooks"),
+        name="webhook-list",
+    ),
     re_path(
         r"^webhooks/(?P<pk>[0-9]+)/?$",
-        WebhookViewSet.as_view({"get": "retrieve", "delete": "destroy"}),
+        WebhookViewSet.as_view({"get": "retrieve", "delete": "destroy"}, name="Webhook"),
         name="webhook-detail",
     ),
     re_path(
         r"^webhooks/(?P<pk>[0-9]+)/deliveries/?$",
-        WebhookViewSet.as_view({"get": "deliveries"}),
+        WebhookViewSet.as_view({"get": "deliveries"}, name="Webhook deliveries"),
         name="webhook-deliveries",
     ),
 ]

@@ -1,45 +1,59 @@
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import QueryDict
-from drf_spectacular.utils import OpenApiParameter, PolymorphicProxySerializer, extend_schema, extend_schema_view
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from .. import services
-from ..engines import get_engine
+from ..engines import UnknownKind, engines, get_engine
 from ..models import Instance, Webhook
 from ..services import webhooks
 from .pagination import InstancePagination
+from .schema import InstanceSchema
 from .serializers import (
-    CREATE_SERIALIZERS,
     DeliverySerializer,
     EventSerializer,
     InstanceSerializer,
-    MySQLConfigSerializer,
     NewWebhookSerializer,
-    RedisConfigSerializer,
     WebhookSerializer,
+    create_serializer,
 )
-
-KIND = OpenApiParameter("kind", str, OpenApiParameter.PATH, enum=["mysql", "redis"])
-
-
-def _polymorphic(name: str, serializers: dict):
-    return PolymorphicProxySerializer(
-        component_name=name, serializers=list(serializers.values()), resource_type_field_name=None
-    )
 
 
 @extend_schema_view(
-    list=extend_schema(parameters=[KIND], summary="List my instances of this kind"),
-    retrieve=extend_schema(parameters=[KIND], summary="One instance"),
+    list=extend_schema(summary="List my instances of this kind"),
+    retrieve=extend_schema(summary="One instance"),
 )
 class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
-    """MySQL and Redis instances of the signed-in user. Other users' instances do not exist here."""
+    """Instances of the signed-in user, of the kind in the path. Other users' instances do not exist here."""
 
-    serializer_class = InstanceSerializer
+    schema = InstanceSchema()
     pagination_class = InstancePagination
+
+    def initial(self, request, *args, **kwargs):
+        # Any kind fits the URL pattern; only registered ones exist, whoever asks.
+        try:
+            get_engine(kwargs["kind"])
+        except UnknownKind as exc:
+            raise exceptions.NotFound(str(exc)) from None
+        super().initial(request, *args, **kwargs)
+
+    def get_view_name(self) -> str:
+        """The browsable API's title: the route's name with the engine's label ("Redis instances").
+
+        Breadcrumbs build views without a request, hence without a kind: they get "Instances".
+        """
+        kind = getattr(self, "kwargs", {}).get("kind")
+        label = engines()[kind].label if kind in engines() else ""
+        title = (self.name or "{label} instances").format(label=label).strip()
+        return title[:1].upper() + title[1:]
+
+    def get_serializer_class(self):
+        # "list" too: the browsable API builds its create form on the list page.
+        if self.request.method == "POST" and self.action in ("create", "list"):
+            return create_serializer(get_engine(self.kwargs["kind"]))
+        return InstanceSerializer
 
     def get_queryset(self):
         instances = Instance.objects.visible().filter(owner=self.request.user, kind=self.kwargs["kind"])
@@ -47,32 +61,24 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             instances = instances.defer("password", "admin_password")
         return instances
 
-    @extend_schema(
-        parameters=[KIND],
-        request=_polymorphic("CreateInstance", CREATE_SERIALIZERS),
-        responses={202: InstanceSerializer},
-        summary="Create an instance; it starts in the background",
-    )
+    @extend_schema(responses={202: InstanceSerializer}, summary="Create an instance; it starts in the background")
     def create(self, request, kind: str):
-        if not isinstance(request.data, dict):
-            raise exceptions.ValidationError({"non_field_errors": ["Expected a JSON object of options."]})
-        options = request.data.dict() if isinstance(request.data, QueryDict) else dict(request.data)
+        # The serializer shapes the input (a form's text to numbers, blanks to defaults); the
+        # engine validates it in the service, and its errors name the field.
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        options = dict(serializer.validated_data)
         name = options.pop("name", None)
-        if name is not None and not isinstance(name, str):
-            raise exceptions.ValidationError({"name": [f"Expected a string, got {type(name).__name__}."]})
         instance = services.create_instance(owner=request.user, kind=kind, name=name, options=options)
-        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+        # A plain dict: the browsable API then offers an empty create form again, not this answer.
+        return Response(dict(InstanceSerializer(instance).data), status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(parameters=[KIND], responses={202: InstanceSerializer}, summary="Delete an instance and its data")
+    @extend_schema(responses={202: InstanceSerializer}, summary="Delete an instance and its data")
     def destroy(self, request, kind: str, pk: int):
         instance = services.delete_instance(instance=self.get_object(), by=request.user)
         return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(
-        parameters=[KIND],
-        responses=_polymorphic("InstanceConfig", {"mysql": MySQLConfigSerializer, "redis": RedisConfigSerializer}),
-        summary="Connection details and configuration",
-    )
+    @extend_schema(summary="Connection details and configuration")
     @action(detail=True, methods=["get"])
     def config(self, request, kind: str, pk: int):
         instance = self.get_object()
@@ -84,31 +90,31 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         instance = services.request_action(instance=self.get_object(), action=action, by=request.user)
         return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(parameters=[KIND], request=None, responses={202: InstanceSerializer, 409: None})
+    @extend_schema(request=None, responses={202: InstanceSerializer, 409: None})
     @action(detail=True, methods=["post"])
     def stop(self, request, kind: str, pk: int):
         """Stop the server; data is kept. Allowed while running or unhealthy."""
         return self._act(request, kind, pk, "stop")
 
-    @extend_schema(parameters=[KIND], request=None, responses={202: InstanceSerializer, 409: None})
+    @extend_schema(request=None, responses={202: InstanceSerializer, 409: None})
     @action(detail=True, methods=["post"])
     def start(self, request, kind: str, pk: int):
         """Start a stopped server."""
         return self._act(request, kind, pk, "start")
 
-    @extend_schema(parameters=[KIND], request=None, responses={202: InstanceSerializer, 409: None})
+    @extend_schema(request=None, responses={202: InstanceSerializer, 409: None})
     @action(detail=True, methods=["post"])
     def restart(self, request, kind: str, pk: int):
         """Restart the server. Allowed while running or unhealthy."""
         return self._act(request, kind, pk, "restart")
 
-    @extend_schema(parameters=[KIND], request=None, responses={202: InstanceSerializer, 409: None})
+    @extend_schema(request=None, responses={202: InstanceSerializer, 409: None})
     @action(detail=True, methods=["post"], url_path="rotate-password")
     def rotate_password(self, request, kind: str, pk: int):
         """Give the user a new random password; the old one stops working."""
         return self._act(request, kind, pk, "rotate-password")
 
-    @extend_schema(parameters=[KIND], responses=EventSerializer(many=True))
+    @extend_schema(responses=EventSerializer(many=True))
     @action(detail=True, methods=["get"])
     def events(self, request, kind: str, pk: int):
         """The instance's status history, oldest first, paginated."""

@@ -1,0 +1,124 @@
+"""The OpenAPI schema of the instance routes, asked of the engine registry each time it is built.
+
+Nothing here is computed at import: a newly registered engine shows up in the next schema.
+"""
+
+from drf_spectacular.extensions import OpenApiSerializerExtension, OpenApiSerializerFieldExtension
+from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.utils import OpenApiParameter
+from rest_framework import serializers
+
+from .. import services
+from ..engines import engines
+from .serializers import (
+    CreateInstanceSerializer,
+    KindField,
+    NameField,
+    ShapingField,
+    config_serializer,
+    create_serializer,
+)
+
+
+class AnyOf(serializers.Serializer):
+    """Schema only: a body or answer in the shape of one engine; the path's kind says which.
+
+    anyOf rather than oneOf: a body of defaults ({}) fits every engine.
+    """
+
+    def __init__(self, component_name: str, choices: list[type[serializers.Serializer]]):
+        super().__init__()
+        self.component_name = component_name
+        self.choices = choices
+
+
+class AnyOfSchema(OpenApiSerializerExtension):
+    target_class = AnyOf
+
+    def get_name(self, auto_schema, direction):
+        return self.target.component_name
+
+    def get_identity(self, auto_schema, direction):
+        return (self.target.component_name, tuple(self.target.choices))
+
+    def map_serializer(self, auto_schema, direction):
+        return {"anyOf": [auto_schema.resolve_serializer(choice, direction).ref for choice in self.target.choices]}
+
+
+class CreateInstanceSchema(OpenApiSerializerExtension):
+    target_class = CreateInstanceSerializer
+    match_subclasses = True
+
+    def get_name(self, auto_schema, direction):
+        return f"{self.target.engine.kind.capitalize()}Create"
+
+    def map_serializer(self, auto_schema, direction):
+        engine = self.target.engine
+        schema = auto_schema._map_basic_serializer(self.target, direction)
+        # The engine refuses options it does not know.
+        schema["additionalProperties"] = False
+        schema["description"] = f"A new {engine.label} instance (kind `{engine.kind}`): its name and options."
+        return schema
+
+
+class OptionFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = ShapingField
+    match_subclasses = True
+
+    def map_serializer_field(self, auto_schema, direction):
+        option = self.target.option
+        bounds = {"minimum": option.min_value, "maximum": option.max_value}
+        if option.kind == "choice":
+            schema = {"type": "string", "enum": [*option.choices, None]}
+        elif option.kind == "size":
+            schema = {"oneOf": [{"type": "integer", **bounds}, {"type": "string", "example": "256mb"}]}
+        else:
+            schema = {"type": "integer", **bounds}
+        if option.default is not None:
+            schema["default"] = option.default
+        # null, like leaving the option out, means its default
+        return {**schema, "nullable": True}
+
+
+class NameFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = NameField
+
+    def map_serializer_field(self, auto_schema, direction):
+        return {
+            "type": "string",
+            "nullable": True,
+            "pattern": f"^{services.NAME_PATTERN.pattern}$",
+            "maxLength": self.target.max_length,
+            "description": self.target.help_text,
+        }
+
+
+class KindFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = KindField
+
+    def map_serializer_field(self, auto_schema, direction):
+        return {"type": "string", "enum": list(engines())}
+
+
+def kind_parameter() -> OpenApiParameter:
+    kinds = ", ".join(f"`{kind}` ({engine.label})" for kind, engine in engines().items())
+    return OpenApiParameter(
+        "kind", str, OpenApiParameter.PATH, enum=list(engines()), description=f"The kind of instance: {kinds}."
+    )
+
+
+class InstanceSchema(AutoSchema):
+    """The kind in every path, the create body and the config answer, per registered engine."""
+
+    def get_override_parameters(self):
+        return [kind_parameter(), *super().get_override_parameters()]
+
+    def get_request_serializer(self):
+        if getattr(self.view, "action", None) == "create":
+            return AnyOf("CreateInstance", [create_serializer(engine) for engine in engines().values()])
+        return super().get_request_serializer()
+
+    def get_response_serializers(self):
+        if getattr(self.view, "action", None) == "config":
+            return AnyOf("InstanceConfig", [config_serializer(engine) for engine in engines().values()])
+        return super().get_response_serializers()
