@@ -1,5 +1,6 @@
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
+from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import PageNumberPagination
 
 
@@ -27,6 +28,24 @@ class Pagination(PageNumberPagination):
     page_size = 20
     page_size_query_param = "page_size"
     max_page_size = 100
+    page_size_query_description = (
+        f"Results per page, {page_size} unless given; a size above {max_page_size} gives {max_page_size}."
+    )
+
+    def get_page_size(self, request):
+        """The page size asked for; one that is not a whole number from 1 up is refused (400), not ignored."""
+        values = request.query_params.getlist(self.page_size_query_param)
+        if not values:
+            return self.page_size
+        if len(values) > 1 or not values[0].isascii() or not values[0].isdigit() or int(values[0]) < 1:
+            raise ValidationError({self.page_size_query_param: ["Expected one whole number from 1 up."]})
+        return min(int(values[0]), self.max_page_size)
+
+    def get_schema_operation_parameters(self, view):
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            parameter["schema"]["minimum"] = 1
+        return parameters
 
 
 class InstancePagination(Pagination):
