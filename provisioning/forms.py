@@ -4,9 +4,11 @@ Forms only shape the input; validation of values happens once, in the service, a
 errors are put back next to the field.
 """
 
+from functools import cache
+
 from django import forms
 
-from .engines import engines, get_engine
+from .engines import Engine
 from .options import Option, format_size
 
 
@@ -26,17 +28,16 @@ def _field(option: Option) -> forms.Field:
     return forms.IntegerField(initial=option.default, **common)
 
 
-def create_form_class(kind: str) -> type[forms.Form]:
+@cache
+def create_form_class(engine: Engine) -> type[forms.Form]:
+    """The create form for one engine, built from its options once per engine object."""
     fields = {
         "name": forms.CharField(
             required=False,
             max_length=40,
             help_text="Optional. Lower-case letters, digits and hyphens.",
-            widget=forms.TextInput(attrs={"placeholder": f"{kind}-…", "autocomplete": "off"}),
+            widget=forms.TextInput(attrs={"placeholder": f"{engine.kind}-…", "autocomplete": "off"}),
         )
     }
-    fields.update({option.name: _field(option) for option in get_engine(kind).options})
-    return type(f"{kind.capitalize()}CreateForm", (forms.Form,), fields)
-
-
-CREATE_FORMS = {kind: create_form_class(kind) for kind in engines()}
+    fields.update({option.name: _field(option) for option in engine.options})
+    return type(f"{engine.kind.capitalize()}CreateForm", (forms.Form,), fields)

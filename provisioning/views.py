@@ -10,8 +10,8 @@ from rest_framework.authtoken.models import Token
 
 from . import services
 from .api.pagination import IdsFirstPaginator
-from .engines import engines, get_engine
-from .forms import CREATE_FORMS
+from .engines import UnknownKind, engines, get_engine
+from .forms import create_form_class
 from .models import BUSY_STATUSES, Instance, Status
 
 
@@ -29,10 +29,11 @@ def dashboard(request):
 
 @login_required
 def create(request, kind: str):
-    if kind not in engines():
-        raise Http404
-    form_class = CREATE_FORMS[kind]
-    form = form_class(request.POST if request.method == "POST" else None)
+    try:
+        engine = get_engine(kind)
+    except UnknownKind:
+        raise Http404 from None
+    form = create_form_class(engine)(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         options = {name: value for name, value in form.cleaned_data.items() if value not in (None, "")}
         name = options.pop("name", None)
@@ -45,7 +46,7 @@ def create(request, kind: str):
             form.add_error(None, str(exc))
         else:
             return redirect("instance", pk=instance.pk)
-    return render(request, "provisioning/create.html", {"form": form, "kind": kind, "label": get_engine(kind).label})
+    return render(request, "provisioning/create.html", {"form": form, "kind": kind, "label": engine.label})
 
 
 @login_required

@@ -1,0 +1,14 @@
+from django import template
+
+from ..engines import UnknownKind, get_engine
+
+register = template.Library()
+
+
+@register.filter
+def engine_label(kind: str) -> str:
+    """The label of the kind's engine, for people; the kind itself if no engine is registered for it."""
+    try:
+        return get_engine(kind).label
+    except UnknownKind:
+        return kind
