@@ -116,7 +116,8 @@ class NameField(serializers.CharField):
             required=False,
             allow_null=True,
             max_length=40,
-            help_text="Defaults to '<kind>-<6 hex digits>'. " + services.NAME_RULE,
+            initial=None,  # so the browsable API's raw form sends null, not an empty name
+            help_text=f"Optional; left out, it is the kind, a hyphen and 6 hex digits. {services.NAME_RULE}",
         )
 
     def run_validation(self, data=empty):

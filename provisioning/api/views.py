@@ -40,7 +40,7 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         super().initial(request, *args, **kwargs)
 
     def get_view_name(self) -> str:
-        """The browsable API's title: the route's name with the engine's label ("Redis instances").
+        """The browsable API's title: the route's name with the engine's label, e.g. "<Label> instances".
 
         Breadcrumbs build views without a request, hence without a kind: they get "Instances".
         """
