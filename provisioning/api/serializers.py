@@ -151,8 +151,7 @@ class CreateInstanceSerializer(serializers.Serializer):
 @cache
 def create_serializer(engine: Engine) -> type[CreateInstanceSerializer]:
     """The create serializer for one engine, built from its options once per engine object."""
-    fields = {option.name: OPTION_FIELDS[option.kind](option) for option in engine.options}
-    fields["name"] = NameField()
+    fields = {"name": NameField(), **{option.name: OPTION_FIELDS[option.kind](option) for option in engine.options}}
     return type(
         f"{engine.kind.capitalize()}CreateSerializer", (CreateInstanceSerializer,), {"engine": engine, **fields}
     )
