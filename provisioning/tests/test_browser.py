@@ -9,7 +9,10 @@ import pytest
 import redis
 from django.conf import settings
 
+from provisioning.engines import get_engine
 from provisioning.models import Instance
+
+from .conftest import wait_for_status
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -56,7 +59,7 @@ def shoot(page, name: str) -> None:
 
 
 def create_through_the_form(page, live_server, kind: str, fields: dict[str, str]) -> int:
-    page.click(f"text=New {'MySQL' if kind == 'mysql' else 'Redis'}")
+    page.click(f"text=New {get_engine(kind).label}")
     for selector, value in fields.items():
         if page.locator(selector).evaluate("e => e.tagName") == "SELECT":
             page.select_option(selector, value)
@@ -128,3 +131,29 @@ def test_a_form_error_is_shown_at_the_field(page, live_server):
     page.click("main button[type=submit]")
     assert "1 to 10000" in page.inner_text("#maxclients-error")
     shoot(page, "create-error")
+
+
+def test_the_browsable_apis_form_creates_an_instance_with_its_options(page, live_server, api):
+    page.goto(f"{live_server.url}/api/storage/redis/instances")
+    assert page.inner_text("h1") == "Redis instances"
+    page.click("a[name=html-tab]")
+    form = page.locator("#post-object-form")
+    form.locator("input[name=name]").fill("from-the-api-form")
+    form.locator("input[name=maxmemory]").fill("128mb")
+    form.locator("select[name=maxmemory_policy]").select_option("allkeys-lru")
+    shoot(page, "browsable-api-create")
+    form.locator("button", has_text="POST").click()
+    page.wait_for_selector("text=HTTP 202 Accepted")
+    pk = Instance.objects.get(name="from-the-api-form").pk
+
+    body = wait_for_status(api, "redis", pk, "running")
+    assert body["options"]["maxmemory"] == 128 * 1024 * 1024
+    assert body["options"]["maxmemory_policy"] == "allkeys-lru"
+    assert body["options"]["maxclients"] == 1000  # left as the form offered it
+    config = api.get(f"/api/storage/redis/instances/{pk}/config").json()
+    client = redis.Redis(host=config["host"], port=config["port"], password=config["password"])
+    assert client.config_get("maxmemory") == {"maxmemory": str(128 * 1024 * 1024)}
+    assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lru"}
+    client.close()
+    assert api.delete(f"/api/storage/redis/instances/{pk}").status_code == 202
+    wait_for_status(api, "redis", pk, "gone")
