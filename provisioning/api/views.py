@@ -50,8 +50,9 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         return title[:1].upper() + title[1:]
 
     def get_serializer_class(self):
-        # "list" too: the browsable API builds its create form on the list page.
-        if self.request.method == "POST" and self.action in ("create", "list"):
+        # By the route, not the action: the browsable API's form (on "list") and OPTIONS ("metadata")
+        # ask for the POST serializer too.
+        if self.request.method == "POST" and self.action_map.get("post") == "create":
             return create_serializer(get_engine(self.kwargs["kind"]))
         return InstanceSerializer
 

@@ -213,3 +213,9 @@ def test_the_browsable_api_raw_form_posts_as_it_is(browser, api):
     body = raw.replace("&quot;", '"')
     assert '"name": null' in body
     assert api.post("/api/storage/mysql/instances", body, content_type="application/json").status_code == 202
+
+
+def test_options_describes_the_create_body(api):
+    post = api.options("/api/storage/mysql/instances").json()["actions"]["POST"]
+    assert list(post) == ["name", "charset", "collation", "binlog_format"]
+    assert {choice["value"] for choice in post["charset"]["choices"]} == {"utf8mb4", "latin1", "ascii"}
