@@ -1,6 +1,6 @@
 from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema, extend_schema_view
-from rest_framework import exceptions, mixins, status, viewsets
+from rest_framework import exceptions, mixins, parsers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -10,6 +10,7 @@ from ..engines import UnknownKind, engines, get_engine
 from ..models import Instance, Webhook
 from ..services import webhooks
 from .pagination import InstancePagination
+from .parsers import MultiPartParser
 from .schema import InstanceSchema
 from .serializers import (
     DeliverySerializer,
@@ -30,6 +31,7 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
 
     schema = InstanceSchema()
     pagination_class = InstancePagination
+    parser_classes = [parsers.JSONParser, parsers.FormParser, MultiPartParser]
 
     def initial(self, request, *args, **kwargs):
         # Any kind fits the URL pattern; only registered ones exist, whoever asks.

@@ -219,3 +219,15 @@ def test_options_describes_the_create_body(api):
     post = api.options("/api/storage/mysql/instances").json()["actions"]["POST"]
     assert list(post) == ["name", "charset", "collation", "binlog_format"]
     assert {choice["value"] for choice in post["charset"]["choices"]} == {"utf8mb4", "latin1", "ascii"}
+
+
+def test_a_garbled_multipart_body_is_refused_not_read_as_defaults(api):
+    boundary = "cffb83d850ebbbdd69409d506a91c72f"
+    response = api.post(
+        "/api/storage/mysql/instances",
+        f"--{boundary}\r\n3644820410--{boundary}--\r\n",
+        content_type=f"multipart/form-data; boundary={boundary}",
+    )
+    assert response.status_code == 400
+    assert "named part" in response.json()["detail"]
+    assert not Instance.objects.exists()
