@@ -1,6 +1,6 @@
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.pagination import PageNumberPagination
 
 
@@ -24,6 +24,10 @@ class IdsFirstPaginator(Paginator):
         return self._get_page(list(self.object_list.filter(pk__in=ids)), number, self)
 
 
+def _is_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 class Pagination(PageNumberPagination):
     page_size = 20
     page_size_query_param = "page_size"
@@ -32,12 +36,22 @@ class Pagination(PageNumberPagination):
         f"Results per page, {page_size} unless given; a size above {max_page_size} gives {max_page_size}."
     )
 
+    def get_page_number(self, request, paginator):
+        """The page asked for, 1 unless given. Only one page number in plain digits is one: anything
+        else ("", "last", "+1", a repeated page) is answered like a page that does not exist (404)."""
+        values = request.query_params.getlist(self.page_query_param)
+        if not values:
+            return 1
+        if len(values) > 1 or not _is_digits(values[0]):
+            raise NotFound(self.invalid_page_message)
+        return int(values[0])
+
     def get_page_size(self, request):
         """The page size asked for; one that is not a whole number from 1 up is refused (400), not ignored."""
         values = request.query_params.getlist(self.page_size_query_param)
         if not values:
             return self.page_size
-        if len(values) > 1 or not values[0].isascii() or not values[0].isdigit() or int(values[0]) < 1:
+        if len(values) > 1 or not _is_digits(values[0]) or int(values[0]) < 1:
             raise ValidationError({self.page_size_query_param: ["Expected one whole number from 1 up."]})
         return min(int(values[0]), self.max_page_size)
 

@@ -231,3 +231,12 @@ def test_a_garbled_multipart_body_is_refused_not_read_as_defaults(api):
     assert response.status_code == 400
     assert "named part" in response.json()["detail"]
     assert not Instance.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "query", ["page=", "page=last", "page=1&page=1", "page=0", "page=two", "page=%2B1", "page=%D9%A1"]
+)
+@pytest.mark.parametrize("path", ["/api/storage/redis/instances", "/api/webhooks"])
+def test_a_page_that_is_not_a_page_number_does_not_exist(api, path, query):
+    assert api.get(f"{path}?{query}").status_code == 404
+    assert api.get(f"{path}?page=1").status_code == 200
