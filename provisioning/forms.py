@@ -13,25 +13,29 @@ from .options import Option, format_size
 
 
 def _field(option: Option) -> forms.Field:
-    common = {"label": option.label, "help_text": option.help_text, "required": False}
+    label, help_text = option.label, option.help_text
     if option.kind == "choice":
         choices = [(value, value) for value in option.choices]
         if option.default is None:
             choices.insert(0, ("", "Default"))
-        return forms.ChoiceField(choices=choices, initial=option.default, **common)
+        return forms.ChoiceField(
+            choices=choices, initial=option.default, label=label, help_text=help_text, required=False
+        )
     if option.kind == "size":
         return forms.CharField(
             initial=format_size(option.default),
             widget=forms.TextInput(attrs={"placeholder": "e.g. 256mb"}),
-            **common,
+            label=label,
+            help_text=help_text,
+            required=False,
         )
-    return forms.IntegerField(initial=option.default, **common)
+    return forms.IntegerField(initial=option.default, label=label, help_text=help_text, required=False)
 
 
 @cache
 def create_form_class(engine: Engine) -> type[forms.Form]:
     """The create form for one engine, built from its options once per engine object."""
-    fields = {
+    fields: dict[str, forms.Field] = {
         "name": forms.CharField(
             required=False,
             max_length=40,

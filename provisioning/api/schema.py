@@ -8,8 +8,8 @@ from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import serializers
 
-from .. import services
 from ..engines import engines
+from ..services.requests import NAME_PATTERN
 from .serializers import (
     CreateInstanceSerializer,
     KindField,
@@ -87,7 +87,7 @@ class NameFieldSchema(OpenApiSerializerFieldExtension):
         return {
             "type": "string",
             "nullable": True,
-            "pattern": f"^{services.NAME_PATTERN.pattern}$",
+            "pattern": f"^{NAME_PATTERN.pattern}$",
             "maxLength": self.target.max_length,
             "description": self.target.help_text,
         }

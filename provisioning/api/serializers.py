@@ -5,10 +5,10 @@ from rest_framework import serializers
 from rest_framework.fields import empty
 from rest_framework.utils import html
 
-from .. import services
 from ..engines import Engine
 from ..models import DeliveryStatus, Instance, Webhook, WebhookDelivery
 from ..options import Option, format_size
+from ..services.requests import NAME_RULE
 
 
 class KindField(serializers.CharField):
@@ -51,7 +51,7 @@ class EventSerializer(serializers.Serializer):
         }
 
 
-class ShapingField:
+class ShapingField(serializers.Field):
     """Shapes one engine option's input; the engine validates the value, once, in the service.
 
     Absent means the default, and so does null (documented as nullable). An HTML form sends
@@ -117,7 +117,7 @@ class NameField(serializers.CharField):
             allow_null=True,
             max_length=40,
             initial=None,  # so the browsable API's raw form sends null, not an empty name
-            help_text=f"Optional; left out, it is the kind, a hyphen and 6 hex digits. {services.NAME_RULE}",
+            help_text=f"Optional; left out, it is the kind, a hyphen and 6 hex digits. {NAME_RULE}",
         )
 
     def run_validation(self, data=empty):

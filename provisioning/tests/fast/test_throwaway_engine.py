@@ -1,5 +1,6 @@
 """An engine registered in settings gets every front door without a line changed elsewhere:
 its API URLs, its OpenAPI entries, its create form, its dashboard button and its README row.
+(No worker runs here, so no server is started: the fast tier's transaction is never committed.)
 
 Nothing is reloaded: URLs, schema, serializers and forms ask the registry when they are used.
 """
@@ -21,6 +22,7 @@ class Throwaway(Engine):
 
     kind = "memo"
     label = "Memo"
+    username = "memo"
     connection_fields = {"host": str, "port": int, "uri": str}
     options = (
         Option("flavour", "Flavour", "How it tastes.", kind="choice", default="plain", choices=("plain", "salted")),
@@ -96,8 +98,17 @@ def test_its_readme_row_is_generated(registered):
     assert "| memo | `slots` | `8` | 1 to 64 | Entries kept at once. |" in table
 
 
+def test_it_is_created_and_shown_like_any_other(registered, api, web):
+    created = api.post("/api/storage/memo/instances", {"flavour": "salted", "name": "notes"}, format="json")
+    assert created.status_code == 202, created.content
+    assert created.json()["kind"] == "memo"
+    assert created.json()["options"] == {"flavour": "salted", "slots": 8}
+    assert api.get("/api/storage/memo/instances").json()["count"] == 1
+    assert "<h1>Memo <span" in web.get(f"/instances/{created.json()['id']}/").content.decode()
+    assert '<td data-label="Kind">Memo</td>' in web.get("/").content.decode()
+
+
 def test_its_options_are_checked_by_the_engine(registered, api):
-    # Creating one is left out: the database accepts only the kinds its migrations know.
     as_json = api.post("/api/storage/memo/instances", {"slots": 65}, format="json")
     as_form = api.post("/api/storage/memo/instances", "slots=65", content_type="application/x-www-form-urlencoded")
     for refused in (as_json, as_form):
