@@ -19,6 +19,8 @@ from .serializers import (
     create_serializer,
 )
 
+BLANK = ""
+
 
 class AnyOf(serializers.Serializer):
     """Schema only: a body or answer in the shape of one engine; the path's kind says which.
@@ -50,7 +52,7 @@ class CreateInstanceSchema(OpenApiSerializerExtension):
     match_subclasses = True
 
     def get_name(self, auto_schema, direction):
-        return f"{self.target.engine.kind.capitalize()}Create"
+        return f"{self.target.engine.kind.capitalize()}Create{'Form' if self.target.form else ''}"
 
     def map_serializer(self, auto_schema, direction):
         engine = self.target.engine
@@ -58,6 +60,8 @@ class CreateInstanceSchema(OpenApiSerializerExtension):
         # The engine refuses options it does not know.
         schema["additionalProperties"] = False
         schema["description"] = f"A new {engine.label} instance (kind `{engine.kind}`): its name and options."
+        if self.target.form:
+            schema["description"] += " In a form, a blank field means its default."
         return schema
 
 
@@ -68,29 +72,27 @@ class OptionFieldSchema(OpenApiSerializerFieldExtension):
     def map_serializer_field(self, auto_schema, direction):
         option = self.target.option
         bounds = {"minimum": option.min_value, "maximum": option.max_value}
+        # null in JSON, a blank in a form: like leaving the option out, it means its default.
+        default = BLANK if self.target.parent.form else None
         if option.kind == "choice":
-            schema = {"type": "string", "enum": [*option.choices, None]}
-        elif option.kind == "size":
+            schema = {"type": "string", "enum": [*option.choices, default]}
+        elif option.kind == "size":  # a blank is a string too
             schema = {"oneOf": [{"type": "integer", **bounds}, {"type": "string", "example": "256mb"}]}
+        elif self.target.parent.form:
+            schema = {"anyOf": [{"type": "integer", **bounds}, {"type": "string", "enum": [BLANK]}]}
         else:
             schema = {"type": "integer", **bounds}
         if option.default is not None:
             schema["default"] = option.default
-        # null, like leaving the option out, means its default
-        return {**schema, "nullable": True}
+        return schema
 
 
 class NameFieldSchema(OpenApiSerializerFieldExtension):
     target_class = NameField
 
     def map_serializer_field(self, auto_schema, direction):
-        return {
-            "type": "string",
-            "nullable": True,
-            "pattern": f"^{NAME_PATTERN.pattern}$",
-            "maxLength": self.target.max_length,
-            "description": self.target.help_text,
-        }
+        pattern = f"({NAME_PATTERN.pattern})?" if self.target.parent.form else NAME_PATTERN.pattern
+        return {"type": "string", "pattern": f"^{pattern}$", "maxLength": self.target.max_length}
 
 
 class KindFieldSchema(OpenApiSerializerFieldExtension):
@@ -115,7 +117,13 @@ class InstanceSchema(AutoSchema):
 
     def get_request_serializer(self):
         if getattr(self.view, "action", None) == "create":
-            return AnyOf("CreateInstance", [create_serializer(engine) for engine in engines().values()])
+            json = AnyOf("CreateInstance", [create_serializer(engine) for engine in engines().values()])
+            form = AnyOf("CreateInstanceForm", [create_serializer(engine, form=True) for engine in engines().values()])
+            return {
+                "application/json": json,
+                "application/x-www-form-urlencoded": form,
+                "multipart/form-data": form,
+            }
         return super().get_request_serializer()
 
     def get_response_serializers(self):

@@ -62,7 +62,8 @@ class ShapingField(serializers.Field):
         self.option = option
         kwargs.setdefault("initial", option.default)
         kwargs.setdefault("help_text", option.help_text)
-        super().__init__(required=False, allow_null=True, label=option.label, **kwargs)
+        kwargs.setdefault("allow_null", True)
+        super().__init__(required=False, label=option.label, **kwargs)
 
     def run_validation(self, data=empty):
         is_empty, data = self.validate_empty_values(data)
@@ -75,8 +76,8 @@ class ShapingField(serializers.Field):
 
 
 class ChoiceOptionField(ShapingField, serializers.ChoiceField):
-    def __init__(self, option: Option):
-        super().__init__(option, choices=option.choices)
+    def __init__(self, option: Option, **kwargs):
+        super().__init__(option, choices=option.choices, **kwargs)
 
 
 def _with_range(option: Option) -> str:
@@ -84,8 +85,8 @@ def _with_range(option: Option) -> str:
 
 
 class IntegerOptionField(ShapingField, serializers.IntegerField):
-    def __init__(self, option: Option):
-        super().__init__(option, help_text=_with_range(option))
+    def __init__(self, option: Option, **kwargs):
+        super().__init__(option, help_text=_with_range(option), **kwargs)
 
     def shape(self, data, *, from_form: bool):
         # A form sends text; JSON keeps its own types, so "100" there stays text and is refused.
@@ -97,9 +98,9 @@ class IntegerOptionField(ShapingField, serializers.IntegerField):
 class SizeOptionField(ShapingField, serializers.Field):
     """Bytes as an integer, or a size string such as "256mb"; a text box in the browsable API."""
 
-    def __init__(self, option: Option):
+    def __init__(self, option: Option, **kwargs):
         initial = format_size(option.default) if option.default is not None else None
-        super().__init__(option, initial=initial, help_text=_with_range(option))
+        super().__init__(option, initial=initial, help_text=_with_range(option), **kwargs)
 
     def to_representation(self, value):
         return value
@@ -111,10 +112,10 @@ class NameField(serializers.CharField):
     The service checks the pattern; JSON must send a string, as it always had to.
     """
 
-    def __init__(self):
+    def __init__(self, *, allow_null: bool = True):
         super().__init__(
             required=False,
-            allow_null=True,
+            allow_null=allow_null,
             max_length=40,
             initial=None,  # so the browsable API's raw form sends null, not an empty name
             help_text=f"Optional; left out, it is the kind, a hyphen and 6 hex digits. {NAME_RULE}",
@@ -139,6 +140,9 @@ class CreateInstanceSerializer(serializers.Serializer):
     """
 
     engine: Engine
+    # The variant that only describes a form body in the schema: a form cannot send null, and a
+    # blank field means its default. Requests of every media type use the other one.
+    form = False
     default_error_messages = {"invalid": "Expected a JSON object of options."}
 
     def to_internal_value(self, data):
@@ -149,12 +153,14 @@ class CreateInstanceSerializer(serializers.Serializer):
 
 
 @cache
-def create_serializer(engine: Engine) -> type[CreateInstanceSerializer]:
+def create_serializer(engine: Engine, *, form: bool = False) -> type[CreateInstanceSerializer]:
     """The create serializer for one engine, built from its options once per engine object."""
-    fields = {"name": NameField(), **{option.name: OPTION_FIELDS[option.kind](option) for option in engine.options}}
-    return type(
-        f"{engine.kind.capitalize()}CreateSerializer", (CreateInstanceSerializer,), {"engine": engine, **fields}
-    )
+    fields = {
+        "name": NameField(allow_null=not form),
+        **{option.name: OPTION_FIELDS[option.kind](option, allow_null=not form) for option in engine.options},
+    }
+    name = f"{engine.kind.capitalize()}Create{'Form' if form else ''}Serializer"
+    return type(name, (CreateInstanceSerializer,), {"engine": engine, "form": form, **fields})
 
 
 @cache

@@ -83,6 +83,18 @@ def test_a_url_encoded_create_treats_blank_fields_as_defaults(api):
     }
 
 
+def test_the_schema_says_a_blank_form_field_is_its_default(client):
+    document = schema(client)
+    body = document["paths"]["/api/storage/{kind}/instances/"]["post"]["requestBody"]["content"]
+    assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/CreateInstance"}
+    for form in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        assert body[form]["schema"] == {"$ref": "#/components/schemas/CreateInstanceForm"}
+    fields = document["components"]["schemas"]["RedisCreateForm"]["properties"]
+    assert re.fullmatch(fields["name"]["pattern"], "")
+    assert {"type": "string", "enum": [""]} in fields["maxclients"]["anyOf"]
+    assert not any(field.get("nullable") for field in fields.values())  # a form cannot send null
+
+
 @pytest.mark.parametrize(
     ("body", "field", "hint"),
     [
