@@ -60,7 +60,9 @@ def one_connection():
 @pytest.fixture
 def existing(api, settings) -> dict[str, int]:
     """A running instance of every kind and a webhook with deliveries, for the paths that take an id."""
+    # The contract, not the capacity, is under test: no quota or budget runs out (503: no room).
     settings.STOCKROOM_QUOTA = settings.STOCKROOM_WEBHOOK_LIMIT = 10_000
+    settings.STOCKROOM_MEMORY_QUOTA = settings.STOCKROOM_MEMORY_BUDGET = 2**50
     ids = {"webhook": api.post("/api/webhooks", {"url": "https://ci.example.com/hook"}).json()["id"]}
     for kind in engines():
         ids[kind] = api.post(f"/api/storage/{kind}/instances", {}).json()["id"]

@@ -29,6 +29,12 @@ class Throwaway(Engine):
         Option("slots", "Slots", "Entries kept at once.", kind="int", default=8, min_value=1, max_value=64),
     )
 
+    def memory_reservation(self, options: dict[str, Any]) -> int:
+        return options["slots"] * 1024 * 1024
+
+    def memory_limit(self, options: dict[str, Any]) -> int:
+        return options["slots"] * 2 * 1024 * 1024
+
     def connection(self, instance) -> dict[str, Any]:
         return {"host": instance.host, "port": instance.port, "uri": f"memo://{instance.host}:{instance.port}"}
 
