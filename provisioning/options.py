@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _SIZE = re.compile(r"\s*(\d{1,15})\s*(b|k|kb|m|mb|g|gb)?\s*", re.IGNORECASE)
-# Redis's own unit rules: "k" is 1000, "kb" is 1024.
+# The unit rules of the servers' own config files: "k" is 1000, "kb" is 1024.
 _UNITS = {"b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
 MiB = 1024**2
 GiB = 1024**3
@@ -20,7 +20,7 @@ class OptionError(ValueError):
 
 
 def parse_size(value: Any) -> int:
-    """Bytes from an integer or a Redis-style size string such as "256mb"."""
+    """Bytes from an integer or a size string such as "256mb", in config-file units."""
     if isinstance(value, bool):
         raise OptionError("Expected bytes as an integer or a size such as '256mb'.")
     if isinstance(value, int):
