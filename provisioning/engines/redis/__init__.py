@@ -197,9 +197,11 @@ class Redis(Engine):
     def reload_acl(self, instance: "Instance", admin: Endpoint) -> None:
         """Make the server read its ACL file again, as the portal's own user, and end the user's
         sessions: Redis keeps a connection logged in under the old password otherwise."""
+        where: dict[str, Any] = (
+            {"unix_socket_path": admin.socket} if admin.socket else {"host": admin.host, "port": admin.port}
+        )
         client = redis.Redis(
-            host=admin.host,
-            port=admin.port,
+            **where,
             username=ADMIN_USERNAME,
             password=instance.admin_password,
             retry=NO_RETRY,
