@@ -90,6 +90,7 @@ class Redis(Engine):
     local_programs = ("redis-server",)
     image = "redis:7.0"  # the major version of Debian bookworm's redis-server, which the engine is tested on
     container_port = 6379
+    pids_limit = 64  # a few threads, and a child while it rewrites the append-only file
     connection_fields = {
         "host": str,
         "port": int,
@@ -164,7 +165,7 @@ class Redis(Engine):
             data=data,
             log="",
             pid=data / "redis.pid",
-            socket=data / "redis.sock",
+            socket=PurePosixPath("/run/redis/redis.sock"),
             files=data,
             tmp=data,
             acl=CONFIG_DIR / ACL_FILE,
