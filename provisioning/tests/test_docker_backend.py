@@ -192,6 +192,17 @@ def test_a_stopped_daemon_fails_cleanly(api, docker_settings, tmp_path):
     assert not Instance.objects.live().exists()
 
 
+def test_a_portal_that_is_not_root_fails_cleanly(api, docker_settings, monkeypatch):
+    backend = docker_settings()
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    instance = wait_for_status(api, "redis", pk, "failed", "running")
+    assert instance["status"] == "failed"
+    assert "must run as root" in instance["status_message"]
+    assert container_of(backend, pk) is None
+    assert not (backend.volume_root / "redis" / str(pk)).exists()
+
+
 def test_healthz_says_whether_the_daemon_answers(client, docker_settings, tmp_path):
     docker_settings()
     assert client.get("/healthz").json()["checks"]["backends"]["detail"].startswith("docker: Docker ")
