@@ -226,6 +226,9 @@ STOCKROOM_BACKENDS = {
             },
             "network_mode": env.str("DOCKER_NETWORK_MODE", default="bridge"),
             "portal_id": STOCKROOM_PORTAL_ID,
+            # Instance <id>'s container runs as uid and gid DOCKER_UID_BASE + <id>, which no host
+            # user should have (2e9 lies in the range systemd leaves unused).
+            "uid_base": env.int("DOCKER_UID_BASE", default=2_000_000_000),
         },
     },
 }

@@ -2,12 +2,19 @@
 
 Containers are named `stockroom-<kind>-<id>` and labelled with the instance id, its kind and
 this portal's id, so the portal can always find its own containers and tell them from
-anyone else's. The engine says what goes in a container (`Engine.container`): its files are
-bind-mounted read-only from `DOCKER_VOLUME_ROOT/<kind>/<id>`, and data lives in a bind mount
-beside them.
+anyone else's. The engine says what goes in a container (`Engine.container`).
+
+Everything of an instance's lives in `DOCKER_VOLUME_ROOT/<kind>/<id>`, a folder only root may
+enter: the engine's files (read-only in the container), its first-start files (`init/`, emptied
+once the server answers), and the folders the server writes (`data`, `tmp`, and `run`, which
+holds the Unix socket the portal administers it through). The container runs as a uid of its own
+(`uid_base` + the instance id), which owns those three folders and nothing else on the host, with
+no capability, no way to gain privileges, a read-only root filesystem, and the engine's memory and
+pids limits.
 """
 
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from functools import cached_property
@@ -16,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from ..engines import Endpoint, Layout, engines, get_engine
+from ..engines import Container, Endpoint, Layout, engines, get_engine
 from .base import BackendError, BaseBackend
 
 if TYPE_CHECKING:
@@ -25,6 +32,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LABEL = "io.stockroom"
+INIT = "init"  # the folder of first-start files, in the instance's folder
+SERVER_DIRS = ("data", "tmp", "run")  # what the server writes, owned by its uid
+NOT_ROOT = "The Docker backend must run as root: it gives each container's folders to the container's own uid."
 
 
 class DockerBackend(BaseBackend):
@@ -40,6 +50,7 @@ class DockerBackend(BaseBackend):
         images: dict[str, str],
         network_mode: str = "bridge",
         portal_id: str = "default",
+        uid_base: int = 2_000_000_000,
     ):
         super().__init__(alias)
         if network_mode not in ("bridge", "host"):
@@ -50,6 +61,7 @@ class DockerBackend(BaseBackend):
         self.images = dict(images)
         self.network_mode = network_mode
         self.portal_id = portal_id
+        self.uid_base = int(uid_base)
 
     # The client is made on first use, so a portal whose Docker daemon is down still starts.
     @cached_property
@@ -90,6 +102,15 @@ class DockerBackend(BaseBackend):
     def directory(self, instance: "Instance") -> Path:
         return Path(self.volume_root / instance.kind / str(instance.pk))
 
+    def uid(self, instance: "Instance") -> int:
+        """The container's uid and gid: the instance's own, so no other container and no host
+        user shares them."""
+        return self.uid_base + instance.pk
+
+    def socket(self, instance: "Instance") -> Path:
+        """The server's Unix socket, as the host sees it."""
+        return self.directory(instance) / "run" / self.layout(instance).socket.name
+
     def layout(self, instance: "Instance") -> Layout:
         """Paths inside the container; the port it listens on there."""
         engine = get_engine(instance.kind)
@@ -104,19 +125,17 @@ class DockerBackend(BaseBackend):
         self.destroy(instance)  # a clean slate, should the task run a second time
         engine = get_engine(instance.kind)
         image = self._image(instance.kind)
-        directory, layout = self.directory(instance), self.layout(instance)
+        layout = self.layout(instance)
         spec = engine.container(instance, layout)
-        (directory / "data").mkdir(parents=True, mode=0o700)
-        volumes = {str(directory / "data"): {"bind": str(layout.data), "mode": "rw"}}
-        for name, (path, text) in spec.files.items():
-            self._write(directory / name, text)
-            volumes[str(directory / name)] = {"bind": str(path), "mode": "ro"}
+        volumes = self._lay_out(instance, layout, spec)
         network = (
             {"network_mode": "host"}
             if self.network_mode == "host"
             else {"ports": {f"{engine.container_port}/tcp": (self.host_ip, instance.port)}}
         )
         instance.mark("data_directory")
+        uid = self.uid(instance)
+        memory = engine.memory_limit(instance.options)
         container = self._docker(
             "start the container",
             self.client.containers.run,
@@ -126,17 +145,53 @@ class DockerBackend(BaseBackend):
             labels=self.labels(instance),
             environment=spec.environment,
             volumes=volumes,
-            mem_limit=engine.memory_limit(instance.options),
+            user=f"{uid}:{uid}",
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            read_only=True,
+            pids_limit=engine.pids_limit,
+            mem_limit=memory,
+            memswap_limit=memory,  # no swap beyond the memory limit
             restart_policy={"Name": "unless-stopped"},
             detach=True,
             **network,
         )
         self._wait_for_login(instance, container)
+        for name in spec.init_files:
+            self._write(instance, self.directory(instance) / INIT / name, "")
 
-    @staticmethod
-    def _write(path: Path, text: str) -> None:
+    def _lay_out(self, instance: "Instance", layout: Layout, spec: Container) -> dict[str, dict[str, str]]:
+        """Make the instance's folder and files on the host; return the container's bind mounts."""
+        if os.geteuid() != 0:
+            raise BackendError(NOT_ROOT)
+        directory, uid = self.directory(instance), self.uid(instance)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700)
+        directory.chmod(0o700)  # whatever the umask
+        places = {"data": layout.data, "tmp": layout.tmp, "run": layout.socket.parent}
+        volumes = {}
+        for name in SERVER_DIRS:
+            if name != "data" and places[name] == layout.data:
+                continue  # the engine keeps it in the data folder
+            (directory / name).mkdir(mode=0o700)
+            os.chown(directory / name, uid, uid)
+            volumes[str(directory / name)] = {"bind": str(places[name]), "mode": "rw"}
+        for name, (path, text) in spec.files.items():
+            self._write(instance, directory / name, text)
+            volumes[str(directory / name)] = {"bind": str(path), "mode": "ro"}
+        if spec.init_dir:
+            (directory / INIT).mkdir(mode=0o750)
+            os.chown(directory / INIT, 0, uid)
+            for name, text in spec.init_files.items():
+                self._write(instance, directory / INIT / name, text)
+            volumes[str(directory / INIT)] = {"bind": str(spec.init_dir), "mode": "ro"}
+        return volumes
+
+    def _write(self, instance: "Instance", path: Path, text: str) -> None:
+        """Write a file the server reads (in place: a file bind-mount follows its inode)."""
         path.write_text(text)
-        path.chmod(0o644)  # read by the server's own user inside the container
+        os.chown(path, 0, self.uid(instance))
+        path.chmod(0o640)
 
     def stop(self, instance: "Instance") -> None:
         for container in self._own(instance):
@@ -155,8 +210,8 @@ class DockerBackend(BaseBackend):
         get_engine(instance.kind).set_password(
             instance,
             password,
-            admin=Endpoint(self.probe_host, instance.port),
-            write=lambda name, text: self._write(directory / name, text),
+            admin=Endpoint(self.probe_host, instance.port, socket=str(self.socket(instance))),
+            write=lambda name, text: self._write(instance, directory / name, text),
         )
 
     @property

@@ -106,11 +106,20 @@ class LocalSetup:
 
 @dataclass(frozen=True)
 class Container:
-    """How a container runs the server, in the image contract the engine targets."""
+    """How a container runs the server, in the image contract the engine targets.
+
+    No secret goes in `command` or `environment`: `docker inspect` shows them to anyone who may use
+    Docker, for as long as the container exists.
+    """
 
     files: dict[str, tuple[PurePosixPath, str]]  # name -> (path in the container, content); mounted read-only
     command: list[str] | None = None  # None: the image's own
     environment: dict[str, str] = field(default_factory=dict)
+    # Files the image reads when it makes its data, from the folder `init_dir` (mounted read-only):
+    # name -> content. Once the server answers they are emptied, not removed, as an image may
+    # require that a file named in its environment still exists at every start.
+    init_dir: PurePosixPath | None = None
+    init_files: dict[str, str] = field(default_factory=dict)
 
 
 class Engine:
@@ -133,6 +142,8 @@ class Engine:
     # The default image of the Docker backend, and the port the server listens on inside it.
     image: str
     container_port: int
+    # Tasks (processes and threads) a server may have at once: the kernel's limit for its container.
+    pids_limit: int = 256
 
     # Options ---------------------------------------------------------------------------
 

@@ -4,9 +4,14 @@ Containers use host networking, so servers listen on 127.0.0.1 and all traffic s
 The image is built locally from Debian packages and follows the official images' contract.
 """
 
+import json
 import os
+import re
+import shutil
 import signal
+import socket
 import time
+from pathlib import Path
 
 import pymysql
 import pytest
@@ -15,10 +20,13 @@ from django.core.management import call_command
 
 from provisioning.backends.base import get_backend
 from provisioning.backends.docker import LABEL
-from provisioning.engines.redis import NO_RETRY
+from provisioning.engines import get_engine
+from provisioning.engines.mysql import native_password_hash
+from provisioning.engines.redis import ADMIN_USERNAME, NO_RETRY, acl_password_hash
 from provisioning.models import Instance
 
 from .conftest import port_refuses, wait_for_status
+from .test_lifecycle import act, mysql, running
 
 IMAGE = os.environ.get("STOCKROOM_TEST_DOCKER_IMAGE", "")
 DOCKER_URL = os.environ.get("STOCKROOM_TEST_DOCKER_URL", "")
@@ -49,7 +57,11 @@ def docker_settings(settings):
         settings.STOCKROOM_DEFAULT_BACKEND = "docker"
         return get_backend("docker")
 
-    return configure
+    yield configure
+    # A test that failed half way leaves its containers behind; the next tests must not meet them.
+    backend = configure()
+    for container in backend.orphans(known_ids=set()):
+        backend.remove_orphan(container)
 
 
 def container_of(backend, pk: int):
@@ -180,6 +192,17 @@ def test_a_stopped_daemon_fails_cleanly(api, docker_settings, tmp_path):
     assert not Instance.objects.live().exists()
 
 
+def test_a_portal_that_is_not_root_fails_cleanly(api, docker_settings, monkeypatch):
+    backend = docker_settings()
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    instance = wait_for_status(api, "redis", pk, "failed", "running")
+    assert instance["status"] == "failed"
+    assert "must run as root" in instance["status_message"]
+    assert container_of(backend, pk) is None
+    assert not (backend.volume_root / "redis" / str(pk)).exists()
+
+
 def test_healthz_says_whether_the_daemon_answers(client, docker_settings, tmp_path):
     docker_settings()
     assert client.get("/healthz").json()["checks"]["backends"]["detail"].startswith("docker: Docker ")
@@ -223,8 +246,6 @@ def test_containers_unknown_to_the_portal_are_reported_and_removable(docker_sett
 
 @pytest.mark.parametrize("kind", ["mysql", "redis"])
 def test_lifecycle_actions_on_containers(api, docker_settings, kind):
-    from .test_lifecycle import act, running
-
     docker_settings()
     pk, config = running(api, kind)
     assert act(api, kind, pk, "stop", "stopped", "unhealthy")["status"] == "stopped"
@@ -234,8 +255,6 @@ def test_lifecycle_actions_on_containers(api, docker_settings, kind):
     new = api.get(f"/api/storage/{kind}/instances/{pk}/config").json()
     assert new["password"] != config["password"]
     if kind == "mysql":
-        from .test_lifecycle import mysql
-
         mysql(new).close()
         with pytest.raises(pymysql.err.OperationalError):
             mysql(config)
@@ -245,3 +264,219 @@ def test_lifecycle_actions_on_containers(api, docker_settings, kind):
             redis.Redis(host=config["host"], port=config["port"], password=config["password"], retry=NO_RETRY).ping()
     api.delete(f"/api/storage/{kind}/instances/{pk}")
     wait_for_status(api, kind, pk, "gone", timeout=60)
+
+
+# Confinement: what a container may see and do, and what anyone else may see of it ----------
+
+
+def files_holding(directory: Path, secrets: list[str]) -> list[str]:
+    """Files under `directory` (data included) that hold one of `secrets` in plain text."""
+    found = []
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            content = path.read_bytes()
+            found += [f"{path} holds secret #{n}" for n, secret in enumerate(secrets) if secret.encode() in content]
+    return found
+
+
+def hashes(passwords: list[str]) -> list[str]:
+    """The forms in which the engines store `passwords`."""
+    return [native_password_hash(p) for p in passwords] + [acl_password_hash(p)[1:] for p in passwords]
+
+
+def connects_as(uid: int, path: Path) -> str:
+    """What a process of `uid` on the host gets when it connects to the Unix socket at `path`."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child tries, and reports through the pipe
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(str(path))
+            outcome = "connected"
+        except OSError as exc:
+            outcome = type(exc).__name__
+        os.write(write, outcome.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as pipe:
+        return pipe.read()
+
+
+def kernel_limit(pid: int, controller: str, v1_file: str, v2_file: str) -> int:
+    """A limit the kernel holds for the cgroup of process `pid`, on cgroup v1 or v2."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return int(Path(f"/sys/fs/cgroup/{controller}{path}/{v1_file}").read_text())
+        if controllers == "" and Path(f"/sys/fs/cgroup{path}/{v2_file}").exists():
+            return int(Path(f"/sys/fs/cgroup{path}/{v2_file}").read_text())
+    raise AssertionError(f"process {pid} is in no {controller} cgroup")
+
+
+@pytest.mark.parametrize("kind", ["mysql", "redis"])
+def test_no_password_reaches_a_container_but_through_files_emptied_after_the_first_start(api, docker_settings, kind):
+    backend = docker_settings()
+    pk, config = running(api, kind)
+    instance = Instance.objects.get(pk=pk)
+    secrets = [instance.password, instance.admin_password]
+    container = container_of(backend, pk)
+
+    # Nothing docker inspect shows (Env, Cmd, Args, Labels, Mounts…) holds a password or its hash,
+    # nor does the container's log.
+    inspected = json.dumps(container.attrs)
+    assert [s for s in secrets + hashes(secrets) if s in inspected] == []
+    assert not [v for v in container.attrs["Config"]["Env"] if "PASSWORD=" in v]
+    log = container.logs()
+    assert [s for s in secrets if s.encode() in log] == []
+
+    # No file the portal or the server wrote holds a password in plain text, and the first-start
+    # files (the hashes of the accounts) are empty now.
+    directory = backend.volume_root / kind / str(pk)
+    assert files_holding(directory, secrets) == []
+    if kind == "mysql":
+        first_start = sorted((directory / "init").iterdir())
+        assert [(f.name, f.stat().st_size) for f in first_start] == [("init.sql", 0), ("root-password-hash", 0)]
+
+    # A rotation writes no plaintext either, and leaves nothing stale in the container's settings.
+    assert act(api, kind, pk, "rotate-password", "running", "unhealthy")["status"] == "running"
+    instance.refresh_from_db()
+    assert instance.password not in secrets
+    assert files_holding(directory, [instance.password]) == []
+    container.reload()
+    assert [s for s in [instance.password, *hashes([instance.password])] if s in json.dumps(container.attrs)] == []
+
+    # The container survives a restart with its first-start files empty.
+    kill_main_process_and_wait_for_restart(container)
+    assert retry(lambda: backend.probe(instance)) is None
+    assert act(api, kind, pk, "restart", "running", "unhealthy")["status"] == "running"
+    api.delete(f"/api/storage/{kind}/instances/{pk}")
+    wait_for_status(api, kind, pk, "gone", timeout=60)
+
+
+def test_the_portal_administers_mysql_over_a_socket_only_root_reaches_and_root_has_no_remote_account(
+    api, docker_settings
+):
+    backend = docker_settings()
+    pk, config = running(api, "mysql")
+    instance = Instance.objects.get(pk=pk)
+    directory, uid = backend.volume_root / "mysql" / str(pk), backend.uid(instance)
+
+    # root may log in over the socket only: as root@'%' over TCP it is refused.
+    with pytest.raises(pymysql.err.OperationalError) as refused:
+        pymysql.connect(host=config["host"], port=config["port"], user="root", password=instance.admin_password)
+    assert refused.value.args[0] == 1045  # "Access denied for user 'root'@'127.0.0.1'"
+    socket_path = backend.socket(instance)
+    assert socket_path == directory / "run" / "mysqld.sock"
+    with pymysql.connect(unix_socket=str(socket_path), user="root", password=instance.admin_password) as db:
+        with db.cursor() as cursor:
+            cursor.execute("SELECT User, Host FROM mysql.global_priv")
+            accounts = set(cursor.fetchall())
+    assert accounts == {("root", "localhost"), ("mariadb.sys", "localhost"), ("app", "%")}
+
+    # The socket lies in a folder only root may enter; the server's own uid owns the one below.
+    assert (directory.stat().st_uid, directory.stat().st_mode & 0o777) == (0, 0o700)
+    run = (directory / "run").stat()
+    assert (run.st_uid, run.st_mode & 0o777) == (uid, 0o700)
+    assert connects_as(65534, socket_path) == "PermissionError"
+    assert connects_as(0, socket_path) == "connected"
+
+    # A rotation goes through it.
+    assert act(api, "mysql", pk, "rotate-password", "running", "unhealthy")["status"] == "running"
+    new = api.get(f"/api/storage/mysql/instances/{pk}/config").json()
+    mysql(new).close()
+    with pytest.raises(pymysql.err.OperationalError):
+        mysql(config)
+    api.delete(f"/api/storage/mysql/instances/{pk}")
+    wait_for_status(api, "mysql", pk, "gone", timeout=60)
+
+
+def test_the_portal_administers_redis_over_a_socket_only_root_reaches(api, docker_settings):
+    backend = docker_settings()
+    pk, config = running(api, "redis")
+    instance = Instance.objects.get(pk=pk)
+    directory = backend.volume_root / "redis" / str(pk)
+    socket_path = backend.socket(instance)
+    assert socket_path == directory / "run" / "redis.sock"
+    admin = redis.Redis(
+        unix_socket_path=str(socket_path), username=ADMIN_USERNAME, password=instance.admin_password, retry=NO_RETRY
+    )
+    assert admin.acl_whoami() == ADMIN_USERNAME
+    admin.close()
+    assert (directory.stat().st_uid, directory.stat().st_mode & 0o777) == (0, 0o700)
+    assert connects_as(65534, socket_path) == "PermissionError"
+    assert connects_as(0, socket_path) == "connected"
+
+    assert act(api, "redis", pk, "rotate-password", "running", "unhealthy")["status"] == "running"
+    new = api.get(f"/api/storage/redis/instances/{pk}/config").json()
+    assert redis.Redis(host=new["host"], port=new["port"], password=new["password"], retry=NO_RETRY).ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host=config["host"], port=config["port"], password=config["password"], retry=NO_RETRY).ping()
+    api.delete(f"/api/storage/redis/instances/{pk}")
+    wait_for_status(api, "redis", pk, "gone", timeout=60)
+
+
+@pytest.mark.parametrize("kind", ["mysql", "redis"])
+def test_containers_run_as_their_own_uid_without_privileges_within_kernel_limits(api, docker_settings, kind):
+    backend = docker_settings()
+    engine = get_engine(kind)
+    pk, config = running(api, kind)
+    instance = Instance.objects.get(pk=pk)
+    uid = backend.uid(instance)
+    container = container_of(backend, pk)
+    host_config = container.attrs["HostConfig"]
+    assert container.attrs["Config"]["User"] == f"{uid}:{uid}"
+    assert host_config["CapDrop"] == ["ALL"] and not host_config["CapAdd"]
+    assert host_config["SecurityOpt"] == ["no-new-privileges"]
+    assert host_config["ReadonlyRootfs"] is True
+    assert host_config["PidsLimit"] == engine.pids_limit
+    assert host_config["Memory"] == engine.memory_limit(instance.options)
+
+    # The server as the kernel sees it: the instance's uid, no capability, none to gain.
+    pid = container.attrs["State"]["Pid"]
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    assert status["Uid"].split() == [str(uid)] * 4 and status["Gid"].split() == [str(uid)] * 4
+    assert {status[name] for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")} == {"0000000000000000"}
+    assert status["NoNewPrivs"] == "1"
+    assert kernel_limit(pid, "pids", "pids.max", "pids.max") == engine.pids_limit
+    assert kernel_limit(pid, "memory", "memory.limit_in_bytes", "memory.max") == engine.memory_limit(instance.options)
+
+    # The server's uid can write nowhere but its own folders, and cannot start more tasks than the limit.
+    code, output = container.exec_run(["sh", "-c", "touch /etc/planted || touch /planted"])
+    assert code != 0 and b"Read-only file system" in output
+    code, output = container.exec_run(
+        ["sh", "-c", 'i=0; while [ $i -lt 1000 ]; do sleep 3 & i=$((i + 1)); echo "$i"; done']
+    )
+    started = int(re.findall(rb"^(\d+)$", output, re.MULTILINE)[-1])
+    assert code != 0 and b"fork" in output.lower() and started < engine.pids_limit
+    api.delete(f"/api/storage/{kind}/instances/{pk}")
+    wait_for_status(api, kind, pk, "gone", timeout=60)
+
+
+def test_a_mysql_container_that_loses_its_data_does_not_come_back_with_an_open_root(api, docker_settings):
+    backend = docker_settings()
+    pk, config = running(api, "mysql")
+    assert act(api, "mysql", pk, "stop", "stopped", "unhealthy")["status"] == "stopped"
+    data = backend.volume_root / "mysql" / str(pk) / "data"
+    for path in data.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    container = container_of(backend, pk)
+    container.start()
+    deadline = time.monotonic() + 60
+    while b"password option is not specified" not in container.logs():
+        assert time.monotonic() < deadline, container.logs(tail=5)
+        time.sleep(0.2)
+    assert not (data / "mysql").exists()
+    assert port_refuses(config["port"])
+    api.delete(f"/api/storage/mysql/instances/{pk}")
+    wait_for_status(api, "mysql", pk, "gone", timeout=60)
+
+
+def test_the_test_image_runs_the_versions_of_the_default_images(docker_settings):
+    backend = docker_settings()
+    for kind, command in (("mysql", ["mariadbd", "--version"]), ("redis", ["redis-server", "--version"])):
+        version = get_engine(kind).image.partition(":")[2]  # mariadb:10.11 -> 10.11
+        output = backend.client.containers.run(IMAGE, command, entrypoint=[], remove=True).decode()
+        assert re.search(rf"(Ver |v=){re.escape(version)}\.\d", output), output

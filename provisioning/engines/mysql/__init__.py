@@ -30,7 +30,19 @@ USERNAME = "app"
 ADMIN_USERNAME = "root"
 ADMIN_TIMEOUT = 10  # seconds; an administrative statement that takes longer has failed
 INIT_FILE = "init.sql"
+# The official image runs *.sql in this folder once, as root, when it makes the data; it reads the
+# root password's hash from the file MARIADB_ROOT_PASSWORD_HASH_FILE names (at every start).
+INIT_DIR = PurePosixPath("/docker-entrypoint-initdb.d")
+ROOT_HASH_FILE = "root-password-hash"
 STORAGE_TEMPLATE = "storage.cnf"
+
+# mariadb-install-db also makes root@127.0.0.1, root@::1 and root@<host> without a password, and
+# the official image healthcheck@…; only the portal's root@localhost (Unix socket) may remain.
+ONLY_PORTAL_ROOT = (
+    "DELETE FROM mysql.global_priv WHERE NOT (User = 'root' AND Host = 'localhost') AND User <> 'mariadb.sys';",
+    "DELETE FROM mysql.proxies_priv WHERE NOT (User = 'root' AND Host = 'localhost');",
+    "FLUSH PRIVILEGES;",
+)
 
 
 def native_password_hash(password: str) -> str:
@@ -142,38 +154,47 @@ class MySQL(Engine):
         config = (PurePosixPath("/etc/mysql/conf.d/stockroom.cnf"), self.render_config(instance, layout))
         return Container(
             files={self.config_name: config},
+            init_dir=INIT_DIR,
+            init_files={
+                INIT_FILE: self.accounts_sql(instance),
+                ROOT_HASH_FILE: native_password_hash(instance.admin_password),
+            },
+            # Names of files, and no root but root@localhost, which only the socket reaches. Once
+            # the files are emptied, a container that finds its data gone refuses to make new data
+            # ("password option is not specified") rather than come back with a passwordless root.
             environment={
-                "MYSQL_ROOT_PASSWORD": instance.admin_password,
-                "MYSQL_DATABASE": instance.database,
-                "MYSQL_USER": instance.username,
-                "MYSQL_PASSWORD": instance.password,
+                "MARIADB_ROOT_PASSWORD_HASH_FILE": str(INIT_DIR / ROOT_HASH_FILE),
+                "MARIADB_ROOT_HOST": "localhost",
+                "MARIADB_INITDB_SKIP_TZINFO": "1",  # as the local data-directory template
             },
         )
 
     def init_sql(self, instance: "Instance") -> str:
-        """Statements run once at first start: the admin password, the user's database and account.
-
-        One statement per line (MariaDB's --init-file reads lines); passwords appear only hashed.
+        """Statements a local server runs once, at first start: `accounts_sql` and the admin
+        password. One statement per line (MariaDB's --init-file reads lines); passwords appear only
+        hashed.
         """
-        options = instance.options
-        return "\n".join(
-            [
-                # mariadb-install-db also makes root@127.0.0.1, root@::1 and root@<host> without a
-                # password; only the portal's root@localhost (Unix socket) may remain.
-                "DELETE FROM mysql.global_priv WHERE NOT (User = 'root' AND Host = 'localhost') "
-                "AND User <> 'mariadb.sys';",
-                "DELETE FROM mysql.proxies_priv WHERE NOT (User = 'root' AND Host = 'localhost');",
-                "FLUSH PRIVILEGES;",
-                f"ALTER USER '{ADMIN_USERNAME}'@'localhost' IDENTIFIED BY PASSWORD "
-                f"'{native_password_hash(instance.admin_password)}';",
-                f"CREATE DATABASE IF NOT EXISTS `{instance.database}` "
-                f"CHARACTER SET {options['charset']} COLLATE {options['collation']};",
-                f"CREATE USER IF NOT EXISTS '{instance.username}'@'%' IDENTIFIED BY PASSWORD "
-                f"'{native_password_hash(instance.password)}';",
-                f"GRANT ALL PRIVILEGES ON `{instance.database}`.* TO '{instance.username}'@'%';",
-                "",
-            ]
+        root = (
+            f"ALTER USER '{ADMIN_USERNAME}'@'localhost' IDENTIFIED BY PASSWORD "
+            f"'{native_password_hash(instance.admin_password)}';"
         )
+        return "\n".join([*ONLY_PORTAL_ROOT, root, *self._user_statements(instance), ""])
+
+    def accounts_sql(self, instance: "Instance") -> str:
+        """No account but root@localhost and the user's; the user's database and account, its
+        password hashed. In a container, the image sets root's password once these have run."""
+        return "\n".join([*ONLY_PORTAL_ROOT, *self._user_statements(instance), ""])
+
+    @staticmethod
+    def _user_statements(instance: "Instance") -> list[str]:
+        options = instance.options
+        return [
+            f"CREATE DATABASE IF NOT EXISTS `{instance.database}` "
+            f"CHARACTER SET {options['charset']} COLLATE {options['collation']};",
+            f"CREATE USER IF NOT EXISTS '{instance.username}'@'%' IDENTIFIED BY PASSWORD "
+            f"'{native_password_hash(instance.password)}';",
+            f"GRANT ALL PRIVILEGES ON `{instance.database}`.* TO '{instance.username}'@'%';",
+        ]
 
     # The data-directory template -------------------------------------------------------
 

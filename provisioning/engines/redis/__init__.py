@@ -93,6 +93,7 @@ class Redis(Engine):
     local_programs = ("redis-server",)
     image = "redis:7.0"  # the major version of Debian bookworm's redis-server, which the engine is tested on
     container_port = 6379
+    pids_limit = 64  # a few threads, and a child while it rewrites the append-only file
     connection_fields = {
         "host": str,
         "port": int,
@@ -183,7 +184,7 @@ class Redis(Engine):
             data=data,
             log="",
             pid=data / "redis.pid",
-            socket=data / "redis.sock",
+            socket=PurePosixPath("/run/redis/redis.sock"),
             files=data,
             tmp=data,
             acl=CONFIG_DIR / ACL_FILE,
@@ -216,9 +217,11 @@ class Redis(Engine):
     def reload_acl(self, instance: "Instance", admin: Endpoint) -> None:
         """Make the server read its ACL file again, as the portal's own user, and end the user's
         sessions: Redis keeps a connection logged in under the old password otherwise."""
+        where: dict[str, Any] = (
+            {"unix_socket_path": admin.socket} if admin.socket else {"host": admin.host, "port": admin.port}
+        )
         client = redis.Redis(
-            host=admin.host,
-            port=admin.port,
+            **where,
             username=ADMIN_USERNAME,
             password=instance.admin_password,
             retry=NO_RETRY,
