@@ -207,6 +207,9 @@ class Redis(Engine):
         )
         try:
             client.acl_load()
+            # ACL LOAD ends the sessions of every user it replaces, this one's included, just after
+            # its answer: the next command goes on a connection of its own.
+            client.connection_pool.disconnect()
             client.client_kill_filter(user=USERNAME)
         finally:
             client.close()
