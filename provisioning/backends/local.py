@@ -40,13 +40,34 @@ def processes_under(directory: Path) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-        except OSError:  # gone, a zombie, or not ours to read
-            continue
-        if cwd == prefix or cwd.startswith(prefix + "/"):
+        cwd = _working_directory(entry)
+        if cwd is not None and (cwd == prefix or cwd.startswith(prefix + "/")):
             found.append(int(entry.name))
     return found
+
+
+def _working_directory(process: Path) -> str | None:
+    """A process's working directory; None if it is gone or not ours to read.
+
+    A killed server's main thread may be gone (a zombie, with no working directory) while its
+    other threads still hold its files and its listening socket: it is not gone until they are.
+    """
+    try:
+        return os.readlink(process / "cwd")
+    except OSError:
+        pass
+    try:
+        if (process / "stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            return None  # gone, or not ours to read
+        threads = list((process / "task").iterdir())
+    except (OSError, IndexError):
+        return None
+    for thread in threads:
+        try:
+            return os.readlink(thread / "cwd")
+        except OSError:
+            continue
+    return None
 
 
 def kill_processes_under(directory: Path, timeout: float = 10.0) -> None:
