@@ -139,8 +139,13 @@ class BaseBackend:
         return str(settings.STOCKROOM_PUBLIC_HOST)
 
     def port_is_free(self, port: int) -> bool:
-        """Whether nothing on the host listens on `port` (instances' own ports are checked apart)."""
+        """Whether nothing on the host listens on `port` (instances' own ports are checked apart).
+
+        The probe binds as servers do, with SO_REUSEADDR: a port whose last connections linger in
+        TIME_WAIT is free to them, and only a listener (or a socket bound without it) holds it.
+        """
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((settings.STOCKROOM_BIND_ADDRESS, port))
             except OSError as exc:
