@@ -159,13 +159,21 @@ class LocalBackend(BaseBackend):
         self._run_server(instance)
 
     def set_password(self, instance: "Instance", password: str) -> None:
-        directory, layout = self.directory(instance), self.layout(instance)
+        directory = self.directory(instance)
         get_engine(instance.kind).set_password(
             instance,
             password,
-            admin=Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=str(layout.socket)),
+            admin=self.login_endpoint(instance),
             write=lambda name, text: self.write(directory / name, text),
         )
+
+    def login_endpoint(self, instance: "Instance") -> Endpoint:
+        """The server's Unix socket: it is in the instance's folder, where nobody else can listen."""
+        layout = self.layout(instance)
+        return Endpoint(layout.bind_address, layout.port, socket=str(layout.socket))
+
+    def instance_pids(self, instance: "Instance") -> set[int]:
+        return set(processes_under(self.directory(instance)))
 
     def destroy(self, instance: "Instance") -> None:
         directory = self.directory(instance)

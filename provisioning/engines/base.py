@@ -58,11 +58,16 @@ class Layout:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where the portal reaches a running server for administration."""
+    """Where the portal reaches a running server, for its own logins and administration.
+
+    With `socket` set, clients connect there and ignore `host` and `port`: the Unix socket in the
+    instance's own folder, which nobody else can put a listener in. Without it, TCP `host`:`port`,
+    which the backend has checked is the instance's own listener (`BaseBackend.login_endpoint`).
+    """
 
     host: str
     port: int
-    socket: str | None = None  # a Unix socket, when the portal can reach the server's own
+    socket: str | None = None
 
 
 # Writes one of the instance's files (by its name, e.g. "users.acl") where the server reads it.
@@ -209,13 +214,14 @@ class Engine:
         """Give the user `password` on the running server; the old one must stop working, and
         sessions opened with it are ended.
 
-        `admin` is where the portal's own account reaches the server; `write` replaces one of the
-        instance's files where the server reads it.
+        `admin` is where the portal's own account reaches the server (its Unix socket when it has
+        one); `write` replaces one of the instance's files where the server reads it.
         """
         raise NotImplementedError("Engines must say how a password is changed.")
 
-    def check_login(self, instance: "Instance", *, host: str, port: int, timeout: float) -> None:
-        """Log in with the user's credentials and run a trivial command; raise on failure."""
+    def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
+        """Log in at `endpoint` (its Unix socket if set, else TCP) with the user's credentials and
+        run a trivial command; raise on failure."""
         raise NotImplementedError("Engines must say how a user logs in.")
 
     def connection(self, instance: "Instance") -> dict[str, Any]:

@@ -240,10 +240,12 @@ class MySQL(Engine):
         finally:
             connection.close()
 
-    def check_login(self, instance: "Instance", *, host: str, port: int, timeout: float) -> None:
+    def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
+        # Over the socket the user is app@localhost to the server, which its app@'%' account matches.
         connection = pymysql.connect(
-            host=host,
-            port=port,
+            unix_socket=endpoint.socket,
+            host=None if endpoint.socket else endpoint.host,
+            port=endpoint.port,
             user=instance.username,
             password=instance.password,
             database=instance.database,

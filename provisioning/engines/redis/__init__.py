@@ -197,14 +197,7 @@ class Redis(Engine):
     def reload_acl(self, instance: "Instance", admin: Endpoint) -> None:
         """Make the server read its ACL file again, as the portal's own user, and end the user's
         sessions: Redis keeps a connection logged in under the old password otherwise."""
-        client = redis.Redis(
-            host=admin.host,
-            port=admin.port,
-            username=ADMIN_USERNAME,
-            password=instance.admin_password,
-            retry=NO_RETRY,
-            socket_timeout=ADMIN_TIMEOUT,
-        )
+        client = self.client(admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT)
         try:
             client.acl_load()
             # ACL LOAD ends the sessions of every user it replaces, this one's included, just after
@@ -214,20 +207,28 @@ class Redis(Engine):
         finally:
             client.close()
 
-    def check_login(self, instance: "Instance", *, host: str, port: int, timeout: float) -> None:
-        client = redis.Redis(
-            host=host,
-            port=port,
-            username=instance.username,
-            password=instance.password,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=NO_RETRY,  # the caller decides whether and when to try again
-        )
+    def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
+        client = self.client(endpoint, username=instance.username, password=instance.password, timeout=timeout)
         try:
             client.ping()
         finally:
             client.close()
+
+    @staticmethod
+    def client(endpoint: Endpoint, *, username: str, password: str, timeout: float) -> redis.Redis:
+        """A client of the portal's own, at the endpoint's Unix socket if it has one; it never
+        tries again by itself: the caller decides whether and when."""
+        where: dict[str, Any] = (
+            {"unix_socket_path": endpoint.socket} if endpoint.socket else {"host": endpoint.host, "port": endpoint.port}
+        )
+        return redis.Redis(
+            **where,
+            username=username,
+            password=password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=NO_RETRY,
+        )
 
     def connection(self, instance: "Instance") -> dict[str, Any]:
         return {
