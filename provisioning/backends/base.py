@@ -34,6 +34,10 @@ class BaseBackend:
 
     clock = staticmethod(time.monotonic)
     poll_interval = 0.02
+    # Whether `start` serves the instance on whatever `instance.port` is when it is called: the
+    # service moves a stopped instance to a free port when a stranger took its own. A backend that
+    # fixes the port when it creates the server leaves it False, and such a start fails instead.
+    moves_ports = False
 
     def __init__(self, alias: str, **options: Any):
         self.alias = alias
@@ -55,7 +59,8 @@ class BaseBackend:
         raise NotImplementedError("Backends must implement stop().")
 
     def start(self, instance: "Instance") -> None:
-        """Start a stopped (or dead) server again; return once the user's login works."""
+        """Start a stopped (or dead) server again, on `instance.port` if the backend `moves_ports`;
+        return once the user's login works."""
         raise NotImplementedError("Backends must implement start().")
 
     def restart(self, instance: "Instance") -> None:

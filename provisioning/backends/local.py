@@ -102,7 +102,13 @@ class LocalBackend(BaseBackend):
 
     `programs` maps a program name an engine asks for (a server binary) to its path; a program
     not named there is looked up on PATH.
+
+    The portal logs in over the Unix socket in the instance's folder (`login_endpoint`), and
+    writes the engine's `local_config` again before every start, so a server starts on whatever
+    port the instance holds now (`moves_ports`).
     """
+
+    moves_ports = True
 
     def __init__(self, alias: str, *, run_as: str, programs: dict[str, str] | None = None):
         super().__init__(alias)
@@ -155,7 +161,11 @@ class LocalBackend(BaseBackend):
         stop_processes_under(self.directory(instance))
 
     def start(self, instance: "Instance") -> None:
-        kill_processes_under(self.directory(instance))  # whatever is left of a server that hung
+        directory = self.directory(instance)
+        kill_processes_under(directory)  # whatever is left of a server that hung
+        # The port may have changed since the last start (see BaseBackend.moves_ports).
+        for name, text in get_engine(instance.kind).local_config(instance, self.layout(instance)).items():
+            self.write(directory / name, text)
         self._run_server(instance)
 
     def set_password(self, instance: "Instance", password: str) -> None:

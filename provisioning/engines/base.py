@@ -102,7 +102,7 @@ class Host(Protocol):
 class LocalSetup:
     """What a brand-new local instance needs before its first start."""
 
-    files: dict[str, str]  # name in the instance's folder -> content (config, ACL, init file)
+    files: dict[str, str]  # name in the instance's folder -> content (local_config's, ACL, init file)
     dirs: tuple[Path, ...] = ()  # folders to make
     seed: Path | None = None  # a data directory to copy in, instead of an empty one
     first_start_args: tuple[str, ...] = ()  # added to local_argv() at the first start only
@@ -195,6 +195,14 @@ class Engine:
     def local_setup(self, instance: "Instance", layout: Layout, host: Host) -> LocalSetup:
         """Files, folders and data a new instance needs on this host before its first start."""
         raise NotImplementedError("Engines must say how a local server is laid out.")
+
+    def local_config(self, instance: "Instance", layout: Layout) -> dict[str, str]:
+        """Files the local backend writes again before every start (name in the instance's folder ->
+        content), so a server always starts with the instance's current port and options: the
+        service moves a stopped instance to another port when a stranger took its own. By default,
+        the config file; `local_setup` includes these too.
+        """
+        return {self.config_name: self.render_config(instance, layout)}
 
     def local_argv(self, host: Host, config: Path) -> list[str]:
         """The command that starts the server in the foreground with the rendered `config`."""

@@ -2,6 +2,7 @@
 call these and nothing below them writes.
 
 - requests: the request side (validate, quota, reserve, queue);
+- ports: which port an instance holds, at create and when a stranger took it;
 - work: the worker side (claim, do, record) and recovery of work a dead worker left;
 - healing: the healing policy, the only writer of restart counting and backoff;
 - state: the transition table and the one function that changes a status;
@@ -11,7 +12,8 @@ call these and nothing below them writes.
 from .actions import ACTIONS, DELETABLE, Action
 from .claims import Busy
 from .healing import heal
-from .requests import NoFreePort, QuotaExceeded, WrongStatus, create_instance, delete_instance, request_action
+from .ports import NoFreePort
+from .requests import QuotaExceeded, WrongStatus, create_instance, delete_instance, request_action
 from .webhooks import TooManyWebhooks, create_webhook
 from .work import deprovision, perform_action, provision, recover
 

@@ -105,7 +105,7 @@ class MySQL(Engine):
     def local_setup(self, instance: "Instance", layout: Layout, host: Host) -> LocalSetup:
         assert isinstance(layout.data, Path)
         return LocalSetup(
-            files={self.config_name: self.render_config(instance, layout), INIT_FILE: self.init_sql(instance)},
+            files={**self.local_config(instance, layout), INIT_FILE: self.init_sql(instance)},
             dirs=(Path(layout.files), Path(layout.tmp)),
             seed=self._data_template(host),
             first_start_args=(f"--init-file={layout.data.parent / INIT_FILE}",),

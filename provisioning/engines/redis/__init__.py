@@ -146,10 +146,7 @@ class Redis(Engine):
 
     def local_setup(self, instance: "Instance", layout: Layout, host: Host) -> LocalSetup:
         return LocalSetup(
-            files={
-                self.config_name: self.render_config(instance, layout),
-                ACL_FILE: self.acl_lines(instance, instance.password),
-            },
+            files={**self.local_config(instance, layout), ACL_FILE: self.acl_lines(instance, instance.password)},
             dirs=(Path(layout.data),),
         )
 
