@@ -23,10 +23,10 @@ def _address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(b"".join(struct.pack("=I", word) for word in words))
 
 
-def listening_inodes(address: str, port: int) -> set[int]:
-    """Inodes of the listening sockets that a connection to `address`:`port` could reach: bound to
-    that address, to the wildcard of its family, or (for IPv4) to the address or wildcard of IPv6,
-    which a dual-stack socket also serves."""
+def listening_sockets(address: str, port: int) -> dict[int, int]:
+    """The listening sockets that a connection to `address`:`port` could reach, as {inode: uid of
+    their owner}: bound to that address, to the wildcard of its family, or (for IPv4) to the
+    address or wildcard of IPv6, which a dual-stack socket also serves."""
     target = ipaddress.ip_address(address)
     reach: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = {target}
     if target.version == 4:
@@ -37,7 +37,7 @@ def listening_inodes(address: str, port: int) -> set[int]:
         }
     else:
         reach.add(ipaddress.ip_address("::"))
-    found = set()
+    found = {}
     for table in ("tcp", "tcp6"):
         try:
             lines = (PROC / "net" / table).read_text().splitlines()[1:]
@@ -45,20 +45,28 @@ def listening_inodes(address: str, port: int) -> set[int]:
             continue
         for line in lines:
             fields = line.split()
-            local, state, inode = fields[1], fields[3], int(fields[9])
+            local, state, uid, inode = fields[1], fields[3], int(fields[7]), int(fields[9])
             hex_address, hex_port = local.split(":")
             if state == LISTEN and int(hex_port, 16) == port and _address(hex_address) in reach:
-                found.add(inode)
+                found[inode] = uid
     return found
 
 
-def sockets_held_by(pids: Iterable[int]) -> set[int]:
-    """Inodes of the sockets the processes `pids` hold open (those gone or not ours to read are skipped)."""
+def listening_inodes(address: str, port: int) -> set[int]:
+    """Inodes of the sockets listening where a connection to `address`:`port` goes (see listening_sockets)."""
+    return set(listening_sockets(address, port))
+
+
+def sockets_held_by(pids: Iterable[int]) -> set[int] | None:
+    """Inodes of the sockets the processes `pids` hold open (those gone are skipped); None if the
+    descriptors of one cannot be read: another user's process, to a portal that is not root."""
     inodes = set()
     for pid in pids:
         try:
             descriptors = os.listdir(PROC / str(pid) / "fd")
-        except OSError:
+        except PermissionError:
+            return None
+        except OSError:  # gone
             continue
         for descriptor in descriptors:
             try:
@@ -70,8 +78,34 @@ def sockets_held_by(pids: Iterable[int]) -> set[int]:
     return inodes
 
 
+def owners(pids: Iterable[int]) -> set[int]:
+    """The effective and filesystem uids the processes `pids` run as (anyone may read them)."""
+    uids = set()
+    for pid in pids:
+        try:
+            status = (PROC / str(pid) / "status").read_text()
+        except OSError:  # gone
+            continue
+        for line in status.splitlines():
+            if line.startswith("Uid:"):
+                _, _, effective, _, filesystem = line.split()
+                uids |= {int(effective), int(filesystem)}
+    return uids
+
+
 def only_held_by(address: str, port: int, pids: Iterable[int]) -> bool:
     """Whether something listens on `address`:`port` and every socket that listens there (or on a
-    wildcard that would also take the connection) is held by one of `pids`."""
-    inodes = listening_inodes(address, port)
-    return bool(inodes) and inodes <= sockets_held_by(pids)
+    wildcard that would also take the connection) is held by one of `pids`.
+
+    A portal that is not root cannot see which sockets another user's processes hold (a container's
+    server, the root docker-proxy); then every listener must at least belong to a user they run as.
+    """
+    pids = list(pids)
+    sockets = listening_sockets(address, port)
+    if not sockets:
+        return False
+    held = sockets_held_by(pids)
+    if held is not None:
+        return set(sockets) <= held
+    uids = owners(pids)
+    return bool(uids) and set(sockets.values()) <= uids

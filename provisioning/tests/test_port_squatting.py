@@ -17,6 +17,7 @@ import pymysql
 import pytest
 import redis
 
+from provisioning.backends import listeners
 from provisioning.backends.base import BaseBackend, StrangerOnPort, get_backend
 from provisioning.backends.local import LocalBackend, processes_under
 from provisioning.engines import Endpoint, get_engine
@@ -286,3 +287,18 @@ def test_over_tcp_only_the_instances_own_listener_is_sent_a_login(api, tcp_backe
             tcp_backend.probe(instance)
         assert tcp_backend.login_error(instance, timeout=1, tries=2, pause=0) == "StrangerOnPort"
     assert squatter.connections == 0 and squatter.received == b""
+
+
+def test_a_portal_that_cannot_read_a_servers_descriptors_checks_who_owns_the_listener(api, monkeypatch, unused_port):
+    if os.geteuid() != 0:
+        pytest.skip("the servers must run as another user than this test's squatter: only root can do that")
+    pk, config = running(api, "redis")
+    server = processes_under(instance_dir("redis", pk))
+    assert listeners.owners(server) != {0}, "the server runs as the instances' user"
+    # What a portal that is not root sees of another user's processes: not which sockets they hold.
+    monkeypatch.setattr(listeners, "sockets_held_by", lambda pids: None)
+    assert listeners.only_held_by("127.0.0.1", config["port"], server)
+    with Squatter("redis", unused_port) as squatter:  # root's: not the user the server runs as
+        assert not listeners.only_held_by("127.0.0.1", unused_port, server)
+        assert listeners.only_held_by("127.0.0.1", unused_port, [os.getpid()]), "the same user would pass"
+    assert squatter.connections == 0
