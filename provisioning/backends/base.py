@@ -10,13 +10,18 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from ..engines import get_engine
+from ..engines import Endpoint, get_engine
 from ..errors import BackendError
+from . import listeners
 
 if TYPE_CHECKING:
     from ..models import Instance
 
-__all__ = ["BackendError", "BaseBackend", "get_backend"]
+__all__ = ["BackendError", "BaseBackend", "StrangerOnPort", "get_backend"]
+
+
+class StrangerOnPort(BackendError):
+    """Something other than the instance's server listens on its port; no credentials were sent."""
 
 
 class BaseBackend:
@@ -29,6 +34,10 @@ class BaseBackend:
 
     clock = staticmethod(time.monotonic)
     poll_interval = 0.02
+    # Whether `start` serves the instance on whatever `instance.port` is when it is called: the
+    # service moves a stopped instance to a free port when a stranger took its own. A backend that
+    # fixes the port when it creates the server leaves it False, and such a start fails instead.
+    moves_ports = False
 
     def __init__(self, alias: str, **options: Any):
         self.alias = alias
@@ -50,7 +59,8 @@ class BaseBackend:
         raise NotImplementedError("Backends must implement stop().")
 
     def start(self, instance: "Instance") -> None:
-        """Start a stopped (or dead) server again; return once the user's login works."""
+        """Start a stopped (or dead) server again, on `instance.port` if the backend `moves_ports`;
+        return once the user's login works."""
         raise NotImplementedError("Backends must implement start().")
 
     def restart(self, instance: "Instance") -> None:
@@ -63,10 +73,57 @@ class BaseBackend:
         raise NotImplementedError("Backends must implement set_password().")
 
     def probe(self, instance: "Instance", timeout: float = 2.0) -> None:
-        """Log in with the user's credentials; raise if the server does not answer."""
+        """Log in with the user's credentials; raise if the server does not answer.
+
+        Over TCP, only once the listener on the port is seen to be the instance's (`holds_port`):
+        while a server is down, anyone on the host may listen on its port and wait for a login.
+        """
         if instance.port is None:
             raise BackendError("The instance has no port: it holds no server.")
-        get_engine(instance.kind).check_login(instance, host=self.probe_host, port=instance.port, timeout=timeout)
+        get_engine(instance.kind).check_login(instance, self.checked_login_endpoint(instance), timeout=timeout)
+
+    def checked_login_endpoint(self, instance: "Instance") -> Endpoint:
+        """`login_endpoint`, once it is safe to send it credentials: a Unix socket as it is; TCP only
+        after `check_listener` (which raises otherwise)."""
+        endpoint = self.login_endpoint(instance)
+        if endpoint.socket is None:
+            self.check_listener(instance)
+        return endpoint
+
+    def login_endpoint(self, instance: "Instance") -> Endpoint:
+        """Where the portal's own logins reach the server (the checks of the user's login, and the
+        administrative account): the instance's Unix socket where the portal can reach it, which
+        only the server can listen on. The default is TCP on the instance's port, which `probe`
+        uses only after `holds_port` has seen that the instance's server listens there.
+
+        Users always get TCP host and port; this is the portal's way in only.
+        """
+        assert instance.port is not None, "only an instance that holds a port has a server"
+        return Endpoint(self.probe_host, instance.port)
+
+    def instance_pids(self, instance: "Instance") -> set[int]:
+        """The instance's processes, as this host's /proc numbers them, that may hold the socket
+        listening on its port (the server; a proxy that publishes its port). Backends whose
+        `login_endpoint` is TCP must say; the others need not."""
+        raise NotImplementedError("Backends that log in over TCP must say which processes are the instance's.")
+
+    def holds_port(self, instance: "Instance") -> bool:
+        """Whether the instance's own processes, and nobody else, listen on its port."""
+        assert instance.port is not None, "only an instance that holds a port has a server"
+        pids = self.instance_pids(instance)
+        return bool(pids) and listeners.only_held_by(self.probe_host, instance.port, pids)
+
+    def check_listener(self, instance: "Instance") -> None:
+        """Raise unless the instance's own processes, and nobody else, listen on its port:
+        ConnectionRefusedError if nothing does, StrangerOnPort if anyone else does."""
+        assert instance.port is not None, "only an instance that holds a port has a server"
+        if not listeners.listening_inodes(self.probe_host, instance.port):
+            raise ConnectionRefusedError(f"Nothing listens on port {instance.port}.")
+        if not self.holds_port(instance):
+            raise StrangerOnPort(
+                f"Something other than the instance's server listens on port {instance.port}; "
+                "the portal sent it no credentials."
+            )
 
     def login_error(self, instance: "Instance", *, timeout: float, tries: int = 1, pause: float = 0.2) -> str | None:
         """None if the user's login works (within `tries`, `pause` s apart), else a short reason."""
@@ -105,8 +162,15 @@ class BaseBackend:
         )
 
     def _accepts_connections(self, instance: "Instance") -> bool:
+        """Whether the server takes connections where the portal logs in (nothing is sent)."""
+        endpoint = self.login_endpoint(instance)
         try:
-            socket.create_connection((self.probe_host, instance.port), timeout=1).close()
+            if endpoint.socket:
+                with socket.socket(socket.AF_UNIX) as unix:
+                    unix.settimeout(1)
+                    unix.connect(endpoint.socket)
+            else:
+                socket.create_connection((endpoint.host, endpoint.port), timeout=1).close()
         except OSError:
             return False
         return True
@@ -139,8 +203,13 @@ class BaseBackend:
         return str(settings.STOCKROOM_PUBLIC_HOST)
 
     def port_is_free(self, port: int) -> bool:
-        """Whether nothing on the host listens on `port` (instances' own ports are checked apart)."""
+        """Whether nothing on the host listens on `port` (instances' own ports are checked apart).
+
+        The probe binds as servers do, with SO_REUSEADDR: a port whose last connections linger in
+        TIME_WAIT is free to them, and only a listener (or a socket bound without it) holds it.
+        """
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((settings.STOCKROOM_BIND_ADDRESS, port))
             except OSError as exc:

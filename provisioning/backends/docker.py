@@ -37,6 +37,25 @@ SERVER_DIRS = ("data", "tmp", "run")  # what the server writes, owned by its uid
 NOT_ROOT = "The Docker backend must run as root: it gives each container's folders to the container's own uid."
 
 
+def docker_proxies(*, port: int | None, container_addresses: set[str]) -> set[int]:
+    """Root's docker-proxy processes that publish `port` for one of `container_addresses`."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            owner = entry.stat().st_uid
+        except OSError:
+            continue
+        if owner != 0 or Path(argv[0]).name != "docker-proxy":
+            continue
+        values = {name: value for name, value in zip(argv, argv[1:], strict=False) if name.startswith("-")}
+        if values.get("-host-port") == str(port) and values.get("-container-ip") in container_addresses:
+            found.add(int(entry.name))
+    return found
+
+
 class DockerBackend(BaseBackend):
     poll_interval = 0.1
 
@@ -213,6 +232,24 @@ class DockerBackend(BaseBackend):
             admin=Endpoint(self.probe_host, instance.port, socket=str(self.socket(instance))),
             write=lambda name, text: self._write(instance, directory / name, text),
         )
+
+    def instance_pids(self, instance: "Instance") -> set[int]:
+        """With host networking, the container's processes; on a bridge, the docker-proxy (a root
+        process of dockerd's) that publishes the container's port on the host."""
+        pids: set[int] = set()
+        for container in self._own(instance):
+            if self.network_mode == "host":
+                try:
+                    top = container.top()  # host pids; a container that is not running has none
+                except Exception:  # noqa: BLE001 - the docker SDK raises many kinds
+                    continue
+                column = top["Titles"].index("PID")
+                pids |= {int(row[column]) for row in top.get("Processes") or ()}
+            else:
+                networks = container.attrs["NetworkSettings"]["Networks"].values()
+                addresses = {network["IPAddress"] for network in networks if network.get("IPAddress")}
+                pids |= docker_proxies(port=instance.port, container_addresses=addresses)
+        return pids
 
     @property
     def probe_host(self) -> str:

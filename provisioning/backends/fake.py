@@ -33,6 +33,7 @@ class NotAnswering(ConnectionRefusedError):
 
 class FakeBackend(BaseBackend):
     OPERATIONS = ("create", "destroy", "stop", "start", "set_password", "probe", "check", "remove_orphan")
+    moves_ports = True  # a start serves the instance on the port it has then, as the local backend does
 
     def __init__(self, alias: str, **options: Any):
         super().__init__(alias, **options)
@@ -109,8 +110,10 @@ class FakeBackend(BaseBackend):
     def start(self, instance: "Instance") -> None:
         self._enter("start", instance.pk)
         server = self._server(instance)
+        if instance.port in self.squatted:  # as a real server that cannot listen exits
+            raise BackendError(f"The server could not listen on port {instance.port}: another process holds it.")
         with self.lock:
-            server.running = True
+            server.running, server.port = True, instance.port
         if server.password != instance.password:
             raise BackendError("The server started, but the user's login was refused.")
 
@@ -149,4 +152,9 @@ class FakeBackend(BaseBackend):
             self.servers.pop(int(key), None)
 
     def port_is_free(self, port: int) -> bool:
-        return port not in self.squatted
+        with self.lock:
+            return port not in self.squatted and not any(s.running and s.port == port for s in self.servers.values())
+
+    def holds_port(self, instance: "Instance") -> bool:
+        server = self.servers.get(instance.pk)
+        return server is not None and server.running and server.port == instance.port

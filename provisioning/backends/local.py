@@ -40,13 +40,34 @@ def processes_under(directory: Path) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-        except OSError:  # gone, a zombie, or not ours to read
-            continue
-        if cwd == prefix or cwd.startswith(prefix + "/"):
+        cwd = _working_directory(entry)
+        if cwd is not None and (cwd == prefix or cwd.startswith(prefix + "/")):
             found.append(int(entry.name))
     return found
+
+
+def _working_directory(process: Path) -> str | None:
+    """A process's working directory; None if it is gone or not ours to read.
+
+    A killed server's main thread may be gone (a zombie, with no working directory) while its
+    other threads still hold its files and its listening socket: it is not gone until they are.
+    """
+    try:
+        return os.readlink(process / "cwd")
+    except OSError:
+        pass
+    try:
+        if (process / "stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            return None  # gone, or not ours to read
+        threads = list((process / "task").iterdir())
+    except (OSError, IndexError):
+        return None
+    for thread in threads:
+        try:
+            return os.readlink(thread / "cwd")
+        except OSError:
+            continue
+    return None
 
 
 def kill_processes_under(directory: Path, timeout: float = 10.0) -> None:
@@ -81,7 +102,13 @@ class LocalBackend(BaseBackend):
 
     `programs` maps a program name an engine asks for (a server binary) to its path; a program
     not named there is looked up on PATH.
+
+    The portal logs in over the Unix socket in the instance's folder (`login_endpoint`), and
+    writes the engine's `local_config` again before every start, so a server starts on whatever
+    port the instance holds now (`moves_ports`).
     """
+
+    moves_ports = True
 
     def __init__(self, alias: str, *, run_as: str, programs: dict[str, str] | None = None):
         super().__init__(alias)
@@ -134,17 +161,29 @@ class LocalBackend(BaseBackend):
         stop_processes_under(self.directory(instance))
 
     def start(self, instance: "Instance") -> None:
-        kill_processes_under(self.directory(instance))  # whatever is left of a server that hung
+        directory = self.directory(instance)
+        kill_processes_under(directory)  # whatever is left of a server that hung
+        # The port may have changed since the last start (see BaseBackend.moves_ports).
+        for name, text in get_engine(instance.kind).local_config(instance, self.layout(instance)).items():
+            self.write(directory / name, text)
         self._run_server(instance)
 
     def set_password(self, instance: "Instance", password: str) -> None:
-        directory, layout = self.directory(instance), self.layout(instance)
+        directory = self.directory(instance)
         get_engine(instance.kind).set_password(
             instance,
             password,
-            admin=Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=str(layout.socket)),
+            admin=self.login_endpoint(instance),
             write=lambda name, text: self.write(directory / name, text),
         )
+
+    def login_endpoint(self, instance: "Instance") -> Endpoint:
+        """The server's Unix socket: it is in the instance's folder, where nobody else can listen."""
+        layout = self.layout(instance)
+        return Endpoint(layout.bind_address, layout.port, socket=str(layout.socket))
+
+    def instance_pids(self, instance: "Instance") -> set[int]:
+        return set(processes_under(self.directory(instance)))
 
     def destroy(self, instance: "Instance") -> None:
         directory = self.directory(instance)

@@ -58,11 +58,16 @@ class Layout:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where the portal reaches a running server for administration."""
+    """Where the portal reaches a running server, for its own logins and administration.
+
+    With `socket` set, clients connect there and ignore `host` and `port`: the Unix socket in the
+    instance's own folder, which nobody else can put a listener in. Without it, TCP `host`:`port`,
+    which the backend has checked is the instance's own listener (`BaseBackend.login_endpoint`).
+    """
 
     host: str
     port: int
-    socket: str | None = None  # a Unix socket, when the portal can reach the server's own
+    socket: str | None = None
 
 
 # Writes one of the instance's files (by its name, e.g. "users.acl") where the server reads it.
@@ -97,7 +102,7 @@ class Host(Protocol):
 class LocalSetup:
     """What a brand-new local instance needs before its first start."""
 
-    files: dict[str, str]  # name in the instance's folder -> content (config, ACL, init file)
+    files: dict[str, str]  # name in the instance's folder -> content (local_config's, ACL, init file)
     dirs: tuple[Path, ...] = ()  # folders to make
     seed: Path | None = None  # a data directory to copy in, instead of an empty one
     first_start_args: tuple[str, ...] = ()  # added to local_argv() at the first start only
@@ -215,6 +220,14 @@ class Engine:
         """Files, folders and data a new instance needs on this host before its first start."""
         raise NotImplementedError("Engines must say how a local server is laid out.")
 
+    def local_config(self, instance: "Instance", layout: Layout) -> dict[str, str]:
+        """Files the local backend writes again before every start (name in the instance's folder ->
+        content), so a server always starts with the instance's current port and options: the
+        service moves a stopped instance to another port when a stranger took its own. By default,
+        the config file; `local_setup` includes these too.
+        """
+        return {self.config_name: self.render_config(instance, layout)}
+
     def local_argv(self, host: Host, config: Path) -> list[str]:
         """The command that starts the server in the foreground with the rendered `config`."""
         raise NotImplementedError("Engines must say how a local server is started.")
@@ -233,13 +246,14 @@ class Engine:
         """Give the user `password` on the running server; the old one must stop working, and
         sessions opened with it are ended.
 
-        `admin` is where the portal's own account reaches the server; `write` replaces one of the
-        instance's files where the server reads it.
+        `admin` is where the portal's own account reaches the server (its Unix socket when it has
+        one); `write` replaces one of the instance's files where the server reads it.
         """
         raise NotImplementedError("Engines must say how a password is changed.")
 
-    def check_login(self, instance: "Instance", *, host: str, port: int, timeout: float) -> None:
-        """Log in with the user's credentials and run a trivial command; raise on failure."""
+    def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
+        """Log in at `endpoint` (its Unix socket if set, else TCP) with the user's credentials and
+        run a trivial command; raise on failure."""
         raise NotImplementedError("Engines must say how a user logs in.")
 
     def connection(self, instance: "Instance") -> dict[str, Any]:

@@ -3,6 +3,7 @@ call these and nothing below them writes.
 
 - requests: the request side (validate, quota, reserve, queue);
 - capacity: the quotas and the host's memory budget, which requests check;
+- ports: which port an instance holds, at create and when a stranger took it;
 - work: the worker side (claim, do, record) and recovery of work a dead worker left;
 - healing: the healing policy, the only writer of restart counting and backoff;
 - state: the transition table and the one function that changes a status;
@@ -13,7 +14,8 @@ from .actions import ACTIONS, DELETABLE, Action
 from .capacity import NoCapacity, QuotaExceeded
 from .claims import Busy
 from .healing import heal
-from .requests import NoFreePort, WrongStatus, create_instance, delete_instance, request_action
+from .ports import NoFreePort
+from .requests import WrongStatus, create_instance, delete_instance, request_action
 from .webhooks import TooManyWebhooks, create_webhook
 from .work import deprovision, perform_action, provision, recover
 

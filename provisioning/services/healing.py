@@ -14,9 +14,9 @@ from django.utils import timezone
 
 from ..backends.base import BaseBackend
 from ..models import Instance, Status
-from . import jobs
+from . import jobs, ports
 from .claims import Busy, work_on
-from .outcomes import describe, stop_quietly
+from .outcomes import describe, stop_quietly, with_note
 from .state import Side, transition
 
 logger = logging.getLogger(__name__)
@@ -90,10 +90,13 @@ def _heal(instance: Instance, backend: BaseBackend) -> None:
         _give_up(instance, backend)
         return
     Instance.objects.filter(pk=instance.pk).update(restart_attempts=attempt + 1)
+    moved = ""  # a sentence, if a stranger held the port and the instance moved
     try:
+        moved = ports.move_if_taken(instance, backend)
         backend.restart(instance)
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
-        message = describe(f"Restart {attempt + 1} of {settings.STOCKROOM_MAX_RESTARTS} failed", instance, exc)
+        what = f"Restart {attempt + 1} of {settings.STOCKROOM_MAX_RESTARTS} failed"
+        message = with_note(describe(what, instance, exc), moved)
         # The wait counts from now: a start that timed out must not eat the backoff.
         Instance.objects.filter(pk=instance.pk, status=Status.UNHEALTHY).update(
             status_message=message, next_restart_at=timezone.now() + timedelta(seconds=restart_delay(attempt))
@@ -103,7 +106,7 @@ def _heal(instance: Instance, backend: BaseBackend) -> None:
     transition(
         instance,
         Status.RUNNING,
-        f"Restarted after it stopped answering (attempt {attempt + 1}).",
+        with_note(f"Restarted after it stopped answering (attempt {attempt + 1}).", moved),
         side=Side.HEALER,
         allowed_from=(Status.UNHEALTHY,),
     )

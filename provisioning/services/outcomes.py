@@ -16,6 +16,11 @@ def describe(what: str, instance: Instance, exc: Exception) -> str:
     return f"{what}: unexpected {type(exc).__name__}; an operator can find details in the worker log."
 
 
+def with_note(message: str, note: str) -> str:
+    """`message`, followed by `note` (a sentence such as "Port … was taken …; moved to …") if any."""
+    return f"{message} {note}" if note else message
+
+
 def stop_quietly(instance: Instance, backend: BaseBackend) -> str:
     """Stop what may be running; returns "" or a sentence saying that it could not."""
     try:

@@ -7,19 +7,19 @@ import re
 import secrets
 from typing import Any
 
-from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import transaction
 
 from .. import crypto
-from ..backends.base import BaseBackend, get_backend
+from ..backends.base import get_backend
 from ..engines import OptionErrors, get_engine
 from ..models import Instance, Status
 from . import capacity, jobs
 from .actions import ACTIONS, DELETABLE
 from .capacity import NoCapacity, QuotaExceeded
 from .claims import Busy
+from .ports import save_with_free_port
 from .state import Side, record_event, transition
 
 logger = logging.getLogger(__name__)
@@ -34,10 +34,6 @@ class WrongStatus(Exception):
     def __init__(self, instance: Instance, action: str):
         super().__init__(f"Cannot {action} an instance that is {instance.status}.")
         self.instance = instance
-
-
-class NoFreePort(NoCapacity):
-    """Every port in STOCKROOM_PORT_RANGE is taken."""
 
 
 def create_instance(*, owner: User, kind: str, options: dict[str, Any], name: str | None = None) -> Instance:
@@ -79,34 +75,11 @@ def create_instance(*, owner: User, kind: str, options: dict[str, Any], name: st
             database=engine.database,
             username=engine.username,
         )
-        _save_with_free_port(instance, backend)
+        save_with_free_port(instance, backend)
         record_event(instance, "", Status.PROVISIONING, f"Requested by {owner}.")
         transaction.on_commit(lambda: _enqueue("provision_instance", instance, revert_to=Status.FAILED))
     logger.info("Instance %s (%s) requested by %s on port %s", instance.pk, kind, owner, instance.port)
     return instance
-
-
-def _save_with_free_port(instance: Instance, backend: BaseBackend) -> None:
-    """Take the lowest port in range that no live instance holds and nothing listens on.
-
-    The database's unique constraint is the arbiter: if a concurrent create took the same
-    port first, the insert fails and the next port is tried.
-    """
-    first, last = settings.STOCKROOM_PORT_RANGE
-    held = set(Instance.objects.live().filter(host=instance.host).values_list("port", flat=True))
-    for port in range(first, last + 1):
-        if port in held or not backend.port_is_free(port):
-            continue
-        instance.port = port
-        try:
-            with transaction.atomic():
-                instance.save()
-            return
-        except IntegrityError:
-            if not Instance.objects.live().filter(host=instance.host, port=port).exists():
-                raise  # not a port clash: let the caller see it
-            held.add(port)
-    raise NoFreePort(f"No free port is left in {first}-{last}; ask an operator to widen STOCKROOM_PORT_RANGE.")
 
 
 def delete_instance(*, instance: Instance, by: object) -> Instance:

@@ -14,10 +14,10 @@ from django.utils import timezone
 from .. import crypto
 from ..backends.base import BackendError, BaseBackend
 from ..models import BUSY_STATUSES, Instance, Status
-from . import healing, jobs
+from . import healing, jobs, ports
 from .actions import ACTION_OF, ACTIONS
 from .claims import Busy, work_on
-from .outcomes import describe, stop_quietly
+from .outcomes import describe, stop_quietly, with_note
 from .state import Side, transition
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ def provision(instance_id: int) -> None:
 def _provision(instance: Instance, backend: BaseBackend) -> None:
     instance.timings = {"queued": round((timezone.now() - instance.created_at).total_seconds(), 4)}
     instance.mark(None)
+    moved = ""  # a sentence, if something took the port after it was reserved
     try:
+        moved = ports.move_if_taken(instance, backend, creating=True)
         backend.create(instance)
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
         _fail(instance, backend, "Provisioning failed", exc)
@@ -42,7 +44,7 @@ def _provision(instance: Instance, backend: BaseBackend) -> None:
     if transition(
         instance,
         Status.RUNNING,
-        "Started; a login with the user's credentials succeeded.",
+        with_note("Started; a login with the user's credentials succeeded.", moved),
         side=Side.WORKER,
         allowed_from=(Status.PROVISIONING,),
         also={"timings": instance.timings},
@@ -111,17 +113,20 @@ def perform_action(instance_id: int, action: str) -> None:
 
 def _perform(instance: Instance, backend: BaseBackend, action: str) -> None:
     spec = ACTIONS[action]
+    moved = ""  # a sentence, if a stranger held the port and the instance moved
     try:
         if action == "stop":
             backend.stop(instance)
         elif action == "start":
+            moved = ports.move_if_taken(instance, backend)
             backend.start(instance)
         elif action == "restart":
+            moved = ports.move_if_taken(instance, backend)
             backend.restart(instance)
         else:
             _rotate_password(instance, backend)
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
-        message = describe(f"{spec.title} failed", instance, exc)
+        message = with_note(describe(f"{spec.title} failed", instance, exc), moved)
         if action == "start":  # a stopped instance stays stopped, with nothing half-started left running
             message += stop_quietly(instance, backend)
             transition(instance, Status.STOPPED, message, side=Side.WORKER, allowed_from=(spec.busy,))
@@ -129,7 +134,8 @@ def _perform(instance: Instance, backend: BaseBackend, action: str) -> None:
             transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(spec.busy,))
     else:
         healing.forget_restarts(instance)
-        transition(instance, spec.done, spec.done_message, side=Side.WORKER, allowed_from=(spec.busy,))
+        message = with_note(spec.done_message, moved)
+        transition(instance, spec.done, message, side=Side.WORKER, allowed_from=(spec.busy,))
 
 
 def _rotate_password(instance: Instance, backend: BaseBackend) -> None:

@@ -124,7 +124,7 @@ class MySQL(Engine):
     def local_setup(self, instance: "Instance", layout: Layout, host: Host) -> LocalSetup:
         assert isinstance(layout.data, Path)
         return LocalSetup(
-            files={self.config_name: self.render_config(instance, layout), INIT_FILE: self.init_sql(instance)},
+            files={**self.local_config(instance, layout), INIT_FILE: self.init_sql(instance)},
             dirs=(Path(layout.files), Path(layout.tmp)),
             seed=self._data_template(host),
             first_start_args=(f"--init-file={layout.data.parent / INIT_FILE}",),
@@ -268,10 +268,12 @@ class MySQL(Engine):
         finally:
             connection.close()
 
-    def check_login(self, instance: "Instance", *, host: str, port: int, timeout: float) -> None:
+    def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
+        # Over the socket the user is app@localhost to the server, which its app@'%' account matches.
         connection = pymysql.connect(
-            host=host,
-            port=port,
+            unix_socket=endpoint.socket,
+            host=None if endpoint.socket else endpoint.host,
+            port=endpoint.port,
             user=instance.username,
             password=instance.password,
             database=instance.database,

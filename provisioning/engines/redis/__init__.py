@@ -166,10 +166,7 @@ class Redis(Engine):
 
     def local_setup(self, instance: "Instance", layout: Layout, host: Host) -> LocalSetup:
         return LocalSetup(
-            files={
-                self.config_name: self.render_config(instance, layout),
-                ACL_FILE: self.acl_lines(instance, instance.password),
-            },
+            files={**self.local_config(instance, layout), ACL_FILE: self.acl_lines(instance, instance.password)},
             dirs=(Path(layout.data),),
         )
 
@@ -217,36 +214,38 @@ class Redis(Engine):
     def reload_acl(self, instance: "Instance", admin: Endpoint) -> None:
         """Make the server read its ACL file again, as the portal's own user, and end the user's
         sessions: Redis keeps a connection logged in under the old password otherwise."""
-        where: dict[str, Any] = (
-            {"unix_socket_path": admin.socket} if admin.socket else {"host": admin.host, "port": admin.port}
-        )
-        client = redis.Redis(
-            **where,
-            username=ADMIN_USERNAME,
-            password=instance.admin_password,
-            retry=NO_RETRY,
-            socket_timeout=ADMIN_TIMEOUT,
-        )
+        client = self.client(admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT)
         try:
             client.acl_load()
+            # ACL LOAD ends the sessions of every user it replaces, this one's included, just after
+            # its answer: the next command goes on a connection of its own.
+            client.connection_pool.disconnect()
             client.client_kill_filter(user=USERNAME)
         finally:
             client.close()
 
-    def check_login(self, instance: "Instance", *, host: str, port: int, timeout: float) -> None:
-        client = redis.Redis(
-            host=host,
-            port=port,
-            username=instance.username,
-            password=instance.password,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=NO_RETRY,  # the caller decides whether and when to try again
-        )
+    def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
+        client = self.client(endpoint, username=instance.username, password=instance.password, timeout=timeout)
         try:
             client.ping()
         finally:
             client.close()
+
+    @staticmethod
+    def client(endpoint: Endpoint, *, username: str, password: str, timeout: float) -> redis.Redis:
+        """A client of the portal's own, at the endpoint's Unix socket if it has one; it never
+        tries again by itself: the caller decides whether and when."""
+        where: dict[str, Any] = (
+            {"unix_socket_path": endpoint.socket} if endpoint.socket else {"host": endpoint.host, "port": endpoint.port}
+        )
+        return redis.Redis(
+            **where,
+            username=username,
+            password=password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=NO_RETRY,
+        )
 
     def connection(self, instance: "Instance") -> dict[str, Any]:
         return {
