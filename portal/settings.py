@@ -213,6 +213,11 @@ STOCKROOM_BACKENDS = {
             "uid_base": STOCKROOM_UID_BASE,
             "uid_claims": env.str("STOCKROOM_UID_CLAIMS", default="/var/lib/stockroom/uids"),
             "portal_id": STOCKROOM_PORTAL_ID,
+            # When the portal is root, each instance runs in its own cgroup, under this parent in
+            # each cgroup hierarchy (default /stockroom-<STOCKROOM_PORTAL_ID>), limited to its
+            # engine's memory limit and to this many tasks (processes and threads).
+            "cgroup_parent": env.str("STOCKROOM_CGROUP_PARENT", default=""),
+            "pids_limit": env.int("STOCKROOM_PIDS_LIMIT", default=512),
             # Program name an engine asks for -> path; one not named here is looked up on PATH.
             "programs": {
                 "mariadbd": env.str("STOCKROOM_MARIADBD", default="/usr/sbin/mariadbd"),
@@ -238,6 +243,11 @@ STOCKROOM_BACKENDS = {
             },
             "network_mode": env.str("DOCKER_NETWORK_MODE", default="bridge"),
             "portal_id": STOCKROOM_PORTAL_ID,
+            # When the portal is root, each instance runs in its own cgroup, under this parent in
+            # each cgroup hierarchy (default /stockroom-<STOCKROOM_PORTAL_ID>), limited to its
+            # engine's memory limit and to this many tasks (processes and threads).
+            "cgroup_parent": env.str("STOCKROOM_CGROUP_PARENT", default=""),
+            "pids_limit": env.int("STOCKROOM_PIDS_LIMIT", default=512),
         },
     },
 }

@@ -7,8 +7,10 @@ log, pid, socket).
 When the portal runs as root, each instance's server runs as a uid of its own (see `uids`), which
 owns `server/` (0700) and nothing else; the instance folder and the portal's files in it are
 root's, readable by the instance's group only, so nothing root does follows a path that uid can
-change. The server opens its own log once it is that uid. When the portal is not root, every
-server runs as the portal's user, as the portal's files do: instances are not kept apart.
+change. The server opens its own log once it is that uid, and runs in a cgroup of its own with
+the engine's memory limit and a pids limit (see `cgroups`). When the portal is not root, every
+server runs as the portal's user, as the portal's files do: instances are not kept apart, and the
+kernel limits nothing.
 """
 
 import logging
@@ -18,6 +20,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,7 @@ from django.conf import settings
 from ..engines import Endpoint, Layout, engines, get_engine
 from . import files, processes
 from .base import BackendError, BaseBackend
+from .cgroups import Cgroups
 from .processes import kill_processes_under, processes_under
 from .uids import InstanceUser, Uids, remove_files_of
 
@@ -37,6 +41,7 @@ __all__ = ["LocalBackend", "kill_processes_under", "processes_under"]
 logger = logging.getLogger(__name__)
 
 HASHES = re.compile(r"\*[0-9A-Fa-f]{40}|#[0-9a-f]{64}")
+MiB = 1024 * 1024
 SERVER = "server"  # in an instance's folder: everything its server writes
 
 
@@ -46,7 +51,8 @@ class LocalBackend(BaseBackend):
     `programs` maps a program name an engine asks for (a server binary) to its path; a program
     not named there is looked up on PATH. `run_as` is the user that builds shared templates when
     the portal is root; instance uids are `uid_base + id`, claimed host-wide in `uid_claims` for
-    the portal `portal_id`.
+    the portal `portal_id`. Instance cgroups go under `cgroup_parent` (default
+    `/stockroom-<portal_id>`), each limited to the engine's memory limit and `pids_limit` tasks.
     """
 
     def __init__(
@@ -58,16 +64,24 @@ class LocalBackend(BaseBackend):
         uid_base: int = 0x70000000,
         uid_claims: str = "/var/lib/stockroom/uids",
         portal_id: str = "stockroom",
+        cgroup_parent: str = "",
+        pids_limit: int = 512,
     ):
         super().__init__(alias)
         self.run_as = run_as
         self.programs = dict(programs or {})
         self.uids = Uids(base=uid_base, claims=Path(uid_claims), portal=portal_id)
+        self.cgroups = Cgroups(parent=cgroup_parent or f"stockroom-{portal_id}", pids_limit=pids_limit)
 
     @property
     def confined(self) -> bool:
         """Whether each instance runs as its own uid (the portal is root)."""
         return os.geteuid() == 0
+
+    @cached_property
+    def no_cgroups(self) -> str | None:
+        """Why servers run without kernel limits here, or None when each has its cgroup."""
+        return self.cgroups.problem()
 
     # Paths -----------------------------------------------------------------------------
 
@@ -143,6 +157,14 @@ class LocalBackend(BaseBackend):
     def destroy(self, instance: "Instance") -> None:
         self._remove(instance.kind, instance.pk)
 
+    def why_down(self, instance: "Instance") -> str | None:
+        if self.no_cgroups or not self.cgroups.oom_kills(_cgroup(instance.kind, instance.pk)):
+            return None
+        limit = self.cgroups.memory_limit(_cgroup(instance.kind, instance.pk))
+        return "it ran out of memory: the kernel killed it at its memory limit" + (
+            f" of {limit / MiB:g} MiB" if limit else ""
+        )
+
     def check(self) -> str:
         for engine in engines().values():
             for name in engine.local_programs:
@@ -155,10 +177,14 @@ class LocalBackend(BaseBackend):
             name = pwd.getpwuid(os.geteuid()).pw_name
             return (
                 f"{found} Not root: every instance runs as the portal's user {name!r}, so instances are not kept "
-                "apart from each other or from the portal."
+                "apart from each other or from the portal, and the kernel limits neither their memory nor their "
+                "processes (only root may write cgroups)."
             )
         self.program("setpriv")
-        return f"{found} Each instance runs as a uid of its own ({self.uids.base} + its id)."
+        found += f" Each instance runs as a uid of its own ({self.uids.base} + its id)"
+        if self.no_cgroups:
+            return f"{found}, without kernel memory or pids limits: {self.no_cgroups}."
+        return f"{found}, in a cgroup of its own with memory and pids limits ({self.cgroups.describe()})."
 
     def orphans(self, known_ids: set[int]) -> dict[str, str]:
         found = {}
@@ -173,6 +199,11 @@ class LocalBackend(BaseBackend):
                 kind, _, pk = key.partition("/")
                 if key not in found and pk.isdigit() and int(pk) not in known_ids:
                     found[key] = f"uid {uid} is still claimed for it."
+        if not self.no_cgroups:
+            for name in self.cgroups.names():
+                kind, _, pk = name.rpartition("-")
+                if kind in engines() and pk.isdigit() and int(pk) not in known_ids:
+                    found.setdefault(_key(kind, int(pk)), f"Its cgroup {name} is left.")
         return found
 
     def remove_orphan(self, key: str) -> None:
@@ -186,7 +217,11 @@ class LocalBackend(BaseBackend):
         engine = get_engine(instance.kind)
         argv = [*engine.local_argv(self, directory / engine.config_name), *extra]
         log = Path(layout.log)
-        processes.spawn(argv, cwd=directory, log=log, user=(user.uid, user.gid) if user else None)
+        cgroups = []
+        if user is not None and not self.no_cgroups:
+            memory = engine.memory_limit(instance.options)
+            cgroups = self.cgroups.prepare(_cgroup(instance.kind, instance.pk), memory=memory)
+        processes.spawn(argv, cwd=directory, log=log, user=(user.uid, user.gid) if user else None, cgroups=cgroups)
         self._wait_for_login(instance, directory, log)
 
     def _wait_for_login(self, instance: "Instance", directory: Path, log: Path) -> None:
@@ -215,6 +250,8 @@ class LocalBackend(BaseBackend):
         shutil.rmtree(directory, ignore_errors=True)  # never follows a symlink
         if directory.exists():
             raise BackendError(f"Could not remove {directory}.")
+        if self.confined and not self.no_cgroups:
+            self.cgroups.remove(_cgroup(kind, pk))
         if uid is not None:
             remove_files_of(uid)
             self.uids.release(self.uids.of(pk), _key(kind, pk))
@@ -301,6 +338,10 @@ class LocalBackend(BaseBackend):
 
 def _key(kind: str, pk: int) -> str:
     return f"{kind}/{pk}"
+
+
+def _cgroup(kind: str, pk: int) -> str:
+    return f"{kind}-{pk}"
 
 
 def _make_own(path: Path, user: InstanceUser | None) -> None:

@@ -7,16 +7,24 @@ import pwd
 import socket
 import stat
 import subprocess
+from contextlib import suppress
 from pathlib import Path
 
+import pymysql
 import pytest
+import redis
 from django.conf import settings
 
 from provisioning.backends.base import BackendError, get_backend
 from provisioning.backends.local import processes_under
 from provisioning.backends.uids import WORLD_WRITABLE, InstanceUser, Uids
+from provisioning.engines.mysql import MySQL
+from provisioning.engines.redis import NO_RETRY
+from provisioning.reconciler import Reconciler
 
-from .conftest import instance_dir, server_dir, wait_for_status
+from .conftest import instance_dir, server_dir, wait_for_status, wait_until
+
+MiB = 1024 * 1024
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -235,3 +243,83 @@ def test_a_portal_that_is_not_root_says_instances_are_not_apart(monkeypatch):
     backend = get_backend("local")
     monkeypatch.setattr(type(backend), "confined", property(lambda self: False))
     assert "Not root: every instance runs as the portal's user" in backend.check()
+
+
+# Kernel limits ---------------------------------------------------------------------------
+
+
+def tenant_mysql(config: dict) -> pymysql.Connection:
+    return pymysql.connect(
+        host=config["host"],
+        port=config["port"],
+        user=config["username"],
+        password=config["password"],
+        database=config["database"],
+        autocommit=True,
+        connect_timeout=5,
+        read_timeout=30,
+    )
+
+
+def cgroup_of(kind: str, pk: int) -> Path:
+    backend = get_backend("local")
+    assert backend.no_cgroups is None, backend.no_cgroups
+    return backend.cgroups._path("memory", f"{kind}-{pk}")
+
+
+def test_a_server_over_its_memory_limit_is_killed_healed_and_alone_in_that(api, monkeypatch):
+    neighbour, neighbour_config = running(api, "redis")
+    (neighbour_pid,) = processes_under(instance_dir("redis", neighbour))
+    monkeypatch.setattr(MySQL, "memory_limit", lambda self, options: 200 * MiB)
+    pk, config = running(api, "mysql")
+    (server_pid,) = processes_under(instance_dir("mysql", pk))
+    cgroup = cgroup_of("mysql", pk)
+    assert server_pid in get_backend("local").cgroups.members(f"mysql-{pk}")
+    limit_file = "memory.max" if (cgroup / "memory.max").exists() else "memory.limit_in_bytes"
+    assert int((cgroup / limit_file).read_text()) == 200 * MiB
+    with tenant_mysql(config) as db, db.cursor() as cursor:
+        cursor.execute("CREATE TABLE kept (v INT) ENGINE=InnoDB")
+        cursor.execute("INSERT INTO kept VALUES (42)")
+
+    # User variables: memory a session keeps, which MariaDB's per-session caps do not stop in
+    # time; a few sessions take the server past its limit.
+    sessions = [tenant_mysql(config) for _ in range(6)]
+    with pytest.raises(pymysql.err.OperationalError):
+        for number in range(8):
+            for session in sessions:
+                with session.cursor() as cursor:
+                    cursor.execute(f"SET @v{number} = REPEAT('x', 15 * 1024 * 1024)")
+    for session in sessions:
+        with suppress(Exception):
+            session.close()
+    wait_until(lambda: not processes_under(instance_dir("mysql", pk)), 30, "the server to die")
+
+    report = Reconciler().run_once()
+    assert report.unhealthy == [pk] and report.heals == [pk]
+    body = wait_for_status(api, "mysql", pk, "running", "failed")
+    assert body["status"] == "running", body["status_message"]
+    reasons = [event["reason"] for event in api.get(f"/api/storage/mysql/instances/{pk}/events").json()["results"]]
+    assert any("ran out of memory" in reason and "200 MiB" in reason for reason in reasons), reasons
+    with tenant_mysql(config) as db, db.cursor() as cursor:
+        cursor.execute("SELECT v FROM kept")
+        assert cursor.fetchall() == ((42,),)
+
+    assert processes_under(instance_dir("redis", neighbour)) == [neighbour_pid], "the neighbour was not touched"
+    client = redis.Redis.from_url(neighbour_config["uri"], retry=NO_RETRY)
+    assert client.ping()
+    client.close()
+    assert get_backend("local").cgroups.oom_kills(f"redis-{neighbour}") == 0
+    delete(api, "mysql", pk)
+    assert not cgroup.exists(), "the cgroup goes with the instance"
+    delete(api, "redis", neighbour)
+
+
+def test_each_server_has_a_pids_limit(api):
+    pk, _ = running(api, "redis")
+    cgroups = get_backend("local").cgroups
+    pids = cgroups._path("pids", f"redis-{pk}")
+    assert int((pids / "pids.max").read_text()) == cgroups.pids_limit
+    (server_pid,) = processes_under(instance_dir("redis", pk))
+    assert server_pid in map(int, (pids / "cgroup.procs").read_text().split())
+    delete(api, "redis", pk)
+    assert not pids.exists()
