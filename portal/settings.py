@@ -195,12 +195,29 @@ STOCKROOM_PORTAL_ID = env.str("STOCKROOM_PORTAL_ID", default=_DATA_DIR_DIGEST)
 # The kinds of instance on offer, each an Engine class (one folder under provisioning/engines/).
 STOCKROOM_ENGINES = ["provisioning.engines.mysql.MySQL", "provisioning.engines.redis.Redis"]
 
+# When the portal is root, each local instance runs as uid STOCKROOM_UID_BASE + its id (no account
+# needed). The default gives each portal (each DATA_DIR) its own block of 2**20 uids in
+# 0x70000000..0x7FF00000, which no account or container range on a Debian host uses; uids are
+# claimed host-wide in STOCKROOM_UID_CLAIMS, so two portals can never share one.
+_UID_BLOCKS = 255
+STOCKROOM_UID_BASE = env.int("STOCKROOM_UID_BASE", default=0x70000000 + int(_DATA_DIR_DIGEST, 16) % _UID_BLOCKS * 2**20)
+if not 1000 <= STOCKROOM_UID_BASE < 2**31 - 2**20:
+    raise ImproperlyConfigured(f"STOCKROOM_UID_BASE must be within 1000..{2**31 - 2**20 - 1}.")
+
 STOCKROOM_BACKENDS = {
     "local": {
         "BACKEND": "provisioning.backends.local.LocalBackend",
         "OPTIONS": {
-            # When the portal runs as root, instance processes run as this user.
+            # When the portal runs as root, this user builds shared templates (no instance runs as it).
             "run_as": env.str("STOCKROOM_RUN_AS", default="stockroom"),
+            "uid_base": STOCKROOM_UID_BASE,
+            "uid_claims": env.str("STOCKROOM_UID_CLAIMS", default="/var/lib/stockroom/uids"),
+            "portal_id": STOCKROOM_PORTAL_ID,
+            # When the portal is root, each instance runs in its own cgroup, under this parent in
+            # each cgroup hierarchy (default /stockroom-<STOCKROOM_PORTAL_ID>), limited to its
+            # engine's memory limit and to this many tasks (processes and threads).
+            "cgroup_parent": env.str("STOCKROOM_CGROUP_PARENT", default=""),
+            "pids_limit": env.int("STOCKROOM_PIDS_LIMIT", default=512),
             # Program name an engine asks for -> path; one not named here is looked up on PATH.
             "programs": {
                 "mariadbd": env.str("STOCKROOM_MARIADBD", default="/usr/sbin/mariadbd"),
@@ -229,6 +246,11 @@ STOCKROOM_BACKENDS = {
             # Instance <id>'s container runs as uid and gid DOCKER_UID_BASE + <id>, which no host
             # user should have (2e9 lies in the range systemd leaves unused).
             "uid_base": env.int("DOCKER_UID_BASE", default=2_000_000_000),
+            # When the portal is root, each instance runs in its own cgroup, under this parent in
+            # each cgroup hierarchy (default /stockroom-<STOCKROOM_PORTAL_ID>), limited to its
+            # engine's memory limit and to this many tasks (processes and threads).
+            "cgroup_parent": env.str("STOCKROOM_CGROUP_PARENT", default=""),
+            "pids_limit": env.int("STOCKROOM_PIDS_LIMIT", default=512),
         },
     },
 }

@@ -72,6 +72,11 @@ class BaseBackend:
         """Replace the user's password on the running server; the old one must stop working."""
         raise NotImplementedError("Backends must implement set_password().")
 
+    def why_down(self, instance: "Instance") -> str | None:
+        """What the backend knows of why the instance's server stopped answering (it ran out of
+        memory, say), as a short clause for its status; None if it knows nothing."""
+        return None
+
     def probe(self, instance: "Instance", timeout: float = 2.0) -> None:
         """Log in with the user's credentials; raise if the server does not answer.
 

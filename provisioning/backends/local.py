@@ -1,11 +1,16 @@
 """The embedded default: one server process per instance, as the engine says to start it.
 
-Each instance owns `STOCKROOM_INSTANCES_DIR/<kind>/<id>/` (by default under DATA_DIR): its
-config file, data, log and pid.
-Servers are started with `setsid --fork`, so they belong to no portal process and outlive
-restarts of the web server and the worker. A process belongs to an instance when its
-working directory is inside the instance's directory; that is how `destroy` finds it even
-when no pid file was written.
+Each instance owns `STOCKROOM_INSTANCES_DIR/<kind>/<id>/` (by default under DATA_DIR): the files
+the portal writes (config, ACL, init file) and, in `server/`, everything the server writes (data,
+log, pid, socket).
+
+When the portal runs as root, each instance's server runs as a uid of its own (see `uids`), which
+owns `server/` (0700) and nothing else; the instance folder and the portal's files in it are
+root's, readable by the instance's group only, so nothing root does follows a path that uid can
+change. The server opens its own log once it is that uid, and runs in a cgroup of its own with
+the engine's memory limit and a pids limit (see `cgroups`). When the portal is not root, every
+server runs as the portal's user, as the portal's files do: instances are not kept apart, and the
+kernel limits nothing.
 """
 
 import logging
@@ -13,95 +18,41 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import subprocess
-import time
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
 from ..engines import Endpoint, Layout, engines, get_engine
+from . import files, processes
 from .base import BackendError, BaseBackend
+from .cgroups import Cgroups
+from .processes import kill_processes_under, processes_under
+from .uids import InstanceUser, Uids, remove_files_of
 
 if TYPE_CHECKING:
     from ..models import Instance
 
+__all__ = ["LocalBackend", "kill_processes_under", "processes_under"]
+
 logger = logging.getLogger(__name__)
 
 HASHES = re.compile(r"\*[0-9A-Fa-f]{40}|#[0-9a-f]{64}")
-
-
-def processes_under(directory: Path) -> list[int]:
-    """Live processes whose working directory is `directory` or below it."""
-    found = []
-    prefix = str(directory)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        cwd = _working_directory(entry)
-        if cwd is not None and (cwd == prefix or cwd.startswith(prefix + "/")):
-            found.append(int(entry.name))
-    return found
-
-
-def _working_directory(process: Path) -> str | None:
-    """A process's working directory; None if it is gone or not ours to read.
-
-    A killed server's main thread may be gone (a zombie, with no working directory) while its
-    other threads still hold its files and its listening socket: it is not gone until they are.
-    """
-    try:
-        return os.readlink(process / "cwd")
-    except OSError:
-        pass
-    try:
-        if (process / "stat").read_text().rpartition(")")[2].split()[0] != "Z":
-            return None  # gone, or not ours to read
-        threads = list((process / "task").iterdir())
-    except (OSError, IndexError):
-        return None
-    for thread in threads:
-        try:
-            return os.readlink(thread / "cwd")
-        except OSError:
-            continue
-    return None
-
-
-def kill_processes_under(directory: Path, timeout: float = 10.0) -> None:
-    """SIGKILL every process working in `directory` and wait until none is left."""
-    deadline = time.monotonic() + timeout
-    while pids := processes_under(directory):
-        if time.monotonic() > deadline:
-            raise BackendError(f"Processes {pids} in {directory} did not exit.")
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.02)
-
-
-def stop_processes_under(directory: Path, timeout: float = 30.0) -> None:
-    """SIGTERM every process working in `directory` so it can shut down cleanly; SIGKILL stragglers."""
-    for pid in processes_under(directory):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while processes_under(directory) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    kill_processes_under(directory)
+MiB = 1024 * 1024
+SERVER = "server"  # in an instance's folder: everything its server writes
 
 
 class LocalBackend(BaseBackend):
     """Runs each instance's server as a process on this host.
 
     `programs` maps a program name an engine asks for (a server binary) to its path; a program
-    not named there is looked up on PATH.
+    not named there is looked up on PATH. `run_as` is the user that builds shared templates when
+    the portal is root; instance uids are `uid_base + id`, claimed host-wide in `uid_claims` for
+    the portal `portal_id`. Instance cgroups go under `cgroup_parent` (default
+    `/stockroom-<portal_id>`), each limited to the engine's memory limit and `pids_limit` tasks.
 
     The portal logs in over the Unix socket in the instance's folder (`login_endpoint`), and
     writes the engine's `local_config` again before every start, so a server starts on whatever
@@ -110,10 +61,33 @@ class LocalBackend(BaseBackend):
 
     moves_ports = True
 
-    def __init__(self, alias: str, *, run_as: str, programs: dict[str, str] | None = None):
+    def __init__(
+        self,
+        alias: str,
+        *,
+        run_as: str,
+        programs: dict[str, str] | None = None,
+        uid_base: int = 0x70000000,
+        uid_claims: str = "/var/lib/stockroom/uids",
+        portal_id: str = "stockroom",
+        cgroup_parent: str = "",
+        pids_limit: int = 512,
+    ):
         super().__init__(alias)
         self.run_as = run_as
         self.programs = dict(programs or {})
+        self.uids = Uids(base=uid_base, claims=Path(uid_claims), portal=portal_id)
+        self.cgroups = Cgroups(parent=cgroup_parent or f"stockroom-{portal_id}", pids_limit=pids_limit)
+
+    @property
+    def confined(self) -> bool:
+        """Whether each instance runs as its own uid (the portal is root)."""
+        return os.geteuid() == 0
+
+    @cached_property
+    def no_cgroups(self) -> str | None:
+        """Why servers run without kernel limits here, or None when each has its cgroup."""
+        return self.cgroups.problem()
 
     # Paths -----------------------------------------------------------------------------
 
@@ -130,13 +104,20 @@ class LocalBackend(BaseBackend):
 
     def layout(self, instance: "Instance") -> Layout:
         assert instance.port is not None
-        return Layout.under(self.directory(instance), bind_address=settings.STOCKROOM_BIND_ADDRESS, port=instance.port)
+        directory = self.directory(instance)
+        return Layout.under(
+            directory, directory / SERVER, bind_address=settings.STOCKROOM_BIND_ADDRESS, port=instance.port
+        )
 
     def program(self, name: str) -> Path:
-        path = self.programs.get(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+        path = self.programs.get(name) or shutil.which(name, path=processes.PATH)
         if not path or not os.access(path, os.X_OK):
             raise BackendError(f"The program {name} is missing; install the package that provides it.")
         return Path(path)
+
+    def user(self, instance: "Instance") -> InstanceUser | None:
+        """The uid and gid the instance's server runs as; None when it runs as the portal's user."""
+        return self.uids.of(instance.pk) if self.confined else None
 
     # The contract ----------------------------------------------------------------------
 
@@ -144,38 +125,44 @@ class LocalBackend(BaseBackend):
         engine = get_engine(instance.kind)
         directory, layout = self.directory(instance), self.layout(instance)
         self.destroy(instance)  # a clean slate, should the task run a second time
-        self.mkdir(directory)
+        user = self.user(instance)
+        if user is not None:
+            self.uids.claim(user, _key(instance.kind, instance.pk))
+        self._make_folders(directory, user)
         setup = engine.local_setup(instance, layout, self)
         if setup.seed:
-            self._copy_as_owner(setup.seed, Path(layout.data))
+            self._copy_seed(setup.seed, Path(layout.data), user)
         for folder in setup.dirs:
-            self.mkdir(folder)
+            _make_own(folder, user)
         for name, text in setup.files.items():
-            self.write(directory / name, text)
+            files.write(directory / name, text, group=user.gid if user else None)
         instance.mark("data_directory")
         self._run_server(instance, extra=setup.first_start_args)
         for name in setup.remove_after_first_start:
             (directory / name).unlink()
 
     def stop(self, instance: "Instance") -> None:
-        stop_processes_under(self.directory(instance))
+        processes.stop(under=self.directory(instance), uid=self._uid_to_end(instance.kind, instance.pk))
 
     def start(self, instance: "Instance") -> None:
-        directory = self.directory(instance)
-        kill_processes_under(directory)  # whatever is left of a server that hung
+        # Whatever is left of a server that hung.
+        processes.kill(under=self.directory(instance), uid=self._uid_to_end(instance.kind, instance.pk))
         # The port may have changed since the last start (see BaseBackend.moves_ports).
+        directory, user = self.directory(instance), self.user(instance)
         for name, text in get_engine(instance.kind).local_config(instance, self.layout(instance)).items():
-            self.write(directory / name, text)
+            files.write(directory / name, text, group=user.gid if user else None)
         self._run_server(instance)
 
     def set_password(self, instance: "Instance", password: str) -> None:
-        directory = self.directory(instance)
-        get_engine(instance.kind).set_password(
-            instance,
-            password,
-            admin=self.login_endpoint(instance),
-            write=lambda name, text: self.write(directory / name, text),
-        )
+        directory, layout, user = self.directory(instance), self.layout(instance), self.user(instance)
+        group = user.gid if user else None
+        with files.unix_socket(Path(layout.socket), owner=user.uid if user else None) as socket:
+            get_engine(instance.kind).set_password(
+                instance,
+                password,
+                admin=Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=socket),
+                write=lambda name, text: files.write(directory / name, text, group=group),
+            )
 
     def login_endpoint(self, instance: "Instance") -> Endpoint:
         """The server's Unix socket: it is in the instance's folder, where nobody else can listen."""
@@ -183,14 +170,19 @@ class LocalBackend(BaseBackend):
         return Endpoint(layout.bind_address, layout.port, socket=str(layout.socket))
 
     def instance_pids(self, instance: "Instance") -> set[int]:
-        return set(processes_under(self.directory(instance)))
+        uid = self._uid_to_end(instance.kind, instance.pk)
+        return set(processes.processes(under=self.directory(instance), uid=uid))
 
     def destroy(self, instance: "Instance") -> None:
-        directory = self.directory(instance)
-        kill_processes_under(directory)
-        shutil.rmtree(directory, ignore_errors=True)
-        if directory.exists():
-            raise BackendError(f"Could not remove {directory}.")
+        self._remove(instance.kind, instance.pk)
+
+    def why_down(self, instance: "Instance") -> str | None:
+        if self.no_cgroups or not self.cgroups.oom_kills(_cgroup(instance.kind, instance.pk)):
+            return None
+        limit = self.cgroups.memory_limit(_cgroup(instance.kind, instance.pk))
+        return "it ran out of memory: the kernel killed it at its memory limit" + (
+            f" of {limit / MiB:g} MiB" if limit else ""
+        )
 
     def check(self) -> str:
         for engine in engines().values():
@@ -199,66 +191,127 @@ class LocalBackend(BaseBackend):
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.W_OK):
             raise BackendError(f"Cannot write to {self.root}.")
-        return "Server programs found; the instances folder is writable."
+        found = "Server programs found; the instances folder is writable."
+        if not self.confined:
+            name = pwd.getpwuid(os.geteuid()).pw_name
+            return (
+                f"{found} Not root: every instance runs as the portal's user {name!r}, so instances are not kept "
+                "apart from each other or from the portal, and the kernel limits neither their memory nor their "
+                "processes (only root may write cgroups)."
+            )
+        self.program("setpriv")
+        found += f" Each instance runs as a uid of its own ({self.uids.base} + its id)"
+        if self.no_cgroups:
+            return f"{found}, without kernel memory or pids limits: {self.no_cgroups}."
+        return f"{found}, in a cgroup of its own with memory and pids limits ({self.cgroups.describe()})."
 
     def orphans(self, known_ids: set[int]) -> dict[str, str]:
         found = {}
         for kind in engines():
             for directory in sorted((self.root / kind).glob("*")):
                 if directory.name.isdigit() and int(directory.name) not in known_ids:
-                    pids = processes_under(directory)
+                    pids = processes.processes(under=directory, uid=self._uid_to_end(kind, int(directory.name)))
                     state = f"server running (pid {', '.join(map(str, pids))})" if pids else "no process"
-                    found[f"{kind}/{directory.name}"] = f"Folder {directory}; {state}."
+                    found[_key(kind, int(directory.name))] = f"Folder {directory}; {state}."
+        if self.confined:
+            for key, uid in self.uids.held().items():
+                kind, _, pk = key.partition("/")
+                if key not in found and pk.isdigit() and int(pk) not in known_ids:
+                    found[key] = f"uid {uid} is still claimed for it."
+        if not self.no_cgroups:
+            for name in self.cgroups.names():
+                kind, _, pk = name.rpartition("-")
+                if kind in engines() and pk.isdigit() and int(pk) not in known_ids:
+                    found.setdefault(_key(kind, int(pk)), f"Its cgroup {name} is left.")
         return found
 
     def remove_orphan(self, key: str) -> None:
         kind, pk = key.split("/")
-        directory = self.root / kind / pk
-        kill_processes_under(directory)
-        shutil.rmtree(directory, ignore_errors=True)
+        self._remove(kind, int(pk))
 
     # Processes -------------------------------------------------------------------------
 
     def _run_server(self, instance: "Instance", *, extra: Sequence[str] = ()) -> None:
-        directory, layout = self.directory(instance), self.layout(instance)
+        directory, layout, user = self.directory(instance), self.layout(instance), self.user(instance)
         engine = get_engine(instance.kind)
         argv = [*engine.local_argv(self, directory / engine.config_name), *extra]
         log = Path(layout.log)
-        self._spawn(argv, cwd=directory, log=log)
+        cgroups = []
+        if user is not None and not self.no_cgroups:
+            memory = engine.memory_limit(instance.options)
+            cgroups = self.cgroups.prepare(_cgroup(instance.kind, instance.pk), memory=memory)
+        processes.spawn(argv, cwd=directory, log=log, user=(user.uid, user.gid) if user else None, cgroups=cgroups)
         self._wait_for_login(instance, directory, log)
 
     def _wait_for_login(self, instance: "Instance", directory: Path, log: Path) -> None:
-        # setsid forks before it returns, so a missing process has really exited.
+        # spawn() returns once the server's own process runs, so a missing one has really exited.
+        uid = self._uid_to_end(instance.kind, instance.pk)
         self.wait_for_login(
-            instance, exited=lambda: not processes_under(directory), log_tail=lambda: self._log_tail(log)
+            instance,
+            exited=lambda: not processes.processes(under=directory, uid=uid),
+            log_tail=lambda: self._log_tail(log),
         )
 
-    def _spawn(self, argv: list[str], *, cwd: Path, log: Path) -> None:
-        with open(log, "ab") as output:
-            self._chown(log)
-            result = subprocess.run(
-                ["setsid", "--fork", *argv],
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
-                **self._drop_privileges(),
-            )
-        if result.returncode:
-            raise BackendError(f"Could not start {Path(argv[0]).name} (exit status {result.returncode}).")
+    def _uid_to_end(self, kind: str, pk: int) -> int | None:
+        """The uid whose processes are all the instance's: None when not confined, or when another
+        portal's instance holds that uid (then only those working in its folder are)."""
+        if not self.confined:
+            return None
+        user = self.uids.of(pk)
+        return user.uid if self.uids.holds(user, _key(kind, pk)) else None
+
+    def _remove(self, kind: str, pk: int) -> None:
+        """Everything of one instance: its processes, folder, and (if confined) whatever else its
+        uid has, and the uid's claim."""
+        directory = self.root / kind / str(pk)
+        uid = self._uid_to_end(kind, pk)
+        processes.kill(under=directory, uid=uid)
+        shutil.rmtree(directory, ignore_errors=True)  # never follows a symlink
+        if directory.exists():
+            raise BackendError(f"Could not remove {directory}.")
+        if self.confined and not self.no_cgroups:
+            self.cgroups.remove(_cgroup(kind, pk))
+        if uid is not None:
+            remove_files_of(uid)
+            self.uids.release(self.uids.of(pk), _key(kind, pk))
 
     @staticmethod
     def _log_tail(log: Path, lines: int = 3) -> str:
         """The last interesting log lines, for a status message; password hashes are blanked."""
         try:
-            text = HASHES.sub("<hash>", log.read_text(errors="replace")).strip().splitlines()
+            text = HASHES.sub("<hash>", files.read_tail(log)).strip().splitlines()
         except OSError:
             return "No server log was written."
         interesting = [line for line in text if "ERROR" in line or "#" in line] or text
         return "Server log: " + " | ".join(interesting[-lines:]) if interesting else "The server log is empty."
 
-    # Files and users: what an engine's local_setup() may use (the Host protocol) -----------
+    # An instance's own folders ---------------------------------------------------------
+
+    def _make_folders(self, directory: Path, user: InstanceUser | None) -> None:
+        """The instance's folder (root:<its group> 0750 when confined) and `server/` in it, the
+        only place its uid may write."""
+        directory.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700)
+        if user is not None:
+            os.chown(directory, 0, user.gid)
+            os.chmod(directory, 0o750)
+        _make_own(directory / SERVER, user)
+
+    def _copy_seed(self, source: Path, target: Path, user: InstanceUser | None) -> None:
+        if user is None:
+            result = self.run(["cp", "-a", "--reflink=auto", source, target], cwd=source.parent)
+        else:  # nothing runs as the instance's uid yet: its new folder holds still while it is given away
+            result = subprocess.run(
+                ["cp", "-a", "--reflink=auto", str(source), str(target)], capture_output=True, text=True
+            )
+            os.lchown(target, user.uid, user.gid)
+            for folder, names, file_names in os.walk(target):
+                for name in (*names, *file_names):
+                    os.lchown(os.path.join(folder, name), user.uid, user.gid)
+        if result.returncode:
+            raise BackendError(f"Could not copy the data template: {result.stderr.strip()}")
+
+    # Shared templates: what an engine's local_setup() may use (the Host protocol) ---------
 
     def run(self, argv: Sequence[str | Path], *, cwd: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -275,7 +328,7 @@ class LocalBackend(BaseBackend):
         self._chown(path)
 
     def write(self, path: Path, text: str) -> None:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(descriptor, "w") as file:
             file.write(text)
         self._chown(path)
@@ -292,16 +345,26 @@ class LocalBackend(BaseBackend):
             return pwd.getpwnam(self.run_as)
         except KeyError:
             raise BackendError(
-                f"The portal runs as root but the user {self.run_as!r} that instances run as does not exist; "
-                f"create it with `useradd --system {self.run_as}` (make run does this)."
+                f"The portal runs as root but the user {self.run_as!r} that builds shared templates does not "
+                f"exist; create it with `useradd --system {self.run_as}` (make run does this)."
             ) from None
 
     def _chown(self, path: Path) -> None:
         if os.geteuid() == 0:
             account = self._account()
-            os.chown(path, account.pw_uid, account.pw_gid)
+            os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
 
-    def _copy_as_owner(self, source: Path, target: Path) -> None:
-        result = self.run(["cp", "-a", "--reflink=auto", source, target], cwd=source.parent)
-        if result.returncode:
-            raise BackendError(f"Could not copy the data template: {result.stderr.strip()}")
+
+def _key(kind: str, pk: int) -> str:
+    return f"{kind}/{pk}"
+
+
+def _cgroup(kind: str, pk: int) -> str:
+    return f"{kind}-{pk}"
+
+
+def _make_own(path: Path, user: InstanceUser | None) -> None:
+    """A folder the instance's server may write in (0700, its uid's when confined)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if user is not None:
+        os.lchown(path, user.uid, user.gid)

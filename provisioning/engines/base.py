@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 class Layout:
     """Where a server finds its files, as the server sees them, and the address it listens on.
 
-    The local backend puts everything under one folder (`Layout.under`); in a container the
-    engine says where its image expects them (`Engine.container_layout`).
+    The local backend lays out each instance with `Layout.under`; in a container the engine says
+    where its image expects them (`Engine.container_layout`).
     """
 
     bind_address: str
@@ -40,19 +40,25 @@ class Layout:
     files: PurePath  # the only folder a MySQL server may read or write files in
     tmp: PurePath  # the server's temporary files, apart from every other server's
     acl: PurePath
+    # The folder of the files the portal writes (config, ACL, init file): the server reads them and
+    # cannot change them. None in a container, where each such file is mounted on its own.
+    config: PurePath | None = None
 
     @classmethod
-    def under(cls, root: PurePath, *, bind_address: str, port: int) -> "Layout":
+    def under(cls, config: PurePath, writable: PurePath, *, bind_address: str, port: int) -> "Layout":
+        """The portal's files in `config`; everything the server writes (data, log, pid, socket,
+        temporary files) in `writable`."""
         return cls(
             bind_address=bind_address,
             port=port,
-            data=root / "data",
-            log=root / "server.log",
-            pid=root / "server.pid",
-            socket=root / "server.sock",
-            files=root / "files",
-            tmp=root / "tmp",
-            acl=root / "users.acl",
+            data=writable / "data",
+            log=writable / "server.log",
+            pid=writable / "server.pid",
+            socket=writable / "server.sock",
+            files=writable / "files",
+            tmp=writable / "tmp",
+            acl=config / "users.acl",
+            config=config,
         )
 
 
@@ -77,7 +83,9 @@ WriteFile = Callable[[str, str], None]
 class Host(Protocol):
     """What the local backend lends an engine to lay out a new instance on this host.
 
-    Everything it makes belongs to the user that instance servers run as.
+    `mkdir`, `write` and `run` are for building shared things in `cache`: they act as a user that
+    no instance's server runs as. The backend itself makes an instance's own files and folders
+    (`LocalSetup`), as that instance's user.
     """
 
     def program(self, name: str) -> Path:

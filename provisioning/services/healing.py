@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from ..backends.base import BaseBackend
+from ..backends.base import BaseBackend, get_backend
 from ..models import Instance, Status
 from . import jobs, ports
 from .claims import Busy, work_on
@@ -40,10 +40,11 @@ def stopped_answering(instance: Instance, error: str, *, now: datetime) -> bool:
     stable = now - up_since >= timedelta(seconds=settings.STOCKROOM_STABLE_SECONDS)
     attempts = 0 if stable else instance.restart_attempts
     wait = restart_delay(attempts) if attempts else 0  # one that died soon after a restart waits
+    why = get_backend(instance.backend).why_down(instance)
     marked = transition(
         instance,
         Status.UNHEALTHY,
-        f"Stopped answering ({error}); restarting it.",
+        f"Stopped answering ({error}{f'; {why}' if why else ''}); restarting it.",
         side=Side.HEALER,
         allowed_from=(Status.RUNNING,),
         unchanged_since=up_since,

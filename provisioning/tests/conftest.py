@@ -21,6 +21,7 @@ from django.conf import settings
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from provisioning.backends.base import get_backend
 from provisioning.backends.local import kill_processes_under
 from provisioning.engines.redis import NO_RETRY
 
@@ -100,12 +101,21 @@ def instance_dir(kind: str, pk: int):
     return settings.STOCKROOM_INSTANCES_DIR / kind / str(pk)
 
 
+def server_dir(kind: str, pk: int):
+    """Where the instance's server writes: its data, log and socket."""
+    return instance_dir(kind, pk) / "server"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def stop_leftover_servers():
-    """Whatever a failing test left running is stopped at the end, so CI leaves nothing behind."""
+    """Whatever a failing test left running is stopped at the end, so CI leaves nothing behind:
+    every local instance is an orphan once the test database is gone."""
     yield
     root = settings.STOCKROOM_INSTANCES_DIR
     if root.exists():
+        backend = get_backend("local")
+        for key in backend.orphans(set()):
+            backend.remove_orphan(key)
         kill_processes_under(root)
         shutil.rmtree(root, ignore_errors=True)
 

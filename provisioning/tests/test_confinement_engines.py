@@ -13,7 +13,7 @@ from provisioning.backends.local import processes_under
 from provisioning.engines.redis import ADMIN_USERNAME, NO_RETRY
 from provisioning.models import Instance
 
-from .conftest import broker_port, instance_dir, wait_for_status
+from .conftest import broker_port, instance_dir, server_dir, wait_for_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -295,9 +295,9 @@ def test_a_mysql_tenant_cannot_grow_the_server_from_one_session(api):
 
 def test_a_mysql_tenant_has_no_server_wide_rights(api):
     pk, config = running(api, "mysql")
-    files = instance_dir("mysql", pk) / "files"
+    files = server_dir("mysql", pk) / "files"
     portal = pymysql.connect(
-        unix_socket=str(instance_dir("mysql", pk) / "server.sock"),
+        unix_socket=str(server_dir("mysql", pk) / "server.sock"),
         user="root",
         password=Instance.objects.get(pk=pk).admin_password,
     )

@@ -3,7 +3,7 @@
 import pymysql
 import pytest
 
-from .conftest import instance_dir, port_refuses, wait_for_status
+from .conftest import instance_dir, port_refuses, server_dir, wait_for_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -66,15 +66,15 @@ def test_the_user_can_touch_only_its_own_database(api):
 
     instance = Instance.objects.get(pk=pk)
     admin = pymysql.connect(
-        unix_socket=str(instance_dir("mysql", pk) / "server.sock"), user="root", password=instance.admin_password
+        unix_socket=str(server_dir("mysql", pk) / "server.sock"), user="root", password=instance.admin_password
     )
     with admin.cursor() as cursor:
         cursor.execute("SELECT CONCAT(User, '@', Host) FROM mysql.user ORDER BY 1")
         assert [row[0] for row in cursor.fetchall()] == ["app@%", "mariadb.sys@localhost", "root@localhost"]
         cursor.execute("SELECT @@secure_file_priv")
-        assert cursor.fetchone()[0] == str(instance_dir("mysql", pk) / "files") + "/"
+        assert cursor.fetchone()[0] == str(server_dir("mysql", pk) / "files") + "/"
         cursor.execute("SELECT @@tmpdir")  # its own, not a /tmp shared with every other server
-        assert cursor.fetchone()[0] == str(instance_dir("mysql", pk) / "tmp")
+        assert cursor.fetchone()[0] == str(server_dir("mysql", pk) / "tmp")
         cursor.execute("CREATE DATABASE other")
         cursor.execute("CREATE TABLE other.secrets (v INT)")
     admin.close()

@@ -20,7 +20,7 @@ from provisioning.services import DELETABLE, Busy, heal, perform_action, recover
 from provisioning.services.claims import claim, release
 from provisioning.services.state import Side, transition
 
-from .conftest import instance_dir, port_refuses, wait_for_status
+from .conftest import instance_dir, port_refuses, server_dir, wait_for_status
 
 REQUEST, WORKER, HEALER = Side.REQUEST, Side.WORKER, Side.HEALER
 ROTATION = "Password rotation requested by alice."
@@ -75,7 +75,7 @@ def test_it_gives_up_after_the_last_restart_and_keeps_the_data(api, settings):
     )
     assert instance.port is None
     assert not processes_under(instance_dir("redis", instance.pk))
-    assert (instance_dir("redis", instance.pk) / "data").is_dir(), "the data is kept until the owner deletes it"
+    assert (server_dir("redis", instance.pk) / "data").is_dir(), "the data is kept until the owner deletes it"
     assert [event.to_status for event in instance.events.all()] == ["provisioning", "running", "unhealthy", "failed"]
 
     api.delete(f"/api/storage/redis/instances/{instance.pk}")

@@ -122,12 +122,12 @@ class MySQL(Engine):
     # Running a server ------------------------------------------------------------------
 
     def local_setup(self, instance: "Instance", layout: Layout, host: Host) -> LocalSetup:
-        assert isinstance(layout.data, Path)
+        assert isinstance(layout.data, Path) and layout.config is not None
         return LocalSetup(
             files={**self.local_config(instance, layout), INIT_FILE: self.init_sql(instance)},
             dirs=(Path(layout.files), Path(layout.tmp)),
             seed=self._data_template(host),
-            first_start_args=(f"--init-file={layout.data.parent / INIT_FILE}",),
+            first_start_args=(f"--init-file={layout.config / INIT_FILE}",),
             remove_after_first_start=(INIT_FILE,),
         )
 

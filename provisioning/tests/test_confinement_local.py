@@ -1,0 +1,325 @@
+"""A tenant's server stays inside its own uid on the local backend: the attacks of issue 11 on the
+host, replayed as the instance's own uid would try them. Root only (CI runs as root): only root can
+give each instance a uid of its own."""
+
+import os
+import pwd
+import socket
+import stat
+import subprocess
+from contextlib import suppress
+from pathlib import Path
+
+import pymysql
+import pytest
+import redis
+from django.conf import settings
+
+from provisioning.backends.base import BackendError, get_backend
+from provisioning.backends.local import processes_under
+from provisioning.backends.uids import WORLD_WRITABLE, InstanceUser, Uids
+from provisioning.engines.mysql import MySQL
+from provisioning.engines.redis import NO_RETRY
+from provisioning.reconciler import Reconciler
+
+from .conftest import instance_dir, server_dir, wait_for_status, wait_until
+
+MiB = 1024 * 1024
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(os.geteuid() != 0, reason="only root can run each instance as a uid of its own"),
+]
+
+
+def running(api, kind: str) -> tuple[int, dict]:
+    pk = api.post(f"/api/storage/{kind}/instances", {}).json()["id"]
+    body = wait_for_status(api, kind, pk, "running", "failed")
+    assert body["status"] == "running", body["status_message"]
+    return pk, api.get(f"/api/storage/{kind}/instances/{pk}/config").json()
+
+
+def act(api, kind: str, pk: int, action: str) -> dict:
+    assert api.post(f"/api/storage/{kind}/instances/{pk}/{action}").status_code == 202
+    return wait_for_status(api, kind, pk, "running", "unhealthy", "stopped", "failed")
+
+
+def delete(api, kind: str, pk: int) -> None:
+    assert api.delete(f"/api/storage/{kind}/instances/{pk}").status_code == 202
+    wait_for_status(api, kind, pk, "gone")
+
+
+def server_uid(kind: str, pk: int) -> int:
+    (pid,) = processes_under(instance_dir(kind, pk))
+    with open(f"/proc/{pid}/status") as status:
+        uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
+    assert len(set(uids)) == 1, f"real, effective, saved and fs uids differ: {uids}"
+    return int(uids[0])
+
+
+def as_uid(uid: int, *argv: str | Path) -> subprocess.CompletedProcess:
+    """What the instance's own uid can do (its server, taken over by a tenant, could do as much)."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *map(str, argv)],
+        capture_output=True,
+        text=True,
+    )
+
+
+def denied(result: subprocess.CompletedProcess) -> bool:
+    return result.returncode != 0 and "Permission denied" in result.stderr
+
+
+def root_secret(folder: Path) -> tuple[Path, os.stat_result]:
+    """A root-owned 0600 file, as /etc/shadow is: what a planted symlink would aim at."""
+    target = folder / "root-only"
+    target.write_text("root's own\n")
+    target.chmod(0o600)
+    return target, target.stat()
+
+
+def assert_untouched(target: Path, before: os.stat_result) -> None:
+    after = target.stat()
+    assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (0, 0, 0o600)
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    assert target.read_text() == "root's own\n"
+
+
+def test_each_instance_runs_as_its_own_uid_and_no_other_can_read_its_data(api):
+    redis_pk, _ = running(api, "redis")
+    mysql_pk, _ = running(api, "mysql")
+    redis_uid, mysql_uid = server_uid("redis", redis_pk), server_uid("mysql", mysql_pk)
+    assert 0 not in (redis_uid, mysql_uid)
+    assert redis_uid != mysql_uid
+    backend = get_backend("local")
+    assert redis_uid == backend.uids.of(redis_pk).uid and mysql_uid == backend.uids.of(mysql_pk).uid
+
+    for kind, pk, uid in (("redis", redis_pk, redis_uid), ("mysql", mysql_pk, mysql_uid)):
+        folder = instance_dir(kind, pk).stat()
+        assert (folder.st_uid, folder.st_gid, stat.S_IMODE(folder.st_mode)) == (0, uid, 0o750)
+        server = server_dir(kind, pk).stat()
+        assert (server.st_uid, server.st_gid, stat.S_IMODE(server.st_mode)) == (uid, uid, 0o700)
+        config = (instance_dir(kind, pk) / f"{'my.cnf' if kind == 'mysql' else 'redis.conf'}").stat()
+        assert (config.st_uid, config.st_gid, stat.S_IMODE(config.st_mode)) == (0, uid, 0o640)
+        # Everything in server/ is the instance's own.
+        for path in server_dir(kind, pk).rglob("*"):
+            assert path.lstat().st_uid == uid, f"{path} is not the instance's"
+
+    # Each reads its own files, and not the other's: not even their names.
+    assert as_uid(redis_uid, "cat", instance_dir("redis", redis_pk) / "users.acl").returncode == 0
+    assert as_uid(mysql_uid, "ls", server_dir("mysql", mysql_pk) / "data").returncode == 0
+    for uid, kind, pk in ((redis_uid, "mysql", mysql_pk), (mysql_uid, "redis", redis_pk)):
+        assert denied(as_uid(uid, "ls", instance_dir(kind, pk)))
+        assert denied(as_uid(uid, "ls", server_dir(kind, pk) / "data"))
+    assert denied(as_uid(redis_uid, "cat", server_dir("mysql", mysql_pk) / "data" / "ibdata1"))
+    assert denied(as_uid(redis_uid, "cat", instance_dir("mysql", mysql_pk) / "my.cnf"))
+    assert denied(as_uid(mysql_uid, "cat", instance_dir("redis", redis_pk) / "users.acl"))
+    assert denied(as_uid(mysql_uid, "cat", server_dir("redis", redis_pk) / "server.log"))
+    # Nor may an instance's uid change the portal's files of its own instance.
+    assert denied(
+        as_uid(redis_uid, "sh", "-c", f"echo 'user x on nopass +@all' >> {instance_dir('redis', redis_pk)}/users.acl")
+    )
+
+    delete(api, "redis", redis_pk)
+    delete(api, "mysql", mysql_pk)
+
+
+@pytest.mark.parametrize("kind", ["redis", "mysql"])
+def test_symlinks_planted_by_the_instance_uid_are_not_followed(api, tmp_path, kind):
+    target, before = root_secret(tmp_path)
+    pk, _ = running(api, kind)
+    uid = server_uid(kind, pk)
+    folder, server = instance_dir(kind, pk), server_dir(kind, pk)
+
+    # Wherever the uid can write: the log the portal used to open and chown, and (MySQL) the socket
+    # the portal logs in through.
+    assert as_uid(uid, "ln", "-sfn", target, server / "server.log").returncode == 0
+    if kind == "mysql":
+        assert as_uid(uid, "ln", "-sfn", target, server / "server.sock").returncode == 0
+    # Not where the portal writes: the config folder is root's.
+    for name in ("users.acl", ".users.acl.new", "my.cnf", "redis.conf", "init.sql"):
+        assert denied(as_uid(uid, "ln", "-sfn", target, folder / name)), name
+
+    body = act(api, kind, pk, "restart")
+    assert body["status"] == "running", body["status_message"]
+    assert stat.S_ISREG((server / "server.log").lstat().st_mode), "the server opened a log of its own"
+    body = act(api, kind, pk, "rotate-password")
+    assert body["status"] == "running", body["status_message"]
+    assert_untouched(target, before)
+    delete(api, kind, pk)
+    assert_untouched(target, before)
+
+
+def test_the_portal_logs_in_through_no_socket_the_instance_uid_points_elsewhere(api, tmp_path):
+    """The uid swaps its MySQL socket for a symlink to another listener: the rotation, which logs
+    in as the instance's root, fails without a byte sent there."""
+    stranger = socket.socket(socket.AF_UNIX)
+    stranger.bind(str(tmp_path / "stranger.sock"))
+    stranger.listen()
+    stranger.settimeout(0.5)
+    pk, _ = running(api, "mysql")
+    uid = server_uid("mysql", pk)
+    sock = server_dir("mysql", pk) / "server.sock"
+    assert as_uid(uid, "sh", "-c", f"rm {sock} && ln -s {tmp_path / 'stranger.sock'} {sock}").returncode == 0
+
+    body = act(api, "mysql", pk, "rotate-password")
+    assert body["status"] == "unhealthy"
+    assert "is not the server's socket" in body["status_message"]
+    with pytest.raises(TimeoutError):
+        stranger.accept()
+    stranger.close()
+    delete(api, "mysql", pk)
+
+
+def test_nothing_of_the_uid_is_left_after_delete(api):
+    pk, _ = running(api, "redis")
+    uid = server_uid("redis", pk)
+    backend = get_backend("local")
+    assert backend.uids.holder(uid) == f"{settings.STOCKROOM_PORTAL_ID} redis/{pk}\n"
+    # What a taken-over server could leave outside its folder, and a process of its own.
+    assert (
+        as_uid(
+            uid, "sh", "-c", "mkdir /tmp/left-$(id -u) && touch /tmp/left-$(id -u)/f /dev/shm/left-$(id -u)"
+        ).returncode
+        == 0
+    )
+    subprocess.run(
+        ["setsid", "--fork", "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", "sleep", "300"],
+        cwd="/",
+    )
+
+    delete(api, "redis", pk)
+    assert not [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _uid_of(pid) == uid]
+    owned = [
+        path
+        for root in (settings.STOCKROOM_INSTANCES_DIR, *WORLD_WRITABLE)
+        for path in _walk(root)
+        if path.lstat().st_uid == uid
+    ]
+    assert owned == []
+    assert backend.uids.holder(uid) is None
+    with pytest.raises(KeyError):
+        pwd.getpwuid(uid)
+
+
+def _uid_of(pid: int) -> int | None:
+    """The real uid of a live process; None for one that is gone or has exited (a zombie waits
+    only for its parent to collect its exit status)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+    except OSError:
+        return None
+    return None if fields["State"].strip().startswith("Z") else int(fields["Uid"].split()[0])
+
+
+def _walk(root: Path, depth: int = 3):
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    for entry in entries:
+        yield Path(entry.path)
+        if depth > 1 and entry.is_dir(follow_symlinks=False):
+            yield from _walk(Path(entry.path), depth - 1)
+
+
+def test_two_portals_never_share_a_uid(tmp_path):
+    ours = Uids(base=0x70000000, claims=tmp_path, portal="ours")
+    theirs = Uids(base=0x70000000, claims=tmp_path, portal="theirs")
+    user = ours.of(7)
+    ours.claim(user, "redis/7")
+    ours.claim(user, "redis/7")  # again: it is ours
+    with pytest.raises(BackendError, match="held by another portal"):
+        theirs.claim(user, "redis/7")
+    assert not theirs.holds(user, "redis/7"), "so the other portal kills nothing that runs as it"
+    with pytest.raises(BackendError, match="belongs to the account 'root'"):
+        Uids(base=0, claims=tmp_path, portal="ours").claim(InstanceUser(0, 0), "redis/0")
+    ours.release(user, "redis/7")
+    assert ours.holder(user.uid) is None
+
+
+def test_a_portal_that_is_not_root_says_instances_are_not_apart(monkeypatch):
+    backend = get_backend("local")
+    monkeypatch.setattr(type(backend), "confined", property(lambda self: False))
+    assert "Not root: every instance runs as the portal's user" in backend.check()
+
+
+# Kernel limits ---------------------------------------------------------------------------
+
+
+def tenant_mysql(config: dict) -> pymysql.Connection:
+    return pymysql.connect(
+        host=config["host"],
+        port=config["port"],
+        user=config["username"],
+        password=config["password"],
+        database=config["database"],
+        autocommit=True,
+        connect_timeout=5,
+        read_timeout=30,
+    )
+
+
+def cgroup_of(kind: str, pk: int) -> Path:
+    backend = get_backend("local")
+    assert backend.no_cgroups is None, backend.no_cgroups
+    return backend.cgroups._path("memory", f"{kind}-{pk}")
+
+
+def test_a_server_over_its_memory_limit_is_killed_healed_and_alone_in_that(api, monkeypatch):
+    neighbour, neighbour_config = running(api, "redis")
+    (neighbour_pid,) = processes_under(instance_dir("redis", neighbour))
+    monkeypatch.setattr(MySQL, "memory_limit", lambda self, options: 200 * MiB)
+    pk, config = running(api, "mysql")
+    (server_pid,) = processes_under(instance_dir("mysql", pk))
+    cgroup = cgroup_of("mysql", pk)
+    assert server_pid in get_backend("local").cgroups.members(f"mysql-{pk}")
+    limit_file = "memory.max" if (cgroup / "memory.max").exists() else "memory.limit_in_bytes"
+    assert int((cgroup / limit_file).read_text()) == 200 * MiB
+    with tenant_mysql(config) as db, db.cursor() as cursor:
+        cursor.execute("CREATE TABLE kept (v INT) ENGINE=InnoDB")
+        cursor.execute("INSERT INTO kept VALUES (42)")
+
+    # User variables: memory a session keeps, which MariaDB's per-session caps do not stop in
+    # time; a few sessions take the server past its limit.
+    sessions = [tenant_mysql(config) for _ in range(6)]
+    with pytest.raises(pymysql.err.OperationalError):
+        for number in range(8):
+            for session in sessions:
+                with session.cursor() as cursor:
+                    cursor.execute(f"SET @v{number} = REPEAT('x', 15 * 1024 * 1024)")
+    for session in sessions:
+        with suppress(Exception):
+            session.close()
+    wait_until(lambda: not processes_under(instance_dir("mysql", pk)), 30, "the server to die")
+
+    report = Reconciler().run_once()
+    assert report.unhealthy == [pk] and report.heals == [pk]
+    body = wait_for_status(api, "mysql", pk, "running", "failed")
+    assert body["status"] == "running", body["status_message"]
+    reasons = [event["reason"] for event in api.get(f"/api/storage/mysql/instances/{pk}/events").json()["results"]]
+    assert any("ran out of memory" in reason and "200 MiB" in reason for reason in reasons), reasons
+    with tenant_mysql(config) as db, db.cursor() as cursor:
+        cursor.execute("SELECT v FROM kept")
+        assert cursor.fetchall() == ((42,),)
+
+    assert processes_under(instance_dir("redis", neighbour)) == [neighbour_pid], "the neighbour was not touched"
+    client = redis.Redis.from_url(neighbour_config["uri"], retry=NO_RETRY)
+    assert client.ping()
+    client.close()
+    assert get_backend("local").cgroups.oom_kills(f"redis-{neighbour}") == 0
+    delete(api, "mysql", pk)
+    assert not cgroup.exists(), "the cgroup goes with the instance"
+    delete(api, "redis", neighbour)
+
+
+def test_each_server_has_a_pids_limit(api):
+    pk, _ = running(api, "redis")
+    cgroups = get_backend("local").cgroups
+    pids = cgroups._path("pids", f"redis-{pk}")
+    assert int((pids / "pids.max").read_text()) == cgroups.pids_limit
+    (server_pid,) = processes_under(instance_dir("redis", pk))
+    assert server_pid in map(int, (pids / "cgroup.procs").read_text().split())
+    delete(api, "redis", pk)
+    assert not pids.exists()
