@@ -1,7 +1,7 @@
 """One uid per local instance, when the portal runs as root.
 
 An instance's uid (and gid, the same number) is `base + instance id`. It has no account in
-/etc/passwd: mariadbd and redis-server need none, and a number costs nothing to make or remove.
+/etc/passwd: the servers need none, and a number costs nothing to make or remove.
 Two portals on one host must not hand out the same uid, so each uid is claimed host-wide (a file
 named after it in a root-only folder, saying which portal's instance holds it); a second portal
 whose base overlaps is refused, instead of sharing a uid. When the instance goes, so does
