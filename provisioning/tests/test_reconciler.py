@@ -89,10 +89,14 @@ def test_a_killed_server_is_restarted_with_its_data(api, reconciling_worker, rec
         assert cursor.fetchone() == ("teapot",)
     assert redis.Redis(port=redis_config["port"], password=redis_config["password"]).get("order:1") == b"teapot"
 
-    told = [(event["instance"]["id"], event["from"], event["to"]) for event in receiver.events()]
-    for pk in (mysql_pk, redis_pk):
-        assert (pk, "running", "unhealthy") in told
-        assert (pk, "unhealthy", "running") in told
+    def told() -> set[tuple[int, str, str]]:
+        return {(event["instance"]["id"], event["from"], event["to"]) for event in receiver.events()}
+
+    # Deliveries go out after the change commits, from another worker process: give them a moment.
+    expected = {
+        (pk, frm, to) for pk in (mysql_pk, redis_pk) for frm, to in (("running", "unhealthy"), ("unhealthy", "running"))
+    }
+    wait_until(lambda: expected <= told(), 30, f"webhook events {expected - told()}")
     assert all(verify(hook["secret"], headers, body) for headers, body in receiver.received)
 
     for kind, pk in (("mysql", mysql_pk), ("redis", redis_pk)):
