@@ -94,8 +94,13 @@ class Cgroups:
     # One instance ------------------------------------------------------------------------
 
     def prepare(self, name: str, *, memory: int) -> list[Path]:
-        """A fresh cgroup `name` with these limits in every hierarchy; returns the `cgroup.procs`
-        files a process writes its pid to, before it execs the server."""
+        """A fresh cgroup `name` with these limits in every hierarchy; returns the files a
+        single-threaded process writes "0" to, to move itself in, before it execs the server.
+
+        In v1 that is `tasks`: moving one's own only thread takes no global lock, where moving a
+        process (`cgroup.procs`) waits for an RCU grace period, 10 ms and more on a busy host. v2
+        has only `cgroup.procs`.
+        """
         procs = []
         for hierarchy, controllers in self._by_hierarchy().items():
             folder = self._folder(hierarchy)
@@ -107,7 +112,7 @@ class Cgroups:
                 self._limit_memory(hierarchy, path, memory)
             if "pids" in controllers:
                 (path / "pids.max").write_text(str(self.pids_limit))
-            procs.append(path / "cgroup.procs")
+            procs.append(path / ("tasks" if hierarchy.version == 1 else "cgroup.procs"))
         return procs
 
     def members(self, name: str) -> list[int]:

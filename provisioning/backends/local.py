@@ -245,12 +245,13 @@ class LocalBackend(BaseBackend):
 
     def _wait_for_login(self, instance: "Instance", directory: Path, log: Path) -> None:
         # spawn() returns once the server's own process runs, so a missing one has really exited.
-        uid = self._uid_to_end(instance.kind, instance.pk)
-        self.wait_for_login(
-            instance,
-            exited=lambda: not processes.processes(under=directory, uid=uid),
-            log_tail=lambda: self._log_tail(log),
-        )
+        # It works in its folder, and in its cgroup, whose list is quicker to read.
+        cgroup = _cgroup(instance.kind, instance.pk) if self.confined and not self.no_cgroups else None
+
+        def exited() -> bool:
+            return not (self.cgroups.members(cgroup) if cgroup else processes_under(directory))
+
+        self.wait_for_login(instance, exited=exited, log_tail=lambda: self._log_tail(log))
 
     def _uid_to_end(self, kind: str, pk: int) -> int | None:
         """The uid whose processes are all the instance's: None when not confined, or when another
@@ -265,6 +266,12 @@ class LocalBackend(BaseBackend):
         uid has, and the uid's claim."""
         directory = self.root / kind / str(pk)
         uid = self._uid_to_end(kind, pk)
+        if not directory.exists() and (uid is None or self.uids.holder(uid) is None):
+            # Nothing was made (create claims the uid first, and this releases it last): nothing
+            # can run as it. Spares a new instance's create a look at every process and folder.
+            if self.confined and not self.no_cgroups:
+                self.cgroups.remove(_cgroup(kind, pk))
+            return
         processes.kill(under=directory, uid=uid)
         shutil.rmtree(directory, ignore_errors=True)  # never follows a symlink
         if directory.exists():

@@ -6,26 +6,23 @@ started with `setsid --fork`, so they belong to no portal process and outlive re
 server and the worker.
 """
 
+import ctypes
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 
 from ..errors import BackendError
 
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-# The root part of a launch: join the cgroups named by the first arguments (their count first),
-# then exec the rest, which drops privileges. Joining first means everything the server ever
-# runs is inside its limits.
-JOIN_CGROUPS = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ >"$1" || exit 1; shift; n=$((n - 1)); done; exec "$@"'
-# The server's part, after privileges are dropped: it opens its own log ($0), then becomes the
-# server. Whatever its uid left there instead of a log (a symlink, a FIFO) is put away first.
-OPEN_LOG = (
-    'umask 077; if [ -L "$0" ] || { [ -e "$0" ] && [ ! -f "$0" ]; }; then rm -rf "$0"; fi; '
-    'exec >>"$0" 2>&1 </dev/null; exec "$@"'
-)
+PR_SET_NO_NEW_PRIVS = 38
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def processes(*, under: Path | None = None, uid: int | None = None) -> list[int]:
@@ -126,33 +123,72 @@ def spawn(
     user: tuple[int, int] | None = None,
     cgroups: Sequence[Path] = (),
 ) -> None:
-    """Start `argv` detached, in `cgroups`, as `user` (uid, gid; None: as we are), with its output
-    appended to `log`, which the server opens itself once it is that user.
+    """Start `argv` detached (`setsid --fork`), in `cgroups` (the files Cgroups.prepare gives), as
+    `user` (uid, gid; None: as we are), with its output appended to `log`, which it opens itself
+    once it is that user.
 
-    Returns once the server's own process runs (its launch has either failed, and this raises
-    with what went wrong, or opened the log), so a server that is gone after this has exited.
+    Between fork and exec the child joins the cgroups (still root), drops every privilege, then
+    opens the log: everything the server ever runs is inside its limits, and root opens no file
+    the server's uid could have planted. Returns once the server's process exists, so a server
+    that is gone after this has exited.
     """
-    launch = ["sh", "-c", OPEN_LOG, str(log), *argv]
-    if user is not None:
-        uid, gid = user
-        launch = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs", "--", *launch]
-    if cgroups:
-        launch = ["sh", "-c", JOIN_CGROUPS, "launch", str(len(cgroups)), *map(str, cgroups), *launch]
-    # Standard error is a pipe until OPEN_LOG replaces it with the log: reading it to its end
-    # waits exactly for the launch, and gives its errors.
+    report, reported = os.pipe()  # what went wrong in the child, if anything; it closes at exec
+
+    def become_the_server() -> None:
+        step = "join its cgroup"
+        try:
+            for procs in cgroups:  # "0": this process (its only thread, after fork)
+                descriptor = os.open(procs, os.O_WRONLY)
+                os.write(descriptor, b"0")
+                os.close(descriptor)
+            if user is not None:
+                step = "drop privileges"
+                uid, gid = user
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+                if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0):
+                    raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+            step = f"open its log {log}"
+            os.umask(0o077)
+            _open_log(log)
+        except OSError as exc:
+            os.write(reported, f"could not {step}: {exc.strerror or exc}".encode())
+            raise
+
     try:
-        result = subprocess.run(
-            ["setsid", "--fork", *launch],
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={"PATH": PATH, "LANG": "C.UTF-8"},
-            timeout=10,
-        )
-    except subprocess.TimeoutExpired:
-        raise BackendError(f"Starting {Path(argv[0]).name} took more than 10 s.") from None
-    if result.returncode or result.stderr.strip():
-        problem = result.stderr.strip() or f"exit status {result.returncode}"
-        raise BackendError(f"Could not start {Path(argv[0]).name}: {problem}")
+        try:
+            # One thread starts servers (a worker's task, or a test), as preexec_fn needs.
+            result = subprocess.run(
+                ["setsid", "--fork", *argv],
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                env={"PATH": PATH, "LANG": "C.UTF-8"},
+                preexec_fn=become_the_server,
+                timeout=10,
+            )
+        finally:
+            os.close(reported)
+    except subprocess.SubprocessError as exc:
+        problem = os.read(report, 4096).decode(errors="replace") or str(exc)
+        raise BackendError(f"Could not start {Path(argv[0]).name}: {problem}.") from None
+    finally:
+        os.close(report)
+    if result.returncode:
+        raise BackendError(f"Could not start {Path(argv[0]).name} (exit status {result.returncode}).")
+
+
+def _open_log(log: Path) -> None:
+    """Make `log` the standard output and error: as the server's user, so a symlink planted there
+    leads only where that user may write. Whatever else its user left in its place (a symlink, a
+    FIFO, a folder) is put away first."""
+    with suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.lstat(log).st_mode):
+            if stat.S_ISDIR(os.lstat(log).st_mode):
+                shutil.rmtree(log)
+            else:
+                os.unlink(log)
+    descriptor = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    os.dup2(descriptor, 1)
+    os.dup2(descriptor, 2)
+    os.close(descriptor)
