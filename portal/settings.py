@@ -264,6 +264,8 @@ STOCKROOM_PORT_RANGE = tuple(env.list("STOCKROOM_PORT_RANGE", cast=int, default=
 if len(STOCKROOM_PORT_RANGE) != 2 or not 1024 <= STOCKROOM_PORT_RANGE[0] <= STOCKROOM_PORT_RANGE[1] <= 65535:
     raise ImproperlyConfigured("STOCKROOM_PORT_RANGE must be 'first,last' within 1024..65535.")
 STOCKROOM_QUOTA = env.int("STOCKROOM_QUOTA", default=10)
+# The disk limit of an instance whose options name none: bytes its data (and server log) may take.
+STOCKROOM_DEFAULT_DISK = env.int("STOCKROOM_DEFAULT_DISK", default=1024**3)
 STOCKROOM_START_TIMEOUT = env.float("STOCKROOM_START_TIMEOUT", default=30.0)
 # How long a worker may hold an instance before another may take over (it died, say).
 STOCKROOM_CLAIM_SECONDS = env.float("STOCKROOM_CLAIM_SECONDS", default=STOCKROOM_START_TIMEOUT * 2 + 30)

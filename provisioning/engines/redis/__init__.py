@@ -211,6 +211,22 @@ class Redis(Engine):
         finally:
             client.close()
 
+    def refuse_writes(self, instance: "Instance", refuse: bool, *, admin: Endpoint) -> None:
+        # A master that must write to one replica, and has none, refuses every write command
+        # (NOREPLICAS) and still answers reads; the tenant may not CONFIG SET it back.
+        client = redis.Redis(
+            host=admin.host,
+            port=admin.port,
+            username=ADMIN_USERNAME,
+            password=instance.admin_password,
+            retry=NO_RETRY,
+            socket_timeout=ADMIN_TIMEOUT,
+        )
+        try:
+            client.config_set("min-replicas-to-write", 1 if refuse else 0)
+        finally:
+            client.close()
+
     def check_login(self, instance: "Instance", *, host: str, port: int, timeout: float) -> None:
         client = redis.Redis(
             host=host,
@@ -222,7 +238,9 @@ class Redis(Engine):
             retry=NO_RETRY,  # the caller decides whether and when to try again
         )
         try:
-            client.ping()
+            # Not PING: a server whose disk is full refuses it (MISCONF), as it refuses writes, yet
+            # it answers and serves reads.
+            client.echo("stockroom")
         finally:
             client.close()
 
