@@ -18,6 +18,7 @@ from django.core.management import call_command
 from django.db import connections
 from rest_framework.authtoken.models import Token
 
+from provisioning.backends.base import get_backend
 from provisioning.backends.local import kill_processes_under
 
 from . import api_load, connectable, density, reconcile, report, stack
@@ -45,6 +46,10 @@ def fresh_state() -> None:
 
     MariaDB's data-directory template is kept; the warm-up builds it if it is missing.
     """
+    backend = get_backend("local")  # every instance is an orphan: their database goes
+    for key in backend.orphans(set()):
+        backend.remove_orphan(key)  # processes, mounted disk, cgroup and uid included
+    backend.forget_ready()
     kill_processes_under(settings.STOCKROOM_INSTANCES_DIR)
     for kind in ("mysql", "redis"):
         shutil.rmtree(settings.STOCKROOM_INSTANCES_DIR / kind, ignore_errors=True)

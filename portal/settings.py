@@ -301,6 +301,8 @@ def _memory_size(name: str, default: str) -> int:
 # all of them together within the host's budget, each user's within their quota.
 STOCKROOM_MEMORY_BUDGET = _memory_size("STOCKROOM_MEMORY_BUDGET", "75%")
 STOCKROOM_MEMORY_QUOTA = _memory_size("STOCKROOM_MEMORY_QUOTA", "4gb")
+# The disk limit of an instance whose options name none: bytes its data (and server log) may take.
+STOCKROOM_DEFAULT_DISK = env.int("STOCKROOM_DEFAULT_DISK", default=1024**3)
 STOCKROOM_START_TIMEOUT = env.float("STOCKROOM_START_TIMEOUT", default=30.0)
 # How long a worker may hold an instance before another may take over (it died, say).
 STOCKROOM_CLAIM_SECONDS = env.float("STOCKROOM_CLAIM_SECONDS", default=STOCKROOM_START_TIMEOUT * 2 + 30)

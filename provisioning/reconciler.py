@@ -103,8 +103,12 @@ class Reconciler:
         report.probed = len(instances)
         with ThreadPoolExecutor(max_workers=settings.STOCKROOM_PROBE_CONCURRENCY) as pool:
             errors = dict(zip((i.pk for i in instances), pool.map(self._probe, instances), strict=True))
+            answering = [i for i in instances if errors[i.pk] is None and i.status == Status.RUNNING]
+            disks = dict(zip((i.pk for i in answering), pool.map(self._disk, answering), strict=True))
         for instance in instances:
             error = errors[instance.pk]
+            if instance.pk in disks:
+                healing.disk_report(instance, disks[instance.pk])
             if error is None and instance.status == Status.UNHEALTHY:
                 if healing.answers_again(instance):
                     report.recovered.append(instance.pk)
@@ -121,6 +125,14 @@ class Reconciler:
     def _probe(instance: Instance) -> str | None:
         # A second chance, so that one slow answer on a busy host does not get a server restarted.
         return get_backend(instance.backend).login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT, tries=2)
+
+    @staticmethod
+    def _disk(instance: Instance) -> str | None:
+        try:
+            return get_backend(instance.backend).enforce_disk_limit(instance)
+        except Exception:  # the next pass tries again
+            logger.exception("Could not check the disk of instance %s", instance.pk)
+            return None
 
     # Work a dead worker left behind ----------------------------------------------------
 

@@ -17,7 +17,9 @@ from . import listeners
 if TYPE_CHECKING:
     from ..models import Instance
 
-__all__ = ["BackendError", "BaseBackend", "StrangerOnPort", "get_backend"]
+__all__ = ["DISK_FULL", "BackendError", "BaseBackend", "StrangerOnPort", "get_backend"]
+
+DISK_FULL = "Its disk is full"  # how every message of enforce_disk_limit() begins
 
 
 class StrangerOnPort(BackendError):
@@ -71,6 +73,16 @@ class BaseBackend:
     def set_password(self, instance: "Instance", password: str) -> None:
         """Replace the user's password on the running server; the old one must stop working."""
         raise NotImplementedError("Backends must implement set_password().")
+
+    def enforce_disk_limit(self, instance: "Instance") -> str | None:
+        """Asked by the reconciler about each running instance that answers: a short message for its
+        status, beginning with DISK_FULL, if its data has reached its disk limit, else None.
+
+        Where the kernel enforces the limit this only looks; where it does not, the backend makes
+        the server refuse writes while it is full (reads still work), and accept them again once it
+        has room.
+        """
+        return None
 
     def why_down(self, instance: "Instance") -> str | None:
         """What the backend knows of why the instance's server stopped answering (it ran out of

@@ -8,9 +8,12 @@ When the portal runs as root, each instance's server runs as a uid of its own (s
 owns `server/` (0700) and nothing else; the instance folder and the portal's files in it are
 root's, readable by the instance's group only, so nothing root does follows a path that uid can
 change. The server opens its own log once it is that uid, and runs in a cgroup of its own with
-the engine's memory limit and a pids limit (see `cgroups`). When the portal is not root, every
-server runs as the portal's user, as the portal's files do: instances are not kept apart, and the
-kernel limits nothing.
+the engine's memory limit and a pids limit (see `cgroups`). `server/` is a filesystem of the
+instance's disk limit, loop-mounted from `disk.img` (see `disks`).
+
+When the portal is not root, every server runs as the portal's user, as the portal's files do:
+instances are not kept apart, and the kernel limits nothing. The reconciler then enforces the disk
+limit (see `enforce_disk_limit`).
 """
 
 import logging
@@ -20,6 +23,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Sequence
+from contextlib import suppress
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,8 +32,9 @@ from django.conf import settings
 
 from ..engines import Endpoint, Layout, engines, get_engine
 from . import files, processes
-from .base import BackendError, BaseBackend
+from .base import DISK_FULL, BackendError, BaseBackend
 from .cgroups import Cgroups
+from .disks import Disks
 from .processes import kill_processes_under, processes_under
 from .uids import InstanceUser, Uids, remove_files_of
 
@@ -42,7 +47,10 @@ logger = logging.getLogger(__name__)
 
 HASHES = re.compile(r"\*[0-9A-Fa-f]{40}|#[0-9a-f]{64}")
 MiB = 1024 * 1024
+FULL_MARGIN = 1 * MiB  # a filesystem with no more room than this (or 2 %) is full: writes fail
 SERVER = "server"  # in an instance's folder: everything its server writes
+IMAGE = "disk.img"  # in an instance's folder: the filesystem mounted at SERVER
+WRITES_REFUSED = "writes-refused"  # in an instance's folder: the reconciler made its server refuse writes
 
 
 class LocalBackend(BaseBackend):
@@ -89,6 +97,26 @@ class LocalBackend(BaseBackend):
         """Why servers run without kernel limits here, or None when each has its cgroup."""
         return self.cgroups.problem()
 
+    @cached_property
+    def disks(self) -> Disks:
+        return Disks(self.root / "_disks")
+
+    @cached_property
+    def no_disks(self) -> str | None:
+        """Why the kernel does not enforce disk limits here, or None when each instance has a filesystem."""
+        return self.disks.problem()
+
+    @staticmethod
+    def _usual_disks() -> set[int]:
+        """Disk limits instances get unless they ask for another: the ones kept ready."""
+        options = [option for engine in engines().values() for option in engine.options if option.name == "disk"]
+        return {settings.STOCKROOM_DEFAULT_DISK, *(o.default for o in options if isinstance(o.default, int))}
+
+    @staticmethod
+    def disk_limit(instance: "Instance") -> int:
+        limit: int = instance.options.get("disk") or settings.STOCKROOM_DEFAULT_DISK
+        return limit
+
     # Paths -----------------------------------------------------------------------------
 
     @property
@@ -128,7 +156,7 @@ class LocalBackend(BaseBackend):
         user = self.user(instance)
         if user is not None:
             self.uids.claim(user, _key(instance.kind, instance.pk))
-        self._make_folders(directory, user)
+        self._make_folders(directory, user, disk=self.disk_limit(instance))
         setup = engine.local_setup(instance, layout, self)
         if setup.seed:
             self._copy_seed(setup.seed, Path(layout.data), user)
@@ -145,10 +173,14 @@ class LocalBackend(BaseBackend):
         processes.stop(under=self.directory(instance), uid=self._uid_to_end(instance.kind, instance.pk))
 
     def start(self, instance: "Instance") -> None:
+        directory = self.directory(instance)
         # Whatever is left of a server that hung.
-        processes.kill(under=self.directory(instance), uid=self._uid_to_end(instance.kind, instance.pk))
+        processes.kill(under=directory, uid=self._uid_to_end(instance.kind, instance.pk))
+        if (directory / IMAGE).exists() and not os.path.ismount(directory / SERVER):  # the host restarted
+            self.disks.mount(directory / IMAGE, directory / SERVER)
+        (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
         # The port may have changed since the last start (see BaseBackend.moves_ports).
-        directory, user = self.directory(instance), self.user(instance)
+        user = self.user(instance)
         for name, text in get_engine(instance.kind).local_config(instance, self.layout(instance)).items():
             files.write(directory / name, text, group=user.gid if user else None)
         self._run_server(instance)
@@ -169,12 +201,42 @@ class LocalBackend(BaseBackend):
         layout = self.layout(instance)
         return Endpoint(layout.bind_address, layout.port, socket=str(layout.socket))
 
+    def probe(self, instance: "Instance", timeout: float = 2.0) -> None:
+        """Log in over the server's socket, reached through a descriptor checked to be a socket of
+        the instance's uid: its uid may put a symlink where the socket was, never a login goes there."""
+        layout, user = self.layout(instance), self.user(instance)
+        with files.unix_socket(Path(layout.socket), owner=user.uid if user else None) as socket:
+            if socket is None:
+                raise BackendError("The server has no socket: it is not running.")
+            endpoint = Endpoint(layout.bind_address, layout.port, socket=socket)
+            get_engine(instance.kind).check_login(instance, endpoint, timeout=timeout)
+
     def instance_pids(self, instance: "Instance") -> set[int]:
         uid = self._uid_to_end(instance.kind, instance.pk)
         return set(processes.processes(under=self.directory(instance), uid=uid))
 
     def destroy(self, instance: "Instance") -> None:
         self._remove(instance.kind, instance.pk)
+
+    def enforce_disk_limit(self, instance: "Instance") -> str | None:
+        directory = self.directory(instance)
+        server = directory / SERVER
+        if os.path.ismount(server):  # the kernel stops writes at the limit: only look
+            used, size = self.disks.usage(server)
+            if size - used > max(FULL_MARGIN, size // 50):
+                return None
+            limit = (directory / IMAGE).stat().st_size
+            return f"{DISK_FULL} ({_size(used)} used of {_size(limit)}): writes fail; reads still work."
+        used, limit = bytes_under(server), self.disk_limit(instance)
+        full = used >= limit
+        if full != (directory / WRITES_REFUSED).exists():
+            self._refuse_writes(instance, refuse=full)
+        if not full:
+            return None
+        return (
+            f"{DISK_FULL} ({_size(used)} used of {_size(limit)}): the server refuses writes until it has room; "
+            "reads still work."
+        )
 
     def why_down(self, instance: "Instance") -> str | None:
         if self.no_cgroups or not self.cgroups.oom_kills(_cgroup(instance.kind, instance.pk)):
@@ -202,8 +264,12 @@ class LocalBackend(BaseBackend):
         self.program("setpriv")
         found += f" Each instance runs as a uid of its own ({self.uids.base} + its id)"
         if self.no_cgroups:
-            return f"{found}, without kernel memory or pids limits: {self.no_cgroups}."
-        return f"{found}, in a cgroup of its own with memory and pids limits ({self.cgroups.describe()})."
+            found += f", without kernel memory or pids limits: {self.no_cgroups}."
+        else:
+            found += f", in a cgroup of its own with memory and pids limits ({self.cgroups.describe()})."
+        if self.no_disks:
+            return f"{found} The reconciler enforces disk limits, not the kernel: {self.no_disks}."
+        return f"{found} Its data is a loop-mounted filesystem of its disk limit."
 
     def orphans(self, known_ids: set[int]) -> dict[str, str]:
         found = {}
@@ -228,6 +294,12 @@ class LocalBackend(BaseBackend):
     def remove_orphan(self, key: str) -> None:
         kind, pk = key.split("/")
         self._remove(kind, int(pk))
+
+    def forget_ready(self) -> None:
+        """Give back what is kept ready for instances to come (filesystems), as before the
+        instances folder is removed."""
+        if self.confined and not self.no_disks:
+            self.disks.forget_ready()
 
     # Processes -------------------------------------------------------------------------
 
@@ -273,6 +345,8 @@ class LocalBackend(BaseBackend):
                 self.cgroups.remove(_cgroup(kind, pk))
             return
         processes.kill(under=directory, uid=uid)
+        if self.confined:
+            self.disks.unmount(directory / SERVER)
         shutil.rmtree(directory, ignore_errors=True)  # never follows a symlink
         if directory.exists():
             raise BackendError(f"Could not remove {directory}.")
@@ -292,17 +366,33 @@ class LocalBackend(BaseBackend):
         interesting = [line for line in text if "ERROR" in line or "#" in line] or text
         return "Server log: " + " | ".join(interesting[-lines:]) if interesting else "The server log is empty."
 
+    def _refuse_writes(self, instance: "Instance", *, refuse: bool) -> None:
+        directory, layout, user = self.directory(instance), self.layout(instance), self.user(instance)
+        with files.unix_socket(Path(layout.socket), owner=user.uid if user else None) as socket:
+            get_engine(instance.kind).refuse_writes(
+                instance, refuse, admin=Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=socket)
+            )
+        if refuse:
+            files.write(directory / WRITES_REFUSED, "")
+        else:
+            (directory / WRITES_REFUSED).unlink(missing_ok=True)
+
     # An instance's own folders ---------------------------------------------------------
 
-    def _make_folders(self, directory: Path, user: InstanceUser | None) -> None:
+    def _make_folders(self, directory: Path, user: InstanceUser | None, *, disk: int) -> None:
         """The instance's folder (root:<its group> 0750 when confined) and `server/` in it, the
-        only place its uid may write."""
+        only place its uid may write: a filesystem of `disk` bytes where the kernel can mount one."""
         directory.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
         directory.mkdir(mode=0o700)
+        server = directory / SERVER
+        server.mkdir(mode=0o700)
         if user is not None:
             os.chown(directory, 0, user.gid)
             os.chmod(directory, 0o750)
-        _make_own(directory / SERVER, user)
+            if not self.no_disks:
+                self.disks.provide(directory / IMAGE, server, disk, usual=disk in self._usual_disks())
+                (server / "lost+found").rmdir()  # root's, and e2fsck makes it again if it needs it
+        _make_own(server, user)
 
     def _copy_seed(self, source: Path, target: Path, user: InstanceUser | None) -> None:
         if user is None:
@@ -311,12 +401,13 @@ class LocalBackend(BaseBackend):
             result = subprocess.run(
                 ["cp", "-a", "--reflink=auto", str(source), str(target)], capture_output=True, text=True
             )
+        if result.returncode:
+            raise BackendError(f"Could not copy the data template: {result.stderr.strip()}")
+        if user is not None:
             os.lchown(target, user.uid, user.gid)
             for folder, names, file_names in os.walk(target):
                 for name in (*names, *file_names):
                     os.lchown(os.path.join(folder, name), user.uid, user.gid)
-        if result.returncode:
-            raise BackendError(f"Could not copy the data template: {result.stderr.strip()}")
 
     # Shared templates: what an engine's local_setup() may use (the Host protocol) ---------
 
@@ -370,8 +461,23 @@ def _cgroup(kind: str, pk: int) -> str:
     return f"{kind}-{pk}"
 
 
+def _size(size: int) -> str:
+    return f"{size / MiB:.1f} MiB" if size < 1024 * MiB else f"{size / (1024 * MiB):.2f} GiB"
+
+
+def bytes_under(folder: Path) -> int:
+    """Disk space taken by everything in `folder` (what `du` says); follows no symlink."""
+    total = 0
+    for parent, names, file_names in os.walk(folder):
+        for name in (*names, *file_names):
+            with suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(parent, name)).st_blocks * 512
+    return total
+
+
 def _make_own(path: Path, user: InstanceUser | None) -> None:
     """A folder the instance's server may write in (0700, its uid's when confined)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
     if user is not None:
         os.lchown(path, user.uid, user.gid)

@@ -264,6 +264,12 @@ class Engine:
         run a trivial command; raise on failure."""
         raise NotImplementedError("Engines must say how a user logs in.")
 
+    def refuse_writes(self, instance: "Instance", refuse: bool, *, admin: Endpoint) -> None:
+        """Make the running server refuse every write of the user, reads still working (or, with
+        `refuse` False, accept them again): what the local backend does to an instance over its
+        disk limit where the kernel cannot stop it. A restarted server accepts writes."""
+        raise NotImplementedError("Engines must say how a server refuses writes.")
+
     def connection(self, instance: "Instance") -> dict[str, Any]:
         """What a user needs to connect: host, port, credentials, options and a URI.
 

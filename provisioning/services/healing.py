@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from ..backends.base import BaseBackend, get_backend
+from ..backends.base import DISK_FULL, BaseBackend, get_backend
 from ..models import Instance, Status
 from . import jobs, ports
 from .claims import Busy, work_on
@@ -53,6 +53,17 @@ def stopped_answering(instance: Instance, error: str, *, now: datetime) -> bool:
     if marked and not wait:  # otherwise a later pass finds it due
         request_heal(instance)
     return marked
+
+
+def disk_report(instance: Instance, full: str | None) -> None:
+    """The reconciler's word on a running instance's disk (the backend's message when it is full):
+    its status message says so while it is full, and stops saying so once it has room."""
+    if full and instance.status_message != full:
+        Instance.objects.filter(pk=instance.pk, status=Status.RUNNING).update(status_message=full)
+    elif not full and instance.status_message.startswith(DISK_FULL):
+        Instance.objects.filter(pk=instance.pk, status=Status.RUNNING, status_message=instance.status_message).update(
+            status_message="Running; its disk has room again."
+        )
 
 
 def answers_again(instance: Instance) -> bool:

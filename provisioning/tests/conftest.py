@@ -116,6 +116,7 @@ def stop_leftover_servers():
         backend = get_backend("local")
         for key in backend.orphans(set()):
             backend.remove_orphan(key)
+        backend.forget_ready()
         kill_processes_under(root)
         shutil.rmtree(root, ignore_errors=True)
 

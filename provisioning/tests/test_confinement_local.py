@@ -16,10 +16,12 @@ import redis
 from django.conf import settings
 
 from provisioning.backends.base import BackendError, get_backend
-from provisioning.backends.local import processes_under
+from provisioning.backends.local import bytes_under, processes_under
 from provisioning.backends.uids import WORLD_WRITABLE, InstanceUser, Uids
+from provisioning.engines import get_engine
 from provisioning.engines.mysql import MySQL
 from provisioning.engines.redis import NO_RETRY
+from provisioning.models import Instance
 from provisioning.reconciler import Reconciler
 
 from .conftest import instance_dir, server_dir, wait_for_status, wait_until
@@ -32,8 +34,8 @@ pytestmark = [
 ]
 
 
-def running(api, kind: str) -> tuple[int, dict]:
-    pk = api.post(f"/api/storage/{kind}/instances", {}).json()["id"]
+def running(api, kind: str, body: dict | None = None) -> tuple[int, dict]:
+    pk = api.post(f"/api/storage/{kind}/instances", body or {}).json()["id"]
     body = wait_for_status(api, kind, pk, "running", "failed")
     assert body["status"] == "running", body["status_message"]
     return pk, api.get(f"/api/storage/{kind}/instances/{pk}/config").json()
@@ -214,13 +216,15 @@ def _uid_of(pid: int) -> int | None:
 
 
 def _walk(root: Path, depth: int = 3):
+    """What is in `root`, `depth` levels down, on its own filesystem (a /proc mounted in a chroot
+    below /var/tmp lists every process's folder, zombies' too)."""
     try:
-        entries = list(os.scandir(root))
+        device, entries = root.stat().st_dev, list(os.scandir(root))
     except OSError:
         return
     for entry in entries:
         yield Path(entry.path)
-        if depth > 1 and entry.is_dir(follow_symlinks=False):
+        if depth > 1 and entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_dev == device:
             yield from _walk(Path(entry.path), depth - 1)
 
 
@@ -248,7 +252,7 @@ def test_a_portal_that_is_not_root_says_instances_are_not_apart(monkeypatch):
 # Kernel limits ---------------------------------------------------------------------------
 
 
-def tenant_mysql(config: dict) -> pymysql.Connection:
+def tenant_mysql(config: dict, read_timeout: float = 30) -> pymysql.Connection:
     return pymysql.connect(
         host=config["host"],
         port=config["port"],
@@ -257,7 +261,7 @@ def tenant_mysql(config: dict) -> pymysql.Connection:
         database=config["database"],
         autocommit=True,
         connect_timeout=5,
-        read_timeout=30,
+        read_timeout=read_timeout,
     )
 
 
@@ -323,3 +327,195 @@ def test_each_server_has_a_pids_limit(api):
     assert server_pid in map(int, (pids / "cgroup.procs").read_text().split())
     delete(api, "redis", pk)
     assert not pids.exists()
+
+
+# Disk limits -----------------------------------------------------------------------------
+
+
+def with_disk(settings, kind: str, size: int) -> dict:
+    """The create body for an instance with a disk of `size` bytes: the `disk` option where the
+    engine has one, and the default of every instance that names none."""
+    settings.STOCKROOM_DEFAULT_DISK = size
+    return {"disk": size} if any(option.name == "disk" for option in get_engine(kind).options) else {}
+
+
+def set_disk_limit(settings, pk: int, size: int) -> None:
+    settings.STOCKROOM_DEFAULT_DISK = size
+    instance = Instance.objects.get(pk=pk)
+    if "disk" in instance.options:
+        Instance.objects.filter(pk=pk).update(options={**instance.options, "disk": size})
+
+
+def mounts() -> dict[str, tuple[str, set[str]]]:
+    """Mount point -> (filesystem type, options), as the kernel lists them."""
+    found = {}
+    with open("/proc/self/mounts") as table:
+        for line in table:
+            _source, target, fstype, options, *_ = line.split()
+            found[target.replace("\\040", " ")] = (fstype, set(options.split(",")))
+    return found
+
+
+def status(api, kind: str, pk: int) -> dict:
+    return api.get(f"/api/storage/{kind}/instances/{pk}").json()
+
+
+def mysql_write(config: dict, rows: int) -> None:
+    with tenant_mysql(config) as db, db.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS blobs (b LONGBLOB) ENGINE=InnoDB")
+        for _ in range(rows):
+            cursor.execute("INSERT INTO blobs VALUES (REPEAT('x', 1024 * 1024))")
+
+
+def mysql_read(config: dict) -> int:
+    with tenant_mysql(config) as db, db.cursor() as cursor:
+        cursor.execute("SELECT COUNT(*) FROM blobs")
+        return cursor.fetchone()[0]
+
+
+def redis_write(config: dict, rows: int) -> None:
+    client = redis.Redis.from_url(config["uri"], retry=NO_RETRY)
+    for _ in range(rows):
+        client.rpush("blobs", b"x" * MiB)
+    client.close()
+
+
+def redis_read(config: dict) -> int:
+    client = redis.Redis.from_url(config["uri"], retry=NO_RETRY)
+    try:
+        return client.llen("blobs")
+    finally:
+        client.close()
+
+
+WRITES = {
+    "mysql": (mysql_write, mysql_read, pymysql.err.OperationalError),
+    "redis": (redis_write, redis_read, redis.ResponseError),
+}
+
+
+@pytest.mark.parametrize("kind", ["mysql", "redis"])
+def test_without_loop_mounts_the_reconciler_makes_an_instance_over_its_disk_limit_refuse_writes(
+    api, settings, monkeypatch, kind
+):
+    write, read, refused = WRITES[kind]
+    backend = get_backend("local")
+    monkeypatch.setattr(backend, "no_disks", "loop mounts are switched off in this test")
+    assert "The reconciler enforces disk limits, not the kernel: loop mounts are switched off" in backend.check()
+    pk, config = running(api, kind, with_disk(settings, kind, 1024 * MiB))
+    server = server_dir(kind, pk)
+    assert str(server) not in mounts()
+    write(config, 1)
+    set_disk_limit(settings, pk, bytes_under(server) + 4 * MiB)
+
+    write(config, 8)  # past the limit: nothing stops it yet
+    Reconciler().run_once()
+    body = status(api, kind, pk)
+    assert body["status"] == "running"
+    assert body["status_message"].startswith("Its disk is full") and "refuses writes" in body["status_message"]
+    with pytest.raises(refused, match="read-only|NOREPLICAS"):
+        write(config, 1)
+    assert read(config) == 9, "reads still work"
+
+    set_disk_limit(settings, pk, 1024 * MiB)  # as a larger disk would
+    Reconciler().run_once()
+    assert status(api, kind, pk)["status_message"] == "Running; its disk has room again."
+    write(config, 1)
+    assert read(config) == 10
+    delete(api, kind, pk)
+
+
+def fill_redis(config: dict) -> int:
+    """Write 256 KiB values until the server refuses; returns how many it took."""
+    client = redis.Redis.from_url(config["uri"], retry=NO_RETRY)
+    taken = 0
+    with pytest.raises(redis.ResponseError, match="MISCONF Errors writing to the AOF file: No space left on device"):
+        for number in range(400):  # 100 MiB, far past the limit
+            client.set(f"key{number}", b"x" * (256 * 1024))
+            taken += 1
+    client.close()
+    return taken
+
+
+def count_redis(config: dict) -> int:
+    client = redis.Redis.from_url(config["uri"], retry=NO_RETRY)
+    try:
+        assert client.get("key0") == b"x" * (256 * 1024)
+        return client.dbsize()
+    finally:
+        client.close()
+
+
+def fill_mysql(config: dict) -> int:
+    """Write 1 MiB rows until a write fails, or hangs (MariaDB holds a binary log write until there
+    is room); returns how many it took."""
+    taken = 0
+    # A write held for want of room ends the session after 5 s.
+    with tenant_mysql(config, read_timeout=5) as db, db.cursor() as cursor:
+        cursor.execute("CREATE TABLE blobs (b LONGBLOB) ENGINE=InnoDB")
+        with pytest.raises(pymysql.err.OperationalError):
+            for _ in range(400):
+                cursor.execute("INSERT INTO blobs VALUES (REPEAT('x', 1024 * 1024))")
+                taken += 1
+    return taken
+
+
+DISKS = {"redis": (16 * MiB, 256 * 1024, fill_redis, count_redis), "mysql": (96 * MiB, MiB, fill_mysql, mysql_read)}
+
+
+@pytest.mark.parametrize("kind", ["redis", "mysql"])
+def test_writes_stop_at_the_disk_limit_and_the_status_says_so(api, settings, kind):
+    size, row, fill, count = DISKS[kind]
+    assert get_backend("local").no_disks is None, get_backend("local").no_disks
+    pk, config = running(api, kind, with_disk(settings, kind, size))
+    server, image = server_dir(kind, pk), instance_dir(kind, pk) / "disk.img"
+    fstype, options = mounts()[str(server)]
+    assert fstype == "ext4" and {"nosuid", "nodev", "noexec"} <= options
+    assert (image.stat().st_uid, stat.S_IMODE(image.stat().st_mode), image.stat().st_size) == (0, 0o600, size)
+
+    taken = fill(config)
+    # Redis may acknowledge what it holds for an append-only file write it retries (up to 2 s of
+    # writes, never written): it refuses writes once that write fails.
+    assert size / 4 < taken * row < 2 * size
+    assert status(api, kind, pk)["status_message"].startswith("Started")
+    for _ in range(2):  # it answers, so it is not restarted; it stays full
+        report = Reconciler().run_once()
+        assert report.unhealthy == []
+        body = status(api, kind, pk)
+        assert body["status"] == "running"
+        assert body["status_message"].startswith("Its disk is full (") and "writes fail" in body["status_message"]
+    assert count(config) == taken, "reads still work"
+
+    delete(api, kind, pk)
+    assert str(server) not in mounts()
+    assert not image.exists()
+    assert str(image) not in subprocess.run(["losetup", "--all"], capture_output=True, text=True).stdout
+
+
+def test_filesystems_of_the_usual_size_are_kept_ready_and_used(api, settings):
+    backend = get_backend("local")
+    assert backend.no_disks is None, backend.no_disks
+    size = 24 * MiB
+    ready = backend.disks.ready / str(size)
+    first, _ = running(api, "redis", with_disk(settings, "redis", size))
+
+    def kept_ready() -> dict[int, Path]:
+        """The images of the filesystems kept ready, by inode."""
+        mounted = [path for path in ready.iterdir() if os.path.ismount(path)] if ready.is_dir() else []
+        return {(backend.disks.ready_images / str(size) / f"{path.name}.img").stat().st_ino: path for path in mounted}
+
+    wait_until(lambda: len(kept_ready()) == 2, 30, "two filesystems to be ready")
+    waiting = kept_ready()
+    second, _ = running(api, "redis", with_disk(settings, "redis", size))
+    assert (instance_dir("redis", second) / "disk.img").stat().st_ino in waiting, "it got one made ahead"
+    assert str(server_dir("redis", second)) in mounts()
+    wait_until(lambda: len(kept_ready()) == 2, 30, "another to be made ready")
+    for pk in (first, second):
+        delete(api, "redis", pk)
+
+
+def test_the_health_check_says_what_the_kernel_enforces():
+    detail = get_backend("local").check()
+    assert "Each instance runs as a uid of its own" in detail
+    assert "in a cgroup of its own with memory and pids limits (v1 memory, v1 pids" in detail or "v2 memory" in detail
+    assert "Its data is a loop-mounted filesystem of its disk limit." in detail

@@ -268,6 +268,24 @@ class MySQL(Engine):
         finally:
             connection.close()
 
+    def refuse_writes(self, instance: "Instance", refuse: bool, *, admin: Endpoint) -> None:
+        # read_only stops every account without SUPER (the user's), and the portal's root keeps it.
+        connection = pymysql.connect(
+            user=ADMIN_USERNAME,
+            password=instance.admin_password,
+            unix_socket=admin.socket,
+            host=None if admin.socket else admin.host,
+            port=admin.port,
+            connect_timeout=ADMIN_TIMEOUT,
+            read_timeout=ADMIN_TIMEOUT,
+            write_timeout=ADMIN_TIMEOUT,
+        )
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(f"SET GLOBAL read_only = {'ON' if refuse else 'OFF'}")
+        finally:
+            connection.close()
+
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         # Over the socket the user is app@localhost to the server, which its app@'%' account matches.
         connection = pymysql.connect(

@@ -224,10 +224,21 @@ class Redis(Engine):
         finally:
             client.close()
 
+    def refuse_writes(self, instance: "Instance", refuse: bool, *, admin: Endpoint) -> None:
+        # A master that must write to one replica, and has none, refuses every write command
+        # (NOREPLICAS) and still answers reads; the tenant may not CONFIG SET it back.
+        client = self.client(admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT)
+        try:
+            client.config_set("min-replicas-to-write", 1 if refuse else 0)
+        finally:
+            client.close()
+
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         client = self.client(endpoint, username=instance.username, password=instance.password, timeout=timeout)
         try:
-            client.ping()
+            # Not PING: a server whose disk is full refuses it (MISCONF), as it refuses writes, yet
+            # it answers and serves reads.
+            client.echo("stockroom")
         finally:
             client.close()
 
