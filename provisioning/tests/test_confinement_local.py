@@ -460,7 +460,8 @@ def fill_mysql(config: dict) -> int:
     return taken
 
 
-DISKS = {"redis": (16 * MiB, 256 * 1024, fill_redis, count_redis), "mysql": (96 * MiB, MiB, fill_mysql, mysql_read)}
+# The smallest disks the engines accept.
+DISKS = {"redis": (32 * MiB, 256 * 1024, fill_redis, count_redis), "mysql": (256 * MiB, MiB, fill_mysql, mysql_read)}
 
 
 @pytest.mark.parametrize("kind", ["redis", "mysql"])
@@ -495,7 +496,7 @@ def test_writes_stop_at_the_disk_limit_and_the_status_says_so(api, settings, kin
 def test_filesystems_of_the_usual_size_are_kept_ready_and_used(api, settings):
     backend = get_backend("local")
     assert backend.no_disks is None, backend.no_disks
-    size = 24 * MiB
+    size = 32 * MiB  # the smallest a Redis may have
     ready = backend.disks.ready / str(size)
     first, _ = running(api, "redis", with_disk(settings, "redis", size))
 

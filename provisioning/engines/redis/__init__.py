@@ -8,7 +8,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ...options import Option, disk_option, format_size
+from ...options import Option, disk_option
 from ..base import Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile
 
 if TYPE_CHECKING:
@@ -139,19 +139,8 @@ class Redis(Engine):
             default="everysec",
             choices=("always", "everysec", "no"),
         ),
-        disk_option(min_value=32 * MiB, help_text="At least twice maxmemory."),
+        disk_option(min_value=32 * MiB),
     )
-
-    def check_together(self, options: dict[str, Any]) -> dict[str, str]:
-        # The append-only file can hold as much as the data, and a rewrite writes a new one next
-        # to the old before removing it.
-        disk, maxmemory = options["disk"], options["maxmemory"]
-        if disk < 2 * maxmemory:
-            return {
-                "disk": f"{format_size(disk)} is too small for maxmemory {format_size(maxmemory)}; "
-                f"allowed: at least twice maxmemory ({format_size(2 * maxmemory)})."
-            }
-        return {}
 
     def memory_reservation(self, options: dict[str, Any]) -> int:
         maxmemory: int = options["maxmemory"]

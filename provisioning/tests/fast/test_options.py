@@ -55,17 +55,6 @@ def test_disk_has_a_minimum_and_a_maximum(kind, disk, hint):
     assert hint in caught.value.errors["disk"]
 
 
-def test_redis_disk_holds_twice_maxmemory():
-    """The append-only file can be as big as the data, and a rewrite writes a second one."""
-    redis = get_engine("redis")
-    with pytest.raises(OptionErrors) as caught:
-        redis.clean_options({"maxmemory": "1gb", "disk": "1gb"})
-    assert caught.value.errors == {
-        "disk": "1gb is too small for maxmemory 1gb; allowed: at least twice maxmemory (2gb)."
-    }
-    assert redis.clean_options({"maxmemory": "1gb", "disk": "2gb"})["disk"] == 2 * 1024**3
-
-
 @pytest.mark.parametrize(
     ("kind", "options"),
     [
