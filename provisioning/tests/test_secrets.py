@@ -50,7 +50,10 @@ def test_no_plaintext_password_in_any_file_or_log(api, caplog):
     assert any(path.name == "users.acl" for path in files)
     assert database_file in files, "the portal's database is searched too"
     for path in files:
-        content = path.read_bytes()
+        try:
+            content = path.read_bytes()
+        except FileNotFoundError:  # a running server's scratch file (PostgreSQL's caches) went away meanwhile
+            continue
         for secret in secrets:
             assert secret not in content, f"a password is in {path}"
     for secret in secrets:
