@@ -10,16 +10,15 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from ..engines import Endpoint, get_engine
+from ..engines import Endpoint, engines, get_engine
 from ..errors import BackendError
 from . import listeners
+from .disks import DISK_FULL
 
 if TYPE_CHECKING:
     from ..models import Instance
 
 __all__ = ["DISK_FULL", "BackendError", "BaseBackend", "StrangerOnPort", "get_backend"]
-
-DISK_FULL = "Its disk is full"  # how every message of enforce_disk_limit() begins
 
 
 class StrangerOnPort(BackendError):
@@ -83,6 +82,18 @@ class BaseBackend:
         has room.
         """
         return None
+
+    @staticmethod
+    def disk_limit(instance: "Instance") -> int:
+        """The most its data may take, in bytes."""
+        limit: int = instance.options.get("disk") or settings.STOCKROOM_DEFAULT_DISK
+        return limit
+
+    @staticmethod
+    def usual_disks() -> set[int]:
+        """The disk limits instances get unless they ask for another (worth keeping ready)."""
+        options = [option for engine in engines().values() for option in engine.options if option.name == "disk"]
+        return {settings.STOCKROOM_DEFAULT_DISK, *(o.default for o in options if isinstance(o.default, int))}
 
     def why_down(self, instance: "Instance") -> str | None:
         """What the backend knows of why the instance's server stopped answering (it ran out of
@@ -198,6 +209,10 @@ class BaseBackend:
         Returns a short description on success; raises BackendError saying what is wrong.
         """
         raise NotImplementedError("Backends must say whether they are usable.")
+
+    def forget_ready(self) -> None:
+        """Give back whatever is kept ready for instances to come (filesystems, say), as before the
+        portal's data goes."""
 
     def orphans(self, known_ids: set[int]) -> dict[str, str]:
         """What this backend keeps for the portal that belongs to none of `known_ids`.

@@ -9,6 +9,8 @@ instance's is moved into place (MS_MOVE) and made again behind it. Other sizes a
 place. Loop devices are set up with ioctls rather than
 mount(8), and come loose by themselves (autoclear) when their filesystem is unmounted. All of it
 needs root.
+
+Where images cannot be mounted, `fullness` is how the reconciler enforces a limit instead.
 """
 
 import ctypes
@@ -23,6 +25,8 @@ import struct
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 from ..errors import BackendError
@@ -40,6 +44,10 @@ READY = 2  # filesystems kept ready per usual size
 # tables read as zeros and are marked so without a byte written: the template stays a few hundred
 # KiB, and a mounted copy has no inode tables to zero in the background.
 MKFS = ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "lazy_itable_init=0,discard"]
+
+MiB = 2**20
+FULL_MARGIN = 1 * MiB  # a filesystem with no more room than this (or 2 %) is full: writes fail
+DISK_FULL = "Its disk is full"  # how every message of fullness() begins
 
 _libc = ctypes.CDLL(None, use_errno=True)
 logger = logging.getLogger(__name__)
@@ -193,6 +201,46 @@ class Disks:
                     raise
                 building.rename(template)
         return template
+
+
+def fullness(folder: Path, limit: int, *, refusing: bool, refuse: Callable[[bool], None]) -> str | None:
+    """A status message beginning with DISK_FULL if the instance whose data is in `folder` has
+    reached its limit of `limit` bytes, else None.
+
+    Where `folder` is a filesystem of its own, the kernel stops writes at the limit: this only
+    looks. Elsewhere it calls `refuse(True)` when the data reaches the limit (the server is to refuse
+    writes; reads still work) and `refuse(False)` once it has room again; `refusing` is what it
+    said last.
+    """
+    if os.path.ismount(folder):
+        used, size = Disks.usage(folder)
+        if size - used > max(FULL_MARGIN, size // 50):
+            return None
+        return f"{DISK_FULL} ({size_text(used)} used of {size_text(limit)}): writes fail; reads still work."
+    used = bytes_under(folder)
+    full = used >= limit
+    if full != refusing:
+        refuse(full)
+    if not full:
+        return None
+    return (
+        f"{DISK_FULL} ({size_text(used)} used of {size_text(limit)}): the server refuses writes until it has room; "
+        "reads still work."
+    )
+
+
+def size_text(size: int) -> str:
+    return f"{size / MiB:.1f} MiB" if size < 1024 * MiB else f"{size / (1024 * MiB):.2f} GiB"
+
+
+def bytes_under(folder: Path) -> int:
+    """Disk space taken by everything in `folder` (what `du` says); follows no symlink."""
+    total = 0
+    for parent, names, file_names in os.walk(folder):
+        for name in (*names, *file_names):
+            with suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(parent, name)).st_blocks * 512
+    return total
 
 
 def _format(image: Path, size: int) -> None:

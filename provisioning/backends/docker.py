@@ -6,11 +6,17 @@ anyone else's. The engine says what goes in a container (`Engine.container`).
 
 Everything of an instance's lives in `DOCKER_VOLUME_ROOT/<kind>/<id>`, a folder only root may
 enter: the engine's files (read-only in the container), its first-start files (`init/`, emptied
-once the server answers), and the folders the server writes (`data`, `tmp`, and `run`, which
-holds the Unix socket the portal administers it through). The container runs as a uid of its own
-(`uid_base` + the instance id), which owns those three folders and nothing else on the host, with
-no capability, no way to gain privileges, a read-only root filesystem, and the engine's memory and
-pids limits.
+once the server answers), and the folders the server writes: `disk/data` and `disk/tmp`, and `run`,
+which holds the Unix socket the portal administers it through. The container runs as a uid of its
+own (`uid_base` + the instance id), which owns those three folders and nothing else on the host,
+with no capability, no way to gain privileges, a read-only root filesystem, and the engine's memory
+and pids limits.
+
+`disk/` is the instance's disk limit, as on the local backend: a filesystem of that size, in the
+image `disk.img` loop-mounted there (see `disks`), or, where images cannot be mounted, a folder
+whose size the reconciler watches. `data` and `tmp` exist only inside that filesystem, so a
+container that Docker starts by itself before the portal mounted it (after the host restarted)
+fails to start, instead of writing its data outside its limit; the portal's next start mounts it.
 """
 
 import logging
@@ -25,6 +31,7 @@ from django.conf import settings
 
 from ..engines import Container, Endpoint, Layout, engines, get_engine
 from .base import BackendError, BaseBackend
+from .disks import Disks, fullness
 
 if TYPE_CHECKING:
     from ..models import Instance
@@ -33,7 +40,10 @@ logger = logging.getLogger(__name__)
 
 LABEL = "io.stockroom"
 INIT = "init"  # the folder of first-start files, in the instance's folder
-SERVER_DIRS = ("data", "tmp", "run")  # what the server writes, owned by its uid
+DISK = "disk"  # in the instance's folder: the filesystem of its disk limit, holding `data` and `tmp`
+IMAGE = "disk.img"  # in the instance's folder: the image mounted at DISK
+SERVER_DIRS = ("disk/data", "disk/tmp", "run")  # what the server writes, owned by its uid
+WRITES_REFUSED = "writes-refused"  # in the instance's folder: the reconciler made its server refuse writes
 NOT_ROOT = "The Docker backend must run as root: it gives each container's folders to the container's own uid."
 
 
@@ -81,6 +91,15 @@ class DockerBackend(BaseBackend):
         self.network_mode = network_mode
         self.portal_id = portal_id
         self.uid_base = int(uid_base)
+
+    @cached_property
+    def disks(self) -> Disks:
+        return Disks(self.volume_root / "_disks")
+
+    @cached_property
+    def no_disks(self) -> str | None:
+        """Why the kernel does not enforce disk limits here, or None when each instance has a filesystem."""
+        return self.disks.problem()
 
     # The client is made on first use, so a portal whose Docker daemon is down still starts.
     @cached_property
@@ -146,7 +165,7 @@ class DockerBackend(BaseBackend):
         image = self._image(instance.kind)
         layout = self.layout(instance)
         spec = engine.container(instance, layout)
-        volumes = self._lay_out(instance, layout, spec)
+        mounts = self._lay_out(instance, layout, spec)
         network = (
             {"network_mode": "host"}
             if self.network_mode == "host"
@@ -163,7 +182,7 @@ class DockerBackend(BaseBackend):
             name=self.name(instance),
             labels=self.labels(instance),
             environment=spec.environment,
-            volumes=volumes,
+            mounts=mounts,
             user=f"{uid}:{uid}",
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
@@ -179,32 +198,41 @@ class DockerBackend(BaseBackend):
         for name in spec.init_files:
             self._write(instance, self.directory(instance) / INIT / name, "")
 
-    def _lay_out(self, instance: "Instance", layout: Layout, spec: Container) -> dict[str, dict[str, str]]:
-        """Make the instance's folder and files on the host; return the container's bind mounts."""
+    def _lay_out(self, instance: "Instance", layout: Layout, spec: Container) -> list[Any]:
+        """Make the instance's folder and files on the host; return the container's bind mounts
+        (mounts, not volumes: Docker makes a missing volume's folder, and fails a missing mount)."""
+        from docker.types import Mount
+
         if os.geteuid() != 0:
             raise BackendError(NOT_ROOT)
         directory, uid = self.directory(instance), self.uid(instance)
         directory.parent.mkdir(parents=True, exist_ok=True)
         directory.mkdir(mode=0o700)
         directory.chmod(0o700)  # whatever the umask
-        places = {"data": layout.data, "tmp": layout.tmp, "run": layout.socket.parent}
-        volumes = {}
+        (directory / DISK).mkdir(mode=0o700)
+        if not self.no_disks:
+            size = self.disk_limit(instance)
+            self.disks.provide(directory / IMAGE, directory / DISK, size, usual=size in self.usual_disks())
+            (directory / DISK / "lost+found").rmdir()  # root's, and e2fsck makes it again if it needs it
+            (directory / DISK).chmod(0o700)
+        places = {"disk/data": layout.data, "disk/tmp": layout.tmp, "run": layout.socket.parent}
+        mounts = []
         for name in SERVER_DIRS:
-            if name != "data" and places[name] == layout.data:
+            if name != "disk/data" and places[name] == layout.data:
                 continue  # the engine keeps it in the data folder
             (directory / name).mkdir(mode=0o700)
             os.chown(directory / name, uid, uid)
-            volumes[str(directory / name)] = {"bind": str(places[name]), "mode": "rw"}
+            mounts.append(Mount(str(places[name]), str(directory / name), type="bind"))
         for name, (path, text) in spec.files.items():
             self._write(instance, directory / name, text)
-            volumes[str(directory / name)] = {"bind": str(path), "mode": "ro"}
+            mounts.append(Mount(str(path), str(directory / name), type="bind", read_only=True))
         if spec.init_dir:
             (directory / INIT).mkdir(mode=0o750)
             os.chown(directory / INIT, 0, uid)
             for name, text in spec.init_files.items():
                 self._write(instance, directory / INIT / name, text)
-            volumes[str(directory / INIT)] = {"bind": str(spec.init_dir), "mode": "ro"}
-        return volumes
+            mounts.append(Mount(str(spec.init_dir), str(directory / INIT), type="bind", read_only=True))
+        return mounts
 
     def _write(self, instance: "Instance", path: Path, text: str) -> None:
         """Write a file the server reads (in place: a file bind-mount follows its inode)."""
@@ -220,6 +248,10 @@ class DockerBackend(BaseBackend):
         containers = self._own(instance)
         if not containers:
             raise BackendError("The instance's container is gone; delete the instance and create a new one.")
+        directory = self.directory(instance)
+        if (directory / IMAGE).exists() and not os.path.ismount(directory / DISK):  # the host restarted
+            self.disks.mount(directory / IMAGE, directory / DISK)
+        (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
         self._docker("start the container", containers[0].start)
         self._wait_for_login(instance, containers[0])
 
@@ -232,6 +264,25 @@ class DockerBackend(BaseBackend):
             admin=Endpoint(self.probe_host, instance.port, socket=str(self.socket(instance))),
             write=lambda name, text: self._write(instance, directory / name, text),
         )
+
+    def enforce_disk_limit(self, instance: "Instance") -> str | None:
+        directory = self.directory(instance)
+        return fullness(
+            directory / DISK,
+            self.disk_limit(instance),
+            refusing=(directory / WRITES_REFUSED).exists(),
+            refuse=lambda refuse: self._refuse_writes(instance, refuse=refuse),
+        )
+
+    def _refuse_writes(self, instance: "Instance", *, refuse: bool) -> None:
+        assert instance.port is not None, "only an instance that holds a port has a server"
+        admin = Endpoint(self.probe_host, instance.port, socket=str(self.socket(instance)))
+        get_engine(instance.kind).refuse_writes(instance, refuse, admin=admin)
+        marker = self.directory(instance) / WRITES_REFUSED
+        if refuse:
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
 
     def instance_pids(self, instance: "Instance") -> set[int]:
         """With host networking, the container's processes; on a bridge, the docker-proxy (a root
@@ -267,15 +318,21 @@ class DockerBackend(BaseBackend):
         if kind in engines() and instance.isdigit():
             self._remove_data(self.volume_root / kind / instance)
 
-    @staticmethod
-    def _remove_data(directory: Path) -> None:
+    def _remove_data(self, directory: Path) -> None:
+        self.disks.unmount(directory / DISK)
         shutil.rmtree(directory, ignore_errors=True)
         if directory.exists():
             raise BackendError(f"Could not remove {directory}.")
 
     def check(self) -> str:
         version = self._docker("answer a ping", self.client.version)
-        return f"Docker {version.get('Version', '?')} at {self.base_url}."
+        found = f"Docker {version.get('Version', '?')} at {self.base_url}."
+        if self.no_disks:
+            return f"{found} The reconciler enforces disk limits, not the kernel: {self.no_disks}."
+        return f"{found} Each container's data is a loop-mounted filesystem of its disk limit."
+
+    def forget_ready(self) -> None:
+        self.disks.forget_ready()
 
     def orphans(self, known_ids: set[int]) -> dict[str, str]:
         found = {}

@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 from collections.abc import Sequence
-from contextlib import suppress
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,9 +31,9 @@ from django.conf import settings
 
 from ..engines import Endpoint, Layout, engines, get_engine
 from . import files, processes
-from .base import DISK_FULL, BackendError, BaseBackend
+from .base import BackendError, BaseBackend
 from .cgroups import Cgroups
-from .disks import Disks
+from .disks import Disks, MiB, fullness
 from .processes import kill_processes_under, processes_under
 from .uids import InstanceUser, Uids, remove_files_of
 
@@ -46,8 +45,6 @@ __all__ = ["LocalBackend", "kill_processes_under", "processes_under"]
 logger = logging.getLogger(__name__)
 
 HASHES = re.compile(r"\*[0-9A-Fa-f]{40}|#[0-9a-f]{64}")
-MiB = 1024 * 1024
-FULL_MARGIN = 1 * MiB  # a filesystem with no more room than this (or 2 %) is full: writes fail
 SERVER = "server"  # in an instance's folder: everything its server writes
 IMAGE = "disk.img"  # in an instance's folder: the filesystem mounted at SERVER
 WRITES_REFUSED = "writes-refused"  # in an instance's folder: the reconciler made its server refuse writes
@@ -105,17 +102,6 @@ class LocalBackend(BaseBackend):
     def no_disks(self) -> str | None:
         """Why the kernel does not enforce disk limits here, or None when each instance has a filesystem."""
         return self.disks.problem()
-
-    @staticmethod
-    def _usual_disks() -> set[int]:
-        """Disk limits instances get unless they ask for another: the ones kept ready."""
-        options = [option for engine in engines().values() for option in engine.options if option.name == "disk"]
-        return {settings.STOCKROOM_DEFAULT_DISK, *(o.default for o in options if isinstance(o.default, int))}
-
-    @staticmethod
-    def disk_limit(instance: "Instance") -> int:
-        limit: int = instance.options.get("disk") or settings.STOCKROOM_DEFAULT_DISK
-        return limit
 
     # Paths -----------------------------------------------------------------------------
 
@@ -222,22 +208,11 @@ class LocalBackend(BaseBackend):
 
     def enforce_disk_limit(self, instance: "Instance") -> str | None:
         directory = self.directory(instance)
-        server = directory / SERVER
-        if os.path.ismount(server):  # the kernel stops writes at the limit: only look
-            used, size = self.disks.usage(server)
-            if size - used > max(FULL_MARGIN, size // 50):
-                return None
-            limit = (directory / IMAGE).stat().st_size
-            return f"{DISK_FULL} ({_size(used)} used of {_size(limit)}): writes fail; reads still work."
-        used, limit = bytes_under(server), self.disk_limit(instance)
-        full = used >= limit
-        if full != (directory / WRITES_REFUSED).exists():
-            self._refuse_writes(instance, refuse=full)
-        if not full:
-            return None
-        return (
-            f"{DISK_FULL} ({_size(used)} used of {_size(limit)}): the server refuses writes until it has room; "
-            "reads still work."
+        return fullness(
+            directory / SERVER,
+            self.disk_limit(instance),
+            refusing=(directory / WRITES_REFUSED).exists(),
+            refuse=lambda refuse: self._refuse_writes(instance, refuse=refuse),
         )
 
     def why_down(self, instance: "Instance") -> str | None:
@@ -298,8 +273,6 @@ class LocalBackend(BaseBackend):
         self._remove(kind, int(pk))
 
     def forget_ready(self) -> None:
-        """Give back what is kept ready for instances to come (filesystems), as before the
-        instances folder is removed."""
         if self.confined and not self.no_disks:
             self.disks.forget_ready()
 
@@ -392,7 +365,7 @@ class LocalBackend(BaseBackend):
             os.chown(directory, 0, user.gid)
             os.chmod(directory, 0o750)
             if not self.no_disks:
-                self.disks.provide(directory / IMAGE, server, disk, usual=disk in self._usual_disks())
+                self.disks.provide(directory / IMAGE, server, disk, usual=disk in self.usual_disks())
                 (server / "lost+found").rmdir()  # root's, and e2fsck makes it again if it needs it
         _make_own(server, user)
 
@@ -461,20 +434,6 @@ def _key(kind: str, pk: int) -> str:
 
 def _cgroup(kind: str, pk: int) -> str:
     return f"{kind}-{pk}"
-
-
-def _size(size: int) -> str:
-    return f"{size / MiB:.1f} MiB" if size < 1024 * MiB else f"{size / (1024 * MiB):.2f} GiB"
-
-
-def bytes_under(folder: Path) -> int:
-    """Disk space taken by everything in `folder` (what `du` says); follows no symlink."""
-    total = 0
-    for parent, names, file_names in os.walk(folder):
-        for name in (*names, *file_names):
-            with suppress(FileNotFoundError):
-                total += os.lstat(os.path.join(parent, name)).st_blocks * 512
-    return total
 
 
 def _make_own(path: Path, user: InstanceUser | None) -> None:

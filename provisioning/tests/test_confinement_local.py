@@ -16,7 +16,8 @@ import redis
 from django.conf import settings
 
 from provisioning.backends.base import BackendError, get_backend
-from provisioning.backends.local import bytes_under, processes_under
+from provisioning.backends.disks import bytes_under
+from provisioning.backends.local import processes_under
 from provisioning.backends.uids import WORLD_WRITABLE, InstanceUser, Uids
 from provisioning.engines import get_engine
 from provisioning.engines.mysql import MySQL

@@ -26,6 +26,7 @@ from provisioning.engines.redis import ADMIN_USERNAME, NO_RETRY, acl_password_ha
 from provisioning.models import Instance
 
 from .conftest import port_refuses, wait_for_status
+from .test_confinement_local import DISKS, WRITES, mounts, set_disk_limit, with_disk
 from .test_lifecycle import act, mysql, running
 
 IMAGE = os.environ.get("STOCKROOM_TEST_DOCKER_IMAGE", "")
@@ -62,6 +63,7 @@ def docker_settings(settings):
     backend = configure()
     for container in backend.orphans(known_ids=set()):
         backend.remove_orphan(container)
+    backend.forget_ready()
 
 
 def container_of(backend, pk: int):
@@ -459,7 +461,7 @@ def test_a_mysql_container_that_loses_its_data_does_not_come_back_with_an_open_r
     backend = docker_settings()
     pk, config = running(api, "mysql")
     assert act(api, "mysql", pk, "stop", "stopped", "unhealthy")["status"] == "stopped"
-    data = backend.volume_root / "mysql" / str(pk) / "data"
+    data = backend.volume_root / "mysql" / str(pk) / "disk" / "data"
     for path in data.iterdir():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     container = container_of(backend, pk)
@@ -480,3 +482,87 @@ def test_the_test_image_runs_the_versions_of_the_default_images(docker_settings)
         version = get_engine(kind).image.partition(":")[2]  # mariadb:10.11 -> 10.11
         output = backend.client.containers.run(IMAGE, command, entrypoint=[], remove=True).decode()
         assert re.search(rf"(Ver |v=){re.escape(version)}\.\d", output), output
+
+
+@pytest.mark.parametrize("kind", ["redis", "mysql"])
+def test_a_container_writes_no_more_than_its_disk_limit_and_the_status_says_so(api, docker_settings, settings, kind):
+    from provisioning.reconciler import Reconciler
+
+    backend = docker_settings()
+    assert backend.no_disks is None, backend.no_disks
+    size, row, fill, count = DISKS[kind]
+    pk, config = running(api, kind, with_disk(settings, kind, size))
+    directory = backend.volume_root / kind / str(pk)
+    fstype, options = mounts()[str(directory / "disk")]
+    assert fstype == "ext4" and {"nosuid", "nodev", "noexec"} <= options
+    assert (directory / "disk.img").stat().st_size == size
+
+    taken = fill(config)
+    assert size / 4 < taken * row < 2 * size
+    Reconciler().run_once()
+    body = api.get(f"/api/storage/{kind}/instances/{pk}").json()
+    assert body["status"] == "running"
+    assert body["status_message"].startswith("Its disk is full (") and "writes fail" in body["status_message"]
+    assert count(config) == taken, "reads still work"
+
+    api.delete(f"/api/storage/{kind}/instances/{pk}")
+    wait_for_status(api, kind, pk, "gone", timeout=60)
+    assert str(directory / "disk") not in mounts() and not directory.exists()
+
+
+def test_without_loop_mounts_the_reconciler_makes_a_container_over_its_disk_limit_refuse_writes(
+    api, docker_settings, settings, monkeypatch
+):
+    from provisioning.backends.disks import MiB, bytes_under
+    from provisioning.reconciler import Reconciler
+
+    backend = docker_settings()
+    monkeypatch.setattr(backend, "no_disks", "loop mounts are switched off in this test")
+    assert "The reconciler enforces disk limits, not the kernel" in backend.check()
+    write, read, refused = WRITES["redis"]
+    pk, config = running(api, "redis")
+    disk = backend.volume_root / "redis" / str(pk) / "disk"
+    assert str(disk) not in mounts()
+    write(config, 1)
+    set_disk_limit(settings, pk, bytes_under(disk) + 4 * MiB)
+
+    write(config, 8)  # past the limit: nothing stops it yet
+    Reconciler().run_once()
+    body = api.get(f"/api/storage/redis/instances/{pk}").json()
+    assert body["status"] == "running" and "refuses writes" in body["status_message"]
+    with pytest.raises(refused, match="NOREPLICAS"):
+        write(config, 1)
+    assert read(config) == 9, "reads still work"
+
+    set_disk_limit(settings, pk, 1024 * MiB)  # as a larger disk would
+    Reconciler().run_once()
+    assert api.get(f"/api/storage/redis/instances/{pk}").json()["status_message"] == "Running; its disk has room again."
+    write(config, 1)
+    assert read(config) == 10
+    api.delete(f"/api/storage/redis/instances/{pk}")
+    wait_for_status(api, "redis", pk, "gone", timeout=60)
+
+
+def test_a_container_started_before_its_disk_is_mounted_stays_down_until_the_portal_mounts_it(
+    api, docker_settings, settings
+):
+    """As after the host restarts: Docker starts its containers (restart policy) before the
+    portal has mounted their disks. The server must not write its data outside its limit."""
+    backend = docker_settings()
+    pk, config = running(api, "redis")
+    redis.Redis.from_url(config["uri"], retry=NO_RETRY).set("kept", "yes")
+    assert act(api, "redis", pk, "stop", "stopped", "unhealthy")["status"] == "stopped"
+    disk = backend.volume_root / "redis" / str(pk) / "disk"
+    backend.disks.unmount(disk)
+    assert not any(disk.iterdir())
+
+    container = container_of(backend, pk)
+    with pytest.raises(Exception, match="disk/data"):
+        container.start()
+    assert not any(disk.iterdir()), "nothing was written outside the disk"
+
+    assert act(api, "redis", pk, "start", "running", "failed")["status"] == "running"
+    assert os.path.ismount(disk)
+    assert redis.Redis.from_url(config["uri"], retry=NO_RETRY).get("kept") == b"yes"
+    api.delete(f"/api/storage/redis/instances/{pk}")
+    wait_for_status(api, "redis", pk, "gone", timeout=60)
