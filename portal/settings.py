@@ -215,9 +215,8 @@ STOCKROOM_BACKENDS = {
             "portal_id": STOCKROOM_PORTAL_ID,
             # When the portal is root, each instance runs in its own cgroup, under this parent in
             # each cgroup hierarchy (default /stockroom-<STOCKROOM_PORTAL_ID>), limited to its
-            # engine's memory limit and to this many tasks (processes and threads).
+            # engine's memory and pids limits.
             "cgroup_parent": env.str("STOCKROOM_CGROUP_PARENT", default=""),
-            "pids_limit": env.int("STOCKROOM_PIDS_LIMIT", default=512),
             # Program name an engine asks for -> path; one not named here is looked up on PATH.
             "programs": {
                 "mariadbd": env.str("STOCKROOM_MARIADBD", default="/usr/sbin/mariadbd"),
@@ -246,11 +245,6 @@ STOCKROOM_BACKENDS = {
             # Instance <id>'s container runs as uid and gid DOCKER_UID_BASE + <id>, which no host
             # user should have (2e9 lies in the range systemd leaves unused).
             "uid_base": env.int("DOCKER_UID_BASE", default=2_000_000_000),
-            # When the portal is root, each instance runs in its own cgroup, under this parent in
-            # each cgroup hierarchy (default /stockroom-<STOCKROOM_PORTAL_ID>), limited to its
-            # engine's memory limit and to this many tasks (processes and threads).
-            "cgroup_parent": env.str("STOCKROOM_CGROUP_PARENT", default=""),
-            "pids_limit": env.int("STOCKROOM_PIDS_LIMIT", default=512),
         },
     },
 }

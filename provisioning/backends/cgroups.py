@@ -35,9 +35,8 @@ class Hierarchy:
 class Cgroups:
     """The instance cgroups of one portal under `parent` (a path inside each hierarchy)."""
 
-    def __init__(self, *, parent: str, pids_limit: int, mountinfo: Path = Path("/proc/self/mountinfo")):
+    def __init__(self, *, parent: str, mountinfo: Path = Path("/proc/self/mountinfo")):
         self.parent = PurePosixPath("/") / parent.lstrip("/")
-        self.pids_limit = pids_limit
         self.mountinfo = mountinfo
 
     # What the host offers ----------------------------------------------------------------
@@ -93,7 +92,7 @@ class Cgroups:
 
     # One instance ------------------------------------------------------------------------
 
-    def prepare(self, name: str, *, memory: int) -> list[Path]:
+    def prepare(self, name: str, *, memory: int, pids: int) -> list[Path]:
         """A fresh cgroup `name` with these limits in every hierarchy; returns the files a
         single-threaded process writes "0" to, to move itself in, before it execs the server.
 
@@ -111,7 +110,7 @@ class Cgroups:
             if "memory" in controllers:
                 self._limit_memory(hierarchy, path, memory)
             if "pids" in controllers:
-                (path / "pids.max").write_text(str(self.pids_limit))
+                (path / "pids.max").write_text(str(pids))
             procs.append(path / ("tasks" if hierarchy.version == 1 else "cgroup.procs"))
         return procs
 

@@ -57,7 +57,7 @@ class LocalBackend(BaseBackend):
     not named there is looked up on PATH. `run_as` is the user that builds shared templates when
     the portal is root; instance uids are `uid_base + id`, claimed host-wide in `uid_claims` for
     the portal `portal_id`. Instance cgroups go under `cgroup_parent` (default
-    `/stockroom-<portal_id>`), each limited to the engine's memory limit and `pids_limit` tasks.
+    `/stockroom-<portal_id>`), each limited to the engine's memory and pids limits.
 
     The portal logs in over the Unix socket in the instance's folder (`login_endpoint`), and
     writes the engine's `local_config` again before every start, so a server starts on whatever
@@ -76,13 +76,12 @@ class LocalBackend(BaseBackend):
         uid_claims: str = "/var/lib/stockroom/uids",
         portal_id: str = "stockroom",
         cgroup_parent: str = "",
-        pids_limit: int = 512,
     ):
         super().__init__(alias)
         self.run_as = run_as
         self.programs = dict(programs or {})
         self.uids = Uids(base=uid_base, claims=Path(uid_claims), portal=portal_id)
-        self.cgroups = Cgroups(parent=cgroup_parent or f"stockroom-{portal_id}", pids_limit=pids_limit)
+        self.cgroups = Cgroups(parent=cgroup_parent or f"stockroom-{portal_id}")
 
     @property
     def confined(self) -> bool:
@@ -286,7 +285,7 @@ class LocalBackend(BaseBackend):
         cgroups = []
         if user is not None and not self.no_cgroups:
             memory = engine.memory_limit(instance.options)
-            cgroups = self.cgroups.prepare(_cgroup(instance.kind, instance.pk), memory=memory)
+            cgroups = self.cgroups.prepare(_cgroup(instance.kind, instance.pk), memory=memory, pids=engine.pids_limit)
         processes.spawn(argv, cwd=directory, log=log, user=(user.uid, user.gid) if user else None, cgroups=cgroups)
         self._wait_for_login(instance, directory, log)
 

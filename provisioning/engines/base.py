@@ -155,7 +155,7 @@ class Engine:
     # The default image of the Docker backend, and the port the server listens on inside it.
     image: str
     container_port: int
-    # Tasks (processes and threads) a server may have at once: the kernel's limit for its container.
+    # Tasks (processes and threads) a server may have at once: the kernel's limit for its cgroup or container.
     pids_limit: int = 256
 
     # Options ---------------------------------------------------------------------------

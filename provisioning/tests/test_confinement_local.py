@@ -323,7 +323,7 @@ def test_each_server_has_a_pids_limit(api):
     pk, _ = running(api, "redis")
     cgroups = get_backend("local").cgroups
     pids = cgroups._path("pids", f"redis-{pk}")
-    assert int((pids / "pids.max").read_text()) == cgroups.pids_limit
+    assert int((pids / "pids.max").read_text()) == get_engine("redis").pids_limit
     (server_pid,) = processes_under(instance_dir("redis", pk))
     assert server_pid in map(int, (pids / "cgroup.procs").read_text().split())
     delete(api, "redis", pk)

@@ -25,7 +25,7 @@ def v2(tmp_path) -> tuple[Path, Cgroups]:
     (mount / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
     (mount / "cgroup.subtree_control").write_text("cpu\n")
     info = mountinfo(tmp_path, f"30 24 0:26 / {mount} rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw")
-    return mount, Cgroups(parent="/stockroom-test", pids_limit=64, mountinfo=info)
+    return mount, Cgroups(parent="/stockroom-test", mountinfo=info)
 
 
 @pytest.fixture
@@ -41,13 +41,13 @@ def v1(tmp_path) -> tuple[Path, Cgroups]:
         f"39 31 0:36 / {root / 'pids'} rw,relatime - cgroup cgroup rw,pids",
         f"41 31 0:38 / {tmp_path / 'unified'} rw,relatime - cgroup2 cgroup2 rw",
     )
-    return root, Cgroups(parent="stockroom-test", pids_limit=64, mountinfo=info)
+    return root, Cgroups(parent="stockroom-test", mountinfo=info)
 
 
 def test_v2_controllers_are_handed_down_and_one_cgroup_holds_both_limits(v2):
     mount, cgroups = v2
     assert cgroups.hierarchies == {"memory": Hierarchy(mount, 2), "pids": Hierarchy(mount, 2)}
-    procs = cgroups.prepare("redis-7", memory=200 * 2**20)
+    procs = cgroups.prepare("redis-7", memory=200 * 2**20, pids=64)
     instance = mount / "stockroom-test" / "redis-7"
     assert procs == [instance / "cgroup.procs"]
     assert (mount / "cgroup.subtree_control").read_text() == "+memory +pids"
@@ -68,7 +68,7 @@ def test_v2_controllers_are_handed_down_and_one_cgroup_holds_both_limits(v2):
 def test_v1_limits_go_to_each_controllers_own_hierarchy(v1):
     root, cgroups = v1
     assert cgroups.hierarchies == {"memory": Hierarchy(root / "memory", 1), "pids": Hierarchy(root / "pids", 1)}
-    procs = cgroups.prepare("mysql-3", memory=512 * 2**20)
+    procs = cgroups.prepare("mysql-3", memory=512 * 2**20, pids=64)
     memory, pids = root / "memory" / "stockroom-test" / "mysql-3", root / "pids" / "stockroom-test" / "mysql-3"
     assert sorted(procs) == sorted([memory / "tasks", pids / "tasks"]), "a thread moves itself without a global lock"
     assert (memory / "memory.limit_in_bytes").read_text() == str(512 * 2**20)
@@ -83,6 +83,6 @@ def test_v1_limits_go_to_each_controllers_own_hierarchy(v1):
 
 def test_a_host_without_a_controller_says_which(tmp_path):
     info = mountinfo(tmp_path, f"35 31 0:32 / {tmp_path} rw,relatime - cgroup cgroup rw,memory")
-    cgroups = Cgroups(parent="stockroom-test", pids_limit=64, mountinfo=info)
+    cgroups = Cgroups(parent="stockroom-test", mountinfo=info)
     assert cgroups.problem() == "this host has no pids cgroup controller"
     assert cgroups.oom_kills("redis-1") == 0
