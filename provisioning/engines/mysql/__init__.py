@@ -245,64 +245,46 @@ class MySQL(Engine):
     # Administration and logins ---------------------------------------------------------
 
     def set_password(self, instance: "Instance", password: str, *, admin: Endpoint, write: WriteFile) -> None:
-        connection = pymysql.connect(
-            user=ADMIN_USERNAME,
-            password=instance.admin_password,
-            unix_socket=admin.socket,
-            host=None if admin.socket else admin.host,
-            port=admin.port,
-            connect_timeout=ADMIN_TIMEOUT,
-            read_timeout=ADMIN_TIMEOUT,
-            write_timeout=ADMIN_TIMEOUT,
-        )
-        try:
-            with connection.cursor() as cursor:
-                # The hashed form keeps the plaintext out of the binary log.
-                cursor.execute(
-                    f"ALTER USER '{instance.username}'@'%%' IDENTIFIED BY PASSWORD %s",
-                    [native_password_hash(password)],
-                )
-                # A session keeps working after its password changes; end those opened with the
-                # old one. The portal's own (root) session is another user's.
-                cursor.execute(f"KILL CONNECTION USER '{instance.username}'@'%'")
-        finally:
-            connection.close()
+        with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
+            # The hashed form keeps the plaintext out of the binary log.
+            cursor.execute(
+                f"ALTER USER '{instance.username}'@'%%' IDENTIFIED BY PASSWORD %s",
+                [native_password_hash(password)],
+            )
+            # A session keeps working after its password changes; end those opened with the
+            # old one. The portal's own (root) session is another user's.
+            cursor.execute(f"KILL CONNECTION USER '{instance.username}'@'%'")
 
     def refuse_writes(self, instance: "Instance", refuse: bool, *, admin: Endpoint) -> None:
         # read_only stops every account without SUPER (the user's), and the portal's root keeps it.
-        connection = pymysql.connect(
-            user=ADMIN_USERNAME,
-            password=instance.admin_password,
-            unix_socket=admin.socket,
-            host=None if admin.socket else admin.host,
-            port=admin.port,
-            connect_timeout=ADMIN_TIMEOUT,
-            read_timeout=ADMIN_TIMEOUT,
-            write_timeout=ADMIN_TIMEOUT,
-        )
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(f"SET GLOBAL read_only = {'ON' if refuse else 'OFF'}")
-        finally:
-            connection.close()
+        with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
+            cursor.execute(f"SET GLOBAL read_only = {'ON' if refuse else 'OFF'}")
 
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         # Over the socket the user is app@localhost to the server, which its app@'%' account matches.
-        connection = pymysql.connect(
+        client = self.client(
+            endpoint, user=instance.username, password=instance.password, database=instance.database, timeout=timeout
+        )
+        with client as db, db.cursor() as cursor:
+            cursor.execute("SELECT 1")
+
+    @staticmethod
+    def client(
+        endpoint: Endpoint, *, user: str, password: str, database: str | None = None, timeout: float = ADMIN_TIMEOUT
+    ) -> pymysql.Connection:
+        """A connection of the portal's own, over the endpoint's Unix socket if it has one, that
+        gives up after `timeout` seconds of silence."""
+        return pymysql.connect(
             unix_socket=endpoint.socket,
             host=None if endpoint.socket else endpoint.host,
             port=endpoint.port,
-            user=instance.username,
-            password=instance.password,
-            database=instance.database,
+            user=user,
+            password=password,
+            database=database,
             connect_timeout=timeout,
             read_timeout=timeout,
+            write_timeout=timeout,
         )
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT 1")
-        finally:
-            connection.close()
 
     def connection(self, instance: "Instance") -> dict[str, Any]:
         return {
