@@ -148,6 +148,12 @@ class Instance(models.Model):
     def live(self) -> bool:
         return self.status in LIVE_STATUSES
 
+    @property
+    def disk_limit(self) -> int:
+        """The most bytes its data may take on disk: its `disk` option, else the default."""
+        limit: int = self.options.get("disk") or settings.STOCKROOM_DEFAULT_DISK
+        return limit
+
     def mark(self, step: str | None) -> None:
         """Record in `timings` the seconds since the previous mark under `step` (None: start the clock)."""
         now = time.perf_counter()

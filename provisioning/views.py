@@ -24,7 +24,8 @@ def dashboard(request):
     instances = Instance.objects.visible().filter(owner=request.user).defer("password", "admin_password")
     page = IdsFirstPaginator(instances, 20).get_page(request.GET.get("page"))
     kinds = [(kind, engine.label) for kind, engine in engines().items()]
-    return render(request, "provisioning/dashboard.html", {"page": page, "kinds": kinds})
+    context = {"page": page, "kinds": kinds, "usage": services.usage(request.user)}
+    return render(request, "provisioning/dashboard.html", context)
 
 
 @login_required

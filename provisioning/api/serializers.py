@@ -11,6 +11,15 @@ from ..options import Option, format_size
 from ..services.requests import NAME_RULE
 
 
+class UsageSerializer(serializers.Serializer):
+    instances = serializers.IntegerField(help_text="Instances that hold data, failed ones whose data is kept included.")
+    instance_quota = serializers.IntegerField(help_text="The most instances you may hold.")
+    memory_reserved = serializers.IntegerField(
+        help_text="Bytes of memory your instances reserve (all but stopped ones)."
+    )
+    memory_quota = serializers.IntegerField(help_text="The most bytes of memory your instances may reserve.")
+
+
 class KindField(serializers.CharField):
     """An instance's kind; the schema lists the registered kinds (see schema.py)."""
 

@@ -1,7 +1,7 @@
 from django.urls import re_path
 from rest_framework.authtoken.views import obtain_auth_token
 
-from .views import InstanceViewSet, WebhookViewSet
+from .views import InstanceViewSet, UsageView, WebhookViewSet
 
 # Any kind fits the pattern; InstanceViewSet answers 404 for one no engine is registered for,
 # so a new engine needs no new URLs. Trailing slashes are optional on every path.
@@ -39,6 +39,7 @@ urlpatterns = [
         )
         for action in ("stop", "start", "restart", "rotate-password")
     ],
+    re_path(r"^usage/?$", UsageView.as_view(), name="usage"),
     re_path(
         r"^webhooks/?$",
         WebhookViewSet.as_view({"get": "list", "post": "create"}, name="Webhooks"),

@@ -1,6 +1,6 @@
 from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema, extend_schema_view
-from rest_framework import exceptions, mixins, parsers, status, viewsets
+from rest_framework import exceptions, generics, mixins, parsers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -17,6 +17,7 @@ from .serializers import (
     EventSerializer,
     InstanceSerializer,
     NewWebhookSerializer,
+    UsageSerializer,
     WebhookSerializer,
     create_serializer,
 )
@@ -155,6 +156,17 @@ class WebhookViewSet(
         deliveries = self.get_object().deliveries.select_related("event__instance")
         page = self.paginate_queryset(deliveries)
         return self.get_paginated_response(DeliverySerializer(page, many=True).data)
+
+
+class UsageView(generics.GenericAPIView):
+    serializer_class = UsageSerializer
+
+    @extend_schema(summary="What I hold against my quotas")
+    def get(self, request):
+        """Instances that hold data (failed ones whose data is kept included) against the count
+        quota, and the memory they reserve against the memory quota. A create or start that would
+        go past either is refused with 403."""
+        return Response(UsageSerializer(services.usage(request.user)).data)
 
 
 def exception_handler(exc, context):

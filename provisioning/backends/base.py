@@ -84,12 +84,6 @@ class BaseBackend:
         return None
 
     @staticmethod
-    def disk_limit(instance: "Instance") -> int:
-        """The most its data may take, in bytes."""
-        limit: int = instance.options.get("disk") or settings.STOCKROOM_DEFAULT_DISK
-        return limit
-
-    @staticmethod
     def usual_disks() -> set[int]:
         """The disk limits instances get unless they ask for another (worth keeping ready)."""
         options = [option for engine in engines().values() for option in engine.options if option.name == "disk"]

@@ -211,7 +211,7 @@ class DockerBackend(BaseBackend):
         directory.chmod(0o700)  # whatever the umask
         (directory / DISK).mkdir(mode=0o700)
         if not self.no_disks:
-            size = self.disk_limit(instance)
+            size = instance.disk_limit
             self.disks.provide(directory / IMAGE, directory / DISK, size, usual=size in self.usual_disks())
             (directory / DISK / "lost+found").rmdir()  # root's, and e2fsck makes it again if it needs it
             (directory / DISK).chmod(0o700)
@@ -269,7 +269,7 @@ class DockerBackend(BaseBackend):
         directory = self.directory(instance)
         return fullness(
             directory / DISK,
-            self.disk_limit(instance),
+            instance.disk_limit,
             refusing=(directory / WRITES_REFUSED).exists(),
             refuse=lambda refuse: self._refuse_writes(instance, refuse=refuse),
         )

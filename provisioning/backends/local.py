@@ -141,7 +141,7 @@ class LocalBackend(BaseBackend):
         user = self.user(instance)
         if user is not None:
             self.uids.claim(user, _key(instance.kind, instance.pk))
-        self._make_folders(directory, user, disk=self.disk_limit(instance))
+        self._make_folders(directory, user, disk=instance.disk_limit)
         setup = engine.local_setup(instance, layout, self)
         if setup.seed:
             self._copy_seed(setup.seed, Path(layout.data), user)
@@ -209,7 +209,7 @@ class LocalBackend(BaseBackend):
         directory = self.directory(instance)
         return fullness(
             directory / SERVER,
-            self.disk_limit(instance),
+            instance.disk_limit,
             refusing=(directory / WRITES_REFUSED).exists(),
             refuse=lambda refuse: self._refuse_writes(instance, refuse=refuse),
         )

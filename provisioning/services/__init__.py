@@ -11,7 +11,7 @@ call these and nothing below them writes.
 """
 
 from .actions import ACTIONS, DELETABLE, Action
-from .capacity import NoCapacity, QuotaExceeded
+from .capacity import NoCapacity, QuotaExceeded, Usage, usage
 from .claims import Busy
 from .healing import heal
 from .ports import NoFreePort
@@ -28,6 +28,7 @@ __all__ = [
     "NoFreePort",
     "QuotaExceeded",
     "TooManyWebhooks",
+    "Usage",
     "WrongStatus",
     "create_instance",
     "create_webhook",
@@ -38,4 +39,5 @@ __all__ = [
     "provision",
     "recover",
     "request_action",
+    "usage",
 ]

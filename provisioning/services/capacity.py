@@ -12,6 +12,8 @@ A check and the write it admits happen in one transaction, after hold(): the own
 host-wide lock row, in that order everywhere, so two requests never both fit in the last room.
 """
 
+from dataclasses import dataclass
+
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
@@ -42,6 +44,28 @@ def hold(owner: User) -> None:
     # insert of it waits for this one on PostgreSQL, and SQLite runs one writer at a time anyway.
     Lock.objects.bulk_create([Lock(name=HOST_LOCK)], ignore_conflicts=True)
     Lock.objects.select_for_update().filter(name=HOST_LOCK).first()
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What an owner holds, against their quotas."""
+
+    instances: int  # that hold data, failed ones whose data is kept included
+    instance_quota: int
+    memory_reserved: int  # bytes, by the instances that reserve memory (all live ones but stopped)
+    memory_quota: int
+
+
+def usage(owner: User) -> Usage:
+    reserved = (
+        Instance.objects.reserving_memory().filter(owner=owner).aggregate(total=Sum("memory_reservation", default=0))
+    )
+    return Usage(
+        instances=Instance.objects.filter(owner=owner).holding_data().count(),
+        instance_quota=settings.STOCKROOM_QUOTA,
+        memory_reserved=reserved["total"],
+        memory_quota=settings.STOCKROOM_MEMORY_QUOTA,
+    )
 
 
 def check_count(owner: User) -> None:

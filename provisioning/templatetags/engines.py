@@ -1,6 +1,7 @@
 from django import template
 
 from ..engines import UnknownKind, get_engine
+from ..options import describe_size
 
 register = template.Library()
 
@@ -12,3 +13,9 @@ def engine_label(kind: str) -> str:
         return get_engine(kind).label
     except UnknownKind:
         return kind
+
+
+@register.filter
+def size(value: int) -> str:
+    """A size in bytes, for people: "80 MiB", "1.0 GiB"."""
+    return describe_size(value)

@@ -42,6 +42,29 @@ def test_an_instance_shows_its_reservation_limit_and_disk(create):
     assert mysql["options"]["disk"] == 1024**3
 
 
+def test_each_user_sees_what_they_hold_against_their_quotas_in_the_api_and_on_pages(
+    api, outsider, create, act, client, alice, settings
+):
+    settings.STOCKROOM_QUOTA, settings.STOCKROOM_MEMORY_QUOTA = 5, 1024 * MiB
+    create("redis", maxmemory="256mb", disk="2gb")
+    stopped = create("mysql")
+    act(stopped, "stop")
+    post(outsider)  # another user's counts for them only
+    assert api.get("/api/usage").json() == {
+        "instances": 2,
+        "instance_quota": 5,
+        "memory_reserved": 272 * MiB,  # the stopped one reserves nothing
+        "memory_quota": 1024 * MiB,
+    }
+
+    client.force_login(alice)
+    dashboard = " ".join(client.get("/").content.decode().split())
+    assert "You hold 2 of 5 instances; they reserve 272 MiB of your 1.0 GiB memory quota." in dashboard
+    redis = Instance.objects.get(kind="redis", owner=alice)
+    panel = " ".join(client.get(f"/instances/{redis.pk}/").content.decode().split())
+    assert "reserves 272 MiB, at most 448 MiB" in panel and "at most 2.0 GiB" in panel
+
+
 # The host's budget ----------------------------------------------------------------------
 
 
