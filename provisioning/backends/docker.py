@@ -22,7 +22,8 @@ fails to start, instead of writing its data outside its limit; the portal's next
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 
 from ..engines import Container, Endpoint, Layout, engines, get_engine
+from . import files
 from .base import BackendError, BaseBackend
 from .disks import Disks, fullness
 
@@ -257,13 +259,20 @@ class DockerBackend(BaseBackend):
 
     def set_password(self, instance: "Instance", password: str) -> None:
         directory = self.directory(instance)
+        with self._admin(instance) as admin:
+            get_engine(instance.kind).set_password(
+                instance, password, admin=admin, write=lambda name, text: self._write(instance, directory / name, text)
+            )
+
+    @contextmanager
+    def _admin(self, instance: "Instance") -> Iterator[Endpoint]:
+        """Where the portal administers the server: its Unix socket, reached through a descriptor
+        checked to be a socket of the container's uid (which may put a symlink in its place)."""
         assert instance.port is not None, "only an instance that holds a port has a server"
-        get_engine(instance.kind).set_password(
-            instance,
-            password,
-            admin=Endpoint(self.probe_host, instance.port, socket=str(self.socket(instance))),
-            write=lambda name, text: self._write(instance, directory / name, text),
-        )
+        with files.unix_socket(self.socket(instance), owner=self.uid(instance)) as socket:
+            if socket is None:
+                raise BackendError("The server has no socket: it is not running.")
+            yield Endpoint(self.probe_host, instance.port, socket=socket)
 
     def enforce_disk_limit(self, instance: "Instance") -> str | None:
         directory = self.directory(instance)
@@ -275,9 +284,8 @@ class DockerBackend(BaseBackend):
         )
 
     def _refuse_writes(self, instance: "Instance", *, refuse: bool) -> None:
-        assert instance.port is not None, "only an instance that holds a port has a server"
-        admin = Endpoint(self.probe_host, instance.port, socket=str(self.socket(instance)))
-        get_engine(instance.kind).refuse_writes(instance, refuse, admin=admin)
+        with self._admin(instance) as admin:
+            get_engine(instance.kind).refuse_writes(instance, refuse, admin=admin)
         marker = self.directory(instance) / WRITES_REFUSED
         if refuse:
             marker.touch()

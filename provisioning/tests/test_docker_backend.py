@@ -18,7 +18,7 @@ import pytest
 import redis
 from django.core.management import call_command
 
-from provisioning.backends.base import get_backend
+from provisioning.backends.base import BackendError, get_backend
 from provisioning.backends.docker import LABEL
 from provisioning.engines import get_engine
 from provisioning.engines.mysql import native_password_hash
@@ -416,6 +416,30 @@ def test_the_portal_administers_redis_over_a_socket_only_root_reaches(api, docke
     assert redis.Redis(host=new["host"], port=new["port"], password=new["password"], retry=NO_RETRY).ping()
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(host=config["host"], port=config["port"], password=config["password"], retry=NO_RETRY).ping()
+    api.delete(f"/api/storage/redis/instances/{pk}")
+    wait_for_status(api, "redis", pk, "gone", timeout=60)
+
+
+def test_the_portal_follows_no_symlink_the_containers_uid_puts_in_place_of_its_socket(api, docker_settings, tmp_path):
+    """The `run` folder is the container uid's: it may swap the socket for a symlink to a listener
+    of its choosing. The portal's administrative login must not go there."""
+    backend = docker_settings()
+    pk, _config = running(api, "redis")
+    instance = Instance.objects.get(pk=pk)
+    socket_path = backend.socket(instance)
+    decoy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    decoy.bind(str(tmp_path / "decoy.sock"))
+    decoy.listen()
+    decoy.setblocking(False)
+    os.rename(socket_path, socket_path.with_name("moved.sock"))
+    os.symlink(tmp_path / "decoy.sock", socket_path)
+    os.lchown(socket_path, backend.uid(instance), backend.uid(instance))
+
+    with pytest.raises(BackendError, match="is not the server's socket"):
+        backend.set_password(instance, "not-sent-anywhere")
+    with pytest.raises(BlockingIOError):
+        decoy.accept()  # nobody connected
+    decoy.close()
     api.delete(f"/api/storage/redis/instances/{pk}")
     wait_for_status(api, "redis", pk, "gone", timeout=60)
 
