@@ -1,4 +1,5 @@
 from django.contrib import admin, messages
+from django.contrib.admin.options import ActionLocation
 
 from . import services
 from .models import AccessToken, Instance, InstanceEvent, Orphan, Webhook, WebhookDelivery
@@ -133,9 +134,9 @@ class AccessTokenAdmin(admin.ModelAdmin):
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("user").defer("digest", "token_key")
 
-    def get_actions(self, request):
-        actions = super().get_actions(request)
-        actions.pop("delete_selected", None)  # revoking is the same thing, named for what it does
+    def get_actions(self, request, action_location=ActionLocation.CHANGE_LIST):
+        actions = super().get_actions(request, action_location=action_location)
+        actions.pop("delete_selected", None)  # a bulk delete, past the service; revoking is the same, logged
         return actions
 
     @admin.action(description="Revoke the selected tokens (they stop working at once)", permissions=["delete"])
