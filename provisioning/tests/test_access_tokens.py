@@ -86,6 +86,13 @@ def test_an_expired_token_is_refused(api):
     assert [token["expired"] for token in api.get(TOKENS).json()["results"] if token["name"] == "ci"] == [True]
 
 
+def test_a_new_token_clears_the_owners_expired_ones(api):
+    old = new_token(api, "old", expires_in="1h")
+    AccessToken.objects.filter(pk=old["id"]).update(expiry=timezone.now() - timedelta(seconds=1))
+    new_token(api, "new")
+    assert sorted(AccessToken.objects.values_list("name", flat=True)) == ["new", "tests"]
+
+
 def test_tokens_expire_after_the_default_lifetime(api, settings):
     settings.STOCKROOM_TOKEN_TTL = timedelta(days=7)
     expires = AccessToken.objects.get(pk=new_token(api)["id"]).expiry
@@ -216,6 +223,16 @@ def test_guessing_many_user_names_from_one_address_is_throttled(alice):
         guess("password", username=f"user-{n}", HTTP_X_FORWARDED_FOR=f"192.0.2.{n}")
     assert guess("correct-horse-battery").status_code == 429
     assert guess("correct-horse-battery", address="203.0.113.8").status_code == 200  # others are not held up
+
+
+def test_behind_a_trusted_proxy_the_forwarded_address_counts(alice, settings):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "NUM_PROXIES": 1}  # STOCKROOM_TRUSTED_PROXIES=1
+    for n in range(10):  # ten clients behind one proxy, each with a name of its own
+        assert guess("password", username=f"user-{n}", HTTP_X_FORWARDED_FOR=f"192.0.2.{n}").status_code == 400
+    assert guess("password", username="user-0", HTTP_X_FORWARDED_FOR="192.0.2.0").status_code == 400
+    for n in range(10):
+        guess("password", username=f"other-{n}", HTTP_X_FORWARDED_FOR="192.0.2.99")
+    assert guess("correct-horse-battery", HTTP_X_FORWARDED_FOR="192.0.2.99").status_code == 429
 
 
 def test_the_rates_are_settings(alice, settings):
