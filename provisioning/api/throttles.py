@@ -32,7 +32,7 @@ class LoginAddressThrottle(SharedRateThrottle):
     rate_setting = "STOCKROOM_TOKEN_RATE_ADDRESS"
 
     def get_cache_key(self, request, view):
-        return self._cache_key(self.get_ident(request))
+        return self._cache_key(self.get_ident(request) or "")  # no address at all: one count for all such
 
 
 class LoginUsernameThrottle(SharedRateThrottle):
