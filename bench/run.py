@@ -16,10 +16,10 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.db import connections
-from rest_framework.authtoken.models import Token
 
 from provisioning.backends.base import get_backend
 from provisioning.backends.local import kill_processes_under
+from provisioning.services.tokens import create_token
 
 from . import api_load, connectable, density, reconcile, report, stack
 from .client import create_and_connect, delete_all, in_parallel
@@ -60,7 +60,7 @@ def fresh_state() -> None:
 
 def bench_token() -> str:
     user = get_user_model().objects.create_user("bench")
-    return Token.objects.create(user=user).key
+    return create_token(owner=user, name="bench")[1]
 
 
 def warm_up(token: str, concurrency: int) -> None:

@@ -56,7 +56,9 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
+    # API tokens: knox's hashing and header parsing, over provisioning.AccessToken (KNOX_TOKEN_MODEL).
+    # DRF's authtoken app is gone; its table stays, emptied by migration 0007 (tokens moved, hashed).
+    "knox",
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "provisioning",
@@ -139,7 +141,7 @@ LOGOUT_REDIRECT_URL = "login"
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "provisioning.api.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -147,7 +149,58 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "EXCEPTION_HANDLER": "provisioning.api.views.exception_handler",
+    # The address a throttle counts is the connection's (REMOTE_ADDR), unless the portal is behind
+    # this many proxies that each append to X-Forwarded-For: then a client cannot pick its own.
+    "NUM_PROXIES": env.int("STOCKROOM_TRUSTED_PROXIES", default=0),
 }
+
+
+# API tokens (provisioning.AccessToken; README, "Tokens"). A TTL is days ("90") or a duration
+# ("12h", "30d", "2w"); "never" only for the tokens a user asks for, and only when allowed.
+def _token_ttl():
+    from provisioning.durations import parse_duration  # no Django in it: safe while settings load
+
+    value = env.str("STOCKROOM_TOKEN_TTL", default="90")
+    try:
+        ttl = parse_duration(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"STOCKROOM_TOKEN_TTL: {exc}") from None
+    if ttl is None:
+        raise ImproperlyConfigured("STOCKROOM_TOKEN_TTL is the default lifetime: a duration, not 'never'.")
+    return ttl
+
+
+STOCKROOM_TOKEN_TTL = _token_ttl()
+STOCKROOM_TOKEN_ALLOW_NEVER = env.bool("STOCKROOM_TOKEN_ALLOW_NEVER", default=False)
+
+
+# Throttles of the token endpoints, in DRF's form "N/second|minute|hour|day". Every attempt counts,
+# right or wrong: once the address or the user name is over its rate, the right password gets 429 too.
+def _rate(name: str, default: str) -> str:
+    value = env.str(name, default=default).strip()
+    count, _, period = value.partition("/")
+    if not (count.isdigit() and int(count) > 0 and period in ("second", "minute", "hour", "day")):
+        raise ImproperlyConfigured(f"{name}={value!r}: expected N/second, N/minute, N/hour or N/day, N from 1.")
+    return value
+
+
+STOCKROOM_TOKEN_RATE_ADDRESS = _rate("STOCKROOM_TOKEN_RATE_ADDRESS", "10/minute")
+STOCKROOM_TOKEN_RATE_USERNAME = _rate("STOCKROOM_TOKEN_RATE_USERNAME", "10/minute")
+STOCKROOM_TOKEN_RATE_CREATE = _rate("STOCKROOM_TOKEN_RATE_CREATE", "30/hour")  # per signed-in user
+KNOX_TOKEN_MODEL = "provisioning.AccessToken"
+REST_KNOX = {"TOKEN_TTL": STOCKROOM_TOKEN_TTL, "AUTH_HEADER_PREFIX": "Token"}
+
+# Caches. ---------------------------------------------------------------------------------------
+# "default" stays Django's per-process memory cache. "shared" is what every gunicorn worker must
+# agree on (the token endpoints' throttles): a table in the portal database, so it needs nothing
+# more than the database and works from a fresh clone and in tests. Migration 0007 creates the
+# table (`manage.py createcachetable` does too, after a change here); the test database gets it
+# when Django creates it.
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "shared": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "stockroom_cache"},
+}
+# ------------------------------------------------------------------------------------------------
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "Stockroom API",

@@ -1,8 +1,10 @@
 from django.contrib import admin, messages
+from django.contrib.admin.options import ActionLocation
 
 from . import services
-from .models import Instance, InstanceEvent, Orphan, Webhook, WebhookDelivery
+from .models import AccessToken, Instance, InstanceEvent, Orphan, Webhook, WebhookDelivery
 from .options import describe_size
+from .services import tokens
 
 
 class InstanceEventInline(admin.TabularInline):
@@ -116,3 +118,40 @@ class WebhookAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # registered by their owners, who are shown the secret once
+
+
+@admin.register(AccessToken)
+class AccessTokenAdmin(admin.ModelAdmin):
+    """Every user's API tokens: seen, and revoked, by an operator. Neither secret nor digest is shown."""
+
+    list_display = ["id", "name", "user", "created", "expiry", "last_used"]
+    list_filter = ["user"]
+    search_fields = ["name", "user__username"]
+    fields = ("name", "user", "created", "expiry", "last_used")
+    readonly_fields = fields
+    actions = ["revoke_tokens"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("user").defer("digest", "token_key")
+
+    def get_actions(self, request, action_location=ActionLocation.CHANGE_LIST):
+        actions = super().get_actions(request, action_location=action_location)
+        actions.pop("delete_selected", None)  # a bulk delete, past the service; revoking is the same, logged
+        return actions
+
+    @admin.action(description="Revoke the selected tokens (they stop working at once)", permissions=["delete"])
+    def revoke_tokens(self, request, queryset):
+        count = 0
+        for token in queryset:
+            tokens.revoke_token(token=token, by=request.user)
+            count += 1
+        self.message_user(request, f"Revoked {count} token(s).")
+
+    def delete_model(self, request, obj):
+        tokens.revoke_token(token=obj, by=request.user)
+
+    def has_add_permission(self, request):
+        return False  # a token's secret is shown to whoever creates it: users do, on their token page
+
+    def has_change_permission(self, request, obj=None):
+        return False

@@ -45,3 +45,18 @@ def create_form_class(engine: Engine) -> type[forms.Form]:
     }
     fields.update({option.name: _field(option) for option in engine.options})
     return type(f"{engine.kind.capitalize()}CreateForm", (forms.Form,), fields)
+
+
+class TokenForm(forms.Form):
+    """A new API token: its name and lifetime; the token service checks both."""
+
+    name = forms.CharField(
+        max_length=100,
+        help_text="What it is for, e.g. ci or laptop.",
+        widget=forms.TextInput(attrs={"autocomplete": "off"}),
+    )
+    expires_in = forms.CharField(
+        required=False,
+        label="Expires in",
+        widget=forms.TextInput(attrs={"autocomplete": "off"}),
+    )

@@ -5,6 +5,8 @@ from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
+from knox.models import AbstractAuthToken
+from knox.settings import CONSTANTS
 
 from .fields import EncryptedTextField
 
@@ -271,3 +273,27 @@ class Lock(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class AccessToken(AbstractAuthToken):
+    """An API token (django-rest-knox's model, KNOX_TOKEN_MODEL), named by its owner, with an expiry.
+
+    The secret is never stored: `digest` is its SHA-512, and `token_key` its first 15 characters,
+    which find the row and prove nothing. `expiry` None means it never expires.
+    """
+
+    # knox makes the digest the primary key; a plain id keeps digests out of URLs and the admin.
+    id = models.BigAutoField(primary_key=True)
+    digest = models.CharField(max_length=CONSTANTS.DIGEST_LENGTH, unique=True)
+    name = models.CharField(max_length=100)
+    last_used = models.DateTimeField(null=True, blank=True, help_text="Written at most once a minute.")
+
+    class Meta:
+        ordering = ["-created", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.user})"
+
+    @property
+    def expired(self) -> bool:
+        return self.expiry is not None and self.expiry <= timezone.now()

@@ -10,5 +10,5 @@ urlpatterns = [
     path("instances/<int:pk>/delete/", views.delete, name="instance-delete"),
     path("instances/<int:pk>/<slug:action>/", views.act, name="instance-action"),
     path("token/", views.token, name="token"),
-    path("token/regenerate/", views.regenerate_token, name="token-regenerate"),
+    path("token/<int:pk>/revoke/", views.revoke_token, name="token-revoke"),
 ]

@@ -1,18 +1,21 @@
 """Server-rendered pages. Every change goes through services, exactly as in the API."""
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
-from rest_framework.authtoken.models import Token
 
 from . import services
 from .api.pagination import IdsFirstPaginator
+from .durations import describe_duration
 from .engines import UnknownKind, engines, get_engine
-from .forms import create_form_class
+from .forms import TokenForm, create_form_class
 from .models import BUSY_STATUSES, Instance, Status
+from .services import tokens
 
 
 def _my_instance(request, pk: int) -> Instance:
@@ -107,16 +110,37 @@ def delete(request, pk: int):
 
 
 @login_required
+@never_cache  # the answer to a create shows the new token's secret
 def token(request):
-    return render(request, "provisioning/token.html", {"token": Token.objects.filter(user=request.user).first()})
+    """The user's API tokens; a POST creates one and shows its secret, this once."""
+    form = _token_form(request.POST if request.method == "POST" else None)
+    new = None
+    if request.method == "POST" and form.is_valid():
+        try:
+            new, secret = tokens.create_token(owner=request.user, **form.cleaned_data)
+        except ValidationError as exc:
+            for field, errors in exc.message_dict.items():
+                form.add_error(field if field in form.fields else None, errors)
+        else:
+            new.secret = secret
+            form = _token_form(None)
+    context = {"form": form, "new": new, "tokens": tokens.tokens_of(request.user)}
+    return render(request, "provisioning/token.html", context)
+
+
+def _token_form(data) -> TokenForm:
+    default = describe_duration(settings.STOCKROOM_TOKEN_TTL)
+    form = TokenForm(data, initial={"expires_in": default})
+    form.fields["expires_in"].help_text = f"{tokens.expiry_rule().capitalize()}. Default: {default}."
+    return form
 
 
 @login_required
 @require_POST
-def regenerate_token(request):
-    Token.objects.filter(user=request.user).delete()
-    Token.objects.create(user=request.user)
-    messages.success(request, "A new token was created; the old one no longer works.")
+def revoke_token(request, pk: int):
+    token = get_object_or_404(tokens.tokens_of(request.user), pk=pk)
+    tokens.revoke_token(token=token, by=request.user)
+    messages.success(request, f"Token {token.name!r} was revoked; it no longer works.")
     return redirect("token")
 
 

@@ -3,8 +3,13 @@
 Nothing here is computed at import: a newly registered engine shows up in the next schema.
 """
 
-from drf_spectacular.extensions import OpenApiSerializerExtension, OpenApiSerializerFieldExtension
+from drf_spectacular.extensions import (
+    OpenApiAuthenticationExtension,
+    OpenApiSerializerExtension,
+    OpenApiSerializerFieldExtension,
+)
 from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.plumbing import build_bearer_security_scheme_object
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import serializers
 
@@ -20,6 +25,16 @@ from .serializers import (
 )
 
 BLANK = ""
+
+
+class TokenScheme(OpenApiAuthenticationExtension):
+    """`Authorization: Token <secret>`, as DRF's own token scheme was named in the schema."""
+
+    target_class = "provisioning.api.authentication.TokenAuthentication"
+    name = "tokenAuth"
+
+    def get_security_definition(self, auto_schema):
+        return build_bearer_security_scheme_object(header_name="Authorization", token_prefix="Token")
 
 
 class AnyOf(serializers.Serializer):

@@ -1,13 +1,15 @@
 import re
 from functools import cache
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.fields import empty
 from rest_framework.utils import html
 
 from ..engines import Engine
-from ..models import DeliveryStatus, Instance, Webhook, WebhookDelivery
+from ..models import AccessToken, DeliveryStatus, Instance, Webhook, WebhookDelivery
 from ..options import Option, format_size
+from ..services import tokens
 from ..services.requests import NAME_RULE
 
 
@@ -218,3 +220,58 @@ class DeliverySerializer(serializers.ModelSerializer):
     def get_instance(self, delivery) -> dict:
         instance = delivery.event.instance
         return {"id": instance.pk, "kind": instance.kind, "name": instance.name}
+
+
+class AccessTokenSerializer(serializers.ModelSerializer):
+    """A token as its owner sees it in a list: never its secret."""
+
+    expires = serializers.DateTimeField(source="expiry", read_only=True, help_text="null: never.")
+    expired = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = AccessToken
+        fields = ["id", "name", "created", "expires", "expired", "last_used"]
+        read_only_fields = fields
+
+
+class NewAccessTokenSerializer(AccessTokenSerializer):
+    token = serializers.CharField(
+        read_only=True, help_text="Send it as `Authorization: Token <token>`. Shown once: only its hash is kept."
+    )
+
+    class Meta(AccessTokenSerializer.Meta):
+        fields = [*AccessTokenSerializer.Meta.fields, "token"]
+
+
+class StrictCharField(serializers.CharField):
+    """A string, and only a string: JSON's 5 is not a name."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            raise serializers.ValidationError(f"Expected a string, got {type(data).__name__}.")
+        return super().to_internal_value(data)
+
+
+@extend_schema_field({"oneOf": [{"type": "string"}, {"type": "integer", "minimum": 1}], "nullable": True})
+class ExpiresInField(serializers.Field):
+    """A token's lifetime: a string the token service reads, or a whole number of days."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, str | int):
+            raise serializers.ValidationError(f"Expected {tokens.expiry_rule()}.")
+        return data
+
+    def to_representation(self, value):
+        return value
+
+
+class CreateAccessTokenSerializer(serializers.Serializer):
+    """The body of POST /api/auth/tokens; the token service checks both fields."""
+
+    name = StrictCharField(max_length=tokens.NAME_MAX, help_text="What the token is for, e.g. 'ci'.")
+    expires_in = ExpiresInField(
+        required=False,
+        allow_null=True,
+        help_text="Days (90), a duration (12h, 30d, 2w) or 'never' (if the portal allows it). "
+        "Left out or null: STOCKROOM_TOKEN_TTL.",
+    )

@@ -1,14 +1,23 @@
 from django.urls import re_path
-from rest_framework.authtoken.views import obtain_auth_token
 
-from .views import InstanceViewSet, UsageView, WebhookViewSet
+from .views import AccessTokenViewSet, InstanceViewSet, ObtainTokenView, UsageView, WebhookViewSet
 
 # Any kind fits the pattern; InstanceViewSet answers 404 for one no engine is registered for,
 # so a new engine needs no new URLs. Trailing slashes are optional on every path.
 INSTANCES = r"^storage/(?P<kind>[a-z0-9]+)/instances"
 
 urlpatterns = [
-    re_path(r"^auth/token/?$", obtain_auth_token, name="api-token"),
+    re_path(r"^auth/token/?$", ObtainTokenView.as_view(), name="api-token"),
+    re_path(
+        r"^auth/tokens/?$",
+        AccessTokenViewSet.as_view({"get": "list", "post": "create"}, name="Tokens"),
+        name="token-list",
+    ),
+    re_path(
+        r"^auth/tokens/(?P<pk>[0-9]+)/?$",
+        AccessTokenViewSet.as_view({"delete": "destroy"}, name="Token"),
+        name="token-detail",
+    ),
     re_path(
         rf"{INSTANCES}/?$",
         InstanceViewSet.as_view({"get": "list", "post": "create"}, name="{label} instances"),

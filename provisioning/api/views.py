@@ -1,26 +1,33 @@
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.utils.cache import add_never_cache_headers
 from drf_spectacular.utils import extend_schema, extend_schema_view
-from rest_framework import exceptions, generics, mixins, parsers, status, viewsets
+from rest_framework import exceptions, generics, mixins, parsers, permissions, status, viewsets
+from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.decorators import action
 from rest_framework.response import Response
+from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from .. import services
 from ..engines import UnknownKind, engines, get_engine
 from ..models import Instance, Webhook
-from ..services import webhooks
+from ..services import tokens, webhooks
 from .pagination import InstancePagination
 from .parsers import MultiPartParser
 from .schema import InstanceSchema
 from .serializers import (
+    AccessTokenSerializer,
+    CreateAccessTokenSerializer,
     DeliverySerializer,
     EventSerializer,
     InstanceSerializer,
+    NewAccessTokenSerializer,
     NewWebhookSerializer,
     UsageSerializer,
     WebhookSerializer,
     create_serializer,
 )
+from .throttles import LoginAddressThrottle, LoginUsernameThrottle, TokenCreateThrottle
 
 
 @extend_schema_view(
@@ -167,6 +174,63 @@ class UsageView(generics.GenericAPIView):
         quota, and the memory they reserve against the memory quota. A create or start that would
         go past either is refused with 403."""
         return Response(UsageSerializer(services.usage(request.user)).data)
+
+
+def _shown_once(token, secret: str, status_code: int) -> Response:
+    token.token = secret
+    response = Response(NewAccessTokenSerializer(token).data, status=status_code)
+    add_never_cache_headers(response)  # the secret must not stay in any cache on the way
+    return response
+
+
+class ObtainTokenView(APIView):
+    """A username and password for a new token, as `{"token": "…"}` (with its id, name and expiry).
+
+    Each call issues a new token named "api-token" with the default lifetime (STOCKROOM_TOKEN_TTL):
+    the old single token per user could be shown again, a hashed one cannot. Throttled per address
+    and per user name; every attempt counts, right or wrong.
+    """
+
+    authentication_classes: list = []
+    permission_classes = [permissions.AllowAny]
+    throttle_classes = [LoginAddressThrottle, LoginUsernameThrottle]
+    parser_classes = [parsers.JSONParser, parsers.FormParser, MultiPartParser]
+    serializer_class = AuthTokenSerializer
+
+    @extend_schema(request=AuthTokenSerializer, responses={200: NewAccessTokenSerializer}, summary="Get a token")
+    def post(self, request):
+        serializer = AuthTokenSerializer(data=request.data, context={"request": request})
+        serializer.is_valid(raise_exception=True)
+        token, secret = tokens.create_token(owner=serializer.validated_data["user"], name=tokens.LOGIN_TOKEN_NAME)
+        return _shown_once(token, secret, status.HTTP_200_OK)
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List my tokens (never their secrets)"),
+    destroy=extend_schema(summary="Revoke a token; it stops working at once"),
+)
+class AccessTokenViewSet(mixins.ListModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    """The signed-in user's API tokens. Other users' tokens do not exist here."""
+
+    serializer_class = AccessTokenSerializer
+    throttle_classes = [TokenCreateThrottle]
+
+    def get_queryset(self):
+        return tokens.tokens_of(self.request.user)
+
+    @extend_schema(
+        request=CreateAccessTokenSerializer,
+        responses={201: NewAccessTokenSerializer},
+        summary="Create a token; the answer holds its secret, shown once",
+    )
+    def create(self, request):
+        serializer = CreateAccessTokenSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        token, secret = tokens.create_token(owner=request.user, **serializer.validated_data)
+        return _shown_once(token, secret, status.HTTP_201_CREATED)
+
+    def perform_destroy(self, instance):
+        tokens.revoke_token(token=instance, by=self.request.user)
 
 
 def exception_handler(exc, context):

@@ -18,12 +18,12 @@ from urllib.parse import quote
 import pytest
 import redis
 from django.conf import settings
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from provisioning.backends.base import get_backend
 from provisioning.backends.local import kill_processes_under
 from provisioning.engines.redis import NO_RETRY
+from provisioning.services.tokens import create_token
 
 
 def pytest_report_header(config) -> str:
@@ -48,8 +48,10 @@ def database_url() -> str:
 
 
 def client_for(user) -> APIClient:
+    """An API client with a new token of `user`; its secret is `client.token`."""
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    client.token = create_token(owner=user, name="tests")[1]
+    client.credentials(HTTP_AUTHORIZATION=f"Token {client.token}")
     return client
 
 

@@ -18,12 +18,12 @@ from django.core.wsgi import get_wsgi_application
 from django.db import close_old_connections
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
-from rest_framework.authtoken.models import Token
 from schemathesis.core.failures import AcceptedNegativeData
 from schemathesis.specs.openapi.checks import positive_data_acceptance, status_code_conformance
 
 from provisioning.engines import engines
 from provisioning.models import Instance, Status
+from provisioning.services.tokens import create_token
 
 pytestmark = pytest.mark.django_db
 
@@ -58,12 +58,14 @@ def one_connection():
 
 
 @pytest.fixture
-def existing(api, settings) -> dict[str, int]:
-    """A running instance of every kind and a webhook with deliveries, for the paths that take an id."""
+def existing(api, alice, settings) -> dict[str, int]:
+    """A running instance of every kind, a webhook with deliveries and a spare token (not the one the
+    requests send, which a DELETE must not revoke), for the paths that take an id."""
     # The contract, not the capacity, is under test: no quota or budget runs out (503: no room).
     settings.STOCKROOM_QUOTA = settings.STOCKROOM_WEBHOOK_LIMIT = 10_000
     settings.STOCKROOM_MEMORY_QUOTA = settings.STOCKROOM_MEMORY_BUDGET = 2**50
     ids = {"webhook": api.post("/api/webhooks", {"url": "https://ci.example.com/hook"}).json()["id"]}
+    ids["token"] = create_token(owner=alice, name="spare")[0].pk
     for kind in engines():
         ids[kind] = api.post(f"/api/storage/{kind}/instances", {}).json()["id"]
     Instance.objects.update(status=Status.RUNNING)
@@ -76,12 +78,12 @@ def existing(api, settings) -> dict[str, int]:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-def test_the_api_keeps_its_schema(case, alice, existing, nothing_is_queued, one_connection):
+def test_the_api_keeps_its_schema(case, api, existing, nothing_is_queued, one_connection):
     if case.meta.generation.mode.is_positive and "id" in (case.path_parameters or {}):
         # Valid ids of things that exist, so valid requests reach more than a 404.
-        owner = case.path_parameters.get("kind", "webhook")
+        owner = case.path_parameters.get("kind") or ("token" if "/auth/tokens/" in case.path else "webhook")
         case.path_parameters["id"] = existing[owner]
     case.call_and_validate(
-        headers={"Authorization": f"Token {Token.objects.get(user=alice).key}"},
+        headers={"Authorization": f"Token {api.token}"},
         excluded_checks=[status_code_conformance, positive_data_acceptance],
     )

@@ -81,12 +81,14 @@ def test_forms_are_protected_against_csrf(alice):
     assert not Instance.objects.exists()
 
 
-def test_the_token_page_creates_and_regenerates(web):
+def test_the_token_page_creates_a_token_and_shows_it_once(web):
     assert "no token yet" in web.get("/token/").content.decode()
-    web.post("/token/regenerate/")
-    first = web.get("/token/").context["token"].key
-    web.post("/token/regenerate/")
-    assert web.get("/token/").context["token"].key != first
+    response = web.post("/token/", {"name": "laptop", "expires_in": "30d"})
+    secret = response.context["new"].secret
+    assert secret in response.content.decode()
+    assert "no-store" in response["Cache-Control"]
+    page = web.get("/token/").content.decode()
+    assert "laptop" in page and secret not in page
 
 
 def test_staff_see_every_instance_in_the_admin(web, admin, charlie):
