@@ -1,3 +1,5 @@
+from axes import admin as axes_admin
+from axes.models import AccessAttempt, AccessFailureLog, AccessLog
 from django.contrib import admin, messages
 
 from . import services
@@ -116,3 +118,32 @@ class WebhookAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # registered by their owners, who are shown the secret once
+
+
+# Sign-in lock-out (django-axes; AXES_ENABLE_ADMIN is off so that its models are registered here).
+@admin.register(AccessAttempt)
+class AccessAttemptAdmin(axes_admin.AccessAttemptAdmin):
+    """Failed sign-ins, one row per user name, address and browser. A user name, or an address, is
+    locked out while its rows within the cool-off add up to the limit; Unlock deletes the selected
+    rows (search for the user name or the address and select all its rows to unlock it at once)."""
+
+    actions = ["unlock", "cleanup_expired_attempts"]
+
+    @admin.action(description="Unlock: forget the selected failed sign-ins", permissions=["delete"])
+    def unlock(self, request, queryset):
+        names = sorted({attempt.username or "(none)" for attempt in queryset})
+        addresses = sorted({attempt.ip_address or "(none)" for attempt in queryset})
+        count, _ = queryset.delete()
+        self.message_user(
+            request,
+            f"Removed {count} record(s) of failed sign-ins: user names {', '.join(names)}; "
+            f"addresses {', '.join(addresses)}.",
+        )
+
+    @admin.action(description="Clean up expired attempts", permissions=["delete"])
+    def cleanup_expired_attempts(self, request, queryset):
+        super().cleanup_expired_attempts(request, queryset)
+
+
+admin.site.register(AccessLog, axes_admin.AccessLogAdmin)
+admin.site.register(AccessFailureLog, axes_admin.AccessFailureLogAdmin)
