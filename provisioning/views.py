@@ -5,6 +5,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 from rest_framework.authtoken.models import Token
 
@@ -49,6 +50,9 @@ def create(request, kind: str):
     return render(request, "provisioning/create.html", {"form": form, "kind": kind, "label": engine.label})
 
 
+# Pages that show a password or a token are never_cache ("Cache-Control: no-store"): no copy is kept
+# by the browser (its history, its disk cache) or by a proxy on the way.
+@never_cache
 @login_required
 def detail(request, pk: int):
     if Instance.objects.filter(pk=pk, owner=request.user, status=Status.DELETED).exists():
@@ -58,6 +62,7 @@ def detail(request, pk: int):
     return render(request, "provisioning/detail.html", _detail_context(instance))
 
 
+@never_cache
 @login_required
 def panel(request, pk: int):
     """The part of the instance page that changes with its status; polled while it is busy."""
@@ -105,6 +110,7 @@ def delete(request, pk: int):
     return render(request, "provisioning/delete.html", {"instance": instance})
 
 
+@never_cache
 @login_required
 def token(request):
     return render(request, "provisioning/token.html", {"token": Token.objects.filter(user=request.user).first()})

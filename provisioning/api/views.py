@@ -1,4 +1,6 @@
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.utils.decorators import method_decorator
+from django.views.decorators.cache import never_cache
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, parsers, status, viewsets
 from rest_framework.decorators import action
@@ -83,6 +85,7 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
 
     @extend_schema(summary="Connection details and configuration")
     @action(detail=True, methods=["get"])
+    @method_decorator(never_cache)  # it shows the password: "Cache-Control: no-store"
     def config(self, request, kind: str, pk: int):
         instance = self.get_object()
         if instance.port is None:
@@ -141,6 +144,7 @@ class WebhookViewSet(
         return Webhook.objects.filter(owner=self.request.user)
 
     @extend_schema(responses={201: NewWebhookSerializer}, summary="Register a webhook; the answer holds its secret")
+    @method_decorator(never_cache)  # the secret: "Cache-Control: no-store"
     def create(self, request):
         serializer = WebhookSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
