@@ -80,6 +80,8 @@ def test_the_sign_in_page_locks_out_even_the_right_password(alice, settings):
     assert "ask an operator" in page.lower()
     assert response["Retry-After"] == "900"
     assert "no-store" in response["Cache-Control"]
+    stored = str(list(AccessAttempt.objects.values()))
+    assert "wrong-guess" not in stored and ALICE_PASSWORD not in stored, "no password is kept"
 
 
 def test_without_a_cool_off_the_page_says_to_ask_an_operator(alice, settings):
@@ -112,13 +114,14 @@ def test_failures_over_many_user_names_lock_the_address(alice, settings):
     assert signed_in(elsewhere)
 
 
-def test_the_admin_login_locks_out_likewise(django_user_model, settings):
+@pytest.mark.parametrize("page", [ADMIN_LOGIN, "/api-auth/login/"], ids=["admin", "browsable API"])
+def test_the_other_login_pages_lock_out_likewise(django_user_model, settings, page):
     django_user_model.objects.create_superuser("olga", password="operator-pass-1")
     for _ in range(settings.AXES_FAILURE_LIMIT - 1):
-        assert sign_in(Client(), "olga", "wrong-guess", page=ADMIN_LOGIN).status_code == 200
-    assert sign_in(Client(), "olga", "wrong-guess", page=ADMIN_LOGIN).status_code == 429
+        assert sign_in(Client(), "olga", "wrong-guess", page=page).status_code == 200
+    assert sign_in(Client(), "olga", "wrong-guess", page=page).status_code == 429
     client = Client()
-    response = sign_in(client, "olga", "operator-pass-1", page=ADMIN_LOGIN)
+    response = sign_in(client, "olga", "operator-pass-1", page=page)
     assert response.status_code == 429 and "Sign-in paused" in response.content.decode()
     assert client.get("/admin/").status_code == 302, "not signed in"
 
