@@ -140,6 +140,7 @@ AXES_COOLOFF_TIME = timedelta(seconds=STOCKROOM_LOGIN_COOLOFF) if STOCKROOM_LOGI
 AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]  # each on its own: either one locks
 AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"  # the portal database, shared by every process
 AXES_CLIENT_IP_CALLABLE = "provisioning.access.client_address"  # REMOTE_ADDR, or the proxy's word (STOCKROOM_HTTPS)
+AXES_USERNAME_CALLABLE = "provisioning.access.client_username"  # cut to what its table holds
 AXES_LOCKOUT_CALLABLE = "provisioning.access.locked_out"  # a page that says what happened and until when
 AXES_ENABLE_ADMIN = False  # provisioning/admin.py registers its models, with actions behind permissions
 AXES_VERBOSE = False  # no banner at the start of every process; lock-outs are still logged

@@ -4,6 +4,7 @@ locked-out client is told."""
 import ipaddress
 from datetime import timedelta
 
+from axes.conf import settings as axes_settings  # Django's, with axes' defaults filled in
 from axes.helpers import get_cool_off
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
@@ -12,6 +13,7 @@ from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 
 LOCKED_OUT_TEMPLATE = "registration/locked_out.html"
+USERNAME_LENGTH = 255  # axes' AccessAttempt.username
 
 
 def client_address(request: HttpRequest) -> str | None:
@@ -25,6 +27,14 @@ def client_address(request: HttpRequest) -> str | None:
         except ValueError:
             pass  # no header, or not an address: the proxy's own address is all there is
     return request.META.get("REMOTE_ADDR")
+
+
+def client_username(request: HttpRequest, credentials: dict | None = None) -> str | None:
+    """The user name a sign-in tries, as axes' default takes it, cut to the 255 characters its table
+    holds: no account has a longer one, and a longer one must be counted, not fail the request."""
+    field = axes_settings.AXES_USERNAME_FORM_FIELD
+    username = credentials.get(field) if credentials else getattr(request, "data", request.POST).get(field)
+    return None if username is None else str(username)[:USERNAME_LENGTH]
 
 
 def locked_out(request: HttpRequest, original_response: HttpResponse | None = None, credentials=None) -> HttpResponse:

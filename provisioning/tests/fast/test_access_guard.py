@@ -136,6 +136,16 @@ def test_the_api_token_endpoint_refuses_a_locked_out_user(alice, settings):
     assert answer.status_code in (400, 429) and "token" not in answer.json()
 
 
+def test_an_overlong_user_name_is_counted_not_a_server_error(settings):
+    """Neither the API's token serializer nor the sign-in form stops a 5,000-character user name
+    before the check; axes' table holds 255 characters (and PostgreSQL enforces that)."""
+    long_name = "a" * 5000
+    assert APIClient().post("/api/auth/token", {"username": long_name, "password": "x"}).status_code == 400
+    fail(settings.AXES_FAILURE_LIMIT - 2, long_name)
+    assert sign_in(Client(), long_name, "x").status_code == 429, "API and pages count together"
+    assert AccessAttempt.objects.get().username == "a" * 255
+
+
 def test_a_password_check_without_the_request_is_an_error(alice):
     """So that no path can check passwords beside the lock-out: whoever calls authenticate() passes the request."""
     with pytest.raises(AxesBackendRequestParameterRequired):
