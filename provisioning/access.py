@@ -2,6 +2,7 @@
 locked-out client is told."""
 
 import ipaddress
+import math
 from datetime import timedelta
 
 from axes.conf import settings as axes_settings  # Django's, with axes' defaults filled in
@@ -43,7 +44,7 @@ def locked_out(request: HttpRequest, original_response: HttpResponse | None = No
     cool_off: timedelta | None = get_cool_off(request)
     context = {
         "failure_limit": settings.AXES_FAILURE_LIMIT,
-        "cool_off_minutes": round(cool_off.total_seconds() / 60) if cool_off else None,
+        "cool_off_minutes": math.ceil(cool_off.total_seconds() / 60) if cool_off else None,
         "until": timezone.now() + cool_off if cool_off else None,
     }
     response = render(request, LOCKED_OUT_TEMPLATE, context, status=429)
