@@ -6,6 +6,7 @@ README lists them. Bad values fail at start-up with ImproperlyConfigured, never 
 
 import hashlib
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -121,6 +122,31 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+
+# --- Sign-in lock-out (django-axes) -------------------------------------------------------------
+# Kept in one block, apps and middleware included, so that it reads (and merges) as one piece.
+# Every password check goes through django.contrib.auth.authenticate(request=...), where axes' backend
+# refuses a user name or an address with STOCKROOM_LOGIN_FAILURES failed attempts within the last
+# STOCKROOM_LOGIN_COOLOFF seconds, even with the right password; each failure restarts the wait.
+# The sign-in page, the admin's and the API's token endpoint count alike. Operators unlock in the
+# admin (Access attempts → "Unlock"), or with `manage.py axes_reset_username <name>`.
+INSTALLED_APPS += ["axes"]
+MIDDLEWARE += ["axes.middleware.AxesMiddleware"]  # last: it turns a lock-out into the lock-out page
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+STOCKROOM_LOGIN_FAILURES = env.int("STOCKROOM_LOGIN_FAILURES", default=10)
+STOCKROOM_LOGIN_COOLOFF = env.int("STOCKROOM_LOGIN_COOLOFF", default=15 * 60)  # 0: until an operator unlocks
+if STOCKROOM_LOGIN_FAILURES < 1 or STOCKROOM_LOGIN_COOLOFF < 0:
+    raise ImproperlyConfigured("STOCKROOM_LOGIN_FAILURES must be at least 1, STOCKROOM_LOGIN_COOLOFF at least 0.")
+AXES_FAILURE_LIMIT = STOCKROOM_LOGIN_FAILURES
+AXES_COOLOFF_TIME = timedelta(seconds=STOCKROOM_LOGIN_COOLOFF) if STOCKROOM_LOGIN_COOLOFF else None
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]  # each on its own: either one locks
+AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"  # the portal database, shared by every process
+AXES_CLIENT_IP_CALLABLE = "provisioning.access.client_address"  # REMOTE_ADDR, or the proxy's word (STOCKROOM_HTTPS)
+AXES_USERNAME_CALLABLE = "provisioning.access.client_username"  # cut to what its table holds
+AXES_LOCKOUT_CALLABLE = "provisioning.access.locked_out"  # a page that says what happened and until when
+AXES_ENABLE_ADMIN = False  # provisioning/admin.py registers its models, with actions behind permissions
+AXES_VERBOSE = False  # no banner at the start of every process; lock-outs are still logged
+# --- end of sign-in lock-out ---------------------------------------------------------------------
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

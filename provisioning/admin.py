@@ -1,3 +1,5 @@
+from axes import admin as axes_admin
+from axes.models import AccessAttempt, AccessFailureLog, AccessLog
 from django.contrib import admin, messages
 from django.contrib.admin.options import ActionLocation
 
@@ -38,21 +40,24 @@ class InstanceAdmin(admin.ModelAdmin):
         # Every change goes through the services (the actions above), so nothing is edited here.
         return [field.name for field in Instance._meta.fields if field.name not in self.exclude]
 
-    @admin.action(description="Delete the selected instances (stop servers, remove data)")
+    # Each action asks for the model permission it stands for (Django then neither lists it nor
+    # carries it out for anyone without it, whatever is POSTed): "delete" for deleting, "change" for
+    # stop, start and restart. A staff user who may only view instances gets no action at all.
+    @admin.action(description="Delete the selected instances (stop servers, remove data)", permissions=["remove"])
     def delete_instances(self, request, queryset):
         self._apply(
             request, queryset, "delete", lambda instance: services.delete_instance(instance=instance, by=request.user)
         )
 
-    @admin.action(description="Restart the selected instances")
+    @admin.action(description="Restart the selected instances", permissions=["change"])
     def restart_instances(self, request, queryset):
         self._request(request, queryset, "restart")
 
-    @admin.action(description="Stop the selected instances (data kept)")
+    @admin.action(description="Stop the selected instances (data kept)", permissions=["change"])
     def stop_instances(self, request, queryset):
         self._request(request, queryset, "stop")
 
-    @admin.action(description="Start the selected stopped instances")
+    @admin.action(description="Start the selected stopped instances", permissions=["change"])
     def start_instances(self, request, queryset):
         self._request(request, queryset, "start")
 
@@ -77,6 +82,11 @@ class InstanceAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False  # rows go through the service (the action above), never a raw delete
+
+    def has_remove_permission(self, request) -> bool:
+        """May delete instances through the service: the model's delete permission."""
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.delete_{opts.model_name}")
 
     def has_add_permission(self, request):
         return False  # instances are created through the API so that a worker starts them
@@ -155,3 +165,32 @@ class AccessTokenAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+# Sign-in lock-out (django-axes; AXES_ENABLE_ADMIN is off so that its models are registered here).
+@admin.register(AccessAttempt)
+class AccessAttemptAdmin(axes_admin.AccessAttemptAdmin):
+    """Failed sign-ins, one row per user name, address and browser. A user name, or an address, is
+    locked out while its rows within the cool-off add up to the limit; Unlock deletes the selected
+    rows (search for the user name or the address and select all its rows to unlock it at once)."""
+
+    actions = ["unlock", "cleanup_expired_attempts"]
+
+    @admin.action(description="Unlock: forget the selected failed sign-ins", permissions=["delete"])
+    def unlock(self, request, queryset):
+        names = sorted({attempt.username or "(none)" for attempt in queryset})
+        addresses = sorted({attempt.ip_address or "(none)" for attempt in queryset})
+        count, _ = queryset.delete()
+        self.message_user(
+            request,
+            f"Removed {count} record(s) of failed sign-ins: user names {', '.join(names)}; "
+            f"addresses {', '.join(addresses)}.",
+        )
+
+    @admin.action(description="Clean up expired attempts", permissions=["delete"])
+    def cleanup_expired_attempts(self, request, queryset):
+        super().cleanup_expired_attempts(request, queryset)
+
+
+admin.site.register(AccessLog, axes_admin.AccessLogAdmin)
+admin.site.register(AccessFailureLog, axes_admin.AccessFailureLogAdmin)

@@ -1,8 +1,10 @@
 """GET /healthz: is the portal itself able to do its job? For operators and load balancers.
 
 The checks run at once, and the answer comes within DEADLINE seconds whatever hangs: a check
-that has not finished by then counts as failed. Any failing check makes the answer a 503, and the
-body says which one and why, so the first look at an outage is also the diagnosis.
+that has not finished by then counts as failed. Any failing check makes the answer a 503. For
+staff (signed in, or with a staff user's API token), the body says which check failed and why, so
+the first look at an outage is also the diagnosis; anyone else gets the status alone, since the
+details name paths, versions and the portal's inner workings.
 """
 
 import threading
@@ -13,10 +15,13 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, connections
-from django.http import JsonResponse
+from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
+from rest_framework.exceptions import APIException
+from rest_framework.request import Request
+from rest_framework.views import APIView
 
 from .backends.base import BackendError, get_backend
 from .models import Heartbeat, Instance
@@ -126,9 +131,24 @@ def run_checks() -> dict[str, dict]:
     return {name: future.result() if future.done() else late for name, future in futures.items()}
 
 
+def is_staff(request: HttpRequest) -> bool:
+    """A staff user signed in to the pages, or one the API would take (a token), but never an error:
+    a bad token is no staff."""
+    if request.user.is_authenticated:
+        return request.user.is_staff
+    try:
+        user = Request(request, authenticators=APIView().get_authenticators()).user  # the API's defaults
+    except APIException:
+        return False
+    return bool(user and user.is_authenticated and user.is_staff)
+
+
 @never_cache
 @require_GET
-def healthz(request):
+def healthz(request: HttpRequest) -> JsonResponse:
     results = run_checks()
     healthy = all(result["ok"] for result in results.values())
-    return JsonResponse({"status": "ok" if healthy else "down", "checks": results}, status=200 if healthy else 503)
+    body: dict[str, object] = {"status": "ok" if healthy else "down"}
+    if is_staff(request):
+        body["checks"] = results
+    return JsonResponse(body, status=200 if healthy else 503)

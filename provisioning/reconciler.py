@@ -41,7 +41,7 @@ class Pass:
     skipped: bool = False  # another pass was still running
 
     def summary(self) -> str:
-        """For the heartbeat, which /healthz shows to anyone: counts, not instance ids."""
+        """For the heartbeat, which /healthz shows to staff: counts, not instance ids."""
         text = f"probed {self.probed}, unhealthy {len(self.unhealthy)}, stuck {len(self.stuck)}, orphans {self.orphans}"
         return text + (f"; failed: {', '.join(self.failed_phases)}" if self.failed_phases else "")
 

@@ -53,6 +53,9 @@ def create(request, kind: str):
     return render(request, "provisioning/create.html", {"form": form, "kind": kind, "label": engine.label})
 
 
+# Pages that show a password or a token are never_cache ("Cache-Control: no-store"): no copy is kept
+# by the browser (its history, its disk cache) or by a proxy on the way.
+@never_cache
 @login_required
 def detail(request, pk: int):
     if Instance.objects.filter(pk=pk, owner=request.user, status=Status.DELETED).exists():
@@ -62,6 +65,7 @@ def detail(request, pk: int):
     return render(request, "provisioning/detail.html", _detail_context(instance))
 
 
+@never_cache
 @login_required
 def panel(request, pk: int):
     """The part of the instance page that changes with its status; polled while it is busy."""
@@ -109,6 +113,7 @@ def delete(request, pk: int):
     return render(request, "provisioning/delete.html", {"instance": instance})
 
 
+@never_cache
 @login_required
 @never_cache  # the answer to a create shows the new token's secret
 def token(request):

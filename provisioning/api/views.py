@@ -1,5 +1,8 @@
+from axes.helpers import get_cool_off
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.utils.cache import add_never_cache_headers
+from django.utils.decorators import method_decorator
+from django.views.decorators.cache import never_cache
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import exceptions, generics, mixins, parsers, permissions, status, viewsets
 from rest_framework.authtoken.serializers import AuthTokenSerializer
@@ -91,6 +94,7 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
 
     @extend_schema(summary="Connection details and configuration")
     @action(detail=True, methods=["get"])
+    @method_decorator(never_cache)  # it shows the password: "Cache-Control: no-store"
     def config(self, request, kind: str, pk: int):
         instance = self.get_object()
         if instance.port is None:
@@ -149,6 +153,7 @@ class WebhookViewSet(
         return Webhook.objects.filter(owner=self.request.user)
 
     @extend_schema(responses={201: NewWebhookSerializer}, summary="Register a webhook; the answer holds its secret")
+    @method_decorator(never_cache)  # the secret: "Cache-Control: no-store"
     def create(self, request):
         serializer = WebhookSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -200,7 +205,16 @@ class ObtainTokenView(APIView):
     @extend_schema(request=AuthTokenSerializer, responses={200: NewAccessTokenSerializer}, summary="Get a token")
     def post(self, request):
         serializer = AuthTokenSerializer(data=request.data, context={"request": request})
-        serializer.is_valid(raise_exception=True)
+        if not serializer.is_valid():
+            if getattr(request, "axes_locked_out", False) or getattr(request._request, "axes_locked_out", False):
+                # The sign-in lock-out (django-axes), which the pages share: even the right password.
+                cool_off = get_cool_off(request._request)
+                raise exceptions.Throttled(
+                    wait=cool_off.total_seconds() if cool_off else None,
+                    detail="Too many failed sign-ins for this user name or from this address. "
+                    + ("Try again later." if cool_off else "Ask an operator to unlock it."),
+                )
+            raise exceptions.ValidationError(serializer.errors)
         token, secret = tokens.create_token(owner=serializer.validated_data["user"], name=tokens.LOGIN_TOKEN_NAME)
         return _shown_once(token, secret, status.HTTP_200_OK)
 

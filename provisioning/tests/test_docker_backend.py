@@ -205,11 +205,11 @@ def test_a_portal_that_is_not_root_fails_cleanly(api, docker_settings, monkeypat
     assert not (backend.volume_root / "redis" / str(pk)).exists()
 
 
-def test_healthz_says_whether_the_daemon_answers(client, docker_settings, tmp_path):
+def test_healthz_says_whether_the_daemon_answers(admin_client, docker_settings, tmp_path):
     docker_settings()
-    assert client.get("/healthz").json()["checks"]["backends"]["detail"].startswith("docker: Docker ")
+    assert admin_client.get("/healthz").json()["checks"]["backends"]["detail"].startswith("docker: Docker ")
     docker_settings(base_url=f"unix://{tmp_path}/no-docker.sock")
-    response = client.get("/healthz")
+    response = admin_client.get("/healthz")
     assert response.status_code == 503
     backends = response.json()["checks"]["backends"]
     assert not backends["ok"]

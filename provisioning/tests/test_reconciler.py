@@ -104,14 +104,14 @@ def test_a_killed_server_is_restarted_with_its_data(api, reconciling_worker, rec
         wait_for_status(api, kind, pk, "gone")
 
 
-def test_healthz_reports_each_part(client, reconciling_worker):
-    wait_until(lambda: client.get("/healthz").status_code == 200, 3 * PERIOD, "a healthy portal")
-    checks = client.get("/healthz").json()["checks"]
+def test_healthz_reports_each_part(admin_client, reconciling_worker):
+    wait_until(lambda: admin_client.get("/healthz").status_code == 200, 3 * PERIOD, "a healthy portal")
+    checks = admin_client.get("/healthz").json()["checks"]
     assert set(checks) == {"database", "broker", "workers", "reconciler", "backends"}
     assert checks["workers"]["detail"] == "A worker answered."
 
     reconciling_worker.stop()
-    response = client.get("/healthz")
+    response = admin_client.get("/healthz")
     assert response.status_code == 503
     body = response.json()
     assert body["status"] == "down"
@@ -120,21 +120,21 @@ def test_healthz_reports_each_part(client, reconciling_worker):
     assert body["checks"]["database"]["ok"] and body["checks"]["broker"]["ok"]
 
 
-def test_healthz_without_a_broker(client):
-    body = client.get("/healthz").json()
+def test_healthz_without_a_broker(admin_client):
+    body = admin_client.get("/healthz").json()
     assert body["status"] == "down"
     assert not body["checks"]["broker"]["ok"]
     assert body["checks"]["workers"]["detail"] == "Not checked: workers are reached through the broker."
     assert body["checks"]["reconciler"]["detail"] == "No reconcile pass has finished yet; is celery beat running?"
 
 
-def test_healthz_answers_when_the_broker_hangs(client, monkeypatch):
+def test_healthz_answers_when_the_broker_hangs(admin_client, monkeypatch):
     """A broker that accepts connections but never answers must not hold the answer."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         monkeypatch.setenv("CELERY_BROKER_URL", f"redis://127.0.0.1:{silent.getsockname()[1]}/0")  # Celery reads it
-        body = client.get("/healthz").json()
+        body = admin_client.get("/healthz").json()
     assert body["status"] == "down"
     assert body["checks"]["broker"] == {"ok": False, "detail": "Timeout reading from socket",
                                         "ms": body["checks"]["broker"]["ms"]}  # fmt: skip
