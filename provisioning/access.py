@@ -1,4 +1,5 @@
-"""Who is signing in, as the sign-in lock-out (django-axes, see settings) sees it, and what a
+"""Who is signing in, as the sign-in lock-out (django-axes, see settings) sees it (the same address
+as the API's throttles), and what a
 locked-out client is told."""
 
 import ipaddress
@@ -12,22 +13,26 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
+from rest_framework.settings import api_settings
 
 LOCKED_OUT_TEMPLATE = "registration/locked_out.html"
 USERNAME_LENGTH = 255  # axes' AccessAttempt.username
 
 
 def client_address(request: HttpRequest) -> str | None:
-    """The address a sign-in comes from: the peer's (REMOTE_ADDR). Behind the TLS proxy that
-    STOCKROOM_HTTPS declares, every peer is that proxy, so the client's address is the last one in
-    X-Forwarded-For: the one the proxy added itself (any before it came from the client)."""
-    if settings.STOCKROOM_HTTPS:
-        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "").rsplit(",", 1)[-1].strip()
-        try:
-            return str(ipaddress.ip_address(forwarded))
-        except ValueError:
-            pass  # no header, or not an address: the proxy's own address is all there is
-    return request.META.get("REMOTE_ADDR")
+    """The address a sign-in comes from, as the API's throttles see it: the peer's (REMOTE_ADDR),
+    or behind STOCKROOM_TRUSTED_PROXIES proxies that each append the address they saw to
+    X-Forwarded-For, the entry that many from its end (any before it came from the client).
+    An entry that is not an address counts as the peer's."""
+    peer = request.META.get("REMOTE_ADDR")
+    proxies = api_settings.NUM_PROXIES or 0
+    forwarded = [entry.strip() for entry in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+    if not proxies or forwarded == [""]:
+        return peer
+    try:
+        return str(ipaddress.ip_address(forwarded[-min(proxies, len(forwarded))]))
+    except ValueError:
+        return peer
 
 
 def client_username(request: HttpRequest, credentials: dict | None = None) -> str | None:

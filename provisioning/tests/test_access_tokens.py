@@ -203,8 +203,10 @@ def guess(password: str, username: str = "alice", address: str = "203.0.113.7", 
 
 def test_sixty_wrong_passwords_then_the_right_one_get_429(alice):
     answers = [guess(f"wrong-{n}").status_code for n in range(60)]
-    assert answers[:10] == [400] * 10
-    assert set(answers[10:]) == {429}
+    # The tenth failure locks the address and the user name out (the sign-in lock-out); the
+    # throttle would have stopped the eleventh anyway.
+    assert answers[:9] == [400] * 9
+    assert set(answers[9:]) == {429}
     right = guess("correct-horse-battery")
     assert right.status_code == 429
     assert 0 < int(right["Retry-After"]) <= 60
