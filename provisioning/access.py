@@ -1,6 +1,5 @@
-"""Who is signing in, as the sign-in lock-out (django-axes, see settings) sees it (the same address
-as the API's throttles), and what a
-locked-out client is told."""
+"""Who is signing in, as the sign-in lock-out (django-axes, see settings) sees it (from the same
+address as the API's throttles see), and what a locked-out client is told."""
 
 import ipaddress
 import math
