@@ -1,12 +1,18 @@
 """Webhooks: registered by their owner, told about every status change, signed, retried."""
 
+import base64
+import hashlib
+import hmac
+import importlib
 import json
+import secrets
 import socket
 
 import pytest
+from django.apps import apps
 
 from provisioning.models import Webhook
-from provisioning.services.webhooks import is_public, retry_delay
+from provisioning.services.webhooks import is_public, new_secret, retry_delay
 
 from .conftest import port_refuses, verify, wait_for_status
 
@@ -21,7 +27,9 @@ def register(api, url: str) -> dict:
 
 def test_the_secret_is_shown_once_and_stored_encrypted(api):
     hook = register(api, "https://ci.example.com/stockroom")
-    assert hook["secret"].startswith("whsec_") and len(hook["secret"]) > 40
+    assert hook["secret"].startswith("whsec_")
+    assert len(base64.b64decode(hook["secret"].removeprefix("whsec_"), validate=True)) == 32  # the key
+    assert hook["legacy_signature"] is False
     assert "secret" not in api.get(f"/api/webhooks/{hook['id']}").json()
     assert "secret" not in api.get("/api/webhooks").json()["results"][0]
     assert Webhook.objects.get().secret == hook["secret"]
@@ -75,14 +83,19 @@ def test_every_status_change_is_posted_signed(api, outsider, receiver):
     assert first["instance"] == {"id": pk, "kind": "redis", "name": "cache"}
     assert first["reason"] == "Requested by alice."
     for headers, body in receiver.received:
-        assert verify(hook["secret"], headers, body)
+        assert verify(hook["secret"], headers, body)  # with the Standard Webhooks library
         tampered = body.replace(b'"cache"', b'"other"')
         assert not verify(hook["secret"], headers, tampered), "a changed body must fail verification"
-        assert not verify("whsec_wrong", headers, body)
+        assert not verify(new_secret(), headers, body)
+        assert not verify(hook["secret"], headers | {"webhook-timestamp": str(int(headers["webhook-timestamp"]) + 1)}, body)
+        assert "X-Stockroom-Signature" not in headers  # only webhooks registered before it get the old header
+    assert len({headers["webhook-id"] for headers, _ in receiver.received}) == 4
 
     deliveries = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()
     assert deliveries["count"] == 4
     assert {(d["status"], d["attempts"], d["response_code"]) for d in deliveries["results"]} == {("delivered", 1, 204)}
+    sent = {headers["webhook-id"] for headers, _ in receiver.received}
+    assert {d["message_id"] for d in deliveries["results"]} == sent
 
 
 def test_a_failing_receiver_is_retried(api, receiver, settings):
@@ -96,6 +109,8 @@ def test_a_failing_receiver_is_retried(api, receiver, settings):
     deliveries = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()["results"]
     first = next(d for d in deliveries if d["event"]["to"] == "provisioning")
     assert (first["status"], first["attempts"], first["response_code"]) == ("delivered", 3, 204)
+    tries = [headers for headers in receiver.attempts if headers["webhook-id"] == first["message_id"]]
+    assert len(tries) == 3, "the webhook-id is the same on every attempt, so a receiver can drop a repeat"
     api.delete(f"/api/storage/redis/instances/{pk}")
 
 
@@ -112,7 +127,7 @@ def test_a_receiver_that_stays_down_is_given_up_on(api, settings, unused_port):
     for delivery in deliveries:
         assert delivery["status"] == "failed"
         assert delivery["attempts"] == 3
-        assert delivery["error"] == "Could not reach the receiver (NewConnectionError). Gave up after 3 attempts."
+        assert delivery["error"] == "Could not reach the receiver (ConnectionRefusedError). Gave up after 3 attempts."
         assert delivery["next_attempt_at"] is None
     api.delete(f"/api/storage/redis/instances/{pk}")
 
@@ -215,4 +230,24 @@ def test_the_next_checked_address_is_tried_when_one_refuses(api, receiver, monke
     wait_for_status(api, "redis", pk, "running")
     deliveries = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()["results"]
     assert {(delivery["status"], delivery["attempts"]) for delivery in deliveries} == {("delivered", 1)}
+    api.delete(f"/api/storage/redis/instances/{pk}")
+
+
+def test_a_webhook_registered_before_keeps_its_key_and_its_old_header(api, alice, receiver):
+    """Migration 0007 wraps an old secret's bytes as whsec_ + base64; the old header still verifies."""
+    old_secret = f"whsec_{secrets.token_urlsafe(32)}"  # what registering answered before
+    hook = Webhook.objects.create(owner=alice, url=receiver.url, secret=old_secret)
+    importlib.import_module("provisioning.migrations.0007_standard_webhooks").wrap_secrets(apps, None)
+    hook.refresh_from_db()
+    assert hook.legacy_signature
+    assert hook.secret == "whsec_" + base64.b64encode(old_secret.encode()).decode()  # what the README says
+
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+    assert len(receiver.received) == 2
+    for headers, body in receiver.received:
+        old_code = "sha256=" + hmac.new(old_secret.encode(), body, hashlib.sha256).hexdigest()  # the old README's
+        assert hmac.compare_digest(old_code, headers["X-Stockroom-Signature"])
+        assert verify(hook.secret, headers, body)
+    assert api.get(f"/api/webhooks/{hook.pk}").json()["legacy_signature"] is True
     api.delete(f"/api/storage/redis/instances/{pk}")
