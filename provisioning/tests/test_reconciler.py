@@ -108,7 +108,7 @@ def test_healthz_reports_each_part(client, reconciling_worker):
     wait_until(lambda: client.get("/healthz").status_code == 200, 3 * PERIOD, "a healthy portal")
     checks = client.get("/healthz").json()["checks"]
     assert set(checks) == {"database", "broker", "workers", "reconciler", "backends"}
-    assert checks["workers"]["detail"] == "A worker answered."
+    assert checks["workers"]["detail"] == "Workers answered for the celery and webhooks queues."
 
     reconciling_worker.stop()
     response = client.get("/healthz")
