@@ -66,9 +66,5 @@ class Migration(migrations.Migration):
             field=models.UUIDField(editable=False, null=True),
         ),
         migrations.RunPython(number_deliveries, migrations.RunPython.noop),
-        migrations.AlterField(
-            model_name="webhookdelivery",
-            name="message_id",
-            field=models.UUIDField(default=uuid.uuid4, editable=False, unique=True),
-        ),
+        # Made unique in 0008, after the rows are numbered (Django's way for a unique field added).
     ]

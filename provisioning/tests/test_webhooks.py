@@ -3,15 +3,15 @@
 import base64
 import hashlib
 import hmac
-import importlib
 import json
 import secrets
 import socket
 
 import pytest
-from django.apps import apps
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 
-from provisioning.models import Webhook
+from provisioning.models import InstanceEvent, Webhook, WebhookDelivery
 from provisioning.services.webhooks import is_public, new_secret, retry_delay
 
 from .conftest import port_refuses, verify, wait_for_status
@@ -234,21 +234,38 @@ def test_the_next_checked_address_is_tried_when_one_refuses(api, receiver, monke
     api.delete(f"/api/storage/redis/instances/{pk}")
 
 
-def test_a_webhook_registered_before_keeps_its_key_and_its_old_header(api, alice, receiver):
-    """Migration 0007 wraps an old secret's bytes as whsec_ + base64; the old header still verifies."""
-    old_secret = f"whsec_{secrets.token_urlsafe(32)}"  # what registering answered before
-    hook = Webhook.objects.create(owner=alice, url=receiver.url, secret=old_secret)
-    importlib.import_module("provisioning.migrations.0007_standard_webhooks").wrap_secrets(apps, None)
-    hook.refresh_from_db()
-    assert hook.legacy_signature
-    assert hook.secret == "whsec_" + base64.b64encode(old_secret.encode()).decode()  # what the README says
+def migrate(target: str):
+    """Migrate the provisioning app to `target`; returns the app registry as of then."""
+    executor = MigrationExecutor(connection)
+    executor.migrate([("provisioning", target)])
+    executor.loader.build_graph()
+    return executor.loader.project_state(("provisioning", target)).apps
 
+
+def test_a_webhook_registered_before_keeps_its_key_and_its_old_header(api, receiver):
+    """Migration 0007 wraps an old secret's bytes as whsec_ + base64; the old header still verifies."""
     pk = api.post("/api/storage/redis/instances", {}).json()["id"]
     wait_for_status(api, "redis", pk, "running")
-    assert len(receiver.received) == 2
+    hook = register(api, receiver.url)
+    for event in InstanceEvent.objects.filter(instance_id=pk):  # two deliveries made before the upgrade
+        WebhookDelivery.objects.create(webhook_id=hook["id"], event=event, status="delivered")
+
+    old_secret = f"whsec_{secrets.token_urlsafe(32)}"  # what registering answered before
+    before = migrate("0006_reservation_within_limit")
+    before.get_model("provisioning", "Webhook").objects.update(secret=old_secret)
+    migrate("0008_delivery_message_id_unique")
+
+    webhook = Webhook.objects.get()
+    assert webhook.legacy_signature
+    assert webhook.secret == "whsec_" + base64.b64encode(old_secret.encode()).decode()  # what the README says
+    assert len(set(WebhookDelivery.objects.values_list("message_id", flat=True))) == 2
+
+    api.post(f"/api/storage/redis/instances/{pk}/restart")
+    wait_for_status(api, "redis", pk, "running")
+    assert len(receiver.received) == 2  # restarting, running
     for headers, body in receiver.received:
         old_code = "sha256=" + hmac.new(old_secret.encode(), body, hashlib.sha256).hexdigest()  # the old README's
         assert hmac.compare_digest(old_code, headers["X-Stockroom-Signature"])
-        assert verify(hook.secret, headers, body)
-    assert api.get(f"/api/webhooks/{hook.pk}").json()["legacy_signature"] is True
+        assert verify(webhook.secret, headers, body)
+    assert api.get(f"/api/webhooks/{webhook.pk}").json()["legacy_signature"] is True
     api.delete(f"/api/storage/redis/instances/{pk}")
