@@ -4,12 +4,14 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import socket
 
 import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
+from django.test import Client
 
 from provisioning.models import InstanceEvent, Webhook, WebhookDelivery
 from provisioning.services.webhooks import is_public, new_secret, retry_delay
@@ -268,4 +270,47 @@ def test_a_webhook_registered_before_keeps_its_key_and_its_old_header(api, recei
         assert hmac.compare_digest(old_code, headers["X-Stockroom-Signature"])
         assert verify(webhook.secret, headers, body)
     assert api.get(f"/api/webhooks/{webhook.pk}").json()["legacy_signature"] is True
+    api.delete(f"/api/storage/redis/instances/{pk}")
+
+
+def test_the_pages_register_show_the_secret_once_and_list_deliveries(alice, charlie, receiver, api):
+    web, other = Client(), Client()
+    web.force_login(alice)
+    other.force_login(charlie)
+    response = web.post("/webhooks/", {"url": "ftp://example.com/x"})
+    assert response.status_code == 400 and "is not an http:// or https:// URL" in response.content.decode()
+
+    response = web.post("/webhooks/", {"url": receiver.url})
+    assert response.status_code == 200
+    assert "no-store" in response["Cache-Control"]
+    secret = re.search(r'<pre id="secret">(whsec_[A-Za-z0-9+/=]+)</pre>', response.content.decode())[1]
+    assert "whsec_" not in web.get("/webhooks/").content.decode()  # shown once
+
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+    hook = Webhook.objects.get()
+    page = web.get(f"/webhooks/{hook.pk}/").content.decode()
+    for delivery in hook.deliveries.all():
+        assert delivery.msg_id in page
+    assert page.count('data-label="Attempts">1<') == 2 and page.count('data-label="Answer">204<') == 2
+    assert all(verify(secret, headers, body) for headers, body in receiver.received)
+
+    assert other.get(f"/webhooks/{hook.pk}/").status_code == 404
+    assert other.post(f"/webhooks/{hook.pk}/delete/").status_code == 404
+    assert web.post(f"/webhooks/{hook.pk}/delete/").status_code == 302
+    assert not Webhook.objects.exists()
+    api.delete(f"/api/storage/redis/instances/{pk}")
+
+
+def test_the_pages_show_a_failed_attempt_and_its_error(alice, api, settings, unused_port):
+    settings.STOCKROOM_WEBHOOK_ATTEMPTS = 1
+    web = Client()
+    web.force_login(alice)
+    web.post("/webhooks/", {"url": f"http://127.0.0.1:{unused_port}/hook"})
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+    listing = web.get("/webhooks/").content.decode()
+    assert 'data-label="Failed deliveries">2<' in listing
+    page = web.get(f"/webhooks/{Webhook.objects.get().pk}/").content.decode()
+    assert page.count("Could not reach the receiver (ConnectionRefusedError). Gave up after 1 attempt.") == 2
     api.delete(f"/api/storage/redis/instances/{pk}")
