@@ -328,6 +328,8 @@ STOCKROOM_WEBHOOK_LIMIT = env.int("STOCKROOM_WEBHOOK_LIMIT", default=10)  # per 
 STOCKROOM_WEBHOOK_DEADLINE = env.float("STOCKROOM_WEBHOOK_DEADLINE", default=10.0)
 if not 0 < STOCKROOM_WEBHOOK_DEADLINE <= 300:
     raise ImproperlyConfigured("STOCKROOM_WEBHOOK_DEADLINE must be more than 0 and at most 300 seconds.")
+# A backstop only: an attempt ends by its deadline; one stuck elsewhere (a locked database) is killed.
+CELERY_TASK_ANNOTATIONS = {"provisioning.tasks.deliver_webhook": {"time_limit": STOCKROOM_WEBHOOK_DEADLINE + 60}}
 STOCKROOM_WEBHOOK_ATTEMPTS = env.int("STOCKROOM_WEBHOOK_ATTEMPTS", default=6)
 STOCKROOM_WEBHOOK_BACKOFF = env.float("STOCKROOM_WEBHOOK_BACKOFF", default=10.0)  # doubles per attempt
 # Allow webhook URLs on loopback and private networks (a portal for one private network).
