@@ -107,6 +107,7 @@ def create_and_time(api) -> tuple[int, float]:
 
 
 def test_ten_trickling_receivers_do_not_delay_a_create(api, pools, trickler):
+    default, hooks_pool = pools
     baseline_pk, baseline = create_and_time(api)  # the usual time, on this machine, now
     hooks = [api.post("/api/webhooks", {"url": trickler.url}).json()["id"] for _ in range(10)]
 
@@ -115,6 +116,8 @@ def test_ten_trickling_receivers_do_not_delay_a_create(api, pools, trickler):
     second, took = create_and_time(api)
     assert took < max(30, baseline + 15), f"a create took {took:.1f} s beside slow receivers (usually {baseline:.1f} s)"
     assert any(c["closed"] is None for c in trickler.connections), "deliveries were still trickling meanwhile"
+    assert "Task provisioning.tasks.deliver_webhook[" not in default.log.read_text(), "the default pool sent none"
+    assert "Task provisioning.tasks.deliver_webhook[" in hooks_pool.log.read_text()
 
     deliveries = WebhookDelivery.objects.filter(webhook_id__in=hooks)
     assert deliveries.count() == 40  # 10 webhooks x (provisioning, running) x 2 instances
