@@ -253,9 +253,9 @@ def test_a_webhook_registered_before_keeps_its_key_and_its_old_header(api, recei
         WebhookDelivery.objects.create(webhook_id=hook["id"], event=event, status="delivered")
 
     old_secret = f"whsec_{secrets.token_urlsafe(32)}"  # what registering answered before
-    before = migrate("0006_reservation_within_limit")
+    before = migrate("0007_access_tokens")
     before.get_model("provisioning", "Webhook").objects.update(secret=old_secret)
-    migrate("0008_delivery_message_id_unique")
+    migrate("0009_delivery_message_id_unique")
 
     webhook = Webhook.objects.get()
     assert webhook.legacy_signature

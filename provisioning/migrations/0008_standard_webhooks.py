@@ -36,7 +36,7 @@ def number_deliveries(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-    dependencies = [("provisioning", "0006_reservation_within_limit")]
+    dependencies = [("provisioning", "0007_access_tokens")]
 
     operations = [
         migrations.AlterField(

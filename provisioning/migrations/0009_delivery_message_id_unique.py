@@ -6,7 +6,7 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-    dependencies = [("provisioning", "0007_standard_webhooks")]
+    dependencies = [("provisioning", "0008_standard_webhooks")]
 
     operations = [
         migrations.AlterField(
