@@ -245,7 +245,7 @@ def migrate(target: str):
 
 
 def test_a_webhook_registered_before_keeps_its_key_and_its_old_header(api, receiver):
-    """Migration 0007 wraps an old secret's bytes as whsec_ + base64; the old header still verifies."""
+    """Migration 0008 wraps an old secret's bytes as whsec_ + base64; the old header still verifies."""
     pk = api.post("/api/storage/redis/instances", {}).json()["id"]
     wait_for_status(api, "redis", pk, "running")
     hook = register(api, receiver.url)
