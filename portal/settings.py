@@ -253,6 +253,11 @@ CELERY_TASK_TIME_LIMIT = STOCKROOM_TASK_TIME_LIMIT
 # A broker that accepts connections but does not answer must not hold a web request for long.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 2}
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2}
+# Webhook deliveries have a queue and a worker pool of their own (`celery worker -Q webhooks`), so
+# that slow receivers can hold only those; the default worker consumes the default queue only.
+STOCKROOM_WEBHOOK_QUEUE = "webhooks"
+CELERY_TASK_DEFAULT_QUEUE = "celery"
+CELERY_TASK_ROUTES = {"provisioning.tasks.deliver_webhook": {"queue": STOCKROOM_WEBHOOK_QUEUE}}
 
 # Instances.
 _DATA_DIR_DIGEST = hashlib.sha256(str(DATA_DIR).encode()).hexdigest()[:12]
@@ -392,7 +397,12 @@ STOCKROOM_STABLE_SECONDS = env.float("STOCKROOM_STABLE_SECONDS", default=600.0)
 STOCKROOM_STUCK_TIMEOUT = env.float("STOCKROOM_STUCK_TIMEOUT", default=120.0)
 STOCKROOM_ORPHAN_GRACE = env.float("STOCKROOM_ORPHAN_GRACE", default=300.0)
 STOCKROOM_WEBHOOK_LIMIT = env.int("STOCKROOM_WEBHOOK_LIMIT", default=10)  # per user
-STOCKROOM_WEBHOOK_TIMEOUT = env.float("STOCKROOM_WEBHOOK_TIMEOUT", default=5.0)
+# Wall-clock seconds for a whole delivery attempt: DNS, connect, TLS, sending and the answer.
+STOCKROOM_WEBHOOK_DEADLINE = env.float("STOCKROOM_WEBHOOK_DEADLINE", default=10.0)
+if not 0 < STOCKROOM_WEBHOOK_DEADLINE <= 300:
+    raise ImproperlyConfigured("STOCKROOM_WEBHOOK_DEADLINE must be more than 0 and at most 300 seconds.")
+# A backstop only: an attempt ends by its deadline; one stuck elsewhere (a locked database) is killed.
+CELERY_TASK_ANNOTATIONS = {"provisioning.tasks.deliver_webhook": {"time_limit": STOCKROOM_WEBHOOK_DEADLINE + 60}}
 STOCKROOM_WEBHOOK_ATTEMPTS = env.int("STOCKROOM_WEBHOOK_ATTEMPTS", default=6)
 STOCKROOM_WEBHOOK_BACKOFF = env.float("STOCKROOM_WEBHOOK_BACKOFF", default=10.0)  # doubles per attempt
 # Allow webhook URLs on loopback and private networks (a portal for one private network).

@@ -109,7 +109,7 @@ class OrphanAdmin(admin.ModelAdmin):
 
 class WebhookDeliveryInline(admin.TabularInline):
     model = WebhookDelivery
-    fields = readonly_fields = ("created_at", "event", "status", "attempts", "response_code", "error")
+    fields = readonly_fields = ("created_at", "event", "message_id", "status", "attempts", "response_code", "error")
     extra = 0
     can_delete = False
     ordering = ["-created_at"]
@@ -120,7 +120,8 @@ class WebhookDeliveryInline(admin.TabularInline):
 
 @admin.register(Webhook)
 class WebhookAdmin(admin.ModelAdmin):
-    list_display = ["id", "url", "owner", "created_at"]
+    list_display = ["id", "url", "owner", "created_at", "legacy_signature"]
+    list_filter = ["legacy_signature"]
     search_fields = ["url", "owner__username"]
     readonly_fields = ["owner", "url", "created_at"]
     exclude = ["secret"]

@@ -55,15 +55,24 @@ def broker() -> str:
 
 
 def workers() -> str:
+    """A worker must serve the default queue; one that serves the webhooks queue is checked too,
+    but its absence only degrades: deliveries wait (and are sent once it is back)."""
     from portal.celery import app
 
     try:
         broker()
     except Exception:  # noqa: BLE001 - the broker check reports why
         raise CheckFailed("Not checked: workers are reached through the broker.") from None
-    if not app.control.ping(timeout=TIMEOUT, limit=1):  # the first answer is enough
+    answers = app.control.inspect(timeout=TIMEOUT).active_queues() or {}
+    if not answers:
         raise CheckFailed(f"No worker answered a ping within {TIMEOUT:g} s.")
-    return "A worker answered."
+    served = {queue["name"] for queues in answers.values() for queue in queues or ()}
+    default, hooks = settings.CELERY_TASK_DEFAULT_QUEUE, settings.STOCKROOM_WEBHOOK_QUEUE
+    if default not in served:
+        raise CheckFailed(f"No worker consumes the {default} queue: creates, actions and healing wait.")
+    if hooks not in served:
+        return f"Degraded: no worker consumes the {hooks} queue, so webhook deliveries wait; {default} is served."
+    return f"Workers answered for the {default} and {hooks} queues."
 
 
 def reconciler() -> str:

@@ -1,4 +1,5 @@
 import time
+import uuid
 from typing import Any
 
 from django.conf import settings
@@ -211,7 +212,11 @@ class Webhook(models.Model):
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="webhooks")
     url = models.URLField(max_length=2000)
-    secret = EncryptedTextField(help_text="Signs each delivery; shown to the owner once.")
+    secret = EncryptedTextField(help_text="Signs each delivery (whsec_ + base64 of the key); shown to the owner once.")
+    legacy_signature = models.BooleanField(
+        default=False,
+        help_text="Also send the old X-Stockroom-Signature header (for webhooks registered before v2).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -232,8 +237,10 @@ class WebhookDelivery(models.Model):
 
     webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="deliveries")
     event = models.ForeignKey(InstanceEvent, on_delete=models.CASCADE, related_name="deliveries")
+    # The webhook-id header: the same on every attempt, so a receiver can drop one it has seen.
+    message_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     status = models.CharField(max_length=16, choices=DeliveryStatus.choices, default=DeliveryStatus.PENDING)
-    attempts = models.PositiveIntegerField(default=0)
+    attempts = models.PositiveIntegerField(default=0, help_text="Counted when an attempt starts.")
     response_code = models.PositiveIntegerField(null=True, blank=True)
     error = models.TextField(blank=True)
     # A worker sending it holds it until then; a pending delivery is (re)sent from then on.
@@ -250,6 +257,11 @@ class WebhookDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event} → {self.webhook} ({self.status})"
+
+    @property
+    def msg_id(self) -> str:
+        """Its webhook-id header, as receivers see it."""
+        return f"msg_{self.message_id.hex}"
 
 
 class Heartbeat(models.Model):

@@ -11,4 +11,7 @@ urlpatterns = [
     path("instances/<int:pk>/<slug:action>/", views.act, name="instance-action"),
     path("token/", views.token, name="token"),
     path("token/<int:pk>/revoke/", views.revoke_token, name="token-revoke"),
+    path("webhooks/", views.webhook_list, name="webhooks"),
+    path("webhooks/<int:pk>/", views.webhook_detail, name="webhook"),
+    path("webhooks/<int:pk>/delete/", views.webhook_delete, name="webhook-delete"),
 ]

@@ -4,6 +4,8 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.db.models import Count, Q
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.cache import never_cache
@@ -14,8 +16,8 @@ from .api.pagination import IdsFirstPaginator
 from .durations import describe_duration
 from .engines import UnknownKind, engines, get_engine
 from .forms import TokenForm, create_form_class
-from .models import BUSY_STATUSES, Instance, Status
-from .services import tokens
+from .models import BUSY_STATUSES, DeliveryStatus, Instance, Status, Webhook
+from .services import tokens, webhooks
 
 
 def _my_instance(request, pk: int) -> Instance:
@@ -158,3 +160,46 @@ def _snippets(kind: str, c: dict) -> list[dict]:
         {"id": label.lower(), "label": label, "text": text, "masked": text.replace(c["password"], MASK)}
         for label, text in get_engine(kind).snippets(c)
     ]
+
+
+# Webhooks ---------------------------------------------------------------------------------------
+
+
+@never_cache  # the answer to a registration holds the secret
+@login_required
+def webhook_list(request):
+    secret, error = None, None
+    url = request.POST.get("url", "").strip() if request.method == "POST" else ""
+    if request.method == "POST":
+        try:
+            webhook, secret = webhooks.create_webhook(owner=request.user, url=url)
+        except ValidationError as exc:
+            error = " ".join(exc.message_dict.get("url", exc.messages))
+        except webhooks.TooManyWebhooks as exc:
+            error = str(exc)
+        else:
+            messages.success(request, f"Webhook registered for {webhook.url}.")
+            url = ""
+    hooks = Webhook.objects.filter(owner=request.user).annotate(
+        failed=Count("deliveries", filter=Q(deliveries__status=DeliveryStatus.FAILED))
+    )
+    context = {"webhooks": hooks, "secret": secret, "error": error, "url": url}
+    return render(request, "provisioning/webhooks.html", context, status=400 if error else 200)
+
+
+@login_required
+def webhook_detail(request, pk: int):
+    webhook = get_object_or_404(Webhook, pk=pk, owner=request.user)
+    deliveries = webhook.deliveries.select_related("event__instance")
+    page = Paginator(deliveries, 20).get_page(request.GET.get("page"))
+    context = {"webhook": webhook, "page": page, "deadline": f"{settings.STOCKROOM_WEBHOOK_DEADLINE:g}"}
+    return render(request, "provisioning/webhook.html", context)
+
+
+@login_required
+@require_POST
+def webhook_delete(request, pk: int):
+    webhook = get_object_or_404(Webhook, pk=pk, owner=request.user)
+    webhook.delete()
+    messages.success(request, f"Webhook for {webhook.url} deleted; its deliveries went with it.")
+    return redirect("webhooks")

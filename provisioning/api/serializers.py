@@ -187,15 +187,18 @@ def config_serializer(engine: Engine) -> type[serializers.Serializer]:
 class WebhookSerializer(serializers.ModelSerializer):
     class Meta:
         model = Webhook
-        fields = ["id", "url", "created_at"]
-        read_only_fields = ["id", "created_at"]
+        fields = ["id", "url", "created_at", "legacy_signature"]
+        read_only_fields = ["id", "created_at", "legacy_signature"]
         extra_kwargs = {"url": {"validators": [], "help_text": "Where events are POSTed: an http(s) URL."}}
 
 
 class NewWebhookSerializer(WebhookSerializer):
     secret = serializers.CharField(
         read_only=True,
-        help_text="Verify the X-Stockroom-Signature header (sha256=HMAC-SHA256 of the body) with it. Shown once.",
+        help_text=(
+            "whsec_ + base64 of the signing key: verify the webhook-signature header (Standard Webhooks) with it."
+            " Shown once."
+        ),
     )
 
     class Meta(WebhookSerializer.Meta):
@@ -205,10 +208,15 @@ class NewWebhookSerializer(WebhookSerializer):
 class DeliverySerializer(serializers.ModelSerializer):
     instance = serializers.SerializerMethodField()
     event = EventSerializer(read_only=True)
+    message_id = serializers.CharField(
+        source="msg_id", read_only=True, help_text="Its webhook-id header, the same on every attempt."
+    )
+    attempts = serializers.IntegerField(read_only=True, help_text="Attempts started (counted before sending).")
 
     class Meta:
         model = WebhookDelivery
-        fields = ["id", "instance", "event", "status", "attempts", "response_code", "error", "next_attempt_at"]
+        fields = ["id", "message_id", "instance", "event", "status", "attempts", "response_code", "error",
+                  "next_attempt_at"]  # fmt: skip
         read_only_fields = fields
 
     def to_representation(self, delivery):

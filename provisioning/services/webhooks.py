@@ -1,29 +1,36 @@
-"""Webhooks: users register URLs; every status change of their instances is POSTed there, signed.
+"""Webhooks: users register URLs; every status change of their instances is POSTed there, signed
+the Standard Webhooks way (webhook-id, webhook-timestamp, webhook-signature).
 
-Deliveries run in the worker (never in a request), with a short timeout and exponential
-backoff. Each one is claimed by a conditional UPDATE, so a delivery that both a retry and the
+Deliveries run on their own queue and worker pool (never in a request, never beside provisioning),
+each attempt within a wall-clock deadline, retried with exponential backoff. Each attempt is
+claimed, and counted, by one conditional UPDATE, so a delivery that both a retry and the
 reconciler's sweep pick up is still sent once per attempt.
 """
 
+import base64
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
 import secrets
 import socket
+import ssl
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import certifi
-import urllib3
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from ..models import DeliveryStatus, Webhook, WebhookDelivery
@@ -31,12 +38,17 @@ from . import jobs
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
+    from django.db.models import QuerySet
 
 logger = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Stockroom-Signature"
+SECRET_PREFIX = "whsec_"
+LEGACY_SIGNATURE_HEADER = "X-Stockroom-Signature"
 DELIVERY_HEADER = "X-Stockroom-Delivery"
 URL_RULE = "an http:// or https:// URL"
+# How long after its deadline a delivery stays held by the worker sending it.
+CLAIM_MARGIN = 30.0
+CUT_SHORT = "No outcome recorded: the attempt is under way, or its worker stopped mid-send."
 
 
 class TooManyWebhooks(Exception):
@@ -69,16 +81,57 @@ def is_public(address: str) -> bool:
     return ip.is_global
 
 
-def resolve(host: str, port: int) -> list[str]:
+class DeadlinePassed(Exception):
+    """The attempt ran out of its wall-clock time (STOCKROOM_WEBHOOK_DEADLINE)."""
+
+
+class CouldNotConnect(Exception):
+    """No connection to an address; the next checked address may still answer."""
+
+
+class Deadline:
+    """A point in time that a whole attempt must end by. left() raises once it has passed."""
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = self.clock() + seconds
+
+    def passed(self) -> bool:
+        return self.clock() >= self.at
+
+    def left(self) -> float:
+        left = self.at - self.clock()
+        if left <= 0:
+            raise DeadlinePassed(self.message())
+        return left
+
+    def message(self) -> str:
+        return f"The {self.seconds:g} s deadline passed before the receiver had answered; the attempt was cut off."
+
+
+def resolve(host: str, port: int, deadline: Deadline) -> list[str]:
     """The addresses to connect to, in the resolver's order: every address `host` has must be
     public (unless STOCKROOM_WEBHOOK_ALLOW_PRIVATE), so that a webhook cannot probe the portal's own
     network or its instances. The request then goes to these very addresses, so a second lookup
-    (DNS rebinding) cannot lead it elsewhere."""
-    try:
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise Unresolvable(f"Could not resolve {host} ({exc}).") from None
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
+    (DNS rebinding) cannot lead it elsewhere. A lookup that outlasts the deadline is left behind."""
+    answer: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as exc:
+            answer.append(exc)
+
+    thread = threading.Thread(target=lookup, name="webhook-dns", daemon=True)
+    thread.start()
+    thread.join(deadline.left())
+    if not answer:
+        raise DeadlinePassed(deadline.message())
+    if isinstance(answer[0], Exception):
+        raise Unresolvable(f"Could not resolve {host} ({answer[0]}).")
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in answer[0]))
     if not settings.STOCKROOM_WEBHOOK_ALLOW_PRIVATE:
         for address in addresses:
             if not is_public(address):
@@ -88,9 +141,11 @@ def resolve(host: str, port: int) -> list[str]:
     return addresses
 
 
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
+def post(url: str, body: bytes, headers: dict[str, str], deadline: Deadline) -> int:
     """POST `body` to `url` at the addresses resolve() checked, the next one only if connecting
-    to one fails; returns the status code. No redirects, nothing read but the status line.
+    to one fails; returns the status code. No redirects, nothing read but the status and headers.
+    Everything, the lookup included, ends by `deadline` (DeadlinePassed), however slowly the
+    receiver trickles its bytes.
     """
     parts = urlsplit(url)
     host = (parts.hostname or "").encode("idna").decode()
@@ -99,14 +154,17 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
     name = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
     default_port = port == (443 if parts.scheme == "https" else 80)
     headers = headers | {"Host": name if default_port else f"{name}:{port}"}
-    *others, last = resolve(host, port)
+    *others, last = resolve(host, port, deadline)
     request = _Request(parts.scheme, port, host, path, body, headers)
     for address in others:
         try:
-            return _post_to(address, request, timeout=timeout)
-        except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError):
+            return _post_to(address, request, deadline)
+        except CouldNotConnect:
             continue  # the next address; what the receiver answers is final
-    return _post_to(last, request, timeout=timeout)
+    try:
+        return _post_to(last, request, deadline)
+    except CouldNotConnect as exc:
+        raise exc.__cause__ or exc from None
 
 
 @dataclass(frozen=True)
@@ -119,23 +177,77 @@ class _Request:
     headers: dict[str, str]
 
 
-def _post_to(address: str, request: _Request, *, timeout: float) -> int:
-    pool: urllib3.HTTPConnectionPool
-    limit = urllib3.Timeout(total=timeout)
-    if request.scheme == "https":  # the certificate must match the name, not the address
-        pool = urllib3.HTTPSConnectionPool(
-            address, request.port, server_hostname=request.host, assert_hostname=request.host,
-            cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(), timeout=limit, retries=False, maxsize=1,
-        )  # fmt: skip
-    else:
-        pool = urllib3.HTTPConnectionPool(address, request.port, timeout=limit, retries=False, maxsize=1)
-    path, body, headers = request.path, request.body, request.headers
+class _Watchdog:
+    """Shuts the socket down at the deadline. A call blocked on it (the TLS handshake, a send, a
+    read) then returns at once, which no per-call timeout can promise: a receiver that sends one
+    byte a second would restart a read timeout with every byte."""
+
+    def __init__(self, sock: socket.socket, deadline: Deadline) -> None:
+        self._fd = sock.fileno()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._timer = threading.Timer(deadline.left(), self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self) -> None:
+        with self._lock:  # never after stop(): the descriptor may belong to someone else by then
+            if self._stopped:
+                return
+            sock = socket.socket(fileno=self._fd)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            finally:
+                sock.detach()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+        self._timer.cancel()
+
+
+class _Connection(http.client.HTTPConnection):
+    """http.client over a socket that is already connected (and checked)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__("receiver")
+        self.sock = sock
+
+    def connect(self) -> None:
+        pass
+
+
+def _post_to(address: str, request: _Request, deadline: Deadline) -> int:
     try:
-        response = pool.urlopen("POST", path, body=body, headers=headers, redirect=False, preload_content=False)
-        response.close()  # the status is all we need
+        sock = socket.create_connection((address, request.port), timeout=deadline.left())
+    except OSError as exc:
+        if deadline.passed():
+            raise DeadlinePassed(deadline.message()) from None
+        raise CouldNotConnect(str(exc)) from exc
+    watchdog = _Watchdog(sock, deadline)
+    connection = None
+    try:
+        if request.scheme == "https":  # the certificate must match the name, not the address
+            context = ssl.create_default_context(cafile=certifi.where())
+            # The handshake is done here, so that the socket is closed only once the watchdog stopped.
+            sock = context.wrap_socket(sock, server_hostname=request.host, do_handshake_on_connect=False)
+            sock.do_handshake()
+        connection = _Connection(sock)
+        connection.request("POST", request.path, body=request.body, headers=request.headers)
+        response = connection.getresponse()  # the status line and headers; the body is not read
+        response.close()
         return response.status
+    except (OSError, http.client.HTTPException):
+        if deadline.passed():
+            raise DeadlinePassed(deadline.message()) from None
+        raise
     finally:
-        pool.close()
+        watchdog.stop()
+        if connection is not None:
+            connection.close()
+        sock.close()
 
 
 def create_webhook(*, owner: "User", url: str) -> tuple[Webhook, str]:
@@ -155,10 +267,10 @@ def create_webhook(*, owner: "User", url: str) -> tuple[Webhook, str]:
     host = parts.hostname or ""
     if not settings.STOCKROOM_WEBHOOK_ALLOW_PRIVATE:
         try:
-            resolve(host, 443)  # early feedback; each send checks again
+            resolve(host, 443, Deadline(settings.STOCKROOM_WEBHOOK_DEADLINE))  # early feedback; each send checks again
         except PrivateAddress as exc:
             raise ValidationError({"url": str(exc)}) from None
-        except Unresolvable:
+        except (Unresolvable, DeadlinePassed):
             pass  # a receiver that is not up yet is fine
     with transaction.atomic():
         # One registration at a time per user, so the limit cannot be raced past.
@@ -168,15 +280,33 @@ def create_webhook(*, owner: "User", url: str) -> tuple[Webhook, str]:
             raise TooManyWebhooks(
                 f"You have {count} webhooks and the limit is {settings.STOCKROOM_WEBHOOK_LIMIT}. Delete one first."
             )
-        secret = f"whsec_{secrets.token_urlsafe(32)}"
+        secret = new_secret()
         webhook = Webhook.objects.create(owner=owner, url=url, secret=secret)
     logger.info("Webhook %s registered by %s", webhook.pk, owner)
     return webhook, secret
 
 
-def sign(secret: str, body: bytes) -> str:
-    """The signature header's value: HMAC-SHA256 of the exact body, keyed with the secret."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def new_secret() -> str:
+    """A Standard Webhooks secret: whsec_ and the base64 of 32 random bytes, the HMAC key."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key a whsec_ secret stands for: the bytes its base64 encodes."""
+    return base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
+
+
+def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """The webhook-signature header (Standard Webhooks, v1): the base64 HMAC-SHA256 of
+    "id.timestamp.body", so that a receiver can tell a replay by its timestamp."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(signing_key(secret), signed, hashlib.sha256).digest()).decode()
+
+
+def legacy_sign(secret: str, body: bytes) -> str:
+    """The old X-Stockroom-Signature header, for webhooks registered before: HMAC-SHA256 of the
+    body alone, hex. It has no timestamp, so a receiver that checks only this cannot tell a replay."""
+    return "sha256=" + hmac.new(signing_key(secret), body, hashlib.sha256).hexdigest()
 
 
 def payload(delivery: WebhookDelivery) -> dict[str, Any]:
@@ -192,23 +322,40 @@ def payload(delivery: WebhookDelivery) -> dict[str, Any]:
     }
 
 
+def gave_up_after(attempts: int) -> str:
+    return f"Gave up after {attempts} attempt{'' if attempts == 1 else 's'}."
+
+
 def retry_delay(attempt: int) -> float:
     """Seconds to wait after failed attempt number `attempt` (1-based): doubling from the base."""
     return float(settings.STOCKROOM_WEBHOOK_BACKOFF * 2 ** (attempt - 1))
 
 
 class Sender:
-    """Sends one delivery. `post` is a class attribute so tests can swap the HTTP client."""
+    """Sends one delivery. `post` and `clock` are class attributes so tests can swap them."""
 
     post = staticmethod(post)
+    clock = staticmethod(time.time)
 
     def deliver(self, delivery_id: int) -> None:
-        """Attempt a pending delivery that is due; record the outcome; schedule a retry if any."""
-        timeout = settings.STOCKROOM_WEBHOOK_TIMEOUT
+        """Attempt a pending delivery that is due; record the outcome; schedule a retry if any.
+
+        The attempt is counted before anything is sent, and the delivery is held until the
+        deadline (plus a margin) has passed: a worker that dies mid-send leaves a counted attempt
+        that the reconciler's sweep sends again, so a receiver that kills workers runs out of
+        attempts like any other.
+        """
+        deadline = settings.STOCKROOM_WEBHOOK_DEADLINE
         now = timezone.now()
-        claimed = WebhookDelivery.objects.filter(
-            pk=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
-        ).update(next_attempt_at=now + timedelta(seconds=timeout + 30))
+        due = WebhookDelivery.objects.filter(pk=delivery_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
+        if self._give_up_if_spent(due):
+            return
+        claimed = due.filter(attempts__lt=settings.STOCKROOM_WEBHOOK_ATTEMPTS).update(
+            attempts=F("attempts") + 1,
+            next_attempt_at=now + timedelta(seconds=deadline + CLAIM_MARGIN),
+            response_code=None,
+            error=CUT_SHORT,  # what stays if this worker dies before it records the outcome
+        )
         if not claimed:
             return  # delivered, given up, not due yet, or another worker is sending it
         delivery = WebhookDelivery.objects.select_related("webhook", "event__instance").filter(pk=delivery_id).first()
@@ -216,41 +363,63 @@ class Sender:
             return  # its webhook was deleted meanwhile
         code, error, permanent = None, "", False
         try:
-            code = self._send(delivery, timeout)
+            code = self._send(delivery, Deadline(deadline))
             if not 200 <= code < 300:
                 error = f"The receiver answered {code}."
+        except DeadlinePassed as exc:
+            error = str(exc)
         except PrivateAddress as exc:  # the same every time: no point in retrying
             error, permanent = str(exc), True
         except Unresolvable as exc:
             error = str(exc)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except ssl.SSLCertVerificationError as exc:
+            error = f"The receiver's TLS certificate was refused ({exc.verify_message})."
+        except ssl.SSLError as exc:
+            error = f"TLS with the receiver failed ({exc.reason or type(exc).__name__})."
+        except (OSError, http.client.HTTPException) as exc:
             error = f"Could not reach the receiver ({type(exc).__name__})."
         except Exception as exc:  # counted as a failed attempt, never retried forever
             logger.exception("Webhook delivery %s failed", delivery.pk)
             error = f"Could not send it ({type(exc).__name__})."
         self._record(delivery, code, error, permanent=permanent)
 
-    def _send(self, delivery: WebhookDelivery, timeout: float) -> int:
+    @staticmethod
+    def _give_up_if_spent(due: "QuerySet[WebhookDelivery]") -> bool:
+        """A delivery whose last attempt was cut short (its worker died) has no attempt left."""
+        spent = due.filter(attempts__gte=settings.STOCKROOM_WEBHOOK_ATTEMPTS).values("attempts", "error").first()
+        if spent is None:
+            return False
+        gave_up = f"{spent['error']} {gave_up_after(spent['attempts'])}"
+        due.filter(attempts=spent["attempts"]).update(status=DeliveryStatus.FAILED, error=gave_up)
+        return True
+
+    def _send(self, delivery: WebhookDelivery, deadline: Deadline) -> int:
         body = json.dumps(payload(delivery), separators=(",", ":")).encode()
+        message_id, timestamp = delivery.msg_id, int(self.clock())
         headers = {
             "Content-Type": "application/json",
-            "User-Agent": "Stockroom-Webhooks/1",
+            "User-Agent": "Stockroom-Webhooks/2",
+            "webhook-id": message_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(delivery.webhook.secret, message_id, timestamp, body),
             DELIVERY_HEADER: str(delivery.pk),
-            SIGNATURE_HEADER: sign(delivery.webhook.secret, body),
         }
-        return self.post(delivery.webhook.url, body, headers, timeout)
+        if delivery.webhook.legacy_signature:
+            headers[LEGACY_SIGNATURE_HEADER] = legacy_sign(delivery.webhook.secret, body)
+        return self.post(delivery.webhook.url, body, headers, deadline)
 
     @staticmethod
     def _record(delivery: WebhookDelivery, code: int | None, error: str, *, permanent: bool = False) -> None:
-        attempts = delivery.attempts + 1
-        changes: dict[str, Any] = {"attempts": attempts, "response_code": code, "error": error}
+        """The outcome of the attempt that deliver() counted (delivery.attempts includes it)."""
+        attempts = delivery.attempts
+        changes: dict[str, Any] = {"response_code": code, "error": error}
         if not error:
             changes["status"] = DeliveryStatus.DELIVERED
         elif permanent:
             changes["status"] = DeliveryStatus.FAILED
         elif attempts >= settings.STOCKROOM_WEBHOOK_ATTEMPTS:
             changes["status"] = DeliveryStatus.FAILED
-            changes["error"] = f"{error} Gave up after {attempts} attempts."
+            changes["error"] = f"{error} {gave_up_after(attempts)}"
         else:
             delay = retry_delay(attempts)
             changes["next_attempt_at"] = timezone.now() + timedelta(seconds=delay)

@@ -1,7 +1,5 @@
 """Personas and helpers. alice owns instances, charlie is an outsider."""
 
-import hashlib
-import hmac
 import json
 import os
 import shutil
@@ -17,6 +15,7 @@ from urllib.parse import quote
 
 import pytest
 import redis
+import standardwebhooks
 from django.conf import settings
 from rest_framework.test import APIClient
 
@@ -172,18 +171,33 @@ def broker(tmp_path):
 
 
 class Worker:
-    """`celery worker` against the test database; with beat=True it also runs the reconciler."""
+    """`celery worker` against the test database; with beat=True it also runs the reconciler.
 
-    def __init__(self, log: Path, *, beat: bool = False, concurrency: int = 2, env: dict[str, str] | None = None):
+    It consumes the default queue and the webhooks queue, unless told `queues` (as `-Q`): `make run`
+    starts one worker for each, and tests that are about that split do too."""
+
+    def __init__(
+        self,
+        log: Path,
+        *,
+        beat: bool = False,
+        concurrency: int = 2,
+        env: dict[str, str] | None = None,
+        queues: str | None = "celery,webhooks",
+    ):
         self.log = log
         self.beat = beat
         self.concurrency = concurrency
         self.env = env or {}
+        self.queues = queues
         self.process: subprocess.Popen | None = None
 
     def start(self, **env: str) -> None:
         argv = [sys.executable, "-m", "celery", "-A", "portal", "worker", "--concurrency", str(self.concurrency),
+                "-n", f"{self.log.stem}@%h",
                 "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
+        if self.queues is not None:  # None: what a worker started without -Q consumes
+            argv += ["-Q", self.queues]
         if self.beat:
             argv += ["--beat", "--schedule", str(self.log.with_suffix(".beat"))]
         self.process = subprocess.Popen(
@@ -224,12 +238,14 @@ class Receiver:
 
     def __init__(self):
         self.received: list[tuple[dict, bytes]] = []
+        self.attempts: list[dict] = []  # the headers of every request, failed ones included
         self.failures_left = 0
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.attempts.append(dict(self.headers))
                 if receiver.failures_left > 0:
                     receiver.failures_left -= 1
                     self.send_response(503)
@@ -241,7 +257,7 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", receiver_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/stockroom"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -261,9 +277,30 @@ def receiver():
 
 
 def verify(secret: str, headers: dict, body: bytes) -> bool:
-    """What a receiver does: recompute the HMAC of the body and compare in constant time."""
-    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, headers["X-Stockroom-Signature"])
+    """What a receiver does, with the Standard Webhooks reference library (not our own code):
+    the signature over id, timestamp and body, and a timestamp at most 5 minutes off."""
+    try:
+        standardwebhooks.Webhook(secret).verify(body, headers)
+    except standardwebhooks.webhooks.WebhookVerificationError:
+        return False
+    return True
+
+
+def receiver_port() -> int:
+    """A free loopback port for a test's HTTP receiver: from STOCKROOM_TEST_HTTP_PORTS ("first,last")
+    when set, so that parallel runs stay in their own ranges, else 0 (the kernel picks)."""
+    ports = os.environ.get("STOCKROOM_TEST_HTTP_PORTS")
+    if not ports:
+        return 0
+    first, _, last = ports.partition(",")
+    for port in range(int(first), int(last or first) + 1):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in STOCKROOM_TEST_HTTP_PORTS={ports}")
 
 
 @pytest.fixture

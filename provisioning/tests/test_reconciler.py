@@ -108,7 +108,7 @@ def test_healthz_reports_each_part(admin_client, reconciling_worker):
     wait_until(lambda: admin_client.get("/healthz").status_code == 200, 3 * PERIOD, "a healthy portal")
     checks = admin_client.get("/healthz").json()["checks"]
     assert set(checks) == {"database", "broker", "workers", "reconciler", "backends"}
-    assert checks["workers"]["detail"] == "A worker answered."
+    assert checks["workers"]["detail"] == "Workers answered for the celery and webhooks queues."
 
     reconciling_worker.stop()
     response = admin_client.get("/healthz")

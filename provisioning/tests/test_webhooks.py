@@ -1,12 +1,20 @@
 """Webhooks: registered by their owner, told about every status change, signed, retried."""
 
+import base64
+import hashlib
+import hmac
 import json
+import re
+import secrets
 import socket
 
 import pytest
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
+from django.test import Client
 
-from provisioning.models import Webhook
-from provisioning.services.webhooks import is_public, retry_delay
+from provisioning.models import InstanceEvent, Webhook, WebhookDelivery
+from provisioning.services.webhooks import is_public, new_secret, retry_delay
 
 from .conftest import port_refuses, verify, wait_for_status
 
@@ -21,7 +29,9 @@ def register(api, url: str) -> dict:
 
 def test_the_secret_is_shown_once_and_stored_encrypted(api):
     hook = register(api, "https://ci.example.com/stockroom")
-    assert hook["secret"].startswith("whsec_") and len(hook["secret"]) > 40
+    assert hook["secret"].startswith("whsec_")
+    assert len(base64.b64decode(hook["secret"].removeprefix("whsec_"), validate=True)) == 32  # the key
+    assert hook["legacy_signature"] is False
     assert "secret" not in api.get(f"/api/webhooks/{hook['id']}").json()
     assert "secret" not in api.get("/api/webhooks").json()["results"][0]
     assert Webhook.objects.get().secret == hook["secret"]
@@ -75,14 +85,20 @@ def test_every_status_change_is_posted_signed(api, outsider, receiver):
     assert first["instance"] == {"id": pk, "kind": "redis", "name": "cache"}
     assert first["reason"] == "Requested by alice."
     for headers, body in receiver.received:
-        assert verify(hook["secret"], headers, body)
+        assert verify(hook["secret"], headers, body)  # with the Standard Webhooks library
         tampered = body.replace(b'"cache"', b'"other"')
         assert not verify(hook["secret"], headers, tampered), "a changed body must fail verification"
-        assert not verify("whsec_wrong", headers, body)
+        assert not verify(new_secret(), headers, body)
+        moved = str(int(headers["webhook-timestamp"]) + 1)
+        assert not verify(hook["secret"], headers | {"webhook-timestamp": moved}, body), "the timestamp is signed"
+        assert "X-Stockroom-Signature" not in headers  # only webhooks registered before it get the old header
+    assert len({headers["webhook-id"] for headers, _ in receiver.received}) == 4
 
     deliveries = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()
     assert deliveries["count"] == 4
     assert {(d["status"], d["attempts"], d["response_code"]) for d in deliveries["results"]} == {("delivered", 1, 204)}
+    sent = {headers["webhook-id"] for headers, _ in receiver.received}
+    assert {d["message_id"] for d in deliveries["results"]} == sent
 
 
 def test_a_failing_receiver_is_retried(api, receiver, settings):
@@ -96,6 +112,8 @@ def test_a_failing_receiver_is_retried(api, receiver, settings):
     deliveries = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()["results"]
     first = next(d for d in deliveries if d["event"]["to"] == "provisioning")
     assert (first["status"], first["attempts"], first["response_code"]) == ("delivered", 3, 204)
+    tries = [headers for headers in receiver.attempts if headers["webhook-id"] == first["message_id"]]
+    assert len(tries) == 3, "the webhook-id is the same on every attempt, so a receiver can drop a repeat"
     api.delete(f"/api/storage/redis/instances/{pk}")
 
 
@@ -112,7 +130,7 @@ def test_a_receiver_that_stays_down_is_given_up_on(api, settings, unused_port):
     for delivery in deliveries:
         assert delivery["status"] == "failed"
         assert delivery["attempts"] == 3
-        assert delivery["error"] == "Could not reach the receiver (NewConnectionError). Gave up after 3 attempts."
+        assert delivery["error"] == "Could not reach the receiver (ConnectionRefusedError). Gave up after 3 attempts."
         assert delivery["next_attempt_at"] is None
     api.delete(f"/api/storage/redis/instances/{pk}")
 
@@ -215,4 +233,84 @@ def test_the_next_checked_address_is_tried_when_one_refuses(api, receiver, monke
     wait_for_status(api, "redis", pk, "running")
     deliveries = api.get(f"/api/webhooks/{hook['id']}/deliveries").json()["results"]
     assert {(delivery["status"], delivery["attempts"]) for delivery in deliveries} == {("delivered", 1)}
+    api.delete(f"/api/storage/redis/instances/{pk}")
+
+
+def migrate(target: str):
+    """Migrate the provisioning app to `target`; returns the app registry as of then."""
+    executor = MigrationExecutor(connection)
+    executor.migrate([("provisioning", target)])
+    executor.loader.build_graph()
+    return executor.loader.project_state(("provisioning", target)).apps
+
+
+def test_a_webhook_registered_before_keeps_its_key_and_its_old_header(api, receiver):
+    """Migration 0008 wraps an old secret's bytes as whsec_ + base64; the old header still verifies."""
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+    hook = register(api, receiver.url)
+    for event in InstanceEvent.objects.filter(instance_id=pk):  # two deliveries made before the upgrade
+        WebhookDelivery.objects.create(webhook_id=hook["id"], event=event, status="delivered")
+
+    old_secret = f"whsec_{secrets.token_urlsafe(32)}"  # what registering answered before
+    before = migrate("0007_access_tokens")
+    before.get_model("provisioning", "Webhook").objects.update(secret=old_secret)
+    migrate("0009_delivery_message_id_unique")
+
+    webhook = Webhook.objects.get()
+    assert webhook.legacy_signature
+    assert webhook.secret == "whsec_" + base64.b64encode(old_secret.encode()).decode()  # what the README says
+    assert len(set(WebhookDelivery.objects.values_list("message_id", flat=True))) == 2
+
+    api.post(f"/api/storage/redis/instances/{pk}/restart")
+    wait_for_status(api, "redis", pk, "running")
+    assert len(receiver.received) == 2  # restarting, running
+    for headers, body in receiver.received:
+        old_code = "sha256=" + hmac.new(old_secret.encode(), body, hashlib.sha256).hexdigest()  # the old README's
+        assert hmac.compare_digest(old_code, headers["X-Stockroom-Signature"])
+        assert verify(webhook.secret, headers, body)
+    assert api.get(f"/api/webhooks/{webhook.pk}").json()["legacy_signature"] is True
+    api.delete(f"/api/storage/redis/instances/{pk}")
+
+
+def test_the_pages_register_show_the_secret_once_and_list_deliveries(alice, charlie, receiver, api):
+    web, other = Client(), Client()
+    web.force_login(alice)
+    other.force_login(charlie)
+    response = web.post("/webhooks/", {"url": "ftp://example.com/x"})
+    assert response.status_code == 400 and "is not an http:// or https:// URL" in response.content.decode()
+
+    response = web.post("/webhooks/", {"url": receiver.url})
+    assert response.status_code == 200
+    assert "no-store" in response["Cache-Control"]
+    secret = re.search(r'<pre id="secret">(whsec_[A-Za-z0-9+/=]+)</pre>', response.content.decode())[1]
+    assert "whsec_" not in web.get("/webhooks/").content.decode()  # shown once
+
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+    hook = Webhook.objects.get()
+    page = web.get(f"/webhooks/{hook.pk}/").content.decode()
+    for delivery in hook.deliveries.all():
+        assert delivery.msg_id in page
+    assert page.count('data-label="Attempts">1<') == 2 and page.count('data-label="Answer">204<') == 2
+    assert all(verify(secret, headers, body) for headers, body in receiver.received)
+
+    assert other.get(f"/webhooks/{hook.pk}/").status_code == 404
+    assert other.post(f"/webhooks/{hook.pk}/delete/").status_code == 404
+    assert web.post(f"/webhooks/{hook.pk}/delete/").status_code == 302
+    assert not Webhook.objects.exists()
+    api.delete(f"/api/storage/redis/instances/{pk}")
+
+
+def test_the_pages_show_a_failed_attempt_and_its_error(alice, api, settings, unused_port):
+    settings.STOCKROOM_WEBHOOK_ATTEMPTS = 1
+    web = Client()
+    web.force_login(alice)
+    web.post("/webhooks/", {"url": f"http://127.0.0.1:{unused_port}/hook"})
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+    listing = web.get("/webhooks/").content.decode()
+    assert 'data-label="Failed deliveries">2<' in listing
+    page = web.get(f"/webhooks/{Webhook.objects.get().pk}/").content.decode()
+    assert page.count("Could not reach the receiver (ConnectionRefusedError). Gave up after 1 attempt.") == 2
     api.delete(f"/api/storage/redis/instances/{pk}")

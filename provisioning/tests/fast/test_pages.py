@@ -25,7 +25,7 @@ def admin(django_user_model) -> Client:
 
 
 def test_pages_need_a_signed_in_user(client):
-    for url in ("/", "/new/redis/", "/token/"):
+    for url in ("/", "/new/redis/", "/token/", "/webhooks/"):
         response = client.get(url)
         assert response.status_code == 302
         assert response["Location"].startswith("/accounts/login/")
