@@ -8,7 +8,6 @@ from datetime import timedelta
 
 import pytest
 from django.conf import settings
-from django.test import Client
 from django.utils import timezone
 
 from portal.celery import app
@@ -140,17 +139,17 @@ def test_ten_trickling_receivers_do_not_delay_a_create(api, pools, trickler):
         wait_for_status(api, "redis", pk, "gone")
 
 
-def test_the_default_worker_leaves_the_webhooks_queue_to_its_pool(pools):
+def test_the_default_worker_leaves_the_webhooks_queue_to_its_pool(pools, admin_client):
     _, hooks = pools
     queues = app.control.inspect(timeout=2).active_queues() or {}
     served = {name.split("@")[0]: {queue["name"] for queue in found} for name, found in queues.items()}
     assert served == {"default": {"celery"}, "webhooks": {"webhooks"}}
     assert app.amqp.router.route({}, "provisioning.tasks.deliver_webhook")["queue"].name == "webhooks"
 
-    workers = Client().get("/healthz").json()["checks"]["workers"]
+    workers = admin_client.get("/healthz").json()["checks"]["workers"]
     assert workers["ok"] and workers["detail"] == "Workers answered for the celery and webhooks queues."
     hooks.stop()
-    workers = Client().get("/healthz").json()["checks"]["workers"]
+    workers = admin_client.get("/healthz").json()["checks"]["workers"]
     assert workers["ok"], "deliveries wait, but the portal can still do its job"
     assert workers["detail"].startswith("Degraded: no worker consumes the webhooks queue")
 
