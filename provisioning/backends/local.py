@@ -22,10 +22,12 @@ import pwd
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
 
@@ -179,6 +181,41 @@ class LocalBackend(BaseBackend):
                 password,
                 admin=Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=socket),
                 write=lambda name, text: files.write(directory / name, text, group=group),
+            )
+
+    def snapshot(self, instance: "Instance", out: IO[bytes]) -> None:
+        with self._beside(instance) as beside:
+            get_engine(instance.kind).snapshot(instance, beside, out)
+
+    def restore(self, instance: "Instance", snapshot: IO[bytes]) -> None:
+        engine = get_engine(instance.kind)
+        directory, layout, user = self.directory(instance), self.layout(instance), self.user(instance)
+        self.stop(instance)
+        processes.kill(under=directory, uid=self._uid_to_end(instance.kind, instance.pk))
+        if (directory / IMAGE).exists() and not os.path.ismount(directory / SERVER):  # the host restarted
+            self.disks.mount(directory / IMAGE, directory / SERVER)
+        with self._beside(instance) as beside:
+            engine.restore(instance, beside, snapshot)
+        (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
+        # As at the first start: the accounts are made again from the instance's own credentials.
+        setup = engine.local_setup(instance, layout, self)
+        for folder in setup.dirs:
+            _make_own(folder, user)
+        for name, text in setup.files.items():
+            files.write(directory / name, text, group=user.gid if user else None)
+        self._run_server(instance, extra=setup.first_start_args)
+        for name in setup.remove_after_first_start:
+            (directory / name).unlink()
+
+    @contextmanager
+    def _beside(self, instance: "Instance") -> Iterator["LocalBeside"]:
+        layout, user = self.layout(instance), self.user(instance)
+        with files.unix_socket(Path(layout.socket), owner=user.uid if user else None) as socket:
+            yield LocalBeside(
+                layout=layout,
+                socket=socket,
+                cwd=self.directory(instance) / SERVER,
+                user=(user.uid, user.gid) if user else None,
             )
 
     def login_endpoint(self, instance: "Instance") -> Endpoint:
@@ -425,6 +462,41 @@ class LocalBackend(BaseBackend):
         if os.geteuid() == 0:
             account = self._account()
             os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
+
+
+@dataclass(frozen=True)
+class LocalBeside:
+    """What an engine's snapshot and restore run beside a local server (`Beside`): programs as
+    the instance's uid, without privileges; the portal's clients through its checked socket."""
+
+    layout: Layout
+    socket: str | None  # None while the server is stopped
+    cwd: Path
+    user: tuple[int, int] | None
+
+    @property
+    def admin(self) -> Endpoint:
+        if self.socket is None:
+            raise BackendError("The server has no socket: it is not running.")
+        return Endpoint(self.layout.bind_address, self.layout.port, socket=self.socket)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: IO[bytes] | None = None,
+        stdout: IO[bytes] | None = None,
+        secret: str | None = None,
+    ) -> None:
+        processes.run_beside(
+            argv,
+            cwd=self.cwd,
+            user=self.user,
+            stdin=stdin,
+            stdout=stdout,
+            secret=secret,
+            timeout=settings.STOCKROOM_TASK_TIME_LIMIT,
+        )
 
 
 def _key(kind: str, pk: int) -> str:

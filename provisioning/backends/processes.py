@@ -12,10 +12,13 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
+from typing import IO
 
 from ..errors import BackendError
 
@@ -192,3 +195,88 @@ def _open_log(log: Path) -> None:
     os.dup2(descriptor, 1)
     os.dup2(descriptor, 2)
     os.close(descriptor)
+
+
+def run_beside(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    user: tuple[int, int] | None,
+    stdin: IO[bytes] | None = None,
+    stdout: IO[bytes] | None = None,
+    secret: str | None = None,
+    timeout: float,
+) -> None:
+    """Run a helper program (a backup tool, `cp`) as `user` (uid, gid; None: as we are), without
+    privileges, and wait for it: `stdin` is copied to it, its output to `stdout`. `{secret}` in
+    `argv` becomes a path to `secret`'s text, in memory only (a memfd the program inherits).
+
+    Raises BackendError with the end of its error output if it fails or takes over `timeout` s.
+    """
+    extra_fds: tuple[int, ...] = ()
+    if secret is not None:
+        memory = os.memfd_create("stockroom-secret", 0)
+        os.write(memory, secret.encode())
+        # The program's own, readable by it alone: option files others may write are ignored.
+        if user is not None:
+            os.fchown(memory, *user)
+        os.fchmod(memory, 0o400)
+        extra_fds = (memory,)
+        argv = [arg.replace("{secret}", f"/proc/self/fd/{memory}") for arg in argv]
+
+    def drop_privileges() -> None:
+        if user is not None:
+            uid, gid = user
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+        if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0):
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+        os.umask(0o077)
+
+    name = Path(argv[0]).name
+    try:
+        with tempfile.TemporaryFile() as errors:
+            process = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if stdout is not None else subprocess.DEVNULL,
+                stderr=errors,
+                env={"PATH": PATH, "LANG": "C.UTF-8"},
+                preexec_fn=drop_privileges,
+                pass_fds=extra_fds,
+            )
+            feeder = None
+            if stdin is not None:
+                feeder = threading.Thread(target=_feed, args=(stdin, process.stdin), daemon=True)
+                feeder.start()
+            killer = threading.Timer(timeout, process.kill)
+            killer.start()
+            try:
+                if stdout is not None:
+                    assert process.stdout is not None
+                    shutil.copyfileobj(process.stdout, stdout, 1024 * 1024)
+                status = process.wait()
+            finally:
+                killer.cancel()
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                if feeder is not None:
+                    feeder.join()
+            if status:
+                errors.seek(max(0, os.fstat(errors.fileno()).st_size - 2048))
+                tail = errors.read().decode(errors="replace").strip().splitlines()[-2:]
+                why = " | ".join(tail) or ("it took too long" if status == -signal.SIGKILL else f"exit status {status}")
+                raise BackendError(f"{name} failed: {why}")
+    finally:
+        for descriptor in extra_fds:
+            os.close(descriptor)
+
+
+def _feed(source: IO[bytes], sink: IO[bytes] | None) -> None:
+    """Copy `source` into a child's standard input, then close it; a child that stops reading ends it."""
+    assert sink is not None
+    with suppress(BrokenPipeError), sink:
+        shutil.copyfileobj(source, sink, 1024 * 1024)

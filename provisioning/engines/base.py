@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePath, PurePosixPath
 from subprocess import CompletedProcess
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from django.template import Context
 from django.template import Engine as TemplateEngine
@@ -103,6 +103,41 @@ class Host(Protocol):
     @property
     def cache(self) -> Path:
         """A folder for things built once and shared by instances (e.g. a data-directory template)."""
+        ...
+
+
+class Beside(Protocol):
+    """What a backend lends an engine to snapshot or restore one instance (`Engine.snapshot`,
+    `Engine.restore`): programs run beside its server with the server's rights only, and the
+    portal's own way in.
+
+    Programs run as the server's uid (local) or in its container (Docker), so they can read and
+    write only what the server itself can, and root never follows a path the tenant controls.
+    """
+
+    @property
+    def layout(self) -> Layout:
+        """Where programs run by `run` find the server's files."""
+        ...
+
+    @property
+    def admin(self) -> Endpoint:
+        """Where the portal's own clients reach the running server (its Unix socket)."""
+        ...
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: IO[bytes] | None = None,
+        stdout: IO[bytes] | None = None,
+        secret: str | None = None,
+    ) -> None:
+        """Run `argv` beside the server; raise BackendError (with the end of its error output) if it
+        fails. `stdin` is copied to its standard input, its standard output to `stdout`. Given a
+        `secret` (an option file's text, say), `{secret}` in `argv` is replaced by a path where the
+        program, and nobody else, may read it; it is never written to a disk.
+        """
         ...
 
 
@@ -269,6 +304,26 @@ class Engine:
         `refuse` False, accept them again): what the local backend does to an instance over its
         disk limit where the kernel cannot stop it. A restarted server accepts writes."""
         raise NotImplementedError("Engines must say how a server refuses writes.")
+
+    # Snapshots -------------------------------------------------------------------------
+
+    # The file name suffix of this kind's snapshots (what `snapshot` writes).
+    snapshot_suffix: str = "snapshot"
+
+    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes]) -> None:
+        """Write a consistent copy of the running server's data to `out`, while it goes on serving
+        reads and writes. The copy holds no password in plain text (hashes, as on the server's own
+        disk, may be in it). Raise BackendError if it cannot be made.
+        """
+        raise NotImplementedError("Engines must say how a snapshot is taken.")
+
+    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
+        """Replace the stopped server's data with `snapshot` (what `snapshot` wrote, maybe of
+        another instance of this kind). The backend then starts the server as at its first start
+        (`LocalSetup.first_start_args`), so its accounts are the instance's own again, whatever
+        the snapshot held. Safe to call again after it was cut short.
+        """
+        raise NotImplementedError("Engines must say how a snapshot is restored.")
 
     def connection(self, instance: "Instance") -> dict[str, Any]:
         """What a user needs to connect: host, port, credentials, options and a URI.

@@ -1,15 +1,18 @@
 """Redis: one `redis-server` per instance, or a container in the official image's contract."""
 
 import hashlib
+import io
+import time
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ...errors import BackendError
 from ...options import Option, disk_option
-from ..base import Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile
+from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile
 
 if TYPE_CHECKING:
     from ...models import Instance
@@ -34,6 +37,14 @@ SERVER_OVERHEAD = 16 * MiB
 NO_RETRY = Retry(NoBackoff(), 0)
 ADMIN_TIMEOUT = 10  # seconds; an administrative command that takes longer has failed
 CONFIG_DIR = PurePosixPath("/usr/local/etc/redis")  # in the official image
+# Redis 7's defaults (redis.conf names none): where BGSAVE writes, and the append-only files a server
+# with `appendonly yes` loads at start, ignoring any RDB beside them: a restored RDB goes in as the
+# base of a new append-only file.
+DUMP = "dump.rdb"
+AOF_DIR = "appendonlydir"
+AOF_BASE = "appendonly.aof.1.base.rdb"
+AOF_MANIFEST = "appendonly.aof.manifest"
+SNAPSHOT_TIMEOUT = 600  # seconds a BGSAVE may take before the snapshot is given up
 
 # The tenant's ACL rule, read left to right: everything that is not @dangerous; then what
 # applications and their client libraries use that Redis files under @dangerous; then, last so
@@ -221,6 +232,46 @@ class Redis(Engine):
             client.config_set("min-replicas-to-write", 1 if refuse else 0)
         finally:
             client.close()
+
+    # Snapshots -------------------------------------------------------------------------
+
+    snapshot_suffix = "rdb"
+
+    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes]) -> None:
+        # BGSAVE forks: the child writes the data as of the fork while the server serves on. ACL
+        # users live in the ACL file, never in an RDB, so the copy holds no password or hash.
+        client = self.client(
+            beside.admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT
+        )
+        try:
+            saves = int(client.info("persistence")["rdb_saves"])
+            client.bgsave(schedule=True)  # after an append-only rewrite in progress, if any
+            deadline = time.monotonic() + SNAPSHOT_TIMEOUT
+            while True:
+                info = client.info("persistence")
+                if int(info["rdb_saves"]) > saves and not int(info["rdb_bgsave_in_progress"]):
+                    break
+                if info["rdb_last_bgsave_status"] != "ok" and not int(info["rdb_bgsave_in_progress"]):
+                    raise BackendError("The server could not write its data (BGSAVE failed; is its disk full?).")
+                if time.monotonic() > deadline:
+                    raise BackendError(f"The server's BGSAVE took more than {SNAPSHOT_TIMEOUT} s.")
+                time.sleep(0.02)
+        finally:
+            client.close()
+        # A later save replaces the file by a rename: this reads one whole save, ours or newer.
+        beside.run(["cat", "--", str(beside.layout.data / DUMP)], stdout=out)
+
+    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
+        # The new append-only folder is made whole beside the old one, then put in its place.
+        data = beside.layout.data
+        aof, staged = data / AOF_DIR, data / f"{AOF_DIR}.restoring"
+        beside.run(["rm", "-rf", "--", str(staged)])
+        beside.run(["mkdir", "-m", "0700", "--", str(staged)])
+        beside.run(["tee", "--", str(staged / AOF_BASE)], stdin=snapshot)
+        manifest = f"file {AOF_BASE} seq 1 type b\n".encode()
+        beside.run(["tee", "--", str(staged / AOF_MANIFEST)], stdin=io.BytesIO(manifest))
+        beside.run(["rm", "-rf", "--", str(aof), str(data / DUMP)])
+        beside.run(["mv", "-T", "--", str(staged), str(aof)])
 
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         client = self.client(endpoint, username=instance.username, password=instance.password, timeout=timeout)
