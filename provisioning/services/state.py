@@ -30,8 +30,8 @@ S = Status
 # Side -> {from: the statuses it may move to}.
 TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
     Side.REQUEST: {
-        S.RUNNING: frozenset({S.DELETING, S.STOPPING, S.RESTARTING, S.ROTATING}),
-        S.UNHEALTHY: frozenset({S.DELETING, S.STOPPING, S.RESTARTING}),
+        S.RUNNING: frozenset({S.DELETING, S.STOPPING, S.RESTARTING, S.ROTATING, S.RESTORING}),
+        S.UNHEALTHY: frozenset({S.DELETING, S.STOPPING, S.RESTARTING, S.RESTORING}),
         S.STOPPED: frozenset({S.DELETING, S.STARTING}),
         S.FAILED: frozenset({S.DELETING}),
         # The job could not be queued: back to where the instance was (a create fails).
@@ -41,6 +41,7 @@ TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
         S.RESTARTING: frozenset({S.RUNNING, S.UNHEALTHY}),
         S.STARTING: frozenset({S.STOPPED}),
         S.ROTATING: frozenset({S.RUNNING}),
+        S.RESTORING: frozenset({S.RUNNING, S.UNHEALTHY}),
     },
     Side.WORKER: {
         S.PROVISIONING: frozenset({S.RUNNING, S.FAILED}),
@@ -49,6 +50,9 @@ TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
         S.STARTING: frozenset({S.RUNNING, S.STOPPED, S.UNHEALTHY}),
         S.RESTARTING: frozenset({S.RUNNING, S.UNHEALTHY}),
         S.ROTATING: frozenset({S.RUNNING, S.UNHEALTHY}),
+        # A restore that failed leaves a server the reconciler restarts (its data as it was, or the
+        # snapshot's, never a mix: the new data replaces the old in one rename).
+        S.RESTORING: frozenset({S.RUNNING, S.UNHEALTHY}),
     },
     Side.HEALER: {
         S.RUNNING: frozenset({S.UNHEALTHY}),
