@@ -1,15 +1,20 @@
-"""Snapshots, restores and clones against real servers and real clients (local backend)."""
+"""Snapshots, restores and clones, through the API, against real servers and real clients (local backend).
 
-import io
+Tasks run inline here (pytest.ini), so a snapshot or restore is done when its request returns.
+"""
+
+import hashlib
+import stat
+import threading
 
 import pymysql
 import pytest
 import redis
+from django.conf import settings
 
-from provisioning.backends.base import get_backend
-from provisioning.models import Instance
+from provisioning.models import Snapshot
 
-from .conftest import wait_for_status
+from .conftest import server_dir, wait_for_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -23,7 +28,25 @@ def create(api, kind: str, **body) -> dict:
 
 
 def config_of(api, kind: str, pk: int) -> dict:
-    return api.get(f"/api/storage/{kind}/instances/{pk}/config").json()
+    response = api.get(f"/api/storage/{kind}/instances/{pk}/config")
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def snapshot_of(api, kind: str, pk: int) -> dict:
+    response = api.post(f"/api/storage/{kind}/instances/{pk}/snapshots")
+    assert response.status_code == 202, response.content
+    assert response.json()["status"] == "creating"
+    snapshot = api.get(f"/api/storage/{kind}/snapshots/{response.json()['id']}").json()
+    assert snapshot["status"] == "ready", snapshot["status_message"]
+    return snapshot
+
+
+def restore(api, kind: str, pk: int, snapshot: int) -> dict:
+    response = api.post(f"/api/storage/{kind}/instances/{pk}/restore", {"snapshot": snapshot}, format="json")
+    assert response.status_code == 202, response.content
+    assert response.json()["status"] == "restoring"
+    return wait_for_status(api, kind, pk, "running", "unhealthy", "failed")
 
 
 def mysql(config: dict) -> pymysql.Connection:
@@ -37,52 +60,225 @@ def mysql(config: dict) -> pymysql.Connection:
     )
 
 
-def rows(config: dict) -> list:
-    with mysql(config) as db, db.cursor() as cursor:
-        cursor.execute("SELECT id, note FROM t ORDER BY id")
-        return [list(row) for row in cursor.fetchall()]
-
-
 def execute(config: dict, *statements: str) -> None:
     with mysql(config) as db, db.cursor() as cursor:
         for statement in statements:
             cursor.execute(statement)
 
 
+def rows(config: dict, table: str = "t") -> list:
+    with mysql(config) as db, db.cursor() as cursor:
+        cursor.execute(f"SELECT * FROM {table} ORDER BY id")
+        return [list(row) for row in cursor.fetchall()]
+
+
 def redis_client(config: dict) -> redis.Redis:
     return redis.Redis(host=config["host"], port=config["port"], password=config["password"], decode_responses=True)
 
 
-def test_the_backend_restores_a_mysql_snapshot_exactly(api):
+def stored(snapshot: dict):
+    return settings.STOCKROOM_SNAPSHOT_DIR / Snapshot.objects.get(pk=snapshot["id"]).file
+
+
+def test_a_mysql_restore_brings_back_exactly_the_rows_of_the_snapshot(api):
     instance = create(api, "mysql")
-    config = config_of(api, "mysql", instance["id"])
-    execute(config, "CREATE TABLE t (id INT PRIMARY KEY, note TEXT)", "INSERT INTO t VALUES (1, 'one'), (2, 'two')")
-    row = Instance.objects.get(pk=instance["id"])
-    backend = get_backend(row.backend)
-    snapshot = io.BytesIO()
-    backend.snapshot(row, snapshot)
-    assert config["password"].encode() not in snapshot.getvalue()
+    pk, config = instance["id"], config_of(api, "mysql", instance["id"])
+    execute(
+        config,
+        "CREATE TABLE t (id INT PRIMARY KEY, note TEXT) ENGINE=InnoDB",
+        "INSERT INTO t VALUES (1, 'one'), (2, 'two')",
+        "CREATE TABLE a (id INT PRIMARY KEY) ENGINE=Aria",
+        "INSERT INTO a VALUES (10)",
+    )
+    snapshot = snapshot_of(api, "mysql", pk)
+    assert snapshot["instance"] == pk and snapshot["trigger"] == "manual" and snapshot["size_bytes"] > 0
+
+    # The file: the portal's alone, outside the instance, what the checksum says, and no password in it.
+    path = stored(snapshot)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(settings.STOCKROOM_SNAPSHOT_DIR.stat().st_mode) == 0o700
+    content = path.read_bytes()
+    assert snapshot["checksum"] == "sha256:" + hashlib.sha256(content).hexdigest()
+    assert len(content) == snapshot["size_bytes"]
+    for secret in (config["password"], Snapshot.objects.get(pk=snapshot["id"]).instance.admin_password):
+        assert secret.encode() not in content
+
     execute(config, "INSERT INTO t VALUES (3, 'three')", "UPDATE t SET note = 'changed' WHERE id = 1")
-    snapshot.seek(0)
-    backend.restore(row, snapshot)
+    execute(config, "DROP TABLE a")
+    restored = restore(api, "mysql", pk, snapshot["id"])
+    assert restored["status"] == "running", restored["status_message"]
+    # The same credentials, exactly the snapshot's rows, in both engines' tables.
+    assert config_of(api, "mysql", pk)["password"] == config["password"]
     assert rows(config) == [[1, "one"], [2, "two"]]
+    assert rows(config, "a") == [[10]]
+    # Only the portal's root and the user's account: the backup account is gone.
+    admin = Snapshot.objects.get(pk=snapshot["id"]).instance.admin_password
+    with pymysql.connect(unix_socket=str(server_dir("mysql", pk) / "server.sock"), user="root", password=admin) as db:
+        with db.cursor() as cursor:
+            cursor.execute("SELECT User, Host FROM mysql.global_priv ORDER BY User")
+            assert cursor.fetchall() == (("app", "%"), ("mariadb.sys", "localhost"), ("root", "localhost"))
 
 
-def test_the_backend_restores_a_redis_snapshot_exactly(api):
+def test_writes_go_on_during_a_mysql_snapshot_and_it_is_consistent(api):
+    instance = create(api, "mysql")
+    pk, config = instance["id"], config_of(api, "mysql", instance["id"])
+    execute(config, "CREATE TABLE t (id INT PRIMARY KEY, note TEXT) ENGINE=InnoDB")
+    written, errors, stop = [], [], threading.Event()
+
+    def writer():
+        with mysql(config) as db, db.cursor() as cursor:
+            while not stop.is_set():
+                try:
+                    cursor.execute("INSERT INTO t VALUES (%s, 'x')", [len(written) + 1])
+                    written.append(len(written) + 1)
+                except pymysql.Error as exc:
+                    errors.append(exc)
+                    return
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        while len(written) < 50:
+            pass
+        before = len(written)
+        snapshot = snapshot_of(api, "mysql", pk)
+        after = len(written)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors
+    assert after > before, "no write went through while the snapshot was taken"
+    restored = restore(api, "mysql", pk, snapshot["id"])
+    assert restored["status"] == "running", restored["status_message"]
+    ids = [row[0] for row in rows(config)]
+    # A moment's state: every row committed up to some point, and nothing after it.
+    assert before <= len(ids) <= after
+    assert ids == list(range(1, len(ids) + 1))
+
+
+def test_a_redis_restore_brings_back_exactly_the_keys_of_the_snapshot(api):
     instance = create(api, "redis")
-    config = config_of(api, "redis", instance["id"])
+    pk, config = instance["id"], config_of(api, "redis", instance["id"])
     client = redis_client(config)
     client.set("a", "1")
     client.hset("h", mapping={"x": "y"})
-    row = Instance.objects.get(pk=instance["id"])
-    backend = get_backend(row.backend)
-    snapshot = io.BytesIO()
-    backend.snapshot(row, snapshot)
-    assert config["password"].encode() not in snapshot.getvalue()
+    client.rpush("l", "1", "2", "3")
+    snapshot = snapshot_of(api, "redis", pk)
+    content = stored(snapshot).read_bytes()
+    assert snapshot["checksum"] == "sha256:" + hashlib.sha256(content).hexdigest()
+    # ACL users live in users.acl, never in an RDB: neither a password nor its hash is in it.
+    admin_password = Snapshot.objects.get(pk=snapshot["id"]).instance.admin_password
+    for secret in (config["password"], admin_password):
+        assert secret.encode() not in content
+        assert hashlib.sha256(secret.encode()).hexdigest().encode() not in content
+
     client.set("b", "2")
     client.delete("a")
-    snapshot.seek(0)
-    backend.restore(row, snapshot)
+    client.rpush("l", "4")
+    restored = restore(api, "redis", pk, snapshot["id"])
+    assert restored["status"] == "running", restored["status_message"]
     client = redis_client(config)
-    assert sorted(client.keys()) == ["a", "h"]
+    assert sorted(client.keys()) == ["a", "h", "l"]
     assert client.hgetall("h") == {"x": "y"}
+    assert client.lrange("l", 0, -1) == ["1", "2", "3"]
+    # After a restart too: the restored data is the server's own append-only file now.
+    assert api.post(f"/api/storage/redis/instances/{pk}/restart").status_code == 202
+    assert wait_for_status(api, "redis", pk, "running")["status"] == "running"
+    assert sorted(redis_client(config).keys()) == ["a", "h", "l"]
+
+
+@pytest.mark.parametrize("kind", ["mysql", "redis"])
+def test_a_clone_has_the_data_new_credentials_and_is_independent(api, kind):
+    source = create(api, kind, disk="300mb")
+    source_config = config_of(api, kind, source["id"])
+    if kind == "mysql":
+        execute(source_config, "CREATE TABLE t (id INT PRIMARY KEY, note TEXT)", "INSERT INTO t VALUES (1, 'seed')")
+    else:
+        redis_client(source_config).set("seed", "1")
+    snapshot = snapshot_of(api, kind, source["id"])
+
+    clone = create(api, kind, name="clone", from_snapshot=snapshot["id"])
+    clone_config = config_of(api, kind, clone["id"])
+    assert clone["options"]["disk"] == 300 * 1024 * 1024  # the source's options
+    assert clone_config["password"] != source_config["password"]
+    if kind == "mysql":
+        assert rows(clone_config) == [[1, "seed"]]
+        execute(clone_config, "INSERT INTO t VALUES (2, 'clone only')")
+        assert rows(source_config) == [[1, "seed"]]
+        # The source's password does not open the clone.
+        with pytest.raises(pymysql.err.OperationalError):
+            mysql({**clone_config, "password": source_config["password"]})
+    else:
+        clone_client = redis_client(clone_config)
+        assert clone_client.get("seed") == "1"
+        clone_client.set("clone-only", "1")
+        assert redis_client(source_config).get("clone-only") is None
+        with pytest.raises(redis.AuthenticationError):
+            redis_client({**clone_config, "password": source_config["password"]}).ping()
+    assert api.get("/api/usage").json()["instances"] == 2  # the clone counts toward the quota
+
+
+def test_snapshots_outlive_their_instance_and_are_listed_by_kind(api):
+    instance = create(api, "redis")
+    pk = instance["id"]
+    redis_client(config_of(api, "redis", pk)).set("kept", "yes")
+    snapshot = snapshot_of(api, "redis", pk)
+    listed = api.get(f"/api/storage/redis/instances/{pk}/snapshots").json()
+    assert [item["id"] for item in listed["results"]] == [snapshot["id"]]
+
+    assert api.delete(f"/api/storage/redis/instances/{pk}").status_code == 202
+    wait_for_status(api, "redis", pk, "gone")
+    listed = api.get("/api/storage/redis/snapshots", {"instance": pk}).json()
+    assert [item["id"] for item in listed["results"]] == [snapshot["id"]]
+    assert api.get("/api/storage/mysql/snapshots").json()["results"] == []
+    clone = create(api, "redis", from_snapshot=snapshot["id"])
+    assert redis_client(config_of(api, "redis", clone["id"])).get("kept") == "yes"
+
+    path = stored(snapshot)
+    assert api.delete(f"/api/storage/redis/snapshots/{snapshot['id']}").status_code == 204
+    assert not path.exists()
+    assert api.get(f"/api/storage/redis/snapshots/{snapshot['id']}").status_code == 404
+
+
+def test_a_damaged_snapshot_is_not_restored(api):
+    instance = create(api, "redis")
+    pk, config = instance["id"], config_of(api, "redis", instance["id"])
+    redis_client(config).set("before", "1")
+    snapshot = snapshot_of(api, "redis", pk)
+    redis_client(config).set("after", "1")
+    path = stored(snapshot)
+    path.write_bytes(path.read_bytes()[:-8] + b"tampered")
+    restored = restore(api, "redis", pk, snapshot["id"])
+    assert restored["status"] == "unhealthy"
+    assert "damaged" in restored["status_message"]
+    assert sorted(redis_client(config).keys()) == ["after", "before"]  # the server was never touched
+
+
+def test_outsiders_and_other_kinds_get_404_and_a_busy_instance_409(api, outsider):
+    instance = create(api, "redis")
+    pk = instance["id"]
+    snapshot = snapshot_of(api, "redis", pk)
+    sid = snapshot["id"]
+    mine = create(outsider, "redis")
+
+    assert outsider.get(f"/api/storage/redis/snapshots/{sid}").status_code == 404
+    assert outsider.delete(f"/api/storage/redis/snapshots/{sid}").status_code == 404
+    assert outsider.get("/api/storage/redis/snapshots").json()["results"] == []
+    assert outsider.get(f"/api/storage/redis/instances/{pk}/snapshots").status_code == 404
+    assert outsider.post(f"/api/storage/redis/instances/{pk}/snapshots").status_code == 404
+    # Another user's snapshot, into one's own instance or a clone: it does not exist for them.
+    response = outsider.post(f"/api/storage/redis/instances/{mine['id']}/restore", {"snapshot": sid}, format="json")
+    assert response.status_code == 404
+    assert outsider.post("/api/storage/redis/instances", {"from_snapshot": sid}, format="json").status_code == 404
+    # A snapshot of another kind does not exist under this one.
+    assert api.get(f"/api/storage/mysql/snapshots/{sid}").status_code == 404
+    assert api.post("/api/storage/mysql/instances", {"from_snapshot": sid}, format="json").status_code == 404
+    assert api.post(f"/api/storage/redis/instances/{pk}/restore", {"snapshot": "x"}, format="json").status_code == 400
+    assert api.get("/api/storage/redis/snapshots", {"instance": "one"}).status_code == 400
+    assert Snapshot.objects.get(pk=sid).status == "ready"
+
+    assert api.post(f"/api/storage/redis/instances/{pk}/stop").status_code == 202
+    wait_for_status(api, "redis", pk, "stopped")
+    response = api.post(f"/api/storage/redis/instances/{pk}/restore", {"snapshot": sid}, format="json")
+    assert response.status_code == 409
+    assert api.post(f"/api/storage/redis/instances/{pk}/snapshots").status_code == 409
