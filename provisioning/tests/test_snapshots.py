@@ -282,3 +282,56 @@ def test_outsiders_and_other_kinds_get_404_and_a_busy_instance_409(api, outsider
     response = api.post(f"/api/storage/redis/instances/{pk}/restore", {"snapshot": sid}, format="json")
     assert response.status_code == 409
     assert api.post(f"/api/storage/redis/instances/{pk}/snapshots").status_code == 409
+
+
+def test_the_instance_page_takes_restores_clones_and_deletes_snapshots(api, alice, charlie, client):
+    instance = create(api, "redis")
+    pk, config = instance["id"], config_of(api, "redis", instance["id"])
+    redis_client(config).set("page", "1")
+    client.force_login(alice)
+    page = client.get(f"/instances/{pk}/")
+    assert b"Backups" in page.content and b"Snapshot now" in page.content
+
+    response = client.post(f"/instances/{pk}/snapshot/")
+    assert response.status_code == 302
+    snapshot = Snapshot.objects.get(instance_id=pk)
+    assert snapshot.status == "ready"
+    page = client.get(f"/instances/{pk}/panel/").content.decode()
+    assert f'data-snapshot="{snapshot.pk}"' in page and "Restore…" in page and "Clone" in page
+
+    redis_client(config).set("later", "1")
+    assert client.post(f"/instances/{pk}/restore/{snapshot.pk}/").status_code == 302
+    assert wait_for_status(api, "redis", pk, "running")["status"] == "running"
+    assert sorted(redis_client(config).keys()) == ["page"]
+
+    response = client.post(f"/snapshots/{snapshot.pk}/clone/", {"name": "from-page"})
+    clone = Snapshot.objects.get(pk=snapshot.pk).owner.instances.get(name="from-page")
+    assert response.status_code == 302 and response.url == f"/instances/{clone.pk}/"
+    assert redis_client(config_of(api, "redis", wait_for_status(api, "redis", clone.pk, "running")["id"])).get("page")
+
+    # An outsider's requests find nothing.
+    client.force_login(charlie)
+    assert client.post(f"/instances/{pk}/snapshot/").status_code == 404
+    assert client.post(f"/instances/{pk}/restore/{snapshot.pk}/").status_code == 404
+    assert client.post(f"/snapshots/{snapshot.pk}/clone/").status_code == 404
+    assert client.post(f"/snapshots/{snapshot.pk}/delete/").status_code == 404
+    client.force_login(alice)
+    assert client.post(f"/snapshots/{snapshot.pk}/delete/").status_code == 302
+    assert not Snapshot.objects.filter(pk=snapshot.pk).exists()
+
+
+def test_the_admin_lists_snapshots_with_the_storage_each_user_takes(api, admin_client):
+    instance = create(api, "redis")
+    redis_client(config_of(api, "redis", instance["id"])).set("k", "v")
+    snapshot = snapshot_of(api, "redis", instance["id"])
+    page = admin_client.get("/admin/provisioning/snapshot/", {"status__exact": "ready", "kind": "redis"})
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert 'id="storage-per-user"' in text and "alice" in text
+    assert f"/admin/provisioning/snapshot/{snapshot['id']}/change/" in text
+    response = admin_client.post(
+        "/admin/provisioning/snapshot/",
+        {"action": "delete_snapshots", "_selected_action": [snapshot["id"]]},
+    )
+    assert response.status_code == 302
+    assert not Snapshot.objects.filter(pk=snapshot["id"]).exists()
