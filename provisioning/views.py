@@ -16,7 +16,7 @@ from .api.pagination import IdsFirstPaginator
 from .durations import describe_duration
 from .engines import UnknownKind, engines, get_engine
 from .forms import TokenForm, create_form_class
-from .models import BUSY_STATUSES, DeliveryStatus, Instance, Snapshot, Status, Webhook
+from .models import BUSY_STATUSES, DeliveryStatus, Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status, Webhook
 from .services import tokens, webhooks
 
 
@@ -29,7 +29,15 @@ def dashboard(request):
     instances = Instance.objects.visible().filter(owner=request.user).defer("password", "admin_password")
     page = IdsFirstPaginator(instances, 20).get_page(request.GET.get("page"))
     kinds = [(kind, engine.label) for kind, engine in engines().items()]
-    context = {"page": page, "kinds": kinds, "usage": services.usage(request.user)}
+    recently_deleted = Snapshot.objects.filter(
+        owner=request.user, trigger=SnapshotTrigger.BEFORE_DELETE, status=SnapshotStatus.READY
+    ).filter(Q(instance__isnull=True) | Q(instance__status=Status.DELETED))[:10]
+    context = {
+        "page": page,
+        "kinds": kinds,
+        "usage": services.usage(request.user),
+        "recently_deleted": recently_deleted,
+    }
     return render(request, "provisioning/dashboard.html", context)
 
 

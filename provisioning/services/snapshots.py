@@ -172,6 +172,33 @@ def _take(instance: Instance, backend: BaseBackend, snapshot: Snapshot) -> None:
     logger.info("Snapshot %s of instance %s: %s bytes", snapshot.pk, instance.pk, size)
 
 
+def before_delete(instance: Instance, backend: BaseBackend) -> str:
+    """Take the snapshot that undoes a delete, as the worker deleting the instance (which holds its
+    claim); a sentence for the delete's status message saying what was kept. A server that does
+    not answer cannot be copied consistently: then nothing is kept, and the delete goes on."""
+    if settings.STOCKROOM_SNAPSHOT_KEEP_DAYS <= 0:
+        return ""
+    if backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT) is not None:
+        return "It was not running, so no snapshot of its data was kept."
+    snapshot = Snapshot.objects.create(
+        owner=instance.owner,
+        kind=instance.kind,
+        instance=instance,
+        instance_name=instance.name,
+        options=instance.options,
+        trigger=SnapshotTrigger.BEFORE_DELETE,
+        status_message="Taken before the delete.",
+    )
+    _take(instance, backend, snapshot)
+    if snapshot.status != SnapshotStatus.READY:
+        return f"No snapshot of its data could be kept ({snapshot.status_message})."
+    assert snapshot.expires_at is not None
+    return (
+        f"Snapshot {snapshot.pk} of its data is kept until {snapshot.expires_at:%Y-%m-%d %H:%M} UTC; "
+        "a clone of it brings the data back."
+    )
+
+
 def _expiry(trigger: str) -> datetime | None:
     if trigger == SnapshotTrigger.BEFORE_DELETE:
         return timezone.now() + timedelta(days=settings.STOCKROOM_SNAPSHOT_KEEP_DAYS)

@@ -90,6 +90,7 @@ def deprovision(instance_id: int) -> None:
 
 
 def _deprovision(instance: Instance, backend: BaseBackend) -> None:
+    undo = snapshots.before_delete(instance, backend)  # the delete's undo, while the server still runs
     try:
         backend.destroy(instance)
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
@@ -101,7 +102,7 @@ def _deprovision(instance: Instance, backend: BaseBackend) -> None:
     transition(
         instance,
         Status.DELETED,
-        f"Stopped and removed; port {instance.port} released.",
+        with_note(f"Stopped and removed; port {instance.port} released.", undo),
         side=Side.WORKER,
         allowed_from=(Status.DELETING,),
         also={"holds_data": False},

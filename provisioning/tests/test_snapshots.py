@@ -228,8 +228,10 @@ def test_snapshots_outlive_their_instance_and_are_listed_by_kind(api):
 
     assert api.delete(f"/api/storage/redis/instances/{pk}").status_code == 202
     wait_for_status(api, "redis", pk, "gone")
-    listed = api.get("/api/storage/redis/snapshots", {"instance": pk}).json()
-    assert [item["id"] for item in listed["results"]] == [snapshot["id"]]
+    listed = api.get("/api/storage/redis/snapshots", {"instance": pk}).json()["results"]
+    # Newest first: the one the delete took, then the user's own.
+    assert [(item["id"], item["trigger"]) for item in listed][1:] == [(snapshot["id"], "manual")]
+    assert listed[0]["trigger"] == "before-delete"
     assert api.get("/api/storage/mysql/snapshots").json()["results"] == []
     clone = create(api, "redis", from_snapshot=snapshot["id"])
     assert redis_client(config_of(api, "redis", clone["id"])).get("kept") == "yes"
@@ -335,3 +337,23 @@ def test_the_admin_lists_snapshots_with_the_storage_each_user_takes(api, admin_c
     )
     assert response.status_code == 302
     assert not Snapshot.objects.filter(pk=snapshot["id"]).exists()
+
+
+def test_a_delete_can_be_undone_from_its_before_delete_snapshot(api, alice, client):
+    instance = create(api, "mysql", name="orders")
+    pk, config = instance["id"], config_of(api, "mysql", instance["id"])
+    execute(config, "CREATE TABLE t (id INT PRIMARY KEY, note TEXT)", "INSERT INTO t VALUES (1, 'precious')")
+    assert api.delete(f"/api/storage/mysql/instances/{pk}").status_code == 202
+    wait_for_status(api, "mysql", pk, "gone")
+
+    listed = api.get("/api/storage/mysql/snapshots", {"instance": pk}).json()["results"]
+    assert [item["trigger"] for item in listed] == ["before-delete"]
+    kept = listed[0]
+    assert kept["status"] == "ready" and kept["expires_at"]
+    assert f"Snapshot {kept['id']} of its data is kept" in Snapshot.objects.get(pk=kept["id"]).instance.status_message
+
+    client.force_login(alice)
+    dashboard = client.get("/").content.decode()
+    assert 'id="recently-deleted"' in dashboard and f'data-snapshot="{kept["id"]}"' in dashboard
+    back = create(api, "mysql", name="orders", from_snapshot=kept["id"])
+    assert rows(config_of(api, "mysql", back["id"])) == [[1, "precious"]]
