@@ -4,17 +4,20 @@ Tasks run inline here (pytest.ini), so a snapshot or restore is done when its re
 """
 
 import hashlib
+import os
 import stat
 import threading
+from pathlib import Path
 
 import pymysql
 import pytest
 import redis
 from django.conf import settings
 
+from provisioning.backends.local import processes_under
 from provisioning.models import Snapshot
 
-from .conftest import server_dir, wait_for_status
+from .conftest import Worker, instance_dir, server_dir, wait_for_status, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -357,3 +360,94 @@ def test_a_delete_can_be_undone_from_its_before_delete_snapshot(api, alice, clie
     assert 'id="recently-deleted"' in dashboard and f'data-snapshot="{kept["id"]}"' in dashboard
     back = create(api, "mysql", name="orders", from_snapshot=kept["id"])
     assert rows(config_of(api, "mysql", back["id"])) == [[1, "precious"]]
+
+
+# Faults: a worker killed in the middle ------------------------------------------------------------
+
+RECOVERY = {"STOCKROOM_STUCK_TIMEOUT": "2", "STOCKROOM_CLAIM_SECONDS": "4", "STOCKROOM_RECONCILE_INTERVAL": "1"}
+
+
+def helper_running(pk: int, names: tuple[str, ...]) -> bool:
+    """Whether one of the programs `names` runs beside instance `pk`'s server (in its folder)."""
+    for pid in processes_under(instance_dir("mysql", pk)):
+        try:
+            if (Path("/proc") / str(pid) / "comm").read_text().strip() in names:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def fill(config: dict, megabytes: int) -> None:
+    """A table of incompressible rows, so copying it takes a moment."""
+    execute(config, "CREATE TABLE t (id INT PRIMARY KEY, note LONGTEXT)")
+    with mysql(config) as db, db.cursor() as cursor:
+        for start in range(0, megabytes * 16, 16):
+            cursor.executemany(
+                "INSERT INTO t VALUES (%s, %s)", [(start + i, os.urandom(32 * 1024).hex()) for i in range(16)]
+            )
+
+
+def count(config: dict) -> int:
+    with mysql(config) as db, db.cursor() as cursor:
+        cursor.execute("SELECT COUNT(*) FROM t")
+        return cursor.fetchone()[0]
+
+
+def test_a_worker_killed_mid_snapshot_leaves_it_failed_and_the_instance_running(api, broker, queued_for_real, tmp_path):
+    worker = Worker(tmp_path / "worker.log", env=RECOVERY)
+    worker.start()
+    pk = create(api, "mysql", disk="512mb")["id"]
+    config = config_of(api, "mysql", pk)
+    fill(config, 48)
+    files_before = sorted(settings.STOCKROOM_SNAPSHOT_DIR.rglob("*"))
+    sid = api.post(f"/api/storage/mysql/instances/{pk}/snapshots").json()["id"]
+    wait_until(lambda: helper_running(pk, ("mariabackup",)), 30, "mariabackup to run")
+    worker.kill()
+
+    worker = Worker(tmp_path / "worker2.log", beat=True, env=RECOVERY)
+    worker.start()
+    try:
+        wait_until(lambda: Snapshot.objects.get(pk=sid).status == "failed", 60, "the snapshot to be marked failed")
+        snapshot = api.get(f"/api/storage/mysql/snapshots/{sid}").json()
+        assert snapshot["status_message"] == "The worker taking it stopped; no snapshot was kept."
+        assert api.get(f"/api/storage/mysql/instances/{pk}").json()["status"] == "running"
+        assert count(config) == 48 * 16  # no row lost
+        assert sorted(settings.STOCKROOM_SNAPSHOT_DIR.rglob("*")) == files_before  # no file left behind
+        assert not helper_running(pk, ("mariabackup",))
+        # The next snapshot works.
+        sid = api.post(f"/api/storage/mysql/instances/{pk}/snapshots").json()["id"]
+        wait_until(lambda: Snapshot.objects.get(pk=sid).status != "creating", 60, "a snapshot")
+        assert Snapshot.objects.get(pk=sid).status == "ready"
+    finally:
+        worker.stop()
+
+
+def test_a_worker_killed_mid_restore_is_finished_by_the_reconciler(api, broker, queued_for_real, tmp_path):
+    worker = Worker(tmp_path / "worker.log", env=RECOVERY)
+    worker.start()
+    pk = create(api, "mysql", disk="512mb")["id"]
+    config = config_of(api, "mysql", pk)
+    fill(config, 32)
+    sid = api.post(f"/api/storage/mysql/instances/{pk}/snapshots").json()["id"]
+    wait_until(lambda: Snapshot.objects.get(pk=sid).status != "creating", 60, "the snapshot")
+    execute(config, "DELETE FROM t WHERE id < 100", "INSERT INTO t VALUES (100000, 'after')")
+
+    assert api.post(f"/api/storage/mysql/instances/{pk}/restore", {"snapshot": sid}, format="json").status_code == 202
+    wait_until(lambda: helper_running(pk, ("mbstream", "mariabackup")), 30, "the restore to run")
+    worker.kill()
+    assert api.get(f"/api/storage/mysql/instances/{pk}").json()["status"] == "restoring"
+
+    worker = Worker(tmp_path / "worker2.log", beat=True, env=RECOVERY)
+    worker.start()
+    try:
+        done = wait_for_status(api, "mysql", pk, "running", "unhealthy", "failed", timeout=90)
+        assert done["status"] == "running", done["status_message"]
+        assert done["status_message"].startswith(f"Restored snapshot {sid} ")
+        # Exactly the snapshot's rows: nothing of the writes after it, nothing lost or mixed.
+        assert count(config) == 32 * 16
+        with mysql(config) as db, db.cursor() as cursor:
+            cursor.execute("SELECT MIN(id), MAX(id) FROM t")
+            assert cursor.fetchone() == (0, 32 * 16 - 1)
+    finally:
+        worker.stop()
