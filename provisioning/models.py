@@ -230,6 +230,8 @@ class InstanceEvent(models.Model):
     instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="events")
     from_status = models.CharField(max_length=16, choices=Status.choices, blank=True)
     to_status = models.CharField(max_length=16, choices=Status.choices)
+    # What webhooks call it: a status change, or an outcome that changes no status (a backup).
+    type = models.CharField(max_length=40, default="instance.status_changed")
     reason = models.TextField()
     created_at = models.DateTimeField(auto_now_add=True)
 

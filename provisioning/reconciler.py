@@ -39,6 +39,8 @@ class Pass:
     deliveries: int = 0
     snapshots_failed: int = 0
     snapshots_expired: int = 0
+    backups_requested: int = 0
+    backups_pruned: int = 0
     failed_phases: list[str] = field(default_factory=list)
     skipped: bool = False  # another pass was still running
 
@@ -52,9 +54,12 @@ class Reconciler:
     clock = staticmethod(timezone.now)
 
     def _tend_snapshots(self, report: Pass, now: datetime) -> None:
-        """Snapshots whose worker died are marked failed; those past their keep time removed."""
+        """Snapshots whose worker died are marked failed, those past their keep time removed;
+        scheduled backups that are due are asked for, and old ones pruned."""
         report.snapshots_failed = snapshots.fail_abandoned(now=now)
         report.snapshots_expired = snapshots.remove_expired(now=now)
+        report.backups_requested = snapshots.schedule_backups(now=now)
+        report.backups_pruned = snapshots.prune_backups()
 
     def run_once(self) -> Pass:
         report = Pass()

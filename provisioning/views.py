@@ -17,7 +17,7 @@ from .durations import describe_duration
 from .engines import UnknownKind, engines, get_engine
 from .forms import TokenForm, create_form_class
 from .models import BUSY_STATUSES, DeliveryStatus, Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status, Webhook
-from .services import tokens, webhooks
+from .services import snapshots, tokens, webhooks
 
 
 def _my_instance(request, pk: int) -> Instance:
@@ -98,6 +98,8 @@ def _detail_context(instance: Instance) -> dict:
         "snapshots": instance.snapshots.all()[:20],
         "can_snapshot": instance.status == Status.RUNNING,
         "can_restore": instance.status in (Status.RUNNING, Status.UNHEALTHY),
+        "backup_hours": instance.options.get(snapshots.INTERVAL.name, snapshots.INTERVAL.default),
+        "backup_keep": instance.options.get(snapshots.RETENTION.name, snapshots.RETENTION.default),
     }
 
 

@@ -20,24 +20,27 @@ from django.contrib.auth.models import User
 from django.core.files import File
 from django.core.files.storage import Storage, storages
 from django.db import transaction
-from django.db.models import Q, Sum
+from django.db.models import Count, Max, Q, Sum
 from django.utils import timezone
 
 from ..backends.base import BackendError, BaseBackend
 from ..engines import get_engine
 from ..models import Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status
-from ..options import describe_size
+from ..options import backup_options, describe_size
 from . import capacity, healing, jobs
 from .capacity import QuotaExceeded
 from .claims import work_on
 from .outcomes import describe
 from .requests import WrongStatus, enqueue
-from .state import Side, transition
+from .state import Side, record_event, transition
 
 logger = logging.getLogger(__name__)
 
 STORAGE = "snapshots"  # the alias in STORAGES
 CHUNK = 1024 * 1024
+INTERVAL, RETENTION = backup_options()
+BACKUP_COMPLETED = "instance.backup_completed"  # webhook types of a snapshot's outcome
+BACKUP_FAILED = "instance.backup_failed"
 
 
 class SnapshotBusy(Exception):
@@ -156,7 +159,8 @@ def _take(instance: Instance, backend: BaseBackend, snapshot: Snapshot) -> None:
             partial.seek(0)
             name = storage().save(name, File(partial))
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
-        _finish(snapshot, SnapshotStatus.FAILED, describe("The snapshot failed", instance, exc))
+        if _finish(snapshot, SnapshotStatus.FAILED, describe("The snapshot failed", instance, exc)):
+            _announce(instance, snapshot)
         return
     if not _finish(
         snapshot,
@@ -169,7 +173,22 @@ def _take(instance: Instance, backend: BaseBackend, snapshot: Snapshot) -> None:
     ):
         storage().delete(name)  # it was given up meanwhile
         return
+    _announce(instance, snapshot)
     logger.info("Snapshot %s of instance %s: %s bytes", snapshot.pk, instance.pk, size)
+
+
+def _announce(instance: Instance, snapshot: Snapshot) -> None:
+    """A snapshot's outcome in the instance's history, and to its owner's webhooks; the one taken
+    before a delete is told in the delete's own message."""
+    if snapshot.trigger == SnapshotTrigger.BEFORE_DELETE:
+        return
+    what = f"Snapshot {snapshot.pk} ({snapshot.trigger})"
+    if snapshot.status == SnapshotStatus.READY:
+        kind, reason = BACKUP_COMPLETED, f"{what} is ready: {describe_size(snapshot.size_bytes)}."
+    else:
+        kind, reason = BACKUP_FAILED, f"{what} failed: {snapshot.status_message}"
+    with transaction.atomic():
+        record_event(instance, instance.status, instance.status, reason, type=kind)
 
 
 def before_delete(instance: Instance, backend: BaseBackend) -> str:
@@ -275,6 +294,57 @@ def _done() -> dict[str, object]:
 
 
 # The reconciler's side ----------------------------------------------------------------
+
+
+def schedule_backups(*, now: datetime) -> int:
+    """Ask for the scheduled snapshots that are due: of each running instance whose last one (or,
+    before the first, its create) is `backup_interval_hours` old. One over the snapshot quota is
+    recorded as failed, so that it is tried again an interval later, not at every pass."""
+    last = Max("snapshots__created_at", filter=Q(snapshots__trigger=SnapshotTrigger.SCHEDULED))
+    requested = 0
+    for instance in Instance.objects.filter(status=Status.RUNNING).annotate(last_backup=last):
+        hours = instance.options.get(INTERVAL.name, INTERVAL.default)
+        since: datetime = instance.last_backup or instance.created_at
+        if not hours or since + timedelta(hours=hours) > now:
+            continue
+        try:
+            request_snapshot(instance=instance, by="the backup schedule", trigger=SnapshotTrigger.SCHEDULED)
+        except QuotaExceeded as exc:
+            snapshot = Snapshot.objects.create(
+                owner=instance.owner,
+                kind=instance.kind,
+                instance=instance,
+                instance_name=instance.name,
+                options=instance.options,
+                trigger=SnapshotTrigger.SCHEDULED,
+                status=SnapshotStatus.FAILED,
+                status_message=str(exc),
+                finished_at=now,
+            )
+            _announce(instance, snapshot)
+        except WrongStatus:  # it changed since the query: the next pass sees
+            continue
+        requested += 1
+    return requested
+
+
+def prune_backups() -> int:
+    """Remove the scheduled snapshots beyond each instance's `backup_retention`, oldest first
+    (ready and failed ones counted apart: a failure never pushes out a good backup)."""
+    removed = 0
+    scheduled = Q(snapshots__trigger=SnapshotTrigger.SCHEDULED) & ~Q(snapshots__status=SnapshotStatus.CREATING)
+    candidates = Instance.objects.annotate(backups=Count("snapshots", filter=scheduled)).filter(backups__gt=1)
+    for instance in candidates:
+        keep = instance.options.get(RETENTION.name, RETENTION.default)
+        for status in (SnapshotStatus.READY, SnapshotStatus.FAILED):
+            old = Snapshot.objects.filter(instance=instance, trigger=SnapshotTrigger.SCHEDULED, status=status)[keep:]
+            for snapshot in old:
+                try:
+                    delete_snapshot(snapshot=snapshot)
+                    removed += 1
+                except SnapshotBusy:
+                    continue
+    return removed
 
 
 def fail_abandoned(*, now: datetime) -> int:

@@ -19,6 +19,8 @@ from django.utils import timezone
 from ..models import BUSY_STATUSES, Instance, InstanceEvent, Status, Webhook, WebhookDelivery
 from . import jobs
 
+STATUS_CHANGED = "instance.status_changed"  # the webhook type of a status change
+
 
 class Side(enum.Enum):
     REQUEST = "request"
@@ -117,10 +119,15 @@ def transition(
     return changed
 
 
-def record_event(instance: Instance, from_status: str, to_status: str, reason: str) -> InstanceEvent:
-    """Write the history entry for a status change, and its webhook deliveries in the same
-    transaction (an outbox): a worker sends them once it commits, or the reconciler later."""
-    event = InstanceEvent.objects.create(instance=instance, from_status=from_status, to_status=to_status, reason=reason)
+def record_event(
+    instance: Instance, from_status: str, to_status: str, reason: str, *, type: str = STATUS_CHANGED
+) -> InstanceEvent:
+    """Write the history entry for a status change (or, with `type`, an outcome that changes none),
+    and its webhook deliveries in the same transaction (an outbox): a worker sends them once it
+    commits, or the reconciler later."""
+    event = InstanceEvent.objects.create(
+        instance=instance, from_status=from_status, to_status=to_status, reason=reason, type=type
+    )
     webhooks = Webhook.objects.filter(owner_id=instance.owner_id)
     deliveries = WebhookDelivery.objects.bulk_create(WebhookDelivery(webhook=hook, event=event) for hook in webhooks)
     if deliveries:

@@ -296,6 +296,7 @@ def test_the_instance_page_takes_restores_clones_and_deletes_snapshots(api, alic
     client.force_login(alice)
     page = client.get(f"/instances/{pk}/")
     assert b"Backups" in page.content and b"Snapshot now" in page.content
+    assert b"A snapshot is taken every 24 hours while it runs; the newest 7 are kept." in page.content
 
     response = client.post(f"/instances/{pk}/snapshot/")
     assert response.status_code == 302

@@ -11,7 +11,7 @@ from typing import IO, TYPE_CHECKING, Any
 import pymysql
 
 from ...errors import BackendError
-from ...options import MiB, Option, disk_option
+from ...options import MiB, Option, backup_options, disk_option
 from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile
 
 if TYPE_CHECKING:
@@ -110,6 +110,7 @@ class MySQL(Engine):
         ),
         # A new data directory takes about 30 MB; binary logs and temporary tables need room too.
         disk_option(min_value=256 * MiB),
+        *backup_options(),
     )
 
     def check_together(self, options: dict[str, Any]) -> dict[str, str]:

@@ -11,7 +11,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ...errors import BackendError
-from ...options import Option, disk_option
+from ...options import Option, backup_options, disk_option
 from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile
 
 if TYPE_CHECKING:
@@ -151,6 +151,7 @@ class Redis(Engine):
             choices=("always", "everysec", "no"),
         ),
         disk_option(min_value=32 * MiB),
+        *backup_options(),
     )
 
     def memory_reservation(self, options: dict[str, Any]) -> int:

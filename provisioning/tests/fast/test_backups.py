@@ -1,0 +1,116 @@
+"""Scheduled backups, their pruning and outcomes, and snapshot bookkeeping, over the fake backend.
+
+That a snapshot really holds the data is proven against real servers in test_snapshots.py.
+"""
+
+from datetime import timedelta
+
+import pytest
+from django.core.files.storage import storages
+from django.db.models import F
+
+from provisioning.backends.base import BackendError
+from provisioning.models import Instance, Snapshot, WebhookDelivery
+from provisioning.services.webhooks import create_webhook, payload
+
+from .conftest import reconcile
+
+pytestmark = pytest.mark.django_db
+
+HOUR = 3600
+
+
+def scheduled(pk: int) -> list[Snapshot]:
+    return list(Snapshot.objects.filter(instance_id=pk, trigger="scheduled"))
+
+
+def age(hours: float) -> None:
+    """Let `hours` pass for every instance and snapshot (their times move back)."""
+    for model in (Instance, Snapshot):
+        model.objects.update(created_at=F("created_at") - timedelta(hours=hours))
+
+
+def test_backups_are_taken_by_the_reconcilers_pass_when_due_and_the_oldest_pruned(create, committed, fake, alice):
+    instance = create("redis", backup_interval_hours=2, backup_retention=2)
+    pk = instance["id"]
+    fake.server(pk).data["k"] = "v"
+    off = create("redis", backup_interval_hours=0)
+
+    age(1)
+    with committed():
+        reconcile()
+    assert scheduled(pk) == []  # not due yet: two hours after the create
+
+    for _ in range(3):
+        age(2.1)
+        with committed():
+            assert reconcile().backups_requested == 1
+        # A pass asks once: the next is due an interval after this one.
+        with committed():
+            assert reconcile().backups_requested == 0
+    kept = scheduled(pk)
+    assert [snapshot.status for snapshot in kept] == ["ready", "ready"]  # the oldest of three was pruned
+    assert all(storages["snapshots"].exists(snapshot.file) for snapshot in kept)
+    assert Snapshot.objects.filter(instance_id=off["id"]).count() == 0
+
+    events = Instance.objects.get(pk=pk).events.filter(type="instance.backup_completed")
+    assert events.count() == 3
+    assert events.first().from_status == events.first().to_status == "running"
+
+
+def test_a_backup_outcome_reaches_webhooks_with_its_own_type(create, committed, fake, alice):
+    create_webhook(owner=alice, url="https://hooks.example.com/x")
+    instance = create("redis", backup_interval_hours=1)
+    fake.fail_next("snapshot", BackendError("The disk is full."))
+    age(1.1)
+    with committed():
+        reconcile()
+    failed = scheduled(instance["id"])[0]
+    assert failed.status == "failed"
+    assert failed.status_message == "The snapshot failed: The disk is full."
+    types = [payload(delivery)["type"] for delivery in WebhookDelivery.objects.order_by("id")]
+    assert types[-1] == "instance.backup_failed"
+    assert "instance.status_changed" in types
+
+
+def test_a_backup_over_the_snapshot_quota_fails_once_per_interval(create, committed, settings, alice):
+    settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES = 0
+    instance = create("redis", backup_interval_hours=1)
+    age(1.1)
+    with committed():
+        reconcile()
+        reconcile()
+    [failed] = scheduled(instance["id"])
+    assert failed.status == "failed" and "snapshot quota" in failed.status_message
+
+
+def test_a_snapshot_over_the_quota_is_refused_with_403(create, api, settings):
+    instance = create("redis")
+    settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES = 0
+    response = api.post(f"/api/storage/redis/instances/{instance['id']}/snapshots")
+    assert response.status_code == 403
+    assert "snapshot quota" in response.json()["detail"]
+
+
+def test_an_expired_before_delete_snapshot_is_removed(create, act, settings):
+    instance = create("redis")
+    assert act(instance, "delete") == {"status": "gone"}
+    kept = Snapshot.objects.get(instance_id=instance["id"], trigger="before-delete")
+    assert storages["snapshots"].exists(kept.file)
+    reconcile(later=settings.STOCKROOM_SNAPSHOT_KEEP_DAYS * 24 * HOUR - 60)
+    assert Snapshot.objects.filter(pk=kept.pk).exists()
+    reconcile(later=settings.STOCKROOM_SNAPSHOT_KEEP_DAYS * 24 * HOUR + 60)
+    assert not Snapshot.objects.filter(pk=kept.pk).exists()
+    assert not storages["snapshots"].exists(kept.file)
+
+
+def test_a_snapshot_whose_worker_died_is_marked_failed_and_the_instance_untouched(create, api, settings):
+    instance = create("redis")
+    # Requested, but its job never ran (the worker died with it).
+    response = api.post(f"/api/storage/redis/instances/{instance['id']}/snapshots")
+    sid = response.json()["id"]
+    reconcile(later=settings.STOCKROOM_STUCK_TIMEOUT - 5)
+    assert Snapshot.objects.get(pk=sid).status == "creating"
+    reconcile(later=settings.STOCKROOM_STUCK_TIMEOUT + 5)
+    assert Snapshot.objects.get(pk=sid).status == "failed"
+    assert Instance.objects.get(pk=instance["id"]).status == "running"
