@@ -8,6 +8,7 @@ server and the worker.
 
 import ctypes
 import os
+import re
 import shutil
 import signal
 import stat
@@ -266,9 +267,13 @@ def run_beside(
                 if feeder is not None:
                     feeder.join()
             if status:
-                errors.seek(max(0, os.fstat(errors.fileno()).st_size - 2048))
-                tail = errors.read().decode(errors="replace").strip().splitlines()[-2:]
-                why = " | ".join(tail) or ("it took too long" if status == -signal.SIGKILL else f"exit status {status}")
+                errors.seek(max(0, os.fstat(errors.fileno()).st_size - 16384))
+                lines = errors.read().decode(errors="replace").strip().splitlines()
+                # The lines that say what went wrong, else the last ones.
+                tail = [line for line in lines if re.search(r"error|fail|denied|can't|cannot", line, re.I)][-2:]
+                why = " | ".join(tail or lines[-2:]) or (
+                    "it took too long" if status == -signal.SIGKILL else f"exit status {status}"
+                )
                 raise BackendError(f"{name} failed: {why}")
     finally:
         for descriptor in extra_fds:

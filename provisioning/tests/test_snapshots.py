@@ -452,3 +452,32 @@ def test_a_worker_killed_mid_restore_is_finished_by_the_reconciler(api, broker, 
             assert cursor.fetchone() == (0, 32 * 16 - 1)
     finally:
         worker.stop()
+
+
+def test_a_snapshot_reads_only_what_the_instance_may_read_and_leaves_no_account(api):
+    """The tenant's uid plants a symlink to a file only root may read, where mariabackup copies
+    files from; the snapshot runs as that uid, so it cannot follow it there."""
+    instance = create(api, "mysql")
+    pk, config = instance["id"], config_of(api, "mysql", instance["id"])
+    execute(config, "CREATE TABLE t (id INT PRIMARY KEY) ENGINE=Aria", "INSERT INTO t VALUES (1)")
+    secret = Path("/etc/shadow").read_bytes().splitlines()[0]
+    data = server_dir("mysql", pk) / "data" / "app"
+    owner = data.stat()
+    for name in ("stolen.frm", "stolen.MYD", "stolen.MAI"):
+        (data / name).symlink_to("/etc/shadow")
+        os.lchown(data / name, owner.st_uid, owner.st_gid)
+    response = api.post(f"/api/storage/mysql/instances/{pk}/snapshots")
+    snapshot = Snapshot.objects.get(pk=response.json()["id"])
+    # As the instance's uid, mariabackup cannot open the file: the snapshot fails and says why
+    # (as root it would have copied the file into the snapshot, and the tenant restored it).
+    assert (snapshot.status, snapshot.file) == ("failed", "")
+    assert "Failed to copy file ./app/stolen" in snapshot.status_message
+    assert all(secret not in path.read_bytes() for path in settings.STOCKROOM_SNAPSHOT_DIR.rglob("*") if path.is_file())
+    assert api.get(f"/api/storage/mysql/instances/{pk}").json()["status"] == "running"
+    row = Snapshot.objects.get(pk=snapshot.pk).instance
+    with pymysql.connect(
+        unix_socket=str(server_dir("mysql", pk) / "server.sock"), user="root", password=row.admin_password
+    ) as db:
+        with db.cursor() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM mysql.global_priv WHERE User = 'stockroom_backup'")
+            assert cursor.fetchone() == (0,)
