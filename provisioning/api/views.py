@@ -17,7 +17,7 @@ from ..models import Instance, Snapshot, Webhook
 from ..services import tokens, webhooks
 from .pagination import InstancePagination
 from .parsers import MultiPartParser
-from .schema import InstanceSchema
+from .schema import InstanceSchema, KindSchema
 from .serializers import (
     AccessTokenSerializer,
     CreateAccessTokenSerializer,
@@ -194,6 +194,7 @@ class SnapshotViewSet(
 ):
     """Snapshots of the signed-in user's instances of the kind in the path. Other users' do not exist here."""
 
+    schema = KindSchema()
     serializer_class = SnapshotSerializer
 
     def initial(self, request, *args, **kwargs):
