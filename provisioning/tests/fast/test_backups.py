@@ -114,3 +114,66 @@ def test_a_snapshot_whose_worker_died_is_marked_failed_and_the_instance_untouche
     reconcile(later=settings.STOCKROOM_STUCK_TIMEOUT + 5)
     assert Snapshot.objects.get(pk=sid).status == "failed"
     assert Instance.objects.get(pk=instance["id"]).status == "running"
+
+
+def snapshot_now(api, committed, instance: dict) -> dict:
+    with committed():
+        response = api.post(f"/api/storage/{instance['kind']}/instances/{instance['id']}/snapshots")
+    assert response.status_code == 202, response.content
+    return api.get(f"/api/storage/{instance['kind']}/snapshots/{response.json()['id']}").json()
+
+
+def test_a_restore_puts_the_snapshots_data_back_and_keeps_the_password(create, api, committed, fake):
+    instance = create("redis")
+    fake.server(instance["id"]).data["k"] = "before"
+    snapshot = snapshot_now(api, committed, instance)
+    assert snapshot["status"] == "ready" and snapshot["checksum"].startswith("sha256:")
+    fake.server(instance["id"]).data["k"] = "after"
+    url = f"/api/storage/redis/instances/{instance['id']}"
+    with committed():
+        response = api.post(f"{url}/restore", {"snapshot": snapshot["id"]}, format="json")
+        assert response.json()["status"] == "restoring"
+        # Busy: another restore, a snapshot, or deleting the snapshot being restored, is 409.
+        assert api.post(f"{url}/restore", {"snapshot": snapshot["id"]}, format="json").status_code == 409
+        assert api.post(f"{url}/snapshots").status_code == 409
+        assert api.delete(f"/api/storage/redis/snapshots/{snapshot['id']}").status_code == 409
+    after = api.get(url).json()
+    assert after["status"] == "running"
+    assert after["status_message"].startswith(f"Restored snapshot {snapshot['id']} of ")
+    assert fake.server(instance["id"]).data == {"k": "before"}
+    assert Instance.objects.get(pk=instance["id"]).restore_from is None
+
+
+def test_a_failed_restore_leaves_the_instance_to_the_reconciler(create, api, committed, fake):
+    instance = create("redis")
+    snapshot = snapshot_now(api, committed, instance)
+    fake.fail_next("restore", BackendError("mbstream failed: no space left on device"))
+    with committed():
+        api.post(f"/api/storage/redis/instances/{instance['id']}/restore", {"snapshot": snapshot["id"]}, format="json")
+    after = api.get(f"/api/storage/redis/instances/{instance['id']}").json()
+    assert after["status"] == "unhealthy"
+    assert after["status_message"] == "Restore failed: mbstream failed: no space left on device"
+
+
+def test_a_restore_whose_worker_died_is_done_again_by_the_recovery(create, api, committed, fake, settings):
+    instance = create("redis")
+    fake.server(instance["id"]).data["k"] = "snapshot"
+    snapshot = snapshot_now(api, committed, instance)
+    fake.server(instance["id"]).data["k"] = "later"
+    # Requested, and its job lost with a dead worker: the instance stays restoring.
+    api.post(f"/api/storage/redis/instances/{instance['id']}/restore", {"snapshot": snapshot["id"]}, format="json")
+    assert Instance.objects.get(pk=instance["id"]).status == "restoring"
+    with committed():
+        reconcile(later=settings.STOCKROOM_STUCK_TIMEOUT + settings.STOCKROOM_CLAIM_SECONDS + 5)
+    assert Instance.objects.get(pk=instance["id"]).status == "running"
+    assert fake.server(instance["id"]).data == {"k": "snapshot"}
+
+
+def test_a_clone_of_a_snapshot_of_another_kind_or_not_ready_is_refused(create, api, committed):
+    instance = create("redis")
+    snapshot = snapshot_now(api, committed, instance)
+    assert api.post("/api/storage/mysql/instances", {"from_snapshot": snapshot["id"]}, format="json").status_code == 404
+    Snapshot.objects.filter(pk=snapshot["id"]).update(status="failed")
+    response = api.post("/api/storage/redis/instances", {"from_snapshot": snapshot["id"]}, format="json")
+    assert response.status_code == 400
+    assert response.json() == {"from_snapshot": [f"Snapshot {snapshot['id']} is failed, not ready."]}
