@@ -216,7 +216,7 @@ def run_beside(
     """
     extra_fds: tuple[int, ...] = ()
     if secret is not None:
-        memory = os.memfd_create("stockroom-secret", 0)
+        memory = os.memfd_create("stockroom-secret", os.MFD_CLOEXEC)  # pass_fds hands it to the child only
         os.write(memory, secret.encode())
         # The program's own, readable by it alone: option files others may write are ignored.
         if user is not None:

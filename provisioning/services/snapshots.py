@@ -207,9 +207,11 @@ def before_delete(instance: Instance, backend: BaseBackend) -> str:
         options=instance.options,
         trigger=SnapshotTrigger.BEFORE_DELETE,
         status_message="Taken before the delete.",
+        expires_at=_expiry(SnapshotTrigger.BEFORE_DELETE),  # one a dead worker left goes too
     )
     _take(instance, backend, snapshot)
     if snapshot.status != SnapshotStatus.READY:
+        snapshot.delete()  # it holds nothing, and would never expire
         return f"No snapshot of its data could be kept ({snapshot.status_message})."
     assert snapshot.expires_at is not None
     return (

@@ -177,3 +177,21 @@ def test_a_clone_of_a_snapshot_of_another_kind_or_not_ready_is_refused(create, a
     response = api.post("/api/storage/redis/instances", {"from_snapshot": snapshot["id"]}, format="json")
     assert response.status_code == 400
     assert response.json() == {"from_snapshot": [f"Snapshot {snapshot['id']} is failed, not ready."]}
+
+
+def test_a_delete_of_a_server_that_does_not_answer_keeps_nothing_and_goes_on(create, act, fake):
+    instance = create("redis")
+    fake.kill(instance["id"])
+    assert act(instance, "delete") == {"status": "gone"}
+    gone = Instance.objects.get(pk=instance["id"])
+    assert gone.status_message.endswith("It was not running, so no snapshot of its data was kept.")
+    assert not Snapshot.objects.filter(instance=gone).exists()
+
+
+def test_a_before_delete_snapshot_that_fails_leaves_no_row_and_the_delete_goes_on(create, act, fake):
+    instance = create("redis")
+    fake.fail_next("snapshot", BackendError("The disk is full."))
+    assert act(instance, "delete") == {"status": "gone"}
+    gone = Instance.objects.get(pk=instance["id"])
+    assert "No snapshot of its data could be kept (The snapshot failed: The disk is full.)." in gone.status_message
+    assert not Snapshot.objects.filter(instance=gone).exists()
