@@ -141,6 +141,28 @@ class Beside(Protocol):
         ...
 
 
+# Putting a new folder in place of an old one, beside a server (as its uid): the old goes aside, the
+# new takes its place, the old is removed. A replacement cut short in between is undone first, so
+# the server always finds the whole old folder or the whole new one, never a mix and never none.
+_UNDO_CUT_SHORT = 'set -e; if [ ! -e "$1" ] && [ -e "$2" ]; then mv -T -- "$2" "$1"; fi; rm -rf -- "$2"'
+_SWAP = 'set -e; if [ -e "$1" ]; then mv -T -- "$1" "$3"; fi; mv -T -- "$2" "$1"; rm -rf -- "$3"'
+
+
+def replace_folder(beside: "Beside", target: PurePath, fill: Callable[[PurePath], None]) -> None:
+    """Make a new folder with fill(staged), where `staged` is an empty folder beside `target`, then
+    put it in place of `target`; safe to call again after it was cut short anywhere."""
+    staged, old = target.with_name(f"{target.name}.restoring"), target.with_name(f"{target.name}.old")
+    beside.run(["sh", "-c", _UNDO_CUT_SHORT, "sh", str(target), str(old)])
+    beside.run(["rm", "-rf", "--", str(staged)])
+    beside.run(["mkdir", "-m", "0700", "--", str(staged)])
+    try:
+        fill(staged)
+    except Exception:
+        beside.run(["rm", "-rf", "--", str(staged)])  # what it held is of no use, and takes room
+        raise
+    beside.run(["sh", "-c", _SWAP, "sh", str(target), str(staged), str(old)])
+
+
 @dataclass(frozen=True)
 class LocalSetup:
     """What a brand-new local instance needs before its first start."""

@@ -4,6 +4,7 @@ Tasks run inline here (pytest.ini), so a snapshot or restore is done when its re
 """
 
 import hashlib
+import io
 import os
 import stat
 import threading
@@ -14,8 +15,9 @@ import pytest
 import redis
 from django.conf import settings
 
+from provisioning.backends.base import BackendError, get_backend
 from provisioning.backends.local import processes_under
-from provisioning.models import Snapshot
+from provisioning.models import Instance, Snapshot
 
 from .conftest import Worker, instance_dir, server_dir, wait_for_status, wait_until
 
@@ -481,3 +483,21 @@ def test_a_snapshot_reads_only_what_the_instance_may_read_and_leaves_no_account(
         with db.cursor() as cursor:
             cursor.execute("SELECT COUNT(*) FROM mysql.global_priv WHERE User = 'stockroom_backup'")
             assert cursor.fetchone() == (0,)
+
+
+def test_a_restore_cut_short_between_its_two_renames_is_undone_by_the_next(api):
+    """The worker died just after moving the old data aside. The next restore puts it back before
+    anything else, so even when that restore fails too, the server starts with its whole old data."""
+    instance = create(api, "mysql")
+    pk, config = instance["id"], config_of(api, "mysql", instance["id"])
+    execute(config, "CREATE TABLE t (id INT PRIMARY KEY, note TEXT)", "INSERT INTO t VALUES (1, 'kept')")
+    row = Instance.objects.get(pk=pk)
+    backend = get_backend(row.backend)
+    backend.stop(row)
+    server = server_dir("mysql", pk)
+    (server / "data").rename(server / "data.old")
+    with pytest.raises(BackendError, match="mbstream failed"):
+        backend.restore(row, io.BytesIO(b"not a snapshot"))
+    backend.start(row)
+    assert rows(config) == [[1, "kept"]]
+    assert sorted(path.name for path in server.iterdir() if path.name.startswith("data")) == ["data"]

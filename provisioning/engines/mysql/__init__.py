@@ -5,14 +5,14 @@ import hashlib
 import logging
 import secrets
 import shutil
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
 import pymysql
 
 from ...errors import BackendError
 from ...options import MiB, Option, backup_options, disk_option
-from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile
+from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile, replace_folder
 
 if TYPE_CHECKING:
     from ...models import Instance
@@ -322,14 +322,11 @@ class MySQL(Engine):
 
     def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
         # Unpacked and prepared (the redo log applied) beside the old data, then put in its place.
-        data = PurePosixPath(beside.layout.data)
-        staged = data.with_name(f"{data.name}.restoring")
-        beside.run(["rm", "-rf", "--", str(staged)])
-        beside.run(["mkdir", "-m", "0700", "--", str(staged)])
-        beside.run(["mbstream", "-x", "-C", str(staged)], stdin=snapshot)
-        beside.run(["mariabackup", "--prepare", f"--target-dir={staged}", "--use-memory=32M"])
-        beside.run(["rm", "-rf", "--", str(data)])
-        beside.run(["mv", "-T", "--", str(staged), str(data)])
+        def unpack(staged: PurePath) -> None:
+            beside.run(["mbstream", "-x", "-C", str(staged)], stdin=snapshot)
+            beside.run(["mariabackup", "--prepare", f"--target-dir={staged}", "--use-memory=32M"])
+
+        replace_folder(beside, beside.layout.data, unpack)
 
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         # Over the socket the user is app@localhost to the server, which its app@'%' account matches.

@@ -3,7 +3,7 @@
 import hashlib
 import io
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
 import redis
@@ -12,7 +12,7 @@ from redis.retry import Retry
 
 from ...errors import BackendError
 from ...options import Option, backup_options, disk_option
-from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile
+from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile, replace_folder
 
 if TYPE_CHECKING:
     from ...models import Instance
@@ -263,16 +263,14 @@ class Redis(Engine):
         beside.run(["cat", "--", str(beside.layout.data / DUMP)], stdout=out)
 
     def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
-        # The new append-only folder is made whole beside the old one, then put in its place.
-        data = beside.layout.data
-        aof, staged = data / AOF_DIR, data / f"{AOF_DIR}.restoring"
-        beside.run(["rm", "-rf", "--", str(staged)])
-        beside.run(["mkdir", "-m", "0700", "--", str(staged)])
-        beside.run(["tee", "--", str(staged / AOF_BASE)], stdin=snapshot)
-        manifest = f"file {AOF_BASE} seq 1 type b\n".encode()
-        beside.run(["tee", "--", str(staged / AOF_MANIFEST)], stdin=io.BytesIO(manifest))
-        beside.run(["rm", "-rf", "--", str(aof), str(data / DUMP)])
-        beside.run(["mv", "-T", "--", str(staged), str(aof)])
+        # A new append-only folder whose base is the snapshot's RDB, put in place of the old one.
+        def fill(staged: PurePath) -> None:
+            beside.run(["tee", "--", str(staged / AOF_BASE)], stdin=snapshot)
+            manifest = f"file {AOF_BASE} seq 1 type b\n".encode()
+            beside.run(["tee", "--", str(staged / AOF_MANIFEST)], stdin=io.BytesIO(manifest))
+
+        replace_folder(beside, beside.layout.data / AOF_DIR, fill)
+        beside.run(["rm", "-f", "--", str(beside.layout.data / DUMP)])  # ignored while the AOF is on; stale
 
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         client = self.client(endpoint, username=instance.username, password=instance.password, timeout=timeout)
