@@ -13,8 +13,16 @@ from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env")
+
+class _Env(environ.Env):
+    """Reads `.env` into a copy of the environment, not into os.environ: the secrets in it stay
+    in this process's memory, out of /proc/<pid>/environ and out of every child it starts."""
+
+    ENVIRON = dict(os.environ)
+
+
+env = _Env()
+_Env.read_env(BASE_DIR / ".env")
 
 DEBUG = env.bool("DEBUG", default=False)
 
@@ -93,7 +101,7 @@ TEMPLATES = [
 
 # State of the portal and of every local instance lives under DATA_DIR.
 DATA_DIR = (BASE_DIR / env.str("DATA_DIR", default="var")).resolve()  # relative to BASE_DIR
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+DATA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)  # `make run` also tightens an existing one
 
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'portal.sqlite3'}")}
 # Keep connections between requests (a new PostgreSQL connection costs milliseconds each time).
@@ -160,8 +168,10 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
 }
 
-# Celery: a real Redis broker; `make run` starts one on BROKER_PORT.
+# Celery: a real Redis broker; `make run` starts one on BROKER_PORT, with the password it wrote to
+# .env. A password in the URL wins over STOCKROOM_BROKER_PASSWORD (Celery's broker_password).
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6380/0")
+CELERY_BROKER_PASSWORD = env.str("STOCKROOM_BROKER_PASSWORD", default="") or None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

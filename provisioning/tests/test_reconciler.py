@@ -107,7 +107,7 @@ def test_a_killed_server_is_restarted_with_its_data(api, reconciling_worker, rec
 def test_healthz_reports_each_part(client, reconciling_worker):
     wait_until(lambda: client.get("/healthz").status_code == 200, 3 * PERIOD, "a healthy portal")
     checks = client.get("/healthz").json()["checks"]
-    assert set(checks) == {"database", "broker", "workers", "reconciler", "backends"}
+    assert set(checks) == {"database", "broker", "workers", "reconciler", "backends", "runner"}
     assert checks["workers"]["detail"] == "A worker answered."
 
     reconciling_worker.stop()

@@ -1,0 +1,307 @@
+"""`make run`'s runner: starts the broker, the Celery worker, beat and gunicorn, and keeps them up.
+
+A component that dies is started again after 1 s, then 2, 4 … up to 30 s while it keeps dying
+soon after each start (the count starts afresh once it has stayed up for a minute). Each exit and
+restart is logged, and written to DATA_DIR/runner.json, which /healthz reads. Only SIGINT or
+SIGTERM to the runner stops everything: every component's whole process group, so no Celery pool
+process outlives it.
+
+The broker requires the password from .env (STOCKROOM_BROKER_PASSWORD, or one in
+CELERY_BROKER_URL). redis-server reads it from a config file in DATA_DIR/broker (0700; the file
+0600); it is on no command line and in no environment. Portal processes get the runner's own
+environment, which holds none of .env's secrets (settings reads .env into a copy, not into
+os.environ): each reads .env itself.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from provisioning.backends.processes import ENVIRONMENT
+from provisioning.health import RUNNER_STATE
+
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
+STABLE_SECONDS = 60.0  # up this long, a component's next death is its first again
+STOP_GRACE = 10.0  # seconds a component has to stop after SIGTERM before its group is killed
+
+
+@dataclass
+class Component:
+    """One long-running process of the portal, restarted whenever it dies."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] | None = None  # None: the runner's own environment
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    failures: int = 0  # deaths in a row, each soon after its start
+    restarts: int = 0
+    restart_at: float | None = None
+    last_exit: str | None = None
+    last_exit_at: str | None = None
+    log: Path | None = None
+
+    def start(self) -> None:
+        output = self.log.open("ab") if self.log else None
+        try:
+            self.process = subprocess.Popen(
+                self.argv,
+                cwd=settings.BASE_DIR,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT if output else None,
+                start_new_session=True,  # its own process group: Ctrl-C reaches the runner only
+            )
+        finally:
+            if output:
+                output.close()
+        self.started, self.restart_at = time.monotonic(), None
+
+    def signal_group(self, signum: int) -> None:
+        """Signal the component's whole process group (a Celery pool, gunicorn's workers), which
+        outlives its leader if the leader was killed."""
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def components(*, port: int, broker_config: Path, concurrency: int) -> list[Component]:
+    """What `make run` keeps running, in start order (they stop in reverse). One line each."""
+    python, portal_env = sys.executable, {**os.environ, "DJANGO_SETTINGS_MODULE": "portal.settings"}
+    celery = [python, "-m", "celery", "-A", "portal"]
+    return [
+        Component("broker", ["redis-server", str(broker_config)], env=dict(ENVIRONMENT)),
+        Component("worker", [*celery, "worker", "--loglevel", "INFO", "--concurrency", str(concurrency)], portal_env),
+        Component("beat", [*celery, "beat", "--loglevel", "INFO"], portal_env),
+        Component(
+            "web",
+            [
+                python,
+                "-m",
+                "gunicorn",
+                "portal.wsgi",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "2",
+                "--threads",
+                "4",
+                "--graceful-timeout",
+                "3",
+                "--access-logfile",
+                "-",
+            ],  # fmt: skip
+            portal_env,
+        ),
+    ]
+
+
+def broker_address() -> tuple[int, str]:
+    """The port and password of the broker `make run` starts, from the settings."""
+    url = urlsplit(settings.CELERY_BROKER_URL)
+    password = unquote(url.password or "") or settings.CELERY_BROKER_PASSWORD or ""
+    if url.scheme != "redis" or url.hostname not in ("127.0.0.1", "localhost"):
+        raise CommandError(f"The runner starts a Redis broker on 127.0.0.1; CELERY_BROKER_URL is {url.scheme}://…")
+    if not password:
+        raise CommandError("The broker needs a password: set STOCKROOM_BROKER_PASSWORD (make run writes it to .env).")
+    if any(c.isspace() or c in "\"'\\" for c in password):
+        raise CommandError("STOCKROOM_BROKER_PASSWORD may not contain spaces, quotes or backslashes.")
+    return url.port or 6379, password
+
+
+def write_broker_config(folder: Path, *, port: int, password: str) -> Path:
+    """redis.conf for the broker, password included, in a folder only the portal's user may enter.
+    The broker keeps an append-only file, so queued jobs survive its restart."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    config = folder / "redis.conf"
+    text = "\n".join(
+        [
+            "bind 127.0.0.1",
+            f"port {port}",
+            f'dir "{folder}"',
+            'save ""',
+            "appendonly yes",
+            f'logfile "{folder / "broker.log"}"',
+            f'requirepass "{password}"',
+            "",
+        ]
+    )
+    descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    return config
+
+
+def make_private(data_dir: Path, *, keep_traversable: bool) -> None:
+    """Tighten an existing install: DATA_DIR 0700 (0711 while instance servers, each its own
+    uid, live below it and must pass through), and nothing in it (instances and Docker volumes
+    aside: their backends set their modes) readable or writable by group or others."""
+    os.chmod(data_dir, 0o711 if keep_traversable else 0o700)
+    docker: dict = settings.STOCKROOM_BACKENDS["docker"]
+    volumes = docker["OPTIONS"]["volume_root"]
+    skip = {Path(settings.STOCKROOM_INSTANCES_DIR), Path(volumes), Path(settings.STATIC_ROOT)}
+    for parent, folders, names in os.walk(data_dir):
+        folders[:] = [name for name in folders if Path(parent, name) not in skip]
+        for name in (*folders, *names):
+            path = os.path.join(parent, name)
+            info = os.lstat(path)
+            if info.st_uid == os.geteuid() and not os.path.islink(path) and info.st_mode & 0o077:
+                os.chmod(path, info.st_mode & 0o700)
+
+
+def accepts_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit status {returncode}"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Command(BaseCommand):
+    help = "Run the broker, the worker, beat and gunicorn; restart any that dies; Ctrl-C stops all."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")), help="gunicorn's port.")
+        parser.add_argument("--concurrency", type=int, default=int(os.environ.get("WORKER_CONCURRENCY", "8")))
+        parser.add_argument("--logs", type=Path, default=None, help="A folder for one log per component.")
+
+    def handle(self, *args, port: int, concurrency: int, logs: Path | None, **options):
+        data_dir = Path(settings.DATA_DIR)
+        instances = Path(settings.STOCKROOM_INSTANCES_DIR)
+        legacy = os.geteuid() == 0 and instances.is_relative_to(data_dir) and any(instances.glob("*/*"))
+        make_private(data_dir, keep_traversable=legacy)
+        env_file = Path(settings.BASE_DIR) / ".env"
+        if env_file.exists():
+            os.chmod(env_file, 0o600)
+        broker_port, password = broker_address()
+        config = write_broker_config(data_dir / "broker", port=broker_port, password=password)
+        self.state_file = data_dir / RUNNER_STATE
+        self.components = components(port=port, broker_config=config, concurrency=concurrency)
+        if logs:
+            logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for component in self.components:
+                component.log = logs / f"{component.name}.log"
+        self.stopping = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: self.stopping.set())
+        try:
+            self.start_all(broker_port, port)
+            while not self.stopping.wait(0.2):
+                self.tend()
+        finally:
+            self.stop_all()
+
+    def say(self, message: str) -> None:
+        self.stderr.write(f"{now_iso()} runner: {message}")
+        self.stderr.flush()
+
+    def start_all(self, broker_port: int, port: int) -> None:
+        for component in self.components:
+            if self.stopping.is_set():
+                return
+            component.start()
+            if component.name == "broker":  # the others retry, but start quieter once it answers
+                deadline = time.monotonic() + 10
+                while not accepts_connections(broker_port) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        self.write_state()
+        self.say(f"Stockroom is on http://127.0.0.1:{port} (API docs: /api/docs). Ctrl-C stops it.")
+
+    def tend(self) -> None:
+        """One look at every component: note the ones that died, start the ones whose wait is over."""
+        changed = False
+        now = time.monotonic()
+        for component in self.components:
+            process = component.process
+            if process is not None and component.restart_at is None and process.poll() is not None:
+                component.signal_group(signal.SIGKILL)  # whatever of it is left (pool processes)
+                up = now - component.started
+                component.failures = 1 if up >= STABLE_SECONDS else component.failures + 1
+                delay = min(BACKOFF_FIRST * 2 ** (component.failures - 1), BACKOFF_MAX)
+                component.restart_at = now + delay
+                component.last_exit, component.last_exit_at = describe_exit(process.returncode), now_iso()
+                self.say(
+                    f"{component.name} (pid {process.pid}) {component.last_exit} after {up:.1f} s; "
+                    f"starting it again in {delay:g} s."
+                )
+                changed = True
+            elif component.restart_at is not None and now >= component.restart_at:
+                component.start()
+                component.restarts += 1
+                pid = component.process.pid if component.process else None
+                self.say(f"{component.name} started again (pid {pid}, restart {component.restarts}).")
+                changed = True
+        if changed:
+            self.write_state()
+
+    def stop_all(self) -> None:
+        """SIGTERM every component's group, the broker last (the others may still use it); SIGKILL
+        what is left of each after STOP_GRACE."""
+        self.say("stopping.")
+        broker, others = self.components[0], self.components[:0:-1]
+        for component in others:
+            component.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for component in others:
+            self._wait(component, deadline)
+        broker.signal_group(signal.SIGTERM)
+        self._wait(broker, time.monotonic() + STOP_GRACE)
+        self.state_file.unlink(missing_ok=True)
+
+    @staticmethod
+    def _wait(component: Component, deadline: float) -> None:
+        process = component.process
+        if process is None:
+            return
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        component.signal_group(signal.SIGKILL)  # stragglers, and pool processes of a killed leader
+        process.wait()
+
+    def write_state(self) -> None:
+        state = {
+            "pid": os.getpid(),
+            "written_at": now_iso(),
+            "components": {
+                c.name: {
+                    "pid": c.process.pid if c.process else None,
+                    "up": c.restart_at is None and c.process is not None and c.process.poll() is None,
+                    "restarts": c.restarts,
+                    "last_exit": c.last_exit,
+                    "last_exit_at": c.last_exit_at,
+                }
+                for c in self.components
+            },
+        }
+        temporary = self.state_file.with_suffix(".new")
+        temporary.write_text(json.dumps(state, indent=1))
+        temporary.replace(self.state_file)
