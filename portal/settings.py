@@ -6,6 +6,7 @@ README lists them. Bad values fail at start-up with ImproperlyConfigured, never 
 
 import hashlib
 import os
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 
 import environ
@@ -14,11 +15,32 @@ from django.core.exceptions import ImproperlyConfigured
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
-class _Env(environ.Env):
-    """Reads `.env` into a copy of the environment, not into os.environ: the secrets in it stay
-    in this process's memory, out of /proc/<pid>/environ and out of every child it starts."""
+class _Environ(MutableMapping[str, str]):
+    """os.environ, then the values read from `.env`, which are kept here rather than put into
+    os.environ: .env's secrets stay in this process's memory, out of /proc/<pid>/environ and out
+    of the environment of every process it starts."""
 
-    ENVIRON = dict(os.environ)
+    def __init__(self) -> None:
+        self.dotenv: dict[str, str] = {}
+
+    def __getitem__(self, key: str) -> str:
+        return os.environ[key] if key in os.environ else self.dotenv[key]
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self.dotenv[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.dotenv[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.dotenv.keys() | os.environ.keys())
+
+    def __len__(self) -> int:
+        return len(self.dotenv.keys() | os.environ.keys())
+
+
+class _Env(environ.Env):
+    ENVIRON = _Environ()
 
 
 env = _Env()

@@ -24,7 +24,7 @@ from .backends.base import BackendError, get_backend
 from .models import Heartbeat, Instance
 from .reconciler import HEARTBEAT
 
-RUNNER_STATE = "runner.json"  # in DATA_DIR: what `make run`'s runner (manage.py supervise) says
+RUNNER_STATE = "runner.json"  # in DATA_DIR: what `make run`'s runner (portal/runner.py) says
 TIMEOUT = 1.0  # per network call
 DEADLINE = 3.0  # for the whole answer
 _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="healthz")

@@ -1,4 +1,4 @@
-"""`make run`'s runner: starts the broker, the Celery worker, beat and gunicorn, and keeps them up.
+"""`make run`'s runner (`python -m portal.runner`): the broker, worker, beat and gunicorn, kept up.
 
 A component that dies is started again after 1 s, then 2, 4 … up to 30 s while it keeps dying
 soon after each start (the count starts afresh once it has stayed up for a minute). Each exit and
@@ -13,6 +13,7 @@ environment, which holds none of .env's secrets (settings reads .env into a copy
 os.environ): each reads .env itself.
 """
 
+import argparse
 import json
 import os
 import signal
@@ -26,11 +27,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+import django
 
-from provisioning.backends.processes import ENVIRONMENT
-from provisioning.health import RUNNER_STATE
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+django.setup()
+
+from django.conf import settings  # noqa: E402 - once Django is set up
+
+from provisioning.backends.processes import ENVIRONMENT  # noqa: E402
+from provisioning.health import RUNNER_STATE  # noqa: E402
 
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
 STABLE_SECONDS = 60.0  # up this long, a component's next death is its first again
@@ -116,11 +121,11 @@ def broker_address() -> tuple[int, str]:
     url = urlsplit(settings.CELERY_BROKER_URL)
     password = unquote(url.password or "") or settings.CELERY_BROKER_PASSWORD or ""
     if url.scheme != "redis" or url.hostname not in ("127.0.0.1", "localhost"):
-        raise CommandError(f"The runner starts a Redis broker on 127.0.0.1; CELERY_BROKER_URL is {url.scheme}://…")
+        raise SystemExit(f"The runner starts a Redis broker on 127.0.0.1; CELERY_BROKER_URL is {url.scheme}://…")
     if not password:
-        raise CommandError("The broker needs a password: set STOCKROOM_BROKER_PASSWORD (make run writes it to .env).")
+        raise SystemExit("The broker needs a password: set STOCKROOM_BROKER_PASSWORD (make run writes it to .env).")
     if any(c.isspace() or c in "\"'\\" for c in password):
-        raise CommandError("STOCKROOM_BROKER_PASSWORD may not contain spaces, quotes or backslashes.")
+        raise SystemExit("STOCKROOM_BROKER_PASSWORD may not contain spaces, quotes or backslashes.")
     return url.port or 6379, password
 
 
@@ -184,15 +189,11 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-class Command(BaseCommand):
-    help = "Run the broker, the worker, beat and gunicorn; restart any that dies; Ctrl-C stops all."
+class Runner:
+    """Starts the components, restarts the ones that die, stops them all on SIGINT or SIGTERM."""
 
-    def add_arguments(self, parser):
-        parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")), help="gunicorn's port.")
-        parser.add_argument("--concurrency", type=int, default=int(os.environ.get("WORKER_CONCURRENCY", "8")))
-        parser.add_argument("--logs", type=Path, default=None, help="A folder for one log per component.")
-
-    def handle(self, *args, port: int, concurrency: int, logs: Path | None, **options):
+    def __init__(self, *, port: int, concurrency: int, logs: Path | None):
+        self.port = port
         data_dir = Path(settings.DATA_DIR)
         instances = Path(settings.STOCKROOM_INSTANCES_DIR)
         legacy = os.geteuid() == 0 and instances.is_relative_to(data_dir) and any(instances.glob("*/*"))
@@ -200,8 +201,8 @@ class Command(BaseCommand):
         env_file = Path(settings.BASE_DIR) / ".env"
         if env_file.exists():
             os.chmod(env_file, 0o600)
-        broker_port, password = broker_address()
-        config = write_broker_config(data_dir / "broker", port=broker_port, password=password)
+        self.broker_port, password = broker_address()
+        config = write_broker_config(data_dir / "broker", port=self.broker_port, password=password)
         self.state_file = data_dir / RUNNER_STATE
         self.components = components(port=port, broker_config=config, concurrency=concurrency)
         if logs:
@@ -209,30 +210,32 @@ class Command(BaseCommand):
             for component in self.components:
                 component.log = logs / f"{component.name}.log"
         self.stopping = threading.Event()
+
+    def run(self) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: self.stopping.set())
         try:
-            self.start_all(broker_port, port)
+            self.start_all()
             while not self.stopping.wait(0.2):
                 self.tend()
         finally:
             self.stop_all()
 
-    def say(self, message: str) -> None:
-        self.stderr.write(f"{now_iso()} runner: {message}")
-        self.stderr.flush()
+    @staticmethod
+    def say(message: str) -> None:
+        print(f"{now_iso()} runner: {message}", file=sys.stderr, flush=True)
 
-    def start_all(self, broker_port: int, port: int) -> None:
+    def start_all(self) -> None:
         for component in self.components:
             if self.stopping.is_set():
                 return
             component.start()
             if component.name == "broker":  # the others retry, but start quieter once it answers
                 deadline = time.monotonic() + 10
-                while not accepts_connections(broker_port) and time.monotonic() < deadline:
+                while not accepts_connections(self.broker_port) and time.monotonic() < deadline:
                     time.sleep(0.05)
         self.write_state()
-        self.say(f"Stockroom is on http://127.0.0.1:{port} (API docs: /api/docs). Ctrl-C stops it.")
+        self.say(f"Stockroom is on http://127.0.0.1:{self.port} (API docs: /api/docs). Ctrl-C stops it.")
 
     def tend(self) -> None:
         """One look at every component: note the ones that died, start the ones whose wait is over."""
@@ -305,3 +308,16 @@ class Command(BaseCommand):
         temporary = self.state_file.with_suffix(".new")
         temporary.write_text(json.dumps(state, indent=1))
         temporary.replace(self.state_file)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the portal; restart any part that dies; Ctrl-C stops all.")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")), help="gunicorn's port")
+    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("WORKER_CONCURRENCY", "8")))
+    parser.add_argument("--logs", type=Path, default=None, help="a folder for one log per component")
+    arguments = parser.parse_args()
+    Runner(port=arguments.port, concurrency=arguments.concurrency, logs=arguments.logs).run()
+
+
+if __name__ == "__main__":
+    main()
