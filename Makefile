@@ -39,6 +39,11 @@ test-fast: $(VENV)/.installed-dev
 bench: system $(VENV)/.installed
 	BENCH_QUICK=$(BENCH_QUICK) $(PY) -m bench
 
+# The soak against a stack of its own (a temporary DATA_DIR, web port 8720); not part of make test.
+# SOAK_ARGS, e.g. "--clients 6 --minutes 4 --kills" (kill -9 servers, the broker and the worker).
+soak: system $(VENV)/.installed-dev
+	$(PY) -m bench.soak $(SOAK_ARGS)
+
 # Everything CI checks before the tests; stops at the first failure. `make test` runs it first.
 check: lint
 	$(CHECK_ENV) SECRET_KEY=check-only $(PY) manage.py makemigrations --check --dry-run

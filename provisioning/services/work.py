@@ -40,7 +40,7 @@ def _provision(instance: Instance, backend: BaseBackend) -> None:
         backend.create(instance)
     except ServerExited as exc:
         if not _redo_once(instance, f"The server died while starting ({exc})"):
-            _fail(instance, backend, "Provisioning failed; the server died while starting, twice", exc)
+            _fail(instance, backend, "Provisioning failed, on its second try", exc)
             return
         _provision(instance, backend)  # create() begins by destroying what the first try left
         return

@@ -180,7 +180,9 @@ def test_a_worker_killed_mid_create_leaves_nothing_behind(api, broker, queued_fo
 
         failed = wait_for_status(api, "redis", doomed, "failed", "running", timeout=60)
         assert failed["status"] == "failed"
-        assert failed["status_message"].startswith("Provisioning failed: The server exited during start-up.")
+        assert failed["status_message"].startswith(
+            "Provisioning failed, on its second try: The server exited during start-up."
+        )
         events = [
             event["reason"] for event in api.get(f"/api/storage/redis/instances/{doomed}/events").json()["results"]
         ]
