@@ -36,7 +36,13 @@ from provisioning.backends.processes import processes
 from .client import Api
 
 ACTIONS = ("stop-start", "restart", "rotate-password")
-SETTLE = 120.0  # seconds an instance may take to reach a wanted status (a create that was redone)
+SETTLED = ("running", "stopped", "failed")  # statuses no worker or healer moves on from by itself
+# What a user retries once: the job was not queued (the broker was coming back), or a start's
+# server was killed while it started (the killer got it).
+RETRIED = ("could not be queued", "exited during start-up")
+# Seconds an instance may take to reach a wanted status: a job lost with a killed worker is redone
+# once its claim lapses and the reconciler finds it stuck (STOCKROOM_STUCK_TIMEOUT, 120 s).
+SETTLE = 300.0
 
 
 @dataclass
@@ -48,6 +54,7 @@ class Tally:
     server_errors: int = 0  # 5xx answers
     requests: int = 0
     actions: Counter = field(default_factory=Counter)
+    retried: Counter = field(default_factory=Counter)  # actions a user would try again, and did
     kills: Counter = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -97,8 +104,8 @@ class Client(threading.Thread):
             status, body = self.call("GET", f"/api/storage/{kind}/instances/{pk}")
             if (status == 404 and "gone" in wanted) or body.get("status") in wanted:
                 return body
-            if body.get("status") == "failed":
-                raise LifecycleError(f"{kind} failed", body.get("status_message", ""))
+            if body.get("status") in SETTLED:  # and not wanted: the job failed
+                raise LifecycleError(f"{kind} ended {body['status']}", body.get("status_message", ""))
             if time.monotonic() > deadline:
                 raise LifecycleError(f"{kind} stuck", f"{pk}: {body.get('status')} {body.get('status_message')}")
             time.sleep(0.2)
@@ -138,17 +145,28 @@ class Client(threading.Thread):
     def act(self, kind: str, pk: int, action: str) -> None:
         steps = ("stop", "start") if action == "stop-start" else (action,)
         for step in steps:
-            self.wait_for(kind, pk, "running", "stopped")
-            for _ in range(50):  # 409 while a healer restarts the instance after a kill
-                status, body = self.call("POST", f"/api/storage/{kind}/instances/{pk}/{step}")
-                if status != 409:
+            for attempt in range(2):
+                try:
+                    self.step(kind, pk, step)
                     break
-                time.sleep(0.5)
-            if status != 202:
-                raise LifecycleError(f"{step} refused", f"{status} {body}")
-            self.wait_for(kind, pk, "stopped" if step == "stop" else "running")
+                except LifecycleError as error:
+                    if attempt or not any(reason in str(error) for reason in RETRIED):
+                        raise
+                    with self.tally.lock:
+                        self.tally.retried[f"{step}: {next(r for r in RETRIED if r in str(error))}"] += 1
         with self.tally.lock:
             self.tally.actions[action] += 1
+
+    def step(self, kind: str, pk: int, step: str) -> None:
+        self.wait_for(kind, pk, "running", "stopped")
+        for _ in range(50):  # 409 while a healer restarts the instance after a kill
+            status, body = self.call("POST", f"/api/storage/{kind}/instances/{pk}/{step}")
+            if status != 409:
+                break
+            time.sleep(0.5)
+        if status != 202:
+            raise LifecycleError(f"{step} refused", f"{status} {body}")
+        self.wait_for(kind, pk, "stopped" if step == "stop" else "running")
 
     def use(self, kind: str, pk: int, *, write: str | None = None, expect: str | None = None) -> None:
         """Write and read real data; after a kill the healer may need a moment: try for a while."""
@@ -327,6 +345,7 @@ def main() -> None:
             "lifecycles_started": tally.lifecycles,
             "lifecycles_completed": tally.completed,
             "actions": dict(tally.actions),
+            "actions_retried_once": dict(tally.retried),
             "requests": tally.requests,
             "http_5xx": tally.server_errors,
             "errors": dict(tally.errors),

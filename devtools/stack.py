@@ -130,8 +130,14 @@ class Stack:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.wait(lambda: self.state() and all(c["up"] for c in self.state()["components"].values()), 60, "start")
+        self.wait(self.all_up, 60, "every component to start")
         self.wait(lambda: self.answers(), 60, "gunicorn")
+
+    def all_up(self) -> bool:
+        """Whether this runner (not one before it) says every component is up."""
+        state = self.state()
+        mine = self.runner is not None and state.get("pid") == self.runner.pid
+        return mine and all(component["up"] for component in state["components"].values())
 
     def state(self) -> dict:
         try:

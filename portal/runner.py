@@ -16,12 +16,14 @@ os.environ): each reads .env itself.
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -205,11 +207,35 @@ class Runner:
         config = write_broker_config(data_dir / "broker", port=self.broker_port, password=password)
         self.state_file = data_dir / RUNNER_STATE
         self.components = components(port=port, broker_config=config, concurrency=concurrency)
+        self.stop_leftovers()
         if logs:
             logs.mkdir(mode=0o700, parents=True, exist_ok=True)
             for component in self.components:
                 component.log = logs / f"{component.name}.log"
         self.stopping = threading.Event()
+
+    def stop_leftovers(self) -> None:
+        """Components a runner that was killed (kill -9, not Ctrl-C) left running: their groups are
+        killed, so the new ones get their ports. Only a process that still runs the component's
+        program and leads its own process group, as the runner started it, is taken for it."""
+        try:
+            old = json.loads(self.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        programs = {c.name: os.path.realpath(shutil.which(c.argv[0]) or c.argv[0]) for c in self.components}
+        for name, component in old.get("components", {}).items():
+            pid = component.get("pid")
+            try:
+                runs = os.path.realpath(f"/proc/{pid}/exe") == programs.get(name) and os.getpgid(pid) == pid
+            except (OSError, TypeError):
+                continue
+            if runs:
+                self.say(f"stopping the {name} (pid {pid}) that an earlier runner left running.")
+                with suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5
+                while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:  # its ports free
+                    time.sleep(0.05)
 
     def run(self) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -205,7 +205,9 @@ STOCKROOM_TASK_TIME_LIMIT = env.float("STOCKROOM_TASK_TIME_LIMIT", default=900.0
 CELERY_TASK_TIME_LIMIT = STOCKROOM_TASK_TIME_LIMIT
 # A broker that accepts connections but does not answer must not hold a web request for long.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 2}
-CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2}
+# A broker that `make run`'s runner is restarting (it died) is back within a second or two: a
+# request waits up to about 4 s for it rather than failing the job.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.4, "interval_max": 1.0}
 
 # Instances.
 _DATA_DIR_DIGEST = hashlib.sha256(str(DATA_DIR).encode()).hexdigest()[:12]

@@ -176,7 +176,7 @@ def stack(tmp_path_factory):
         root,
         web_port=free_port(range(33800, 33850)),
         broker_port=free_port(range(33850, 33900)),
-        port_range=(33750, 33799),
+        port_range=(settings.STOCKROOM_PORT_RANGE[1] - 49, settings.STOCKROOM_PORT_RANGE[1]),  # the suite's last 50
     )
     stack.prepare()
     stack.start()
@@ -379,3 +379,17 @@ def test_portal_processes_run_with_umask_077():
             argv, cwd=settings.BASE_DIR, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": "."}
         )
         assert result.stdout.strip().splitlines()[-1] == "0o77", result.stderr
+
+
+def test_a_new_runner_stops_what_a_killed_runner_left(stack):
+    """kill -9 of the runner itself leaves its components running (each in a session of its own);
+    the next `make run` stops them and takes their ports, instead of failing to bind forever."""
+    left = stack.group_pids() - {stack.runner.pid}
+    os.killpg(stack.runner.pid, signal.SIGKILL)
+    stack.runner.wait()
+    assert all(Path(f"/proc/{pid}").exists() for pid in left)
+
+    stack.start()
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in left), 10, "the old components to go")
+    assert all(component["restarts"] == 0 for component in stack.state()["components"].values())
+    assert "that an earlier runner left running" in (stack.logs / "runner.log").read_text()
