@@ -186,14 +186,22 @@ class Client(threading.Thread):
             return
 
     def delete(self, kind: str, pk: int) -> None:
-        for _ in range(100):  # a busy instance answers 409 until its action is done
-            status, body = self.call("DELETE", f"/api/storage/{kind}/instances/{pk}")
-            if status in (202, 404):
-                break
-            time.sleep(0.5)
-        else:
-            raise LifecycleError("delete refused", f"{status} {body}")
-        self.wait_for(kind, pk, "gone")
+        for attempt in range(2):
+            for _ in range(100):  # a busy instance answers 409 until its action is done
+                status, body = self.call("DELETE", f"/api/storage/{kind}/instances/{pk}")
+                if status in (202, 404):
+                    break
+                time.sleep(0.5)
+            else:
+                raise LifecycleError("delete refused", f"{status} {body}")
+            try:
+                self.wait_for(kind, pk, "gone")
+                return
+            except LifecycleError as error:
+                if attempt or "could not be queued" not in str(error):
+                    raise
+                with self.tally.lock:
+                    self.tally.retried["delete: could not be queued"] += 1
 
 
 def use_mysql(config: dict, write: str | None) -> str | None:
@@ -334,6 +342,7 @@ def main() -> None:
         left_folders = [str(p) for kind in ("mysql", "redis") for p in (instances / kind).glob("*")]
         left_ports = listening(range(first, last + 1))
         restarts = {name: c["restarts"] for name, c in stack.state()["components"].items()}
+        exits = [line for line in (stack.logs / "runner.log").read_text().splitlines() if " after " in line]
         pids = stack.group_pids()
         stop_seconds = stack.stop()
         time.sleep(1)
@@ -351,6 +360,7 @@ def main() -> None:
             "errors": dict(tally.errors),
             "error_examples": tally.error_examples,
             "component_restarts": restarts,
+            "component_exits": exits,
             "left_behind": {
                 "instances": [f"{i['kind']}/{i['id']} {i['status']}" for i in left_instances],
                 "server_processes": left_processes,

@@ -282,11 +282,16 @@ class Runner:
                 )
                 changed = True
             elif component.restart_at is not None and now >= component.restart_at:
-                component.start()
                 component.restarts += 1
+                changed = True
+                try:
+                    component.start()
+                except OSError as exc:  # its program is gone, say: try again after the longest wait
+                    component.restart_at = now + BACKOFF_MAX
+                    self.say(f"{component.name} could not be started ({exc}); trying again in {BACKOFF_MAX:g} s.")
+                    continue
                 pid = component.process.pid if component.process else None
                 self.say(f"{component.name} started again (pid {pid}, restart {component.restarts}).")
-                changed = True
         if changed:
             self.write_state()
 
