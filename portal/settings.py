@@ -6,6 +6,7 @@ README lists them. Bad values fail at start-up with ImproperlyConfigured, never 
 
 import hashlib
 import os
+from collections.abc import Iterator, MutableMapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,8 +15,37 @@ from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env")
+
+class _Environ(MutableMapping[str, str]):
+    """os.environ, then the values read from `.env`, which are kept here rather than put into
+    os.environ: .env's secrets stay in this process's memory, out of /proc/<pid>/environ and out
+    of the environment of every process it starts."""
+
+    def __init__(self) -> None:
+        self.dotenv: dict[str, str] = {}
+
+    def __getitem__(self, key: str) -> str:
+        return os.environ[key] if key in os.environ else self.dotenv[key]
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self.dotenv[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.dotenv[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.dotenv.keys() | os.environ.keys())
+
+    def __len__(self) -> int:
+        return len(self.dotenv.keys() | os.environ.keys())
+
+
+class _Env(environ.Env):
+    ENVIRON = _Environ()
+
+
+env = _Env()
+_Env.read_env(BASE_DIR / ".env")
 
 DEBUG = env.bool("DEBUG", default=False)
 
@@ -96,7 +126,7 @@ TEMPLATES = [
 
 # State of the portal and of every local instance lives under DATA_DIR.
 DATA_DIR = (BASE_DIR / env.str("DATA_DIR", default="var")).resolve()  # relative to BASE_DIR
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+DATA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)  # `make run` also tightens an existing one
 
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'portal.sqlite3'}")}
 # Keep connections between requests (a new PostgreSQL connection costs milliseconds each time).
@@ -239,8 +269,10 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
 }
 
-# Celery: a real Redis broker; `make run` starts one on BROKER_PORT.
+# Celery: a real Redis broker; `make run` starts one on BROKER_PORT, with the password it wrote to
+# .env. A password in the URL wins over STOCKROOM_BROKER_PASSWORD (Celery's broker_password).
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6380/0")
+CELERY_BROKER_PASSWORD = env.str("STOCKROOM_BROKER_PASSWORD", default="") or None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -252,7 +284,9 @@ STOCKROOM_TASK_TIME_LIMIT = env.float("STOCKROOM_TASK_TIME_LIMIT", default=900.0
 CELERY_TASK_TIME_LIMIT = STOCKROOM_TASK_TIME_LIMIT
 # A broker that accepts connections but does not answer must not hold a web request for long.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 2}
-CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2}
+# A broker that `make run`'s runner is restarting (it died) is back within a second or two: a
+# request waits up to about 4 s for it rather than failing the job.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.4, "interval_max": 1.0}
 # Webhook deliveries have a queue and a worker pool of their own (`celery worker -Q webhooks`), so
 # that slow receivers can hold only those; the default worker consumes the default queue only.
 STOCKROOM_WEBHOOK_QUEUE = "webhooks"

@@ -148,15 +148,23 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def start_broker(folder: Path, port: int, password: str) -> subprocess.Popen:
+    """A broker as `make run` starts one: its password in a config file of its own (0600, in a
+    0700 folder), never on its command line or in its environment."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    config = folder / "redis.conf"
+    config.write_text(f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\nrequirepass "{password}"\n')
+    config.chmod(0o600)
+    return subprocess.Popen(
+        ["redis-server", str(config)], cwd=folder, stdout=subprocess.DEVNULL, env={"PATH": os.environ["PATH"]}
+    )
+
+
 @pytest.fixture
 def broker(tmp_path):
     port = broker_port()
-    server = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, retry=NO_RETRY)
+    server = start_broker(tmp_path / "broker", port, settings.CELERY_BROKER_PASSWORD)
+    client = redis.Redis(port=port, password=settings.CELERY_BROKER_PASSWORD, retry=NO_RETRY)
 
     def answers() -> bool:
         try:
