@@ -41,9 +41,10 @@ _MAKE_USER = """
 import django
 django.setup()
 from django.contrib.auth.models import User
-from rest_framework.authtoken.models import Token
-user = User.objects.create_user("soak", password="soak-" + "x" * 20)
-print(Token.objects.create(user=user).key)
+from provisioning.services.tokens import create_token
+# Staff, so that its token also sees /healthz's checks.
+user = User.objects.create_user("soak", password="soak-" + "x" * 20, is_staff=True)
+print(create_token(owner=user, name="stack")[1])
 """
 
 
