@@ -78,7 +78,7 @@ def test_the_portal_reaches_its_broker_with_the_password(admin_client, worker):
     """Celery (the web side and the worker) and /healthz use the password from the settings."""
     checks = admin_client.get("/healthz").json()["checks"]
     assert checks["broker"] == {"ok": True, "detail": "Reachable.", "ms": checks["broker"]["ms"]}
-    assert checks["workers"]["detail"] == "Workers answered for the celery and webhooks queues."
+    assert checks["workers"]["ok"], checks["workers"]  # the worker reached the broker, with the password
 
 
 # Child processes ---------------------------------------------------------------------------
