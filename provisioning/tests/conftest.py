@@ -19,6 +19,7 @@ import standardwebhooks
 from django.conf import settings
 from rest_framework.test import APIClient
 
+from devtools.stack import free_port
 from provisioning.backends.base import get_backend
 from provisioning.backends.local import kill_processes_under
 from provisioning.engines.redis import NO_RETRY
@@ -301,14 +302,7 @@ def receiver_port() -> int:
     if not ports:
         return 0
     first, _, last = ports.partition(",")
-    for port in range(int(first), int(last or first) + 1):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in STOCKROOM_TEST_HTTP_PORTS={ports}")
+    return free_port(range(int(first), int(last or first) + 1))
 
 
 @pytest.fixture
