@@ -254,7 +254,15 @@ REST_KNOX = {"TOKEN_TTL": STOCKROOM_TOKEN_TTL, "AUTH_HEADER_PREFIX": "Token"}
 # when Django creates it.
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    "shared": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "stockroom_cache"},
+    # Django culls a third of the entries past MAX_ENTRIES (300 by default), whichever sort first: a
+    # flood of new keys would drop live throttle counts. Expired entries go first, and a refused
+    # request writes no new key (ObtainTokenView.check_throttles), so this bound is never reached by
+    # counting alone.
+    "shared": {
+        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        "LOCATION": "stockroom_cache",
+        "OPTIONS": {"MAX_ENTRIES": 100_000},
+    },
 }
 # ------------------------------------------------------------------------------------------------
 

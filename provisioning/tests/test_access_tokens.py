@@ -220,6 +220,22 @@ def test_guessing_from_many_addresses_is_throttled_by_user_name(alice):
     assert guess("correct-horse-battery", address="198.51.100.200").status_code == 429
 
 
+def test_a_refused_attempt_writes_no_count_so_a_flood_cannot_cull_the_live_ones(alice):
+    """The shared cache culls entries past its size: if refused requests still wrote a count per
+    new user name, one address could flood it until the counts that hold it back were dropped."""
+
+    def counts() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM stockroom_cache")
+            return cursor.fetchone()[0]
+
+    for n in range(10):
+        guess("password", username=f"user-{n}")
+    before = counts()
+    assert [guess("password", username=f"flood-{n}").status_code for n in range(50)] == [429] * 50
+    assert counts() == before
+
+
 def test_guessing_many_user_names_from_one_address_is_throttled(alice):
     for n in range(10):
         guess("password", username=f"user-{n}", HTTP_X_FORWARDED_FOR=f"192.0.2.{n}")
