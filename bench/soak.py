@@ -294,7 +294,7 @@ def main() -> None:
     parser.add_argument("--kills", action="store_true", help="kill -9 servers, the broker and the worker at random")
     parser.add_argument("--kill-every", type=float, default=8.0, help="seconds between kills, on average")
     parser.add_argument("--web-port", type=int, default=8720)
-    parser.add_argument("--broker-port", type=int, default=32720)
+    parser.add_argument("--broker-port", type=int, help="a loopback port for the broker (default: a Unix socket)")
     parser.add_argument("--ports", default="32000,32599", help="the instances' port range")
     parser.add_argument("--concurrency", type=int, default=8, help="Celery worker processes")
     arguments = parser.parse_args()

@@ -56,7 +56,7 @@ class Stack:
         root: Path,
         *,
         web_port: int,
-        broker_port: int,
+        broker_port: int | None = None,
         port_range: tuple[int, int],
         concurrency: int = 2,
         env: dict[str, str] | None = None,
@@ -81,7 +81,8 @@ class Stack:
                 "STOCKROOM_BROKER_PASSWORD": self.password,
                 "DATA_DIR": str(self.data_dir),
                 "DATABASE_URL": f"sqlite:///{self.data_dir / 'portal.sqlite3'}",
-                "CELERY_BROKER_URL": f"redis://127.0.0.1:{broker_port}/0",
+                # None: the runner's default, a Unix socket in DATA_DIR/broker.
+                **({"CELERY_BROKER_URL": f"redis://127.0.0.1:{broker_port}/0"} if broker_port else {}),
                 "STOCKROOM_PORT_RANGE": f"{port_range[0]},{port_range[1]}",
                 "STOCKROOM_RECONCILE_INTERVAL": "2",
                 "LOG_LEVEL": "INFO",

@@ -135,34 +135,57 @@ def components(*, port: int, broker_config: Path, concurrency: int) -> list[Comp
     ]
 
 
-def broker_address() -> tuple[int, str]:
-    """The port and password of the broker `make run` starts, from the settings."""
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker `make run` starts listens: a Unix socket (the default) or a loopback port."""
+
+    password: str
+    socket: Path | None = None
+    port: int | None = None
+
+    def answers(self) -> bool:
+        return accepts_connections(self.socket if self.socket else self.port)
+
+
+def broker_address() -> BrokerAddress:
+    """Where the broker listens, and its password, from the settings."""
     url = urlsplit(settings.CELERY_BROKER_URL)
     password = unquote(url.password or "") or settings.CELERY_BROKER_PASSWORD or ""
-    if url.scheme != "redis" or url.hostname not in ("127.0.0.1", "localhost"):
-        raise SystemExit(f"The runner starts a Redis broker on 127.0.0.1; CELERY_BROKER_URL is {url.scheme}://…")
     if not password:
         raise SystemExit("The broker needs a password: set STOCKROOM_BROKER_PASSWORD (make run writes it to .env).")
     if any(c.isspace() or c in "\"'\\" for c in password):
         raise SystemExit("STOCKROOM_BROKER_PASSWORD may not contain spaces, quotes or backslashes.")
-    return url.port or 6379, password
+    if url.scheme == "redis+socket" and url.path:
+        return BrokerAddress(password, socket=Path(url.path))
+    if url.scheme == "redis" and url.hostname in ("127.0.0.1", "localhost"):
+        return BrokerAddress(password, port=url.port or 6379)
+    raise SystemExit(
+        "The runner starts a Redis broker on a Unix socket (redis+socket:///path) or on 127.0.0.1; "
+        f"CELERY_BROKER_URL is {url.scheme}://…"
+    )
 
 
-def write_broker_config(folder: Path, *, port: int, password: str) -> Path:
+def write_broker_config(folder: Path, address: BrokerAddress) -> Path:
     """redis.conf for the broker, password included, in a folder only the portal's user may enter.
+    On a Unix socket (the default) it has no TCP port at all: nobody else on the host can take its
+    place and be sent the password, as anyone may bind a free loopback port while the broker is down.
     The broker keeps an append-only file, so queued jobs survive its restart."""
     folder.mkdir(mode=0o700, exist_ok=True)
     os.chmod(folder, 0o700)
     config = folder / "redis.conf"
+    where = (
+        ["port 0", f'unixsocket "{address.socket}"', "unixsocketperm 700"]
+        if address.socket
+        else ["bind 127.0.0.1", f"port {address.port}"]
+    )
     text = "\n".join(
         [
-            "bind 127.0.0.1",
-            f"port {port}",
+            *where,
             f'dir "{folder}"',
             'save ""',
             "appendonly yes",
             f'logfile "{folder / "broker.log"}"',
-            f'requirepass "{password}"',
+            f'requirepass "{address.password}"',
             "",
         ]
     )
@@ -190,11 +213,29 @@ def make_private(data_dir: Path, *, keep_traversable: bool) -> None:
                 os.chmod(path, info.st_mode & 0o700)
 
 
-def accepts_connections(port: int) -> bool:
+def accepts_connections(where: int | Path | None) -> bool:
+    """Whether something listens on loopback port `where`, or on the Unix socket at `where`."""
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        if isinstance(where, Path):
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(1)
+                client.connect(str(where))
+        else:
+            socket.create_connection(("127.0.0.1", where), timeout=1).close()
     except OSError:
         return False
+    return True
+
+
+def bindable(port: int) -> bool:
+    """Whether nobody listens on loopback port `port`: found by binding it, not by connecting,
+    which would tell a stranger listening there that the portal is starting."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
     return True
 
 
@@ -220,11 +261,17 @@ class Runner:
         env_file = Path(settings.BASE_DIR) / ".env"
         if env_file.exists():
             os.chmod(env_file, 0o600)
-        self.broker_port, password = broker_address()
-        config = write_broker_config(data_dir / "broker", port=self.broker_port, password=password)
+        self.broker = broker_address()
+        config = write_broker_config(data_dir / "broker", self.broker)
         self.state_file = data_dir / RUNNER_STATE
         self.components = components(port=port, broker_config=config, concurrency=concurrency)
         self.stop_leftovers()
+        taken = [port for port in (port, self.broker.port) if port and not bindable(port)]
+        if taken:  # whoever holds them would be sent sign-ins, or the broker's password
+            raise SystemExit(
+                f"Port {', '.join(map(str, taken))} on 127.0.0.1 is held by another process; stop it or "
+                "choose another (PORT=…). The runner does not start next to a stranger."
+            )
         if logs:
             logs.mkdir(mode=0o700, parents=True, exist_ok=True)
             for component in self.components:
@@ -275,7 +322,7 @@ class Runner:
             component.start()
             if component.name == "broker":  # the others retry, but start quieter once it answers
                 deadline = time.monotonic() + 10
-                while not accepts_connections(self.broker_port) and time.monotonic() < deadline:
+                while not self.broker.answers() and time.monotonic() < deadline:
                     time.sleep(0.05)
         self.write_state()
         self.say(f"Stockroom is on http://127.0.0.1:{self.port} (API docs: /api/docs). Ctrl-C stops it.")

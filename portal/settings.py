@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator, MutableMapping
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -277,10 +278,18 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
 }
 
-# Celery: a real Redis broker; `make run` starts one on BROKER_PORT, with the password it wrote to
-# .env. A password in the URL wins over STOCKROOM_BROKER_PASSWORD (Celery's broker_password).
-CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6380/0")
+# Celery: a real Redis broker; `make run` starts one on a Unix socket in DATA_DIR/broker (a folder
+# only the portal's user may enter; BROKER_PORT puts it on a loopback port instead), with the
+# password it wrote to .env. A password in the URL wins over STOCKROOM_BROKER_PASSWORD (Celery's
+# broker_password).
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=f"redis+socket://{DATA_DIR / 'broker' / 'redis.sock'}")
 CELERY_BROKER_PASSWORD = env.str("STOCKROOM_BROKER_PASSWORD", default="") or None
+if CELERY_BROKER_PASSWORD and CELERY_BROKER_URL.startswith("redis+socket:///"):
+    # Kombu takes a socket's password from its URL only (it ignores broker_password there). The URL
+    # lives in this process's memory; Celery and kombu mask passwords when they print URLs.
+    CELERY_BROKER_URL = CELERY_BROKER_URL.replace(
+        "redis+socket://", f"redis+socket://:{quote(CELERY_BROKER_PASSWORD, safe='')}@", 1
+    )
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

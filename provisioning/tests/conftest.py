@@ -295,6 +295,27 @@ def verify(secret: str, headers: dict, body: bytes) -> bool:
     return True
 
 
+def connects_as(uid: int, path: Path) -> str:
+    """What a process of `uid` on the host gets when it connects to the Unix socket at `path`."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child tries, and reports through the pipe
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(str(path))
+            outcome = "connected"
+        except OSError as exc:
+            outcome = type(exc).__name__
+        os.write(write, outcome.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as pipe:
+        return pipe.read()
+
+
 def receiver_port() -> int:
     """A free loopback port for a test's HTTP receiver: from STOCKROOM_TEST_HTTP_PORTS ("first,last")
     when set, so that parallel runs stay in their own ranges, else 0 (the kernel picks)."""

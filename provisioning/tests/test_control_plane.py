@@ -7,6 +7,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from provisioning.backends.local import processes_under
 from provisioning.engines.redis import NO_RETRY
 from provisioning.models import Instance
 
-from .conftest import broker_port, instance_dir, port_refuses, server_dir, wait_for_status, wait_until
+from .conftest import broker_port, connects_as, instance_dir, port_refuses, server_dir, wait_for_status, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -175,7 +176,6 @@ def stack(tmp_path_factory):
     stack = Stack(
         root,
         web_port=free_port(range(33800, 33850)),
-        broker_port=free_port(range(33850, 33900)),
         port_range=(settings.STOCKROOM_PORT_RANGE[1] - 49, settings.STOCKROOM_PORT_RANGE[1]),  # the suite's last 50
     )
     stack.prepare()
@@ -220,8 +220,15 @@ def test_the_runner_brings_back_what_dies_and_only_ctrl_c_stops_it(stack):
     broker = stack.state()["components"]["broker"]
     cmdline = Path(f"/proc/{broker['pid']}/cmdline").read_bytes()
     assert stack.password.encode() not in cmdline + Path(f"/proc/{broker['pid']}/environ").read_bytes()
+    # The broker has no TCP port a stranger could take while it is down and be sent the password:
+    # only a Unix socket, in a folder of the portal's user that nobody else may enter.
+    sock = stack.data_dir / "broker" / "redis.sock"
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert connects_as(65534, sock) == "PermissionError"
+    listening = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True, check=True).stdout
+    assert f"pid={broker['pid']}," not in listening
     with pytest.raises(redis.AuthenticationError):
-        redis.Redis(port=stack.broker_port, retry=NO_RETRY).ping()
+        redis.Redis(unix_socket_path=str(sock), retry=NO_RETRY).ping()
 
     for name in ("broker", "worker", "web"):
         old = stack.state()["components"][name]["pid"]
@@ -252,7 +259,8 @@ def test_the_runner_brings_back_what_dies_and_only_ctrl_c_stops_it(stack):
     status, body = api_call(stack, "POST", "/api/storage/redis/instances", {})
     assert status == 202, body
     pk = body["id"]
-    assert wait_for(stack, pk, "running", "failed")["status"] == "running"
+    created = wait_for(stack, pk, "running", "failed")
+    assert created["status"] == "running", created["status_message"]
     _, config = api_call(stack, "GET", f"/api/storage/redis/instances/{pk}/config")
     tenant = redis.Redis.from_url(config["uri"], retry=NO_RETRY)
     tenant.set("after", "the kills")
@@ -274,7 +282,7 @@ def test_the_runner_brings_back_what_dies_and_only_ctrl_c_stops_it(stack):
     assert len(pids) > 6
     assert stack.stop() < 20
     wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), 10, "every process to exit")
-    assert port_refuses(stack.web_port) and port_refuses(stack.broker_port)
+    assert port_refuses(stack.web_port) and not (stack.data_dir / "broker" / "redis.sock").exists()
 
 
 # Private files --------------------------------------------------------------------------------
@@ -380,6 +388,37 @@ def test_portal_processes_run_with_umask_077():
             argv, cwd=settings.BASE_DIR, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": "."}
         )
         assert result.stdout.strip().splitlines()[-1] == "0o77", result.stderr
+
+
+def test_the_runner_does_not_start_next_to_a_stranger_on_its_port(tmp_path):
+    """Whoever holds the web port would be sent every sign-in: the runner refuses to start."""
+    stranger = socket.socket()
+    stranger.bind(("127.0.0.1", 0))
+    stranger.listen()
+    port = stranger.getsockname()[1]
+    stack = Stack(
+        tmp_path / "stack",
+        web_port=port,
+        port_range=(settings.STOCKROOM_PORT_RANGE[1] - 9, settings.STOCKROOM_PORT_RANGE[1]),
+    )
+    try:
+        stack.prepare()
+        runner = subprocess.run(
+            [sys.executable, "-m", "portal.runner", "--port", str(port)],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=settings.BASE_DIR,
+        )
+        assert runner.returncode != 0
+        assert f"Port {port} on 127.0.0.1 is held by another process" in runner.stderr
+        stranger.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            stranger.accept()  # nobody was sent anything
+    finally:
+        stranger.close()
+        stack.remove()
 
 
 def test_a_new_runner_stops_what_a_killed_runner_left(stack):
