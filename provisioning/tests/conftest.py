@@ -248,6 +248,7 @@ class Receiver:
     def __init__(self):
         self.received: list[tuple[dict, bytes]] = []
         self.attempts: list[dict] = []  # the headers of every request, failed ones included
+        self.paths: list[str] = []  # the request target of every request, as it came
         self.failures_left = 0
         receiver = self
 
@@ -255,6 +256,7 @@ class Receiver:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.attempts.append(dict(self.headers))
+                receiver.paths.append(self.path)
                 if receiver.failures_left > 0:
                     receiver.failures_left -= 1
                     self.send_response(503)
