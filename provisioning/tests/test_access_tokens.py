@@ -266,6 +266,18 @@ def test_creating_tokens_is_throttled_per_user_listing_is_not(api, outsider, set
     assert outsider.post(TOKENS, {"name": "mine"}).status_code == 201
 
 
+def test_the_token_page_counts_against_the_same_limit(api, alice, client, settings):
+    settings.STOCKROOM_TOKEN_RATE_CREATE = "2/hour"
+    client.force_login(alice)
+    assert api.post(TOKENS, {"name": "by-api"}).status_code == 201
+    assert client.post("/token/", {"name": "by-page", "expires_in": "30d"}).status_code == 200
+    refused = client.post("/token/", {"name": "one-too-many", "expires_in": "30d"})
+    assert refused.status_code == 429 and "Too many new tokens" in refused.content.decode()
+    assert api.post(TOKENS, {"name": "by-api-again"}).status_code == 429
+    names = {token["name"] for token in api.get(TOKENS).json()["results"]}
+    assert "one-too-many" not in names and "by-page" in names
+
+
 def test_throttles_count_in_the_cache_every_worker_shares(alice, settings):
     """Another gunicorn worker is another process with its own memory: counts must be in the database."""
     assert settings.CACHES["shared"]["BACKEND"] == "django.core.cache.backends.db.DatabaseCache"
