@@ -213,21 +213,24 @@ REST_FRAMEWORK = {
 
 
 # API tokens (provisioning.AccessToken; README, "Tokens"). A TTL is days ("90") or a duration
-# ("12h", "30d", "2w"); "never" only for the tokens a user asks for, and only when allowed.
-def _token_ttl():
+# ("12h", "30d", "2w"); "never" only for the tokens a user asks for, and only when allowed. Unless
+# it is, no token may live longer than STOCKROOM_TOKEN_MAX_TTL.
+def _token_lifetime(name: str, default: str):
     from provisioning.durations import parse_duration  # no Django in it: safe while settings load
 
-    value = env.str("STOCKROOM_TOKEN_TTL", default="90")
     try:
-        ttl = parse_duration(value)
+        lifetime = parse_duration(env.str(name, default=default))
     except ValueError as exc:
-        raise ImproperlyConfigured(f"STOCKROOM_TOKEN_TTL: {exc}") from None
-    if ttl is None:
-        raise ImproperlyConfigured("STOCKROOM_TOKEN_TTL is the default lifetime: a duration, not 'never'.")
-    return ttl
+        raise ImproperlyConfigured(f"{name}: {exc}") from None
+    if lifetime is None:
+        raise ImproperlyConfigured(f"{name} is a duration, not 'never' (see STOCKROOM_TOKEN_ALLOW_NEVER).")
+    return lifetime
 
 
-STOCKROOM_TOKEN_TTL = _token_ttl()
+STOCKROOM_TOKEN_TTL = _token_lifetime("STOCKROOM_TOKEN_TTL", "90")
+STOCKROOM_TOKEN_MAX_TTL = _token_lifetime("STOCKROOM_TOKEN_MAX_TTL", "365")
+if STOCKROOM_TOKEN_MAX_TTL < STOCKROOM_TOKEN_TTL:
+    raise ImproperlyConfigured("STOCKROOM_TOKEN_MAX_TTL must be at least STOCKROOM_TOKEN_TTL.")
 STOCKROOM_TOKEN_ALLOW_NEVER = env.bool("STOCKROOM_TOKEN_ALLOW_NEVER", default=False)
 
 

@@ -110,6 +110,18 @@ def test_never_is_refused_unless_the_operator_allows_it(api, settings):
     assert with_token(token["token"]).get(LIST).status_code == 200
 
 
+def test_no_token_outlives_the_operators_maximum_unless_never_is_allowed(api, settings):
+    """Else "never" is refused but ten years is not: a stolen token could mint such tokens, and
+    they would outlive its revocation."""
+    settings.STOCKROOM_TOKEN_ALLOW_NEVER = False
+    settings.STOCKROOM_TOKEN_MAX_TTL = timedelta(days=365)
+    response = api.post(TOKENS, {"name": "long", "expires_in": "3650d"})
+    assert response.status_code == 400 and "at most 365d" in response.json()["expires_in"][0]
+    assert new_token(api, expires_in="365d")["expires"]
+    settings.STOCKROOM_TOKEN_ALLOW_NEVER = True  # an operator who allows never allows any lifetime
+    assert new_token(api, expires_in="3650d")["expires"]
+
+
 @pytest.mark.parametrize(("expires_in", "days"), [("30", 30), (30, 30), ("2w", 14), ("12h", 0.5), (None, 90), ("", 90)])
 def test_expires_in_takes_days_or_a_duration(api, expires_in, days):
     token = new_token(api, format="json", expires_in=expires_in)
