@@ -66,7 +66,10 @@ def workers() -> str:
         broker()
     except Exception:  # noqa: BLE001 - the broker check reports why
         raise CheckFailed("Not checked: workers are reached through the broker.") from None
-    answers = app.control.inspect(timeout=TIMEOUT).active_queues() or {}
+    # A connection of its own: a pooled one may be left from before the broker restarted, and fail
+    # once ("Connection closed by server") though the broker and the workers are fine.
+    with app.connection_for_write() as connection:
+        answers = app.control.inspect(timeout=TIMEOUT, connection=connection).active_queues() or {}
     if not answers:
         raise CheckFailed(f"No worker answered a ping within {TIMEOUT:g} s.")
     served = {queue["name"] for queues in answers.values() for queue in queues or ()}
