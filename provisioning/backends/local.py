@@ -100,6 +100,9 @@ class LocalBackend(BaseBackend):
     @cached_property
     def no_disks(self) -> str | None:
         """Why the kernel does not enforce disk limits here, or None when each instance has a filesystem."""
+        # The trial mounts in the instances folder: make it as instance uids need it first (0711),
+        # or, made by the trial under the portal's umask 077, it would keep every server out.
+        files.make_traversable(self.root)
         return self.disks.problem()
 
     # Paths -----------------------------------------------------------------------------
