@@ -11,9 +11,9 @@ CHECK_ENV := STOCKROOM_ENCRYPTION_KEYS=check-only DATABASE_URL=sqlite://:memory:
 DEPLOY_ENV := $(CHECK_ENV) DEBUG=False STOCKROOM_HTTPS=True \
 	SECRET_KEY=$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(50))')
 
-.PHONY: run test test-fast check lint system test-system bench
+.PHONY: run test test-fast check lint system test-system bench soak env-upgrade
 
-run: system $(VENV)/.installed .env
+run: system $(VENV)/.installed .env env-upgrade
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py collectstatic --noinput -v0
 	PORT=$(PORT) scripts/run-all
@@ -38,6 +38,11 @@ test-fast: $(VENV)/.installed-dev
 # BENCH_QUICK=1 does less of each measurement and finishes in under two minutes.
 bench: system $(VENV)/.installed
 	BENCH_QUICK=$(BENCH_QUICK) $(PY) -m bench
+
+# The soak against a stack of its own (a temporary DATA_DIR, web port 8720); not part of make test.
+# SOAK_ARGS, e.g. "--clients 6 --minutes 4 --kills" (kill -9 servers, the broker and the worker).
+soak: system $(VENV)/.installed-dev
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 # Everything CI checks before the tests; stops at the first failure. `make test` runs it first.
 check: lint
@@ -67,11 +72,20 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(PIP_INSTALL) -r requirements.txt -r requirements-dev.txt
 	touch $@
 
-# Random keys for this checkout, written once; keep .env out of version control.
+# Random keys for this checkout, written once; keep .env out of version control. Only the
+# portal's user may read it (0600).
 .env:
 	@umask 077; { \
 	  echo "DEBUG=False"; \
 	  echo "SECRET_KEY=$$(head -c 48 /dev/urandom | base64 | tr -d '/+=\n')"; \
 	  echo "STOCKROOM_ENCRYPTION_KEYS=$$(head -c 48 /dev/urandom | base64 | tr -d '/+=\n')"; \
+	  echo "STOCKROOM_BROKER_PASSWORD=$$(head -c 32 /dev/urandom | base64 | tr -d '/+=\n')"; \
 	} > $@
 	@echo "Wrote .env with new random keys."
+
+# An .env from before the broker had a password gets one (and 0600, whatever it had).
+env-upgrade: .env
+	@chmod 600 .env
+	@grep -q '^STOCKROOM_BROKER_PASSWORD=' .env || { \
+	  echo "STOCKROOM_BROKER_PASSWORD=$$(head -c 32 /dev/urandom | base64 | tr -d '/+=\n')" >> .env; \
+	  echo "Added a random STOCKROOM_BROKER_PASSWORD to .env."; }

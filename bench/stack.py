@@ -30,6 +30,7 @@ POSTGRES_PORT = 32701
 PORT_RANGE = (30000, 30899)
 BASELINE_PORTS = range(30900, 31000)
 RUN_AS = "stockroom"  # instance and baseline servers run as this user when we are root
+BROKER_PASSWORD = secrets.token_urlsafe(24)  # new for every run, like the keys
 
 
 def environment(*, database_url: str | None = None) -> dict[str, str]:
@@ -44,6 +45,7 @@ def environment(*, database_url: str | None = None) -> dict[str, str]:
         "STOCKROOM_ENCRYPTION_KEYS": secrets.token_urlsafe(48),
         "DATA_DIR": str(DATA_DIR),
         "CELERY_BROKER_URL": f"redis://127.0.0.1:{BROKER_PORT}/0",
+        "STOCKROOM_BROKER_PASSWORD": BROKER_PASSWORD,
         "CELERY_TASK_ALWAYS_EAGER": "False",
         "STOCKROOM_PORT_RANGE": f"{PORT_RANGE[0]},{PORT_RANGE[1]}",
         "STOCKROOM_QUOTA": "1000",
@@ -149,10 +151,19 @@ def _log_says(name: str, text: str) -> Callable[[], bool]:
 
 
 def broker() -> Service:
+    """The broker, with its password in a config file (0600, in a 0700 folder): none on its
+    command line, none in its environment."""
     directory = DATA_DIR / "broker"
-    directory.mkdir(parents=True, exist_ok=True)
-    argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(BROKER_PORT), "--dir", str(directory)]
-    return Service("broker", [*argv, "--save", "", "--appendonly", "no"], lambda: accepts_connections(BROKER_PORT))
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    config = directory / "redis.conf"
+    config.touch(mode=0o600)
+    config.chmod(0o600)
+    config.write_text(
+        f'bind 127.0.0.1\nport {BROKER_PORT}\ndir "{directory}"\nsave ""\nappendonly no\n'
+        f'requirepass "{BROKER_PASSWORD}"\n'
+    )
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    return Service("broker", ["redis-server", str(config)], lambda: accepts_connections(BROKER_PORT), env=env)
 
 
 def worker(env: dict[str, str], *, concurrency: int) -> Service:

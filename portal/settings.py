@@ -6,16 +6,47 @@ README lists them. Bad values fail at start-up with ImproperlyConfigured, never 
 
 import hashlib
 import os
+from collections.abc import Iterator, MutableMapping
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env")
+
+class _Environ(MutableMapping[str, str]):
+    """os.environ, then the values read from `.env`, which are kept here rather than put into
+    os.environ: .env's secrets stay in this process's memory, out of /proc/<pid>/environ and out
+    of the environment of every process it starts."""
+
+    def __init__(self) -> None:
+        self.dotenv: dict[str, str] = {}
+
+    def __getitem__(self, key: str) -> str:
+        return os.environ[key] if key in os.environ else self.dotenv[key]
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self.dotenv[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.dotenv[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.dotenv.keys() | os.environ.keys())
+
+    def __len__(self) -> int:
+        return len(self.dotenv.keys() | os.environ.keys())
+
+
+class _Env(environ.Env):
+    ENVIRON = _Environ()
+
+
+env = _Env()
+_Env.read_env(BASE_DIR / ".env")
 
 DEBUG = env.bool("DEBUG", default=False)
 
@@ -96,7 +127,7 @@ TEMPLATES = [
 
 # State of the portal and of every local instance lives under DATA_DIR.
 DATA_DIR = (BASE_DIR / env.str("DATA_DIR", default="var")).resolve()  # relative to BASE_DIR
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+DATA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)  # `make run` also tightens an existing one
 
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'portal.sqlite3'}")}
 # Keep connections between requests (a new PostgreSQL connection costs milliseconds each time).
@@ -197,21 +228,24 @@ REST_FRAMEWORK = {
 
 
 # API tokens (provisioning.AccessToken; README, "Tokens"). A TTL is days ("90") or a duration
-# ("12h", "30d", "2w"); "never" only for the tokens a user asks for, and only when allowed.
-def _token_ttl():
+# ("12h", "30d", "2w"); "never" only for the tokens a user asks for, and only when allowed. Unless
+# it is, no token may live longer than STOCKROOM_TOKEN_MAX_TTL.
+def _token_lifetime(name: str, default: str):
     from provisioning.durations import parse_duration  # no Django in it: safe while settings load
 
-    value = env.str("STOCKROOM_TOKEN_TTL", default="90")
     try:
-        ttl = parse_duration(value)
+        lifetime = parse_duration(env.str(name, default=default))
     except ValueError as exc:
-        raise ImproperlyConfigured(f"STOCKROOM_TOKEN_TTL: {exc}") from None
-    if ttl is None:
-        raise ImproperlyConfigured("STOCKROOM_TOKEN_TTL is the default lifetime: a duration, not 'never'.")
-    return ttl
+        raise ImproperlyConfigured(f"{name}: {exc}") from None
+    if lifetime is None:
+        raise ImproperlyConfigured(f"{name} is a duration, not 'never' (see STOCKROOM_TOKEN_ALLOW_NEVER).")
+    return lifetime
 
 
-STOCKROOM_TOKEN_TTL = _token_ttl()
+STOCKROOM_TOKEN_TTL = _token_lifetime("STOCKROOM_TOKEN_TTL", "90")
+STOCKROOM_TOKEN_MAX_TTL = _token_lifetime("STOCKROOM_TOKEN_MAX_TTL", "365")
+if STOCKROOM_TOKEN_MAX_TTL < STOCKROOM_TOKEN_TTL:
+    raise ImproperlyConfigured("STOCKROOM_TOKEN_MAX_TTL must be at least STOCKROOM_TOKEN_TTL.")
 STOCKROOM_TOKEN_ALLOW_NEVER = env.bool("STOCKROOM_TOKEN_ALLOW_NEVER", default=False)
 
 
@@ -239,7 +273,15 @@ REST_KNOX = {"TOKEN_TTL": STOCKROOM_TOKEN_TTL, "AUTH_HEADER_PREFIX": "Token"}
 # when Django creates it.
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    "shared": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "stockroom_cache"},
+    # Django culls a third of the entries past MAX_ENTRIES (300 by default), whichever sort first: a
+    # flood of new keys would drop live throttle counts. Expired entries go first, and a refused
+    # request writes no new key (ObtainTokenView.check_throttles), so this bound is never reached by
+    # counting alone.
+    "shared": {
+        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        "LOCATION": "stockroom_cache",
+        "OPTIONS": {"MAX_ENTRIES": 100_000},
+    },
 }
 # ------------------------------------------------------------------------------------------------
 
@@ -254,8 +296,18 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
 }
 
-# Celery: a real Redis broker; `make run` starts one on BROKER_PORT.
-CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="redis://127.0.0.1:6380/0")
+# Celery: a real Redis broker; `make run` starts one on a Unix socket in DATA_DIR/broker (a folder
+# only the portal's user may enter; BROKER_PORT puts it on a loopback port instead), with the
+# password it wrote to .env. A password in the URL wins over STOCKROOM_BROKER_PASSWORD (Celery's
+# broker_password).
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=f"redis+socket://{DATA_DIR / 'broker' / 'redis.sock'}")
+CELERY_BROKER_PASSWORD = env.str("STOCKROOM_BROKER_PASSWORD", default="") or None
+if CELERY_BROKER_PASSWORD and CELERY_BROKER_URL.startswith("redis+socket:///"):
+    # Kombu takes a socket's password from its URL only (it ignores broker_password there). The URL
+    # lives in this process's memory; Celery and kombu mask passwords when they print URLs.
+    CELERY_BROKER_URL = CELERY_BROKER_URL.replace(
+        "redis+socket://", f"redis+socket://:{quote(CELERY_BROKER_PASSWORD, safe='')}@", 1
+    )
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -267,7 +319,9 @@ STOCKROOM_TASK_TIME_LIMIT = env.float("STOCKROOM_TASK_TIME_LIMIT", default=900.0
 CELERY_TASK_TIME_LIMIT = STOCKROOM_TASK_TIME_LIMIT
 # A broker that accepts connections but does not answer must not hold a web request for long.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 2}
-CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2}
+# A broker that `make run`'s runner is restarting (it died) is back within a second or two: a
+# request waits up to about 4 s for it rather than failing the job.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.4, "interval_max": 1.0}
 # Webhook deliveries have a queue and a worker pool of their own (`celery worker -Q webhooks`), so
 # that slow receivers can hold only those; the default worker consumes the default queue only.
 STOCKROOM_WEBHOOK_QUEUE = "webhooks"

@@ -7,6 +7,8 @@ the first look at an outage is also the diagnosis; anyone else gets the status a
 details name paths, versions and the portal's inner workings.
 """
 
+import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from .backends.base import BackendError, get_backend
 from .models import Heartbeat, Instance
 from .reconciler import HEARTBEAT
 
+RUNNER_STATE = "runner.json"  # in DATA_DIR: what `make run`'s runner (portal/runner.py) says
 TIMEOUT = 1.0  # per network call
 DEADLINE = 3.0  # for the whole answer
 _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="healthz")
@@ -63,7 +66,10 @@ def workers() -> str:
         broker()
     except Exception:  # noqa: BLE001 - the broker check reports why
         raise CheckFailed("Not checked: workers are reached through the broker.") from None
-    answers = app.control.inspect(timeout=TIMEOUT).active_queues() or {}
+    # A connection of its own: a pooled one may be left from before the broker restarted, and fail
+    # once ("Connection closed by server") though the broker and the workers are fine.
+    with app.connection_for_write() as connection:
+        answers = app.control.inspect(timeout=TIMEOUT, connection=connection).active_queues() or {}
     if not answers:
         raise CheckFailed(f"No worker answered a ping within {TIMEOUT:g} s.")
     served = {queue["name"] for queues in answers.values() for queue in queues or ()}
@@ -103,12 +109,39 @@ def backends() -> str:
     return " ".join(usable)
 
 
+def runner() -> str:
+    """The components `make run`'s runner keeps up: which are down, and how often each was restarted."""
+    try:
+        state = json.loads((settings.DATA_DIR / RUNNER_STATE).read_text())
+    except FileNotFoundError:
+        return "Not started by make run's runner: nothing to report."
+    try:
+        os.kill(state["pid"], 0)
+    except ProcessLookupError:
+        raise CheckFailed(f"The runner (pid {state['pid']}) is gone; its components are not looked after.") from None
+    except PermissionError:
+        pass
+    parts, down = [], []
+    for name, component in state["components"].items():
+        part = f"{name} {'up' if component['up'] else 'down, starting again soon'}"
+        if component["restarts"] or component["last_exit"]:
+            part += f", restarted {component['restarts']}x (last exit: {component['last_exit']}"
+            part += f" at {component['last_exit_at']})"
+        parts.append(part)
+        if not component["up"]:
+            down.append(name)
+    if down:
+        raise CheckFailed("; ".join(parts) + ".")
+    return "; ".join(parts) + "."
+
+
 CHECKS: dict[str, Callable[[], str]] = {
     "database": database,
     "broker": broker,
     "workers": workers,
     "reconciler": reconciler,
     "backends": backends,
+    "runner": runner,
 }
 
 

@@ -1,5 +1,7 @@
 """Server-rendered pages. Every change goes through services, exactly as in the API."""
 
+import math
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -13,6 +15,7 @@ from django.views.decorators.http import require_POST
 
 from . import services
 from .api.pagination import IdsFirstPaginator
+from .api.throttles import TokenCreateThrottle
 from .durations import describe_duration
 from .engines import UnknownKind, engines, get_engine
 from .forms import TokenForm, create_form_class
@@ -202,6 +205,11 @@ def token(request):
     """The user's API tokens; a POST creates one and shows its secret, this once."""
     form = _token_form(request.POST if request.method == "POST" else None)
     new = None
+    throttle = TokenCreateThrottle()  # the same count as POST /api/auth/tokens
+    if request.method == "POST" and not throttle.allow_request(request, None):
+        form.add_error(None, f"Too many new tokens: try again in {math.ceil(throttle.wait() or 1)} s.")
+        context = {"form": form, "new": None, "tokens": tokens.tokens_of(request.user)}
+        return render(request, "provisioning/token.html", context, status=429)
     if request.method == "POST" and form.is_valid():
         try:
             new, secret = tokens.create_token(owner=request.user, **form.cleaned_data)

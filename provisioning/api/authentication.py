@@ -3,7 +3,8 @@ time), over provisioning.AccessToken, with two changes:
 
 - an expired token is refused without touching the owner's other tokens (knox would load them all
   on every request: one query more for each API call);
-- `last_used` is written at most once per `last_used_every`, so a busy client costs no extra write.
+- `last_used` is written at most once per `last_used_every`, so a busy client costs no extra write;
+- a token that is not text (knox would fail decoding it: a 500) is refused like any wrong token.
 """
 
 from datetime import timedelta
@@ -18,6 +19,13 @@ from ..models import AccessToken
 class TokenAuthentication(auth.TokenAuthentication):
     clock = staticmethod(timezone.now)
     last_used_every = timedelta(minutes=1)
+
+    def authenticate_credentials(self, token: bytes):
+        try:
+            token.decode("utf-8")
+        except UnicodeDecodeError:
+            raise exceptions.AuthenticationFailed("Invalid token.") from None
+        return super().authenticate_credentials(token)
 
     def _cleanup_token(self, auth_token: AccessToken) -> bool:
         """True (skip this row) if the token has expired. It stays listed, marked expired, until revoked."""

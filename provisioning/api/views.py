@@ -282,6 +282,14 @@ class ObtainTokenView(APIView):
     parser_classes = [parsers.JSONParser, parsers.FormParser, MultiPartParser]
     serializer_class = AuthTokenSerializer
 
+    def check_throttles(self, request):
+        """Stop at the first throttle that refuses (DRF asks them all): a request refused for its
+        address must not write a count for its user name, or one address could flood the shared
+        cache with new keys until it culls live counts."""
+        for throttle in self.get_throttles():
+            if not throttle.allow_request(request, self):
+                self.throttled(request, throttle.wait())
+
     @extend_schema(request=AuthTokenSerializer, responses={200: NewAccessTokenSerializer}, summary="Get a token")
     def post(self, request):
         serializer = AuthTokenSerializer(data=request.data, context={"request": request})

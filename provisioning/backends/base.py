@@ -18,11 +18,15 @@ from .disks import DISK_FULL
 if TYPE_CHECKING:
     from ..models import Instance
 
-__all__ = ["DISK_FULL", "BackendError", "BaseBackend", "StrangerOnPort", "get_backend"]
+__all__ = ["DISK_FULL", "BackendError", "BaseBackend", "ServerExited", "StrangerOnPort", "get_backend"]
 
 
 class StrangerOnPort(BackendError):
     """Something other than the instance's server listens on its port; no credentials were sent."""
+
+
+class ServerExited(BackendError):
+    """The server exited (or was killed) before it accepted a login."""
 
 
 class BaseBackend:
@@ -187,7 +191,7 @@ class BaseBackend:
             except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
                 last_error = exc
             if exited():
-                raise BackendError(f"The server exited during start-up. {log_tail()}")
+                raise ServerExited(f"The server exited during start-up. {log_tail()}")
             time.sleep(self.poll_interval)
         raise BackendError(
             f"The server did not accept a login within {settings.STOCKROOM_START_TIMEOUT:g} s "

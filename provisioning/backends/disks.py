@@ -30,6 +30,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from ..errors import BackendError
+from . import processes
 
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A  # Linux 5.8
@@ -248,7 +249,7 @@ def _format(image: Path, size: int) -> None:
     descriptor = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     os.ftruncate(descriptor, size)
     os.close(descriptor)
-    result = subprocess.run([*MKFS, str(image)], capture_output=True, text=True)
+    result = subprocess.run([*MKFS, str(image)], capture_output=True, text=True, env=processes.ENVIRONMENT)
     if result.returncode:
         raise BackendError(f"mkfs.ext4 failed for a {size}-byte image: {result.stderr.strip()}")
 

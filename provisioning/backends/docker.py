@@ -229,7 +229,8 @@ class DockerBackend(BaseBackend):
             self._write(instance, directory / name, text)
             mounts.append(Mount(str(path), str(directory / name), type="bind", read_only=True))
         if spec.init_dir:
-            (directory / INIT).mkdir(mode=0o750)
+            (directory / INIT).mkdir()
+            (directory / INIT).chmod(0o750)  # whatever the umask (the portal's is 077)
             os.chown(directory / INIT, 0, uid)
             for name, text in spec.init_files.items():
                 self._write(instance, directory / INIT / name, text)

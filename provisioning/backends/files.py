@@ -9,7 +9,7 @@ symlink; the files the portal writes live in a folder the instance's uid cannot 
 import os
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import BackendError
@@ -25,6 +25,19 @@ def folder(path: Path) -> Iterator[int]:
         yield descriptor
     finally:
         os.close(descriptor)
+
+
+def make_traversable(path: Path) -> None:
+    """Make the folder `path` and any missing parents 0711: instance servers and `run_as` pass
+    through, nobody lists. Explicit, since portal processes run with umask 077."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for created in reversed(missing):
+        with suppress(FileExistsError):  # another worker made it meanwhile
+            created.mkdir()
+        os.chmod(created, 0o711)
 
 
 def write(path: Path, text: str, *, group: int | None = None) -> None:

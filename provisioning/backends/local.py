@@ -102,6 +102,9 @@ class LocalBackend(BaseBackend):
     @cached_property
     def no_disks(self) -> str | None:
         """Why the kernel does not enforce disk limits here, or None when each instance has a filesystem."""
+        # The trial mounts in the instances folder: make it as instance uids need it first (0711),
+        # or, made by the trial under the portal's umask 077, it would keep every server out.
+        files.make_traversable(self.root)
         return self.disks.problem()
 
     # Paths -----------------------------------------------------------------------------
@@ -144,6 +147,7 @@ class LocalBackend(BaseBackend):
         if user is not None:
             self.uids.claim(user, _key(instance.kind, instance.pk))
         self._make_folders(directory, user, disk=instance.disk_limit)
+        files.make_traversable(self.cache)  # where `run_as` builds shared templates
         setup = engine.local_setup(instance, layout, self)
         if setup.seed:
             self._copy_seed(setup.seed, Path(layout.data), user)
@@ -263,7 +267,7 @@ class LocalBackend(BaseBackend):
         for engine in engines().values():
             for name in engine.local_programs:
                 self.program(name)
-        self.root.mkdir(parents=True, exist_ok=True)
+        files.make_traversable(self.root)
         if not os.access(self.root, os.W_OK):
             raise BackendError(f"Cannot write to {self.root}.")
         found = "Server programs found; the instances folder is writable."
@@ -393,7 +397,7 @@ class LocalBackend(BaseBackend):
     def _make_folders(self, directory: Path, user: InstanceUser | None, *, disk: int) -> None:
         """The instance's folder (root:<its group> 0750 when confined) and `server/` in it, the
         only place its uid may write: a filesystem of `disk` bytes where the kernel can mount one."""
-        directory.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+        files.make_traversable(directory.parent)
         directory.mkdir(mode=0o700)
         server = directory / SERVER
         server.mkdir(mode=0o700)
@@ -410,7 +414,10 @@ class LocalBackend(BaseBackend):
             result = self.run(["cp", "-a", "--reflink=auto", source, target], cwd=source.parent)
         else:  # nothing runs as the instance's uid yet: its new folder holds still while it is given away
             result = subprocess.run(
-                ["cp", "-a", "--reflink=auto", str(source), str(target)], capture_output=True, text=True
+                ["cp", "-a", "--reflink=auto", str(source), str(target)],
+                capture_output=True,
+                text=True,
+                env=processes.ENVIRONMENT,
             )
         if result.returncode:
             raise BackendError(f"Could not copy the data template: {result.stderr.strip()}")
@@ -429,6 +436,7 @@ class LocalBackend(BaseBackend):
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
+            env=processes.ENVIRONMENT | {"HOME": str(cwd), "TMPDIR": str(cwd)},
             **self._drop_privileges(),
         )
 

@@ -24,6 +24,9 @@ from typing import IO
 from ..errors import BackendError
 
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# The whole environment of every program the local backend runs (servers, mariadb-install-db, cp,
+# mkfs): none of the portal's own (SECRET_KEY, the encryption keys, the broker's password).
+ENVIRONMENT = {"PATH": PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 PR_SET_NO_NEW_PRIVS = 38
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -167,7 +170,7 @@ def spawn(
                 ["setsid", "--fork", *argv],
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
-                env={"PATH": PATH, "LANG": "C.UTF-8"},
+                env=ENVIRONMENT,
                 preexec_fn=become_the_server,
                 timeout=10,
             )

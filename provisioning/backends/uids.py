@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BackendError
+from . import files
 
 LAST_UID = 2**31 - 2  # some tools take larger uids for negative numbers
 # Where any uid may create files; an instance's leftovers there are removed with it.
@@ -61,7 +62,8 @@ class Uids:
                 f"uid {user.uid} belongs to the account {account.pw_name!r}; instances need uids no account "
                 "has: choose another STOCKROOM_UID_BASE."
             )
-        self.claims.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files.make_traversable(self.claims.parent)  # where instances may live too (see settings)
+        self.claims.mkdir(mode=0o700, exist_ok=True)
         path = self.claims / str(user.uid)
         try:
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

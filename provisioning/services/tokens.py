@@ -13,7 +13,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from ..durations import NEVER, RULE, parse_duration
+from ..durations import NEVER, RULE, describe_duration, parse_duration
 from ..models import AccessToken
 
 logger = logging.getLogger(__name__)
@@ -38,10 +38,15 @@ def parse_expires_in(value: Any) -> timedelta | None:
         duration = parse_duration(value)
     except ValueError as exc:
         raise ValidationError({"expires_in": str(exc)}) from None
-    if duration is None and not settings.STOCKROOM_TOKEN_ALLOW_NEVER:
+    if settings.STOCKROOM_TOKEN_ALLOW_NEVER:
+        return duration
+    if duration is None:
         raise ValidationError(
             {"expires_in": f"Tokens that never expire are not allowed on this portal; give {expiry_rule()}."}
         )
+    if duration > settings.STOCKROOM_TOKEN_MAX_TTL:
+        longest = describe_duration(settings.STOCKROOM_TOKEN_MAX_TTL)
+        raise ValidationError({"expires_in": f"Tokens live at most {longest} on this portal; give a shorter lifetime."})
     return duration
 
 

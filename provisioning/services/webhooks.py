@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import certifi
 from django.conf import settings
@@ -47,6 +47,9 @@ LEGACY_SIGNATURE_HEADER = "X-Stockroom-Signature"
 DELIVERY_HEADER = "X-Stockroom-Delivery"
 URL_RULE = "an http:// or https:// URL"
 # How long after its deadline a delivery stays held by the worker sending it.
+# Characters a request target may hold as they are (RFC 3986: reserved, unreserved, and "%" of
+# what is already encoded).
+URL_SAFE = "/?&=:@!$'()*+,;~%-._"
 CLAIM_MARGIN = 30.0
 CUT_SHORT = "No outcome recorded: the attempt is under way, or its worker stopped mid-send."
 
@@ -150,7 +153,9 @@ def post(url: str, body: bytes, headers: dict[str, str], deadline: Deadline) -> 
     parts = urlsplit(url)
     host = (parts.hostname or "").encode("idna").decode()
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # As a browser or urllib3 would send it: what is not ASCII, percent-encoded (http.client sends
+    # ASCII only); what is already encoded stays as it is.
+    path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=URL_SAFE)
     name = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
     default_port = port == (443 if parts.scheme == "https" else 80)
     headers = headers | {"Host": name if default_port else f"{name}:{port}"}

@@ -1,7 +1,7 @@
 """The worker side: claim the instance, do the job through its backend, record the outcome.
 
-Every job ends in a status a person can act on. Work that a dead worker left behind is done
-again once by recover(), then given up.
+Every job ends in a status a person can act on. A create is done again once, from a clean slate,
+when its worker died (recover()) or its server died while starting; then it is given up.
 """
 
 import logging
@@ -12,7 +12,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from .. import crypto
-from ..backends.base import BackendError, BaseBackend
+from ..backends.base import BackendError, BaseBackend, ServerExited
 from ..models import BUSY_STATUSES, Instance, Status
 from . import healing, jobs, ports, snapshots
 from .actions import ACTION_OF, ACTIONS
@@ -43,6 +43,12 @@ def _provision(instance: Instance, backend: BaseBackend) -> None:
                 backend.restore(instance, file)
         elif instance.restore_from_id is not None:
             raise BackendError("The snapshot to clone was deleted before the clone was made.")
+    except ServerExited as exc:
+        if not _redo_once(instance, f"The server died while starting ({exc})"):
+            _fail(instance, backend, "Provisioning failed, on its second try", exc)
+            return
+        _provision(instance, backend)  # create() begins by destroying what the first try left
+        return
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
         _fail(instance, backend, "Provisioning failed", exc)
         return
@@ -57,6 +63,18 @@ def _provision(instance: Instance, backend: BaseBackend) -> None:
         logger.info("Instance %s is running on port %s", instance.pk, instance.port)
     else:  # someone else moved it on meanwhile; what they decided stands
         logger.warning("Instance %s left provisioning while it was being started", instance.pk)
+
+
+def _redo_once(instance: Instance, why: str) -> bool:
+    """Use the create's one redo (the same one recover() uses after a dead worker), saying why;
+    False if it was used already."""
+    if instance.recoveries:
+        return False
+    message = f"{why}; starting it again from a clean slate."
+    Instance.objects.filter(pk=instance.pk).update(recoveries=1, status_message=message)
+    instance.recoveries = 1
+    logger.warning("Instance %s: %s", instance.pk, message)
+    return True
 
 
 def _fail(instance: Instance, backend: BaseBackend, what: str, exc: Exception) -> None:
@@ -186,22 +204,22 @@ def _recover(instance: Instance, backend: BaseBackend) -> None:
     if instance.recoveries:
         _give_up_recovering(instance, backend, f"{note} twice")
         return
+    answers = (
+        busy in (Status.PROVISIONING, Status.STARTING, Status.RESTARTING)
+        and backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT) is None
+    )
+    if busy == Status.PROVISIONING and not answers:  # a create starts from a clean slate: do it again
+        _redo_once(instance, f"{note} before the server was ready")
+        _provision(instance, backend)
+        return
     Instance.objects.filter(pk=instance.pk).update(recoveries=1)
     if busy == Status.DELETING:
         _deprovision(instance, backend)
     elif busy == Status.RESTORING:  # done again from the start: the old data stays until the new replaces it
         snapshots.restore_now(instance, backend)
-    elif (
-        busy in (Status.PROVISIONING, Status.STARTING, Status.RESTARTING)
-        and backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT) is None
-    ):
+    elif answers:
         message = f"{note}; the server answers, so it is running."
         transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(busy,))
-    elif busy == Status.PROVISIONING:  # a create starts from a clean slate, so just do it again
-        Instance.objects.filter(pk=instance.pk).update(
-            status_message=f"{note} before the server was ready; starting it again."
-        )
-        _provision(instance, backend)
     else:
         _perform(instance, backend, ACTION_OF[busy])
 

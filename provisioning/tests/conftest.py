@@ -19,6 +19,7 @@ import standardwebhooks
 from django.conf import settings
 from rest_framework.test import APIClient
 
+from devtools.stack import free_port
 from provisioning.backends.base import get_backend
 from provisioning.backends.local import kill_processes_under
 from provisioning.engines.redis import NO_RETRY
@@ -154,15 +155,23 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def start_broker(folder: Path, port: int, password: str) -> subprocess.Popen:
+    """A broker as `make run` starts one: its password in a config file of its own (0600, in a
+    0700 folder), never on its command line or in its environment."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    config = folder / "redis.conf"
+    config.write_text(f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\nrequirepass "{password}"\n')
+    config.chmod(0o600)
+    return subprocess.Popen(
+        ["redis-server", str(config)], cwd=folder, stdout=subprocess.DEVNULL, env={"PATH": os.environ["PATH"]}
+    )
+
+
 @pytest.fixture
 def broker(tmp_path):
     port = broker_port()
-    server = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, retry=NO_RETRY)
+    server = start_broker(tmp_path / "broker", port, settings.CELERY_BROKER_PASSWORD)
+    client = redis.Redis(port=port, password=settings.CELERY_BROKER_PASSWORD, retry=NO_RETRY)
 
     def answers() -> bool:
         try:
@@ -245,6 +254,7 @@ class Receiver:
     def __init__(self):
         self.received: list[tuple[dict, bytes]] = []
         self.attempts: list[dict] = []  # the headers of every request, failed ones included
+        self.paths: list[str] = []  # the request target of every request, as it came
         self.failures_left = 0
         receiver = self
 
@@ -252,6 +262,7 @@ class Receiver:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.attempts.append(dict(self.headers))
+                receiver.paths.append(self.path)
                 if receiver.failures_left > 0:
                     receiver.failures_left -= 1
                     self.send_response(503)
@@ -292,6 +303,27 @@ def verify(secret: str, headers: dict, body: bytes) -> bool:
     return True
 
 
+def connects_as(uid: int, path: Path) -> str:
+    """What a process of `uid` on the host gets when it connects to the Unix socket at `path`."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child tries, and reports through the pipe
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(str(path))
+            outcome = "connected"
+        except OSError as exc:
+            outcome = type(exc).__name__
+        os.write(write, outcome.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as pipe:
+        return pipe.read()
+
+
 def receiver_port() -> int:
     """A free loopback port for a test's HTTP receiver: from STOCKROOM_TEST_HTTP_PORTS ("first,last")
     when set, so that parallel runs stay in their own ranges, else 0 (the kernel picks)."""
@@ -299,14 +331,7 @@ def receiver_port() -> int:
     if not ports:
         return 0
     first, _, last = ports.partition(",")
-    for port in range(int(first), int(last or first) + 1):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in STOCKROOM_TEST_HTTP_PORTS={ports}")
+    return free_port(range(int(first), int(last or first) + 1))
 
 
 @pytest.fixture

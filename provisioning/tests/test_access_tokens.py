@@ -110,6 +110,18 @@ def test_never_is_refused_unless_the_operator_allows_it(api, settings):
     assert with_token(token["token"]).get(LIST).status_code == 200
 
 
+def test_no_token_outlives_the_operators_maximum_unless_never_is_allowed(api, settings):
+    """Else "never" is refused but ten years is not: a stolen token could mint such tokens, and
+    they would outlive its revocation."""
+    settings.STOCKROOM_TOKEN_ALLOW_NEVER = False
+    settings.STOCKROOM_TOKEN_MAX_TTL = timedelta(days=365)
+    response = api.post(TOKENS, {"name": "long", "expires_in": "3650d"})
+    assert response.status_code == 400 and "at most 365d" in response.json()["expires_in"][0]
+    assert new_token(api, expires_in="365d")["expires"]
+    settings.STOCKROOM_TOKEN_ALLOW_NEVER = True  # an operator who allows never allows any lifetime
+    assert new_token(api, expires_in="3650d")["expires"]
+
+
 @pytest.mark.parametrize(("expires_in", "days"), [("30", 30), (30, 30), ("2w", 14), ("12h", 0.5), (None, 90), ("", 90)])
 def test_expires_in_takes_days_or_a_duration(api, expires_in, days):
     token = new_token(api, format="json", expires_in=expires_in)
@@ -220,6 +232,22 @@ def test_guessing_from_many_addresses_is_throttled_by_user_name(alice):
     assert guess("correct-horse-battery", address="198.51.100.200").status_code == 429
 
 
+def test_a_refused_attempt_writes_no_count_so_a_flood_cannot_cull_the_live_ones(alice):
+    """The shared cache culls entries past its size: if refused requests still wrote a count per
+    new user name, one address could flood it until the counts that hold it back were dropped."""
+
+    def counts() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM stockroom_cache")
+            return cursor.fetchone()[0]
+
+    for n in range(10):
+        guess("password", username=f"user-{n}")
+    before = counts()
+    assert [guess("password", username=f"flood-{n}").status_code for n in range(50)] == [429] * 50
+    assert counts() == before
+
+
 def test_guessing_many_user_names_from_one_address_is_throttled(alice):
     for n in range(10):
         guess("password", username=f"user-{n}", HTTP_X_FORWARDED_FOR=f"192.0.2.{n}")
@@ -248,6 +276,18 @@ def test_creating_tokens_is_throttled_per_user_listing_is_not(api, outsider, set
     assert [api.post(TOKENS, {"name": f"t{n}"}).status_code for n in range(3)] == [201, 201, 429]
     assert api.get(TOKENS).status_code == 200
     assert outsider.post(TOKENS, {"name": "mine"}).status_code == 201
+
+
+def test_the_token_page_counts_against_the_same_limit(api, alice, client, settings):
+    settings.STOCKROOM_TOKEN_RATE_CREATE = "2/hour"
+    client.force_login(alice)
+    assert api.post(TOKENS, {"name": "by-api"}).status_code == 201
+    assert client.post("/token/", {"name": "by-page", "expires_in": "30d"}).status_code == 200
+    refused = client.post("/token/", {"name": "one-too-many", "expires_in": "30d"})
+    assert refused.status_code == 429 and "Too many new tokens" in refused.content.decode()
+    assert api.post(TOKENS, {"name": "by-api-again"}).status_code == 429
+    names = {token["name"] for token in api.get(TOKENS).json()["results"]}
+    assert "one-too-many" not in names and "by-page" in names
 
 
 def test_throttles_count_in_the_cache_every_worker_shares(alice, settings):

@@ -295,6 +295,19 @@ def test_the_readme_receiver_accepts_a_delivery_and_rejects_its_replay(api, rece
         example["verify_webhook"](webhooks.new_secret(), headers, body)
     with pytest.raises(ValueError, match="signature does not match"):
         example["verify_webhook"](hook["secret"], headers, body.replace(b"cache", b"other"))
+    # A request without the headers is refused the same way (a ValueError, not a KeyError).
+    with pytest.raises(ValueError):
+        example["verify_webhook"](hook["secret"], {}, body)
+    api.delete(f"/api/storage/redis/instances/{pk}")
+
+
+def test_a_url_that_is_not_ascii_is_sent_percent_encoded(api, receiver):
+    url = receiver.url.replace("/hooks/stockroom", "/hooks/café?zone=é")
+    assert api.post("/api/webhooks", {"url": url}).status_code == 201
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    wait_for_status(api, "redis", pk, "running")
+    assert receiver.received, "delivered"
+    assert set(receiver.paths) == {"/hooks/caf%C3%A9?zone=%C3%A9"}
     api.delete(f"/api/storage/redis/instances/{pk}")
 
 

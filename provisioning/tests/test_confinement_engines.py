@@ -6,6 +6,7 @@ import json
 import pymysql
 import pytest
 import redis
+from django.conf import settings
 from django.core.cache.backends.redis import RedisCache
 from kombu import Connection
 
@@ -206,7 +207,7 @@ def test_a_redis_tenant_cannot_migrate_a_crafted_task_into_the_broker(api, broke
     with pytest.raises(redis.exceptions.NoPermissionError):
         client.restore("copy", 0, payload)
 
-    target = redis.Redis(port=int(port), retry=NO_RETRY)
+    target = redis.Redis(port=int(port), password=settings.CELERY_BROKER_PASSWORD, retry=NO_RETRY)
     assert target.dbsize() == 0, "something arrived in the broker"
     target.close()
     assert client.lrange("celery", 0, -1) == [crafted.encode()]  # still the tenant's own

@@ -25,7 +25,7 @@ from provisioning.engines.mysql import native_password_hash
 from provisioning.engines.redis import ADMIN_USERNAME, NO_RETRY, acl_password_hash
 from provisioning.models import Instance
 
-from .conftest import port_refuses, wait_for_status
+from .conftest import connects_as, port_refuses, wait_for_status
 from .test_confinement_local import DISKS, WRITES, mounts, set_disk_limit, with_disk
 from .test_lifecycle import act, mysql, running
 
@@ -284,27 +284,6 @@ def files_holding(directory: Path, secrets: list[str]) -> list[str]:
 def hashes(passwords: list[str]) -> list[str]:
     """The forms in which the engines store `passwords`."""
     return [native_password_hash(p) for p in passwords] + [acl_password_hash(p)[1:] for p in passwords]
-
-
-def connects_as(uid: int, path: Path) -> str:
-    """What a process of `uid` on the host gets when it connects to the Unix socket at `path`."""
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # the child tries, and reports through the pipe
-        try:
-            os.setgid(uid)
-            os.setuid(uid)
-            with socket.socket(socket.AF_UNIX) as client:
-                client.connect(str(path))
-            outcome = "connected"
-        except OSError as exc:
-            outcome = type(exc).__name__
-        os.write(write, outcome.encode())
-        os._exit(0)
-    os.close(write)
-    os.waitpid(child, 0)
-    with os.fdopen(read) as pipe:
-        return pipe.read()
 
 
 def kernel_limit(pid: int, controller: str, v1_file: str, v2_file: str) -> int:

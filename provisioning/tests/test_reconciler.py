@@ -107,7 +107,7 @@ def test_a_killed_server_is_restarted_with_its_data(api, reconciling_worker, rec
 def test_healthz_reports_each_part(admin_client, reconciling_worker):
     wait_until(lambda: admin_client.get("/healthz").status_code == 200, 3 * PERIOD, "a healthy portal")
     checks = admin_client.get("/healthz").json()["checks"]
-    assert set(checks) == {"database", "broker", "workers", "reconciler", "backends"}
+    assert set(checks) == {"database", "broker", "workers", "reconciler", "backends", "runner"}
     assert checks["workers"]["detail"] == "Workers answered for the celery and webhooks queues."
 
     reconciling_worker.stop()
@@ -180,7 +180,9 @@ def test_a_worker_killed_mid_create_leaves_nothing_behind(api, broker, queued_fo
 
         failed = wait_for_status(api, "redis", doomed, "failed", "running", timeout=60)
         assert failed["status"] == "failed"
-        assert failed["status_message"].startswith("Provisioning failed: The server exited during start-up.")
+        assert failed["status_message"].startswith(
+            "Provisioning failed, on its second try: The server exited during start-up."
+        )
         events = [
             event["reason"] for event in api.get(f"/api/storage/redis/instances/{doomed}/events").json()["results"]
         ]

@@ -307,3 +307,12 @@ def test_healthz_shows_staff_the_details(checks, django_user_model, alice):
         response = client.get("/healthz")
         assert response.status_code == (200 if checks else 503), who
         assert "checks" not in response.json(), who
+
+
+@pytest.mark.parametrize("path", ["/api/usage", "/api/auth/tokens", "/api/storage/redis/instances", "/healthz"])
+def test_a_token_that_is_not_text_is_refused_not_a_server_error(checks, path):
+    response = Client().get(path, HTTP_AUTHORIZATION=b"Token \xe9\xe9".decode("latin-1"))
+    if path == "/healthz":
+        assert response.status_code == (200 if checks else 503) and "checks" not in response.json(), "not staff"
+    else:
+        assert response.status_code == 401 and response.json()["detail"] == "Invalid token."

@@ -56,6 +56,8 @@ def check_with(**env: str) -> subprocess.CompletedProcess:
     [
         ("STOCKROOM_TOKEN_TTL", "soon"),
         ("STOCKROOM_TOKEN_TTL", "never"),
+        ("STOCKROOM_TOKEN_MAX_TTL", "never"),
+        ("STOCKROOM_TOKEN_MAX_TTL", "30d"),  # shorter than the default lifetime
         ("STOCKROOM_TOKEN_RATE_ADDRESS", "10/fortnight"),
         ("STOCKROOM_TOKEN_RATE_USERNAME", "0/minute"),
     ],

@@ -6,7 +6,7 @@ import pytest
 from django.conf import settings
 from django.core.files.storage import storages
 
-from provisioning.backends.base import BackendError
+from provisioning.backends.base import BackendError, ServerExited
 from provisioning.models import Instance, Snapshot, Status
 
 pytestmark = pytest.mark.django_db
@@ -97,6 +97,24 @@ def test_actions_the_status_does_not_allow_are_conflicts(api, create, act):
         assert api.post(f"/api/storage/redis/instances/{waiting['id']}/{action}").status_code == 409
     assert api.delete(f"/api/storage/redis/instances/{waiting['id']}").status_code == 409
     assert Instance.objects.get(pk=waiting["id"]).status == Status.PROVISIONING
+
+
+def test_a_server_that_dies_while_starting_is_started_once_more(api, committed, fake):
+    fake.fail_next("create", ServerExited("The server exited during start-up."))
+    with committed():
+        reserved = api.post("/api/storage/redis/instances", {}).json()
+    assert api.get(f"/api/storage/redis/instances/{reserved['id']}").json()["status"] == "running"
+    assert Instance.objects.get(pk=reserved["id"]).recoveries == 0, "a running instance has its redo again"
+
+
+def test_a_server_that_dies_twice_while_starting_fails_the_create(api, committed, fake):
+    fake.fail_next("create", ServerExited("The server exited during start-up."), times=2)
+    with committed():
+        reserved = api.post("/api/storage/redis/instances", {}).json()
+    failed = api.get(f"/api/storage/redis/instances/{reserved['id']}").json()
+    assert failed["status"] == "failed"
+    assert failed["status_message"] == "Provisioning failed, on its second try: The server exited during start-up."
+    assert fake.server(failed["id"]) is None
 
 
 def test_a_failed_create_ends_failed_with_the_backends_message_and_frees_its_port(api, committed, fake):

@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('provisioning', '0009_delivery_message_id_unique'),
+        ('provisioning', '0010_drop_unused_knox_table'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
