@@ -31,7 +31,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from ..engines import Endpoint, Layout, engines, get_engine
+from ..engines import Endpoint, Layout, LogArchive, Replay, engines, get_engine
 from . import files, processes
 from .base import BackendError, BaseBackend
 from .cgroups import Cgroups
@@ -187,11 +187,15 @@ class LocalBackend(BaseBackend):
                 write=lambda name, text: files.write(directory / name, text, group=group),
             )
 
-    def snapshot(self, instance: "Instance", out: IO[bytes]) -> None:
+    def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         with self._beside(instance) as beside:
-            get_engine(instance.kind).snapshot(instance, beside, out)
+            return get_engine(instance.kind).snapshot(instance, beside, out, archive)
 
-    def restore(self, instance: "Instance", snapshot: IO[bytes]) -> None:
+    def archive_logs(self, instance: "Instance", archive: LogArchive) -> None:
+        with self._beside(instance) as beside:
+            get_engine(instance.kind).archive_logs(instance, beside, archive)
+
+    def restore(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
         engine = get_engine(instance.kind)
         directory, layout, user = self.directory(instance), self.layout(instance), self.user(instance)
         self.stop(instance)
@@ -199,7 +203,7 @@ class LocalBackend(BaseBackend):
         if (directory / IMAGE).exists() and not os.path.ismount(directory / SERVER):  # the host restarted
             self.disks.mount(directory / IMAGE, directory / SERVER)
         with self._beside(instance) as beside:
-            engine.restore(instance, beside, snapshot)
+            engine.restore(instance, beside, snapshot, replay)
         (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
         # As at the first start: the accounts are made again from the instance's own credentials.
         setup = engine.local_setup(instance, layout, self)

@@ -9,6 +9,7 @@ pages and admin ask the engine and never branch on the kind. Adding a kind means
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path, PurePath, PurePosixPath
 from subprocess import CompletedProcess
@@ -139,6 +140,53 @@ class Beside(Protocol):
         program, and nobody else, may read it; it is never written to a disk.
         """
         ...
+
+
+class LogArchive(Protocol):
+    """Where an engine puts the closed log files of one instance's timeline (binary logs, the
+    incremental files of an append-only file): off the instance's disk, in the snapshots storage.
+    """
+
+    def names(self) -> set[str]:
+        """The names of the files already archived."""
+        ...
+
+    def save(self, name: str, fill: Callable[[IO[bytes]], None]) -> None:
+        """Keep as `name` what fill(out) writes to `out`: a closed log file, as the server wrote it."""
+        ...
+
+    def covered(self, until: datetime) -> None:
+        """Every write the server made before `until` is now in an archived file."""
+        ...
+
+
+@dataclass(frozen=True)
+class ArchivedLog:
+    """One archived log file, as a restore reads it."""
+
+    name: str
+    # No write in it is older than this whole second; None: unknown, so it may hold any.
+    opened_at: datetime | None
+    open: Callable[[], IO[bytes]]
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What a point-in-time restore replays on top of its base snapshot."""
+
+    start: str  # where the log after the base begins, as the engine's `snapshot` returned it
+    until: datetime  # a whole second (UTC): every write before it, and none at or after it
+    logs: Sequence[ArchivedLog]  # the archive of the base's timeline, in the order it was archived
+
+
+def read_out(beside: "Beside", path: PurePath) -> Callable[[IO[bytes]], None]:
+    """What copies the file at `path`, read beside the server (as its uid), to a given output: how
+    an engine hands a log file to `LogArchive.save`."""
+
+    def copy(out: IO[bytes]) -> None:
+        beside.run(["cat", "--", str(path)], stdout=out)
+
+    return copy
 
 
 # Putting a new folder in place of an old one, beside a server (as its uid): the old goes aside, the
@@ -332,16 +380,29 @@ class Engine:
     # The file name suffix of this kind's snapshots (what `snapshot` writes).
     snapshot_suffix: str = "snapshot"
 
-    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes]) -> None:
+    # Whether `archive_logs` and `restore(..., replay=…)` work: point-in-time recovery.
+    point_in_time: bool = False
+
+    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes], archive: LogArchive | None = None) -> str:
         """Write a consistent copy of the running server's data to `out`, while it goes on serving
         reads and writes. The copy holds no password in plain text (hashes, as on the server's own
         disk, may be in it). Raise BackendError if it cannot be made.
+
+        Returns where the log that follows the copy begins (`Replay.start`, in the engine's own
+        notation), or "" if the copy cannot be the base of a point-in-time restore.
+        A kind whose copy closes a log file puts the closed file in `archive`, if given.
         """
         raise NotImplementedError("Engines must say how a snapshot is taken.")
 
-    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
+    def archive_logs(self, instance: "Instance", beside: Beside, archive: LogArchive) -> None:
+        """Close the running server's current log file (new writes go to a new one), copy every
+        closed file that `archive` lacks into it, then tell it up to when it is `covered`."""
+        raise NotImplementedError(f"{self.label} has no point-in-time recovery.")
+
+    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes], replay: Replay | None = None) -> None:
         """Replace the stopped server's data with `snapshot` (what `snapshot` wrote, maybe of
-        another instance of this kind). The backend then starts the server as at its first start
+        another instance of this kind), and with `replay`, the logged writes after it up to
+        `replay.until`. The backend then starts the server as at its first start
         (`LocalSetup.first_start_args`), so its accounts are the instance's own again, whatever
         the snapshot held. Safe to call again after it was cut short.
         """

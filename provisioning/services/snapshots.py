@@ -7,7 +7,6 @@ worker holds its claim, so no restore, stop or delete runs at the same time. A r
 instance to `restoring` and back to `running`.
 """
 
-import hashlib
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -25,9 +24,9 @@ from django.utils import timezone
 
 from ..backends.base import BackendError, BaseBackend
 from ..engines import get_engine
-from ..models import Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status
+from ..models import Instance, LogFile, Snapshot, SnapshotStatus, SnapshotTrigger, Status
 from ..options import backup_options, describe_size
-from . import capacity, healing, jobs
+from . import capacity, healing, jobs, logs
 from .capacity import QuotaExceeded
 from .claims import work_on
 from .outcomes import describe
@@ -37,7 +36,6 @@ from .state import Side, record_event, transition
 logger = logging.getLogger(__name__)
 
 STORAGE = "snapshots"  # the alias in STORAGES
-CHUNK = 1024 * 1024
 INTERVAL, RETENTION = backup_options()
 BACKUP_COMPLETED = "instance.backup_completed"  # webhook types of a snapshot's outcome
 BACKUP_FAILED = "instance.backup_failed"
@@ -80,10 +78,14 @@ def request_snapshot(*, instance: Instance, by: object, trigger: str = SnapshotT
 
 def check_quota(owner: User) -> None:
     used = (
-        Snapshot.objects.filter(owner=owner)
-        .exclude(status=SnapshotStatus.FAILED)
-        .aggregate(total=Sum("size_bytes"))["total"]
+        (
+            Snapshot.objects.filter(owner=owner)
+            .exclude(status=SnapshotStatus.FAILED)
+            .aggregate(total=Sum("size_bytes"))["total"]
+        )
+        or 0
     )
+    used += LogFile.objects.filter(owner=owner).aggregate(total=Sum("size_bytes"))["total"] or 0
     quota = settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES
     if (used or 0) >= quota:
         raise QuotaExceeded(
@@ -100,22 +102,34 @@ def _send_take(snapshot: Snapshot) -> None:
         _finish(snapshot, SnapshotStatus.FAILED, f"The job could not be queued ({type(exc).__name__}). Try again.")
 
 
-def request_restore(*, instance: Instance, snapshot: Snapshot, by: object) -> Instance:
-    """Move the instance to `restoring`; a worker puts the snapshot's data in after commit.
+def request_restore(
+    *, instance: Instance, snapshot: Snapshot | None = None, until: datetime | None = None, by: object
+) -> Instance:
+    """Move the instance to `restoring`; a worker puts the snapshot's data in after commit, or with
+    `until` (a whole second), its data as of that time. Either way a new timeline begins.
 
     The caller has checked that the snapshot is the owner's and of the instance's kind. Raises
-    SnapshotBusy unless the snapshot is ready, WrongStatus unless the instance runs.
+    SnapshotBusy unless the snapshot is ready, WrongStatus unless the instance runs, and
+    logs.OutsideWindow if `until` is outside the recovery window.
     """
+    if until is not None:
+        if instance.status not in (Status.RUNNING, Status.UNHEALTHY):
+            raise WrongStatus(instance, "restore")
+        snapshot = logs.base_for(instance, until)
+        what = f"Restore to {until:%Y-%m-%d %H:%M:%S} UTC (from snapshot {snapshot.pk})"
+    else:
+        assert snapshot is not None, "a restore needs a snapshot or a time"
+        what = f"Restore of snapshot {snapshot.pk}"
     if snapshot.status != SnapshotStatus.READY:
         raise SnapshotBusy(f"Snapshot {snapshot.pk} is {snapshot.status}; only a ready snapshot can be restored.")
     previous = Status(instance.status)
     if not transition(
         instance,
         Status.RESTORING,
-        f"Restore of snapshot {snapshot.pk} requested by {by}.",
+        f"{what} requested by {by}.",
         side=Side.REQUEST,
         allowed_from=(Status.RUNNING, Status.UNHEALTHY),
-        also={"restore_from": snapshot},
+        also={"restore_from": snapshot, "restore_until": until, "timeline": instance.timeline + 1},
     ):
         instance.refresh_from_db()
         raise WrongStatus(instance, "restore")
@@ -153,7 +167,7 @@ def _take(instance: Instance, backend: BaseBackend, snapshot: Snapshot) -> None:
     try:
         # An unnamed file while it is written: a worker killed here leaves nothing behind.
         with tempfile.TemporaryFile(dir=settings.STOCKROOM_SNAPSHOT_DIR) as partial:
-            backend.snapshot(instance, partial)
+            log_start = backend.snapshot(instance, partial, logs.Archive(instance))
             partial.seek(0)
             checksum, size = _digest(partial)
             partial.seek(0)
@@ -170,6 +184,8 @@ def _take(instance: Instance, backend: BaseBackend, snapshot: Snapshot) -> None:
         size_bytes=size,
         checksum=checksum,
         expires_at=_expiry(snapshot.trigger),
+        timeline=instance.timeline,
+        log_start=log_start,
     ):
         storage().delete(name)  # it was given up meanwhile
         return
@@ -238,12 +254,7 @@ def _finish(snapshot: Snapshot, status: SnapshotStatus, message: str, **fields: 
     return done
 
 
-def _digest(file: IO[bytes]) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    while chunk := file.read(CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    return f"sha256:{digest.hexdigest()}", size
+_digest = logs.digest
 
 
 @contextmanager
@@ -272,14 +283,16 @@ def restore(instance_id: int) -> None:
 
 def restore_now(instance: Instance, backend: BaseBackend) -> None:
     """The worker's restore (also what recovery does again after a dead worker): the server ends
-    running with exactly the snapshot's data, or, if that fails, unhealthy for the reconciler to
-    start again, with its old data if the new never replaced it."""
-    snapshot = instance.restore_from
+    running with exactly the snapshot's data (or, restoring to a time, its data as of then), or, if
+    that fails, unhealthy for the reconciler to start again, with its old data if the new never
+    replaced it. A restored server's new timeline gets its first base snapshot at once."""
+    snapshot, until = instance.restore_from, instance.restore_until
     try:
         if snapshot is None:
             raise BackendError("The snapshot was deleted before it could be restored.")
+        replay = logs.replay_for(instance, backend, snapshot, until) if until is not None else None
         with verified(snapshot) as file:
-            backend.restore(instance, file)
+            backend.restore(instance, file, replay)
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
         message = describe("Restore failed", instance, exc)
         transition(
@@ -287,12 +300,38 @@ def restore_now(instance: Instance, backend: BaseBackend) -> None:
         )
         return
     healing.forget_restarts(instance)
-    message = f"Restored snapshot {snapshot.pk} of {snapshot.created_at:%Y-%m-%d %H:%M:%S} UTC; a login succeeded."
+    Instance.objects.filter(pk=instance.pk).update(archived_until=None)  # of the old timeline
+    instance.archived_until = None
+    if until is not None:
+        message = f"Restored to {until:%Y-%m-%d %H:%M:%S} UTC from snapshot {snapshot.pk}; a login succeeded."
+    else:
+        message = f"Restored snapshot {snapshot.pk} of {snapshot.created_at:%Y-%m-%d %H:%M:%S} UTC; a login succeeded."
+    message += _new_timeline_base(instance, backend)
     transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(Status.RESTORING,), also=_done())
 
 
+def _new_timeline_base(instance: Instance, backend: BaseBackend) -> str:
+    """Take the first base snapshot of the timeline a restore began, while the worker holds the
+    instance; a sentence for the restore's message if it could not be taken."""
+    if not get_engine(instance.kind).point_in_time:
+        return ""
+    snapshot = Snapshot.objects.create(
+        owner=instance.owner,
+        kind=instance.kind,
+        instance=instance,
+        instance_name=instance.name,
+        options=instance.options,
+        trigger=SnapshotTrigger.AFTER_RESTORE,
+        status_message="The base of the timeline the restore began.",
+    )
+    _take(instance, backend, snapshot)
+    if snapshot.status != SnapshotStatus.READY:
+        return f" Its recovery window begins with its next snapshot ({snapshot.status_message})."
+    return ""
+
+
 def _done() -> dict[str, object]:
-    return {"restore_from": None}
+    return {"restore_from": None, "restore_until": None}
 
 
 # The reconciler's side ----------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 import fcntl
 import hashlib
+import io
 import logging
 import secrets
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path, PurePath, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
@@ -12,7 +14,21 @@ import pymysql
 
 from ...errors import BackendError
 from ...options import MiB, Option, backup_options, disk_option
-from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile, replace_folder
+from ..base import (
+    ArchivedLog,
+    Beside,
+    Container,
+    Endpoint,
+    Engine,
+    Host,
+    Layout,
+    LocalSetup,
+    LogArchive,
+    Replay,
+    WriteFile,
+    read_out,
+    replace_folder,
+)
 
 if TYPE_CHECKING:
     from ...models import Instance
@@ -41,6 +57,31 @@ STORAGE_TEMPLATE = "storage.cnf"
 # restored from the snapshot (its init file) drops it there too.
 BACKUP_USERNAME = "stockroom_backup"
 BACKUP_GRANTS = "RELOAD, PROCESS, LOCK TABLES, BINLOG MONITOR"
+# Where mariabackup notes the binary log position its copy is consistent with (file, position, GTID).
+BINLOG_INFO = "xtrabackup_binlog_info"
+REPLAY_DIR = "replay"  # in the server's tmp folder: the archived binary logs a restore replays
+# A point-in-time restore replays the archived binary logs on the prepared copy with a server of
+# its own: no network, no grant tables (so no password is needed, and only the instance's uid can
+# reach its socket), no binary log of its own. $1 config, $2 data, $3 socket, $4 pid file; the rest
+# are mariadb-binlog's arguments. mariadb-binlog reads --stop-datetime in local time: TZ=UTC.
+_REPLAY = r"""
+set -eu -o pipefail
+config=$1 data=$2 socket=$3 pidfile=$4; shift 4
+mariadbd --defaults-file="$config" --datadir="$data" --socket="$socket" --pid-file="$pidfile" \
+    --skip-networking --skip-grant-tables --skip-log-bin &
+server=$!
+trap 'kill "$server" 2>/dev/null || true; wait "$server" || true' EXIT
+tries=0
+until mariadb-admin --no-defaults --socket="$socket" ping >/dev/null 2>&1; do
+    kill -0 "$server" 2>/dev/null || { echo "The replay server did not start." >&2; exit 1; }
+    tries=$((tries + 1)); [ "$tries" -lt 1200 ] || { echo "The replay server did not answer." >&2; exit 1; }
+    sleep 0.05
+done
+TZ=UTC mariadb-binlog --no-defaults "$@" | mariadb --no-defaults --socket="$socket" --binary-mode
+mariadb-admin --no-defaults --socket="$socket" shutdown
+wait "$server"
+trap - EXIT
+"""
 
 # mariadb-install-db also makes root@127.0.0.1, root@::1 and root@<host> without a password, and
 # the official image healthcheck@…; only the portal's root@localhost (Unix socket) may remain.
@@ -260,7 +301,9 @@ class MySQL(Engine):
 
     def set_password(self, instance: "Instance", password: str, *, admin: Endpoint, write: WriteFile) -> None:
         with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
-            # The hashed form keeps the plaintext out of the binary log.
+            # Not in the binary log: a point-in-time restore replays it without grant tables, and
+            # makes the accounts again from the instance's own credentials anyway.
+            cursor.execute("SET SESSION sql_log_bin = 0")
             cursor.execute(
                 f"ALTER USER '{instance.username}'@'%%' IDENTIFIED BY PASSWORD %s",
                 [native_password_hash(password)],
@@ -277,8 +320,9 @@ class MySQL(Engine):
     # Snapshots -------------------------------------------------------------------------
 
     snapshot_suffix = "mbstream"
+    point_in_time = True
 
-    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes]) -> None:
+    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes], archive: LogArchive | None = None) -> str:
         # mariabackup copies InnoDB's files while the server runs, with the redo log written
         # meanwhile, and holds a short backup lock (BACKUP STAGE) only for the other engines'
         # tables: writes go on. The copy holds accounts as the server keeps them: hashes.
@@ -302,6 +346,23 @@ class MySQL(Engine):
             )
         finally:
             self._backup_account(instance, beside.admin, None)
+        return BINLOG_INFO  # the copy notes its binary log position itself, in this file
+
+    def archive_logs(self, instance: "Instance", beside: Beside, archive: LogArchive) -> None:
+        # FLUSH BINARY LOGS closes the current binary log and opens the next; every closed one the
+        # archive lacks is copied (as the server's uid), oldest first. The server itself removes
+        # them after binlog_expire_logs_seconds, long after the reconciler has archived them.
+        before = datetime.now(UTC)
+        with self.client(beside.admin, user=ADMIN_USERNAME, password=instance.admin_password) as db:
+            with db.cursor() as cursor:
+                cursor.execute("FLUSH BINARY LOGS")
+                cursor.execute("SHOW BINARY LOGS")
+                names = [str(row[0]) for row in cursor.fetchall()]
+        archived = archive.names()
+        for name in names[:-1]:  # the last one is open
+            if name not in archived:
+                archive.save(name, read_out(beside, beside.layout.data / name))
+        archive.covered(before)
 
     def _backup_options(self, password: str) -> str:
         # The server's on-disk format, which mariabackup must know, and the backup account.
@@ -320,13 +381,55 @@ class MySQL(Engine):
                 )
                 cursor.execute(f"GRANT {BACKUP_GRANTS} ON *.* TO '{BACKUP_USERNAME}'@'localhost'")
 
-    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
-        # Unpacked and prepared (the redo log applied) beside the old data, then put in its place.
+    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes], replay: Replay | None = None) -> None:
+        # Unpacked and prepared (the redo log applied) beside the old data, with `replay` the
+        # archived binary logs after it replayed up to its time, then put in its place.
         def unpack(staged: PurePath) -> None:
             beside.run(["mbstream", "-x", "-C", str(staged)], stdin=snapshot)
             beside.run(["mariabackup", "--prepare", f"--target-dir={staged}", "--use-memory=32M"])
+            if replay is not None:
+                self._replay(beside, staged, replay)
 
         replace_folder(beside, beside.layout.data, unpack)
+
+    def _replay(self, beside: Beside, staged: PurePath, replay: Replay) -> None:
+        layout = beside.layout
+        if layout.config is None:
+            raise BackendError("This backend cannot replay binary logs yet.")
+        found = io.BytesIO()
+        beside.run(["cat", "--", str(staged / BINLOG_INFO)], stdout=found)
+        fields = found.getvalue().decode().split()
+        if len(fields) < 2:
+            raise BackendError("The base snapshot does not say where its binary log continues.")
+        first, position = fields[0], fields[1]
+        logs = _replayed(replay, first)
+        if not logs:
+            return  # nothing was written after the base
+        folder = layout.tmp / REPLAY_DIR
+        beside.run(["rm", "-rf", "--", str(folder)])
+        beside.run(["mkdir", "-m", "0700", "--", str(folder)])
+        try:
+            for log in logs:
+                with log.open() as file:
+                    beside.run(["tee", "--", str(folder / log.name)], stdin=file)
+            until = replay.until.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+            beside.run(
+                [
+                    "bash",
+                    "-c",
+                    _REPLAY,
+                    "replay",
+                    str(layout.config / self.config_name),
+                    str(staged),
+                    str(folder / "replay.sock"),
+                    str(folder / "replay.pid"),
+                    f"--start-position={position}",
+                    f"--stop-datetime={until}",
+                    *(str(folder / log.name) for log in logs),
+                ]
+            )
+        finally:
+            beside.run(["rm", "-rf", "--", str(folder)])
 
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         # Over the socket the user is app@localhost to the server, which its app@'%' account matches.
@@ -378,3 +481,12 @@ class MySQL(Engine):
                 f'\n                     password="{c["password"]}", database="{c["database"]}")',
             ),
         ]
+
+
+def _replayed(replay: Replay, first: str) -> list[ArchivedLog]:
+    """The archived binary logs from `first` (where the base's copy left off) in order, up to the
+    last that may hold a write before `replay.until`."""
+    archived = sorted((log for log in replay.logs if log.name >= first), key=lambda log: log.name)
+    if not archived or archived[0].name != first:
+        raise BackendError(f"The binary log after the base snapshot ({first}) was not archived.")
+    return [log for log in archived if log.opened_at is None or log.opened_at < replay.until]

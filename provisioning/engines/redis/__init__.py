@@ -2,7 +2,9 @@
 
 import hashlib
 import io
+import re
 import time
+from datetime import UTC, datetime
 from pathlib import Path, PurePath, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
@@ -12,7 +14,21 @@ from redis.retry import Retry
 
 from ...errors import BackendError
 from ...options import Option, backup_options, disk_option
-from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile, replace_folder
+from ..base import (
+    ArchivedLog,
+    Beside,
+    Container,
+    Endpoint,
+    Engine,
+    Host,
+    Layout,
+    LocalSetup,
+    LogArchive,
+    Replay,
+    WriteFile,
+    read_out,
+    replace_folder,
+)
 
 if TYPE_CHECKING:
     from ...models import Instance
@@ -44,7 +60,15 @@ DUMP = "dump.rdb"
 AOF_DIR = "appendonlydir"
 AOF_BASE = "appendonly.aof.1.base.rdb"
 AOF_MANIFEST = "appendonly.aof.manifest"
-SNAPSHOT_TIMEOUT = 600  # seconds a BGSAVE may take before the snapshot is given up
+SNAPSHOT_TIMEOUT = 600  # seconds a BGSAVE or BGREWRITEAOF may take before the snapshot is given up
+# Hard links to the incremental files a rewrite closes, made before it: Redis deletes them once the
+# rewrite is done, the links keep them until they are archived.
+AOF_HELD = "aof-archive"
+INCR = re.compile(r"appendonly\.aof\.(\d+)\.incr\.aof")
+# Links every incremental file of folder $1 into folder $2.
+_HOLD = (
+    'set -e; mkdir -p -m 0700 -- "$2"; for f in "$1"/*.incr.aof; do if [ -e "$f" ]; then ln -f -- "$f" "$2/"; fi; done'
+)
 
 # The tenant's ACL rule, read left to right: everything that is not @dangerous; then what
 # applications and their client libraries use that Redis files under @dangerous; then, last so
@@ -234,43 +258,103 @@ class Redis(Engine):
         finally:
             client.close()
 
-    # Snapshots -------------------------------------------------------------------------
+    # Snapshots and point-in-time recovery ----------------------------------------------
+    #
+    # Redis 7's append-only file is a base (an RDB) and incremental files of the writes after it,
+    # each second of writes marked `#TS:<unix time>` (aof-timestamp-enabled). A BGREWRITEAOF
+    # closes the current incremental file and opens the next at once, then writes a new base that
+    # equals the old base plus every closed file. So a snapshot is a rewrite's new base, and the
+    # log that follows it is the incremental files from the one the rewrite opened; `archive_logs`
+    # is a rewrite too, which closes the current file so that it can be copied whole.
 
     snapshot_suffix = "rdb"
+    point_in_time = True
 
-    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes]) -> None:
-        # BGSAVE forks: the child writes the data as of the fork while the server serves on. ACL
-        # users live in the ACL file, never in an RDB, so the copy holds no password or hash.
+    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes], archive: LogArchive | None = None) -> str:
+        # The rewrite forks: the child writes the data as of the fork while the server serves on.
+        # ACL users live in the ACL file, never in an RDB, so the copy holds no password or hash.
+        manifest, timestamps = self._rotate(instance, beside, archive)
+        base = next(name for name, kind in manifest if kind == "b")
+        # Nothing rewrites it again meanwhile: the portal alone does, and it holds the instance.
+        beside.run(["cat", "--", str(beside.layout.data / AOF_DIR / base)], stdout=out)
+        opened = [name for name, kind in manifest if kind == "i"]
+        return opened[-1] if timestamps and opened else ""
+
+    def archive_logs(self, instance: "Instance", beside: Beside, archive: LogArchive) -> None:
+        _, timestamps = self._rotate(instance, beside, archive)
+        if not timestamps:
+            raise BackendError("Its server does not time-stamp its writes yet; a restart will make it.")
+
+    def _rotate(
+        self, instance: "Instance", beside: Beside, archive: LogArchive | None
+    ) -> tuple[list[tuple[str, str]], bool]:
+        """Rewrite the append-only file (closing the current incremental file), put the closed files
+        in `archive`; return the new manifest's (file, type) pairs, and whether writes are time-stamped."""
+        data = beside.layout.data
+        held = data / AOF_HELD
+        if archive is not None:
+            beside.run(["sh", "-c", _HOLD, "sh", str(data / AOF_DIR), str(held)])
         client = self.client(
             beside.admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT
         )
         try:
-            saves = int(client.info("persistence")["rdb_saves"])
-            client.bgsave(schedule=True)  # after an append-only rewrite in progress, if any
+            timestamps = client.config_get("aof-timestamp-enabled").get("aof-timestamp-enabled") == "yes"
+            before = datetime.now(UTC)  # every write before this is in a file the rewrite closes
+            rewrites = int(client.info("persistence")["aof_rewrites"])
+            client.bgrewriteaof()  # scheduled after a BGSAVE in progress, if any
             deadline = time.monotonic() + SNAPSHOT_TIMEOUT
             while True:
                 info = client.info("persistence")
-                if int(info["rdb_saves"]) > saves and not int(info["rdb_bgsave_in_progress"]):
+                busy = int(info["aof_rewrite_in_progress"]) or int(info["aof_rewrite_scheduled"])
+                if int(info["aof_rewrites"]) > rewrites and not busy:
                     break
-                if info["rdb_last_bgsave_status"] != "ok" and not int(info["rdb_bgsave_in_progress"]):
-                    raise BackendError("The server could not write its data (BGSAVE failed; is its disk full?).")
+                if info["aof_last_bgrewrite_status"] != "ok" and not busy:
+                    raise BackendError("The server could not rewrite its data (BGREWRITEAOF failed; disk full?).")
                 if time.monotonic() > deadline:
-                    raise BackendError(f"The server's BGSAVE took more than {SNAPSHOT_TIMEOUT} s.")
+                    raise BackendError(f"The server's BGREWRITEAOF took more than {SNAPSHOT_TIMEOUT} s.")
                 time.sleep(0.02)
         finally:
             client.close()
-        # A later save replaces the file by a rename: this reads one whole save, ours or newer.
-        beside.run(["cat", "--", str(beside.layout.data / DUMP)], stdout=out)
+        listing = io.BytesIO()
+        beside.run(["cat", "--", str(data / AOF_DIR / AOF_MANIFEST)], stdout=listing)
+        manifest = _manifest(listing.getvalue().decode())
+        if archive is not None:
+            found = io.BytesIO()
+            beside.run(["ls", "-1", "--", str(held)], stdout=found)
+            current = {name for name, _ in manifest}
+            closed = sorted((n for n in found.getvalue().decode().split() if INCR.fullmatch(n)), key=_seq)
+            for name in closed:
+                if name in current:
+                    continue
+                if name not in archive.names():
+                    archive.save(name, read_out(beside, held / name))
+                beside.run(["rm", "-f", "--", str(held / name)])
+            archive.covered(before)
+        return manifest, timestamps
 
-    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
-        # A new append-only folder whose base is the snapshot's RDB, put in place of the old one.
+    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes], replay: Replay | None = None) -> None:
+        # A new append-only folder whose base is the snapshot's RDB, and with `replay` the archived
+        # incremental files after it, each cut at the second to stop at; put in place of the old one.
+        logs = _replayed(replay) if replay is not None else []
+
         def fill(staged: PurePath) -> None:
             beside.run(["tee", "--", str(staged / AOF_BASE)], stdin=snapshot)
-            manifest = f"file {AOF_BASE} seq 1 type b\n".encode()
+            lines = [f"file {AOF_BASE} seq 1 type b"]
+            for seq, log in enumerate(logs, start=1):
+                name = f"appendonly.aof.{seq}.incr.aof"
+                with log.open() as file:
+                    beside.run(["tee", "--", str(staged / name)], stdin=file)
+                assert replay is not None
+                # The tool keeps the writes of seconds up to the one given, and drops the rest.
+                last = int(replay.until.timestamp()) - 1
+                beside.run(["redis-check-aof", "--truncate-to-timestamp", str(last), str(staged / name)])
+                lines.append(f"file {name} seq {seq} type i")
+            manifest = "".join(f"{line}\n" for line in lines).encode()
             beside.run(["tee", "--", str(staged / AOF_MANIFEST)], stdin=io.BytesIO(manifest))
 
         replace_folder(beside, beside.layout.data / AOF_DIR, fill)
         beside.run(["rm", "-f", "--", str(beside.layout.data / DUMP)])  # ignored while the AOF is on; stale
+        beside.run(["rm", "-rf", "--", str(beside.layout.data / AOF_HELD)])  # of the data replaced
 
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         client = self.client(endpoint, username=instance.username, password=instance.password, timeout=timeout)
@@ -318,3 +402,36 @@ class Redis(Engine):
             ("CLI", f"redis-cli -u {uri}"),
             ("Python", f'import redis\nr = redis.Redis.from_url("{uri}")'),
         ]
+
+
+def _manifest(text: str) -> list[tuple[str, str]]:
+    """(file, type) of each line of an append-only manifest (`file <name> seq <n> type <b|h|i>`)."""
+    entries = []
+    for line in text.splitlines():
+        words = line.split()
+        fields = dict(zip(words[::2], words[1::2], strict=False))
+        if "file" in fields and "type" in fields:
+            entries.append((fields["file"], fields["type"]))
+    return entries
+
+
+def _seq(name: str) -> int:
+    match = INCR.fullmatch(name)
+    return int(match.group(1)) if match else -1
+
+
+def _replayed(replay: Replay) -> list[ArchivedLog]:
+    """The archived incremental files from the one after the base, in order, up to the last that
+    may hold a write before `replay.until`: the next one's writes are all at or after it."""
+    archived = {_seq(log.name): log for log in replay.logs if INCR.fullmatch(log.name)}
+    chosen: list[ArchivedLog] = []
+    seq = _seq(replay.start)
+    if seq not in archived:
+        raise BackendError(f"The log after the base snapshot ({replay.start}) was not archived.")
+    while seq in archived:
+        opened_at = archived[seq].opened_at
+        if opened_at is not None and opened_at >= replay.until:
+            break
+        chosen.append(archived[seq])
+        seq += 1
+    return chosen
