@@ -109,7 +109,11 @@ def bases(instance: Instance) -> QuerySet[Snapshot]:
 def with_first_base(instances: QuerySet[Instance]) -> QuerySet[Instance]:
     """`instances`, each with `first_base_at` (when its timeline's first base was finished), so
     that a list shows every recovery window in one query."""
-    first = (
+    return instances.annotate(first_base_at=_first_base())
+
+
+def _first_base() -> Subquery:
+    return Subquery(
         Snapshot.objects.filter(
             instance=OuterRef("pk"),
             timeline=OuterRef("timeline"),
@@ -120,7 +124,6 @@ def with_first_base(instances: QuerySet[Instance]) -> QuerySet[Instance]:
         .order_by("finished_at")
         .values("finished_at")[:1]
     )
-    return instances.annotate(first_base_at=Subquery(first))
 
 
 def recovery_window(instance: Instance, *, now: datetime | None = None) -> tuple[datetime, datetime] | None:
@@ -253,8 +256,9 @@ def schedule_archives(*, now: datetime) -> int:
     archive is STOCKROOM_LOG_ARCHIVE_INTERVAL old; returns how many."""
     due = now - timedelta(seconds=settings.STOCKROOM_LOG_ARCHIVE_INTERVAL)
     queued = 0
-    for instance in Instance.objects.filter(status=Status.RUNNING).exclude(archived_until__gte=due):
-        if not get_engine(instance.kind).point_in_time or not bases(instance).exists():
+    running = Instance.objects.filter(status=Status.RUNNING).exclude(archived_until__gte=due)
+    for instance in running.annotate(first_base_at=_first_base()).filter(first_base_at__isnull=False):
+        if not get_engine(instance.kind).point_in_time:
             continue
         try:
             jobs.send("archive_logs", instance.pk)
