@@ -205,3 +205,23 @@ def test_a_worker_killed_mid_point_in_time_restore_is_finished_by_the_reconciler
         assert not helper_running(pk, ("mbstream", "mariabackup", "mariadb-binlog"))
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize("binlog_format", ["ROW", "MIXED"])
+def test_a_mysql_replay_is_exact_with_row_and_mixed_formats(api, binlog_format):
+    """Values the server chose when it wrote them (UUID(), RAND()) come back as they were, not
+    chosen again: both formats log such statements as rows."""
+    pk = create(api, "mysql", binlog_format=binlog_format)["id"]
+    config = config_of(api, "mysql", pk)
+    execute(config, "CREATE TABLE t (id INT PRIMARY KEY, note VARCHAR(64), score DOUBLE)")
+    snapshot_of(api, "mysql", pk)
+    writes = Writes(lambda label: execute(config, f"INSERT INTO t VALUES ({label}, UUID(), RAND())"))
+    writes.run([1, 2, 3, 4])
+    with mysql(config) as db, db.cursor() as cursor:
+        cursor.execute("SELECT * FROM t WHERE id <= 3 ORDER BY id")
+        before = cursor.fetchall()
+
+    restore_to(api, "mysql", pk, writes.second_after(3))
+    with mysql(config) as db, db.cursor() as cursor:
+        cursor.execute("SELECT * FROM t ORDER BY id")
+        assert cursor.fetchall() == before
