@@ -43,6 +43,8 @@ class BaseBackend:
     # service moves a stopped instance to a free port when a stranger took its own. A backend that
     # fixes the port when it creates the server leaves it False, and such a start fails instead.
     moves_ports = False
+    # Whether `archive_logs` and `restore(..., replay)` work: point-in-time recovery.
+    point_in_time = False
 
     def __init__(self, alias: str, **options: Any):
         self.alias = alias

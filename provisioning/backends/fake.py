@@ -59,6 +59,7 @@ class FakeBackend(BaseBackend):
         "archive_logs",
     )
     moves_ports = True  # a start serves the instance on the port it has then, as the local backend does
+    point_in_time = True
 
     def __init__(self, alias: str, **options: Any):
         super().__init__(alias, **options)

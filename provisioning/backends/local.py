@@ -67,6 +67,7 @@ class LocalBackend(BaseBackend):
     """
 
     moves_ports = True
+    point_in_time = True
 
     def __init__(
         self,

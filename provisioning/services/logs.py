@@ -132,7 +132,7 @@ def recovery_window(instance: Instance, *, now: datetime | None = None) -> tuple
     It begins at its timeline's first base snapshot. A running server's window ends now: the
     worker archives its log before it restores. Otherwise it ends where its archive does.
     """
-    if not get_engine(instance.kind).point_in_time:
+    if not get_engine(instance.kind).point_in_time or not _backend_can(instance):
         return None
     if hasattr(instance, "first_base_at"):
         first = instance.first_base_at
@@ -148,6 +148,13 @@ def recovery_window(instance: Instance, *, now: datetime | None = None) -> tuple
     if end is None or end < start:
         return None
     return start, end
+
+
+def _backend_can(instance: Instance) -> bool:
+    try:
+        return get_backend(instance.backend).point_in_time
+    except KeyError:  # a backend no longer configured
+        return False
 
 
 def base_for(instance: Instance, until: datetime) -> Snapshot:
@@ -198,9 +205,11 @@ def replay_for(restoring: Instance, backend: BaseBackend, base: Snapshot, until:
     if source is None:
         raise BackendError(f"The instance of snapshot {base.pk} is gone, and so is its log.")
     if source.pk == restoring.pk:
-        # Only on the first try: after a dead worker, the server may already hold the new data.
+        # Only on the first try: after a dead worker, the server may already hold the new data,
+        # whose log must never join the old timeline's. (Recovery counts itself in the row only.)
+        first_try = not Instance.objects.filter(pk=restoring.pk, recoveries__gt=0).exists()
         answers = backend.login_error(restoring, timeout=settings.STOCKROOM_PROBE_TIMEOUT) is None
-        if not restoring.recoveries and answers:
+        if first_try and answers:
             backend.archive_logs(restoring, Archive(restoring, base.timeline))
         covered = restoring.archived_until
     else:
@@ -258,7 +267,7 @@ def schedule_archives(*, now: datetime) -> int:
     queued = 0
     running = Instance.objects.filter(status=Status.RUNNING).exclude(archived_until__gte=due)
     for instance in running.annotate(first_base_at=_first_base()).filter(first_base_at__isnull=False):
-        if not get_engine(instance.kind).point_in_time:
+        if not get_engine(instance.kind).point_in_time or not _backend_can(instance):
             continue
         try:
             jobs.send("archive_logs", instance.pk)

@@ -7,15 +7,20 @@ archiving is called directly, as its job would run it.
 """
 
 import math
+import stat
+import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
+from provisioning.backends import listeners
+from provisioning.backends.local import processes_under
 from provisioning.models import Instance, LogFile
-from provisioning.services import logs
+from provisioning.services import DELETABLE, logs
 
-from .conftest import Worker, wait_for_status, wait_until
+from .conftest import Worker, instance_dir, server_dir, wait_for_status, wait_until
 from .test_snapshots import RECOVERY, config_of, create, execute, helper_running, mysql, redis_client, snapshot_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -23,8 +28,28 @@ pytestmark = pytest.mark.django_db(transaction=True)
 GAP = 1.2  # seconds between two writes, as the issue asks: each write in a second of its own
 
 
+@pytest.fixture(autouse=True)
+def delete_what_each_test_made(api, settings):
+    """The instances a test leaves are deleted through the API when it ends, as their owner would
+    (without a before-delete snapshot), so that later tests find no server of theirs."""
+    yield
+    settings.STOCKROOM_SNAPSHOT_KEEP_DAYS = 0
+    left = Instance.objects.visible().filter(status__in=DELETABLE)
+    for instance in left:
+        api.delete(f"/api/storage/{instance.kind}/instances/{instance.pk}")
+    for instance in left:
+        wait_for_status(api, instance.kind, instance.pk, "gone")
+
+
 def iso(moment: float) -> str:
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def comm(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def restore_to(api, kind: str, pk: int, moment: float) -> dict:
@@ -202,7 +227,12 @@ def test_a_worker_killed_mid_point_in_time_restore_is_finished_by_the_reconciler
         done = wait_for_status(api, "mysql", pk, "running", "unhealthy", "failed", timeout=120)
         assert done["status"] == "running", done["status_message"]
         assert mysql_rows(config) == [1, 2, 3]
-        assert not helper_running(pk, ("mbstream", "mariabackup", "mariadb-binlog"))
+        # Nothing left of the first try: no helper, no second server, no staged or replay folder.
+        assert not helper_running(pk, ("mbstream", "mariabackup", "mariadb-binlog", "bash"))
+        servers = [p for p in processes_under(instance_dir("mysql", pk)) if comm(p) == "mariadbd"]
+        assert len(servers) == 1
+        leftovers = {"data.restoring", "data.old", "tmp/replay"}
+        assert not {name for name in leftovers if (server_dir("mysql", pk) / name).exists()}
     finally:
         worker.stop()
 
@@ -225,3 +255,62 @@ def test_a_mysql_replay_is_exact_with_row_and_mixed_formats(api, binlog_format):
     with mysql(config) as db, db.cursor() as cursor:
         cursor.execute("SELECT * FROM t ORDER BY id")
         assert cursor.fetchall() == before
+
+
+def tcp_listeners() -> set[int]:
+    """Inodes of every listening TCP socket on the host (state 0A in /proc/net/tcp and tcp6)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def test_the_replay_server_has_no_network_and_only_the_instances_uid_reaches_it(api):
+    """The private server a MySQL restore to a time replays with (without grant tables) listens on
+    no TCP port, runs as the instance's uid, and its socket is in a folder only that uid may open."""
+    pk = create(api, "mysql")["id"]
+    config = config_of(api, "mysql", pk)
+    execute(config, "CREATE TABLE t (id INT PRIMARY KEY)")
+    snapshot_of(api, "mysql", pk)
+    writes = Writes(mysql_writer(config))
+    writes.run([1, 2, 3])
+    uid = server_dir("mysql", pk).stat().st_uid
+    seen: dict = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set() and not seen:
+            for pid in processes_under(instance_dir("mysql", pk)):
+                try:
+                    argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"--skip-grant-tables" in argv:
+                    time.sleep(0.2)  # listening by now, if it ever does
+                    socket = next(a for a in argv if a.startswith(b"--socket=")).split(b"=", 1)[1].decode()
+                    folder = Path(socket).parent.stat()
+                    seen.update(
+                        argv=argv,
+                        uids=listeners.owners([pid]),
+                        tcp=listeners.sockets_held_by([pid]) & tcp_listeners(),
+                        folder=(folder.st_uid, stat.S_IMODE(folder.st_mode)),
+                    )
+                    break
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        restore_to(api, "mysql", pk, writes.second_after(2))
+    finally:
+        done.set()
+        watcher.join()
+    assert mysql_rows(config) == [1, 2]
+    assert seen, "the replay server was never seen"
+    assert b"--skip-networking" in seen["argv"]
+    assert seen["tcp"] == set()
+    assert seen["uids"] == {uid} and uid != 0
+    assert seen["folder"] == (uid, 0o700)

@@ -138,6 +138,24 @@ def test_a_restore_whose_log_cannot_be_archived_restores_nothing(based, api, com
     assert fake.server(pk).data["k5"] == 5  # the old data stays
 
 
+def test_a_restore_to_a_time_whose_worker_died_is_redone_from_what_the_first_try_archived(
+    based, api, committed, fake, settings
+):
+    pk = based["id"]
+    old_timeline = LogFile.objects.filter(instance_id=pk, timeline=1)
+    archived = old_timeline.count()
+    # Requested, and its job lost with a dead worker; the server answers, maybe with new data
+    # already: its log must not join the old timeline's.
+    api.post(f"/api/storage/redis/instances/{pk}/restore", {"time": iso(ago(35))}, format="json")
+    assert Instance.objects.get(pk=pk).status == "restoring"
+    with committed():
+        reconcile(later=settings.STOCKROOM_STUCK_TIMEOUT + settings.STOCKROOM_CLAIM_SECONDS + 5)
+    instance = Instance.objects.get(pk=pk)
+    assert instance.status == "running", instance.status_message
+    assert fake.server(pk).data == {"k1": 1, "k2": 2}
+    assert old_timeline.count() == archived
+
+
 def test_the_reconciler_archives_when_due_and_prunes_logs_with_their_bases(based, committed, fake, settings):
     pk = based["id"]
     settings.STOCKROOM_LOG_ARCHIVE_INTERVAL = 5 * MINUTE
