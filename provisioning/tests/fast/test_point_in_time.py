@@ -138,6 +138,18 @@ def test_a_restore_whose_log_cannot_be_archived_restores_nothing(based, api, com
     assert fake.server(pk).data["k5"] == 5  # the old data stays
 
 
+def test_a_damaged_log_file_is_never_replayed(based, api, committed, fake):
+    pk = based["id"]
+    log = LogFile.objects.get(instance_id=pk)
+    with storages["snapshots"].open(log.file, "wb") as file:
+        file.write(b'[[0, "k1", "tampered"]]')
+    restore_to(api, committed, pk, ago(35))
+    instance = Instance.objects.get(pk=pk)
+    assert instance.status == "unhealthy"
+    assert f"The archived log file {log.name} is damaged" in instance.status_message
+    assert fake.server(pk).data == {"k1": 1, "k2": 2, "k3": 3, "k4": 4}  # nothing was restored
+
+
 def test_a_restore_to_a_time_whose_worker_died_is_redone_from_what_the_first_try_archived(
     based, api, committed, fake, settings
 ):
