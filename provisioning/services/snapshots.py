@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import IO
+from typing import IO, Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -65,17 +65,22 @@ def request_snapshot(*, instance: Instance, by: object, trigger: str = SnapshotT
     with transaction.atomic():
         capacity.hold(instance.owner)
         check_quota(instance.owner)
-        snapshot = Snapshot.objects.create(
-            owner=instance.owner,
-            kind=instance.kind,
-            instance=instance,
-            instance_name=instance.name,
-            options=instance.options,
-            trigger=trigger,
-            status_message=f"Requested by {by}; waiting for a worker.",
-        )
+        snapshot = _new(instance, trigger, status_message=f"Requested by {by}; waiting for a worker.")
         transaction.on_commit(lambda: _send_take(snapshot))
     return snapshot
+
+
+def _new(instance: Instance, trigger: str, **fields: Any) -> Snapshot:
+    """A snapshot row of `instance`, which keeps the instance's name and options for a clone."""
+    return Snapshot.objects.create(
+        owner=instance.owner,
+        kind=instance.kind,
+        instance=instance,
+        instance_name=instance.name,
+        options=instance.options,
+        trigger=trigger,
+        **fields,
+    )
 
 
 def check_quota(owner: User) -> None:
@@ -199,13 +204,9 @@ def before_delete(instance: Instance, backend: BaseBackend) -> str:
         return ""
     if backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT) is not None:
         return "It was not running, so no snapshot of its data was kept."
-    snapshot = Snapshot.objects.create(
-        owner=instance.owner,
-        kind=instance.kind,
-        instance=instance,
-        instance_name=instance.name,
-        options=instance.options,
-        trigger=SnapshotTrigger.BEFORE_DELETE,
+    snapshot = _new(
+        instance,
+        SnapshotTrigger.BEFORE_DELETE,
         status_message="Taken before the delete.",
         expires_at=_expiry(SnapshotTrigger.BEFORE_DELETE),  # one a dead worker left goes too
     )
@@ -312,13 +313,9 @@ def schedule_backups(*, now: datetime) -> int:
         try:
             request_snapshot(instance=instance, by="the backup schedule", trigger=SnapshotTrigger.SCHEDULED)
         except QuotaExceeded as exc:
-            snapshot = Snapshot.objects.create(
-                owner=instance.owner,
-                kind=instance.kind,
-                instance=instance,
-                instance_name=instance.name,
-                options=instance.options,
-                trigger=SnapshotTrigger.SCHEDULED,
+            snapshot = _new(
+                instance,
+                SnapshotTrigger.SCHEDULED,
                 status=SnapshotStatus.FAILED,
                 status_message=str(exc),
                 finished_at=now,
