@@ -198,13 +198,14 @@ class LocalBackend(BaseBackend):
         processes.kill(under=directory, uid=self._uid_to_end(instance.kind, instance.pk))
         if (directory / IMAGE).exists() and not os.path.ismount(directory / SERVER):  # the host restarted
             self.disks.mount(directory / IMAGE, directory / SERVER)
+        setup = engine.local_setup(instance, layout, self)
         with self._beside(instance) as beside:
             engine.restore(instance, beside, snapshot)
+            # The server's folders, made again if the snapshot lacked one: as its uid, since they
+            # are the tenant's (root would follow a symlink put in their place).
+            beside.run(["mkdir", "-p", "-m", "0700", "--", *map(str, setup.dirs)])
         (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
         # As at the first start: the accounts are made again from the instance's own credentials.
-        setup = engine.local_setup(instance, layout, self)
-        for folder in setup.dirs:
-            _make_own(folder, user)
         for name, text in setup.files.items():
             files.write(directory / name, text, group=user.gid if user else None)
         self._run_server(instance, extra=setup.first_start_args)

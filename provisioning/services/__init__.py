@@ -18,6 +18,7 @@ from .healing import heal
 from .ports import NoFreePort
 from .requests import WrongStatus, create_instance, delete_instance, request_action
 from .snapshots import SnapshotBusy, delete_snapshot, request_restore, request_snapshot
+from .snapshots import busy as snapshot_busy
 from .snapshots import restore as restore_instance
 from .snapshots import take as take_snapshot
 from .webhooks import TooManyWebhooks, create_webhook
@@ -49,5 +50,6 @@ __all__ = [
     "request_restore",
     "request_snapshot",
     "restore_instance",
+    "snapshot_busy",
     "usage",
 ]

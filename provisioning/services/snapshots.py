@@ -83,18 +83,45 @@ def _new(instance: Instance, trigger: str, **fields: Any) -> Snapshot:
     )
 
 
+def room(owner: User, *, besides: Snapshot | None = None) -> int:
+    """Bytes left of the owner's snapshot quota. A snapshot still being made counts as its
+    instance's whole disk (the most it can take: its copy is cut off there), so snapshots made at
+    once cannot together pass the quota."""
+    made = Snapshot.objects.filter(owner=owner, status=SnapshotStatus.READY).aggregate(total=Sum("size_bytes"))
+    making = Snapshot.objects.filter(owner=owner, status=SnapshotStatus.CREATING, instance__isnull=False)
+    if besides is not None:
+        making = making.exclude(pk=besides.pk)
+    reserved = sum(instance.disk_limit for instance in Instance.objects.filter(snapshots__in=making))
+    return settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES - (made["total"] or 0) - reserved
+
+
 def check_quota(owner: User) -> None:
-    used = (
-        Snapshot.objects.filter(owner=owner)
-        .exclude(status=SnapshotStatus.FAILED)
-        .aggregate(total=Sum("size_bytes"))["total"]
-    )
-    quota = settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES
-    if (used or 0) >= quota:
+    """Raise QuotaExceeded if the owner's snapshots (those being made counted at their most) leave
+    no room for another."""
+    if room(owner) <= 0:
+        quota = settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES
         raise QuotaExceeded(
-            f"Your snapshots take {describe_size(used or 0)} of your {describe_size(quota)} snapshot quota; "
+            f"Your snapshots, with those being made, take all of your {describe_size(quota)} snapshot quota; "
             "delete some before taking another."
         )
+
+
+class TooLarge(BackendError):
+    """A snapshot's copy passed the most it may take."""
+
+
+class _Bounded:
+    """A file that takes at most `limit` bytes; a write past it raises TooLarge (which stops the
+    helper program that writes through it)."""
+
+    def __init__(self, file: IO[bytes], limit: int, why: str):
+        self.file, self.left, self.why = file, limit, why
+
+    def write(self, data: bytes) -> int:
+        self.left -= len(data)
+        if self.left < 0:
+            raise TooLarge(self.why)
+        return self.file.write(data)
 
 
 def _send_take(snapshot: Snapshot) -> None:
@@ -128,12 +155,19 @@ def request_restore(*, instance: Instance, snapshot: Snapshot, by: object) -> In
     return instance
 
 
+def busy(snapshot: Snapshot) -> str:
+    """Why the snapshot cannot be deleted now (it is being made, or restored), or ""."""
+    if snapshot.status == SnapshotStatus.CREATING:
+        return f"Snapshot {snapshot.pk} is still being made; delete it once it is ready or failed."
+    if Instance.objects.filter(restore_from=snapshot, status__in=(Status.PROVISIONING, Status.RESTORING)).exists():
+        return f"Snapshot {snapshot.pk} is being restored; delete it once that is done."
+    return ""
+
+
 def delete_snapshot(*, snapshot: Snapshot) -> None:
     """Remove the snapshot's file and row. Raises SnapshotBusy while it is being made or restored."""
-    if snapshot.status == SnapshotStatus.CREATING:
-        raise SnapshotBusy(f"Snapshot {snapshot.pk} is still being made; delete it once it is ready or failed.")
-    if Instance.objects.filter(restore_from=snapshot).exists():
-        raise SnapshotBusy(f"Snapshot {snapshot.pk} is being restored; delete it once that is done.")
+    if why := busy(snapshot):
+        raise SnapshotBusy(why)
     if snapshot.file:
         storage().delete(snapshot.file)
     snapshot.delete()
@@ -154,16 +188,20 @@ def take(snapshot_id: int) -> None:
 
 
 def _take(instance: Instance, backend: BaseBackend, snapshot: Snapshot) -> None:
-    name = f"{instance.kind}/{instance.pk}/{snapshot.pk}.{get_engine(instance.kind).snapshot_suffix}"
+    wanted = f"{instance.kind}/{instance.pk}/{snapshot.pk}.{get_engine(instance.kind).snapshot_suffix}"
+    name = ""
     try:
+        out = _limited(instance, snapshot)
         # An unnamed file while it is written: a worker killed here leaves nothing behind.
         with tempfile.TemporaryFile(dir=settings.STOCKROOM_SNAPSHOT_DIR) as partial:
-            backend.snapshot(instance, partial)
+            backend.snapshot(instance, _Bounded(partial, *out))  # type: ignore[arg-type]
             partial.seek(0)
             checksum, size = _digest(partial)
             partial.seek(0)
-            name = storage().save(name, File(partial))
+            name = storage().save(wanted, File(partial))
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
+        if not name and storage().exists(wanted) and not Snapshot.objects.filter(file=wanted).exists():
+            storage().delete(wanted)  # a save cut short (a full disk) leaves a part of the file
         if _finish(snapshot, SnapshotStatus.FAILED, describe("The snapshot failed", instance, exc)):
             _announce(instance, snapshot)
         return
@@ -180,6 +218,18 @@ def _take(instance: Instance, backend: BaseBackend, snapshot: Snapshot) -> None:
         return
     _announce(instance, snapshot)
     logger.info("Snapshot %s of instance %s: %s bytes", snapshot.pk, instance.pk, size)
+
+
+def _limited(instance: Instance, snapshot: Snapshot) -> tuple[int, str]:
+    """The most bytes the snapshot may take, and why: no more than the instance's disk holds (a
+    copy bigger than that is not its data: sparse files, say), nor than is left of the quota."""
+    disk, left = instance.disk_limit, room(instance.owner, besides=snapshot)
+    if left <= 0:
+        quota = describe_size(settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES)
+        raise BackendError(f"Your snapshots, with those being made, take all of your {quota} snapshot quota.")
+    if left < disk:
+        return left, f"The copy passed what is left of your snapshot quota ({describe_size(left)})."
+    return disk, f"The copy passed the instance's disk size ({describe_size(disk)}); it cannot be its data."
 
 
 def _announce(instance: Instance, snapshot: Snapshot) -> None:

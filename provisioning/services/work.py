@@ -94,7 +94,7 @@ def _fail(instance: Instance, backend: BaseBackend, what: str, exc: Exception) -
         message,
         side=Side.WORKER,
         allowed_from=(Status.PROVISIONING, Status.DELETING),
-        also={"holds_data": not removed},
+        also={"holds_data": not removed, "restore_from": None},  # a failed clone holds its snapshot no more
     )
     logger.warning("Instance %s failed: %s", instance.pk, message)
 
@@ -234,4 +234,6 @@ def _give_up_recovering(instance: Instance, backend: BaseBackend, what: str) -> 
     else:
         doing = "restore" if busy == Status.RESTORING else ACTION_OF[busy].replace("-", " ")
         message = f"{what}; the {doing} was given up."
-        transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(busy,))
+        transition(
+            instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(busy,), also={"restore_from": None}
+        )

@@ -501,3 +501,44 @@ def test_a_restore_cut_short_between_its_two_renames_is_undone_by_the_next(api):
     backend.start(row)
     assert rows(config) == [[1, "kept"]]
     assert sorted(path.name for path in server.iterdir() if path.name.startswith("data")) == ["data"]
+
+
+def test_a_snapshot_larger_than_the_instances_disk_is_cut_off(api):
+    """The tenant makes a table file sparse and far larger than its disk (as its uid may): the copy
+    stops at the disk's size, fails and says why, and nothing of it stays."""
+    instance = create(api, "mysql", disk="256mb")
+    pk, config = instance["id"], config_of(api, "mysql", instance["id"])
+    execute(config, "CREATE TABLE big (id INT) ENGINE=MyISAM", "INSERT INTO big VALUES (1)")
+    os.truncate(server_dir("mysql", pk) / "data" / "app" / "big.MYD", 512 * 1024 * 1024)
+    before = {path for path in settings.STOCKROOM_SNAPSHOT_DIR.rglob("*") if path.is_file()}
+    response = api.post(f"/api/storage/mysql/instances/{pk}/snapshots")
+    snapshot = api.get(f"/api/storage/mysql/snapshots/{response.json()['id']}").json()
+    assert snapshot["status"] == "failed"
+    assert snapshot["status_message"] == (
+        "The snapshot failed: The copy passed the instance's disk size (256 MiB); it cannot be its data."
+    )
+    assert {path for path in settings.STOCKROOM_SNAPSHOT_DIR.rglob("*") if path.is_file()} == before
+    assert api.get(f"/api/storage/mysql/instances/{pk}").json()["status"] == "running"
+    assert not [
+        pid
+        for pid in processes_under(instance_dir("mysql", pk))
+        if "mariabackup" in Path(f"/proc/{pid}/cmdline").read_text()
+    ]
+
+
+def test_a_restore_follows_no_symlink_the_tenant_put_in_place_of_a_server_folder(api, tmp_path):
+    """Root re-owning the server's folders after a restore would follow a symlink the instance's
+    uid put there, and take a folder of the host's from everyone."""
+    instance = create(api, "mysql")
+    pk = instance["id"]
+    snapshot = snapshot_of(api, "mysql", pk)
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o755)
+    victim.chmod(0o755)
+    server = server_dir("mysql", pk)
+    owner = server.joinpath("tmp").stat()
+    server.joinpath("tmp").rename(server / "tmp.aside")
+    server.joinpath("tmp").symlink_to(victim)
+    os.lchown(server / "tmp", owner.st_uid, owner.st_gid)
+    restore(api, "mysql", pk, snapshot["id"])
+    assert (stat.S_IMODE(victim.stat().st_mode), victim.stat().st_uid) == (0o755, 0)
