@@ -273,6 +273,14 @@ class DockerBackend(BaseBackend):
         (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
         self._docker("start the container", containers[0].start)
         self._wait_for_login(instance, containers[0])
+        self._settle(instance)  # after a restore whose first start failed, a later one's login did it
+
+    def _settle(self, instance: "Instance") -> None:
+        """The container's usual files again, and its first-start files emptied: once a login works,
+        the server has made its accounts."""
+        spec = get_engine(instance.kind).container(instance, self.layout(instance))
+        self._write_files(instance, spec, init=False)
+        self._blank_init_files(instance, spec)
 
     def _mount_disk(self, directory: Path) -> None:
         if (directory / IMAGE).exists() and not os.path.ismount(directory / DISK):  # the host restarted
@@ -309,16 +317,14 @@ class DockerBackend(BaseBackend):
         self._write_files(instance, engine.container_restored(instance, layout))
         self._docker("start the container", containers[0].start)
         self._wait_for_login(instance, containers[0])
-        spec = engine.container(instance, layout)
-        self._write_files(instance, spec)
-        self._blank_init_files(instance, spec)
+        self._settle(instance)
 
-    def _write_files(self, instance: "Instance", spec: Container) -> None:
-        """The container's files and first-start files again, in place (bind mounts follow an inode)."""
+    def _write_files(self, instance: "Instance", spec: Container, *, init: bool = True) -> None:
+        """The container's files (and first-start files) again, in place: a bind mount follows an inode."""
         directory = self.directory(instance)
         for name, (_path, text) in spec.files.items():
             self._write(instance, directory / name, text)
-        for name, text in spec.init_files.items():
+        for name, text in spec.init_files.items() if init else ():
             self._write(instance, directory / INIT / name, text)
 
     def _user(self, instance: "Instance") -> str:
