@@ -5,6 +5,7 @@ The image is built locally from Debian packages and follows the official images'
 """
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -720,5 +721,35 @@ def test_a_container_snapshot_reads_no_file_of_the_hosts(api, docker_settings, s
     assert container_of(backend, pk).status == "exited"
     (disk / "data").unlink()
     (disk / "kept").rename(disk / "data")
+    api.delete(f"/api/storage/mysql/instances/{pk}")
+    wait_for_status(api, "mysql", pk, "gone", timeout=60)
+
+
+def test_a_container_restore_cut_short_is_undone_by_the_next_and_the_server_keeps_its_data(api, docker_settings):
+    """The worker died in the middle of a restore: its helper container still runs, `disk/` is still
+    open to the uid's group, and the old data was just moved aside. The next restore clears all of
+    that first, so even when it fails too, the server starts with its whole old data."""
+    backend = docker_settings()
+    pk, config = running(api, "mysql")
+    execute(config, "CREATE TABLE t (id INT PRIMARY KEY, note TEXT)", "INSERT INTO t VALUES (1, 'kept')")
+    row = Instance.objects.get(pk=pk)
+    backend.stop(row)
+    # What the killed restore left: its helper container, `disk/` open to the uid's group, the data aside.
+    backend.client.containers.run(
+        IMAGE, ["infinity"], entrypoint=["sleep"], name=f"stockroom-mysql-{pk}-helper", detach=True,
+        labels={**backend.labels(row), f"{LABEL}.helper": "true"}, network_mode="none",
+    )  # fmt: skip
+    disk = backend.directory(row) / "disk"
+    os.chown(disk, 0, backend.uid(row))
+    disk.chmod(0o770)
+    (disk / "data").rename(disk / "data.old")
+
+    with pytest.raises(BackendError, match="mbstream failed"):
+        backend.restore(row, io.BytesIO(b"not a snapshot"))
+    assert (disk.stat().st_uid, disk.stat().st_gid, stat.S_IMODE(disk.stat().st_mode)) == (0, 0, 0o700)
+    assert [c.name for c in backend.client.containers.list(all=True)] == [f"stockroom-mysql-{pk}"]
+    backend.start(row)
+    assert rows(config) == [[1, "kept"]]
+    assert sorted(path.name for path in disk.iterdir()) == ["data", "tmp"]
     api.delete(f"/api/storage/mysql/instances/{pk}")
     wait_for_status(api, "mysql", pk, "gone", timeout=60)
