@@ -725,8 +725,9 @@ def test_a_container_snapshot_reads_no_file_of_the_hosts(api, docker_settings, s
     wait_for_status(api, "mysql", pk, "gone", timeout=60)
 
 
-def test_a_container_restore_cut_short_is_undone_by_the_next_and_the_server_keeps_its_data(api, docker_settings):
-    """The worker died in the middle of a restore: its helper container still runs, `disk/` is still
+def test_a_restore_helper_is_confined_and_a_restore_cut_short_is_undone_by_the_next(api, docker_settings):
+    """A restore's helper container runs with no more than the instance's server may have. Then the
+    worker died in the middle of a restore: its helper container still runs, `disk/` is still
     open to the uid's group, and the old data was just moved aside. The next restore clears all of
     that first, so even when it fails too, the server starts with its whole old data."""
     backend = docker_settings()
@@ -734,12 +735,23 @@ def test_a_container_restore_cut_short_is_undone_by_the_next_and_the_server_keep
     execute(config, "CREATE TABLE t (id INT PRIMARY KEY, note TEXT)", "INSERT INTO t VALUES (1, 'kept')")
     row = Instance.objects.get(pk=pk)
     backend.stop(row)
+    disk = backend.directory(row) / "disk"
+    # A restore's helper: the instance's uid, image and limits, no privilege, no network, its disk only.
+    with backend._helper(row) as helper:
+        host_config, uid = helper.attrs["HostConfig"], backend.uid(row)
+        assert helper.attrs["Config"]["User"] == f"{uid}:{uid}"
+        assert host_config["CapDrop"] == ["ALL"] and not host_config["CapAdd"]
+        assert host_config["SecurityOpt"] == ["no-new-privileges"] and host_config["ReadonlyRootfs"] is True
+        assert host_config["NetworkMode"] == "none" and host_config["PidsLimit"] == get_engine("mysql").pids_limit
+        assert host_config["Memory"] == get_engine("mysql").memory_limit(row.options)
+        assert [mount["Source"] for mount in helper.attrs["Mounts"] if mount["Type"] == "bind"] == [str(disk)]
+        assert (disk.stat().st_gid, stat.S_IMODE(disk.stat().st_mode)) == (uid, 0o770)  # only meanwhile
+    assert (disk.stat().st_uid, disk.stat().st_gid, stat.S_IMODE(disk.stat().st_mode)) == (0, 0, 0o700)
     # What the killed restore left: its helper container, `disk/` open to the uid's group, the data aside.
     backend.client.containers.run(
         IMAGE, ["infinity"], entrypoint=["sleep"], name=f"stockroom-mysql-{pk}-helper", detach=True,
         labels={**backend.labels(row), f"{LABEL}.helper": "true"}, network_mode="none",
     )  # fmt: skip
-    disk = backend.directory(row) / "disk"
     os.chown(disk, 0, backend.uid(row))
     disk.chmod(0o770)
     (disk / "data").rename(disk / "data.old")
