@@ -271,16 +271,21 @@ def run_beside(
                     feeder.join()
             if status:
                 errors.seek(max(0, os.fstat(errors.fileno()).st_size - 16384))
-                lines = errors.read().decode(errors="replace").strip().splitlines()
-                # The lines that say what went wrong, else the last ones.
-                tail = [line for line in lines if re.search(r"error|fail|denied|can't|cannot", line, re.I)][-2:]
-                why = " | ".join(tail or lines[-2:]) or (
-                    "it took too long" if status == -signal.SIGKILL else f"exit status {status}"
-                )
-                raise BackendError(f"{name} failed: {why}")
+                raise helper_failed(name, errors.read(), status)
     finally:
         for descriptor in extra_fds:
             os.close(descriptor)
+
+
+def helper_failed(name: str, errors: bytes, status: int) -> BackendError:
+    """The error for a helper program that exited with `status`, from the end of its error output:
+    the lines that say what went wrong, else the last ones."""
+    lines = errors.decode(errors="replace").strip().splitlines()
+    tail = [line for line in lines if re.search(r"error|fail|denied|can't|cannot", line, re.I)][-2:]
+    why = " | ".join(tail or lines[-2:]) or (
+        "it took too long" if status == -signal.SIGKILL else f"exit status {status}"
+    )
+    return BackendError(f"{name} failed: {why}")
 
 
 def _feed(source: IO[bytes], sink: IO[bytes] | None) -> None:

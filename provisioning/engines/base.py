@@ -305,6 +305,14 @@ class Engine:
         """The files, command and environment of a new container for `instance`."""
         raise NotImplementedError("Engines must describe their container.")
 
+    def container_restored(self, instance: "Instance", layout: Layout) -> Container:
+        """The container's files (and first-start files) for its first start after `restore`, so its
+        accounts and passwords are the instance's own again, whatever the snapshot held. Once a login
+        works, the backend writes `container`'s files again and empties the first-start files. By
+        default `container`'s: a kind whose accounts live outside its data needs nothing more.
+        """
+        return self.container(instance, layout)
+
     # Administration and logins ---------------------------------------------------------
 
     def set_password(self, instance: "Instance", password: str, *, admin: Endpoint, write: WriteFile) -> None:

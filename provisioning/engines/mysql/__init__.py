@@ -1,5 +1,6 @@
 """MySQL, served by MariaDB: one `mariadbd` per instance, or a container in the official image's contract."""
 
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -181,6 +182,19 @@ class MySQL(Engine):
                 "MARIADB_ROOT_HOST": "localhost",
                 "MARIADB_INITDB_SKIP_TZINFO": "1",  # as the local data-directory template
             },
+        )
+
+    def container_restored(self, instance: "Instance", layout: Layout) -> Container:
+        # The image makes accounts only when it finds no data: the server runs `init_sql` itself,
+        # named in its config for this start (the root password's hash included).
+        spec = self.container(instance, layout)
+        assert spec.init_dir is not None
+        path, config = spec.files[self.config_name]
+        config += f"\n[mysqld]\ninit-file = {spec.init_dir / INIT_FILE}\n"
+        return dataclasses.replace(
+            spec,
+            files={**spec.files, self.config_name: (path, config)},
+            init_files={**spec.init_files, INIT_FILE: self.init_sql(instance)},
         )
 
     def init_sql(self, instance: "Instance") -> str:
