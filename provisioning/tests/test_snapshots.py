@@ -501,3 +501,37 @@ def test_a_restore_cut_short_between_its_two_renames_is_undone_by_the_next(api):
     backend.start(row)
     assert rows(config) == [[1, "kept"]]
     assert sorted(path.name for path in server.iterdir() if path.name.startswith("data")) == ["data"]
+
+
+def root_of(pk: int) -> pymysql.Connection:
+    """The portal's root, over the instance's Unix socket."""
+    password = Instance.objects.get(pk=pk).admin_password
+    return pymysql.connect(unix_socket=str(server_dir("mysql", pk) / "server.sock"), user="root", password=password)
+
+
+def mariadb_sys(pk: int) -> tuple:
+    with root_of(pk) as db, db.cursor() as cursor:
+        cursor.execute("SHOW GRANTS FOR 'mariadb.sys'@'localhost'")
+        grants = cursor.fetchall()
+        cursor.execute("SELECT Priv FROM mysql.global_priv WHERE User = 'mariadb.sys'")
+        return grants, cursor.fetchall()
+
+
+def test_a_restored_server_puts_mariadb_sys_back_locked_and_without_rights(api):
+    """Someone with grant rights unlocks mariadb.sys, gives it a password and every right, and
+    snapshots the server: the server restored from that snapshot has it as mariadb-install-db
+    made it, and refuses the login."""
+    pk = create(api, "mysql")["id"]
+    pristine = mariadb_sys(pk)
+    assert '"account_locked":true' in pristine[1][0][0]
+    with root_of(pk) as db, db.cursor() as cursor:
+        cursor.execute("ALTER USER 'mariadb.sys'@'localhost' IDENTIFIED BY 'taken-over' ACCOUNT UNLOCK")
+        cursor.execute("GRANT ALL PRIVILEGES ON *.* TO 'mariadb.sys'@'localhost' WITH GRANT OPTION")
+    socket = str(server_dir("mysql", pk) / "server.sock")
+    pymysql.connect(unix_socket=socket, user="mariadb.sys", password="taken-over").close()  # the attack works here
+    snapshot = snapshot_of(api, "mysql", pk)
+
+    assert restore(api, "mysql", pk, snapshot["id"])["status"] == "running"
+    with pytest.raises(pymysql.err.OperationalError):
+        pymysql.connect(unix_socket=socket, user="mariadb.sys", password="taken-over")
+    assert mariadb_sys(pk) == pristine
