@@ -3,11 +3,13 @@
 Tasks run inline here (pytest.ini), so a snapshot or restore is done when its request returns.
 """
 
+import dataclasses
 import hashlib
 import io
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pymysql
@@ -535,3 +537,47 @@ def test_a_restored_server_puts_mariadb_sys_back_locked_and_without_rights(api):
     with pytest.raises(pymysql.err.OperationalError):
         pymysql.connect(unix_socket=socket, user="mariadb.sys", password="taken-over")
     assert mariadb_sys(pk) == pristine
+
+
+def test_helpers_count_toward_the_instance_limits_and_end_at_their_deadline(api):
+    """A helper runs as the instance's uid, which may ptrace it and make it run anything: what it
+    runs is inside the instance's cgroup (it cannot start more processes than the pids limit), and
+    it ends at the helper's deadline with whatever it started."""
+    pk = create(api, "redis", disk="64mb")["id"]
+    row = Instance.objects.get(pk=pk)
+    backend = get_backend(row.backend)
+    assert backend.no_cgroups is None
+    uid = backend.user(row).uid
+    with backend._beside(row) as beside:
+        # 60 s and the disk at 20 MiB/s, well within the task's time limit.
+        assert 62 < beside.deadline - time.monotonic() <= 63.2
+        out = io.BytesIO()
+        beside.run(["cat", "/proc/self/cgroup"], stdout=out)
+        groups = dict(line.split(":", 2)[1:] for line in out.getvalue().decode().splitlines())
+        assert groups["memory"].endswith(f"/redis-{pk}") and groups["pids"].endswith(f"/redis-{pk}")
+
+        with pytest.raises(BackendError, match="sh failed: .*fork"):
+            beside.run(["sh", "-c", "for i in $(seq 100); do sleep 30 & done; wait"])
+        wait_until(lambda: not left(uid, "sleep"), 10, "the helper's processes to end")
+
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=r"sh failed: it took more than 1 s and was stopped"):
+            dataclasses.replace(beside, deadline=time.monotonic() + 1).run(["sh", "-c", "sleep 60 & sleep 60"])
+        assert time.monotonic() - started < 5
+    wait_until(lambda: not left(uid, "sleep"), 10, "the helpers' processes to end")
+    assert redis_client(config_of(api, "redis", pk)).ping()
+
+
+def left(uid: int, name: str) -> list[int]:
+    """The processes of `uid` named `name`, exited ones not yet reaped too (they count toward the
+    pids limit until they are)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        try:
+            status = (Path(entry.path) / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        if fields.get("Name") == name and fields.get("Uid", "").split()[:1] == [str(uid)]:
+            found.append(int(entry.name))
+    return found
