@@ -539,6 +539,47 @@ def test_a_restored_server_puts_mariadb_sys_back_locked_and_without_rights(api):
     assert mariadb_sys(pk) == pristine
 
 
+def as_tenant(path: Path, owner: os.stat_result) -> None:
+    os.lchown(path, owner.st_uid, owner.st_gid)
+
+
+def test_a_redis_snapshot_reads_no_file_the_tenant_can_replace(api):
+    """The instance's uid moves its data folder aside and puts a folder of its own in its place,
+    where the dump file is first a FIFO (a reader would wait for ever, holding a worker), then a
+    symlink to the ACL file (readable by the instance's group: the hashes would be copied). The
+    snapshot comes from the server, over the portal's connection, and has the keys and nothing else."""
+    instance = create(api, "redis")
+    pk, config = instance["id"], config_of(api, "redis", instance["id"])
+    redis_client(config).set("key", "value")
+    server = server_dir("redis", pk)
+    owner = (server / "data").stat()
+    (server / "data").rename(server / "data.real")
+    (server / "data").mkdir()
+    as_tenant(server / "data", owner)
+    acl = (instance_dir("redis", pk) / "users.acl").read_bytes()
+    row = Instance.objects.get(pk=pk)
+
+    os.mkfifo(server / "data" / "dump.rdb")
+    as_tenant(server / "data" / "dump.rdb", owner)
+    first = snapshot_of(api, "redis", pk)
+    (server / "data" / "dump.rdb").unlink()
+    (server / "data" / "dump.rdb").symlink_to("../../users.acl")
+    as_tenant(server / "data" / "dump.rdb", owner)
+    second = snapshot_of(api, "redis", pk)
+
+    for snapshot in (first, second):
+        content = stored(snapshot).read_bytes()
+        assert content.startswith(b"REDIS") and b"value" in content
+        assert acl not in content
+        for secret in (config["password"], row.admin_password):
+            assert hashlib.sha256(secret.encode()).hexdigest().encode() not in content
+    # The tenant cannot take the data that way itself: replication is the portal's alone.
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis_client(config).execute_command("SYNC")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis_client(config).execute_command("REPLCONF", "rdb-only", "1")
+
+
 def test_helpers_count_toward_the_instance_limits_and_end_at_their_deadline(api):
     """A helper runs as the instance's uid, which may ptrace it and make it run anything: what it
     runs is inside the instance's cgroup (it cannot start more processes than the pids limit), and
