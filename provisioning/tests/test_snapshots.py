@@ -8,6 +8,8 @@ import hashlib
 import io
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -606,6 +608,25 @@ def test_helpers_count_toward_the_instance_limits_and_end_at_their_deadline(api)
             dataclasses.replace(beside, deadline=time.monotonic() + 1).run(["sh", "-c", "sleep 60 & sleep 60"])
         assert time.monotonic() - started < 5
     wait_until(lambda: not left(uid, "sleep"), 10, "the helpers' processes to end")
+
+    # A worker killed while its helper runs (Celery's hard time limit, or kill -9) takes it along.
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from provisioning.backends.processes import run_beside; "
+            "run_beside(['sleep', '300'], cwd=Path(sys.argv[1]), user=(int(sys.argv[2]), int(sys.argv[3])), "
+            "timeout=300)",
+            str(server_dir("redis", pk)),
+            str(uid),
+            str(backend.user(row).gid),
+        ],
+        cwd=settings.BASE_DIR,
+    )
+    wait_until(lambda: left(uid, "sleep"), 10, "the helper to start")
+    worker.kill()
+    worker.wait()
+    wait_until(lambda: not left(uid, "sleep"), 10, "the helper to end with its worker")
     assert redis_client(config_of(api, "redis", pk)).ping()
 
 

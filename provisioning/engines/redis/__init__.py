@@ -37,7 +37,7 @@ SERVER_OVERHEAD = 16 * MiB
 NO_RETRY = Retry(NoBackoff(), 0)
 ADMIN_TIMEOUT = 10  # seconds; an administrative command that takes longer has failed
 CONFIG_DIR = PurePosixPath("/usr/local/etc/redis")  # in the official image
-# Redis 7's defaults (redis.conf names none): where BGSAVE writes, and the append-only files a server
+# Redis 7's defaults (redis.conf names none): where a save writes, and the append-only files a server
 # with `appendonly yes` loads at start, ignoring any RDB beside them: a restored RDB goes in as the
 # base of a new append-only file.
 DUMP = "dump.rdb"
