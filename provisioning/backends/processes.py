@@ -267,11 +267,12 @@ def run_beside(
                 umask=0o077,
             )
             try:
-                finished = _pump(process, stdin, stdout, deadline)
-                if finished:
+                # Finished: its output read to the end, and it exited, both by the deadline.
+                finished = False
+                if _pump(process, stdin, stdout, deadline):
                     with suppress(subprocess.TimeoutExpired):
                         process.wait(max(0.0, deadline - time.monotonic()))
-                finished = process.poll() is not None
+                    finished = process.poll() is not None
             finally:
                 # Its whole group: what it started too. Before the wait that reaps it, so that its
                 # process group id is still its own.
