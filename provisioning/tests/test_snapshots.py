@@ -3,11 +3,15 @@
 Tasks run inline here (pytest.ini), so a snapshot or restore is done when its request returns.
 """
 
+import dataclasses
 import hashlib
 import io
 import os
 import stat
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pymysql
@@ -542,3 +546,143 @@ def test_a_restore_follows_no_symlink_the_tenant_put_in_place_of_a_server_folder
     os.lchown(server / "tmp", owner.st_uid, owner.st_gid)
     restore(api, "mysql", pk, snapshot["id"])
     assert (stat.S_IMODE(victim.stat().st_mode), victim.stat().st_uid) == (0o755, 0)
+
+
+def root_of(pk: int) -> pymysql.Connection:
+    """The portal's root, over the instance's Unix socket."""
+    password = Instance.objects.get(pk=pk).admin_password
+    return pymysql.connect(unix_socket=str(server_dir("mysql", pk) / "server.sock"), user="root", password=password)
+
+
+def mariadb_sys(pk: int) -> tuple:
+    with root_of(pk) as db, db.cursor() as cursor:
+        cursor.execute("SHOW GRANTS FOR 'mariadb.sys'@'localhost'")
+        grants = cursor.fetchall()
+        cursor.execute("SELECT Priv FROM mysql.global_priv WHERE User = 'mariadb.sys'")
+        return grants, cursor.fetchall()
+
+
+def test_a_restored_server_puts_mariadb_sys_back_locked_and_without_rights(api):
+    """Someone with grant rights unlocks mariadb.sys, gives it a password and every right, and
+    snapshots the server: the server restored from that snapshot has it as mariadb-install-db
+    made it, and refuses the login."""
+    pk = create(api, "mysql")["id"]
+    pristine = mariadb_sys(pk)
+    assert '"account_locked":true' in pristine[1][0][0]
+    with root_of(pk) as db, db.cursor() as cursor:
+        cursor.execute("ALTER USER 'mariadb.sys'@'localhost' IDENTIFIED BY 'taken-over' ACCOUNT UNLOCK")
+        cursor.execute("GRANT ALL PRIVILEGES ON *.* TO 'mariadb.sys'@'localhost' WITH GRANT OPTION")
+    socket = str(server_dir("mysql", pk) / "server.sock")
+    pymysql.connect(unix_socket=socket, user="mariadb.sys", password="taken-over").close()  # the attack works here
+    snapshot = snapshot_of(api, "mysql", pk)
+
+    assert restore(api, "mysql", pk, snapshot["id"])["status"] == "running"
+    with pytest.raises(pymysql.err.OperationalError):
+        pymysql.connect(unix_socket=socket, user="mariadb.sys", password="taken-over")
+    assert mariadb_sys(pk) == pristine
+
+
+def as_tenant(path: Path, owner: os.stat_result) -> None:
+    os.lchown(path, owner.st_uid, owner.st_gid)
+
+
+def test_a_redis_snapshot_reads_no_file_the_tenant_can_replace(api):
+    """The instance's uid moves its data folder aside and puts a folder of its own in its place,
+    where the dump file is first a FIFO (a reader would wait for ever, holding a worker), then a
+    symlink to the ACL file (readable by the instance's group: the hashes would be copied). The
+    snapshot comes from the server, over the portal's connection, and has the keys and nothing else."""
+    instance = create(api, "redis")
+    pk, config = instance["id"], config_of(api, "redis", instance["id"])
+    redis_client(config).set("key", "value")
+    server = server_dir("redis", pk)
+    owner = (server / "data").stat()
+    (server / "data").rename(server / "data.real")
+    (server / "data").mkdir()
+    as_tenant(server / "data", owner)
+    acl = (instance_dir("redis", pk) / "users.acl").read_bytes()
+    row = Instance.objects.get(pk=pk)
+
+    os.mkfifo(server / "data" / "dump.rdb")
+    as_tenant(server / "data" / "dump.rdb", owner)
+    first = snapshot_of(api, "redis", pk)
+    (server / "data" / "dump.rdb").unlink()
+    (server / "data" / "dump.rdb").symlink_to("../../users.acl")
+    as_tenant(server / "data" / "dump.rdb", owner)
+    second = snapshot_of(api, "redis", pk)
+
+    for snapshot in (first, second):
+        content = stored(snapshot).read_bytes()
+        assert content.startswith(b"REDIS") and b"value" in content
+        assert acl not in content
+        for secret in (config["password"], row.admin_password):
+            assert hashlib.sha256(secret.encode()).hexdigest().encode() not in content
+    # The tenant cannot take the data that way itself: replication is the portal's alone.
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis_client(config).execute_command("SYNC")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis_client(config).execute_command("REPLCONF", "rdb-only", "1")
+
+
+def test_helpers_count_toward_the_instance_limits_and_end_at_their_deadline(api):
+    """A helper runs as the instance's uid, which may ptrace it and make it run anything: what it
+    runs is inside the instance's cgroup (it cannot start more processes than the pids limit), and
+    it ends at the helper's deadline with whatever it started."""
+    pk = create(api, "redis", disk="64mb")["id"]
+    row = Instance.objects.get(pk=pk)
+    backend = get_backend(row.backend)
+    assert backend.no_cgroups is None
+    uid = backend.user(row).uid
+    with backend._beside(row) as beside:
+        # 60 s and the disk at 20 MiB/s, well within the task's time limit.
+        assert 62 < beside.deadline - time.monotonic() <= 63.2
+        out = io.BytesIO()
+        beside.run(["cat", "/proc/self/cgroup"], stdout=out)
+        groups = dict(line.split(":", 2)[1:] for line in out.getvalue().decode().splitlines())
+        for controller in ("memory", "pids"):  # v1 hierarchies, else the v2 one ("0::<path>")
+            path = next((p for names, p in groups.items() if controller in names.split(",")), groups[""])
+            assert path.endswith(f"/redis-{pk}"), (controller, path)
+
+        with pytest.raises(BackendError, match="sh failed: .*fork"):
+            beside.run(["sh", "-c", "for i in $(seq 100); do sleep 30 & done; wait"])
+        wait_until(lambda: not left(uid, "sleep"), 10, "the helper's processes to end")
+
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=r"sh failed: it took more than 1 s and was stopped"):
+            dataclasses.replace(beside, deadline=time.monotonic() + 1).run(["sh", "-c", "sleep 60 & sleep 60"])
+        assert time.monotonic() - started < 5
+    wait_until(lambda: not left(uid, "sleep"), 10, "the helpers' processes to end")
+
+    # A worker killed while its helper runs (Celery's hard time limit, or kill -9) takes it along.
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from provisioning.backends.processes import run_beside; "
+            "run_beside(['sleep', '300'], cwd=Path(sys.argv[1]), user=(int(sys.argv[2]), int(sys.argv[3])), "
+            "timeout=300)",
+            str(server_dir("redis", pk)),
+            str(uid),
+            str(backend.user(row).gid),
+        ],
+        cwd=settings.BASE_DIR,
+    )
+    wait_until(lambda: left(uid, "sleep"), 10, "the helper to start")
+    worker.kill()
+    worker.wait()
+    wait_until(lambda: not left(uid, "sleep"), 10, "the helper to end with its worker")
+    assert redis_client(config_of(api, "redis", pk)).ping()
+
+
+def left(uid: int, name: str) -> list[int]:
+    """The processes of `uid` named `name`, exited ones not yet reaped too (they count toward the
+    pids limit until they are)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        try:
+            status = (Path(entry.path) / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        if fields.get("Name") == name and fields.get("Uid", "").split()[:1] == [str(uid)]:
+            found.append(int(entry.name))
+    return found

@@ -46,15 +46,23 @@ BACKUP_GRANTS = "RELOAD, PROCESS, LOCK TABLES, BINLOG MONITOR"
 # mariadb-install-db also makes root@127.0.0.1, root@::1 and root@<host> without a password, and
 # the official image healthcheck@…; only the portal's root@localhost (Unix socket) may remain.
 # A server restored from a snapshot starts with the snapshot's accounts and their grants: those go
-# too (a grant left behind would make CREATE USER IF NOT EXISTS skip the user's account).
+# too (a grant left behind would make CREATE USER IF NOT EXISTS skip the user's account), and
+# mariadb.sys (the definer of mysql.user and of the sys schema) is put back exactly as
+# mariadb-install-db makes it: locked, no password, SELECT and DELETE on mysql.global_priv only. The
+# snapshot's copy of it could have been unlocked and given a password and every right.
 ONLY_PORTAL_ROOT = (
-    "DELETE FROM mysql.global_priv WHERE NOT (User = 'root' AND Host = 'localhost') AND User <> 'mariadb.sys';",
-    "DELETE FROM mysql.proxies_priv WHERE NOT (User = 'root' AND Host = 'localhost');",
+    "DELETE FROM mysql.global_priv WHERE NOT (User = 'root' AND Host = 'localhost');",
     *(
-        f"DELETE FROM mysql.{table} WHERE NOT (User = 'root' AND Host = 'localhost') AND User <> 'mariadb.sys';"
-        for table in ("db", "tables_priv", "columns_priv", "procs_priv")
+        f"DELETE FROM mysql.{table} WHERE NOT (User = 'root' AND Host = 'localhost');"
+        for table in ("proxies_priv", "db", "tables_priv", "columns_priv", "procs_priv")
     ),
     "DELETE FROM mysql.roles_mapping;",
+    # As in /usr/share/mysql/mysql_system_tables.sql (MariaDB 10.11).
+    "INSERT INTO mysql.global_priv (Host, User, Priv) VALUES ('localhost', 'mariadb.sys', "
+    '\'{"access":0,"plugin":"mysql_native_password","authentication_string":"","account_locked":true,'
+    '"password_last_changed":0}\');',
+    "INSERT INTO mysql.tables_priv (Host, Db, User, Table_name, Grantor, Table_priv) "
+    "VALUES ('localhost', 'mysql', 'mariadb.sys', 'global_priv', 'root@localhost', 'Select,Delete');",
     "FLUSH PRIVILEGES;",
 )
 

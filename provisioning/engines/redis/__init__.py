@@ -10,9 +10,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ...errors import BackendError
 from ...options import Option, backup_options, disk_option
 from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile, replace_folder
+from .rdb import read_rdb
 
 if TYPE_CHECKING:
     from ...models import Instance
@@ -37,14 +37,15 @@ SERVER_OVERHEAD = 16 * MiB
 NO_RETRY = Retry(NoBackoff(), 0)
 ADMIN_TIMEOUT = 10  # seconds; an administrative command that takes longer has failed
 CONFIG_DIR = PurePosixPath("/usr/local/etc/redis")  # in the official image
-# Redis 7's defaults (redis.conf names none): where BGSAVE writes, and the append-only files a server
+# Redis 7's defaults (redis.conf names none): where a save writes, and the append-only files a server
 # with `appendonly yes` loads at start, ignoring any RDB beside them: a restored RDB goes in as the
 # base of a new append-only file.
 DUMP = "dump.rdb"
 AOF_DIR = "appendonlydir"
 AOF_BASE = "appendonly.aof.1.base.rdb"
 AOF_MANIFEST = "appendonly.aof.manifest"
-SNAPSHOT_TIMEOUT = 600  # seconds a BGSAVE may take before the snapshot is given up
+SNAPSHOT_TIMEOUT = 600  # seconds the server may take to send its data before the snapshot is given up
+SYNC_READ_TIMEOUT = 30  # seconds without a byte (it sends a newline every second while it prepares)
 
 # The tenant's ACL rule, read left to right: everything that is not @dangerous; then what
 # applications and their client libraries use that Redis files under @dangerous; then, last so
@@ -239,28 +240,18 @@ class Redis(Engine):
     snapshot_suffix = "rdb"
 
     def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes]) -> None:
-        # BGSAVE forks: the child writes the data as of the fork while the server serves on. ACL
-        # users live in the ACL file, never in an RDB, so the copy holds no password or hash.
-        client = self.client(
-            beside.admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT
+        # From the server itself, as a replica gets it: it forks, and the child sends the data as
+        # of the fork down the portal's connection while the server serves on. No file of the
+        # server's folder is read (rdb.py). ACL users live in the ACL file, never in an RDB, so
+        # the copy holds no password or hash.
+        read_rdb(
+            beside.admin,
+            username=ADMIN_USERNAME,
+            password=instance.admin_password,
+            out=out,
+            timeout=SYNC_READ_TIMEOUT,
+            deadline=time.monotonic() + SNAPSHOT_TIMEOUT,
         )
-        try:
-            saves = int(client.info("persistence")["rdb_saves"])
-            client.bgsave(schedule=True)  # after an append-only rewrite in progress, if any
-            deadline = time.monotonic() + SNAPSHOT_TIMEOUT
-            while True:
-                info = client.info("persistence")
-                if int(info["rdb_saves"]) > saves and not int(info["rdb_bgsave_in_progress"]):
-                    break
-                if info["rdb_last_bgsave_status"] != "ok" and not int(info["rdb_bgsave_in_progress"]):
-                    raise BackendError("The server could not write its data (BGSAVE failed; is its disk full?).")
-                if time.monotonic() > deadline:
-                    raise BackendError(f"The server's BGSAVE took more than {SNAPSHOT_TIMEOUT} s.")
-                time.sleep(0.02)
-        finally:
-            client.close()
-        # A later save replaces the file by a rename: this reads one whole save, ours or newer.
-        beside.run(["cat", "--", str(beside.layout.data / DUMP)], stdout=out)
 
     def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
         # A new append-only folder whose base is the snapshot's RDB, put in place of the old one.
