@@ -113,8 +113,9 @@ class Created:
     timings: dict[str, float]  # the steps the worker recorded (queued, data_directory, ...)
 
 
-def create_and_connect(token: str, kind: str, options: dict | None = None) -> Created:
-    """POST a create, poll its status until running, fetch its config and log in with it."""
+def create_and_connect(token: str, kind: str, options: dict | None = None, *, poll: float = POLL_INTERVAL) -> Created:
+    """POST a create, poll its status every `poll` seconds until running, fetch its config and log
+    in with it."""
     api = Api(token)
     try:
         start = time.perf_counter()
@@ -129,7 +130,7 @@ def create_and_connect(token: str, kind: str, options: dict | None = None) -> Cr
                 raise RuntimeError(f"{kind} {body['id']} is {detail['status']}: {detail['status_message']}")
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"{kind} {body['id']} still provisioning after {CREATE_TIMEOUT:g} s")
-            time.sleep(POLL_INTERVAL)
+            time.sleep(poll)
         config = api.request("GET", f"{path}/config")[1]
         wait_for_login(kind, config, deadline=deadline)
         return Created(kind, body["id"], time.perf_counter() - start, posted - start, detail["timings"])
