@@ -16,7 +16,7 @@ from .stack import WEB_PORT
 
 POLL_INTERVAL = 0.02  # seconds between status polls and between login attempts
 CREATE_TIMEOUT = 60.0  # an instance that is not connectable by then is a failure, not a number
-DELETE_TIMEOUT = 60.0
+DELETE_TIMEOUT = 60.0  # without one more instance gone: each delete first takes a snapshot of the data
 
 
 class Api:
@@ -139,7 +139,8 @@ def create_and_connect(token: str, kind: str, options: dict | None = None, *, po
 
 
 def delete_all(token: str, created: list[Created]) -> None:
-    """DELETE every instance and wait until the API answers 404 for each (the worker is done)."""
+    """DELETE every instance and wait until the API answers 404 for each (the worker is done); an
+    error if DELETE_TIMEOUT passes without one more of them gone."""
     api = Api(token)
     try:
         for instance in created:
@@ -153,5 +154,6 @@ def delete_all(token: str, created: list[Created]) -> None:
                 if time.perf_counter() > deadline:
                     raise TimeoutError(f"{instance.kind} {instance.id} not deleted after {DELETE_TIMEOUT:g} s")
                 time.sleep(POLL_INTERVAL * 5)
+            deadline = time.perf_counter() + DELETE_TIMEOUT  # the workers delete a few at a time
     finally:
         api.close()

@@ -82,10 +82,12 @@ def measure(token: str, kind: str, *, count: int, repeats: int) -> dict:
             numbers["restore"].append(served)
             check(fingerprint(config, count), expected, f"{kind} {source.id} after its restore")
             clone = create_and_connect(token, kind, {"from_snapshot": snapshot["id"]}, poll=POLL)
-            numbers["clone"].append(clone.seconds)
-            clone_config = api.request("GET", f"/api/storage/{kind}/instances/{clone.id}/config")[1]
-            check(fingerprint(clone_config, count), expected, f"{kind} clone {clone.id}")
-            delete_all(token, [clone])
+            try:
+                numbers["clone"].append(clone.seconds)
+                clone_config = api.request("GET", f"/api/storage/{kind}/instances/{clone.id}/config")[1]
+                check(fingerprint(clone_config, count), expected, f"{kind} clone {clone.id}")
+            finally:
+                delete_all(token, [clone])
             settle(kind, source.id)
         report.progress(f"snapshots: {kind} naive baseline")
         baseline = BASELINES[kind](token, config, count, expected)
