@@ -266,9 +266,10 @@ class Redis(Engine):
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         client = self.client(endpoint, username=instance.username, password=instance.password, timeout=timeout)
         try:
-            # Not PING: a server whose disk is full refuses it (MISCONF), as it refuses writes, yet
-            # it answers and serves reads.
-            client.echo("stockroom")
+            # A read: a server whose disk is full refuses PING (MISCONF), as it refuses writes, yet
+            # it serves reads. Not ECHO: a server still loading its data answers that, and nothing
+            # else (LOADING), so it would count as running before it serves the data.
+            client.dbsize()
         finally:
             client.close()
 
