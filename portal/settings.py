@@ -187,10 +187,25 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
 STATICFILES_DIRS = [BASE_DIR / "static"]
+# Snapshots of instances' data: files only the portal may read (0700 folders, 0600 files), never
+# on an instance's own disk. An operator may point the "snapshots" storage at another backend.
+STOCKROOM_SNAPSHOT_DIR = Path(env.str("STOCKROOM_SNAPSHOT_DIR", default=str(DATA_DIR / "snapshots")))
+STOCKROOM_SNAPSHOT_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+STOCKROOM_SNAPSHOT_DIR.chmod(0o700)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    "snapshots": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {
+            "location": str(STOCKROOM_SNAPSHOT_DIR),
+            "file_permissions_mode": 0o600,
+            "directory_permissions_mode": 0o700,
+        },
+    },
 }
+# How long the snapshot taken before a delete is kept (the delete's undo), in days.
+STOCKROOM_SNAPSHOT_KEEP_DAYS = env.float("STOCKROOM_SNAPSHOT_KEEP_DAYS", default=7.0)
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "dashboard"
@@ -433,6 +448,8 @@ def _memory_size(name: str, default: str) -> int:
 # all of them together within the host's budget, each user's within their quota.
 STOCKROOM_MEMORY_BUDGET = _memory_size("STOCKROOM_MEMORY_BUDGET", "75%")
 STOCKROOM_MEMORY_QUOTA = _memory_size("STOCKROOM_MEMORY_QUOTA", "4gb")
+# Bytes each user's snapshots may take together; a snapshot asked for beyond it is refused (403).
+STOCKROOM_SNAPSHOT_QUOTA_BYTES = _memory_size("STOCKROOM_SNAPSHOT_QUOTA_BYTES", "10gb")
 # The disk limit of an instance whose options name none: bytes its data (and server log) may take.
 STOCKROOM_DEFAULT_DISK = env.int("STOCKROOM_DEFAULT_DISK", default=1024**3)
 STOCKROOM_START_TIMEOUT = env.float("STOCKROOM_START_TIMEOUT", default=30.0)

@@ -2,9 +2,10 @@ from axes import admin as axes_admin
 from axes.models import AccessAttempt, AccessFailureLog, AccessLog
 from django.contrib import admin, messages
 from django.contrib.admin.options import ActionLocation
+from django.db.models import Count, Sum
 
 from . import services
-from .models import AccessToken, Instance, InstanceEvent, Orphan, Webhook, WebhookDelivery
+from .models import AccessToken, Instance, InstanceEvent, Orphan, Snapshot, Webhook, WebhookDelivery
 from .options import describe_size
 from .services import tokens
 
@@ -90,6 +91,66 @@ class InstanceAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # instances are created through the API so that a worker starts them
+
+
+@admin.register(Snapshot)
+class SnapshotAdmin(admin.ModelAdmin):
+    """Snapshots of instances' data, with the storage each user's take (above the list)."""
+
+    list_display = [
+        "id", "kind", "instance_name", "instance", "owner", "status", "trigger", "size", "created_at", "expires_at",
+    ]  # fmt: skip
+    list_filter = ["kind", "status", "trigger", "owner", ("expires_at", admin.EmptyFieldListFilter)]
+    search_fields = ["instance_name", "owner__username", "checksum"]
+    actions = ["delete_snapshots"]
+    change_list_template = "admin/provisioning/snapshot/change_list.html"
+
+    @admin.display(description="size", ordering="size_bytes")
+    def size(self, snapshot: Snapshot) -> str:
+        return describe_size(snapshot.size_bytes)
+
+    def changelist_view(self, request, extra_context=None):
+        per_user = (
+            Snapshot.objects.values("owner__username")
+            .annotate(count=Count("id"), total=Sum("size_bytes"))
+            .order_by("-total", "owner__username")
+        )
+        usage = [
+            {"user": row["owner__username"], "count": row["count"], "size": describe_size(row["total"] or 0)}
+            for row in per_user
+        ]
+        return super().changelist_view(request, {**(extra_context or {}), "storage_per_user": usage})
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in Snapshot._meta.fields]
+
+    @admin.action(description="Delete the selected snapshots and their files", permissions=["delete"])
+    def delete_snapshots(self, request, queryset):
+        done, refused = 0, []
+        for snapshot in queryset:
+            try:
+                services.delete_snapshot(snapshot=snapshot)
+                done += 1
+            except services.SnapshotBusy as exc:
+                refused.append(str(exc))
+        self.message_user(request, f"Deleted {done} snapshot(s).")
+        if refused:
+            self.message_user(request, " ".join(refused), level=messages.WARNING)
+
+    def get_actions(self, request, action_location=ActionLocation.CHANGE_LIST):
+        actions = super().get_actions(request, action_location)
+        actions.pop("delete_selected", None)  # a raw delete would leave the files behind
+        return actions
+
+    def delete_model(self, request, obj):
+        services.delete_snapshot(snapshot=obj)
+
+    def has_delete_permission(self, request, obj=None):
+        # Not offered while it is being made or restored (the list's action says why, per snapshot).
+        return super().has_delete_permission(request, obj) and (obj is None or not services.snapshot_busy(obj))
+
+    def has_add_permission(self, request):
+        return False  # taken through the API or the instance page, so that a worker makes them
 
 
 @admin.register(Orphan)

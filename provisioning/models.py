@@ -21,6 +21,7 @@ class Status(models.TextChoices):
     STARTING = "starting"
     RESTARTING = "restarting"
     ROTATING = "rotating"  # a new password is being set
+    RESTORING = "restoring"  # its data is being replaced with a snapshot's
     DELETING = "deleting"
     DELETED = "deleted"
     FAILED = "failed"
@@ -40,6 +41,7 @@ BUSY_STATUSES = (
     Status.STARTING,
     Status.RESTARTING,
     Status.ROTATING,
+    Status.RESTORING,
     Status.DELETING,
 )
 
@@ -96,6 +98,11 @@ class Instance(models.Model):
     claimed_until = models.DateTimeField(null=True, blank=True)
     # Times work on the instance's current busy status was taken over from a worker that died.
     recoveries = models.PositiveSmallIntegerField(default=0)
+    # The snapshot a restore (or a clone's create) puts in, until it is done: what the recovery of a
+    # dead worker's restore puts in again.
+    restore_from = models.ForeignKey(
+        "Snapshot", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", help_text="Being restored."
+    )
     # Seconds each step of the create took (queued, data_directory, server_start, first_login).
     timings = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -166,12 +173,65 @@ class Instance(models.Model):
         self._marked_at = now
 
 
+class SnapshotStatus(models.TextChoices):
+    CREATING = "creating"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class SnapshotTrigger(models.TextChoices):
+    MANUAL = "manual"
+    SCHEDULED = "scheduled"
+    BEFORE_DELETE = "before-delete"
+
+
+class Snapshot(models.Model):
+    """A copy of an instance's data at one moment, in the `snapshots` storage (STORAGES), which
+    outlives the instance: a restore or a clone puts it back."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="snapshots")
+    kind = models.CharField(max_length=16)
+    instance = models.ForeignKey(Instance, null=True, blank=True, on_delete=models.SET_NULL, related_name="snapshots")
+    # What a clone needs once the instance is gone: its name (to show) and options (to start with).
+    instance_name = models.CharField(max_length=40)
+    options = models.JSONField(default=dict)
+    status = models.CharField(max_length=16, choices=SnapshotStatus.choices, default=SnapshotStatus.CREATING)
+    status_message = models.TextField(blank=True)
+    trigger = models.CharField(max_length=16, choices=SnapshotTrigger.choices, default=SnapshotTrigger.MANUAL)
+    file = models.CharField(max_length=255, blank=True, help_text="Its name in the snapshots storage.")
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    checksum = models.CharField(max_length=80, blank=True, help_text="sha256:<hex> of the file.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Removed after this; empty: kept.")
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["owner", "kind", "-created_at", "-id"], name="snapshot_list_order"),
+            models.Index(fields=["status"], name="snapshot_status"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=SnapshotStatus.values), name="snapshot_status_is_known"),
+            models.CheckConstraint(condition=Q(trigger__in=SnapshotTrigger.values), name="snapshot_trigger_is_known"),
+            models.CheckConstraint(
+                condition=~Q(status=SnapshotStatus.READY) | (Q(checksum__startswith="sha256:") & ~Q(file="")),
+                name="ready_snapshot_has_file_and_checksum",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} snapshot {self.pk} of {self.instance_name} ({self.status})"
+
+
 class InstanceEvent(models.Model):
     """One status change of an instance, with the reason a person can read."""
 
     instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="events")
     from_status = models.CharField(max_length=16, choices=Status.choices, blank=True)
     to_status = models.CharField(max_length=16, choices=Status.choices)
+    # What webhooks call it: a status change, or an outcome that changes no status (a backup).
+    type = models.CharField(max_length=40, default="instance.status_changed")
     reason = models.TextField()
     created_at = models.DateTimeField(auto_now_add=True)
 

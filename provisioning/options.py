@@ -115,3 +115,28 @@ def disk_option(*, min_value: int, help_text: str = "") -> Option:
         min_value=min_value,
         max_value=64 * GiB,
     )
+
+
+def backup_options() -> tuple[Option, Option]:
+    """The scheduled backups every engine offers: snapshots the reconciler takes of a running
+    instance every so many hours, of which the newest few are kept."""
+    return (
+        Option(
+            "backup_interval_hours",
+            "Backup interval",
+            "Hours between scheduled snapshots of a running instance; 0 turns them off.",
+            kind="int",
+            default=24,
+            min_value=0,
+            max_value=24 * 30,
+        ),
+        Option(
+            "backup_retention",
+            "Backups kept",
+            "How many scheduled snapshots are kept; older ones are removed.",
+            kind="int",
+            default=7,
+            min_value=1,
+            max_value=100,
+        ),
+    )

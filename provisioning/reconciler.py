@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from .backends.base import BackendError, get_backend
 from .models import BUSY_STATUSES, Heartbeat, Instance, Orphan, Status
-from .services import healing, webhooks, work
+from .services import healing, snapshots, webhooks, work
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class Pass:
     stuck: list[int] = field(default_factory=list)
     orphans: int = 0
     deliveries: int = 0
+    snapshots_failed: int = 0
+    snapshots_expired: int = 0
+    backups_requested: int = 0
+    backups_pruned: int = 0
     failed_phases: list[str] = field(default_factory=list)
     skipped: bool = False  # another pass was still running
 
@@ -49,6 +53,14 @@ class Pass:
 class Reconciler:
     clock = staticmethod(timezone.now)
 
+    def _tend_snapshots(self, report: Pass, now: datetime) -> None:
+        """Snapshots whose worker died are marked failed, those past their keep time removed;
+        scheduled backups that are due are asked for, and old ones pruned."""
+        report.snapshots_failed = snapshots.fail_abandoned(now=now)
+        report.snapshots_expired = snapshots.remove_expired(now=now)
+        report.backups_requested = snapshots.schedule_backups(now=now)
+        report.backups_pruned = snapshots.prune_backups()
+
     def run_once(self) -> Pass:
         report = Pass()
         now = self.clock()
@@ -59,7 +71,14 @@ class Reconciler:
             return report
         try:
             # One phase's trouble (a backend that errs, a broker that blinks) must not stop the others.
-            for phase in (self._probe_and_heal, self._recover_stuck, self._track_orphans, self._resend_deliveries):
+            phases = (
+                self._probe_and_heal,
+                self._recover_stuck,
+                self._track_orphans,
+                self._resend_deliveries,
+                self._tend_snapshots,
+            )
+            for phase in phases:
                 try:
                     phase(report, now)
                 except Exception:  # logged, and the pass goes on

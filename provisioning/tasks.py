@@ -29,6 +29,16 @@ def perform_action(instance_id: int, action: str) -> None:
     services.perform_action(instance_id, action)
 
 
+@shared_task(acks_late=True, ignore_result=True, **WHEN_BUSY)
+def take_snapshot(snapshot_id: int) -> None:
+    services.take_snapshot(snapshot_id)
+
+
+@shared_task(acks_late=True, ignore_result=True, **WHEN_BUSY)
+def restore_instance(instance_id: int) -> None:
+    services.restore_instance(instance_id)
+
+
 @shared_task(acks_late=True, ignore_result=True)
 def heal_instance(instance_id: int) -> None:
     services.heal(instance_id)

@@ -19,8 +19,8 @@ from .api.throttles import TokenCreateThrottle
 from .durations import describe_duration
 from .engines import UnknownKind, engines, get_engine
 from .forms import TokenForm, create_form_class
-from .models import BUSY_STATUSES, DeliveryStatus, Instance, Status, Webhook
-from .services import tokens, webhooks
+from .models import BUSY_STATUSES, DeliveryStatus, Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status, Webhook
+from .services import snapshots, tokens, webhooks
 
 
 def _my_instance(request, pk: int) -> Instance:
@@ -32,7 +32,15 @@ def dashboard(request):
     instances = Instance.objects.visible().filter(owner=request.user).defer("password", "admin_password")
     page = IdsFirstPaginator(instances, 20).get_page(request.GET.get("page"))
     kinds = [(kind, engine.label) for kind, engine in engines().items()]
-    context = {"page": page, "kinds": kinds, "usage": services.usage(request.user)}
+    recently_deleted = Snapshot.objects.filter(
+        owner=request.user, trigger=SnapshotTrigger.BEFORE_DELETE, status=SnapshotStatus.READY
+    ).filter(Q(instance__isnull=True) | Q(instance__status=Status.DELETED))[:10]
+    context = {
+        "page": page,
+        "kinds": kinds,
+        "usage": services.usage(request.user),
+        "recently_deleted": recently_deleted,
+    }
     return render(request, "provisioning/dashboard.html", context)
 
 
@@ -88,7 +96,13 @@ def _detail_context(instance: Instance) -> dict:
         "actions": [
             (name, spec.label) for name, spec in services.ACTIONS.items() if instance.status in spec.allowed_from
         ],
-        "busy": instance.status in (*BUSY_STATUSES, Status.UNHEALTHY),
+        "busy": instance.status in (*BUSY_STATUSES, Status.UNHEALTHY)
+        or instance.snapshots.filter(status="creating").exists(),
+        "snapshots": instance.snapshots.all()[:20],
+        "can_snapshot": instance.status == Status.RUNNING,
+        "can_restore": instance.status in (Status.RUNNING, Status.UNHEALTHY),
+        "backup_hours": instance.options.get(snapshots.INTERVAL.name, snapshots.INTERVAL.default),
+        "backup_keep": instance.options.get(snapshots.RETENTION.name, snapshots.RETENTION.default),
     }
 
 
@@ -104,6 +118,72 @@ def act(request, pk: int, action: str):
     except (services.WrongStatus, services.QuotaExceeded, services.NoCapacity) as exc:
         messages.error(request, str(exc))
     return redirect("instance", pk=instance.pk)
+
+
+# Backups: the same services as the API ------------------------------------------------------------
+
+
+def _my_snapshot(request, sid: int) -> Snapshot:
+    return get_object_or_404(Snapshot, pk=sid, owner=request.user)
+
+
+@login_required
+@require_POST
+def snapshot_now(request, pk: int):
+    instance = _my_instance(request, pk)
+    try:
+        snapshot = services.request_snapshot(instance=instance, by=request.user)
+    except (services.WrongStatus, services.QuotaExceeded) as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Snapshot {snapshot.pk} is being taken; the instance serves on meanwhile.")
+    return redirect("instance", pk=instance.pk)
+
+
+@login_required
+@require_POST
+def restore(request, pk: int, sid: int):
+    instance = _my_instance(request, pk)
+    snapshot = get_object_or_404(Snapshot, pk=sid, owner=request.user, kind=instance.kind)
+    try:
+        services.request_restore(instance=instance, snapshot=snapshot, by=request.user)
+    except (services.WrongStatus, services.SnapshotBusy) as exc:
+        messages.error(request, str(exc))
+    return redirect("instance", pk=instance.pk)
+
+
+@login_required
+@require_POST
+def clone(request, sid: int):
+    snapshot = _my_snapshot(request, sid)
+    name = request.POST.get("name", "").strip() or None
+    try:
+        instance = services.create_instance(
+            owner=request.user, kind=snapshot.kind, name=name, options={}, from_snapshot=snapshot
+        )
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    except (services.QuotaExceeded, services.NoCapacity) as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"{instance.name} is being made from snapshot {snapshot.pk}.")
+        return redirect("instance", pk=instance.pk)
+    return redirect("instance", pk=snapshot.instance_id) if snapshot.instance_id else redirect("dashboard")
+
+
+@login_required
+@require_POST
+def snapshot_delete(request, sid: int):
+    snapshot = _my_snapshot(request, sid)
+    try:
+        services.delete_snapshot(snapshot=snapshot)
+    except services.SnapshotBusy as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Snapshot {sid} deleted.")
+    if snapshot.instance_id and Instance.objects.visible().filter(pk=snapshot.instance_id).exists():
+        return redirect("instance", pk=snapshot.instance_id)
+    return redirect("dashboard")
 
 
 @login_required

@@ -124,11 +124,15 @@ def kind_parameter() -> OpenApiParameter:
     )
 
 
-class InstanceSchema(AutoSchema):
-    """The kind in every path, the create body and the config answer, per registered engine."""
+class KindSchema(AutoSchema):
+    """The kind in every path, one of the registered engines'."""
 
     def get_override_parameters(self):
         return [kind_parameter(), *super().get_override_parameters()]
+
+
+class InstanceSchema(KindSchema):
+    """The kind in every path, the create body and the config answer, per registered engine."""
 
     def get_request_serializer(self):
         if getattr(self.view, "action", None) == "create":

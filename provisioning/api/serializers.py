@@ -7,7 +7,7 @@ from rest_framework.fields import empty
 from rest_framework.utils import html
 
 from ..engines import Engine
-from ..models import AccessToken, DeliveryStatus, Instance, Webhook, WebhookDelivery
+from ..models import AccessToken, DeliveryStatus, Instance, Snapshot, Webhook, WebhookDelivery
 from ..options import Option, format_size
 from ..services import tokens
 from ..services.requests import NAME_RULE
@@ -48,6 +48,35 @@ class InstanceSerializer(serializers.ModelSerializer):
         ]
         extra_kwargs = {"timings": {"help_text": "Seconds each step of the create took, measured by the worker."}}
         read_only_fields = fields
+
+
+class SnapshotSerializer(serializers.ModelSerializer):
+    kind = KindField(read_only=True)
+    instance = serializers.IntegerField(
+        source="instance_id", allow_null=True, help_text="The instance it was taken of (its id stays once deleted)."
+    )
+
+    class Meta:
+        model = Snapshot
+        fields = [
+            "id",
+            "kind",
+            "instance",
+            "instance_name",
+            "status",
+            "status_message",
+            "trigger",
+            "size_bytes",
+            "checksum",
+            "created_at",
+            "finished_at",
+            "expires_at",
+        ]
+        read_only_fields = fields
+
+
+class RestoreSerializer(serializers.Serializer):
+    snapshot = serializers.IntegerField(min_value=1, help_text="The id of a ready snapshot of yours of this kind.")
 
 
 class EventSerializer(serializers.Serializer):
@@ -169,6 +198,13 @@ def create_serializer(engine: Engine, *, form: bool = False) -> type[CreateInsta
     fields = {
         "name": NameField(allow_null=not form),
         **{option.name: OPTION_FIELDS[option.kind](option, allow_null=not form) for option in engine.options},
+        "from_snapshot": serializers.IntegerField(
+            required=False,
+            allow_null=not form,
+            min_value=1,
+            help_text="A clone: the id of a ready snapshot of yours of this kind, whose data the new instance "
+            "starts with, with new credentials. Its source's options apply unless given here.",
+        ),
     }
     name = f"{engine.kind.capitalize()}Create{'Form' if form else ''}Serializer"
     return type(name, (CreateInstanceSerializer,), {"engine": engine, "form": form, **fields})

@@ -1,10 +1,11 @@
 from django.urls import re_path
 
-from .views import AccessTokenViewSet, InstanceViewSet, ObtainTokenView, UsageView, WebhookViewSet
+from .views import AccessTokenViewSet, InstanceViewSet, ObtainTokenView, SnapshotViewSet, UsageView, WebhookViewSet
 
 # Any kind fits the pattern; InstanceViewSet answers 404 for one no engine is registered for,
 # so a new engine needs no new URLs. Trailing slashes are optional on every path.
 INSTANCES = r"^storage/(?P<kind>[a-z0-9]+)/instances"
+SNAPSHOTS = r"^storage/(?P<kind>[a-z0-9]+)/snapshots"
 
 urlpatterns = [
     re_path(r"^auth/token/?$", ObtainTokenView.as_view(), name="api-token"),
@@ -32,6 +33,22 @@ urlpatterns = [
         rf"{INSTANCES}/(?P<pk>[0-9]+)/config/?$",
         InstanceViewSet.as_view({"get": "config"}, name="{label} instance: connection"),
         name="instance-config",
+    ),
+    re_path(
+        rf"{INSTANCES}/(?P<pk>[0-9]+)/snapshots/?$",
+        InstanceViewSet.as_view({"get": "snapshots", "post": "snapshots"}, name="{label} instance: snapshots"),
+        name="instance-snapshots",
+    ),
+    re_path(
+        rf"{INSTANCES}/(?P<pk>[0-9]+)/restore/?$",
+        InstanceViewSet.as_view({"post": "restore"}, name="{label} instance: restore"),
+        name="instance-restore",
+    ),
+    re_path(rf"{SNAPSHOTS}/?$", SnapshotViewSet.as_view({"get": "list"}, name="Snapshots"), name="snapshot-list"),
+    re_path(
+        rf"{SNAPSHOTS}/(?P<pk>[0-9]+)/?$",
+        SnapshotViewSet.as_view({"get": "retrieve", "delete": "destroy"}, name="Snapshot"),
+        name="snapshot-detail",
     ),
     re_path(
         rf"{INSTANCES}/(?P<pk>[0-9]+)/events/?$",

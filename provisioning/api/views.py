@@ -3,7 +3,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.utils.cache import add_never_cache_headers
 from django.utils.decorators import method_decorator
 from django.views.decorators.cache import never_cache
-from drf_spectacular.utils import extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import exceptions, generics, mixins, parsers, permissions, status, viewsets
 from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.decorators import action
@@ -13,11 +13,11 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from .. import services
 from ..engines import UnknownKind, engines, get_engine
-from ..models import Instance, Webhook
+from ..models import Instance, Snapshot, Webhook
 from ..services import tokens, webhooks
 from .pagination import InstancePagination
 from .parsers import MultiPartParser
-from .schema import InstanceSchema
+from .schema import InstanceSchema, KindSchema
 from .serializers import (
     AccessTokenSerializer,
     CreateAccessTokenSerializer,
@@ -26,6 +26,8 @@ from .serializers import (
     InstanceSerializer,
     NewAccessTokenSerializer,
     NewWebhookSerializer,
+    RestoreSerializer,
+    SnapshotSerializer,
     UsageSerializer,
     WebhookSerializer,
     create_serializer,
@@ -83,7 +85,11 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         serializer.is_valid(raise_exception=True)
         options = dict(serializer.validated_data)
         name = options.pop("name", None)
-        instance = services.create_instance(owner=request.user, kind=kind, name=name, options=options)
+        source = options.pop("from_snapshot", None)
+        snapshot = None if source is None else _own_snapshot(request, kind, source)
+        instance = services.create_instance(
+            owner=request.user, kind=kind, name=name, options=options, from_snapshot=snapshot
+        )
         # A plain dict: the browsable API then offers an empty create form again, not this answer.
         return Response(dict(InstanceSerializer(instance).data), status=status.HTTP_202_ACCEPTED)
 
@@ -129,12 +135,87 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         """Give the user a new random password; the old one stops working."""
         return self._act(request, kind, pk, "rotate-password")
 
+    @extend_schema(
+        methods=["GET"], responses=SnapshotSerializer(many=True), summary="The instance's snapshots, newest first"
+    )
+    @extend_schema(
+        methods=["POST"],
+        request=None,
+        responses={202: SnapshotSerializer, 403: None, 409: None},
+        summary="Take a snapshot; it is made in the background while the instance serves on",
+    )
+    @action(detail=True, methods=["get", "post"])
+    def snapshots(self, request, kind: str, pk: int):
+        instance = self.get_object()
+        if request.method == "POST":
+            snapshot = services.request_snapshot(instance=instance, by=request.user)
+            return Response(SnapshotSerializer(snapshot).data, status=status.HTTP_202_ACCEPTED)
+        page = self.paginate_queryset(instance.snapshots.all())
+        return self.get_paginated_response(SnapshotSerializer(page, many=True).data)
+
+    @extend_schema(request=RestoreSerializer, responses={202: InstanceSerializer, 404: None, 409: None})
+    @action(detail=True, methods=["post"])
+    def restore(self, request, kind: str, pk: int):
+        """Put a snapshot's data in place of the instance's: `restoring`, then `running`, with the
+        same credentials. Allowed while running or unhealthy."""
+        instance = self.get_object()
+        serializer = RestoreSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        snapshot = _own_snapshot(request, kind, serializer.validated_data["snapshot"])
+        instance = services.request_restore(instance=instance, snapshot=snapshot, by=request.user)
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
     @extend_schema(responses=EventSerializer(many=True))
     @action(detail=True, methods=["get"])
     def events(self, request, kind: str, pk: int):
         """The instance's status history, oldest first, paginated."""
         page = self.paginate_queryset(self.get_object().events.all())
         return self.get_paginated_response(EventSerializer(page, many=True).data)
+
+
+def _own_snapshot(request, kind: str, pk: int) -> Snapshot:
+    """The user's snapshot of this kind; any other does not exist here (404)."""
+    snapshot = Snapshot.objects.filter(owner=request.user, kind=kind, pk=pk).first()
+    if snapshot is None:
+        raise exceptions.NotFound(f"You have no {kind} snapshot {pk}.")
+    return snapshot
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List my snapshots of this kind, those of deleted instances included",
+        parameters=[OpenApiParameter("instance", int, description="Only the snapshots of this instance (its id).")],
+    ),
+    retrieve=extend_schema(summary="One snapshot"),
+    destroy=extend_schema(summary="Delete a snapshot and its file", responses={204: None, 409: None}),
+)
+class SnapshotViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
+):
+    """Snapshots of the signed-in user's instances of the kind in the path. Other users' do not exist here."""
+
+    schema = KindSchema()
+    serializer_class = SnapshotSerializer
+
+    def initial(self, request, *args, **kwargs):
+        try:
+            get_engine(kwargs["kind"])
+        except UnknownKind as exc:
+            raise exceptions.NotFound(str(exc)) from None
+        super().initial(request, *args, **kwargs)
+
+    def get_queryset(self):
+        snapshots = Snapshot.objects.filter(owner=self.request.user, kind=self.kwargs["kind"])
+        if self.action == "list" and "instance" in self.request.query_params:
+            instance = self.request.query_params["instance"]
+            if not (instance.isascii() and instance.isdigit()):
+                raise exceptions.ValidationError({"instance": ["Expected an instance id (a whole number)."]})
+            # Beyond the largest id the database holds there is no instance (and SQLite would overflow).
+            snapshots = snapshots.filter(instance_id=int(instance)) if int(instance) < 2**63 else snapshots.none()
+        return snapshots
+
+    def perform_destroy(self, instance):
+        services.delete_snapshot(snapshot=instance)
 
 
 @extend_schema_view(
@@ -262,6 +343,8 @@ def exception_handler(exc, context):
         exc = exceptions.ValidationError(detail)
     elif isinstance(exc, services.QuotaExceeded | webhooks.TooManyWebhooks):
         exc = exceptions.PermissionDenied(str(exc), code="quota_exceeded")
+    elif isinstance(exc, services.SnapshotBusy):
+        return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
     elif isinstance(exc, services.WrongStatus):
         return Response({"detail": str(exc), "status": exc.instance.status}, status=status.HTTP_409_CONFLICT)
     elif isinstance(exc, services.NoCapacity):  # no memory or no port left on the host

@@ -5,7 +5,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.utils.module_loading import import_string
@@ -76,6 +76,17 @@ class BaseBackend:
     def set_password(self, instance: "Instance", password: str) -> None:
         """Replace the user's password on the running server; the old one must stop working."""
         raise NotImplementedError("Backends must implement set_password().")
+
+    def snapshot(self, instance: "Instance", out: IO[bytes]) -> None:
+        """Write a consistent copy of the running instance's data to `out`, as its engine takes it
+        (`Engine.snapshot`), while the server goes on serving; raise BackendError if it cannot."""
+        raise BackendError(f"The {self.alias} backend cannot take snapshots.")
+
+    def restore(self, instance: "Instance", snapshot: IO[bytes]) -> None:
+        """Stop the server, replace its data with `snapshot` (`Engine.restore`), and start it as at
+        its first start, so its accounts and passwords are the instance's own; return once the
+        user's login works. Safe to call again after it was cut short."""
+        raise BackendError(f"The {self.alias} backend cannot restore snapshots.")
 
     def enforce_disk_limit(self, instance: "Instance") -> str | None:
         """Asked by the reconciler about each running instance that answers: a short message for its

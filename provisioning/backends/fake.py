@@ -5,10 +5,11 @@ backend. Tests select it through settings (STOCKROOM_BACKENDS["fake"], STOCKROOM
 and reach it with get_backend("fake").
 """
 
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .base import BackendError, BaseBackend
 
@@ -32,7 +33,18 @@ class NotAnswering(ConnectionRefusedError):
 
 
 class FakeBackend(BaseBackend):
-    OPERATIONS = ("create", "destroy", "stop", "start", "set_password", "probe", "check", "remove_orphan")
+    OPERATIONS = (
+        "create",
+        "destroy",
+        "stop",
+        "start",
+        "set_password",
+        "probe",
+        "check",
+        "remove_orphan",
+        "snapshot",
+        "restore",
+    )
     moves_ports = True  # a start serves the instance on the port it has then, as the local backend does
 
     def __init__(self, alias: str, **options: Any):
@@ -116,6 +128,21 @@ class FakeBackend(BaseBackend):
             server.running, server.port = True, instance.port
         if server.password != instance.password:
             raise BackendError("The server started, but the user's login was refused.")
+
+    def snapshot(self, instance: "Instance", out: IO[bytes]) -> None:
+        self._enter("snapshot", instance.pk)
+        server = self._server(instance)
+        if not server.running:
+            raise BackendError("The server is not running.")
+        with self.lock:
+            out.write(json.dumps(server.data).encode())
+
+    def restore(self, instance: "Instance", snapshot: IO[bytes]) -> None:
+        self._enter("restore", instance.pk)
+        server = self._server(instance)
+        data = json.loads(snapshot.read())
+        with self.lock:
+            server.data, server.running, server.password = data, True, instance.password
 
     def set_password(self, instance: "Instance", password: str) -> None:
         self._enter("set_password", instance.pk)

@@ -6,7 +6,7 @@ from functools import cache
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from .base import Container, Endpoint, Engine, Host, Layout, LocalSetup, OptionErrors
+from .base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, OptionErrors
 
 
 class UnknownKind(LookupError):
@@ -32,6 +32,7 @@ def get_engine(kind: str) -> Engine:
 
 
 __all__ = [
+    "Beside",
     "Container",
     "Endpoint",
     "Engine",

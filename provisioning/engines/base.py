@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePath, PurePosixPath
 from subprocess import CompletedProcess
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from django.template import Context
 from django.template import Engine as TemplateEngine
@@ -104,6 +104,63 @@ class Host(Protocol):
     def cache(self) -> Path:
         """A folder for things built once and shared by instances (e.g. a data-directory template)."""
         ...
+
+
+class Beside(Protocol):
+    """What a backend lends an engine to snapshot or restore one instance (`Engine.snapshot`,
+    `Engine.restore`): programs run beside its server with the server's rights only, and the
+    portal's own way in.
+
+    Programs run as the server's uid (local) or in its container (Docker), so they can read and
+    write only what the server itself can, and root never follows a path the tenant controls.
+    """
+
+    @property
+    def layout(self) -> Layout:
+        """Where programs run by `run` find the server's files."""
+        ...
+
+    @property
+    def admin(self) -> Endpoint:
+        """Where the portal's own clients reach the running server (its Unix socket)."""
+        ...
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: IO[bytes] | None = None,
+        stdout: IO[bytes] | None = None,
+        secret: str | None = None,
+    ) -> None:
+        """Run `argv` beside the server; raise BackendError (with the end of its error output) if it
+        fails. `stdin` is copied to its standard input, its standard output to `stdout`. Given a
+        `secret` (an option file's text, say), `{secret}` in `argv` is replaced by a path where the
+        program, and nobody else, may read it; it is never written to a disk.
+        """
+        ...
+
+
+# Putting a new folder in place of an old one, beside a server (as its uid): the old goes aside, the
+# new takes its place, the old is removed. A replacement cut short in between is undone first, so
+# the server always finds the whole old folder or the whole new one, never a mix and never none.
+_UNDO_CUT_SHORT = 'set -e; if [ ! -e "$1" ] && [ -e "$2" ]; then mv -T -- "$2" "$1"; fi; rm -rf -- "$2"'
+_SWAP = 'set -e; if [ -e "$1" ]; then mv -T -- "$1" "$3"; fi; mv -T -- "$2" "$1"; rm -rf -- "$3"'
+
+
+def replace_folder(beside: "Beside", target: PurePath, fill: Callable[[PurePath], None]) -> None:
+    """Make a new folder with fill(staged), where `staged` is an empty folder beside `target`, then
+    put it in place of `target`; safe to call again after it was cut short anywhere."""
+    staged, old = target.with_name(f"{target.name}.restoring"), target.with_name(f"{target.name}.old")
+    beside.run(["sh", "-c", _UNDO_CUT_SHORT, "sh", str(target), str(old)])
+    beside.run(["rm", "-rf", "--", str(staged)])
+    beside.run(["mkdir", "-m", "0700", "--", str(staged)])
+    try:
+        fill(staged)
+    except Exception:
+        beside.run(["rm", "-rf", "--", str(staged)])  # what it held is of no use, and takes room
+        raise
+    beside.run(["sh", "-c", _SWAP, "sh", str(target), str(staged), str(old)])
 
 
 @dataclass(frozen=True)
@@ -248,6 +305,14 @@ class Engine:
         """The files, command and environment of a new container for `instance`."""
         raise NotImplementedError("Engines must describe their container.")
 
+    def container_restored(self, instance: "Instance", layout: Layout) -> Container:
+        """The container's files (and first-start files) for its first start after `restore`, so its
+        accounts and passwords are the instance's own again, whatever the snapshot held. Once a login
+        works, the backend writes `container`'s files again and empties the first-start files. By
+        default `container`'s: a kind whose accounts live outside its data needs nothing more.
+        """
+        return self.container(instance, layout)
+
     # Administration and logins ---------------------------------------------------------
 
     def set_password(self, instance: "Instance", password: str, *, admin: Endpoint, write: WriteFile) -> None:
@@ -269,6 +334,26 @@ class Engine:
         `refuse` False, accept them again): what the local backend does to an instance over its
         disk limit where the kernel cannot stop it. A restarted server accepts writes."""
         raise NotImplementedError("Engines must say how a server refuses writes.")
+
+    # Snapshots -------------------------------------------------------------------------
+
+    # The file name suffix of this kind's snapshots (what `snapshot` writes).
+    snapshot_suffix: str = "snapshot"
+
+    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes]) -> None:
+        """Write a consistent copy of the running server's data to `out`, while it goes on serving
+        reads and writes. The copy holds no password in plain text (hashes, as on the server's own
+        disk, may be in it). Raise BackendError if it cannot be made.
+        """
+        raise NotImplementedError("Engines must say how a snapshot is taken.")
+
+    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
+        """Replace the stopped server's data with `snapshot` (what `snapshot` wrote, maybe of
+        another instance of this kind). The backend then starts the server as at its first start
+        (`LocalSetup.first_start_args`), so its accounts are the instance's own again, whatever
+        the snapshot held. Safe to call again after it was cut short.
+        """
+        raise NotImplementedError("Engines must say how a snapshot is restored.")
 
     def connection(self, instance: "Instance") -> dict[str, Any]:
         """What a user needs to connect: host, port, credentials, options and a URI.

@@ -7,6 +7,7 @@ call these and nothing below them writes.
 - work: the worker side (claim, do, record) and recovery of work a dead worker left;
 - healing: the healing policy, the only writer of restart counting and backoff;
 - state: the transition table and the one function that changes a status;
+- snapshots: taking, restoring and cloning snapshots of an instance's data;
 - webhooks: registering receivers and sending them each status change.
 """
 
@@ -16,6 +17,10 @@ from .claims import Busy
 from .healing import heal
 from .ports import NoFreePort
 from .requests import WrongStatus, create_instance, delete_instance, request_action
+from .snapshots import SnapshotBusy, delete_snapshot, request_restore, request_snapshot
+from .snapshots import busy as snapshot_busy
+from .snapshots import restore as restore_instance
+from .snapshots import take as take_snapshot
 from .webhooks import TooManyWebhooks, create_webhook
 from .work import deprovision, perform_action, provision, recover
 
@@ -24,6 +29,7 @@ __all__ = [
     "DELETABLE",
     "Action",
     "Busy",
+    "SnapshotBusy",
     "NoCapacity",
     "NoFreePort",
     "QuotaExceeded",
@@ -33,11 +39,17 @@ __all__ = [
     "create_instance",
     "create_webhook",
     "delete_instance",
+    "delete_snapshot",
     "deprovision",
     "heal",
     "perform_action",
     "provision",
+    "take_snapshot",
     "recover",
     "request_action",
+    "request_restore",
+    "request_snapshot",
+    "restore_instance",
+    "snapshot_busy",
     "usage",
 ]

@@ -14,7 +14,7 @@ from django.db import transaction
 from .. import crypto
 from ..backends.base import get_backend
 from ..engines import OptionErrors, get_engine
-from ..models import Instance, Status
+from ..models import Instance, Snapshot, SnapshotStatus, Status
 from . import capacity, jobs
 from .actions import ACTIONS, DELETABLE
 from .capacity import NoCapacity, QuotaExceeded
@@ -36,13 +36,28 @@ class WrongStatus(Exception):
         self.instance = instance
 
 
-def create_instance(*, owner: User, kind: str, options: dict[str, Any], name: str | None = None) -> Instance:
+def create_instance(
+    *,
+    owner: User,
+    kind: str,
+    options: dict[str, Any],
+    name: str | None = None,
+    from_snapshot: Snapshot | None = None,
+) -> Instance:
     """Validate, reserve a port and record the instance; a worker starts it after commit.
 
+    A clone (`from_snapshot`, a ready snapshot of the owner's of this kind) starts with the
+    snapshot's data, its source's options unless `options` says otherwise, and new credentials.
     Raises ValidationError (bad name or options), QuotaExceeded (a quota of the owner's, 403) or
     NoCapacity (no room on the host: memory or ports, 503).
     """
     engine = get_engine(kind)
+    if from_snapshot is not None:
+        if from_snapshot.status != SnapshotStatus.READY:
+            raise ValidationError(
+                {"from_snapshot": f"Snapshot {from_snapshot.pk} is {from_snapshot.status}, not ready."}
+            )
+        options = {**from_snapshot.options, **{key: value for key, value in options.items() if value is not None}}
     try:
         cleaned = engine.clean_options(options)
     except OptionErrors as exc:
@@ -74,10 +89,12 @@ def create_instance(*, owner: User, kind: str, options: dict[str, Any], name: st
             admin_password=crypto.generate_password(),
             database=engine.database,
             username=engine.username,
+            restore_from=from_snapshot,
         )
         save_with_free_port(instance, backend)
-        record_event(instance, "", Status.PROVISIONING, f"Requested by {owner}.")
-        transaction.on_commit(lambda: _enqueue("provision_instance", instance, revert_to=Status.FAILED))
+        source = f" as a clone of snapshot {from_snapshot.pk}" if from_snapshot else ""
+        record_event(instance, "", Status.PROVISIONING, f"Requested by {owner}{source}.")
+        transaction.on_commit(lambda: enqueue("provision_instance", instance, revert_to=Status.FAILED))
     logger.info("Instance %s (%s) requested by %s on port %s", instance.pk, kind, owner, instance.port)
     return instance
 
@@ -93,7 +110,7 @@ def delete_instance(*, instance: Instance, by: object) -> Instance:
     ):
         instance.refresh_from_db()
         raise WrongStatus(instance, "delete")
-    transaction.on_commit(lambda: _enqueue("deprovision_instance", instance, revert_to=previous))
+    transaction.on_commit(lambda: enqueue("deprovision_instance", instance, revert_to=previous))
     return instance
 
 
@@ -125,11 +142,11 @@ def request_action(*, instance: Instance, action: str, by: object) -> Instance:
     if not moved:
         instance.refresh_from_db()
         raise WrongStatus(instance, action.replace("-", " "))
-    transaction.on_commit(lambda: _enqueue("perform_action", instance, action, revert_to=previous))
+    transaction.on_commit(lambda: enqueue("perform_action", instance, action, revert_to=previous))
     return instance
 
 
-def _enqueue(task_name: str, instance: Instance, *args: Any, revert_to: Status) -> None:
+def enqueue(task_name: str, instance: Instance, *args: Any, revert_to: Status) -> None:
     """Send a task to the worker; if the broker is unreachable, say so in the status."""
     try:
         jobs.send(task_name, instance.pk, *args)

@@ -19,6 +19,8 @@ from django.utils import timezone
 from ..models import BUSY_STATUSES, Instance, InstanceEvent, Status, Webhook, WebhookDelivery
 from . import jobs
 
+STATUS_CHANGED = "instance.status_changed"  # the webhook type of a status change
+
 
 class Side(enum.Enum):
     REQUEST = "request"
@@ -30,8 +32,8 @@ S = Status
 # Side -> {from: the statuses it may move to}.
 TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
     Side.REQUEST: {
-        S.RUNNING: frozenset({S.DELETING, S.STOPPING, S.RESTARTING, S.ROTATING}),
-        S.UNHEALTHY: frozenset({S.DELETING, S.STOPPING, S.RESTARTING}),
+        S.RUNNING: frozenset({S.DELETING, S.STOPPING, S.RESTARTING, S.ROTATING, S.RESTORING}),
+        S.UNHEALTHY: frozenset({S.DELETING, S.STOPPING, S.RESTARTING, S.RESTORING}),
         S.STOPPED: frozenset({S.DELETING, S.STARTING}),
         S.FAILED: frozenset({S.DELETING}),
         # The job could not be queued: back to where the instance was (a create fails).
@@ -41,6 +43,7 @@ TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
         S.RESTARTING: frozenset({S.RUNNING, S.UNHEALTHY}),
         S.STARTING: frozenset({S.STOPPED}),
         S.ROTATING: frozenset({S.RUNNING}),
+        S.RESTORING: frozenset({S.RUNNING, S.UNHEALTHY}),
     },
     Side.WORKER: {
         S.PROVISIONING: frozenset({S.RUNNING, S.FAILED}),
@@ -49,6 +52,9 @@ TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
         S.STARTING: frozenset({S.RUNNING, S.STOPPED, S.UNHEALTHY}),
         S.RESTARTING: frozenset({S.RUNNING, S.UNHEALTHY}),
         S.ROTATING: frozenset({S.RUNNING, S.UNHEALTHY}),
+        # A restore that failed leaves a server the reconciler restarts (its data as it was, or the
+        # snapshot's, never a mix: the new data replaces the old in one rename).
+        S.RESTORING: frozenset({S.RUNNING, S.UNHEALTHY}),
     },
     Side.HEALER: {
         S.RUNNING: frozenset({S.UNHEALTHY}),
@@ -113,10 +119,15 @@ def transition(
     return changed
 
 
-def record_event(instance: Instance, from_status: str, to_status: str, reason: str) -> InstanceEvent:
-    """Write the history entry for a status change, and its webhook deliveries in the same
-    transaction (an outbox): a worker sends them once it commits, or the reconciler later."""
-    event = InstanceEvent.objects.create(instance=instance, from_status=from_status, to_status=to_status, reason=reason)
+def record_event(
+    instance: Instance, from_status: str, to_status: str, reason: str, *, type: str = STATUS_CHANGED
+) -> InstanceEvent:
+    """Write the history entry for a status change (or, with `type`, an outcome that changes none),
+    and its webhook deliveries in the same transaction (an outbox): a worker sends them once it
+    commits, or the reconciler later."""
+    event = InstanceEvent.objects.create(
+        instance=instance, from_status=from_status, to_status=to_status, reason=reason, type=type
+    )
     webhooks = Webhook.objects.filter(owner_id=instance.owner_id)
     deliveries = WebhookDelivery.objects.bulk_create(WebhookDelivery(webhook=hook, event=event) for hook in webhooks)
     if deliveries:

@@ -318,7 +318,7 @@ def payload(delivery: WebhookDelivery) -> dict[str, Any]:
     event, instance = delivery.event, delivery.event.instance
     return {
         "delivery": delivery.pk,
-        "type": "instance.status_changed",
+        "type": event.type,
         "time": event.created_at.isoformat(),
         "instance": {"id": instance.pk, "kind": instance.kind, "name": instance.name},
         "from": event.from_status,

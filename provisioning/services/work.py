@@ -14,7 +14,7 @@ from django.utils import timezone
 from .. import crypto
 from ..backends.base import BackendError, BaseBackend, ServerExited
 from ..models import BUSY_STATUSES, Instance, Status
-from . import healing, jobs, ports
+from . import healing, jobs, ports, snapshots
 from .actions import ACTION_OF, ACTIONS
 from .claims import Busy, work_on
 from .outcomes import describe, stop_quietly, with_note
@@ -38,6 +38,11 @@ def _provision(instance: Instance, backend: BaseBackend) -> None:
     try:
         moved = ports.move_if_taken(instance, backend, creating=True)
         backend.create(instance)
+        if instance.restore_from is not None:  # a clone: the snapshot's data, the new instance's accounts
+            with snapshots.verified(instance.restore_from) as file:
+                backend.restore(instance, file)
+        elif instance.restore_from_id is not None:
+            raise BackendError("The snapshot to clone was deleted before the clone was made.")
     except ServerExited as exc:
         if not _redo_once(instance, f"The server died while starting ({exc})"):
             _fail(instance, backend, "Provisioning failed, on its second try", exc)
@@ -53,7 +58,7 @@ def _provision(instance: Instance, backend: BaseBackend) -> None:
         with_note("Started; a login with the user's credentials succeeded.", moved),
         side=Side.WORKER,
         allowed_from=(Status.PROVISIONING,),
-        also={"timings": instance.timings},
+        also={"timings": instance.timings, "restore_from": None},
     ):
         logger.info("Instance %s is running on port %s", instance.pk, instance.port)
     else:  # someone else moved it on meanwhile; what they decided stands
@@ -89,7 +94,7 @@ def _fail(instance: Instance, backend: BaseBackend, what: str, exc: Exception) -
         message,
         side=Side.WORKER,
         allowed_from=(Status.PROVISIONING, Status.DELETING),
-        also={"holds_data": not removed},
+        also={"holds_data": not removed, "restore_from": None},  # a failed clone holds its snapshot no more
     )
     logger.warning("Instance %s failed: %s", instance.pk, message)
 
@@ -103,6 +108,7 @@ def deprovision(instance_id: int) -> None:
 
 
 def _deprovision(instance: Instance, backend: BaseBackend) -> None:
+    undo = snapshots.before_delete(instance, backend)  # the delete's undo, while the server still runs
     try:
         backend.destroy(instance)
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
@@ -114,7 +120,7 @@ def _deprovision(instance: Instance, backend: BaseBackend) -> None:
     transition(
         instance,
         Status.DELETED,
-        f"Stopped and removed; port {instance.port} released.",
+        with_note(f"Stopped and removed; port {instance.port} released.", undo),
         side=Side.WORKER,
         allowed_from=(Status.DELETING,),
         also={"holds_data": False},
@@ -209,6 +215,8 @@ def _recover(instance: Instance, backend: BaseBackend) -> None:
     Instance.objects.filter(pk=instance.pk).update(recoveries=1)
     if busy == Status.DELETING:
         _deprovision(instance, backend)
+    elif busy == Status.RESTORING:  # done again from the start: the old data stays until the new replaces it
+        snapshots.restore_now(instance, backend)
     elif answers:
         message = f"{note}; the server answers, so it is running."
         transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(busy,))
@@ -224,5 +232,8 @@ def _give_up_recovering(instance: Instance, backend: BaseBackend, what: str) -> 
         verb = "create" if busy == Status.PROVISIONING else "delete"
         _fail(instance, backend, what, BackendError(f"the {verb} was given up; try again."))
     else:
-        message = f"{what}; the {ACTION_OF[busy].replace('-', ' ')} was given up."
-        transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(busy,))
+        doing = "restore" if busy == Status.RESTORING else ACTION_OF[busy].replace("-", " ")
+        message = f"{what}; the {doing} was given up."
+        transition(
+            instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(busy,), also={"restore_from": None}
+        )

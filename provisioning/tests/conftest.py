@@ -121,6 +121,12 @@ def stop_leftover_servers():
         backend.forget_ready()
         kill_processes_under(root)
         shutil.rmtree(root, ignore_errors=True)
+    # The snapshots of instances whose database is gone (under DATA_DIR=var/test, the tests' own).
+    for path in settings.STOCKROOM_SNAPSHOT_DIR.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from schemathesis.core.failures import AcceptedNegativeData
 from schemathesis.specs.openapi.checks import positive_data_acceptance, status_code_conformance
 
 from provisioning.engines import engines
-from provisioning.models import Instance, Status
+from provisioning.models import Instance, Snapshot, Status
 from provisioning.services.tokens import create_token
 
 pytestmark = pytest.mark.django_db
@@ -68,6 +68,9 @@ def existing(api, alice, settings) -> dict[str, int]:
     ids["token"] = create_token(owner=alice, name="spare")[0].pk
     for kind in engines():
         ids[kind] = api.post(f"/api/storage/{kind}/instances", {}).json()["id"]
+        ids[f"{kind} snapshot"] = Snapshot.objects.create(
+            owner=alice, kind=kind, instance_id=ids[kind], status="ready", file=f"{kind}/none", checksum="sha256:0"
+        ).pk
     Instance.objects.update(status=Status.RUNNING)
     return ids
 
@@ -82,6 +85,8 @@ def test_the_api_keeps_its_schema(case, api, existing, nothing_is_queued, one_co
     if case.meta.generation.mode.is_positive and "id" in (case.path_parameters or {}):
         # Valid ids of things that exist, so valid requests reach more than a 404.
         owner = case.path_parameters.get("kind") or ("token" if "/auth/tokens/" in case.path else "webhook")
+        if "/snapshots/{id}" in case.path:
+            owner += " snapshot"
         case.path_parameters["id"] = existing[owner]
     case.call_and_validate(
         headers={"Authorization": f"Token {api.token}"},

@@ -1,17 +1,19 @@
 """MySQL, served by MariaDB: one `mariadbd` per instance, or a container in the official image's contract."""
 
+import dataclasses
 import fcntl
 import hashlib
 import logging
+import secrets
 import shutil
-from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from pathlib import Path, PurePath, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any
 
 import pymysql
 
 from ...errors import BackendError
-from ...options import MiB, Option, disk_option
-from ..base import Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile
+from ...options import MiB, Option, backup_options, disk_option
+from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile, replace_folder
 
 if TYPE_CHECKING:
     from ...models import Instance
@@ -35,12 +37,32 @@ INIT_FILE = "init.sql"
 INIT_DIR = PurePosixPath("/docker-entrypoint-initdb.d")
 ROOT_HASH_FILE = "root-password-hash"
 STORAGE_TEMPLATE = "storage.cnf"
+# The account mariabackup logs in with while it takes a snapshot: made for that snapshot with a new
+# password, with only the rights a backup needs, and dropped after it. The next start of a server
+# restored from the snapshot (its init file) drops it there too.
+BACKUP_USERNAME = "stockroom_backup"
+BACKUP_GRANTS = "RELOAD, PROCESS, LOCK TABLES, BINLOG MONITOR"
 
 # mariadb-install-db also makes root@127.0.0.1, root@::1 and root@<host> without a password, and
 # the official image healthcheck@…; only the portal's root@localhost (Unix socket) may remain.
+# A server restored from a snapshot starts with the snapshot's accounts and their grants: those go
+# too (a grant left behind would make CREATE USER IF NOT EXISTS skip the user's account), and
+# mariadb.sys (the definer of mysql.user and of the sys schema) is put back exactly as
+# mariadb-install-db makes it: locked, no password, SELECT and DELETE on mysql.global_priv only. The
+# snapshot's copy of it could have been unlocked and given a password and every right.
 ONLY_PORTAL_ROOT = (
-    "DELETE FROM mysql.global_priv WHERE NOT (User = 'root' AND Host = 'localhost') AND User <> 'mariadb.sys';",
-    "DELETE FROM mysql.proxies_priv WHERE NOT (User = 'root' AND Host = 'localhost');",
+    "DELETE FROM mysql.global_priv WHERE NOT (User = 'root' AND Host = 'localhost');",
+    *(
+        f"DELETE FROM mysql.{table} WHERE NOT (User = 'root' AND Host = 'localhost');"
+        for table in ("proxies_priv", "db", "tables_priv", "columns_priv", "procs_priv")
+    ),
+    "DELETE FROM mysql.roles_mapping;",
+    # As in /usr/share/mysql/mysql_system_tables.sql (MariaDB 10.11).
+    "INSERT INTO mysql.global_priv (Host, User, Priv) VALUES ('localhost', 'mariadb.sys', "
+    '\'{"access":0,"plugin":"mysql_native_password","authentication_string":"","account_locked":true,'
+    '"password_last_changed":0}\');',
+    "INSERT INTO mysql.tables_priv (Host, Db, User, Table_name, Grantor, Table_priv) "
+    "VALUES ('localhost', 'mysql', 'mariadb.sys', 'global_priv', 'root@localhost', 'Select,Delete');",
     "FLUSH PRIVILEGES;",
 )
 
@@ -97,6 +119,7 @@ class MySQL(Engine):
         ),
         # A new data directory takes about 30 MB; binary logs and temporary tables need room too.
         disk_option(min_value=256 * MiB),
+        *backup_options(),
     )
 
     def check_together(self, options: dict[str, Any]) -> dict[str, str]:
@@ -167,6 +190,19 @@ class MySQL(Engine):
                 "MARIADB_ROOT_HOST": "localhost",
                 "MARIADB_INITDB_SKIP_TZINFO": "1",  # as the local data-directory template
             },
+        )
+
+    def container_restored(self, instance: "Instance", layout: Layout) -> Container:
+        # The image makes accounts only when it finds no data: the server runs `init_sql` itself,
+        # named in its config for this start (the root password's hash included).
+        spec = self.container(instance, layout)
+        assert spec.init_dir is not None
+        path, config = spec.files[self.config_name]
+        config += f"\n[mysqld]\ninit-file = {spec.init_dir / INIT_FILE}\n"
+        return dataclasses.replace(
+            spec,
+            files={**spec.files, self.config_name: (path, config)},
+            init_files={**spec.init_files, INIT_FILE: self.init_sql(instance)},
         )
 
     def init_sql(self, instance: "Instance") -> str:
@@ -259,6 +295,60 @@ class MySQL(Engine):
         # read_only stops every account without SUPER (the user's), and the portal's root keeps it.
         with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
             cursor.execute(f"SET GLOBAL read_only = {'ON' if refuse else 'OFF'}")
+
+    # Snapshots -------------------------------------------------------------------------
+
+    snapshot_suffix = "mbstream"
+
+    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes]) -> None:
+        # mariabackup copies InnoDB's files while the server runs, with the redo log written
+        # meanwhile, and holds a short backup lock (BACKUP STAGE) only for the other engines'
+        # tables: writes go on. The copy holds accounts as the server keeps them: hashes.
+        layout = beside.layout
+        password = secrets.token_urlsafe(24)
+        self._backup_account(instance, beside.admin, password)
+        try:
+            beside.run(
+                [
+                    "mariabackup",
+                    "--defaults-file={secret}",
+                    "--backup",
+                    "--stream=mbstream",
+                    f"--target-dir={layout.tmp}",
+                    f"--tmpdir={layout.tmp}",
+                    f"--datadir={layout.data}",
+                    f"--socket={layout.socket}",
+                ],
+                stdout=out,
+                secret=self._backup_options(password),
+            )
+        finally:
+            self._backup_account(instance, beside.admin, None)
+
+    def _backup_options(self, password: str) -> str:
+        # The server's on-disk format, which mariabackup must know, and the backup account.
+        storage = self.render(STORAGE_TEMPLATE)
+        return f"[mysqld]\n{storage}\n[mariabackup]\nuser = {BACKUP_USERNAME}\npassword = {password}\n"
+
+    def _backup_account(self, instance: "Instance", admin: Endpoint, password: str | None) -> None:
+        """Make the backup account with `password`, or (None) drop it."""
+        with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
+            cursor.execute("SET SESSION sql_log_bin = 0")  # nothing of it in the binary log
+            cursor.execute(f"DROP USER IF EXISTS '{BACKUP_USERNAME}'@'localhost'")
+            if password is not None:
+                cursor.execute(
+                    f"CREATE USER '{BACKUP_USERNAME}'@'localhost' IDENTIFIED BY PASSWORD %s",
+                    [native_password_hash(password)],
+                )
+                cursor.execute(f"GRANT {BACKUP_GRANTS} ON *.* TO '{BACKUP_USERNAME}'@'localhost'")
+
+    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
+        # Unpacked and prepared (the redo log applied) beside the old data, then put in its place.
+        def unpack(staged: PurePath) -> None:
+            beside.run(["mbstream", "-x", "-C", str(staged)], stdin=snapshot)
+            beside.run(["mariabackup", "--prepare", f"--target-dir={staged}", "--use-memory=32M"])
+
+        replace_folder(beside, beside.layout.data, unpack)
 
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         # Over the socket the user is app@localhost to the server, which its app@'%' account matches.

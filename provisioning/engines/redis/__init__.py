@@ -1,15 +1,18 @@
 """Redis: one `redis-server` per instance, or a container in the official image's contract."""
 
 import hashlib
-from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+import io
+import time
+from pathlib import Path, PurePath, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ...options import Option, disk_option
-from ..base import Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile
+from ...options import Option, backup_options, disk_option
+from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile, replace_folder
+from .rdb import read_rdb
 
 if TYPE_CHECKING:
     from ...models import Instance
@@ -34,6 +37,15 @@ SERVER_OVERHEAD = 16 * MiB
 NO_RETRY = Retry(NoBackoff(), 0)
 ADMIN_TIMEOUT = 10  # seconds; an administrative command that takes longer has failed
 CONFIG_DIR = PurePosixPath("/usr/local/etc/redis")  # in the official image
+# Redis 7's defaults (redis.conf names none): where a save writes, and the append-only files a server
+# with `appendonly yes` loads at start, ignoring any RDB beside them: a restored RDB goes in as the
+# base of a new append-only file.
+DUMP = "dump.rdb"
+AOF_DIR = "appendonlydir"
+AOF_BASE = "appendonly.aof.1.base.rdb"
+AOF_MANIFEST = "appendonly.aof.manifest"
+SNAPSHOT_TIMEOUT = 600  # seconds the server may take to send its data before the snapshot is given up
+SYNC_READ_TIMEOUT = 30  # seconds without a byte (it sends a newline every second while it prepares)
 
 # The tenant's ACL rule, read left to right: everything that is not @dangerous; then what
 # applications and their client libraries use that Redis files under @dangerous; then, last so
@@ -140,6 +152,7 @@ class Redis(Engine):
             choices=("always", "everysec", "no"),
         ),
         disk_option(min_value=32 * MiB),
+        *backup_options(),
     )
 
     def memory_reservation(self, options: dict[str, Any]) -> int:
@@ -222,12 +235,41 @@ class Redis(Engine):
         finally:
             client.close()
 
+    # Snapshots -------------------------------------------------------------------------
+
+    snapshot_suffix = "rdb"
+
+    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes]) -> None:
+        # From the server itself, as a replica gets it: it forks, and the child sends the data as
+        # of the fork down the portal's connection while the server serves on. No file of the
+        # server's folder is read (rdb.py). ACL users live in the ACL file, never in an RDB, so
+        # the copy holds no password or hash.
+        read_rdb(
+            beside.admin,
+            username=ADMIN_USERNAME,
+            password=instance.admin_password,
+            out=out,
+            timeout=SYNC_READ_TIMEOUT,
+            deadline=time.monotonic() + SNAPSHOT_TIMEOUT,
+        )
+
+    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
+        # A new append-only folder whose base is the snapshot's RDB, put in place of the old one.
+        def fill(staged: PurePath) -> None:
+            beside.run(["tee", "--", str(staged / AOF_BASE)], stdin=snapshot)
+            manifest = f"file {AOF_BASE} seq 1 type b\n".encode()
+            beside.run(["tee", "--", str(staged / AOF_MANIFEST)], stdin=io.BytesIO(manifest))
+
+        replace_folder(beside, beside.layout.data / AOF_DIR, fill)
+        beside.run(["rm", "-f", "--", str(beside.layout.data / DUMP)])  # ignored while the AOF is on; stale
+
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         client = self.client(endpoint, username=instance.username, password=instance.password, timeout=timeout)
         try:
-            # Not PING: a server whose disk is full refuses it (MISCONF), as it refuses writes, yet
-            # it answers and serves reads.
-            client.echo("stockroom")
+            # A read: a server whose disk is full refuses PING (MISCONF), as it refuses writes, yet
+            # it serves reads. Not ECHO: a server still loading its data answers that, and nothing
+            # else (LOADING), so it would count as running before it serves the data.
+            client.dbsize()
         finally:
             client.close()
 

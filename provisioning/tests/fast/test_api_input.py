@@ -166,11 +166,11 @@ def test_the_schema_lists_the_registered_kinds(client):
     assert answers == [{"$ref": f"#/components/schemas/{k.capitalize()}Config"} for k in engines()]
 
 
-def test_each_create_body_is_the_engines_options_and_nothing_else(client):
+def test_each_create_body_is_the_engines_options_a_name_and_a_snapshot_to_clone(client):
     schemas = schema(client)["components"]["schemas"]
     for kind, engine in engines().items():
         body = schemas[f"{kind.capitalize()}Create"]
-        assert set(body["properties"]) == {option.name for option in engine.options} | {"name"}
+        assert set(body["properties"]) == {option.name for option in engine.options} | {"name", "from_snapshot"}
         assert body["additionalProperties"] is False
         assert "required" not in body
 
@@ -225,7 +225,7 @@ def test_the_browsable_api_raw_form_posts_as_it_is(browser, api):
 
 def test_options_describes_the_create_body(api):
     post = api.options("/api/storage/mysql/instances").json()["actions"]["POST"]
-    assert list(post) == ["name", *(option.name for option in get_engine("mysql").options)]
+    assert list(post) == ["name", *(option.name for option in get_engine("mysql").options), "from_snapshot"]
     assert {choice["value"] for choice in post["charset"]["choices"]} == {"utf8mb4", "latin1", "ascii"}
 
 

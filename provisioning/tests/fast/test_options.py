@@ -18,6 +18,8 @@ def test_mysql_defaults():
         "collation": "utf8mb4_general_ci",
         "binlog_format": "ROW",
         "disk": 1024**3,
+        "backup_interval_hours": 24,
+        "backup_retention": 7,
     }
 
 
@@ -38,6 +40,8 @@ def test_redis_defaults():
         "maxclients": 1000,
         "appendfsync": "everysec",
         "disk": 1024**3,
+        "backup_interval_hours": 24,
+        "backup_retention": 7,
     }
 
 

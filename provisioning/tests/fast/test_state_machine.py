@@ -1,10 +1,13 @@
 """Statuses through create, stop, start, restart, rotate and delete, and what each failure leaves."""
 
+import json
+
 import pytest
 from django.conf import settings
+from django.core.files.storage import storages
 
 from provisioning.backends.base import BackendError, ServerExited
-from provisioning.models import Instance, Status
+from provisioning.models import Instance, Snapshot, Status
 
 pytestmark = pytest.mark.django_db
 
@@ -54,7 +57,14 @@ def test_stop_start_restart_rotate_and_delete(api, create, act, fake):
     assert act(instance, "delete") == {"status": "gone"}
     assert fake.server(pk) is None
     gone = Instance.objects.get(pk=pk)
-    assert (gone.status, gone.status_message) == (Status.DELETED, f"Stopped and removed; port {port} released.")
+    assert gone.status == Status.DELETED
+    # The delete's undo: a snapshot of the data, taken while the server still ran.
+    kept = Snapshot.objects.get(instance=gone, trigger="before-delete")
+    assert json.loads(storages["snapshots"].open(kept.file).read()) == {"orders": ["teapot"]}
+    assert gone.status_message == (
+        f"Stopped and removed; port {port} released. Snapshot {kept.pk} of its data is kept until "
+        f"{kept.expires_at:%Y-%m-%d %H:%M} UTC; a clone of it brings the data back."
+    )
     assert [(e.from_status, e.to_status) for e in gone.events.all()] == [
         ("", "provisioning"),
         ("provisioning", "running"),

@@ -1,0 +1,421 @@
+"""Snapshots: taking them (request and worker side), restoring one in place, and putting one into a
+clone. The bytes live in the `snapshots` storage (STORAGES, under STOCKROOM_SNAPSHOT_DIR by
+default), never on an instance's own disk; each file's sha256 is checked before it is restored.
+
+A snapshot is taken while the instance runs and serves: its status does not change, but the
+worker holds its claim, so no restore, stop or delete runs at the same time. A restore moves the
+instance to `restoring` and back to `running`.
+"""
+
+import hashlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import IO, Any
+
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.core.files import File
+from django.core.files.storage import Storage, storages
+from django.db import transaction
+from django.db.models import Count, Max, Q, Sum
+from django.utils import timezone
+
+from ..backends.base import BackendError, BaseBackend
+from ..engines import get_engine
+from ..models import Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status
+from ..options import backup_options, describe_size
+from . import capacity, healing, jobs
+from .capacity import QuotaExceeded
+from .claims import work_on
+from .outcomes import describe
+from .requests import WrongStatus, enqueue
+from .state import Side, record_event, transition
+
+logger = logging.getLogger(__name__)
+
+STORAGE = "snapshots"  # the alias in STORAGES
+CHUNK = 1024 * 1024
+INTERVAL, RETENTION = backup_options()
+BACKUP_COMPLETED = "instance.backup_completed"  # webhook types of a snapshot's outcome
+BACKUP_FAILED = "instance.backup_failed"
+
+
+class SnapshotBusy(Exception):
+    """The snapshot cannot be used or removed now (409): it is being made, or being restored."""
+
+
+def storage() -> Storage:
+    return storages[STORAGE]
+
+
+# The request side ---------------------------------------------------------------------
+
+
+def request_snapshot(*, instance: Instance, by: object, trigger: str = SnapshotTrigger.MANUAL) -> Snapshot:
+    """Record a snapshot of the running instance as `creating`; a worker takes it after commit.
+
+    Raises WrongStatus unless the instance is running, QuotaExceeded when the owner's snapshots
+    already take STOCKROOM_SNAPSHOT_QUOTA_BYTES.
+    """
+    if instance.status != Status.RUNNING:
+        raise WrongStatus(instance, "snapshot")
+    with transaction.atomic():
+        capacity.hold(instance.owner)
+        check_quota(instance.owner)
+        snapshot = _new(instance, trigger, status_message=f"Requested by {by}; waiting for a worker.")
+        transaction.on_commit(lambda: _send_take(snapshot))
+    return snapshot
+
+
+def _new(instance: Instance, trigger: str, **fields: Any) -> Snapshot:
+    """A snapshot row of `instance`, which keeps the instance's name and options for a clone."""
+    return Snapshot.objects.create(
+        owner=instance.owner,
+        kind=instance.kind,
+        instance=instance,
+        instance_name=instance.name,
+        options=instance.options,
+        trigger=trigger,
+        **fields,
+    )
+
+
+def room(owner: User, *, besides: Snapshot | None = None) -> int:
+    """Bytes left of the owner's snapshot quota. A snapshot still being made counts as its
+    instance's whole disk (the most it can take: its copy is cut off there), so snapshots made at
+    once cannot together pass the quota."""
+    made = Snapshot.objects.filter(owner=owner, status=SnapshotStatus.READY).aggregate(total=Sum("size_bytes"))
+    making = Snapshot.objects.filter(owner=owner, status=SnapshotStatus.CREATING, instance__isnull=False)
+    if besides is not None:
+        making = making.exclude(pk=besides.pk)
+    reserved = sum(instance.disk_limit for instance in Instance.objects.filter(snapshots__in=making))
+    return settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES - (made["total"] or 0) - reserved
+
+
+def check_quota(owner: User) -> None:
+    """Raise QuotaExceeded if the owner's snapshots (those being made counted at their most) leave
+    no room for another."""
+    if room(owner) <= 0:
+        quota = settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES
+        raise QuotaExceeded(
+            f"Your snapshots, with those being made, take all of your {describe_size(quota)} snapshot quota; "
+            "delete some before taking another."
+        )
+
+
+class TooLarge(BackendError):
+    """A snapshot's copy passed the most it may take."""
+
+
+class _Bounded:
+    """A file that takes at most `limit` bytes; a write past it raises TooLarge (which stops the
+    helper program that writes through it)."""
+
+    def __init__(self, file: IO[bytes], limit: int, why: str):
+        self.file, self.left, self.why = file, limit, why
+
+    def write(self, data: bytes) -> int:
+        self.left -= len(data)
+        if self.left < 0:
+            raise TooLarge(self.why)
+        return self.file.write(data)
+
+
+def _send_take(snapshot: Snapshot) -> None:
+    try:
+        jobs.send("take_snapshot", snapshot.pk)
+    except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
+        logger.error("Could not queue snapshot %s: %s", snapshot.pk, exc)
+        _finish(snapshot, SnapshotStatus.FAILED, f"The job could not be queued ({type(exc).__name__}). Try again.")
+
+
+def request_restore(*, instance: Instance, snapshot: Snapshot, by: object) -> Instance:
+    """Move the instance to `restoring`; a worker puts the snapshot's data in after commit.
+
+    The caller has checked that the snapshot is the owner's and of the instance's kind. Raises
+    SnapshotBusy unless the snapshot is ready, WrongStatus unless the instance runs.
+    """
+    if snapshot.status != SnapshotStatus.READY:
+        raise SnapshotBusy(f"Snapshot {snapshot.pk} is {snapshot.status}; only a ready snapshot can be restored.")
+    previous = Status(instance.status)
+    if not transition(
+        instance,
+        Status.RESTORING,
+        f"Restore of snapshot {snapshot.pk} requested by {by}.",
+        side=Side.REQUEST,
+        allowed_from=(Status.RUNNING, Status.UNHEALTHY),
+        also={"restore_from": snapshot},
+    ):
+        instance.refresh_from_db()
+        raise WrongStatus(instance, "restore")
+    transaction.on_commit(lambda: enqueue("restore_instance", instance, revert_to=previous))
+    return instance
+
+
+def busy(snapshot: Snapshot) -> str:
+    """Why the snapshot cannot be deleted now (it is being made, or restored), or ""."""
+    if snapshot.status == SnapshotStatus.CREATING:
+        return f"Snapshot {snapshot.pk} is still being made; delete it once it is ready or failed."
+    if Instance.objects.filter(restore_from=snapshot, status__in=(Status.PROVISIONING, Status.RESTORING)).exists():
+        return f"Snapshot {snapshot.pk} is being restored; delete it once that is done."
+    return ""
+
+
+def delete_snapshot(*, snapshot: Snapshot) -> None:
+    """Remove the snapshot's file and row. Raises SnapshotBusy while it is being made or restored."""
+    if why := busy(snapshot):
+        raise SnapshotBusy(why)
+    if snapshot.file:
+        storage().delete(snapshot.file)
+    snapshot.delete()
+
+
+# The worker side ----------------------------------------------------------------------
+
+
+def take(snapshot_id: int) -> None:
+    """Take a `creating` snapshot, holding its instance's claim; Busy if another worker holds it."""
+    snapshot = Snapshot.objects.filter(pk=snapshot_id, status=SnapshotStatus.CREATING).first()
+    if snapshot is None:
+        return
+    if snapshot.instance_id is not None:
+        work_on(snapshot.instance_id, (Status.RUNNING,), _take, snapshot)
+    if Snapshot.objects.filter(pk=snapshot_id, status=SnapshotStatus.CREATING).exists():
+        _finish(snapshot, SnapshotStatus.FAILED, "The instance was no longer running; no snapshot was taken.")
+
+
+def _take(instance: Instance, backend: BaseBackend, snapshot: Snapshot) -> None:
+    wanted = f"{instance.kind}/{instance.pk}/{snapshot.pk}.{get_engine(instance.kind).snapshot_suffix}"
+    name = ""
+    try:
+        out = _limited(instance, snapshot)
+        # An unnamed file while it is written: a worker killed here leaves nothing behind.
+        with tempfile.TemporaryFile(dir=settings.STOCKROOM_SNAPSHOT_DIR) as partial:
+            backend.snapshot(instance, _Bounded(partial, *out))  # type: ignore[arg-type]
+            partial.seek(0)
+            checksum, size = _digest(partial)
+            partial.seek(0)
+            name = storage().save(wanted, File(partial))
+    except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
+        if not name and storage().exists(wanted) and not Snapshot.objects.filter(file=wanted).exists():
+            storage().delete(wanted)  # a save cut short (a full disk) leaves a part of the file
+        if _finish(snapshot, SnapshotStatus.FAILED, describe("The snapshot failed", instance, exc)):
+            _announce(instance, snapshot)
+        return
+    if not _finish(
+        snapshot,
+        SnapshotStatus.READY,
+        "",
+        file=name,
+        size_bytes=size,
+        checksum=checksum,
+        expires_at=_expiry(snapshot.trigger),
+    ):
+        storage().delete(name)  # it was given up meanwhile
+        return
+    _announce(instance, snapshot)
+    logger.info("Snapshot %s of instance %s: %s bytes", snapshot.pk, instance.pk, size)
+
+
+def _limited(instance: Instance, snapshot: Snapshot) -> tuple[int, str]:
+    """The most bytes the snapshot may take, and why: no more than the instance's disk holds (a
+    copy bigger than that is not its data: sparse files, say), nor than is left of the quota."""
+    disk, left = instance.disk_limit, room(instance.owner, besides=snapshot)
+    if left <= 0:
+        quota = describe_size(settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES)
+        raise BackendError(f"Your snapshots, with those being made, take all of your {quota} snapshot quota.")
+    if left < disk:
+        return left, f"The copy passed what is left of your snapshot quota ({describe_size(left)})."
+    return disk, f"The copy passed the instance's disk size ({describe_size(disk)}); it cannot be its data."
+
+
+def _announce(instance: Instance, snapshot: Snapshot) -> None:
+    """A snapshot's outcome in the instance's history, and to its owner's webhooks; the one taken
+    before a delete is told in the delete's own message."""
+    if snapshot.trigger == SnapshotTrigger.BEFORE_DELETE:
+        return
+    what = f"Snapshot {snapshot.pk} ({snapshot.trigger})"
+    if snapshot.status == SnapshotStatus.READY:
+        kind, reason = BACKUP_COMPLETED, f"{what} is ready: {describe_size(snapshot.size_bytes)}."
+    else:
+        kind, reason = BACKUP_FAILED, f"{what} failed: {snapshot.status_message}"
+    with transaction.atomic():
+        record_event(instance, instance.status, instance.status, reason, type=kind)
+
+
+def before_delete(instance: Instance, backend: BaseBackend) -> str:
+    """Take the snapshot that undoes a delete, as the worker deleting the instance (which holds its
+    claim); a sentence for the delete's status message saying what was kept. A server that does
+    not answer cannot be copied consistently: then nothing is kept, and the delete goes on."""
+    if settings.STOCKROOM_SNAPSHOT_KEEP_DAYS <= 0:
+        return ""
+    if backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT) is not None:
+        return "It was not running, so no snapshot of its data was kept."
+    snapshot = _new(
+        instance,
+        SnapshotTrigger.BEFORE_DELETE,
+        status_message="Taken before the delete.",
+        expires_at=_expiry(SnapshotTrigger.BEFORE_DELETE),  # one a dead worker left goes too
+    )
+    _take(instance, backend, snapshot)
+    if snapshot.status != SnapshotStatus.READY:
+        snapshot.delete()  # it holds nothing, and would never expire
+        return f"No snapshot of its data could be kept ({snapshot.status_message})."
+    assert snapshot.expires_at is not None
+    return (
+        f"Snapshot {snapshot.pk} of its data is kept until {snapshot.expires_at:%Y-%m-%d %H:%M} UTC; "
+        "a clone of it brings the data back."
+    )
+
+
+def _expiry(trigger: str) -> datetime | None:
+    if trigger == SnapshotTrigger.BEFORE_DELETE:
+        return timezone.now() + timedelta(days=settings.STOCKROOM_SNAPSHOT_KEEP_DAYS)
+    return None
+
+
+def _finish(snapshot: Snapshot, status: SnapshotStatus, message: str, **fields: object) -> bool:
+    """Move a creating snapshot to `status`; False if it was no longer creating."""
+    changes = {"status": status, "status_message": message, "finished_at": timezone.now(), **fields}
+    done = bool(Snapshot.objects.filter(pk=snapshot.pk, status=SnapshotStatus.CREATING).update(**changes))
+    if done:
+        for field, value in changes.items():
+            setattr(snapshot, field, value)
+        if status == SnapshotStatus.FAILED:
+            logger.warning("Snapshot %s failed: %s", snapshot.pk, message)
+    return done
+
+
+def _digest(file: IO[bytes]) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    while chunk := file.read(CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return f"sha256:{digest.hexdigest()}", size
+
+
+@contextmanager
+def verified(snapshot: Snapshot) -> Iterator[IO[bytes]]:
+    """The snapshot's file, open from its start, once its checksum matches; BackendError if not."""
+    if snapshot.status != SnapshotStatus.READY:
+        raise BackendError(f"Snapshot {snapshot.pk} is {snapshot.status}, not ready.")
+    try:
+        file = storage().open(snapshot.file, "rb")
+    except FileNotFoundError:
+        raise BackendError(f"The file of snapshot {snapshot.pk} is missing.") from None
+    with file:
+        checksum, _ = _digest(file)
+        if checksum != snapshot.checksum:
+            raise BackendError(
+                f"Snapshot {snapshot.pk} is damaged (its checksum does not match); nothing was restored."
+            )
+        file.seek(0)
+        yield file
+
+
+def restore(instance_id: int) -> None:
+    """Put the snapshot the instance is `restoring` from in place of its data."""
+    work_on(instance_id, (Status.RESTORING,), restore_now)
+
+
+def restore_now(instance: Instance, backend: BaseBackend) -> None:
+    """The worker's restore (also what recovery does again after a dead worker): the server ends
+    running with exactly the snapshot's data, or, if that fails, unhealthy for the reconciler to
+    start again, with its old data if the new never replaced it."""
+    snapshot = instance.restore_from
+    try:
+        if snapshot is None:
+            raise BackendError("The snapshot was deleted before it could be restored.")
+        with verified(snapshot) as file:
+            backend.restore(instance, file)
+    except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
+        message = describe("Restore failed", instance, exc)
+        transition(
+            instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(Status.RESTORING,), also=_done()
+        )
+        return
+    healing.forget_restarts(instance)
+    message = f"Restored snapshot {snapshot.pk} of {snapshot.created_at:%Y-%m-%d %H:%M:%S} UTC; a login succeeded."
+    transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(Status.RESTORING,), also=_done())
+
+
+def _done() -> dict[str, object]:
+    return {"restore_from": None}
+
+
+# The reconciler's side ----------------------------------------------------------------
+
+
+def schedule_backups(*, now: datetime) -> int:
+    """Ask for the scheduled snapshots that are due: of each running instance whose last one (or,
+    before the first, its create) is `backup_interval_hours` old. One over the snapshot quota is
+    recorded as failed, so that it is tried again an interval later, not at every pass."""
+    last = Max("snapshots__created_at", filter=Q(snapshots__trigger=SnapshotTrigger.SCHEDULED))
+    requested = 0
+    for instance in Instance.objects.filter(status=Status.RUNNING).annotate(last_backup=last):
+        hours = instance.options.get(INTERVAL.name, INTERVAL.default)
+        since: datetime = instance.last_backup or instance.created_at
+        if not hours or since + timedelta(hours=hours) > now:
+            continue
+        try:
+            request_snapshot(instance=instance, by="the backup schedule", trigger=SnapshotTrigger.SCHEDULED)
+        except QuotaExceeded as exc:
+            snapshot = _new(
+                instance,
+                SnapshotTrigger.SCHEDULED,
+                status=SnapshotStatus.FAILED,
+                status_message=str(exc),
+                finished_at=now,
+            )
+            _announce(instance, snapshot)
+        except WrongStatus:  # it changed since the query: the next pass sees
+            continue
+        requested += 1
+    return requested
+
+
+def prune_backups() -> int:
+    """Remove the scheduled snapshots beyond each instance's `backup_retention`, oldest first
+    (ready and failed ones counted apart: a failure never pushes out a good backup)."""
+    removed = 0
+    scheduled = Q(snapshots__trigger=SnapshotTrigger.SCHEDULED) & ~Q(snapshots__status=SnapshotStatus.CREATING)
+    candidates = Instance.objects.annotate(backups=Count("snapshots", filter=scheduled)).filter(backups__gt=1)
+    for instance in candidates:
+        keep = instance.options.get(RETENTION.name, RETENTION.default)
+        for status in (SnapshotStatus.READY, SnapshotStatus.FAILED):
+            old = Snapshot.objects.filter(instance=instance, trigger=SnapshotTrigger.SCHEDULED, status=status)[keep:]
+            for snapshot in old:
+                try:
+                    delete_snapshot(snapshot=snapshot)
+                    removed += 1
+                except SnapshotBusy:
+                    continue
+    return removed
+
+
+def fail_abandoned(*, now: datetime) -> int:
+    """Mark failed the snapshots still `creating` whose worker died: no worker holds their instance
+    and they are older than STOCKROOM_STUCK_TIMEOUT. The instance itself was never stopped."""
+    cutoff = now - timedelta(seconds=settings.STOCKROOM_STUCK_TIMEOUT)
+    abandoned = Snapshot.objects.filter(status=SnapshotStatus.CREATING, created_at__lt=cutoff).filter(
+        Q(instance__isnull=True) | Q(instance__claimed_until__isnull=True) | Q(instance__claimed_until__lt=now)
+    )
+    count = 0
+    for snapshot in abandoned:
+        count += _finish(snapshot, SnapshotStatus.FAILED, "The worker taking it stopped; no snapshot was kept.")
+    return count
+
+
+def remove_expired(*, now: datetime) -> int:
+    """Remove the snapshots whose keep time is over (those taken before a delete)."""
+    count = 0
+    for snapshot in Snapshot.objects.filter(expires_at__lt=now).exclude(status=SnapshotStatus.CREATING):
+        try:
+            delete_snapshot(snapshot=snapshot)
+            count += 1
+        except SnapshotBusy:
+            continue
+    return count
