@@ -35,7 +35,8 @@ test-fast: $(VENV)/.installed-dev
 	$(VENV)/bin/pytest provisioning/tests/fast $(PYTEST_ARGS)
 
 # The benchmark against a stack of its own (var/bench, web port 8700); not part of make test.
-# BENCH_QUICK=1 does less of each measurement and finishes in under two minutes.
+# BENCH_QUICK=1 does less of each measurement and finishes in 2 to 6 minutes;
+# BENCH_SECTIONS=snapshots (say) runs only those sections. Ports: see the README's "Benchmark".
 bench: system $(VENV)/.installed
 	BENCH_QUICK=$(BENCH_QUICK) $(PY) -m bench
 

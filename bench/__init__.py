@@ -2,6 +2,8 @@
 
 Sections, each a module: `connectable` (time to connectable and its breakdown, with the naive
 baseline), `density` (memory of idle instances), `api_load` (the API under load over 10,000
-rows), `reconcile` (one reconcile pass). `stack` starts and stops the processes, `client` talks
-to the API, `report` writes `bench/results.json` and prints the Markdown table.
+rows), `reconcile` (one reconcile pass), `snapshots` (snapshot, restore and clone of 100 MB, with
+the naive dump-and-load baselines, over the data of `datasets`). `stack` starts and stops the
+processes, `client` talks to the API, `report` writes `bench/results.json` and prints the Markdown
+table.
 """

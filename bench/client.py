@@ -16,7 +16,7 @@ from .stack import WEB_PORT
 
 POLL_INTERVAL = 0.02  # seconds between status polls and between login attempts
 CREATE_TIMEOUT = 60.0  # an instance that is not connectable by then is a failure, not a number
-DELETE_TIMEOUT = 60.0
+DELETE_TIMEOUT = 60.0  # without one more instance gone: each delete first takes a snapshot of the data
 
 
 class Api:
@@ -113,8 +113,9 @@ class Created:
     timings: dict[str, float]  # the steps the worker recorded (queued, data_directory, ...)
 
 
-def create_and_connect(token: str, kind: str, options: dict | None = None) -> Created:
-    """POST a create, poll its status until running, fetch its config and log in with it."""
+def create_and_connect(token: str, kind: str, options: dict | None = None, *, poll: float = POLL_INTERVAL) -> Created:
+    """POST a create, poll its status every `poll` seconds until running, fetch its config and log
+    in with it."""
     api = Api(token)
     try:
         start = time.perf_counter()
@@ -129,7 +130,7 @@ def create_and_connect(token: str, kind: str, options: dict | None = None) -> Cr
                 raise RuntimeError(f"{kind} {body['id']} is {detail['status']}: {detail['status_message']}")
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"{kind} {body['id']} still provisioning after {CREATE_TIMEOUT:g} s")
-            time.sleep(POLL_INTERVAL)
+            time.sleep(poll)
         config = api.request("GET", f"{path}/config")[1]
         wait_for_login(kind, config, deadline=deadline)
         return Created(kind, body["id"], time.perf_counter() - start, posted - start, detail["timings"])
@@ -138,7 +139,8 @@ def create_and_connect(token: str, kind: str, options: dict | None = None) -> Cr
 
 
 def delete_all(token: str, created: list[Created]) -> None:
-    """DELETE every instance and wait until the API answers 404 for each (the worker is done)."""
+    """DELETE every instance and wait until the API answers 404 for each (the worker is done); an
+    error if DELETE_TIMEOUT passes without one more of them gone."""
     api = Api(token)
     try:
         for instance in created:
@@ -152,5 +154,6 @@ def delete_all(token: str, created: list[Created]) -> None:
                 if time.perf_counter() > deadline:
                     raise TimeoutError(f"{instance.kind} {instance.id} not deleted after {DELETE_TIMEOUT:g} s")
                 time.sleep(POLL_INTERVAL * 5)
+            deadline = time.perf_counter() + DELETE_TIMEOUT  # the workers delete a few at a time
     finally:
         api.close()

@@ -2,8 +2,9 @@
 
 The stack is the portal's own: a Redis broker, a Celery worker (no beat, so the only reconcile
 passes are the timed ones) and gunicorn, with DATA_DIR=var/bench, SQLite, and instance ports
-30000-30899. Everything it starts is stopped by PID; every instance server it provisioned is
-deleted through the API, and whatever an error left behind is killed at the end.
+30000-30899 (see bench.stack to move them). Everything it starts is stopped by PID; every instance
+server it provisioned is deleted through the API, and whatever an error left behind is killed at
+the end. BENCH_SECTIONS (e.g. "snapshots,density") runs only those sections.
 """
 
 import os
@@ -21,7 +22,7 @@ from provisioning.backends.base import get_backend
 from provisioning.backends.local import kill_processes_under
 from provisioning.services.tokens import create_token
 
-from . import api_load, connectable, density, reconcile, report, stack
+from . import api_load, connectable, density, reconcile, report, snapshots, stack
 from .client import create_and_connect, delete_all, in_parallel
 
 
@@ -35,14 +36,35 @@ class Plan:
     reconcile_redis: int
     reconcile_mysql: int
     reconcile_passes: int
+    snapshot_rows: int  # MySQL rows and Redis keys of 1,000 bytes each
+    snapshot_repeats: int
 
 
-FULL = Plan(creates=20, concurrency=8, requests=2000, reconcile_redis=190, reconcile_mysql=10, reconcile_passes=3)
-QUICK = Plan(creates=5, concurrency=8, requests=300, reconcile_redis=45, reconcile_mysql=5, reconcile_passes=2)
+FULL = Plan(
+    creates=20,
+    concurrency=8,
+    requests=2000,
+    reconcile_redis=190,
+    reconcile_mysql=10,
+    reconcile_passes=3,
+    snapshot_rows=100_000,
+    snapshot_repeats=3,
+)
+QUICK = Plan(
+    creates=5,
+    concurrency=8,
+    requests=300,
+    reconcile_redis=45,
+    reconcile_mysql=5,
+    reconcile_passes=2,
+    snapshot_rows=20_000,
+    snapshot_repeats=1,
+)
+SECTIONS = ("connectable", "density", "reconcile", "snapshots", "api_load")
 
 
 def fresh_state() -> None:
-    """Forget earlier bench runs: stop their servers, remove their database and instances.
+    """Forget earlier bench runs: stop their servers, remove their database, instances and snapshots.
 
     MariaDB's data-directory template is kept; the warm-up builds it if it is missing.
     """
@@ -55,6 +77,11 @@ def fresh_state() -> None:
         shutil.rmtree(settings.STOCKROOM_INSTANCES_DIR / kind, ignore_errors=True)
     for path in stack.DATA_DIR.glob("*.sqlite3*"):
         path.unlink()
+    for path in settings.STOCKROOM_SNAPSHOT_DIR.iterdir():  # the folder itself stays, made 0700 by settings
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     shutil.rmtree(stack.LOG_DIR, ignore_errors=True)
 
 
@@ -84,11 +111,22 @@ def api_load_everywhere(requests: int) -> dict:
     return results
 
 
+def sections() -> tuple[str, ...]:
+    wanted = tuple(name.strip() for name in os.environ.get("BENCH_SECTIONS", "").split(",") if name.strip())
+    unknown = set(wanted) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(
+            f"BENCH_SECTIONS: unknown {', '.join(sorted(unknown))}; the sections are {', '.join(SECTIONS)}."
+        )
+    return wanted or SECTIONS
+
+
 def main() -> None:
     started = time.monotonic()
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
     plan = QUICK if quick else FULL
-    results = {"machine": report.machine(), "quick": quick, "plan": asdict(plan)}
+    wanted = sections()
+    results = {"machine": report.machine(), "quick": quick, "plan": asdict(plan), "sections": list(wanted)}
     fresh_state()
     call_command("migrate", verbosity=0, interactive=False)
     call_command("collectstatic", verbosity=0, interactive=False)  # as make run does; gunicorn serves it
@@ -98,21 +136,27 @@ def main() -> None:
     try:
         with stack.running(*services):
             warm_up(token, plan.concurrency)
-            results["connectable"], results["breakdown"] = connectable.run(
-                token, creates=plan.creates, concurrency=plan.concurrency
-            )
-            results["density"] = density.run(token)
-            results["reconcile"] = reconcile.run(
-                token,
-                redis_count=plan.reconcile_redis,
-                mysql_count=plan.reconcile_mysql,
-                passes=plan.reconcile_passes,
-                concurrency=plan.concurrency,
-            )
+            if "connectable" in wanted:
+                results["connectable"], results["breakdown"] = connectable.run(
+                    token, creates=plan.creates, concurrency=plan.concurrency
+                )
+            if "density" in wanted:
+                results["density"] = density.run(token)
+            if "reconcile" in wanted:
+                results["reconcile"] = reconcile.run(
+                    token,
+                    redis_count=plan.reconcile_redis,
+                    mysql_count=plan.reconcile_mysql,
+                    passes=plan.reconcile_passes,
+                    concurrency=plan.concurrency,
+                )
+            if "snapshots" in wanted:
+                results["snapshots"] = snapshots.run(token, count=plan.snapshot_rows, repeats=plan.snapshot_repeats)
     finally:
         connections.close_all()
         kill_processes_under(settings.STOCKROOM_INSTANCES_DIR)  # only if an error left some behind
-    results["api_load"] = api_load_everywhere(plan.requests)
+    if "api_load" in wanted:
+        results["api_load"] = api_load_everywhere(plan.requests)
     results["seconds"] = round(time.monotonic() - started, 1)
     report.write(results)
     print(report.table(results))

@@ -21,14 +21,24 @@ from devtools import postgres
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = BASE_DIR / "var" / "bench"
 LOG_DIR = DATA_DIR / "logs"
-WEB_PORT = 8700
-BROKER_PORT = 32700
-POSTGRES_PORT = 32701
+
+
+def _port_range(name: str, default: str) -> tuple[int, int]:
+    first, last = os.environ.get(name, default).split(",")
+    return int(first), int(last)
+
+
+# Each port can be moved with an environment variable (two benches on one host, or a bench beside
+# a test run); the defaults are these.
+WEB_PORT = int(os.environ.get("BENCH_WEB_PORT", "8700"))
+BROKER_PORT = int(os.environ.get("BENCH_BROKER_PORT", "32700"))
+POSTGRES_PORT = int(os.environ.get("BENCH_POSTGRES_PORT", "32701"))
 # Portal instances take 30000-30899, the naive baseline's servers 30900-30999: below Linux's
 # ephemeral ports (32768 and up), which any client connection may hold when a server wants to
 # listen, and apart from `make run` (20000-29999) and the test suite (31000-31999).
-PORT_RANGE = (30000, 30899)
-BASELINE_PORTS = range(30900, 31000)
+PORT_RANGE = _port_range("BENCH_PORT_RANGE", "30000,30899")
+_baseline_first, _baseline_last = _port_range("BENCH_BASELINE_PORTS", "30900,30999")
+BASELINE_PORTS = range(_baseline_first, _baseline_last + 1)
 RUN_AS = "stockroom"  # instance and baseline servers run as this user when we are root
 BROKER_PASSWORD = secrets.token_urlsafe(24)  # new for every run, like the keys
 

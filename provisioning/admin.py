@@ -154,6 +154,10 @@ class SnapshotAdmin(admin.ModelAdmin):
     def delete_model(self, request, obj):
         services.delete_snapshot(snapshot=obj)
 
+    def has_delete_permission(self, request, obj=None):
+        # Not offered while it is being made or restored (the list's action says why, per snapshot).
+        return super().has_delete_permission(request, obj) and (obj is None or not services.snapshot_busy(obj))
+
     def has_add_permission(self, request):
         return False  # taken through the API or the instance page, so that a worker makes them
 

@@ -233,7 +233,8 @@ class SnapshotViewSet(
             instance = self.request.query_params["instance"]
             if not (instance.isascii() and instance.isdigit()):
                 raise exceptions.ValidationError({"instance": ["Expected an instance id (a whole number)."]})
-            snapshots = snapshots.filter(instance_id=int(instance))
+            # Beyond the largest id the database holds there is no instance (and SQLite would overflow).
+            snapshots = snapshots.filter(instance_id=int(instance)) if int(instance) < 2**63 else snapshots.none()
         return snapshots
 
     def perform_destroy(self, instance):

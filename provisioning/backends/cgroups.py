@@ -114,6 +114,18 @@ class Cgroups:
             procs.append(path / ("tasks" if hierarchy.version == 1 else "cgroup.procs"))
         return procs
 
+    def join(self, name: str, *, memory: int, pids: int) -> list[Path]:
+        """The files to write "0" to, to join the instance's cgroup `name` (as `prepare` returns
+        them), whose limits are left as its server's start set them; made with these limits if
+        the host has lost it (a restart since)."""
+        procs = []
+        for hierarchy in self._by_hierarchy():
+            path = self._folder(hierarchy) / name
+            if not path.is_dir():
+                return self.prepare(name, memory=memory, pids=pids)
+            procs.append(path / ("tasks" if hierarchy.version == 1 else "cgroup.procs"))
+        return procs
+
     def members(self, name: str) -> list[int]:
         """The processes in the instance's cgroup (as seen in the memory hierarchy)."""
         path = self._path("memory", name)

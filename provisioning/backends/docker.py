@@ -17,22 +17,32 @@ image `disk.img` loop-mounted there (see `disks`), or, where images cannot be mo
 whose size the reconciler watches. `data` and `tmp` exist only inside that filesystem, so a
 container that Docker starts by itself before the portal mounted it (after the host restarted)
 fails to start, instead of writing its data outside its limit; the portal's next start mounts it.
+
+Snapshots and restores run the engine's helper programs in a container (see `containers`): the
+instance's own while it runs, or a helper container of the same image, as the same uid, with the
+instance's `disk/` mounted, while it is stopped. `disk/` is root's, so the uid cannot put a symlink in
+place of `data` or `tmp` (Docker follows one in a mount's source): a restore lets the uid's group
+write there only while nothing but the helper runs as it, then gives it back to root and checks that
+`data` and `tmp` are the uid's folders before the container starts.
 """
 
+import dataclasses
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import cached_property
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from functools import cached_property, partial
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from ..engines import Container, Endpoint, Layout, engines, get_engine
+from ..engines import Container, Endpoint, Layout, LogArchive, Replay, engines, get_engine
 from . import files
 from .base import BackendError, BaseBackend
+from .containers import DockerBeside, exec_in
 from .disks import Disks, fullness
 
 if TYPE_CHECKING:
@@ -47,6 +57,9 @@ IMAGE = "disk.img"  # in the instance's folder: the image mounted at DISK
 SERVER_DIRS = ("disk/data", "disk/tmp", "run")  # what the server writes, owned by its uid
 WRITES_REFUSED = "writes-refused"  # in the instance's folder: the reconciler made its server refuse writes
 NOT_ROOT = "The Docker backend must run as root: it gives each container's folders to the container's own uid."
+GONE = "The instance's container is gone; delete the instance and create a new one."
+HELPER = f"{LABEL}.helper"  # the label of a helper container (a restore's), beside the instance's labels
+HELPER_DISK = PurePosixPath("/stockroom/disk")  # where a helper container has the instance's `disk/`
 
 
 def docker_proxies(*, port: int | None, container_addresses: set[str]) -> set[int]:
@@ -197,6 +210,9 @@ class DockerBackend(BaseBackend):
             **network,
         )
         self._wait_for_login(instance, container)
+        self._blank_init_files(instance, spec)
+
+    def _blank_init_files(self, instance: "Instance", spec: Container) -> None:
         for name in spec.init_files:
             self._write(instance, self.directory(instance) / INIT / name, "")
 
@@ -250,13 +266,133 @@ class DockerBackend(BaseBackend):
     def start(self, instance: "Instance") -> None:
         containers = self._own(instance)
         if not containers:
-            raise BackendError("The instance's container is gone; delete the instance and create a new one.")
+            raise BackendError(GONE)
         directory = self.directory(instance)
-        if (directory / IMAGE).exists() and not os.path.ismount(directory / DISK):  # the host restarted
-            self.disks.mount(directory / IMAGE, directory / DISK)
+        self._mount_disk(directory)
+        self._seal(instance)  # a restore cut short may have left `disk/` open to the uid's group
         (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
         self._docker("start the container", containers[0].start)
         self._wait_for_login(instance, containers[0])
+        self._settle(instance)  # after a restore whose first start failed, a later one's login did it
+
+    def _settle(self, instance: "Instance") -> None:
+        """The container's usual files again, and its first-start files emptied: once a login works,
+        the server has made its accounts."""
+        spec = get_engine(instance.kind).container(instance, self.layout(instance))
+        self._write_files(instance, spec, init=False)
+        self._blank_init_files(instance, spec)
+
+    def _mount_disk(self, directory: Path) -> None:
+        if (directory / IMAGE).exists() and not os.path.ismount(directory / DISK):  # the host restarted
+            self.disks.mount(directory / IMAGE, directory / DISK)
+
+    def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
+        containers = self._own(instance)
+        if not containers:
+            raise BackendError(GONE)
+        with self._admin(instance) as admin:
+            execute = partial(self._exec, containers[0], user=self._user(instance))
+            beside = DockerBeside(layout=self.layout(instance), endpoint=admin, execute=execute)
+            return get_engine(instance.kind).snapshot(instance, beside, out, archive)
+
+    def restore(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
+        engine = get_engine(instance.kind)
+        containers = self._own(instance)
+        if not containers:
+            raise BackendError(GONE)
+        directory, layout = self.directory(instance), self.layout(instance)
+        self.stop(instance)
+        self._mount_disk(directory)
+        with self._helper(instance) as helper:
+            # The helper has `disk/` where the server has `data` and `tmp` inside it.
+            data = HELPER_DISK / "data"
+            tmp = data if layout.tmp == layout.data else HELPER_DISK / "tmp"
+            execute = partial(self._exec, helper, user=self._user(instance))
+            beside = DockerBeside(
+                layout=dataclasses.replace(layout, data=data, tmp=tmp), endpoint=None, execute=execute
+            )
+            engine.restore(instance, beside, snapshot, replay)
+        (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
+        # As at the first start: the accounts are made again from the instance's own credentials.
+        self._write_files(instance, engine.container_restored(instance, layout))
+        self._docker("start the container", containers[0].start)
+        self._wait_for_login(instance, containers[0])
+        self._settle(instance)
+
+    def _write_files(self, instance: "Instance", spec: Container, *, init: bool = True) -> None:
+        """The container's files (and first-start files) again, in place: a bind mount follows an inode."""
+        directory = self.directory(instance)
+        for name, (_path, text) in spec.files.items():
+            self._write(instance, directory / name, text)
+        for name, text in spec.init_files.items() if init else ():
+            self._write(instance, directory / INIT / name, text)
+
+    def _user(self, instance: "Instance") -> str:
+        return f"{self.uid(instance)}:{self.uid(instance)}"
+
+    def _exec(self, container: Any, argv: Any, **kwargs: Any) -> None:
+        exec_in(self.client, container, argv, timeout=settings.STOCKROOM_TASK_TIME_LIMIT, **kwargs)
+
+    @contextmanager
+    def _helper(self, instance: "Instance") -> Iterator[Any]:
+        """A container of the instance's image that runs nothing but what is executed in it, as the
+        instance's uid, with its limits, no network, and its `disk/` mounted, which the uid's group
+        may write in meanwhile (to put a new `data` in place of the old)."""
+        from docker.types import Mount
+
+        for container in self._own(instance, helpers=True):
+            if HELPER in container.labels:  # left by a restore cut short
+                self._docker("remove a helper container", container.remove, force=True)
+        engine, uid, disk = get_engine(instance.kind), self.uid(instance), self.directory(instance) / DISK
+        os.chown(disk, 0, uid)
+        disk.chmod(0o770)
+        try:
+            memory = engine.memory_limit(instance.options)
+            helper = self._docker(
+                "start a helper container",
+                self.client.containers.run,
+                self._image(instance.kind),
+                ["infinity"],
+                entrypoint=["sleep"],
+                name=f"{self.name(instance)}-helper",
+                labels={**self.labels(instance), HELPER: "true"},
+                mounts=[Mount(str(HELPER_DISK), str(disk), type="bind")],
+                tmpfs={"/tmp": "size=64m,mode=1777"},
+                user=self._user(instance),
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+                read_only=True,
+                network_mode="none",
+                pids_limit=engine.pids_limit,
+                mem_limit=memory,
+                memswap_limit=memory,
+                detach=True,
+            )
+            try:
+                yield helper
+            finally:
+                self._docker("remove a helper container", helper.remove, force=True)
+        finally:
+            self._seal(instance)
+
+    def _seal(self, instance: "Instance") -> None:
+        """`disk/` root's alone again, and `data` and `tmp` in it the uid's folders, not symlinks: the
+        container's mounts are made from those paths, and Docker follows a symlink there."""
+        disk, uid = self.directory(instance) / DISK, self.uid(instance)
+        if not disk.is_dir():
+            return
+        os.chown(disk, 0, 0)
+        disk.chmod(0o700)
+        for name in SERVER_DIRS:
+            path = self.directory(instance) / name
+            if name.startswith(f"{DISK}/") and path.name != "data" and not os.path.lexists(path):
+                continue  # an engine that keeps it in the data folder has none
+            try:
+                status = os.lstat(path)
+            except FileNotFoundError:
+                raise BackendError(f"{path} is missing; the container cannot start.") from None
+            if not stat.S_ISDIR(status.st_mode) or status.st_uid != uid:
+                raise BackendError(f"{path} is not the server's folder; the container is not started.")
 
     def set_password(self, instance: "Instance", password: str) -> None:
         directory = self.directory(instance)
@@ -316,7 +452,7 @@ class DockerBackend(BaseBackend):
         return settings.STOCKROOM_BIND_ADDRESS if self.network_mode == "host" else self.host_ip
 
     def destroy(self, instance: "Instance") -> None:
-        for container in self._own(instance):
+        for container in self._own(instance, helpers=True):
             self.remove_container(container)
         self._remove_data(self.directory(instance))
 
@@ -359,8 +495,10 @@ class DockerBackend(BaseBackend):
 
     # Helpers ---------------------------------------------------------------------------
 
-    def _own(self, instance: "Instance") -> list[Any]:
-        return self._containers({f"{LABEL}.instance": str(instance.pk), f"{LABEL}.kind": instance.kind})
+    def _own(self, instance: "Instance", *, helpers: bool = False) -> list[Any]:
+        """The instance's container (and, with `helpers`, a restore's helper container too)."""
+        found = self._containers({f"{LABEL}.instance": str(instance.pk), f"{LABEL}.kind": instance.kind})
+        return [container for container in found if helpers or HELPER not in container.labels]
 
     def _containers(self, labels: dict[str, str]) -> list[Any]:
         wanted = {f"{LABEL}.managed": "true", f"{LABEL}.portal": self.portal_id, **labels}

@@ -22,6 +22,7 @@ import pwd
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -203,13 +204,14 @@ class LocalBackend(BaseBackend):
         processes.kill(under=directory, uid=self._uid_to_end(instance.kind, instance.pk))
         if (directory / IMAGE).exists() and not os.path.ismount(directory / SERVER):  # the host restarted
             self.disks.mount(directory / IMAGE, directory / SERVER)
+        setup = engine.local_setup(instance, layout, self)
         with self._beside(instance) as beside:
             engine.restore(instance, beside, snapshot, replay)
+            # The server's folders, made again if the snapshot lacked one: as its uid, since they
+            # are the tenant's (root would follow a symlink put in their place).
+            beside.run(["mkdir", "-p", "-m", "0700", "--", *map(str, setup.dirs)])
         (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
         # As at the first start: the accounts are made again from the instance's own credentials.
-        setup = engine.local_setup(instance, layout, self)
-        for folder in setup.dirs:
-            _make_own(folder, user)
         for name, text in setup.files.items():
             files.write(directory / name, text, group=user.gid if user else None)
         self._run_server(instance, extra=setup.first_start_args)
@@ -219,12 +221,22 @@ class LocalBackend(BaseBackend):
     @contextmanager
     def _beside(self, instance: "Instance") -> Iterator["LocalBeside"]:
         layout, user = self.layout(instance), self.user(instance)
+        cgroups = []
+        if user is not None and not self.no_cgroups:
+            engine = get_engine(instance.kind)
+            cgroups = self.cgroups.join(
+                _cgroup(instance.kind, instance.pk),
+                memory=engine.memory_limit(instance.options),
+                pids=engine.pids_limit,
+            )
         with files.unix_socket(Path(layout.socket), owner=user.uid if user else None) as socket:
             yield LocalBeside(
                 layout=layout,
                 socket=socket,
                 cwd=self.directory(instance) / SERVER,
                 user=(user.uid, user.gid) if user else None,
+                cgroups=tuple(cgroups),
+                deadline=time.monotonic() + helper_time(instance.options.get("disk", 0)),
             )
 
     def login_endpoint(self, instance: "Instance") -> Endpoint:
@@ -486,6 +498,8 @@ class LocalBeside:
     socket: str | None  # None while the server is stopped
     cwd: Path
     user: tuple[int, int] | None
+    cgroups: tuple[Path, ...]  # the instance's (Cgroups.join): its helpers count toward its limits
+    deadline: float  # time.monotonic() by which every helper of this snapshot or restore has ended
 
     @property
     def admin(self) -> Endpoint:
@@ -505,11 +519,20 @@ class LocalBeside:
             argv,
             cwd=self.cwd,
             user=self.user,
+            cgroups=self.cgroups,
             stdin=stdin,
             stdout=stdout,
             secret=secret,
-            timeout=settings.STOCKROOM_TASK_TIME_LIMIT,
+            timeout=max(0.0, self.deadline - time.monotonic()),
         )
+
+
+def helper_time(disk: int) -> float:
+    """Seconds the helpers of one snapshot or restore may take, all told: a minute, and the
+    instance's whole disk at 20 MiB/s; well within the task's time limit, so that the worker
+    ends them and says so, rather than Celery killing the worker and leaving them behind."""
+    limit: float = settings.STOCKROOM_TASK_TIME_LIMIT
+    return min(60 + disk / (20 * 1024 * 1024), limit * 0.6)
 
 
 def _key(kind: str, pk: int) -> str:

@@ -7,14 +7,15 @@ server and the worker.
 """
 
 import ctypes
+import io
 import os
 import re
+import selectors
 import shutil
 import signal
 import stat
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -201,22 +202,37 @@ def _open_log(log: Path) -> None:
     os.close(descriptor)
 
 
+# The wrapper of a helper program: joins the cgroups whose files are its first arguments (as root,
+# before anything of the helper runs), then execs the rest. `echo` is a builtin: the shell writes
+# its own pid, which exec keeps.
+JOIN_CGROUPS = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo 0 > "$1" || exit 125; shift; n=$((n - 1)); done; exec "$@"'
+CHUNK = 1024 * 1024
+
+
 def run_beside(
     argv: Sequence[str],
     *,
     cwd: Path,
     user: tuple[int, int] | None,
+    cgroups: Sequence[Path] = (),
     stdin: IO[bytes] | None = None,
     stdout: IO[bytes] | None = None,
     secret: str | None = None,
     timeout: float,
 ) -> None:
-    """Run a helper program (a backup tool, `cp`) as `user` (uid, gid; None: as we are), without
-    privileges, and wait for it: `stdin` is copied to it, its output to `stdout`. `{secret}` in
-    `argv` becomes a path to `secret`'s text, in memory only (a memfd the program inherits).
+    """Run a helper program (a backup tool, `cp`) in `cgroups` (the files Cgroups.join gives), as
+    `user` (uid, gid; None: as we are), without privileges, and wait for it: `stdin` is copied to
+    it, its output to `stdout`. `{secret}` in `argv` becomes a path to `secret`'s text, in memory
+    only (a memfd the program inherits).
+
+    The helper runs as the server does, inside its limits: its uid may ptrace it and make it run
+    anything. No Python runs between fork and exec (the worker has threads: a lock held by one of
+    them at fork would never be released in the child); `sh` joins the cgroups and `setpriv` drops
+    the rest. It is killed, with its process group, after `timeout` s, or when this thread ends.
 
     Raises BackendError with the end of its error output if it fails or takes over `timeout` s.
     """
+    deadline = time.monotonic() + timeout
     extra_fds: tuple[int, ...] = ()
     if secret is not None:
         memory = os.memfd_create("stockroom-secret", os.MFD_CLOEXEC)  # pass_fds hands it to the child only
@@ -228,63 +244,104 @@ def run_beside(
         extra_fds = (memory,)
         argv = [arg.replace("{secret}", f"/proc/self/fd/{memory}") for arg in argv]
 
-    def drop_privileges() -> None:
-        if user is not None:
-            uid, gid = user
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-        if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0):
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-        os.umask(0o077)
+    become = ["setpriv", "--no-new-privs", "--pdeathsig=KILL"]
+    if user is not None:
+        uid, gid = user
+        become += [f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+    command = [*become, "--", *argv]
+    if cgroups:
+        command = ["sh", "-c", JOIN_CGROUPS, "sh", str(len(cgroups)), *map(str, cgroups), *command]
 
     name = Path(argv[0]).name
     try:
         with tempfile.TemporaryFile() as errors:
             process = subprocess.Popen(
-                list(argv),
+                command,
                 cwd=cwd,
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if stdout is not None else subprocess.DEVNULL,
                 stderr=errors,
-                env={"PATH": PATH, "LANG": "C.UTF-8"},
-                preexec_fn=drop_privileges,
+                env=ENVIRONMENT,
                 pass_fds=extra_fds,
+                process_group=0,
+                umask=0o077,
             )
-            feeder = None
-            if stdin is not None:
-                feeder = threading.Thread(target=_feed, args=(stdin, process.stdin), daemon=True)
-                feeder.start()
-            killer = threading.Timer(timeout, process.kill)
-            killer.start()
             try:
-                if stdout is not None:
-                    assert process.stdout is not None
-                    shutil.copyfileobj(process.stdout, stdout, 1024 * 1024)
-                status = process.wait()
+                # Finished: its output read to the end, and it exited, both by the deadline.
+                finished = False
+                if _pump(process, stdin, stdout, deadline):
+                    with suppress(subprocess.TimeoutExpired):
+                        process.wait(max(0.0, deadline - time.monotonic()))
+                    finished = process.poll() is not None
             finally:
-                killer.cancel()
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-                if feeder is not None:
-                    feeder.join()
+                # Its whole group: what it started too. Before the wait that reaps it, so that its
+                # process group id is still its own.
+                with suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                status = process.wait()
+                for pipe in (process.stdin, process.stdout):
+                    if pipe is not None:
+                        pipe.close()
+            if not finished:
+                raise BackendError(f"{name} failed: it took more than {timeout:.0f} s and was stopped.")
             if status:
                 errors.seek(max(0, os.fstat(errors.fileno()).st_size - 16384))
-                lines = errors.read().decode(errors="replace").strip().splitlines()
-                # The lines that say what went wrong, else the last ones.
-                tail = [line for line in lines if re.search(r"error|fail|denied|can't|cannot", line, re.I)][-2:]
-                why = " | ".join(tail or lines[-2:]) or (
-                    "it took too long" if status == -signal.SIGKILL else f"exit status {status}"
-                )
-                raise BackendError(f"{name} failed: {why}")
+                raise helper_failed(name, errors.read(), status)
     finally:
         for descriptor in extra_fds:
             os.close(descriptor)
 
 
-def _feed(source: IO[bytes], sink: IO[bytes] | None) -> None:
-    """Copy `source` into a child's standard input, then close it; a child that stops reading ends it."""
-    assert sink is not None
-    with suppress(BrokenPipeError), sink:
-        shutil.copyfileobj(source, sink, 1024 * 1024)
+def helper_failed(name: str, errors: bytes, status: int) -> BackendError:
+    """The error for a helper program that exited with `status`, from the end of its error output:
+    the lines that say what went wrong, else the last ones."""
+    lines = errors.decode(errors="replace").strip().splitlines()
+    tail = [line for line in lines if re.search(r"error|fail|denied|can't|cannot", line, re.I)][-2:]
+    why = " | ".join(tail or lines[-2:]) or (
+        "it took too long" if status == -signal.SIGKILL else f"exit status {status}"
+    )
+    return BackendError(f"{name} failed: {why}")
+
+
+def _pump(process: subprocess.Popen[bytes], source: IO[bytes] | None, sink: IO[bytes] | None, deadline: float) -> bool:
+    """Copy `source` into the child's standard input and its output into `sink`, in this thread,
+    until both are done; False if `deadline` (time.monotonic) came first. A child that stops
+    reading its input ends the copy into it; one that holds its pipes open and idle (or a process
+    its uid made inherit them) is left at the deadline, where a blocking read or write would wait
+    for ever."""
+    selector = selectors.DefaultSelector()
+    if process.stdin is not None and source is not None:
+        os.set_blocking(process.stdin.fileno(), False)
+        selector.register(process.stdin, selectors.EVENT_WRITE)
+    if process.stdout is not None and sink is not None:
+        selector.register(process.stdout, selectors.EVENT_READ)
+    pending = b""
+    with selector:
+        while selector.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            for key, _events in selector.select(left):
+                pipe = key.fileobj
+                assert isinstance(pipe, io.IOBase)
+                if key.events & selectors.EVENT_READ:
+                    assert sink is not None
+                    chunk = os.read(pipe.fileno(), CHUNK)
+                    if chunk:
+                        sink.write(chunk)
+                    else:
+                        selector.unregister(pipe)
+                    continue
+                assert source is not None
+                pending = pending or source.read(CHUNK)
+                try:
+                    if pending:
+                        pending = pending[os.write(pipe.fileno(), pending) :]
+                        continue
+                except BlockingIOError:
+                    continue
+                except BrokenPipeError:
+                    pass  # it stopped reading
+                selector.unregister(pipe)  # all of it written, or no more wanted
+                pipe.close()
+    return True

@@ -181,10 +181,12 @@ class Replay:
 
 def read_out(beside: "Beside", path: PurePath) -> Callable[[IO[bytes]], None]:
     """What copies the file at `path`, read beside the server (as its uid), to a given output: how
-    an engine hands a log file to `LogArchive.save`."""
+    an engine hands a file of the server's folder to `LogArchive.save` or a snapshot. The uid may
+    have put anything there: it is never read through a symlink (which could lead to a file the uid
+    may read but not copy, as its ACL file), nor waited on as a FIFO (it reads as empty)."""
 
     def copy(out: IO[bytes]) -> None:
-        beside.run(["cat", "--", str(path)], stdout=out)
+        beside.run(["dd", "iflag=nofollow,nonblock", "bs=1M", "status=none", f"if={path}"], stdout=out)
 
     return copy
 
@@ -352,6 +354,14 @@ class Engine:
     def container(self, instance: "Instance", layout: Layout) -> Container:
         """The files, command and environment of a new container for `instance`."""
         raise NotImplementedError("Engines must describe their container.")
+
+    def container_restored(self, instance: "Instance", layout: Layout) -> Container:
+        """The container's files (and first-start files) for its first start after `restore`, so its
+        accounts and passwords are the instance's own again, whatever the snapshot held. Once a login
+        works, the backend writes `container`'s files again and empties the first-start files. By
+        default `container`'s: a kind whose accounts live outside its data needs nothing more.
+        """
+        return self.container(instance, layout)
 
     # Administration and logins ---------------------------------------------------------
 

@@ -21,6 +21,7 @@ from .logs import archive as archive_logs
 from .ports import NoFreePort
 from .requests import WrongStatus, create_instance, delete_instance, request_action
 from .snapshots import SnapshotBusy, delete_snapshot, request_restore, request_snapshot
+from .snapshots import busy as snapshot_busy
 from .snapshots import restore as restore_instance
 from .snapshots import take as take_snapshot
 from .webhooks import TooManyWebhooks, create_webhook
@@ -56,5 +57,6 @@ __all__ = [
     "request_restore",
     "request_snapshot",
     "restore_instance",
+    "snapshot_busy",
     "usage",
 ]

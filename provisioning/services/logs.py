@@ -7,9 +7,7 @@ begins at its first base snapshot (taken right after the restore). Bases and log
 timelines are never combined.
 """
 
-import hashlib
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -17,39 +15,22 @@ from functools import partial
 from typing import IO
 
 from django.conf import settings
-from django.core.files import File
-from django.core.files.storage import Storage, storages
 from django.db.models import Min, OuterRef, QuerySet, Subquery
 from django.utils import timezone
 
 from ..backends.base import BackendError, BaseBackend, get_backend
 from ..engines import ArchivedLog, Replay, get_engine
 from ..models import Instance, LogFile, Snapshot, SnapshotStatus, Status
-from . import claims, jobs
+from . import claims, jobs, store
 from .claims import work_on
 
 logger = logging.getLogger(__name__)
 
-STORAGE = "snapshots"  # the alias in STORAGES, shared with the snapshots
-CHUNK = 1024 * 1024
 SOURCE_WAIT = 60  # seconds a clone waits for its source's claim to archive the source's log
 
 
 class OutsideWindow(ValueError):
     """The time asked for is outside the instance's recovery window (400)."""
-
-
-def storage() -> Storage:
-    return storages[STORAGE]
-
-
-def digest(file: IO[bytes]) -> tuple[str, int]:
-    """`sha256:<hex>` and the size of what is left to read in `file`."""
-    hasher, size = hashlib.sha256(), 0
-    while chunk := file.read(CHUNK):
-        hasher.update(chunk)
-        size += len(chunk)
-    return f"sha256:{hasher.hexdigest()}", size
 
 
 class Archive:
@@ -68,12 +49,7 @@ class Archive:
         # Every write in a file closed since the last pass is at or after that pass's cover.
         opened_at = Instance.objects.filter(pk=instance.pk).values_list("archived_until", flat=True).first()
         path = f"{instance.kind}/{instance.pk}/logs/{self.timeline}/{name}"
-        with tempfile.TemporaryFile(dir=settings.STOCKROOM_SNAPSHOT_DIR) as spool:
-            fill(spool)
-            spool.seek(0)
-            checksum, size = digest(spool)
-            spool.seek(0)
-            stored = storage().save(path, File(spool))
+        stored, checksum, size = store.keep(path, fill, most=store.limit(instance))
         LogFile.objects.create(
             owner=instance.owner,
             kind=instance.kind,
@@ -245,16 +221,7 @@ def _archive_source(source: Instance, timeline: int, until: datetime) -> datetim
 
 
 def _verified(log: LogFile) -> IO[bytes]:
-    try:
-        file = storage().open(log.file, "rb")
-    except FileNotFoundError:
-        raise BackendError(f"The archived log file {log.name} is missing.") from None
-    checksum, _ = digest(file)
-    if checksum != log.checksum:
-        file.close()
-        raise BackendError(f"The archived log file {log.name} is damaged (its checksum does not match).")
-    file.seek(0)
-    return file
+    return store.open_checked(log.file, log.checksum, f"the archived log file {log.name}")
 
 
 # The reconciler's side ----------------------------------------------------------------
@@ -299,7 +266,7 @@ def prune(*, now: datetime) -> int:
                 continue
             old = logs.filter(closed_at__lt=now - timedelta(days=1))
         for log in old:
-            storage().delete(log.file)
+            store.storage().delete(log.file)
             log.delete()
             removed += 1
     return removed

@@ -8,25 +8,22 @@ instance to `restoring` and back to `running`.
 """
 
 import logging
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import IO
+from typing import IO, Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.core.files import File
-from django.core.files.storage import Storage, storages
 from django.db import transaction
-from django.db.models import Count, Max, Q, Sum
+from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 from ..backends.base import BackendError, BaseBackend
 from ..engines import get_engine
-from ..models import Instance, LogFile, Snapshot, SnapshotStatus, SnapshotTrigger, Status
+from ..models import Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status
 from ..options import backup_options, describe_size
-from . import capacity, healing, jobs, logs
+from . import capacity, healing, jobs, logs, store
 from .capacity import QuotaExceeded
 from .claims import work_on
 from .outcomes import describe
@@ -35,7 +32,6 @@ from .state import Side, record_event, transition
 
 logger = logging.getLogger(__name__)
 
-STORAGE = "snapshots"  # the alias in STORAGES
 INTERVAL, RETENTION = backup_options()
 BACKUP_COMPLETED = "instance.backup_completed"  # webhook types of a snapshot's outcome
 BACKUP_FAILED = "instance.backup_failed"
@@ -43,10 +39,6 @@ BACKUP_FAILED = "instance.backup_failed"
 
 class SnapshotBusy(Exception):
     """The snapshot cannot be used or removed now (409): it is being made, or being restored."""
-
-
-def storage() -> Storage:
-    return storages[STORAGE]
 
 
 # The request side ---------------------------------------------------------------------
@@ -63,33 +55,31 @@ def request_snapshot(*, instance: Instance, by: object, trigger: str = SnapshotT
     with transaction.atomic():
         capacity.hold(instance.owner)
         check_quota(instance.owner)
-        snapshot = Snapshot.objects.create(
-            owner=instance.owner,
-            kind=instance.kind,
-            instance=instance,
-            instance_name=instance.name,
-            options=instance.options,
-            trigger=trigger,
-            status_message=f"Requested by {by}; waiting for a worker.",
-        )
+        snapshot = _new(instance, trigger, status_message=f"Requested by {by}; waiting for a worker.")
         transaction.on_commit(lambda: _send_take(snapshot))
     return snapshot
 
 
-def check_quota(owner: User) -> None:
-    used = (
-        (
-            Snapshot.objects.filter(owner=owner)
-            .exclude(status=SnapshotStatus.FAILED)
-            .aggregate(total=Sum("size_bytes"))["total"]
-        )
-        or 0
+def _new(instance: Instance, trigger: str, **fields: Any) -> Snapshot:
+    """A snapshot row of `instance`, which keeps the instance's name and options for a clone."""
+    return Snapshot.objects.create(
+        owner=instance.owner,
+        kind=instance.kind,
+        instance=instance,
+        instance_name=instance.name,
+        options=instance.options,
+        trigger=trigger,
+        **fields,
     )
-    used += LogFile.objects.filter(owner=owner).aggregate(total=Sum("size_bytes"))["total"] or 0
-    quota = settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES
-    if (used or 0) >= quota:
+
+
+def check_quota(owner: User) -> None:
+    """Raise QuotaExceeded if the owner's snapshots (those being made counted at their most) leave
+    no room for another."""
+    if store.room(owner) <= 0:
+        quota = settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES
         raise QuotaExceeded(
-            f"Your snapshots take {describe_size(used or 0)} of your {describe_size(quota)} snapshot quota; "
+            f"Your snapshots, with those being made, take all of your {describe_size(quota)} snapshot quota; "
             "delete some before taking another."
         )
 
@@ -137,14 +127,21 @@ def request_restore(
     return instance
 
 
+def busy(snapshot: Snapshot) -> str:
+    """Why the snapshot cannot be deleted now (it is being made, or restored), or ""."""
+    if snapshot.status == SnapshotStatus.CREATING:
+        return f"Snapshot {snapshot.pk} is still being made; delete it once it is ready or failed."
+    if Instance.objects.filter(restore_from=snapshot, status__in=(Status.PROVISIONING, Status.RESTORING)).exists():
+        return f"Snapshot {snapshot.pk} is being restored; delete it once that is done."
+    return ""
+
+
 def delete_snapshot(*, snapshot: Snapshot) -> None:
     """Remove the snapshot's file and row. Raises SnapshotBusy while it is being made or restored."""
-    if snapshot.status == SnapshotStatus.CREATING:
-        raise SnapshotBusy(f"Snapshot {snapshot.pk} is still being made; delete it once it is ready or failed.")
-    if Instance.objects.filter(restore_from=snapshot).exists():
-        raise SnapshotBusy(f"Snapshot {snapshot.pk} is being restored; delete it once that is done.")
+    if why := busy(snapshot):
+        raise SnapshotBusy(why)
     if snapshot.file:
-        storage().delete(snapshot.file)
+        store.storage().delete(snapshot.file)
     snapshot.delete()
 
 
@@ -163,15 +160,15 @@ def take(snapshot_id: int) -> None:
 
 
 def _take(instance: Instance, backend: BaseBackend, snapshot: Snapshot) -> None:
-    name = f"{instance.kind}/{instance.pk}/{snapshot.pk}.{get_engine(instance.kind).snapshot_suffix}"
+    path = f"{instance.kind}/{instance.pk}/{snapshot.pk}.{get_engine(instance.kind).snapshot_suffix}"
+    log_start = ""
+
+    def fill(out: IO[bytes]) -> None:
+        nonlocal log_start
+        log_start = backend.snapshot(instance, out, logs.Archive(instance))
+
     try:
-        # An unnamed file while it is written: a worker killed here leaves nothing behind.
-        with tempfile.TemporaryFile(dir=settings.STOCKROOM_SNAPSHOT_DIR) as partial:
-            log_start = backend.snapshot(instance, partial, logs.Archive(instance))
-            partial.seek(0)
-            checksum, size = _digest(partial)
-            partial.seek(0)
-            name = storage().save(name, File(partial))
+        name, checksum, size = store.keep(path, fill, most=store.limit(instance, besides=snapshot))
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
         if _finish(snapshot, SnapshotStatus.FAILED, describe("The snapshot failed", instance, exc)):
             _announce(instance, snapshot)
@@ -187,7 +184,7 @@ def _take(instance: Instance, backend: BaseBackend, snapshot: Snapshot) -> None:
         timeline=instance.timeline,
         log_start=log_start,
     ):
-        storage().delete(name)  # it was given up meanwhile
+        store.storage().delete(name)  # it was given up meanwhile
         return
     _announce(instance, snapshot)
     logger.info("Snapshot %s of instance %s: %s bytes", snapshot.pk, instance.pk, size)
@@ -215,13 +212,9 @@ def before_delete(instance: Instance, backend: BaseBackend) -> str:
         return ""
     if backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT) is not None:
         return "It was not running, so no snapshot of its data was kept."
-    snapshot = Snapshot.objects.create(
-        owner=instance.owner,
-        kind=instance.kind,
-        instance=instance,
-        instance_name=instance.name,
-        options=instance.options,
-        trigger=SnapshotTrigger.BEFORE_DELETE,
+    snapshot = _new(
+        instance,
+        SnapshotTrigger.BEFORE_DELETE,
         status_message="Taken before the delete.",
         expires_at=_expiry(SnapshotTrigger.BEFORE_DELETE),  # one a dead worker left goes too
     )
@@ -254,25 +247,12 @@ def _finish(snapshot: Snapshot, status: SnapshotStatus, message: str, **fields: 
     return done
 
 
-_digest = logs.digest
-
-
 @contextmanager
 def verified(snapshot: Snapshot) -> Iterator[IO[bytes]]:
     """The snapshot's file, open from its start, once its checksum matches; BackendError if not."""
     if snapshot.status != SnapshotStatus.READY:
         raise BackendError(f"Snapshot {snapshot.pk} is {snapshot.status}, not ready.")
-    try:
-        file = storage().open(snapshot.file, "rb")
-    except FileNotFoundError:
-        raise BackendError(f"The file of snapshot {snapshot.pk} is missing.") from None
-    with file:
-        checksum, _ = _digest(file)
-        if checksum != snapshot.checksum:
-            raise BackendError(
-                f"Snapshot {snapshot.pk} is damaged (its checksum does not match); nothing was restored."
-            )
-        file.seek(0)
+    with store.open_checked(snapshot.file, snapshot.checksum, f"snapshot {snapshot.pk}") as file:
         yield file
 
 
@@ -315,14 +295,8 @@ def _new_timeline_base(instance: Instance, backend: BaseBackend) -> str:
     instance; a sentence for the restore's message if it could not be taken."""
     if not get_engine(instance.kind).point_in_time:
         return ""
-    snapshot = Snapshot.objects.create(
-        owner=instance.owner,
-        kind=instance.kind,
-        instance=instance,
-        instance_name=instance.name,
-        options=instance.options,
-        trigger=SnapshotTrigger.AFTER_RESTORE,
-        status_message="The base of the timeline the restore began.",
+    snapshot = _new(
+        instance, SnapshotTrigger.AFTER_RESTORE, status_message="The base of the timeline the restore began."
     )
     _take(instance, backend, snapshot)
     if snapshot.status != SnapshotStatus.READY:
@@ -351,13 +325,9 @@ def schedule_backups(*, now: datetime) -> int:
         try:
             request_snapshot(instance=instance, by="the backup schedule", trigger=SnapshotTrigger.SCHEDULED)
         except QuotaExceeded as exc:
-            snapshot = Snapshot.objects.create(
-                owner=instance.owner,
-                kind=instance.kind,
-                instance=instance,
-                instance_name=instance.name,
-                options=instance.options,
-                trigger=SnapshotTrigger.SCHEDULED,
+            snapshot = _new(
+                instance,
+                SnapshotTrigger.SCHEDULED,
                 status=SnapshotStatus.FAILED,
                 status_message=str(exc),
                 finished_at=now,

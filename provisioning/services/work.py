@@ -96,7 +96,7 @@ def _fail(instance: Instance, backend: BaseBackend, what: str, exc: Exception) -
         message,
         side=Side.WORKER,
         allowed_from=(Status.PROVISIONING, Status.DELETING),
-        also={"holds_data": not removed},
+        also={"holds_data": not removed, "restore_from": None},  # a failed clone holds its snapshot no more
     )
     logger.warning("Instance %s failed: %s", instance.pk, message)
 
@@ -236,4 +236,6 @@ def _give_up_recovering(instance: Instance, backend: BaseBackend, what: str) -> 
     else:
         doing = "restore" if busy == Status.RESTORING else ACTION_OF[busy].replace("-", " ")
         message = f"{what}; the {doing} was given up."
-        transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(busy,))
+        transition(
+            instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(busy,), also={"restore_from": None}
+        )

@@ -407,9 +407,12 @@ def test_without_loop_mounts_the_reconciler_makes_an_instance_over_its_disk_limi
     server = server_dir(kind, pk)
     assert str(server) not in mounts()
     write(config, 1)
-    set_disk_limit(settings, pk, bytes_under(server) + 4 * MiB)
+    limit = bytes_under(server) + 4 * MiB
+    set_disk_limit(settings, pk, limit)
 
     write(config, 8)  # past the limit: nothing stops it yet
+    # On a busy disk Redis holds its AOF writes back for up to 2 s (while an fsync is slow).
+    wait_until(lambda: bytes_under(server) > limit, 10, "the writes to reach the disk")
     Reconciler().run_once()
     body = status(api, kind, pk)
     assert body["status"] == "running"

@@ -4,12 +4,17 @@ Containers use host networking, so servers listen on 127.0.0.1 and all traffic s
 The image is built locally from Debian packages and follows the official images' contract.
 """
 
+import hashlib
+import io
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
+import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -28,6 +33,7 @@ from provisioning.models import Instance
 from .conftest import connects_as, port_refuses, wait_for_status
 from .test_confinement_local import DISKS, WRITES, mounts, set_disk_limit, with_disk
 from .test_lifecycle import act, mysql, running
+from .test_snapshots import config_of, create, execute, redis_client, restore, rows, snapshot_of, stored
 
 IMAGE = os.environ.get("STOCKROOM_TEST_DOCKER_IMAGE", "")
 DOCKER_URL = os.environ.get("STOCKROOM_TEST_DOCKER_URL", "")
@@ -569,3 +575,193 @@ def test_a_container_started_before_its_disk_is_mounted_stays_down_until_the_por
     assert redis.Redis.from_url(config["uri"], retry=NO_RETRY).get("kept") == b"yes"
     api.delete(f"/api/storage/redis/instances/{pk}")
     wait_for_status(api, "redis", pk, "gone", timeout=60)
+
+
+# Snapshots, restores and clones of containers ----------------------------------------------------
+
+
+def write_seed(kind: str, config: dict) -> None:
+    if kind == "mysql":
+        execute(
+            config,
+            "CREATE TABLE t (id INT PRIMARY KEY, note TEXT) ENGINE=InnoDB",
+            "INSERT INTO t VALUES (1, 'one'), (2, 'two')",
+            "CREATE TABLE a (id INT PRIMARY KEY) ENGINE=Aria",
+            "INSERT INTO a VALUES (10)",
+        )
+    else:
+        client = redis_client(config)
+        client.set("a", "1")
+        client.hset("h", mapping={"x": "y"})
+        client.rpush("l", "1", "2", "3")
+
+
+def write_more(kind: str, config: dict) -> None:
+    if kind == "mysql":
+        execute(
+            config, "INSERT INTO t VALUES (3, 'three')", "UPDATE t SET note = 'changed' WHERE id = 1", "DROP TABLE a"
+        )
+    else:
+        client = redis_client(config)
+        client.set("b", "2")
+        client.delete("a")
+        client.rpush("l", "4")
+
+
+def holds_the_seed(kind: str, config: dict) -> bool:
+    if kind == "mysql":
+        return rows(config) == [[1, "one"], [2, "two"]] and rows(config, "a") == [[10]]
+    client = redis_client(config)
+    return sorted(client.keys()) == ["a", "h", "l"] and client.lrange("l", 0, -1) == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("kind", ["mysql", "redis"])
+def test_a_container_restores_exactly_its_snapshot_and_a_clone_of_it_is_independent(api, docker_settings, kind):
+    backend = docker_settings()
+    source = create(api, kind)
+    pk, config = source["id"], config_of(api, kind, source["id"])
+    instance = Instance.objects.get(pk=pk)
+    write_seed(kind, config)
+    snapshot = snapshot_of(api, kind, pk)
+    content = stored(snapshot).read_bytes()
+    assert snapshot["checksum"] == "sha256:" + hashlib.sha256(content).hexdigest()
+    for secret in (config["password"], instance.admin_password):
+        assert secret.encode() not in content
+    # Taken in the container, by the image's own programs: no other container, and (MySQL) the backup
+    # account's option file is gone from the container's memory.
+    container = container_of(backend, pk)
+    assert [c.name for c in backend.client.containers.list(all=True)] == [container.name]
+    assert container.exec_run(["ls", "-A", "/dev/shm"], user="0") == (0, b"")
+
+    write_more(kind, config)
+    restored = restore(api, kind, pk, snapshot["id"])
+    assert restored["status"] == "running", restored["status_message"]
+    assert config_of(api, kind, pk)["password"] == config["password"]
+    assert holds_the_seed(kind, config)
+    # The helper container is gone, and `disk/` is root's alone again.
+    assert [c.name for c in backend.client.containers.list(all=True)] == [f"stockroom-{kind}-{pk}"]
+    disk = backend.directory(instance) / "disk"
+    assert (disk.stat().st_uid, disk.stat().st_gid, stat.S_IMODE(disk.stat().st_mode)) == (0, 0, 0o700)
+    if kind == "mysql":
+        # Only the portal's root and the user's account, and the first-start files are empty again.
+        socket_path = str(backend.socket(instance))
+        with pymysql.connect(unix_socket=socket_path, user="root", password=instance.admin_password) as db:
+            with db.cursor() as cursor:
+                cursor.execute("SELECT User, Host FROM mysql.global_priv ORDER BY User")
+                assert cursor.fetchall() == (("app", "%"), ("mariadb.sys", "localhost"), ("root", "localhost"))
+        init = backend.directory(instance) / "init"
+        assert {path.name: path.read_text() for path in init.iterdir()} == {"init.sql": "", "root-password-hash": ""}
+        assert "init-file" not in (backend.directory(instance) / "my.cnf").read_text()
+
+    clone = create(api, kind, name="clone", from_snapshot=snapshot["id"])
+    clone_config = config_of(api, kind, clone["id"])
+    assert clone_config["password"] != config["password"]
+    assert holds_the_seed(kind, clone_config)
+    if kind == "mysql":
+        execute(clone_config, "INSERT INTO t VALUES (9, 'clone only')")
+        assert rows(config) == [[1, "one"], [2, "two"]]
+        with pytest.raises(pymysql.err.OperationalError):
+            mysql({**clone_config, "password": config["password"]})
+    else:
+        redis_client(clone_config).set("clone-only", "1")
+        assert redis_client(config).get("clone-only") is None
+        with pytest.raises(redis.AuthenticationError):
+            redis_client({**clone_config, "password": config["password"]}).ping()
+    # After a restart the clone still has its own data and accounts.
+    assert act(api, kind, clone["id"], "restart", "running", "unhealthy")["status"] == "running"
+    if kind == "mysql":
+        assert rows(clone_config) == [[1, "one"], [2, "two"], [9, "clone only"]]
+    else:
+        assert redis_client(clone_config).get("clone-only") == "1"
+    for each in (pk, clone["id"]):
+        api.delete(f"/api/storage/{kind}/instances/{each}")
+        wait_for_status(api, kind, each, "gone", timeout=60)
+
+
+def test_a_container_snapshot_reads_no_file_of_the_hosts(api, docker_settings, settings):
+    """The container's uid plants symlinks in its data to a file of the host's that any user may
+    read. Its snapshot runs in its container, where that path leads to nothing: on the host, even
+    as the uid, it would have been copied into the snapshot, and the tenant would restore it."""
+    backend = docker_settings()
+    pk, config = running(api, "mysql")
+    instance = Instance.objects.get(pk=pk)
+    uid = backend.uid(instance)
+    execute(config, "CREATE TABLE t (id INT PRIMARY KEY) ENGINE=Aria", "INSERT INTO t VALUES (1)")
+    marker = f"host-only-{secrets.token_hex(8)}".encode()
+    host_file = Path("/var/tmp") / marker.decode()
+    host_file.write_bytes(marker)
+    host_file.chmod(0o644)
+    try:
+        # Readable by the uid on the host: the attack works against a helper run there.
+        read = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "cat", str(host_file)])
+        assert read.returncode == 0
+        data = backend.directory(instance) / "disk" / "data" / "app"
+        for name in ("stolen.frm", "stolen.MYD", "stolen.MAI"):
+            (data / name).symlink_to(host_file)
+            os.lchown(data / name, uid, uid)
+        response = api.post(f"/api/storage/mysql/instances/{pk}/snapshots")
+        snapshot = api.get(f"/api/storage/mysql/snapshots/{response.json()['id']}").json()
+        # In the container the links lead nowhere: the snapshot is taken, without the host's file.
+        assert snapshot["status"] == "ready", snapshot["status_message"]
+        assert marker not in stored(snapshot).read_bytes()
+        assert all(
+            marker not in path.read_bytes() for path in settings.STOCKROOM_SNAPSHOT_DIR.rglob("*") if path.is_file()
+        )
+        assert api.get(f"/api/storage/mysql/instances/{pk}").json()["status"] == "running"
+    finally:
+        host_file.unlink()
+    # Nor does the portal follow a symlink in place of the data folder when it starts the container
+    # again: Docker would mount whatever it points to.
+    assert act(api, "mysql", pk, "stop", "stopped", "unhealthy")["status"] == "stopped"
+    disk = backend.directory(instance) / "disk"
+    (disk / "data").rename(disk / "kept")
+    (disk / "data").symlink_to("/etc")
+    with pytest.raises(BackendError, match="is not the server's folder"):
+        backend.start(instance)
+    assert container_of(backend, pk).status == "exited"
+    (disk / "data").unlink()
+    (disk / "kept").rename(disk / "data")
+    api.delete(f"/api/storage/mysql/instances/{pk}")
+    wait_for_status(api, "mysql", pk, "gone", timeout=60)
+
+
+def test_a_restore_helper_is_confined_and_a_restore_cut_short_is_undone_by_the_next(api, docker_settings):
+    """A restore's helper container runs with no more than the instance's server may have. Then the
+    worker died in the middle of a restore: its helper container still runs, `disk/` is still
+    open to the uid's group, and the old data was just moved aside. The next restore clears all of
+    that first, so even when it fails too, the server starts with its whole old data."""
+    backend = docker_settings()
+    pk, config = running(api, "mysql")
+    execute(config, "CREATE TABLE t (id INT PRIMARY KEY, note TEXT)", "INSERT INTO t VALUES (1, 'kept')")
+    row = Instance.objects.get(pk=pk)
+    backend.stop(row)
+    disk = backend.directory(row) / "disk"
+    # A restore's helper: the instance's uid, image and limits, no privilege, no network, its disk only.
+    with backend._helper(row) as helper:
+        host_config, uid = helper.attrs["HostConfig"], backend.uid(row)
+        assert helper.attrs["Config"]["User"] == f"{uid}:{uid}"
+        assert host_config["CapDrop"] == ["ALL"] and not host_config["CapAdd"]
+        assert host_config["SecurityOpt"] == ["no-new-privileges"] and host_config["ReadonlyRootfs"] is True
+        assert host_config["NetworkMode"] == "none" and host_config["PidsLimit"] == get_engine("mysql").pids_limit
+        assert host_config["Memory"] == get_engine("mysql").memory_limit(row.options)
+        assert [mount["Source"] for mount in helper.attrs["Mounts"] if mount["Type"] == "bind"] == [str(disk)]
+        assert (disk.stat().st_gid, stat.S_IMODE(disk.stat().st_mode)) == (uid, 0o770)  # only meanwhile
+    assert (disk.stat().st_uid, disk.stat().st_gid, stat.S_IMODE(disk.stat().st_mode)) == (0, 0, 0o700)
+    # What the killed restore left: its helper container, `disk/` open to the uid's group, the data aside.
+    backend.client.containers.run(
+        IMAGE, ["infinity"], entrypoint=["sleep"], name=f"stockroom-mysql-{pk}-helper", detach=True,
+        labels={**backend.labels(row), f"{LABEL}.helper": "true"}, network_mode="none",
+    )  # fmt: skip
+    os.chown(disk, 0, backend.uid(row))
+    disk.chmod(0o770)
+    (disk / "data").rename(disk / "data.old")
+
+    with pytest.raises(BackendError, match="mbstream failed"):
+        backend.restore(row, io.BytesIO(b"not a snapshot"))
+    assert (disk.stat().st_uid, disk.stat().st_gid, stat.S_IMODE(disk.stat().st_mode)) == (0, 0, 0o700)
+    assert [c.name for c in backend.client.containers.list(all=True)] == [f"stockroom-mysql-{pk}"]
+    backend.start(row)
+    assert rows(config) == [[1, "kept"]]
+    assert sorted(path.name for path in disk.iterdir()) == ["data", "tmp"]
+    api.delete(f"/api/storage/mysql/instances/{pk}")
+    wait_for_status(api, "mysql", pk, "gone", timeout=60)

@@ -3,11 +3,15 @@
 Tasks run inline here (pytest.ini), so a snapshot or restore is done when its request returns.
 """
 
+import dataclasses
 import hashlib
 import io
 import os
 import stat
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pymysql
@@ -17,6 +21,9 @@ from django.conf import settings
 
 from provisioning.backends.base import BackendError, get_backend
 from provisioning.backends.local import processes_under
+from provisioning.engines import get_engine
+from provisioning.engines.base import read_out
+from provisioning.engines.redis import _manifest as redis_manifest
 from provisioning.models import Instance, Snapshot
 
 from .conftest import Worker, instance_dir, server_dir, wait_for_status, wait_until
@@ -501,3 +508,189 @@ def test_a_restore_cut_short_between_its_two_renames_is_undone_by_the_next(api):
     backend.start(row)
     assert rows(config) == [[1, "kept"]]
     assert sorted(path.name for path in server.iterdir() if path.name.startswith("data")) == ["data"]
+
+
+def test_a_snapshot_larger_than_the_instances_disk_is_cut_off(api):
+    """The tenant makes a table file sparse and far larger than its disk (as its uid may): the copy
+    stops at the disk's size, fails and says why, and nothing of it stays."""
+    instance = create(api, "mysql", disk="256mb")
+    pk, config = instance["id"], config_of(api, "mysql", instance["id"])
+    execute(config, "CREATE TABLE big (id INT) ENGINE=MyISAM", "INSERT INTO big VALUES (1)")
+    os.truncate(server_dir("mysql", pk) / "data" / "app" / "big.MYD", 512 * 1024 * 1024)
+    before = {path for path in settings.STOCKROOM_SNAPSHOT_DIR.rglob("*") if path.is_file()}
+    response = api.post(f"/api/storage/mysql/instances/{pk}/snapshots")
+    snapshot = api.get(f"/api/storage/mysql/snapshots/{response.json()['id']}").json()
+    assert snapshot["status"] == "failed"
+    assert snapshot["status_message"] == (
+        "The snapshot failed: The copy passed the instance's disk size (256 MiB); it cannot be its data."
+    )
+    assert {path for path in settings.STOCKROOM_SNAPSHOT_DIR.rglob("*") if path.is_file()} == before
+    assert api.get(f"/api/storage/mysql/instances/{pk}").json()["status"] == "running"
+    assert not [
+        pid
+        for pid in processes_under(instance_dir("mysql", pk))
+        if "mariabackup" in Path(f"/proc/{pid}/cmdline").read_text()
+    ]
+
+
+def test_a_restore_follows_no_symlink_the_tenant_put_in_place_of_a_server_folder(api, tmp_path):
+    """Root re-owning the server's folders after a restore would follow a symlink the instance's
+    uid put there, and take a folder of the host's from everyone."""
+    instance = create(api, "mysql")
+    pk = instance["id"]
+    snapshot = snapshot_of(api, "mysql", pk)
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o755)
+    victim.chmod(0o755)
+    server = server_dir("mysql", pk)
+    owner = server.joinpath("tmp").stat()
+    server.joinpath("tmp").rename(server / "tmp.aside")
+    server.joinpath("tmp").symlink_to(victim)
+    os.lchown(server / "tmp", owner.st_uid, owner.st_gid)
+    restore(api, "mysql", pk, snapshot["id"])
+    assert (stat.S_IMODE(victim.stat().st_mode), victim.stat().st_uid) == (0o755, 0)
+
+
+def root_of(pk: int) -> pymysql.Connection:
+    """The portal's root, over the instance's Unix socket."""
+    password = Instance.objects.get(pk=pk).admin_password
+    return pymysql.connect(unix_socket=str(server_dir("mysql", pk) / "server.sock"), user="root", password=password)
+
+
+def mariadb_sys(pk: int) -> tuple:
+    with root_of(pk) as db, db.cursor() as cursor:
+        cursor.execute("SHOW GRANTS FOR 'mariadb.sys'@'localhost'")
+        grants = cursor.fetchall()
+        cursor.execute("SELECT Priv FROM mysql.global_priv WHERE User = 'mariadb.sys'")
+        return grants, cursor.fetchall()
+
+
+def test_a_restored_server_puts_mariadb_sys_back_locked_and_without_rights(api):
+    """Someone with grant rights unlocks mariadb.sys, gives it a password and every right, and
+    snapshots the server: the server restored from that snapshot has it as mariadb-install-db
+    made it, and refuses the login."""
+    pk = create(api, "mysql")["id"]
+    pristine = mariadb_sys(pk)
+    assert '"account_locked":true' in pristine[1][0][0]
+    with root_of(pk) as db, db.cursor() as cursor:
+        cursor.execute("ALTER USER 'mariadb.sys'@'localhost' IDENTIFIED BY 'taken-over' ACCOUNT UNLOCK")
+        cursor.execute("GRANT ALL PRIVILEGES ON *.* TO 'mariadb.sys'@'localhost' WITH GRANT OPTION")
+    socket = str(server_dir("mysql", pk) / "server.sock")
+    pymysql.connect(unix_socket=socket, user="mariadb.sys", password="taken-over").close()  # the attack works here
+    snapshot = snapshot_of(api, "mysql", pk)
+
+    assert restore(api, "mysql", pk, snapshot["id"])["status"] == "running"
+    with pytest.raises(pymysql.err.OperationalError):
+        pymysql.connect(unix_socket=socket, user="mariadb.sys", password="taken-over")
+    assert mariadb_sys(pk) == pristine
+
+
+def as_tenant(path: Path, owner: os.stat_result) -> None:
+    os.lchown(path, owner.st_uid, owner.st_gid)
+
+
+def test_a_redis_snapshot_reads_its_files_through_no_symlink_or_fifo_the_tenant_plants(api):
+    """A Redis snapshot and its archived log are files of the server's folder, which the
+    instance's uid controls. It plants, where the portal reads them, a FIFO (a reader would wait
+    for ever, holding a worker) and a symlink to the ACL file (readable by the instance's group: the
+    hashes would be copied); and a manifest naming a base outside the folder. None is read."""
+    instance = create(api, "redis")
+    pk, config = instance["id"], config_of(api, "redis", instance["id"])
+    redis_client(config).set("key", "value")
+    data = server_dir("redis", pk) / "data"
+    owner = data.stat()
+    acl = instance_dir("redis", pk) / "users.acl"
+    row = Instance.objects.get(pk=pk)
+    backend = get_backend(row.backend)
+
+    os.mkfifo(data / "planted")
+    as_tenant(data / "planted", owner)
+    (data / "linked").symlink_to(acl)
+    as_tenant(data / "linked", owner)
+    with backend._beside(row) as beside:
+        out = io.BytesIO()
+        started = time.monotonic()
+        read_out(beside, data / "planted")(out)
+        assert out.getvalue() == b"" and time.monotonic() - started < 5
+        with pytest.raises(BackendError, match="dd failed: .*[Tt]oo many levels of symbolic links"):
+            read_out(beside, data / "linked")(out)
+        assert out.getvalue() == b""
+    # The manifest is the tenant's too: a base named outside the folder is refused, not followed.
+    engine = get_engine("redis")
+    with pytest.raises(BackendError, match="names no base file"):
+        engine._base(redis_manifest("file ../../users.acl seq 1 type b\nfile appendonly.aof.1.incr.aof seq 1 type i\n"))
+
+    snapshot = snapshot_of(api, "redis", pk)  # and the real one, read the same way, has the keys
+    content = stored(snapshot).read_bytes()
+    assert content.startswith(b"REDIS") and b"value" in content
+    assert acl.read_bytes() not in content
+    for secret in (config["password"], row.admin_password):
+        assert hashlib.sha256(secret.encode()).hexdigest().encode() not in content
+    # The tenant cannot take the data over replication either.
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis_client(config).execute_command("SYNC")
+
+
+def test_helpers_count_toward_the_instance_limits_and_end_at_their_deadline(api):
+    """A helper runs as the instance's uid, which may ptrace it and make it run anything: what it
+    runs is inside the instance's cgroup (it cannot start more processes than the pids limit), and
+    it ends at the helper's deadline with whatever it started."""
+    pk = create(api, "redis", disk="64mb")["id"]
+    row = Instance.objects.get(pk=pk)
+    backend = get_backend(row.backend)
+    assert backend.no_cgroups is None
+    uid = backend.user(row).uid
+    with backend._beside(row) as beside:
+        # 60 s and the disk at 20 MiB/s, well within the task's time limit.
+        assert 62 < beside.deadline - time.monotonic() <= 63.2
+        out = io.BytesIO()
+        beside.run(["cat", "/proc/self/cgroup"], stdout=out)
+        groups = dict(line.split(":", 2)[1:] for line in out.getvalue().decode().splitlines())
+        for controller in ("memory", "pids"):  # v1 hierarchies, else the v2 one ("0::<path>")
+            path = next((p for names, p in groups.items() if controller in names.split(",")), groups[""])
+            assert path.endswith(f"/redis-{pk}"), (controller, path)
+
+        with pytest.raises(BackendError, match="sh failed: .*fork"):
+            beside.run(["sh", "-c", "for i in $(seq 100); do sleep 30 & done; wait"])
+        wait_until(lambda: not left(uid, "sleep"), 10, "the helper's processes to end")
+
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=r"sh failed: it took more than 1 s and was stopped"):
+            dataclasses.replace(beside, deadline=time.monotonic() + 1).run(["sh", "-c", "sleep 60 & sleep 60"])
+        assert time.monotonic() - started < 5
+    wait_until(lambda: not left(uid, "sleep"), 10, "the helpers' processes to end")
+
+    # A worker killed while its helper runs (Celery's hard time limit, or kill -9) takes it along.
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from provisioning.backends.processes import run_beside; "
+            "run_beside(['sleep', '300'], cwd=Path(sys.argv[1]), user=(int(sys.argv[2]), int(sys.argv[3])), "
+            "timeout=300)",
+            str(server_dir("redis", pk)),
+            str(uid),
+            str(backend.user(row).gid),
+        ],
+        cwd=settings.BASE_DIR,
+    )
+    wait_until(lambda: left(uid, "sleep"), 10, "the helper to start")
+    worker.kill()
+    worker.wait()
+    wait_until(lambda: not left(uid, "sleep"), 10, "the helper to end with its worker")
+    assert redis_client(config_of(api, "redis", pk)).ping()
+
+
+def left(uid: int, name: str) -> list[int]:
+    """The processes of `uid` named `name`, exited ones not yet reaped too (they count toward the
+    pids limit until they are)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        try:
+            status = (Path(entry.path) / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        if fields.get("Name") == name and fields.get("Uid", "").split()[:1] == [str(uid)]:
+            found.append(int(entry.name))
+    return found

@@ -1,5 +1,6 @@
 """MySQL, served by MariaDB: one `mariadbd` per instance, or a container in the official image's contract."""
 
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -86,15 +87,23 @@ trap - EXIT
 # mariadb-install-db also makes root@127.0.0.1, root@::1 and root@<host> without a password, and
 # the official image healthcheck@…; only the portal's root@localhost (Unix socket) may remain.
 # A server restored from a snapshot starts with the snapshot's accounts and their grants: those go
-# too (a grant left behind would make CREATE USER IF NOT EXISTS skip the user's account).
+# too (a grant left behind would make CREATE USER IF NOT EXISTS skip the user's account), and
+# mariadb.sys (the definer of mysql.user and of the sys schema) is put back exactly as
+# mariadb-install-db makes it: locked, no password, SELECT and DELETE on mysql.global_priv only. The
+# snapshot's copy of it could have been unlocked and given a password and every right.
 ONLY_PORTAL_ROOT = (
-    "DELETE FROM mysql.global_priv WHERE NOT (User = 'root' AND Host = 'localhost') AND User <> 'mariadb.sys';",
-    "DELETE FROM mysql.proxies_priv WHERE NOT (User = 'root' AND Host = 'localhost');",
+    "DELETE FROM mysql.global_priv WHERE NOT (User = 'root' AND Host = 'localhost');",
     *(
-        f"DELETE FROM mysql.{table} WHERE NOT (User = 'root' AND Host = 'localhost') AND User <> 'mariadb.sys';"
-        for table in ("db", "tables_priv", "columns_priv", "procs_priv")
+        f"DELETE FROM mysql.{table} WHERE NOT (User = 'root' AND Host = 'localhost');"
+        for table in ("proxies_priv", "db", "tables_priv", "columns_priv", "procs_priv")
     ),
     "DELETE FROM mysql.roles_mapping;",
+    # As in /usr/share/mysql/mysql_system_tables.sql (MariaDB 10.11).
+    "INSERT INTO mysql.global_priv (Host, User, Priv) VALUES ('localhost', 'mariadb.sys', "
+    '\'{"access":0,"plugin":"mysql_native_password","authentication_string":"","account_locked":true,'
+    '"password_last_changed":0}\');',
+    "INSERT INTO mysql.tables_priv (Host, Db, User, Table_name, Grantor, Table_priv) "
+    "VALUES ('localhost', 'mysql', 'mariadb.sys', 'global_priv', 'root@localhost', 'Select,Delete');",
     "FLUSH PRIVILEGES;",
 )
 
@@ -222,6 +231,19 @@ class MySQL(Engine):
                 "MARIADB_ROOT_HOST": "localhost",
                 "MARIADB_INITDB_SKIP_TZINFO": "1",  # as the local data-directory template
             },
+        )
+
+    def container_restored(self, instance: "Instance", layout: Layout) -> Container:
+        # The image makes accounts only when it finds no data: the server runs `init_sql` itself,
+        # named in its config for this start (the root password's hash included).
+        spec = self.container(instance, layout)
+        assert spec.init_dir is not None
+        path, config = spec.files[self.config_name]
+        config += f"\n[mysqld]\ninit-file = {spec.init_dir / INIT_FILE}\n"
+        return dataclasses.replace(
+            spec,
+            files={**spec.files, self.config_name: (path, config)},
+            init_files={**spec.init_files, INIT_FILE: self.init_sql(instance)},
         )
 
     def init_sql(self, instance: "Instance") -> str:

@@ -53,7 +53,7 @@ SERVER_OVERHEAD = 16 * MiB
 NO_RETRY = Retry(NoBackoff(), 0)
 ADMIN_TIMEOUT = 10  # seconds; an administrative command that takes longer has failed
 CONFIG_DIR = PurePosixPath("/usr/local/etc/redis")  # in the official image
-# Redis 7's defaults (redis.conf names none): where BGSAVE writes, and the append-only files a server
+# Redis 7's defaults (redis.conf names none): where a save writes, and the append-only files a server
 # with `appendonly yes` loads at start, ignoring any RDB beside them: a restored RDB goes in as the
 # base of a new append-only file.
 DUMP = "dump.rdb"
@@ -65,6 +65,7 @@ SNAPSHOT_TIMEOUT = 600  # seconds a BGSAVE or BGREWRITEAOF may take before the s
 # rewrite is done, the links keep them until they are archived.
 AOF_HELD = "aof-archive"
 INCR = re.compile(r"appendonly\.aof\.(\d+)\.incr\.aof")
+BASE = re.compile(r"appendonly\.aof\.\d+\.base\.rdb")  # only names Redis gives: never "../x"
 # Links every incremental file of folder $1 into folder $2.
 _HOLD = (
     'set -e; mkdir -p -m 0700 -- "$2"; for f in "$1"/*.incr.aof; do if [ -e "$f" ]; then ln -f -- "$f" "$2/"; fi; done'
@@ -274,11 +275,21 @@ class Redis(Engine):
         # The rewrite forks: the child writes the data as of the fork while the server serves on.
         # ACL users live in the ACL file, never in an RDB, so the copy holds no password or hash.
         manifest, timestamps = self._rotate(instance, beside, archive)
-        base = next(name for name, kind in manifest if kind == "b")
         # Nothing rewrites it again meanwhile: the portal alone does, and it holds the instance.
-        beside.run(["cat", "--", str(beside.layout.data / AOF_DIR / base)], stdout=out)
-        opened = [name for name, kind in manifest if kind == "i"]
+        head = _Head(out)
+        read_out(beside, beside.layout.data / AOF_DIR / self._base(manifest))(head)  # type: ignore[arg-type]
+        if not head.bytes.startswith(b"REDIS"):
+            raise BackendError("The server's append-only base is not an RDB file.")
+        opened = [name for name, kind in manifest if kind == "i" and INCR.fullmatch(name)]
         return opened[-1] if timestamps and opened else ""
+
+    @staticmethod
+    def _base(manifest: list[tuple[str, str]]) -> str:
+        """The base file the manifest names, if it is a name Redis gives (never a path elsewhere)."""
+        base = next((name for name, kind in manifest if kind == "b"), "")
+        if not BASE.fullmatch(base):
+            raise BackendError("The server's append-only manifest names no base file.")
+        return base
 
     def archive_logs(self, instance: "Instance", beside: Beside, archive: LogArchive) -> None:
         _, timestamps = self._rotate(instance, beside, archive)
@@ -359,9 +370,10 @@ class Redis(Engine):
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         client = self.client(endpoint, username=instance.username, password=instance.password, timeout=timeout)
         try:
-            # Not PING: a server whose disk is full refuses it (MISCONF), as it refuses writes, yet
-            # it answers and serves reads.
-            client.echo("stockroom")
+            # A read: a server whose disk is full refuses PING (MISCONF), as it refuses writes, yet
+            # it serves reads. Not ECHO: a server still loading its data answers that, and nothing
+            # else (LOADING), so it would count as running before it serves the data.
+            client.dbsize()
         finally:
             client.close()
 
@@ -402,6 +414,18 @@ class Redis(Engine):
             ("CLI", f"redis-cli -u {uri}"),
             ("Python", f'import redis\nr = redis.Redis.from_url("{uri}")'),
         ]
+
+
+class _Head:
+    """Writes through to `out`, keeping the first bytes written."""
+
+    def __init__(self, out: IO[bytes]):
+        self.out, self.bytes = out, b""
+
+    def write(self, data: bytes) -> int:
+        if len(self.bytes) < 16:
+            self.bytes += data[: 16 - len(self.bytes)]
+        return self.out.write(data)
 
 
 def _manifest(text: str) -> list[tuple[str, str]]:

@@ -3,10 +3,12 @@
 That a snapshot really holds the data is proven against real servers in test_snapshots.py.
 """
 
+import errno
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from django.core.files.storage import storages
+from django.core.files.storage import FileSystemStorage, storages
 from django.db.models import F
 
 from provisioning.backends.base import BackendError
@@ -116,6 +118,12 @@ def test_a_snapshot_whose_worker_died_is_marked_failed_and_the_instance_untouche
     assert Instance.objects.get(pk=instance["id"]).status == "running"
 
 
+def own_snapshot_folder(settings, folder: Path) -> None:
+    """Snapshots of this test only, in `folder`, to see what is left there."""
+    snapshots = {**settings.STORAGES["snapshots"], "OPTIONS": {"location": folder}}
+    settings.STORAGES = settings.STORAGES | {"snapshots": snapshots}
+
+
 def snapshot_now(api, committed, instance: dict) -> dict:
     with committed():
         response = api.post(f"/api/storage/{instance['kind']}/instances/{instance['id']}/snapshots")
@@ -195,3 +203,72 @@ def test_a_before_delete_snapshot_that_fails_leaves_no_row_and_the_delete_goes_o
     gone = Instance.objects.get(pk=instance["id"])
     assert "No snapshot of its data could be kept (The snapshot failed: The disk is full.)." in gone.status_message
     assert not Snapshot.objects.filter(instance=gone).exists()
+
+
+def test_snapshots_being_made_count_toward_the_quota_at_their_instances_disk_size(create, api, committed, settings):
+    instance = create("redis")
+    url = f"/api/storage/redis/instances/{instance['id']}/snapshots"
+    settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES = Instance.objects.get(pk=instance["id"]).disk_limit
+    # Asked twice before a worker takes either: the first may take the whole quota, so the second
+    # is refused instead of both passing it together.
+    assert api.post(url).status_code == 202
+    response = api.post(url)
+    assert response.status_code == 403 and "with those being made" in response.json()["detail"]
+
+
+def test_a_copy_that_passes_what_is_left_of_the_quota_is_cut_off_and_leaves_no_file(
+    create, api, committed, fake, settings, tmp_path
+):
+    own_snapshot_folder(settings, tmp_path)
+    instance = create("redis")
+    fake.server(instance["id"]).data["k"] = "x" * 5000
+    settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES = 1000
+    snapshot = snapshot_now(api, committed, instance)
+    assert snapshot["status"] == "failed"
+    assert snapshot["status_message"] == (
+        "The snapshot failed: The copy passed what is left of your snapshot quota (1000 bytes)."
+    )
+    assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
+    assert api.get(f"/api/storage/redis/instances/{instance['id']}").json()["status"] == "running"
+
+
+def test_a_before_delete_snapshot_is_bound_by_the_quota_too(create, act, settings):
+    instance = create("redis")
+    settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES = 0
+    assert act(instance, "delete") == {"status": "gone"}
+    gone = Instance.objects.get(pk=instance["id"])
+    assert "No snapshot of its data could be kept" in gone.status_message and "snapshot quota" in gone.status_message
+    assert not Snapshot.objects.filter(instance=gone).exists()
+
+
+def test_a_failed_clone_holds_its_snapshot_no_more(create, api, committed, fake):
+    instance = create("redis")
+    snapshot = snapshot_now(api, committed, instance)
+    fake.fail_next("restore", BackendError("mbstream failed: no space left on device"))
+    with committed():
+        clone = api.post("/api/storage/redis/instances", {"from_snapshot": snapshot["id"]}, format="json").json()
+    assert api.get(f"/api/storage/redis/instances/{clone['id']}").json()["status"] == "failed"
+    assert api.delete(f"/api/storage/redis/snapshots/{snapshot['id']}").status_code == 204
+
+
+def test_an_instance_filter_beyond_any_id_finds_nothing(api):
+    response = api.get("/api/storage/redis/snapshots", {"instance": "9" * 30})
+    assert response.status_code == 200 and response.json()["results"] == []
+
+
+def test_a_save_cut_short_by_a_full_disk_leaves_no_part_of_the_file(
+    create, api, committed, settings, tmp_path, monkeypatch
+):
+    own_snapshot_folder(settings, tmp_path)
+    instance = create("redis")
+
+    def full_disk(storage, name, content):  # writes a part, as FileSystemStorage does before ENOSPC
+        path = Path(storage.path(name))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.read(10))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FileSystemStorage, "_save", full_disk)
+    snapshot = snapshot_now(api, committed, instance)
+    assert snapshot["status"] == "failed"
+    assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
