@@ -197,42 +197,69 @@ def test_a_time_outside_the_window_is_refused_naming_it(api, kind):
     assert api.get(f"/api/storage/{kind}/instances/{pk}").json()["status"] == "running"
 
 
+# What runs beside the server during a point-in-time restore, and what a cut-short one may leave.
+RESTORE_HELPERS = {
+    "mysql": ("mbstream", "mariabackup", "mariadb-binlog"),
+    "redis": ("tee", "redis-check-aof"),
+}
+LEFTOVERS = {
+    "mysql": ("data.restoring", "data.old", "tmp/replay"),
+    "redis": ("data/appendonlydir.restoring", "data/appendonlydir.old"),
+}
+
+
+def fill_after(kind: str, config: dict) -> None:
+    """Writes big enough that the restore takes a moment, all after the time restored to."""
+    if kind == "mysql":
+        execute(config, "INSERT INTO t SELECT id + 1000, note FROM t", "INSERT INTO t SELECT id + 2000, note FROM t")
+        return
+    client = redis_client(config)
+    try:
+        for n in range(1000, 1150):
+            client.set(f"big{n}", b"x" * 1_000_000)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("kind", ["mysql", "redis"])
 def test_a_worker_killed_mid_point_in_time_restore_is_finished_by_the_reconciler(
-    api, broker, queued_for_real, tmp_path
+    api, broker, queued_for_real, tmp_path, kind
 ):
     worker = Worker(tmp_path / "worker.log", env=RECOVERY)
     worker.start()
     try:
-        pk = create(api, "mysql", disk="512mb")["id"]
-        config = config_of(api, "mysql", pk)
-        execute(config, "CREATE TABLE t (id INT PRIMARY KEY, note LONGTEXT)")
-        sid = api.post(f"/api/storage/mysql/instances/{pk}/snapshots").json()["id"]
+        pk = create(api, kind, disk="512mb", **({"maxmemory": "256mb"} if kind == "redis" else {}))["id"]
+        config = config_of(api, kind, pk)
+        if kind == "mysql":
+            execute(config, "CREATE TABLE t (id INT PRIMARY KEY, note LONGTEXT)")
+            write = lambda label: execute(config, f"INSERT INTO t VALUES ({label}, REPEAT('x', 1000000))")  # noqa: E731
+        else:
+            write = redis_writer(config)
+        sid = api.post(f"/api/storage/{kind}/instances/{pk}/snapshots").json()["id"]
         wait_until(lambda: Instance.objects.get(pk=pk).snapshots.filter(pk=sid, status="ready").exists(), 60, "base")
-        writes = Writes(lambda label: execute(config, f"INSERT INTO t VALUES ({label}, REPEAT('x', 1000000))"))
+        writes = Writes(write)
         writes.run(list(range(1, 6)))
-        # Big enough that the replay takes a moment, and all of it after the time restored to.
-        execute(config, "INSERT INTO t SELECT id + 1000, note FROM t", "INSERT INTO t SELECT id + 2000, note FROM t")
+        fill_after(kind, config)
         until = writes.second_after(3)
-        response = api.post(f"/api/storage/mysql/instances/{pk}/restore", {"time": iso(until)}, format="json")
+        response = api.post(f"/api/storage/{kind}/instances/{pk}/restore", {"time": iso(until)}, format="json")
         assert response.status_code == 202, response.content
-        wait_until(lambda: helper_running(pk, ("mbstream", "mariabackup", "mariadb-binlog")), 30, "it")
-        time.sleep(0.3)
+        wait_until(lambda: helper_running(pk, RESTORE_HELPERS[kind], kind=kind), 30, "it")
+        time.sleep(0.1)
     finally:
         worker.kill()
-    assert api.get(f"/api/storage/mysql/instances/{pk}").json()["status"] == "restoring"
+    assert api.get(f"/api/storage/{kind}/instances/{pk}").json()["status"] == "restoring"
 
     worker = Worker(tmp_path / "worker2.log", beat=True, env=RECOVERY)
     worker.start()
     try:
-        done = wait_for_status(api, "mysql", pk, "running", "unhealthy", "failed", timeout=120)
+        done = wait_for_status(api, kind, pk, "running", "unhealthy", "failed", timeout=120)
         assert done["status"] == "running", done["status_message"]
-        assert mysql_rows(config) == [1, 2, 3]
+        assert (mysql_rows if kind == "mysql" else redis_keys)(config) == [1, 2, 3]
         # Nothing left of the first try: no helper, no second server, no staged or replay folder.
-        assert not helper_running(pk, ("mbstream", "mariabackup", "mariadb-binlog", "bash"))
-        servers = [p for p in processes_under(instance_dir("mysql", pk)) if comm(p) == "mariadbd"]
-        assert len(servers) == 1
-        leftovers = {"data.restoring", "data.old", "tmp/replay"}
-        assert not {name for name in leftovers if (server_dir("mysql", pk) / name).exists()}
+        assert not helper_running(pk, (*RESTORE_HELPERS[kind], "bash"), kind=kind)
+        server = {"mysql": "mariadbd", "redis": "redis-server"}[kind]
+        assert len([p for p in processes_under(instance_dir(kind, pk)) if comm(p) == server]) == 1
+        assert not {name for name in LEFTOVERS[kind] if (server_dir(kind, pk) / name).exists()}
     finally:
         worker.stop()
 

@@ -377,9 +377,9 @@ def test_a_delete_can_be_undone_from_its_before_delete_snapshot(api, alice, clie
 RECOVERY = {"STOCKROOM_STUCK_TIMEOUT": "2", "STOCKROOM_CLAIM_SECONDS": "4", "STOCKROOM_RECONCILE_INTERVAL": "1"}
 
 
-def helper_running(pk: int, names: tuple[str, ...]) -> bool:
+def helper_running(pk: int, names: tuple[str, ...], *, kind: str = "mysql") -> bool:
     """Whether one of the programs `names` runs beside instance `pk`'s server (in its folder)."""
-    for pid in processes_under(instance_dir("mysql", pk)):
+    for pid in processes_under(instance_dir(kind, pk)):
         try:
             if (Path("/proc") / str(pid) / "comm").read_text().strip() in names:
                 return True
