@@ -339,16 +339,20 @@ def schedule_backups(*, now: datetime) -> int:
     return requested
 
 
+AUTOMATIC = (SnapshotTrigger.SCHEDULED, SnapshotTrigger.AFTER_RESTORE)  # pruned by `backup_retention`
+
+
 def prune_backups() -> int:
-    """Remove the scheduled snapshots beyond each instance's `backup_retention`, oldest first
-    (ready and failed ones counted apart: a failure never pushes out a good backup)."""
+    """Remove the automatic snapshots (scheduled, and the bases restores took) beyond each
+    instance's `backup_retention`, oldest first (ready and failed ones counted apart: a failure
+    never pushes out a good backup)."""
     removed = 0
-    scheduled = Q(snapshots__trigger=SnapshotTrigger.SCHEDULED) & ~Q(snapshots__status=SnapshotStatus.CREATING)
-    candidates = Instance.objects.annotate(backups=Count("snapshots", filter=scheduled)).filter(backups__gt=1)
+    automatic = Q(snapshots__trigger__in=AUTOMATIC) & ~Q(snapshots__status=SnapshotStatus.CREATING)
+    candidates = Instance.objects.annotate(backups=Count("snapshots", filter=automatic)).filter(backups__gt=1)
     for instance in candidates:
         keep = instance.options.get(RETENTION.name, RETENTION.default)
         for status in (SnapshotStatus.READY, SnapshotStatus.FAILED):
-            old = Snapshot.objects.filter(instance=instance, trigger=SnapshotTrigger.SCHEDULED, status=status)[keep:]
+            old = Snapshot.objects.filter(instance=instance, trigger__in=AUTOMATIC, status=status)[keep:]
             for snapshot in old:
                 try:
                     delete_snapshot(snapshot=snapshot)

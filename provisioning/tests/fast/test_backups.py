@@ -272,3 +272,27 @@ def test_a_save_cut_short_by_a_full_disk_leaves_no_part_of_the_file(
     snapshot = snapshot_now(api, committed, instance)
     assert snapshot["status"] == "failed"
     assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
+
+
+def test_the_bases_restores_take_are_pruned_with_the_scheduled_and_manual_snapshots_never(create, committed, api, fake):
+    instance = create("redis", backup_interval_hours=1, backup_retention=2)
+    pk = instance["id"]
+    fake.server(pk).data["k"] = "v"
+    with committed():
+        manual = api.post(f"/api/storage/redis/instances/{pk}/snapshots").json()["id"]
+    for _ in range(2):
+        age(1.1)
+        with committed():
+            reconcile()
+        age(0.1)
+        with committed():
+            response = api.post(f"/api/storage/redis/instances/{pk}/restore", {"snapshot": manual}, format="json")
+        assert response.status_code == 202, response.content
+    with committed():
+        reconcile()
+
+    automatic = Snapshot.objects.filter(instance_id=pk).exclude(trigger="manual")
+    # Scheduled, after-restore, scheduled, after-restore: the newest two are kept.
+    assert [snapshot.trigger for snapshot in automatic] == ["after-restore", "scheduled"]
+    assert Snapshot.objects.filter(instance_id=pk).count() == 3
+    assert Snapshot.objects.filter(pk=manual, status="ready").exists()
