@@ -119,14 +119,16 @@ class SnapshotAdmin(admin.ModelAdmin):
         return describe_size(snapshot.size_bytes)
 
     def changelist_view(self, request, extra_context=None):
-        per_user = (
-            Snapshot.objects.values("owner__username")
-            .annotate(count=Count("id"), total=Sum("size_bytes"))
-            .order_by("-total", "owner__username")
-        )
+        """Above the list: each user's snapshots and archived logs, and the bytes they take together."""
+        rows: dict[str, dict] = {}
+        for model, counted in ((Snapshot, "snapshots"), (LogFile, "logs")):
+            for row in model.objects.values("owner__username").annotate(count=Count("id"), total=Sum("size_bytes")):
+                user = rows.setdefault(row["owner__username"], {"snapshots": 0, "logs": 0, "total": 0})
+                user[counted] = row["count"]
+                user["total"] += row["total"] or 0
         usage = [
-            {"user": row["owner__username"], "count": row["count"], "size": describe_size(row["total"] or 0)}
-            for row in per_user
+            {"user": name, **row, "size": describe_size(row["total"])}
+            for name, row in sorted(rows.items(), key=lambda item: (-item[1]["total"], item[0]))
         ]
         return super().changelist_view(request, {**(extra_context or {}), "storage_per_user": usage})
 

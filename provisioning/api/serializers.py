@@ -21,6 +21,10 @@ class UsageSerializer(serializers.Serializer):
         help_text="Bytes of memory your instances reserve (all but stopped ones)."
     )
     memory_quota = serializers.IntegerField(help_text="The most bytes of memory your instances may reserve.")
+    snapshot_storage = serializers.IntegerField(
+        help_text="Bytes your snapshots and archived logs (point-in-time recovery) take in the store."
+    )
+    snapshot_quota = serializers.IntegerField(help_text="The most bytes your snapshots and archived logs may take.")
 
 
 class KindField(serializers.CharField):

@@ -35,17 +35,22 @@ def digest(file: IO[bytes]) -> tuple[str, int]:
     return f"sha256:{hasher.hexdigest()}", size
 
 
+def stored(owner: User) -> int:
+    """Bytes the owner's ready snapshots and archived logs take in the store."""
+    made = Snapshot.objects.filter(owner=owner, status=SnapshotStatus.READY).aggregate(total=Sum("size_bytes"))
+    logs = LogFile.objects.filter(owner=owner).aggregate(total=Sum("size_bytes"))
+    return (made["total"] or 0) + (logs["total"] or 0)
+
+
 def room(owner: User, *, besides: Snapshot | None = None) -> int:
     """Bytes left of the owner's quota, which their snapshots and archived logs share. A snapshot
     still being made counts as its instance's whole disk (the most it can take: its copy is cut
     off there), so snapshots made at once cannot together pass the quota."""
-    made = Snapshot.objects.filter(owner=owner, status=SnapshotStatus.READY).aggregate(total=Sum("size_bytes"))
     making = Snapshot.objects.filter(owner=owner, status=SnapshotStatus.CREATING, instance__isnull=False)
     if besides is not None:
         making = making.exclude(pk=besides.pk)
     reserved = sum(instance.disk_limit for instance in Instance.objects.filter(snapshots__in=making))
-    logs = LogFile.objects.filter(owner=owner).aggregate(total=Sum("size_bytes"))
-    return settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES - (made["total"] or 0) - reserved - (logs["total"] or 0)
+    return settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES - stored(owner) - reserved
 
 
 class TooLarge(BackendError):

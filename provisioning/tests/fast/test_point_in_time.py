@@ -241,3 +241,25 @@ def test_the_admin_shows_the_window_and_the_archived_logs(based, django_user_mod
     assert f"{window[0]:%Y-%m-%d %H:%M:%S} to" in page
     listing = admin.get("/admin/provisioning/logfile/").content.decode()
     assert LogFile.objects.get(instance_id=based["id"]).name in listing
+
+
+def test_snapshots_and_archived_logs_count_together_in_usage_the_dashboard_and_the_admin(
+    based, api, web, django_user_model, settings
+):
+    snapshot, log = Snapshot.objects.get(instance_id=based["id"]), LogFile.objects.get(instance_id=based["id"])
+    assert snapshot.size_bytes > 0 and log.size_bytes > 0
+    total = snapshot.size_bytes + log.size_bytes
+    usage = api.get("/api/usage").json()
+    assert (usage["snapshot_storage"], usage["snapshot_quota"]) == (total, settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES)
+    dashboard = " ".join(web.get("/").content.decode().split())
+    assert f"Your snapshots and archived logs take {total} bytes of your" in dashboard
+
+    admin = Client()
+    admin.force_login(django_user_model.objects.create_superuser("olga", password="operator-pass-1"))
+    listing = " ".join(admin.get("/admin/provisioning/snapshot/").content.decode().split())
+    assert f"<td>alice</td><td>1</td><td>1</td><td>{total} bytes</td>" in listing
+
+    # And the quota left for the next snapshot is what both leave.
+    settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES = total
+    response = api.post(f"/api/storage/redis/instances/{based['id']}/snapshots")
+    assert response.status_code == 403 and "snapshot quota" in response.json()["detail"]
