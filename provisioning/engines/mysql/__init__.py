@@ -63,18 +63,21 @@ BINLOG_INFO = "xtrabackup_binlog_info"
 REPLAY_DIR = "replay"  # in the server's tmp folder: the archived binary logs a restore replays
 # A point-in-time restore replays the archived binary logs on the prepared copy with a server of
 # its own: no network, no grant tables (so no password is needed, and only the instance's uid can
-# reach its socket), no binary log of its own. $1 config, $2 data, $3 socket, $4 pid file; the rest
-# are mariadb-binlog's arguments. mariadb-binlog reads --stop-datetime in local time: TZ=UTC.
+# reach its socket), no binary log of its own. $1 config, $2 data, $3 socket, $4 pid file, $5 its
+# error log; the rest are mariadb-binlog's arguments. mariadb-binlog reads --stop-datetime in local
+# time: TZ=UTC.
 _REPLAY = r"""
 set -eu -o pipefail
-config=$1 data=$2 socket=$3 pidfile=$4; shift 4
+config=$1 data=$2 socket=$3 pidfile=$4 log=$5; shift 5
 mariadbd --defaults-file="$config" --datadir="$data" --socket="$socket" --pid-file="$pidfile" \
-    --skip-networking --skip-grant-tables --skip-log-bin &
+    --log-error="$log" --skip-networking --skip-grant-tables --skip-log-bin &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; wait "$server" || true' EXIT
 tries=0
 until mariadb-admin --no-defaults --socket="$socket" ping >/dev/null 2>&1; do
-    kill -0 "$server" 2>/dev/null || { echo "The replay server did not start." >&2; exit 1; }
+    if ! kill -0 "$server" 2>/dev/null; then
+        tail -n 3 -- "$log" >&2 || true; echo "The replay server did not start." >&2; exit 1
+    fi
     tries=$((tries + 1)); [ "$tries" -lt 1200 ] || { echo "The replay server did not answer." >&2; exit 1; }
     sleep 0.05
 done
@@ -410,14 +413,11 @@ class MySQL(Engine):
             beside.run(["mbstream", "-x", "-C", str(staged)], stdin=snapshot)
             beside.run(["mariabackup", "--prepare", f"--target-dir={staged}", "--use-memory=32M"])
             if replay is not None:
-                self._replay(beside, staged, replay)
+                self._replay(instance, beside, staged, replay)
 
         replace_folder(beside, beside.layout.data, unpack)
 
-    def _replay(self, beside: Beside, staged: PurePath, replay: Replay) -> None:
-        layout = beside.layout
-        if layout.config is None:
-            raise BackendError("This backend cannot replay binary logs yet.")
+    def _replay(self, instance: "Instance", beside: Beside, staged: PurePath, replay: Replay) -> None:
         found = io.BytesIO()
         beside.run(["cat", "--", str(staged / BINLOG_INFO)], stdout=found)
         fields = found.getvalue().decode().split()
@@ -427,10 +427,21 @@ class MySQL(Engine):
         logs = _replayed(replay, first)
         if not logs:
             return  # nothing was written after the base
-        folder = layout.tmp / REPLAY_DIR
+        folder = beside.layout.tmp / REPLAY_DIR
+        # The instance's own config, with the replay's data and its files in the replay's folder:
+        # beside a stopped container (a helper of the same image) the server's paths are not there.
+        layout = dataclasses.replace(
+            beside.layout,
+            data=staged,
+            log=folder / "replay.log",
+            pid=folder / "replay.pid",
+            socket=folder / "replay.sock",
+        )
         beside.run(["rm", "-rf", "--", str(folder)])
         beside.run(["mkdir", "-m", "0700", "--", str(folder)])
         try:
+            config = self.render_config(instance, layout).encode()
+            beside.run(["tee", "--", str(folder / self.config_name)], stdin=io.BytesIO(config))
             for log in logs:
                 with log.open() as file:
                     beside.run(["tee", "--", str(folder / log.name)], stdin=file)
@@ -441,10 +452,11 @@ class MySQL(Engine):
                     "-c",
                     _REPLAY,
                     "replay",
-                    str(layout.config / self.config_name),
-                    str(staged),
-                    str(folder / "replay.sock"),
-                    str(folder / "replay.pid"),
+                    str(folder / self.config_name),
+                    str(layout.data),
+                    str(layout.socket),
+                    str(layout.pid),
+                    str(layout.log),
                     f"--start-position={position}",
                     f"--stop-datetime={until}",
                     *(str(folder / log.name) for log in logs),
