@@ -5,6 +5,7 @@ import fcntl
 import hashlib
 import io
 import logging
+import re
 import secrets
 import shutil
 from datetime import UTC, datetime
@@ -60,6 +61,7 @@ BACKUP_USERNAME = "stockroom_backup"
 BACKUP_GRANTS = "RELOAD, PROCESS, LOCK TABLES, BINLOG MONITOR"
 # Where mariabackup notes the binary log position its copy is consistent with (file, position, GTID).
 BINLOG_INFO = "xtrabackup_binlog_info"
+BINLOG = re.compile(r"binlog\.\d{6,}")  # the names log-bin gives, in the data folder
 REPLAY_DIR = "replay"  # in the server's tmp folder: the archived binary logs a restore replays
 # A point-in-time restore replays the archived binary logs on the prepared copy with a server of
 # its own: no network, no grant tables (so no password is needed, and only the instance's uid can
@@ -385,6 +387,8 @@ class MySQL(Engine):
                 names = [str(row[0]) for row in cursor.fetchall()]
         archived = archive.names()
         for name in names[:-1]:  # the last one is open
+            if not BINLOG.fullmatch(name):
+                raise BackendError(f"The server names a binary log {name!r}, not one of its own.")
             if name not in archived:
                 archive.save(name, read_out(beside, beside.layout.data / name))
         archive.covered(before)
