@@ -65,14 +65,16 @@ BINLOG = re.compile(r"binlog\.\d{6,}")  # the names log-bin gives, in the data f
 REPLAY_DIR = "replay"  # in the server's tmp folder: the archived binary logs a restore replays
 # A point-in-time restore replays the archived binary logs on the prepared copy with a server of
 # its own: no network, no grant tables (so no password is needed, and only the instance's uid can
-# reach its socket), no binary log of its own. $1 config, $2 data, $3 socket, $4 pid file, $5 its
-# error log; the rest are mariadb-binlog's arguments. mariadb-binlog reads --stop-datetime in local
-# time: TZ=UTC.
+# reach its socket), no binary log of its own, and no flush to disk at each commit (a replay cut
+# short throws the staged copy away; its clean shutdown writes everything). $1 config, $2 data,
+# $3 socket, $4 pid file, $5 its error log; the rest are mariadb-binlog's arguments.
+# mariadb-binlog reads --stop-datetime in local time: TZ=UTC.
 _REPLAY = r"""
 set -eu -o pipefail
 config=$1 data=$2 socket=$3 pidfile=$4 log=$5; shift 5
 mariadbd --defaults-file="$config" --datadir="$data" --socket="$socket" --pid-file="$pidfile" \
-    --log-error="$log" --skip-networking --skip-grant-tables --skip-log-bin &
+    --log-error="$log" --skip-networking --skip-grant-tables --skip-log-bin \
+    --innodb-flush-log-at-trx-commit=0 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; wait "$server" || true' EXIT
 tries=0
