@@ -312,15 +312,20 @@ def _done() -> dict[str, object]:
 
 
 def schedule_backups(*, now: datetime) -> int:
-    """Ask for the scheduled snapshots that are due: of each running instance whose last one (or,
-    before the first, its create) is `backup_interval_hours` old. One over the snapshot quota is
+    """Ask for the scheduled snapshots that are due: of each running instance whose last one is
+    `backup_interval_hours` old; the first STOCKROOM_FIRST_BACKUP_AFTER after its create (or its
+    interval, if shorter), so that its recovery window begins soon. One over the snapshot quota is
     recorded as failed, so that it is tried again an interval later, not at every pass."""
     last = Max("snapshots__created_at", filter=Q(snapshots__trigger=SnapshotTrigger.SCHEDULED))
     requested = 0
     for instance in Instance.objects.filter(status=Status.RUNNING).annotate(last_backup=last):
         hours = instance.options.get(INTERVAL.name, INTERVAL.default)
-        since: datetime = instance.last_backup or instance.created_at
-        if not hours or since + timedelta(hours=hours) > now:
+        if not hours:
+            continue
+        every = timedelta(hours=hours)
+        first = min(every, timedelta(seconds=settings.STOCKROOM_FIRST_BACKUP_AFTER))
+        due = instance.last_backup + every if instance.last_backup else instance.created_at + first
+        if due > now:
             continue
         try:
             request_snapshot(instance=instance, by="the backup schedule", trigger=SnapshotTrigger.SCHEDULED)
