@@ -158,13 +158,16 @@ def restore(request, pk: int, sid: int):
 def _time_asked(request) -> datetime | None:
     """The form's time (its picker sends local-looking text, which the page says is UTC), cut to
     its whole second; None, with a message, if it is not a time."""
-    moment = parse_datetime(request.POST.get("time", "").strip())
+    try:
+        moment = parse_datetime(request.POST.get("time", "").strip())
+        if moment is not None:
+            moment = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):  # well formed, but no such day (02-30), or out of range
+        moment = None
     if moment is None:
         messages.error(request, "Give a time as YYYY-MM-DD HH:MM:SS (UTC).")
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).replace(microsecond=0)
+    return moment.replace(microsecond=0)
 
 
 @login_required

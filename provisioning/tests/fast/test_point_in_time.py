@@ -224,9 +224,16 @@ def test_the_instance_page_shows_the_window_and_restores_or_clones_to_a_picked_t
 
 def test_the_page_refuses_a_bad_or_outside_time_with_a_message_and_outsiders_get_404(based, web, charlie):
     pk = based["id"]
-    for time, said in (("soon", "Give a time as"), (f"{ago(90):%Y-%m-%dT%H:%M:%S}", "outside")):
-        response = web.post(f"/instances/{pk}/restore-to-time/", {"time": time}, follow=True)
-        assert said in response.content.decode()
+    asked = (
+        ("soon", "Give a time as"),
+        ("2026-02-30T10:00:00", "Give a time as"),  # no such day
+        ("0001-01-01T00:00:00+05:00", "Give a time as"),  # before the first UTC time there is
+        (f"{ago(90):%Y-%m-%dT%H:%M:%S}", "outside"),
+    )
+    for time, said in asked:
+        for action in ("restore-to-time", "clone-at-time"):
+            response = web.post(f"/instances/{pk}/{action}/", {"time": time}, follow=True)
+            assert response.status_code == 200 and said in response.content.decode(), (time, action)
     assert Instance.objects.get(pk=pk).status == "running"
     web.force_login(charlie)
     assert web.post(f"/instances/{pk}/restore-to-time/", {"time": f"{ago(25):%Y-%m-%dT%H:%M:%S}"}).status_code == 404
