@@ -158,6 +158,21 @@ def test_a_restore_to_a_time_has_exactly_the_writes_before_it_and_a_later_one_to
 
 
 @pytest.mark.parametrize("kind", ["redis", "mysql"])
+def test_a_restore_to_a_quiet_second_just_after_the_log_was_archived(api, kind):
+    """The file the archiving opened has no write before the time (its first is after it): it
+    adds nothing, and the restore holds exactly the writes before."""
+    writer, read, prepare = KINDS[kind]
+    pk = create(api, kind)["id"]
+    config = config_of(api, kind, pk)
+    prepare(config)
+    snapshot_of(api, kind, pk)
+    writes = Writes(writer(config))
+    writes.run([1, 2, 3, 4, 5], archive_after=(3,), pk=pk)
+    restore_to(api, kind, pk, writes.second_after(3))
+    assert read(config) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["redis", "mysql"])
 def test_a_clone_to_a_time_has_exactly_the_writes_before_it(api, kind):
     writer, read, prepare = KINDS[kind]
     pk = create(api, kind)["id"]

@@ -351,15 +351,25 @@ class Redis(Engine):
         def fill(staged: PurePath) -> None:
             beside.run(["tee", "--", str(staged / AOF_BASE)], stdin=snapshot)
             lines = [f"file {AOF_BASE} seq 1 type b"]
+            # The tool keeps the writes of seconds up to the one given, and drops the rest.
+            last = int(replay.until.timestamp()) - 1 if replay is not None else 0
+            carried: int | None = None  # the second the writes at the head of the next file are in
             for seq, log in enumerate(logs, start=1):
-                name = f"appendonly.aof.{seq}.incr.aof"
+                name = staged / f"appendonly.aof.{seq}.incr.aof"
                 with log.open() as file:
-                    beside.run(["tee", "--", str(staged / name)], stdin=file)
-                assert replay is not None
-                # The tool keeps the writes of seconds up to the one given, and drops the rest.
-                last = int(replay.until.timestamp()) - 1
-                beside.run(["redis-check-aof", "--truncate-to-timestamp", str(last), str(staged / name)])
-                lines.append(f"file {name} seq {seq} type i")
+                    head, final = _stamps(file, log.name)
+                    file.seek(0)
+                    begins = head if head is not None else carried
+                    if begins is not None and begins > last:
+                        break  # nothing in it, nor in a later file, is before the time
+                    # A file whose first writes came in the second the last one ended does not
+                    # stamp them again: stamp them here, so that the cut sees their second.
+                    stamp = f"#TS:{carried}\r\n".encode() if head is None and carried is not None else b""
+                    beside.run(["tee", "--", str(name)], stdin=io.BytesIO(stamp))
+                    beside.run(["tee", "-a", "--", str(name)], stdin=file)
+                carried = final if final is not None else carried
+                beside.run(["redis-check-aof", "--truncate-to-timestamp", str(last), str(name)])
+                lines.append(f"file {name.name} seq {seq} type i")
             manifest = "".join(f"{line}\n" for line in lines).encode()
             beside.run(["tee", "--", str(staged / AOF_MANIFEST)], stdin=io.BytesIO(manifest))
 
@@ -446,7 +456,8 @@ def _seq(name: str) -> int:
 
 def _replayed(replay: Replay) -> list[ArchivedLog]:
     """The archived incremental files from the one after the base, in order, up to the last that
-    may hold a write before `replay.until`: the next one's writes are all at or after it."""
+    may hold a write before `replay.until`: the next one's writes are all at or after it. A file
+    missing in between is an error: the writes after it would be replayed without its own."""
     archived = {_seq(log.name): log for log in replay.logs if INCR.fullmatch(log.name)}
     chosen: list[ArchivedLog] = []
     seq = _seq(replay.start)
@@ -455,7 +466,32 @@ def _replayed(replay: Replay) -> list[ArchivedLog]:
     while seq in archived:
         opened_at = archived[seq].opened_at
         if opened_at is not None and opened_at >= replay.until:
-            break
+            return chosen
         chosen.append(archived[seq])
         seq += 1
+    if any(later > seq for later in archived):
+        raise BackendError(f"The log file appendonly.aof.{seq}.incr.aof was never archived; nothing was restored.")
     return chosen
+
+
+def _stamps(file: IO[bytes], name: str) -> tuple[int | None, int | None]:
+    """The second an append-only file begins with (None if it begins with a write) and its last
+    second (None if it has none), read as Redis writes it: `#TS:<unix time>` lines between
+    commands, whose arguments are skipped by their length (a value may hold any bytes)."""
+    head = last = None
+    try:
+        while line := file.readline():
+            if line.startswith(b"#TS:"):
+                last = int(line[4:])
+                head = last if head is None and file.tell() == len(line) else head
+            elif line.startswith(b"*"):
+                for _ in range(int(line[1:])):
+                    size = file.readline()
+                    if not size.startswith(b"$"):
+                        raise ValueError(size[:20])
+                    file.seek(int(size[1:]) + 2, io.SEEK_CUR)
+            elif not line.startswith(b"#"):
+                raise ValueError(line[:20])
+    except ValueError as exc:
+        raise BackendError(f"The archived log file {name} is not an append-only file ({exc}).") from None
+    return head, last
