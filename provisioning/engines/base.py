@@ -7,6 +7,7 @@ pages and admin ask the engine and never branch on the kind. Adding a kind means
 `provisioning/engines/` and one line in STOCKROOM_ENGINES.
 """
 
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from django.template import Context
 from django.template import Engine as TemplateEngine
 
+from ..errors import BackendError
 from ..options import Option, OptionError
 
 if TYPE_CHECKING:
@@ -179,6 +181,40 @@ class Replay:
     logs: Sequence[ArchivedLog]  # the archive of the base's timeline, in the order it was archived
 
 
+class TooLarge(BackendError):
+    """A copy passed the most it may take."""
+
+
+class Bounded:
+    """A file that takes at most `limit` bytes; a write past it raises TooLarge (which stops the
+    helper program that writes through it)."""
+
+    def __init__(self, file: IO[bytes], limit: int, why: str):
+        self.file, self.left, self.why = file, limit, why
+
+    def write(self, data: bytes) -> int:
+        self.left -= len(data)
+        if self.left < 0:
+            raise TooLarge(self.why)
+        return self.file.write(data)
+
+
+SMALL = 64 * 1024  # the most a listing or a note of the server's folder may take
+
+
+def read_small(beside: "Beside", argv: list[str], what: str) -> str:
+    """The output of `argv` (a `read_out` of a note, an `ls`) beside the server, which the uid may
+    make as long as it likes: at most SMALL bytes, else BackendError naming `what`."""
+    out = io.BytesIO()
+    beside.run(argv, stdout=Bounded(out, SMALL, f"{what} is longer than {SMALL} bytes."))  # type: ignore[arg-type]
+    return out.getvalue().decode(errors="replace")
+
+
+def reading(path: PurePath) -> list[str]:
+    """The command that writes the file at `path` to its output, as `read_out` says."""
+    return ["dd", "iflag=nofollow,nonblock", "bs=1M", "status=none", f"if={path}"]
+
+
 def read_out(beside: "Beside", path: PurePath) -> Callable[[IO[bytes]], None]:
     """What copies the file at `path`, read beside the server (as its uid), to a given output: how
     an engine hands a file of the server's folder to `LogArchive.save` or a snapshot. The uid may
@@ -186,7 +222,7 @@ def read_out(beside: "Beside", path: PurePath) -> Callable[[IO[bytes]], None]:
     may read but not copy, as its ACL file), nor waited on as a FIFO (it reads as empty)."""
 
     def copy(out: IO[bytes]) -> None:
-        beside.run(["dd", "iflag=nofollow,nonblock", "bs=1M", "status=none", f"if={path}"], stdout=out)
+        beside.run(reading(path), stdout=out)
 
     return copy
 

@@ -15,6 +15,7 @@ from django.core.files.storage import Storage, storages
 from django.db.models import Sum
 
 from ..backends.base import BackendError
+from ..engines.base import Bounded
 from ..models import Instance, LogFile, Snapshot, SnapshotStatus
 from ..options import describe_size
 
@@ -51,24 +52,6 @@ def room(owner: User, *, besides: Snapshot | None = None) -> int:
         making = making.exclude(pk=besides.pk)
     reserved = sum(instance.disk_limit for instance in Instance.objects.filter(snapshots__in=making))
     return settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES - stored(owner) - reserved
-
-
-class TooLarge(BackendError):
-    """A copy passed the most it may take."""
-
-
-class Bounded:
-    """A file that takes at most `limit` bytes; a write past it raises TooLarge (which stops the
-    helper program that writes through it)."""
-
-    def __init__(self, file: IO[bytes], limit: int, why: str):
-        self.file, self.left, self.why = file, limit, why
-
-    def write(self, data: bytes) -> int:
-        self.left -= len(data)
-        if self.left < 0:
-            raise TooLarge(self.why)
-        return self.file.write(data)
 
 
 def limit(instance: Instance, *, besides: Snapshot | None = None) -> tuple[int, str]:

@@ -24,7 +24,8 @@ from provisioning.backends.local import processes_under
 from provisioning.engines import get_engine
 from provisioning.engines.base import read_out
 from provisioning.engines.redis import _manifest as redis_manifest
-from provisioning.models import Instance, Snapshot
+from provisioning.models import Instance, LogFile, Snapshot
+from provisioning.services import logs, store
 
 from .conftest import Worker, instance_dir, server_dir, wait_for_status, wait_until
 
@@ -629,6 +630,57 @@ def test_a_redis_snapshot_reads_its_files_through_no_symlink_or_fifo_the_tenant_
     # The tenant cannot take the data over replication either.
     with pytest.raises(redis.exceptions.NoPermissionError):
         redis_client(config).execute_command("SYNC")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis_client(config).execute_command("REPLCONF", "rdb-only", "1")
+
+
+def test_the_redis_log_archive_takes_only_what_redis_closed_and_reads_its_notes_bounded(api):
+    """The uid fills the folder where closed log files wait with empty ones (each would be a store
+    file and a row, free of quota), and swaps the manifest for a symlink to an endless file, then
+    for a huge one: each archiving fails with the reason and stores none of them; once they are
+    gone it archives again."""
+    pk = create(api, "redis")["id"]
+    config = config_of(api, "redis", pk)
+    snapshot_of(api, "redis", pk)  # a base: the instance's log is archived from now on
+    redis_client(config).set("key", "value")
+    before = set(LogFile.objects.filter(instance_id=pk).values_list("pk", flat=True))
+    data = server_dir("redis", pk) / "data"
+    owner = data.stat()
+    held = data / "aof-archive"
+    held.mkdir(exist_ok=True)
+    as_tenant(held, owner)
+    for n in range(1000, 1100):
+        (held / f"appendonly.aof.{n}.incr.aof").touch()
+        as_tenant(held / f"appendonly.aof.{n}.incr.aof", owner)
+    row = Instance.objects.get(pk=pk)
+    with get_backend(row.backend)._beside(row) as beside, pytest.raises(BackendError, match="closed log files wait"):
+        get_engine("redis").archive_logs(row, beside, logs.Archive(row))
+    assert set(LogFile.objects.filter(instance_id=pk).values_list("pk", flat=True)) == before
+
+    manifest = data / "appendonlydir" / "appendonly.aof.manifest"
+    real = manifest.read_bytes()
+    manifest.unlink()
+    manifest.symlink_to("/dev/zero")
+    with get_backend(row.backend)._beside(row) as beside, pytest.raises(BackendError, match="symbolic links"):
+        get_engine("redis").archive_logs(row, beside, logs.Archive(row))
+    manifest.unlink()
+    with manifest.open("wb") as endless:  # sparse: far more than a worker should hold in memory
+        endless.truncate(1 << 30)
+    as_tenant(manifest, owner)
+    started = time.monotonic()
+    with get_backend(row.backend)._beside(row) as beside, pytest.raises(BackendError, match="longer than"):
+        get_engine("redis").archive_logs(row, beside, logs.Archive(row))
+    assert time.monotonic() - started < 10
+    manifest.unlink()
+    manifest.write_bytes(real)
+    as_tenant(manifest, owner)
+
+    for n in range(1000, 1100):
+        (held / f"appendonly.aof.{n}.incr.aof").unlink()
+    logs.archive(pk)
+    # With the file the refused pass closed, held since: nothing written was lost.
+    new = LogFile.objects.filter(instance_id=pk).exclude(pk__in=before)
+    assert len(new) == 2 and b"value" in b"".join(store.storage().open(log.file).read() for log in new)
 
 
 def test_helpers_count_toward_the_instance_limits_and_end_at_their_deadline(api):

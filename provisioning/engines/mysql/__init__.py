@@ -29,6 +29,8 @@ from ..base import (
     Replay,
     WriteFile,
     read_out,
+    read_small,
+    reading,
     replace_folder,
 )
 
@@ -62,6 +64,7 @@ BACKUP_GRANTS = "RELOAD, PROCESS, LOCK TABLES, BINLOG MONITOR"
 # Where mariabackup notes the binary log position its copy is consistent with (file, position, GTID).
 BINLOG_INFO = "xtrabackup_binlog_info"
 BINLOG = re.compile(r"binlog\.\d{6,}")  # the names log-bin gives, in the data folder
+MOST_CLOSED = 64  # binary logs one archiving takes: a server rotates one a FLUSH, or each max_binlog_size
 REPLAY_DIR = "replay"  # in the server's tmp folder: the archived binary logs a restore replays
 # A point-in-time restore replays the archived binary logs on the prepared copy with a server of
 # its own: no network, no grant tables (so no password is needed, and only the instance's uid can
@@ -388,7 +391,10 @@ class MySQL(Engine):
                 cursor.execute("SHOW BINARY LOGS")
                 names = [str(row[0]) for row in cursor.fetchall()]
         archived = archive.names()
-        for name in names[:-1]:  # the last one is open
+        closed = [name for name in names[:-1] if name not in archived]  # the last one is open
+        if len(closed) > MOST_CLOSED:
+            raise BackendError(f"{len(closed)} binary logs wait to be archived; a pass takes {MOST_CLOSED} at most.")
+        for name in closed:
             if not BINLOG.fullmatch(name):
                 raise BackendError(f"The server names a binary log {name!r}, not one of its own.")
             if name not in archived:
@@ -424,9 +430,7 @@ class MySQL(Engine):
         replace_folder(beside, beside.layout.data, unpack)
 
     def _replay(self, instance: "Instance", beside: Beside, staged: PurePath, replay: Replay) -> None:
-        found = io.BytesIO()
-        beside.run(["cat", "--", str(staged / BINLOG_INFO)], stdout=found)
-        fields = found.getvalue().decode().split()
+        fields = read_small(beside, reading(staged / BINLOG_INFO), BINLOG_INFO).split()
         if len(fields) < 2:
             raise BackendError("The base snapshot does not say where its binary log continues.")
         first, position = fields[0], fields[1]
@@ -525,8 +529,22 @@ class MySQL(Engine):
 
 def _replayed(replay: Replay, first: str) -> list[ArchivedLog]:
     """The archived binary logs from `first` (where the base's copy left off) in order, up to the
-    last that may hold a write before `replay.until`."""
-    archived = sorted((log for log in replay.logs if log.name >= first), key=lambda log: log.name)
+    last that may hold a write before `replay.until`. A log missing in between is an error: the
+    writes after it would be replayed without its own."""
+    if not BINLOG.fullmatch(first):
+        raise BackendError(f"The base snapshot names a binary log {first!r}, not one of the server's.")
+    archived = sorted(
+        (log for log in replay.logs if BINLOG.fullmatch(log.name) and _number(log.name) >= _number(first)),
+        key=lambda log: _number(log.name),
+    )
     if not archived or archived[0].name != first:
         raise BackendError(f"The binary log after the base snapshot ({first}) was not archived.")
-    return [log for log in archived if log.opened_at is None or log.opened_at < replay.until]
+    chosen = [log for log in archived if log.opened_at is None or log.opened_at < replay.until]
+    for earlier, later in zip(archived, archived[1 : len(chosen) + 1], strict=False):
+        if _number(later.name) != _number(earlier.name) + 1:
+            raise BackendError(f"The binary log after {earlier.name} was never archived; nothing was restored.")
+    return chosen
+
+
+def _number(name: str) -> int:
+    return int(name.rsplit(".", 1)[1])

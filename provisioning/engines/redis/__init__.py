@@ -27,6 +27,8 @@ from ..base import (
     Replay,
     WriteFile,
     read_out,
+    read_small,
+    reading,
     replace_folder,
 )
 
@@ -66,10 +68,11 @@ SNAPSHOT_TIMEOUT = 600  # seconds a BGSAVE or BGREWRITEAOF may take before the s
 AOF_HELD = "aof-archive"
 INCR = re.compile(r"appendonly\.aof\.(\d+)\.incr\.aof")
 BASE = re.compile(r"appendonly\.aof\.\d+\.base\.rdb")  # only names Redis gives: never "../x"
-# Links every incremental file of folder $1 into folder $2.
+# Links the files $3… of folder $1 into folder $2 (made if need be).
 _HOLD = (
-    'set -e; mkdir -p -m 0700 -- "$2"; for f in "$1"/*.incr.aof; do if [ -e "$f" ]; then ln -f -- "$f" "$2/"; fi; done'
+    'set -e; source=$1 held=$2; shift 2; mkdir -p -m 0700 -- "$held"; for f; do ln -f -- "$source/$f" "$held/"; done'
 )
+MOST_HELD = 16  # closed incremental files one archiving takes
 
 # The tenant's ACL rule, read left to right: everything that is not @dangerous; then what
 # applications and their client libraries use that Redis files under @dangerous; then, last so
@@ -304,7 +307,9 @@ class Redis(Engine):
         data = beside.layout.data
         held = data / AOF_HELD
         if archive is not None:
-            beside.run(["sh", "-c", _HOLD, "sh", str(data / AOF_DIR), str(held)])
+            # The files the rewrite will close, held by a hard link, as the uid, in its folder.
+            names = [name for name, kind in self._manifest(beside) if kind == "i" and INCR.fullmatch(name)]
+            beside.run(["sh", "-c", _HOLD, "sh", str(data / AOF_DIR), str(held), *names])
         client = self.client(
             beside.admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT
         )
@@ -326,22 +331,27 @@ class Redis(Engine):
                 time.sleep(0.02)
         finally:
             client.close()
-        listing = io.BytesIO()
-        beside.run(["cat", "--", str(data / AOF_DIR / AOF_MANIFEST)], stdout=listing)
-        manifest = _manifest(listing.getvalue().decode())
+        manifest = self._manifest(beside)
         if archive is not None:
-            found = io.BytesIO()
-            beside.run(["ls", "-1", "--", str(held)], stdout=found)
+            listing = read_small(beside, ["ls", "-1", "--", str(held)], f"The folder {AOF_HELD}")
             current = {name for name, _ in manifest}
-            closed = sorted((n for n in found.getvalue().decode().split() if INCR.fullmatch(n)), key=_seq)
+            closed = sorted((n for n in listing.split() if INCR.fullmatch(n) and n not in current), key=_seq)
+            # Redis closes one file a rewrite (a few, after failed passes): more is not its doing.
+            if len(closed) > MOST_HELD:
+                raise BackendError(f"{len(closed)} closed log files wait in {AOF_HELD}; Redis closes a few at most.")
+            archived = archive.names()
             for name in closed:
-                if name in current:
-                    continue
-                if name not in archive.names():
+                if name not in archived:
                     archive.save(name, read_out(beside, held / name))
                 beside.run(["rm", "-f", "--", str(held / name)])
             archive.covered(before)
         return manifest, timestamps
+
+    @staticmethod
+    def _manifest(beside: Beside) -> list[tuple[str, str]]:
+        """(file, type) of each line of the server's append-only manifest."""
+        text = read_small(beside, reading(beside.layout.data / AOF_DIR / AOF_MANIFEST), AOF_MANIFEST)
+        return _manifest(text)
 
     def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes], replay: Replay | None = None) -> None:
         # A new append-only folder whose base is the snapshot's RDB, and with `replay` the archived

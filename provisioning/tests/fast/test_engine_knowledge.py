@@ -58,3 +58,35 @@ def test_a_redis_replay_refuses_a_gap_in_the_archived_files():
     assert [chosen.name for chosen in _replayed(whole)] == [log(n).name for n in (2, 3, 4)]
     with pytest.raises(BackendError, match=r"appendonly\.aof\.3\.incr\.aof was never archived"):
         _replayed(Replay(start="appendonly.aof.2.incr.aof", until=until, logs=[log(2), log(4)]))
+
+
+def test_a_mysql_replay_refuses_a_gap_in_the_archived_binary_logs():
+    from datetime import UTC, datetime
+
+    from provisioning.engines import ArchivedLog, Replay
+    from provisioning.engines.mysql import _replayed
+
+    until = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def logs(*numbers: int, opened: datetime | None = None) -> list[ArchivedLog]:
+        return [ArchivedLog(name=f"binlog.{n:06d}", opened_at=opened, open=io.BytesIO) for n in numbers]
+
+    def replay(*archived: ArchivedLog) -> Replay:
+        return Replay(start="", until=until, logs=list(archived))
+
+    assert [log.name for log in _replayed(replay(*logs(8, 9, 10)), "binlog.000009")] == [
+        "binlog.000009",
+        "binlog.000010",
+    ]
+    # In the order of their numbers, not of their names.
+    chosen = _replayed(replay(*logs(1000000, 999999)), "binlog.999999")
+    assert [log.name for log in chosen] == ["binlog.999999", "binlog.1000000"]
+    with pytest.raises(BackendError, match=r"after binlog\.000010 was never archived"):
+        _replayed(replay(*logs(9, 10, 12)), "binlog.000009")
+    # A log opened after the time is not replayed, and a gap before it is still one.
+    assert [log.name for log in _replayed(replay(*logs(9, 10), *logs(11, opened=until)), "binlog.000009")] == [
+        "binlog.000009",
+        "binlog.000010",
+    ]
+    with pytest.raises(BackendError, match="after binlog.000010 was never archived"):
+        _replayed(replay(*logs(9, 10), *logs(12, opened=until)), "binlog.000009")
