@@ -23,6 +23,7 @@ ROW_BYTES = 1000  # per row's payload, per key's value
 BATCH = 1000  # rows per INSERT statement, keys per pipeline
 SEED = 13
 TABLE = "bench_rows"
+WRITES = "bench_writes"  # the table (MySQL) or key prefix (Redis) of the point-in-time section's writes
 SPOILER = "written_after_snapshot"  # a table or key that only exists after the snapshot was taken
 TIMEOUT = 120  # seconds of silence before a client gives up: a big statement is slow on a small server
 
@@ -31,6 +32,16 @@ def _payloads(count: int) -> Iterator[bytes]:
     generator = random.Random(SEED)
     for _ in range(count):
         yield generator.randbytes(ROW_BYTES)
+
+
+def write_payload(number: int) -> bytes:
+    """The value of write `number` of the point-in-time section: its own 1,000 bytes, the same in
+    every run."""
+    return random.Random(SEED * 1_000_003 + number).randbytes(ROW_BYTES)
+
+
+def _text(payload: bytes) -> str:
+    return base64.b64encode(payload[: ROW_BYTES * 3 // 4]).decode()  # 1,000 characters, no escaping needed
 
 
 # MySQL --------------------------------------------------------------------------------
@@ -60,8 +71,7 @@ def load_mysql(config: dict[str, Any], count: int) -> None:
         )
         rows = []
         for number, payload in enumerate(_payloads(count)):
-            text = base64.b64encode(payload[: ROW_BYTES * 3 // 4]).decode()  # 1,000 characters
-            rows.append(f"({number},{number * 7919 % count},'{text}')")  # base64 needs no escaping
+            rows.append(f"({number},{number * 7919 % count},'{_text(payload)}')")
             if len(rows) == BATCH:
                 cursor.execute(f"INSERT INTO {TABLE} VALUES {','.join(rows)}")
                 rows = []
@@ -99,6 +109,52 @@ def spoil_mysql(config: dict[str, Any]) -> None:
     with mysql_client(config) as db, db.cursor() as cursor:
         cursor.execute(f"DROP TABLE {TABLE}")
         cursor.execute(f"CREATE TABLE {SPOILER} (id INT PRIMARY KEY)")
+
+
+def create_mysql_writes(config: dict[str, Any]) -> None:
+    """The (empty) table the point-in-time section writes to after its base snapshot."""
+    with mysql_client(config) as db, db.cursor() as cursor:
+        cursor.execute(
+            f"CREATE TABLE {WRITES} (id INT PRIMARY KEY, payload VARCHAR({ROW_BYTES}) NOT NULL)"
+            " ENGINE=InnoDB CHARACTER SET ascii"
+        )
+
+
+class MysqlWriter:
+    """One connection that inserts one row per statement, each its own transaction (autocommit)."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.db = mysql_client(config)
+        self.cursor = self.db.cursor()
+
+    def write(self, number: int) -> None:
+        self.cursor.execute(f"INSERT INTO {WRITES} VALUES ({number},'{_text(write_payload(number))}')")
+
+    def close(self) -> None:
+        self.cursor.close()
+        self.db.close()
+
+
+def mysql_writes_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
+    """The writes table's row count and a SHA-256 over its rows in id order (absent: no rows)."""
+    digest = hashlib.sha256()
+    with mysql_client(config) as db, db.cursor() as cursor:
+        cursor.execute("SHOW TABLES")
+        if WRITES not in (row[0] for row in cursor.fetchall()):
+            return {"writes": None}
+        cursor.execute(f"SELECT id, payload FROM {WRITES} ORDER BY id")
+        rows = cursor.fetchall()
+    for number, payload in rows:
+        digest.update(f"{number}:{payload};".encode())
+    return {"writes": len(rows), "writes_sha256": digest.hexdigest()}
+
+
+def mysql_writes_expected(present: list[int]) -> dict[str, Any]:
+    """What mysql_writes_fingerprint gives when exactly the writes `present` are in the table."""
+    digest = hashlib.sha256()
+    for number in sorted(present):
+        digest.update(f"{number}:{_text(write_payload(number))};".encode())
+    return {"writes": len(present), "writes_sha256": digest.hexdigest()}
 
 
 # Redis --------------------------------------------------------------------------------
@@ -154,6 +210,45 @@ def redis_fingerprint(config: dict[str, Any], count: int) -> dict[str, Any]:
     finally:
         client.close()
     return {"keys": keys, "spoiler": spoiled, "sha256": digest.hexdigest()}
+
+
+def _write_key(number: int) -> str:
+    return f"{WRITES}:{number:08d}"
+
+
+class RedisWriter:
+    """One connection that writes one key per command (SET, no pipeline)."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.client = redis_client(config)
+
+    def write(self, number: int) -> None:
+        self.client.set(_write_key(number), write_payload(number))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def redis_writes_fingerprint(config: dict[str, Any], written: int) -> dict[str, Any]:
+    """A SHA-256 over the values of writes 0 to `written` - 1 in order (absent ones marked)."""
+    client = redis_client(config)
+    digest = hashlib.sha256()
+    try:
+        for first in range(0, written, BATCH):
+            for value in client.mget([_write_key(n) for n in range(first, min(first + BATCH, written))]):
+                digest.update(b"-" if value is None else b"+" + value)
+    finally:
+        client.close()
+    return {"writes_sha256": digest.hexdigest()}
+
+
+def redis_writes_expected(present: list[int], written: int) -> dict[str, Any]:
+    """What redis_writes_fingerprint gives when exactly the writes `present` are there."""
+    digest = hashlib.sha256()
+    there = set(present)
+    for number in range(written):
+        digest.update(b"+" + write_payload(number) if number in there else b"-")
+    return {"writes_sha256": digest.hexdigest()}
 
 
 def spoil_redis(config: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from provisioning.backends.base import get_backend
 from provisioning.backends.local import kill_processes_under
 from provisioning.services.tokens import create_token
 
-from . import api_load, connectable, density, reconcile, report, snapshots, stack
+from . import api_load, connectable, density, pitr, reconcile, report, snapshots, stack
 from .client import create_and_connect, delete_all, in_parallel
 
 
@@ -38,6 +38,9 @@ class Plan:
     reconcile_passes: int
     snapshot_rows: int  # MySQL rows and Redis keys of 1,000 bytes each
     snapshot_repeats: int
+    pitr_writes: int  # after each base snapshot, one row or key per statement
+    pitr_seconds: float  # over which the writes are paced
+    pitr_repeats: int
 
 
 FULL = Plan(
@@ -49,6 +52,9 @@ FULL = Plan(
     reconcile_passes=3,
     snapshot_rows=100_000,
     snapshot_repeats=3,
+    pitr_writes=10_000,
+    pitr_seconds=10,
+    pitr_repeats=3,
 )
 QUICK = Plan(
     creates=5,
@@ -59,8 +65,11 @@ QUICK = Plan(
     reconcile_passes=2,
     snapshot_rows=20_000,
     snapshot_repeats=1,
+    pitr_writes=2_000,
+    pitr_seconds=4,
+    pitr_repeats=1,
 )
-SECTIONS = ("connectable", "density", "reconcile", "snapshots", "api_load")
+SECTIONS = ("connectable", "density", "reconcile", "snapshots", "pitr", "api_load")
 
 
 def fresh_state() -> None:
@@ -152,6 +161,14 @@ def main() -> None:
                 )
             if "snapshots" in wanted:
                 results["snapshots"] = snapshots.run(token, count=plan.snapshot_rows, repeats=plan.snapshot_repeats)
+            if "pitr" in wanted:
+                results["pitr"] = pitr.run(
+                    token,
+                    count=plan.snapshot_rows,
+                    writes=plan.pitr_writes,
+                    seconds=plan.pitr_seconds,
+                    repeats=plan.pitr_repeats,
+                )
     finally:
         connections.close_all()
         kill_processes_under(settings.STOCKROOM_INSTANCES_DIR)  # only if an error left some behind

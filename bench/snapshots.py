@@ -77,7 +77,7 @@ def measure(token: str, kind: str, *, count: int, repeats: int) -> dict:
             numbers["snapshot"].append(seconds)
             sizes.append(snapshot["size_bytes"])
             spoil(config)
-            running, served = restore(api, kind, source.id, snapshot["id"], config)
+            running, served = restore(api, kind, source.id, {"snapshot": snapshot["id"]}, config)
             numbers["restore_to_running"].append(running)
             numbers["restore"].append(served)
             check(fingerprint(config, count), expected, f"{kind} {source.id} after its restore")
@@ -129,7 +129,7 @@ def _alone(kind: str, instance_id: int) -> bool:
 
 def check(found: dict, expected: dict, what: str) -> None:
     if found != expected:
-        raise RuntimeError(f"{what} does not hold the snapshot's data: {found} instead of {expected}")
+        raise RuntimeError(f"{what} does not hold the data it should: {found} instead of {expected}")
 
 
 # The portal's side --------------------------------------------------------------------
@@ -163,8 +163,9 @@ def take_snapshot(api: Api, kind: str, instance_id: int) -> tuple[float, dict]:
     return time.perf_counter() - started, snapshot
 
 
-def restore(api: Api, kind: str, instance_id: int, snapshot_id: int, config: dict[str, Any]) -> tuple[float, float]:
+def restore(api: Api, kind: str, instance_id: int, to: dict[str, Any], config: dict[str, Any]) -> tuple[float, float]:
     """Seconds from the POST to the instance being `running` again, and to the data being served.
+    `to` is the POST's body: `{"snapshot": id}`, or `{"time": …}` (bench.pitr).
 
     The two differ for Redis: the portal's login check (ECHO, which a full disk does not refuse)
     passes while the server is still loading its data, and answers every data command with
@@ -172,7 +173,7 @@ def restore(api: Api, kind: str, instance_id: int, snapshot_id: int, config: dic
     """
     started = time.perf_counter()
     path = f"/api/storage/{kind}/instances/{instance_id}"
-    status, body = api.request("POST", f"{path}/restore", {"snapshot": snapshot_id})
+    status, body = api.request("POST", f"{path}/restore", to)
     if status != 202:
         raise RuntimeError(f"POST a {kind} restore answered {status}: {body}")
     poll(api, path, until="running", passing=("restoring",), started=started)

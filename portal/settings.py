@@ -206,6 +206,12 @@ STORAGES = {
 }
 # How long the snapshot taken before a delete is kept (the delete's undo), in days.
 STOCKROOM_SNAPSHOT_KEEP_DAYS = env.float("STOCKROOM_SNAPSHOT_KEEP_DAYS", default=7.0)
+# Seconds between two archivings of a running instance's closed log files (point-in-time recovery):
+# what a lost disk may lose. A restore of a running instance archives its log first, to that moment.
+STOCKROOM_LOG_ARCHIVE_INTERVAL = env.float("STOCKROOM_LOG_ARCHIVE_INTERVAL", default=300.0)
+# Seconds after its create an instance's first scheduled backup is due (unless its interval is
+# shorter): the base its recovery window begins with. Instances that live less pay nothing.
+STOCKROOM_FIRST_BACKUP_AFTER = env.float("STOCKROOM_FIRST_BACKUP_AFTER", default=600.0)
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "dashboard"

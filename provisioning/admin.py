@@ -5,7 +5,7 @@ from django.contrib.admin.options import ActionLocation
 from django.db.models import Count, Sum
 
 from . import services
-from .models import AccessToken, Instance, InstanceEvent, Orphan, Snapshot, Webhook, WebhookDelivery
+from .models import AccessToken, Instance, InstanceEvent, LogFile, Orphan, Snapshot, Webhook, WebhookDelivery
 from .options import describe_size
 from .services import tokens
 
@@ -37,9 +37,17 @@ class InstanceAdmin(admin.ModelAdmin):
     def limit(self, instance: Instance) -> str:
         return describe_size(instance.memory_limit)
 
+    @admin.display(description="recovery window (UTC)")
+    def recovery_window(self, instance: Instance) -> str:
+        window = services.recovery_window(instance)
+        if window is None:
+            return "none yet: it begins with the first snapshot of its timeline"
+        return f"{window[0]:%Y-%m-%d %H:%M:%S} to {window[1]:%Y-%m-%d %H:%M:%S}"
+
     def get_readonly_fields(self, request, obj=None):
         # Every change goes through the services (the actions above), so nothing is edited here.
-        return [field.name for field in Instance._meta.fields if field.name not in self.exclude]
+        fields = [field.name for field in Instance._meta.fields if field.name not in self.exclude]
+        return [*fields, "recovery_window"]
 
     # Each action asks for the model permission it stands for (Django then neither lists it nor
     # carries it out for anyone without it, whatever is POSTed): "delete" for deleting, "change" for
@@ -98,7 +106,8 @@ class SnapshotAdmin(admin.ModelAdmin):
     """Snapshots of instances' data, with the storage each user's take (above the list)."""
 
     list_display = [
-        "id", "kind", "instance_name", "instance", "owner", "status", "trigger", "size", "created_at", "expires_at",
+        "id", "kind", "instance_name", "instance", "owner", "status", "trigger", "size", "timeline", "created_at",
+        "expires_at",
     ]  # fmt: skip
     list_filter = ["kind", "status", "trigger", "owner", ("expires_at", admin.EmptyFieldListFilter)]
     search_fields = ["instance_name", "owner__username", "checksum"]
@@ -110,14 +119,16 @@ class SnapshotAdmin(admin.ModelAdmin):
         return describe_size(snapshot.size_bytes)
 
     def changelist_view(self, request, extra_context=None):
-        per_user = (
-            Snapshot.objects.values("owner__username")
-            .annotate(count=Count("id"), total=Sum("size_bytes"))
-            .order_by("-total", "owner__username")
-        )
+        """Above the list: each user's snapshots and archived logs, and the bytes they take together."""
+        rows: dict[str, dict] = {}
+        for model, counted in ((Snapshot, "snapshots"), (LogFile, "logs")):
+            for row in model.objects.values("owner__username").annotate(count=Count("id"), total=Sum("size_bytes")):
+                user = rows.setdefault(row["owner__username"], {"snapshots": 0, "logs": 0, "total": 0})
+                user[counted] = row["count"]
+                user["total"] += row["total"] or 0
         usage = [
-            {"user": row["owner__username"], "count": row["count"], "size": describe_size(row["total"] or 0)}
-            for row in per_user
+            {"user": name, **row, "size": describe_size(row["total"])}
+            for name, row in sorted(rows.items(), key=lambda item: (-item[1]["total"], item[0]))
         ]
         return super().changelist_view(request, {**(extra_context or {}), "storage_per_user": usage})
 
@@ -151,6 +162,28 @@ class SnapshotAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # taken through the API or the instance page, so that a worker makes them
+
+
+@admin.register(LogFile)
+class LogFileAdmin(admin.ModelAdmin):
+    """Archived log files (point-in-time recovery); the reconciler prunes them with their snapshots."""
+
+    list_display = ["id", "kind", "instance", "timeline", "name", "owner", "size", "opened_at", "closed_at"]
+    list_filter = ["kind", "owner"]
+    search_fields = ["name", "owner__username"]
+
+    @admin.display(description="size", ordering="size_bytes")
+    def size(self, log: LogFile) -> str:
+        return describe_size(log.size_bytes)
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in LogFile._meta.fields]
+
+    def has_add_permission(self, request):
+        return False  # archived by the worker
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # pruned with their snapshots, files included
 
 
 @admin.register(Orphan)

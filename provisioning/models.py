@@ -103,6 +103,14 @@ class Instance(models.Model):
     restore_from = models.ForeignKey(
         "Snapshot", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", help_text="Being restored."
     )
+    # With `restore_from`, a point-in-time restore: the whole second (UTC) to bring the data to.
+    restore_until = models.DateTimeField(null=True, blank=True, help_text="Being restored to this time.")
+    # Point-in-time recovery. An in-place restore starts a new timeline: the snapshots and archived
+    # logs of the old one never mix with the new one's.
+    timeline = models.PositiveIntegerField(default=1)
+    archived_until = models.DateTimeField(
+        null=True, blank=True, help_text="Every write before this is in an archived log file (this timeline)."
+    )
     # Seconds each step of the create took (queued, data_directory, server_start, first_login).
     timings = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -183,6 +191,7 @@ class SnapshotTrigger(models.TextChoices):
     MANUAL = "manual"
     SCHEDULED = "scheduled"
     BEFORE_DELETE = "before-delete"
+    AFTER_RESTORE = "after-restore"  # the base of the timeline an in-place restore starts
 
 
 class Snapshot(models.Model):
@@ -204,6 +213,10 @@ class Snapshot(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True, help_text="Removed after this; empty: kept.")
+    timeline = models.PositiveIntegerField(default=1, help_text="The instance's timeline it was taken on.")
+    # Where the log after it begins, in the engine's notation; "": it cannot be the base of a
+    # point-in-time restore.
+    log_start = models.CharField(max_length=255, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -222,6 +235,32 @@ class Snapshot(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} snapshot {self.pk} of {self.instance_name} ({self.status})"
+
+
+class LogFile(models.Model):
+    """A closed log file of an instance (a binary log, an append-only file's incremental file),
+    archived in the `snapshots` storage for point-in-time restores; it follows the snapshots of its
+    timeline and is pruned with them."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="log_files")
+    kind = models.CharField(max_length=16)
+    instance = models.ForeignKey(Instance, null=True, blank=True, on_delete=models.SET_NULL, related_name="log_files")
+    timeline = models.PositiveIntegerField()
+    name = models.CharField(max_length=255, help_text="The server's name for it.")
+    file = models.CharField(max_length=255, help_text="Its name in the snapshots storage.")
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    checksum = models.CharField(max_length=80, help_text="sha256:<hex> of the file.")
+    opened_at = models.DateTimeField(null=True, blank=True, help_text="No write in it is older than this.")
+    closed_at = models.DateTimeField(help_text="Every write in it is older than this.")
+
+    class Meta:
+        ordering = ["closed_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["instance", "timeline", "name"], name="one_log_file_per_name"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} log {self.name} of instance {self.instance_id} (timeline {self.timeline})"
 
 
 class InstanceEvent(models.Model):

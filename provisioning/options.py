@@ -133,7 +133,7 @@ def backup_options() -> tuple[Option, Option]:
         Option(
             "backup_retention",
             "Backups kept",
-            "How many scheduled snapshots are kept; older ones are removed.",
+            "How many automatic snapshots (scheduled, and those restores take) are kept; older ones are removed.",
             kind="int",
             default=7,
             min_value=1,

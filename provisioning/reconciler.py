@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from .backends.base import BackendError, get_backend
 from .models import BUSY_STATUSES, Heartbeat, Instance, Orphan, Status
-from .services import healing, snapshots, webhooks, work
+from .services import healing, logs, snapshots, webhooks, work
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class Pass:
     snapshots_expired: int = 0
     backups_requested: int = 0
     backups_pruned: int = 0
+    archives_queued: int = 0
+    logs_pruned: int = 0
     failed_phases: list[str] = field(default_factory=list)
     skipped: bool = False  # another pass was still running
 
@@ -55,11 +57,15 @@ class Reconciler:
 
     def _tend_snapshots(self, report: Pass, now: datetime) -> None:
         """Snapshots whose worker died are marked failed, those past their keep time removed;
-        scheduled backups that are due are asked for, and old ones pruned."""
+        scheduled backups that are due are asked for, and old ones pruned; the log files of running
+        instances are archived every STOCKROOM_LOG_ARCHIVE_INTERVAL, and those no restore can use
+        any more pruned."""
         report.snapshots_failed = snapshots.fail_abandoned(now=now)
         report.snapshots_expired = snapshots.remove_expired(now=now)
         report.backups_requested = snapshots.schedule_backups(now=now)
         report.backups_pruned = snapshots.prune_backups()
+        report.archives_queued = logs.schedule_archives(now=now)
+        report.logs_pruned = logs.prune(now=now)
 
     def run_once(self) -> Pass:
         report = Pass()

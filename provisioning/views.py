@@ -1,6 +1,7 @@
 """Server-rendered pages. Every change goes through services, exactly as in the API."""
 
 import math
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.contrib import messages
@@ -10,6 +11,7 @@ from django.core.paginator import Paginator
 from django.db.models import Count, Q
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.dateparse import parse_datetime
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
@@ -103,6 +105,7 @@ def _detail_context(instance: Instance) -> dict:
         "can_restore": instance.status in (Status.RUNNING, Status.UNHEALTHY),
         "backup_hours": instance.options.get(snapshots.INTERVAL.name, snapshots.INTERVAL.default),
         "backup_keep": instance.options.get(snapshots.RETENTION.name, snapshots.RETENTION.default),
+        "window": services.recovery_window(instance),
     }
 
 
@@ -150,6 +153,58 @@ def restore(request, pk: int, sid: int):
     except (services.WrongStatus, services.SnapshotBusy) as exc:
         messages.error(request, str(exc))
     return redirect("instance", pk=instance.pk)
+
+
+def _time_asked(request) -> datetime | None:
+    """The form's time (its picker sends local-looking text, which the page says is UTC), cut to
+    its whole second; None, with a message, if it is not a time."""
+    try:
+        moment = parse_datetime(request.POST.get("time", "").strip())
+        if moment is not None:
+            moment = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):  # well formed, but no such day (02-30), or out of range
+        moment = None
+    if moment is None:
+        messages.error(request, "Give a time as YYYY-MM-DD HH:MM:SS (UTC).")
+        return None
+    return moment.replace(microsecond=0)
+
+
+@login_required
+@require_POST
+def restore_to_time(request, pk: int):
+    instance = _my_instance(request, pk)
+    until = _time_asked(request)
+    if until is not None:
+        try:
+            services.request_restore(instance=instance, until=until, by=request.user)
+        except (services.WrongStatus, services.SnapshotBusy, services.OutsideWindow) as exc:
+            messages.error(request, str(exc))
+    return redirect("instance", pk=instance.pk)
+
+
+@login_required
+@require_POST
+def clone_at_time(request, pk: int):
+    source = _my_instance(request, pk)
+    until = _time_asked(request)
+    if until is None:
+        return redirect("instance", pk=source.pk)
+    name = request.POST.get("name", "").strip() or None
+    try:
+        instance = services.create_instance(
+            owner=request.user, kind=source.kind, name=name, options={}, from_instance=source, until=until
+        )
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    except (services.QuotaExceeded, services.NoCapacity) as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(
+            request, f"{instance.name} is being made from {source.name} as of {until:%Y-%m-%d %H:%M:%S} UTC."
+        )
+        return redirect("instance", pk=instance.pk)
+    return redirect("instance", pk=source.pk)
 
 
 @login_required

@@ -1,4 +1,5 @@
 import re
+from datetime import UTC
 from functools import cache
 
 from drf_spectacular.utils import extend_schema_field
@@ -9,7 +10,7 @@ from rest_framework.utils import html
 from ..engines import Engine
 from ..models import AccessToken, DeliveryStatus, Instance, Snapshot, Webhook, WebhookDelivery
 from ..options import Option, format_size
-from ..services import tokens
+from ..services import recovery_window, tokens
 from ..services.requests import NAME_RULE
 
 
@@ -20,6 +21,10 @@ class UsageSerializer(serializers.Serializer):
         help_text="Bytes of memory your instances reserve (all but stopped ones)."
     )
     memory_quota = serializers.IntegerField(help_text="The most bytes of memory your instances may reserve.")
+    snapshot_storage = serializers.IntegerField(
+        help_text="Bytes your snapshots and archived logs (point-in-time recovery) take in the store."
+    )
+    snapshot_quota = serializers.IntegerField(help_text="The most bytes your snapshots and archived logs may take.")
 
 
 class KindField(serializers.CharField):
@@ -43,11 +48,34 @@ class InstanceSerializer(serializers.ModelSerializer):
             "memory_reservation",
             "memory_limit",
             "timings",
+            "recovery_window",
             "created_at",
             "updated_at",
         ]
         extra_kwargs = {"timings": {"help_text": "Seconds each step of the create took, measured by the worker."}}
         read_only_fields = fields
+
+    recovery_window = serializers.SerializerMethodField(
+        help_text="The times a restore or clone may go back to, {from, to} in whole seconds (UTC); "
+        "null until the first snapshot of its timeline (an in-place restore begins a new one)."
+    )
+
+    @extend_schema_field(
+        {
+            "type": "object",
+            "nullable": True,
+            "properties": {
+                "from": {"type": "string", "format": "date-time"},
+                "to": {"type": "string", "format": "date-time"},
+            },
+        }
+    )
+    def get_recovery_window(self, instance: Instance) -> dict[str, str] | None:
+        window = recovery_window(instance)
+        if window is None:
+            return None
+        start, end = window
+        return {"from": start.strftime("%Y-%m-%dT%H:%M:%SZ"), "to": end.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 class SnapshotSerializer(serializers.ModelSerializer):
@@ -75,8 +103,31 @@ class SnapshotSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class WholeSecondField(serializers.DateTimeField):
+    """An ISO 8601 time, in UTC and cut to its whole second (a time without a zone is UTC)."""
+
+    def to_internal_value(self, value):
+        moment = super().to_internal_value(value)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC).replace(microsecond=0)
+
+
 class RestoreSerializer(serializers.Serializer):
-    snapshot = serializers.IntegerField(min_value=1, help_text="The id of a ready snapshot of yours of this kind.")
+    snapshot = serializers.IntegerField(
+        min_value=1, required=False, help_text="The id of a ready snapshot of yours of this kind."
+    )
+    time = WholeSecondField(
+        required=False,
+        help_text="Instead of a snapshot: the time (ISO 8601, cut to its whole second) to bring the data back "
+        "to; the restore holds exactly the writes committed before that second began. It must be within the "
+        "instance's recovery_window.",
+    )
+
+    def validate(self, attrs):
+        if ("snapshot" in attrs) == ("time" in attrs):
+            raise serializers.ValidationError("Give either a snapshot or a time, not both.")
+        return attrs
 
 
 class EventSerializer(serializers.Serializer):
@@ -204,6 +255,16 @@ def create_serializer(engine: Engine, *, form: bool = False) -> type[CreateInsta
             min_value=1,
             help_text="A clone: the id of a ready snapshot of yours of this kind, whose data the new instance "
             "starts with, with new credentials. Its source's options apply unless given here.",
+        ),
+        "from_instance": serializers.IntegerField(
+            required=False,
+            allow_null=not form,
+            min_value=1,
+            help_text="A clone of an instance of yours of this kind as it was at `time` (within its "
+            "recovery_window), with new credentials.",
+        ),
+        "time": WholeSecondField(
+            required=False, allow_null=not form, help_text="With from_instance: the time to clone it as of."
         ),
     }
     name = f"{engine.kind.capitalize()}Create{'Form' if form else ''}Serializer"

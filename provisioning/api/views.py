@@ -74,7 +74,7 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     def get_queryset(self):
         instances = Instance.objects.visible().filter(owner=self.request.user, kind=self.kwargs["kind"])
         if self.action in ("list", "retrieve"):  # they never show passwords: skip decrypting them
-            instances = instances.defer("password", "admin_password")
+            instances = services.with_first_base(instances.defer("password", "admin_password"))
         return instances
 
     @extend_schema(responses={202: InstanceSerializer}, summary="Create an instance; it starts in the background")
@@ -87,8 +87,22 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         name = options.pop("name", None)
         source = options.pop("from_snapshot", None)
         snapshot = None if source is None else _own_snapshot(request, kind, source)
+        origin, until = options.pop("from_instance", None), options.pop("time", None)
+        if origin is not None and snapshot is not None:
+            raise exceptions.ValidationError({"from_instance": "Give either from_snapshot or from_instance, not both."})
+        if until is not None and origin is None:
+            raise exceptions.ValidationError({"time": "A time goes with from_instance."})
+        source_instance = None if origin is None else self.get_queryset().filter(pk=origin).first()
+        if origin is not None and source_instance is None:
+            raise exceptions.NotFound(f"You have no {kind} instance {origin}.")
         instance = services.create_instance(
-            owner=request.user, kind=kind, name=name, options=options, from_snapshot=snapshot
+            owner=request.user,
+            kind=kind,
+            name=name,
+            options=options,
+            from_snapshot=snapshot,
+            from_instance=source_instance,
+            until=until,
         )
         # A plain dict: the browsable API then offers an empty create form again, not this answer.
         return Response(dict(InstanceSerializer(instance).data), status=status.HTTP_202_ACCEPTED)
@@ -156,13 +170,22 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     @extend_schema(request=RestoreSerializer, responses={202: InstanceSerializer, 404: None, 409: None})
     @action(detail=True, methods=["post"])
     def restore(self, request, kind: str, pk: int):
-        """Put a snapshot's data in place of the instance's: `restoring`, then `running`, with the
-        same credentials. Allowed while running or unhealthy."""
+        """Put a snapshot's data in place of the instance's, or its data as of a time in its
+        recovery window: `restoring`, then `running`, with the same credentials, on a new timeline.
+        Allowed while running or unhealthy; a time outside the window is refused (400)."""
         instance = self.get_object()
         serializer = RestoreSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        snapshot = _own_snapshot(request, kind, serializer.validated_data["snapshot"])
-        instance = services.request_restore(instance=instance, snapshot=snapshot, by=request.user)
+        if "time" in serializer.validated_data:
+            try:
+                instance = services.request_restore(
+                    instance=instance, until=serializer.validated_data["time"], by=request.user
+                )
+            except services.OutsideWindow as exc:
+                raise exceptions.ValidationError({"time": [str(exc)]}) from None
+        else:
+            snapshot = _own_snapshot(request, kind, serializer.validated_data["snapshot"])
+            instance = services.request_restore(instance=instance, snapshot=snapshot, by=request.user)
         return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(responses=EventSerializer(many=True))

@@ -10,7 +10,7 @@ from typing import IO, TYPE_CHECKING, Any
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from ..engines import Endpoint, engines, get_engine
+from ..engines import Endpoint, LogArchive, Replay, engines, get_engine
 from ..errors import BackendError
 from . import listeners
 from .disks import DISK_FULL
@@ -43,6 +43,8 @@ class BaseBackend:
     # service moves a stopped instance to a free port when a stranger took its own. A backend that
     # fixes the port when it creates the server leaves it False, and such a start fails instead.
     moves_ports = False
+    # Whether `archive_logs` and `restore(..., replay)` work: point-in-time recovery.
+    point_in_time = False
 
     def __init__(self, alias: str, **options: Any):
         self.alias = alias
@@ -77,15 +79,21 @@ class BaseBackend:
         """Replace the user's password on the running server; the old one must stop working."""
         raise NotImplementedError("Backends must implement set_password().")
 
-    def snapshot(self, instance: "Instance", out: IO[bytes]) -> None:
+    def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         """Write a consistent copy of the running instance's data to `out`, as its engine takes it
-        (`Engine.snapshot`), while the server goes on serving; raise BackendError if it cannot."""
+        (`Engine.snapshot`), while the server goes on serving; raise BackendError if it cannot.
+        Returns where the log after it begins, "" if it cannot be a point-in-time base."""
         raise BackendError(f"The {self.alias} backend cannot take snapshots.")
 
-    def restore(self, instance: "Instance", snapshot: IO[bytes]) -> None:
-        """Stop the server, replace its data with `snapshot` (`Engine.restore`), and start it as at
-        its first start, so its accounts and passwords are the instance's own; return once the
-        user's login works. Safe to call again after it was cut short."""
+    def archive_logs(self, instance: "Instance", archive: LogArchive) -> None:
+        """Copy the running server's closed log files into `archive` (`Engine.archive_logs`)."""
+        raise BackendError(f"The {self.alias} backend cannot archive logs.")
+
+    def restore(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
+        """Stop the server, replace its data with `snapshot` and, with `replay`, the logged writes
+        after it up to a time (`Engine.restore`), and start it as at its first start, so its
+        accounts and passwords are the instance's own; return once the user's login works. Safe to
+        call again after it was cut short."""
         raise BackendError(f"The {self.alias} backend cannot restore snapshots.")
 
     def enforce_disk_limit(self, instance: "Instance") -> str | None:

@@ -1,4 +1,4 @@
-"""Helper programs beside a containerised server (snapshots and restores on the Docker backend).
+"""Helper programs beside a containerised server (snapshots, log archiving and restores on the Docker backend).
 
 They run in a container: the instance's own while its server runs (`docker exec`), or, while it is
 stopped, a helper container of the same image with the instance's disk mounted. Either way they run

@@ -18,12 +18,13 @@ whose size the reconciler watches. `data` and `tmp` exist only inside that files
 container that Docker starts by itself before the portal mounted it (after the host restarted)
 fails to start, instead of writing its data outside its limit; the portal's next start mounts it.
 
-Snapshots and restores run the engine's helper programs in a container (see `containers`): the
-instance's own while it runs, or a helper container of the same image, as the same uid, with the
-instance's `disk/` mounted, while it is stopped. `disk/` is root's, so the uid cannot put a symlink in
-place of `data` or `tmp` (Docker follows one in a mount's source): a restore lets the uid's group
-write there only while nothing but the helper runs as it, then gives it back to root and checks that
-`data` and `tmp` are the uid's folders before the container starts.
+Snapshots, log archiving (point-in-time recovery) and restores run the engine's helper programs in a
+container (see `containers`): the instance's own while it runs, or a helper container of the same
+image, as the same uid, with the instance's `disk/` mounted, while it is stopped (a restore to a time
+replays the log there too). `disk/` is root's, so the uid cannot put a symlink in place of `data` or
+`tmp` (Docker follows one in a mount's source): a restore lets the uid's group write there only while
+nothing but the helper runs as it, then gives it back to root and checks that `data` and `tmp` are
+the uid's folders before the container starts.
 """
 
 import dataclasses
@@ -39,7 +40,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from ..engines import Container, Endpoint, Layout, engines, get_engine
+from ..engines import Container, Endpoint, Layout, LogArchive, Replay, engines, get_engine
 from . import files
 from .base import BackendError, BaseBackend
 from .containers import DockerBeside, exec_in
@@ -83,6 +84,7 @@ def docker_proxies(*, port: int | None, container_addresses: set[str]) -> set[in
 
 class DockerBackend(BaseBackend):
     poll_interval = 0.1
+    point_in_time = True
 
     def __init__(
         self,
@@ -286,16 +288,26 @@ class DockerBackend(BaseBackend):
         if (directory / IMAGE).exists() and not os.path.ismount(directory / DISK):  # the host restarted
             self.disks.mount(directory / IMAGE, directory / DISK)
 
-    def snapshot(self, instance: "Instance", out: IO[bytes]) -> None:
+    def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
+        with self._beside(instance) as beside:
+            return get_engine(instance.kind).snapshot(instance, beside, out, archive)
+
+    def archive_logs(self, instance: "Instance", archive: LogArchive) -> None:
+        with self._beside(instance) as beside:
+            get_engine(instance.kind).archive_logs(instance, beside, archive)
+
+    @contextmanager
+    def _beside(self, instance: "Instance") -> Iterator[DockerBeside]:
+        """Programs in the instance's own running container, as its uid; the portal's clients
+        through its checked socket."""
         containers = self._own(instance)
         if not containers:
             raise BackendError(GONE)
         with self._admin(instance) as admin:
             execute = partial(self._exec, containers[0], user=self._user(instance))
-            beside = DockerBeside(layout=self.layout(instance), endpoint=admin, execute=execute)
-            get_engine(instance.kind).snapshot(instance, beside, out)
+            yield DockerBeside(layout=self.layout(instance), endpoint=admin, execute=execute)
 
-    def restore(self, instance: "Instance", snapshot: IO[bytes]) -> None:
+    def restore(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
         engine = get_engine(instance.kind)
         containers = self._own(instance)
         if not containers:
@@ -311,7 +323,7 @@ class DockerBackend(BaseBackend):
             beside = DockerBeside(
                 layout=dataclasses.replace(layout, data=data, tmp=tmp), endpoint=None, execute=execute
             )
-            engine.restore(instance, beside, snapshot)
+            engine.restore(instance, beside, snapshot, replay)
         (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
         # As at the first start: the accounts are made again from the instance's own credentials.
         self._write_files(instance, engine.container_restored(instance, layout))

@@ -5,12 +5,16 @@ backend. Tests select it through settings (STOCKROOM_BACKENDS["fake"], STOCKROOM
 and reach it with get_backend("fake").
 """
 
+import io
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 
+from ..engines import LogArchive, Replay
 from .base import BackendError, BaseBackend
 
 if TYPE_CHECKING:
@@ -26,6 +30,14 @@ class Server:
     password: str
     running: bool = True
     data: dict[str, Any] = field(default_factory=dict)  # survives stop, start and restart; not destroy
+    # Every write since the server's data was last replaced, as [unix time, key, value], and how
+    # many of them are archived: its log, as a binary log or append-only file would hold it.
+    log: list[list[Any]] = field(default_factory=list)
+    archived: int = 0
+
+    def write(self, key: str, value: Any, *, at: float | None = None) -> None:
+        self.data[key] = value
+        self.log.append([time.time() if at is None else at, key, value])
 
 
 class NotAnswering(ConnectionRefusedError):
@@ -44,8 +56,10 @@ class FakeBackend(BaseBackend):
         "remove_orphan",
         "snapshot",
         "restore",
+        "archive_logs",
     )
     moves_ports = True  # a start serves the instance on the port it has then, as the local backend does
+    point_in_time = True
 
     def __init__(self, alias: str, **options: Any):
         super().__init__(alias, **options)
@@ -129,20 +143,46 @@ class FakeBackend(BaseBackend):
         if server.password != instance.password:
             raise BackendError("The server started, but the user's login was refused.")
 
-    def snapshot(self, instance: "Instance", out: IO[bytes]) -> None:
+    def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         self._enter("snapshot", instance.pk)
         server = self._server(instance)
         if not server.running:
             raise BackendError("The server is not running.")
         with self.lock:
             out.write(json.dumps(server.data).encode())
+            return str(len(server.log))  # the log after it: the writes from this one on
 
-    def restore(self, instance: "Instance", snapshot: IO[bytes]) -> None:
+    def archive_logs(self, instance: "Instance", archive: LogArchive) -> None:
+        self._enter("archive_logs", instance.pk)
+        server = self._server(instance)
+        if not server.running:
+            raise BackendError("The server is not running.")
+        before = time.time()
+        with self.lock:
+            first, server.archived = server.archived, len(server.log)
+            closed = server.log[first:]
+
+        # A file per pass, named by the position of its first write, as binary logs are numbered.
+        def fill(out: IO[bytes]) -> None:
+            out.write(json.dumps(closed).encode())
+
+        archive.save(f"{first:09d}", fill)
+        archive.covered(datetime.fromtimestamp(before, UTC))
+
+    def restore(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
         self._enter("restore", instance.pk)
         server = self._server(instance)
         data = json.loads(snapshot.read())
+        if replay is not None:
+            for log in sorted(replay.logs, key=lambda log: log.name):
+                with log.open() as file:
+                    writes = json.load(io.TextIOWrapper(file))
+                for position, (at, key, value) in enumerate(writes, start=int(log.name)):
+                    if position >= int(replay.start) and at < replay.until.timestamp():
+                        data[key] = value
         with self.lock:
             server.data, server.running, server.password = data, True, instance.password
+            server.log, server.archived = [], 0
 
     def set_password(self, instance: "Instance", password: str) -> None:
         self._enter("set_password", instance.pk)

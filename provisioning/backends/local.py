@@ -32,7 +32,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from ..engines import Endpoint, Layout, engines, get_engine
+from ..engines import Endpoint, Layout, LogArchive, Replay, engines, get_engine
 from . import files, processes
 from .base import BackendError, BaseBackend
 from .cgroups import Cgroups
@@ -68,6 +68,7 @@ class LocalBackend(BaseBackend):
     """
 
     moves_ports = True
+    point_in_time = True
 
     def __init__(
         self,
@@ -188,11 +189,15 @@ class LocalBackend(BaseBackend):
                 write=lambda name, text: files.write(directory / name, text, group=group),
             )
 
-    def snapshot(self, instance: "Instance", out: IO[bytes]) -> None:
+    def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         with self._beside(instance) as beside:
-            get_engine(instance.kind).snapshot(instance, beside, out)
+            return get_engine(instance.kind).snapshot(instance, beside, out, archive)
 
-    def restore(self, instance: "Instance", snapshot: IO[bytes]) -> None:
+    def archive_logs(self, instance: "Instance", archive: LogArchive) -> None:
+        with self._beside(instance) as beside:
+            get_engine(instance.kind).archive_logs(instance, beside, archive)
+
+    def restore(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
         engine = get_engine(instance.kind)
         directory, layout, user = self.directory(instance), self.layout(instance), self.user(instance)
         self.stop(instance)
@@ -201,7 +206,7 @@ class LocalBackend(BaseBackend):
             self.disks.mount(directory / IMAGE, directory / SERVER)
         setup = engine.local_setup(instance, layout, self)
         with self._beside(instance) as beside:
-            engine.restore(instance, beside, snapshot)
+            engine.restore(instance, beside, snapshot, replay)
             # The server's folders, made again if the snapshot lacked one: as its uid, since they
             # are the tenant's (root would follow a symlink put in their place).
             beside.run(["mkdir", "-p", "-m", "0700", "--", *map(str, setup.dirs)])

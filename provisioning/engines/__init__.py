@@ -6,7 +6,19 @@ from functools import cache
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from .base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, OptionErrors
+from .base import (
+    ArchivedLog,
+    Beside,
+    Container,
+    Endpoint,
+    Engine,
+    Host,
+    Layout,
+    LocalSetup,
+    LogArchive,
+    OptionErrors,
+    Replay,
+)
 
 
 class UnknownKind(LookupError):
@@ -32,6 +44,9 @@ def get_engine(kind: str) -> Engine:
 
 
 __all__ = [
+    "ArchivedLog",
+    "LogArchive",
+    "Replay",
     "Beside",
     "Container",
     "Endpoint",

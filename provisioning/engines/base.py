@@ -7,8 +7,10 @@ pages and admin ask the engine and never branch on the kind. Adding a kind means
 `provisioning/engines/` and one line in STOCKROOM_ENGINES.
 """
 
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path, PurePath, PurePosixPath
 from subprocess import CompletedProcess
@@ -17,6 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from django.template import Context
 from django.template import Engine as TemplateEngine
 
+from ..errors import BackendError
 from ..options import Option, OptionError
 
 if TYPE_CHECKING:
@@ -139,6 +142,89 @@ class Beside(Protocol):
         program, and nobody else, may read it; it is never written to a disk.
         """
         ...
+
+
+class LogArchive(Protocol):
+    """Where an engine puts the closed log files of one instance's timeline (binary logs, the
+    incremental files of an append-only file): off the instance's disk, in the snapshots storage.
+    """
+
+    def names(self) -> set[str]:
+        """The names of the files already archived."""
+        ...
+
+    def save(self, name: str, fill: Callable[[IO[bytes]], None]) -> None:
+        """Keep as `name` what fill(out) writes to `out`: a closed log file, as the server wrote it."""
+        ...
+
+    def covered(self, until: datetime) -> None:
+        """Every write the server made before `until` is now in an archived file."""
+        ...
+
+
+@dataclass(frozen=True)
+class ArchivedLog:
+    """One archived log file, as a restore reads it."""
+
+    name: str
+    # No write in it is older than this whole second; None: unknown, so it may hold any.
+    opened_at: datetime | None
+    open: Callable[[], IO[bytes]]
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What a point-in-time restore replays on top of its base snapshot."""
+
+    start: str  # where the log after the base begins, as the engine's `snapshot` returned it
+    until: datetime  # a whole second (UTC): every write before it, and none at or after it
+    logs: Sequence[ArchivedLog]  # the archive of the base's timeline, in the order it was archived
+
+
+class TooLarge(BackendError):
+    """A copy passed the most it may take."""
+
+
+class Bounded:
+    """A file that takes at most `limit` bytes; a write past it raises TooLarge (which stops the
+    helper program that writes through it)."""
+
+    def __init__(self, file: IO[bytes], limit: int, why: str):
+        self.file, self.left, self.why = file, limit, why
+
+    def write(self, data: bytes) -> int:
+        self.left -= len(data)
+        if self.left < 0:
+            raise TooLarge(self.why)
+        return self.file.write(data)
+
+
+SMALL = 64 * 1024  # the most a listing or a note of the server's folder may take
+
+
+def read_small(beside: "Beside", argv: list[str], what: str) -> str:
+    """The output of `argv` (a `read_out` of a note, an `ls`) beside the server, which the uid may
+    make as long as it likes: at most SMALL bytes, else BackendError naming `what`."""
+    out = io.BytesIO()
+    beside.run(argv, stdout=Bounded(out, SMALL, f"{what} is longer than {SMALL} bytes."))  # type: ignore[arg-type]
+    return out.getvalue().decode(errors="replace")
+
+
+def reading(path: PurePath) -> list[str]:
+    """The command that writes the file at `path` to its output, as `read_out` says."""
+    return ["dd", "iflag=nofollow,nonblock", "bs=1M", "status=none", f"if={path}"]
+
+
+def read_out(beside: "Beside", path: PurePath) -> Callable[[IO[bytes]], None]:
+    """What copies the file at `path`, read beside the server (as its uid), to a given output: how
+    an engine hands a file of the server's folder to `LogArchive.save` or a snapshot. The uid may
+    have put anything there: it is never read through a symlink (which could lead to a file the uid
+    may read but not copy, as its ACL file), nor waited on as a FIFO (it reads as empty)."""
+
+    def copy(out: IO[bytes]) -> None:
+        beside.run(reading(path), stdout=out)
+
+    return copy
 
 
 # Putting a new folder in place of an old one, beside a server (as its uid): the old goes aside, the
@@ -340,16 +426,29 @@ class Engine:
     # The file name suffix of this kind's snapshots (what `snapshot` writes).
     snapshot_suffix: str = "snapshot"
 
-    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes]) -> None:
+    # Whether `archive_logs` and `restore(..., replay=…)` work: point-in-time recovery.
+    point_in_time: bool = False
+
+    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes], archive: LogArchive | None = None) -> str:
         """Write a consistent copy of the running server's data to `out`, while it goes on serving
         reads and writes. The copy holds no password in plain text (hashes, as on the server's own
         disk, may be in it). Raise BackendError if it cannot be made.
+
+        Returns where the log that follows the copy begins (`Replay.start`, in the engine's own
+        notation), or "" if the copy cannot be the base of a point-in-time restore.
+        A kind whose copy closes a log file puts the closed file in `archive`, if given.
         """
         raise NotImplementedError("Engines must say how a snapshot is taken.")
 
-    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
+    def archive_logs(self, instance: "Instance", beside: Beside, archive: LogArchive) -> None:
+        """Close the running server's current log file (new writes go to a new one), copy every
+        closed file that `archive` lacks into it, then tell it up to when it is `covered`."""
+        raise NotImplementedError(f"{self.label} has no point-in-time recovery.")
+
+    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes], replay: Replay | None = None) -> None:
         """Replace the stopped server's data with `snapshot` (what `snapshot` wrote, maybe of
-        another instance of this kind). The backend then starts the server as at its first start
+        another instance of this kind), and with `replay`, the logged writes after it up to
+        `replay.until`. The backend then starts the server as at its first start
         (`LocalSetup.first_start_args`), so its accounts are the instance's own again, whatever
         the snapshot held. Safe to call again after it was cut short.
         """

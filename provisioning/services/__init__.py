@@ -8,6 +8,7 @@ call these and nothing below them writes.
 - healing: the healing policy, the only writer of restart counting and backoff;
 - state: the transition table and the one function that changes a status;
 - snapshots: taking, restoring and cloning snapshots of an instance's data;
+- logs: point-in-time recovery: archived log files, the recovery window, replays;
 - webhooks: registering receivers and sending them each status change.
 """
 
@@ -15,6 +16,8 @@ from .actions import ACTIONS, DELETABLE, Action
 from .capacity import NoCapacity, QuotaExceeded, Usage, usage
 from .claims import Busy
 from .healing import heal
+from .logs import OutsideWindow, recovery_window, with_first_base
+from .logs import archive as archive_logs
 from .ports import NoFreePort
 from .requests import WrongStatus, create_instance, delete_instance, request_action
 from .snapshots import SnapshotBusy, delete_snapshot, request_restore, request_snapshot
@@ -29,6 +32,10 @@ __all__ = [
     "DELETABLE",
     "Action",
     "Busy",
+    "OutsideWindow",
+    "archive_logs",
+    "recovery_window",
+    "with_first_base",
     "SnapshotBusy",
     "NoCapacity",
     "NoFreePort",

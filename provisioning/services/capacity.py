@@ -22,6 +22,7 @@ from django.db.models import Q, Sum
 
 from ..models import Instance, Lock
 from ..options import describe_size
+from . import store
 
 HOST_LOCK = "memory-budget"
 
@@ -54,6 +55,8 @@ class Usage:
     instance_quota: int
     memory_reserved: int  # bytes, by the instances that reserve memory (all live ones but stopped)
     memory_quota: int
+    snapshot_storage: int  # bytes of ready snapshots and archived logs
+    snapshot_quota: int
 
 
 def usage(owner: User) -> Usage:
@@ -65,6 +68,8 @@ def usage(owner: User) -> Usage:
         instance_quota=settings.STOCKROOM_QUOTA,
         memory_reserved=reserved["total"],
         memory_quota=settings.STOCKROOM_MEMORY_QUOTA,
+        snapshot_storage=store.stored(owner),
+        snapshot_quota=settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES,
     )
 
 

@@ -5,6 +5,7 @@ transaction commits."""
 import logging
 import re
 import secrets
+from datetime import datetime
 from typing import Any
 
 from django.contrib.auth.models import User
@@ -15,7 +16,7 @@ from .. import crypto
 from ..backends.base import get_backend
 from ..engines import OptionErrors, get_engine
 from ..models import Instance, Snapshot, SnapshotStatus, Status
-from . import capacity, jobs
+from . import capacity, jobs, logs
 from .actions import ACTIONS, DELETABLE
 from .capacity import NoCapacity, QuotaExceeded
 from .claims import Busy
@@ -43,6 +44,8 @@ def create_instance(
     options: dict[str, Any],
     name: str | None = None,
     from_snapshot: Snapshot | None = None,
+    from_instance: Instance | None = None,
+    until: datetime | None = None,
 ) -> Instance:
     """Validate, reserve a port and record the instance; a worker starts it after commit.
 
@@ -52,6 +55,13 @@ def create_instance(
     NoCapacity (no room on the host: memory or ports, 503).
     """
     engine = get_engine(kind)
+    if from_instance is not None:  # a clone of the instance as it was at `until`
+        if until is None:
+            raise ValidationError({"time": "A clone of an instance needs the time to clone it as of."})
+        try:
+            from_snapshot = logs.base_for(from_instance, until)
+        except logs.OutsideWindow as exc:
+            raise ValidationError({"time": str(exc)}) from None
     if from_snapshot is not None:
         if from_snapshot.status != SnapshotStatus.READY:
             raise ValidationError(
@@ -90,9 +100,12 @@ def create_instance(
             database=engine.database,
             username=engine.username,
             restore_from=from_snapshot,
+            restore_until=until if from_instance is not None else None,
         )
         save_with_free_port(instance, backend)
         source = f" as a clone of snapshot {from_snapshot.pk}" if from_snapshot else ""
+        if from_instance is not None and until is not None:
+            source = f" as a clone of instance {from_instance.pk} at {until:%Y-%m-%d %H:%M:%S} UTC"
         record_event(instance, "", Status.PROVISIONING, f"Requested by {owner}{source}.")
         transaction.on_commit(lambda: enqueue("provision_instance", instance, revert_to=Status.FAILED))
     logger.info("Instance %s (%s) requested by %s on port %s", instance.pk, kind, owner, instance.port)

@@ -7,9 +7,7 @@ worker holds its claim, so no restore, stop or delete runs at the same time. A r
 instance to `restoring` and back to `running`.
 """
 
-import hashlib
 import logging
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -17,17 +15,15 @@ from typing import IO, Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.core.files import File
-from django.core.files.storage import Storage, storages
 from django.db import transaction
-from django.db.models import Count, Max, Q, Sum
+from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 from ..backends.base import BackendError, BaseBackend
 from ..engines import get_engine
 from ..models import Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status
 from ..options import backup_options, describe_size
-from . import capacity, healing, jobs
+from . import capacity, healing, jobs, logs, store
 from .capacity import QuotaExceeded
 from .claims import work_on
 from .outcomes import describe
@@ -36,8 +32,6 @@ from .state import Side, record_event, transition
 
 logger = logging.getLogger(__name__)
 
-STORAGE = "snapshots"  # the alias in STORAGES
-CHUNK = 1024 * 1024
 INTERVAL, RETENTION = backup_options()
 BACKUP_COMPLETED = "instance.backup_completed"  # webhook types of a snapshot's outcome
 BACKUP_FAILED = "instance.backup_failed"
@@ -45,10 +39,6 @@ BACKUP_FAILED = "instance.backup_failed"
 
 class SnapshotBusy(Exception):
     """The snapshot cannot be used or removed now (409): it is being made, or being restored."""
-
-
-def storage() -> Storage:
-    return storages[STORAGE]
 
 
 # The request side ---------------------------------------------------------------------
@@ -83,45 +73,15 @@ def _new(instance: Instance, trigger: str, **fields: Any) -> Snapshot:
     )
 
 
-def room(owner: User, *, besides: Snapshot | None = None) -> int:
-    """Bytes left of the owner's snapshot quota. A snapshot still being made counts as its
-    instance's whole disk (the most it can take: its copy is cut off there), so snapshots made at
-    once cannot together pass the quota."""
-    made = Snapshot.objects.filter(owner=owner, status=SnapshotStatus.READY).aggregate(total=Sum("size_bytes"))
-    making = Snapshot.objects.filter(owner=owner, status=SnapshotStatus.CREATING, instance__isnull=False)
-    if besides is not None:
-        making = making.exclude(pk=besides.pk)
-    reserved = sum(instance.disk_limit for instance in Instance.objects.filter(snapshots__in=making))
-    return settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES - (made["total"] or 0) - reserved
-
-
 def check_quota(owner: User) -> None:
     """Raise QuotaExceeded if the owner's snapshots (those being made counted at their most) leave
     no room for another."""
-    if room(owner) <= 0:
+    if store.room(owner) <= 0:
         quota = settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES
         raise QuotaExceeded(
             f"Your snapshots, with those being made, take all of your {describe_size(quota)} snapshot quota; "
             "delete some before taking another."
         )
-
-
-class TooLarge(BackendError):
-    """A snapshot's copy passed the most it may take."""
-
-
-class _Bounded:
-    """A file that takes at most `limit` bytes; a write past it raises TooLarge (which stops the
-    helper program that writes through it)."""
-
-    def __init__(self, file: IO[bytes], limit: int, why: str):
-        self.file, self.left, self.why = file, limit, why
-
-    def write(self, data: bytes) -> int:
-        self.left -= len(data)
-        if self.left < 0:
-            raise TooLarge(self.why)
-        return self.file.write(data)
 
 
 def _send_take(snapshot: Snapshot) -> None:
@@ -132,22 +92,34 @@ def _send_take(snapshot: Snapshot) -> None:
         _finish(snapshot, SnapshotStatus.FAILED, f"The job could not be queued ({type(exc).__name__}). Try again.")
 
 
-def request_restore(*, instance: Instance, snapshot: Snapshot, by: object) -> Instance:
-    """Move the instance to `restoring`; a worker puts the snapshot's data in after commit.
+def request_restore(
+    *, instance: Instance, snapshot: Snapshot | None = None, until: datetime | None = None, by: object
+) -> Instance:
+    """Move the instance to `restoring`; a worker puts the snapshot's data in after commit, or with
+    `until` (a whole second), its data as of that time. Either way a new timeline begins.
 
     The caller has checked that the snapshot is the owner's and of the instance's kind. Raises
-    SnapshotBusy unless the snapshot is ready, WrongStatus unless the instance runs.
+    SnapshotBusy unless the snapshot is ready, WrongStatus unless the instance runs, and
+    logs.OutsideWindow if `until` is outside the recovery window.
     """
+    if until is not None:
+        if instance.status not in (Status.RUNNING, Status.UNHEALTHY):
+            raise WrongStatus(instance, "restore")
+        snapshot = logs.base_for(instance, until)
+        what = f"Restore to {until:%Y-%m-%d %H:%M:%S} UTC (from snapshot {snapshot.pk})"
+    else:
+        assert snapshot is not None, "a restore needs a snapshot or a time"
+        what = f"Restore of snapshot {snapshot.pk}"
     if snapshot.status != SnapshotStatus.READY:
         raise SnapshotBusy(f"Snapshot {snapshot.pk} is {snapshot.status}; only a ready snapshot can be restored.")
     previous = Status(instance.status)
     if not transition(
         instance,
         Status.RESTORING,
-        f"Restore of snapshot {snapshot.pk} requested by {by}.",
+        f"{what} requested by {by}.",
         side=Side.REQUEST,
         allowed_from=(Status.RUNNING, Status.UNHEALTHY),
-        also={"restore_from": snapshot},
+        also={"restore_from": snapshot, "restore_until": until, "timeline": instance.timeline + 1},
     ):
         instance.refresh_from_db()
         raise WrongStatus(instance, "restore")
@@ -169,7 +141,7 @@ def delete_snapshot(*, snapshot: Snapshot) -> None:
     if why := busy(snapshot):
         raise SnapshotBusy(why)
     if snapshot.file:
-        storage().delete(snapshot.file)
+        store.storage().delete(snapshot.file)
     snapshot.delete()
 
 
@@ -188,20 +160,16 @@ def take(snapshot_id: int) -> None:
 
 
 def _take(instance: Instance, backend: BaseBackend, snapshot: Snapshot) -> None:
-    wanted = f"{instance.kind}/{instance.pk}/{snapshot.pk}.{get_engine(instance.kind).snapshot_suffix}"
-    name = ""
+    path = f"{instance.kind}/{instance.pk}/{snapshot.pk}.{get_engine(instance.kind).snapshot_suffix}"
+    log_start = ""
+
+    def fill(out: IO[bytes]) -> None:
+        nonlocal log_start
+        log_start = backend.snapshot(instance, out, logs.Archive(instance))
+
     try:
-        out = _limited(instance, snapshot)
-        # An unnamed file while it is written: a worker killed here leaves nothing behind.
-        with tempfile.TemporaryFile(dir=settings.STOCKROOM_SNAPSHOT_DIR) as partial:
-            backend.snapshot(instance, _Bounded(partial, *out))  # type: ignore[arg-type]
-            partial.seek(0)
-            checksum, size = _digest(partial)
-            partial.seek(0)
-            name = storage().save(wanted, File(partial))
+        name, checksum, size = store.keep(path, fill, most=store.limit(instance, besides=snapshot))
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
-        if not name and storage().exists(wanted) and not Snapshot.objects.filter(file=wanted).exists():
-            storage().delete(wanted)  # a save cut short (a full disk) leaves a part of the file
         if _finish(snapshot, SnapshotStatus.FAILED, describe("The snapshot failed", instance, exc)):
             _announce(instance, snapshot)
         return
@@ -213,23 +181,13 @@ def _take(instance: Instance, backend: BaseBackend, snapshot: Snapshot) -> None:
         size_bytes=size,
         checksum=checksum,
         expires_at=_expiry(snapshot.trigger),
+        timeline=instance.timeline,
+        log_start=log_start,
     ):
-        storage().delete(name)  # it was given up meanwhile
+        store.storage().delete(name)  # it was given up meanwhile
         return
     _announce(instance, snapshot)
     logger.info("Snapshot %s of instance %s: %s bytes", snapshot.pk, instance.pk, size)
-
-
-def _limited(instance: Instance, snapshot: Snapshot) -> tuple[int, str]:
-    """The most bytes the snapshot may take, and why: no more than the instance's disk holds (a
-    copy bigger than that is not its data: sparse files, say), nor than is left of the quota."""
-    disk, left = instance.disk_limit, room(instance.owner, besides=snapshot)
-    if left <= 0:
-        quota = describe_size(settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES)
-        raise BackendError(f"Your snapshots, with those being made, take all of your {quota} snapshot quota.")
-    if left < disk:
-        return left, f"The copy passed what is left of your snapshot quota ({describe_size(left)})."
-    return disk, f"The copy passed the instance's disk size ({describe_size(disk)}); it cannot be its data."
 
 
 def _announce(instance: Instance, snapshot: Snapshot) -> None:
@@ -289,30 +247,12 @@ def _finish(snapshot: Snapshot, status: SnapshotStatus, message: str, **fields: 
     return done
 
 
-def _digest(file: IO[bytes]) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    while chunk := file.read(CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    return f"sha256:{digest.hexdigest()}", size
-
-
 @contextmanager
 def verified(snapshot: Snapshot) -> Iterator[IO[bytes]]:
     """The snapshot's file, open from its start, once its checksum matches; BackendError if not."""
     if snapshot.status != SnapshotStatus.READY:
         raise BackendError(f"Snapshot {snapshot.pk} is {snapshot.status}, not ready.")
-    try:
-        file = storage().open(snapshot.file, "rb")
-    except FileNotFoundError:
-        raise BackendError(f"The file of snapshot {snapshot.pk} is missing.") from None
-    with file:
-        checksum, _ = _digest(file)
-        if checksum != snapshot.checksum:
-            raise BackendError(
-                f"Snapshot {snapshot.pk} is damaged (its checksum does not match); nothing was restored."
-            )
-        file.seek(0)
+    with store.open_checked(snapshot.file, snapshot.checksum, f"snapshot {snapshot.pk}") as file:
         yield file
 
 
@@ -323,14 +263,16 @@ def restore(instance_id: int) -> None:
 
 def restore_now(instance: Instance, backend: BaseBackend) -> None:
     """The worker's restore (also what recovery does again after a dead worker): the server ends
-    running with exactly the snapshot's data, or, if that fails, unhealthy for the reconciler to
-    start again, with its old data if the new never replaced it."""
-    snapshot = instance.restore_from
+    running with exactly the snapshot's data (or, restoring to a time, its data as of then), or, if
+    that fails, unhealthy for the reconciler to start again, with its old data if the new never
+    replaced it. A restored server's new timeline gets its first base snapshot at once."""
+    snapshot, until = instance.restore_from, instance.restore_until
     try:
         if snapshot is None:
             raise BackendError("The snapshot was deleted before it could be restored.")
+        replay = logs.replay_for(instance, backend, snapshot, until) if until is not None else None
         with verified(snapshot) as file:
-            backend.restore(instance, file)
+            backend.restore(instance, file, replay)
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
         message = describe("Restore failed", instance, exc)
         transition(
@@ -338,27 +280,52 @@ def restore_now(instance: Instance, backend: BaseBackend) -> None:
         )
         return
     healing.forget_restarts(instance)
-    message = f"Restored snapshot {snapshot.pk} of {snapshot.created_at:%Y-%m-%d %H:%M:%S} UTC; a login succeeded."
+    Instance.objects.filter(pk=instance.pk).update(archived_until=None)  # of the old timeline
+    instance.archived_until = None
+    if until is not None:
+        message = f"Restored to {until:%Y-%m-%d %H:%M:%S} UTC from snapshot {snapshot.pk}; a login succeeded."
+    else:
+        message = f"Restored snapshot {snapshot.pk} of {snapshot.created_at:%Y-%m-%d %H:%M:%S} UTC; a login succeeded."
+    message += _new_timeline_base(instance, backend)
     transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(Status.RESTORING,), also=_done())
 
 
+def _new_timeline_base(instance: Instance, backend: BaseBackend) -> str:
+    """Take the first base snapshot of the timeline a restore began, while the worker holds the
+    instance; a sentence for the restore's message if it could not be taken."""
+    if not get_engine(instance.kind).point_in_time:
+        return ""
+    snapshot = _new(
+        instance, SnapshotTrigger.AFTER_RESTORE, status_message="The base of the timeline the restore began."
+    )
+    _take(instance, backend, snapshot)
+    if snapshot.status != SnapshotStatus.READY:
+        return f" Its recovery window begins with its next snapshot ({snapshot.status_message})."
+    return ""
+
+
 def _done() -> dict[str, object]:
-    return {"restore_from": None}
+    return {"restore_from": None, "restore_until": None}
 
 
 # The reconciler's side ----------------------------------------------------------------
 
 
 def schedule_backups(*, now: datetime) -> int:
-    """Ask for the scheduled snapshots that are due: of each running instance whose last one (or,
-    before the first, its create) is `backup_interval_hours` old. One over the snapshot quota is
+    """Ask for the scheduled snapshots that are due: of each running instance whose last one is
+    `backup_interval_hours` old; the first STOCKROOM_FIRST_BACKUP_AFTER after its create (or its
+    interval, if shorter), so that its recovery window begins soon. One over the snapshot quota is
     recorded as failed, so that it is tried again an interval later, not at every pass."""
     last = Max("snapshots__created_at", filter=Q(snapshots__trigger=SnapshotTrigger.SCHEDULED))
     requested = 0
     for instance in Instance.objects.filter(status=Status.RUNNING).annotate(last_backup=last):
         hours = instance.options.get(INTERVAL.name, INTERVAL.default)
-        since: datetime = instance.last_backup or instance.created_at
-        if not hours or since + timedelta(hours=hours) > now:
+        if not hours:
+            continue
+        every = timedelta(hours=hours)
+        first = min(every, timedelta(seconds=settings.STOCKROOM_FIRST_BACKUP_AFTER))
+        due = instance.last_backup + every if instance.last_backup else instance.created_at + first
+        if due > now:
             continue
         try:
             request_snapshot(instance=instance, by="the backup schedule", trigger=SnapshotTrigger.SCHEDULED)
@@ -377,16 +344,20 @@ def schedule_backups(*, now: datetime) -> int:
     return requested
 
 
+AUTOMATIC = (SnapshotTrigger.SCHEDULED, SnapshotTrigger.AFTER_RESTORE)  # pruned by `backup_retention`
+
+
 def prune_backups() -> int:
-    """Remove the scheduled snapshots beyond each instance's `backup_retention`, oldest first
-    (ready and failed ones counted apart: a failure never pushes out a good backup)."""
+    """Remove the automatic snapshots (scheduled, and the bases restores took) beyond each
+    instance's `backup_retention`, oldest first (ready and failed ones counted apart: a failure
+    never pushes out a good backup)."""
     removed = 0
-    scheduled = Q(snapshots__trigger=SnapshotTrigger.SCHEDULED) & ~Q(snapshots__status=SnapshotStatus.CREATING)
-    candidates = Instance.objects.annotate(backups=Count("snapshots", filter=scheduled)).filter(backups__gt=1)
+    automatic = Q(snapshots__trigger__in=AUTOMATIC) & ~Q(snapshots__status=SnapshotStatus.CREATING)
+    candidates = Instance.objects.annotate(backups=Count("snapshots", filter=automatic)).filter(backups__gt=1)
     for instance in candidates:
         keep = instance.options.get(RETENTION.name, RETENTION.default)
         for status in (SnapshotStatus.READY, SnapshotStatus.FAILED):
-            old = Snapshot.objects.filter(instance=instance, trigger=SnapshotTrigger.SCHEDULED, status=status)[keep:]
+            old = Snapshot.objects.filter(instance=instance, trigger__in=AUTOMATIC, status=status)[keep:]
             for snapshot in old:
                 try:
                     delete_snapshot(snapshot=snapshot)

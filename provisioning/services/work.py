@@ -14,7 +14,7 @@ from django.utils import timezone
 from .. import crypto
 from ..backends.base import BackendError, BaseBackend, ServerExited
 from ..models import BUSY_STATUSES, Instance, Status
-from . import healing, jobs, ports, snapshots
+from . import healing, jobs, logs, ports, snapshots
 from .actions import ACTION_OF, ACTIONS
 from .claims import Busy, work_on
 from .outcomes import describe, stop_quietly, with_note
@@ -39,8 +39,10 @@ def _provision(instance: Instance, backend: BaseBackend) -> None:
         moved = ports.move_if_taken(instance, backend, creating=True)
         backend.create(instance)
         if instance.restore_from is not None:  # a clone: the snapshot's data, the new instance's accounts
-            with snapshots.verified(instance.restore_from) as file:
-                backend.restore(instance, file)
+            base, until = instance.restore_from, instance.restore_until
+            replay = logs.replay_for(instance, backend, base, until) if until is not None else None
+            with snapshots.verified(base) as file:
+                backend.restore(instance, file, replay)
         elif instance.restore_from_id is not None:
             raise BackendError("The snapshot to clone was deleted before the clone was made.")
     except ServerExited as exc:
@@ -58,7 +60,7 @@ def _provision(instance: Instance, backend: BaseBackend) -> None:
         with_note("Started; a login with the user's credentials succeeded.", moved),
         side=Side.WORKER,
         allowed_from=(Status.PROVISIONING,),
-        also={"timings": instance.timings, "restore_from": None},
+        also={"timings": instance.timings, "restore_from": None, "restore_until": None},
     ):
         logger.info("Instance %s is running on port %s", instance.pk, instance.port)
     else:  # someone else moved it on meanwhile; what they decided stands

@@ -15,9 +15,11 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import docker.errors
 import pymysql
 import pytest
 import redis
@@ -28,11 +30,12 @@ from provisioning.backends.docker import LABEL
 from provisioning.engines import get_engine
 from provisioning.engines.mysql import native_password_hash
 from provisioning.engines.redis import ADMIN_USERNAME, NO_RETRY, acl_password_hash
-from provisioning.models import Instance
+from provisioning.models import Instance, LogFile
 
 from .conftest import connects_as, port_refuses, wait_for_status
 from .test_confinement_local import DISKS, WRITES, mounts, set_disk_limit, with_disk
 from .test_lifecycle import act, mysql, running
+from .test_point_in_time import KINDS, Writes, iso, restore_to
 from .test_snapshots import config_of, create, execute, redis_client, restore, rows, snapshot_of, stored
 
 IMAGE = os.environ.get("STOCKROOM_TEST_DOCKER_IMAGE", "")
@@ -765,3 +768,91 @@ def test_a_restore_helper_is_confined_and_a_restore_cut_short_is_undone_by_the_n
     assert sorted(path.name for path in disk.iterdir()) == ["data", "tmp"]
     api.delete(f"/api/storage/mysql/instances/{pk}")
     wait_for_status(api, "mysql", pk, "gone", timeout=60)
+
+
+# Point-in-time recovery of containers -------------------------------------------------------------
+
+
+def watch_for_the_replay_server(backend, instance: Instance, seen: dict, done: threading.Event) -> None:
+    """Notes, in `seen`, the uid, network namespace and TCP listeners of the instance's MySQL replay
+    server (the `mariadbd` without grant tables) and the helper container's namespace, once it runs."""
+    uid = backend.uid(instance)
+    while not done.is_set() and not seen:
+        for entry in Path("/proc").iterdir():
+            try:
+                if not entry.name.isdigit() or entry.stat().st_uid != uid:
+                    continue
+                if b"--skip-grant-tables" not in (entry / "cmdline").read_bytes().split(b"\0"):
+                    continue
+                time.sleep(0.2)  # listening by now, if it ever does
+                tables = [(entry / "net" / name).read_text().splitlines()[1:] for name in ("tcp", "tcp6")]
+                helper = backend.client.containers.get(f"{backend.name(instance)}-helper")
+                seen.update(
+                    uid=entry.stat().st_uid,
+                    net=os.readlink(entry / "ns" / "net"),
+                    tcp=[line for table in tables for line in table if line.split()[3] == "0A"],
+                    helper_net=os.readlink(f"/proc/{helper.attrs['State']['Pid']}/ns/net"),
+                )
+                return
+            except (OSError, ValueError, docker.errors.DockerException):
+                continue
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("kind", ["redis", "mysql"])
+def test_a_container_restores_and_clones_to_a_time_with_exactly_the_writes_before_it(api, docker_settings, kind):
+    """The log is archived from the instance's own container; the replay runs in the restore's helper
+    container (MySQL: a private `mariadbd` of the image on the staged copy, before the swap)."""
+    backend = docker_settings()
+    writer, read, prepare = KINDS[kind]
+    instance = create(api, kind)
+    pk = instance["id"]
+    assert instance["recovery_window"] is None  # no base yet
+    config = config_of(api, kind, pk)
+    if kind == "redis":  # the container's server time-stamps its writes, and only the portal rewrites
+        client = redis_client(config)
+        settings = client.config_get("aof-timestamp-enabled") | client.config_get("auto-aof-rewrite-percentage")
+        assert settings == {"aof-timestamp-enabled": "yes", "auto-aof-rewrite-percentage": "0"}
+    prepare(config)
+    snapshot_of(api, kind, pk)
+    time.sleep(1)  # the window begins with the whole second after the base was finished
+    assert api.get(f"/api/storage/{kind}/instances/{pk}").json()["recovery_window"] is not None
+
+    # A write every 1.2 s for 12 s, the log archived twice meanwhile (as the reconciler does).
+    writes = Writes(writer(config))
+    writes.run(list(range(1, 11)), archive_after=(3, 7), pk=pk)
+    assert LogFile.objects.filter(instance_id=pk).count() >= 2
+
+    response = api.post(
+        f"/api/storage/{kind}/instances", {"from_instance": pk, "time": iso(writes.second_after(4))}, format="json"
+    )
+    assert response.status_code == 202, response.content
+    clone = wait_for_status(api, kind, response.json()["id"], "running", "failed", timeout=120)
+    assert clone["status"] == "running", clone["status_message"]
+    assert read(config_of(api, kind, clone["id"])) == [1, 2, 3, 4]
+
+    row = Instance.objects.get(pk=pk)
+    seen: dict = {}
+    done = threading.Event()
+    watcher = threading.Thread(target=watch_for_the_replay_server, args=(backend, row, seen, done))
+    watcher.start()
+    try:
+        restore_to(api, kind, pk, writes.second_after(5))
+    finally:
+        done.set()
+        watcher.join()
+    assert read(config) == [1, 2, 3, 4, 5]
+    if kind == "mysql":
+        # The replay's server ran in the helper container, as the instance's uid, with no listener.
+        assert seen, "the replay server was never seen"
+        assert seen["uid"] == backend.uid(row) and seen["net"] == seen["helper_net"]
+        assert seen["net"] != os.readlink("/proc/self/ns/net") and seen["tcp"] == []
+    # No helper container is left, nor anything of the replay in the instance's disk.
+    names = sorted(c.name for c in backend.client.containers.list(all=True))
+    assert names == sorted([f"stockroom-{kind}-{pk}", f"stockroom-{kind}-{clone['id']}"])
+    disk = backend.directory(row) / "disk"
+    left = {"data/appendonlydir.restoring", "data/appendonlydir.old", "data.restoring", "data.old", "tmp/replay"}
+    assert not {name for name in left if os.path.lexists(disk / name)}
+    for each in (pk, clone["id"]):
+        api.delete(f"/api/storage/{kind}/instances/{each}")
+        wait_for_status(api, kind, each, "gone", timeout=60)

@@ -6,7 +6,7 @@ import redis
 
 from provisioning.engines.redis import NO_RETRY, Redis
 
-from .conftest import port_refuses, wait_for_status
+from .conftest import port_refuses, server_dir, wait_for_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -91,6 +91,8 @@ def test_redis_rotate_and_restart_keep_data(api):
     assert after.get("k") == b"v"
     after.close()
     assert act(api, "redis", pk, "stop", "stopped")["status"] == "stopped"
+    # The append-only file is its only persistence: neither the restart nor the stop wrote an RDB.
+    assert not (server_dir("redis", pk) / "data" / "dump.rdb").exists()
     api.delete(f"/api/storage/redis/instances/{pk}")
     wait_for_status(api, "redis", pk, "gone")
 

@@ -21,7 +21,11 @@ from django.conf import settings
 
 from provisioning.backends.base import BackendError, get_backend
 from provisioning.backends.local import processes_under
-from provisioning.models import Instance, Snapshot
+from provisioning.engines import get_engine
+from provisioning.engines.base import read_out
+from provisioning.engines.redis import _manifest as redis_manifest
+from provisioning.models import Instance, LogFile, Snapshot
+from provisioning.services import logs, store
 
 from .conftest import Worker, instance_dir, server_dir, wait_for_status, wait_until
 
@@ -374,9 +378,9 @@ def test_a_delete_can_be_undone_from_its_before_delete_snapshot(api, alice, clie
 RECOVERY = {"STOCKROOM_STUCK_TIMEOUT": "2", "STOCKROOM_CLAIM_SECONDS": "4", "STOCKROOM_RECONCILE_INTERVAL": "1"}
 
 
-def helper_running(pk: int, names: tuple[str, ...]) -> bool:
+def helper_running(pk: int, names: tuple[str, ...], *, kind: str = "mysql") -> bool:
     """Whether one of the programs `names` runs beside instance `pk`'s server (in its folder)."""
-    for pid in processes_under(instance_dir("mysql", pk)):
+    for pid in processes_under(instance_dir(kind, pk)):
         try:
             if (Path("/proc") / str(pid) / "comm").read_text().strip() in names:
                 return True
@@ -586,41 +590,97 @@ def as_tenant(path: Path, owner: os.stat_result) -> None:
     os.lchown(path, owner.st_uid, owner.st_gid)
 
 
-def test_a_redis_snapshot_reads_no_file_the_tenant_can_replace(api):
-    """The instance's uid moves its data folder aside and puts a folder of its own in its place,
-    where the dump file is first a FIFO (a reader would wait for ever, holding a worker), then a
-    symlink to the ACL file (readable by the instance's group: the hashes would be copied). The
-    snapshot comes from the server, over the portal's connection, and has the keys and nothing else."""
+def test_a_redis_snapshot_reads_its_files_through_no_symlink_or_fifo_the_tenant_plants(api):
+    """A Redis snapshot and its archived log are files of the server's folder, which the
+    instance's uid controls. It plants, where the portal reads them, a FIFO (a reader would wait
+    for ever, holding a worker) and a symlink to the ACL file (readable by the instance's group: the
+    hashes would be copied); and a manifest naming a base outside the folder. None is read."""
     instance = create(api, "redis")
     pk, config = instance["id"], config_of(api, "redis", instance["id"])
     redis_client(config).set("key", "value")
-    server = server_dir("redis", pk)
-    owner = (server / "data").stat()
-    (server / "data").rename(server / "data.real")
-    (server / "data").mkdir()
-    as_tenant(server / "data", owner)
-    acl = (instance_dir("redis", pk) / "users.acl").read_bytes()
+    data = server_dir("redis", pk) / "data"
+    owner = data.stat()
+    acl = instance_dir("redis", pk) / "users.acl"
     row = Instance.objects.get(pk=pk)
+    backend = get_backend(row.backend)
 
-    os.mkfifo(server / "data" / "dump.rdb")
-    as_tenant(server / "data" / "dump.rdb", owner)
-    first = snapshot_of(api, "redis", pk)
-    (server / "data" / "dump.rdb").unlink()
-    (server / "data" / "dump.rdb").symlink_to("../../users.acl")
-    as_tenant(server / "data" / "dump.rdb", owner)
-    second = snapshot_of(api, "redis", pk)
+    os.mkfifo(data / "planted")
+    as_tenant(data / "planted", owner)
+    (data / "linked").symlink_to(acl)
+    as_tenant(data / "linked", owner)
+    with backend._beside(row) as beside:
+        out = io.BytesIO()
+        started = time.monotonic()
+        read_out(beside, data / "planted")(out)
+        assert out.getvalue() == b"" and time.monotonic() - started < 5
+        with pytest.raises(BackendError, match="dd failed: .*[Tt]oo many levels of symbolic links"):
+            read_out(beside, data / "linked")(out)
+        assert out.getvalue() == b""
+    # The manifest is the tenant's too: a base named outside the folder is refused, not followed.
+    engine = get_engine("redis")
+    with pytest.raises(BackendError, match="names no base file"):
+        engine._base(redis_manifest("file ../../users.acl seq 1 type b\nfile appendonly.aof.1.incr.aof seq 1 type i\n"))
 
-    for snapshot in (first, second):
-        content = stored(snapshot).read_bytes()
-        assert content.startswith(b"REDIS") and b"value" in content
-        assert acl not in content
-        for secret in (config["password"], row.admin_password):
-            assert hashlib.sha256(secret.encode()).hexdigest().encode() not in content
-    # The tenant cannot take the data that way itself: replication is the portal's alone.
+    snapshot = snapshot_of(api, "redis", pk)  # and the real one, read the same way, has the keys
+    content = stored(snapshot).read_bytes()
+    assert content.startswith(b"REDIS") and b"value" in content
+    assert acl.read_bytes() not in content
+    for secret in (config["password"], row.admin_password):
+        assert hashlib.sha256(secret.encode()).hexdigest().encode() not in content
+    # The tenant cannot take the data over replication either.
     with pytest.raises(redis.exceptions.NoPermissionError):
         redis_client(config).execute_command("SYNC")
     with pytest.raises(redis.exceptions.NoPermissionError):
         redis_client(config).execute_command("REPLCONF", "rdb-only", "1")
+
+
+def test_the_redis_log_archive_takes_only_what_redis_closed_and_reads_its_notes_bounded(api):
+    """The uid fills the folder where closed log files wait with empty ones (each would be a store
+    file and a row, free of quota), and swaps the manifest for a symlink to an endless file, then
+    for a huge one: each archiving fails with the reason and stores none of them; once they are
+    gone it archives again."""
+    pk = create(api, "redis")["id"]
+    config = config_of(api, "redis", pk)
+    snapshot_of(api, "redis", pk)  # a base: the instance's log is archived from now on
+    redis_client(config).set("key", "value")
+    before = set(LogFile.objects.filter(instance_id=pk).values_list("pk", flat=True))
+    data = server_dir("redis", pk) / "data"
+    owner = data.stat()
+    held = data / "aof-archive"
+    held.mkdir(exist_ok=True)
+    as_tenant(held, owner)
+    for n in range(1000, 1100):
+        (held / f"appendonly.aof.{n}.incr.aof").touch()
+        as_tenant(held / f"appendonly.aof.{n}.incr.aof", owner)
+    row = Instance.objects.get(pk=pk)
+    with get_backend(row.backend)._beside(row) as beside, pytest.raises(BackendError, match="closed log files wait"):
+        get_engine("redis").archive_logs(row, beside, logs.Archive(row))
+    assert set(LogFile.objects.filter(instance_id=pk).values_list("pk", flat=True)) == before
+
+    manifest = data / "appendonlydir" / "appendonly.aof.manifest"
+    real = manifest.read_bytes()
+    manifest.unlink()
+    manifest.symlink_to("/dev/zero")
+    with get_backend(row.backend)._beside(row) as beside, pytest.raises(BackendError, match="symbolic links"):
+        get_engine("redis").archive_logs(row, beside, logs.Archive(row))
+    manifest.unlink()
+    with manifest.open("wb") as endless:  # sparse: far more than a worker should hold in memory
+        endless.truncate(1 << 30)
+    as_tenant(manifest, owner)
+    started = time.monotonic()
+    with get_backend(row.backend)._beside(row) as beside, pytest.raises(BackendError, match="longer than"):
+        get_engine("redis").archive_logs(row, beside, logs.Archive(row))
+    assert time.monotonic() - started < 10
+    manifest.unlink()
+    manifest.write_bytes(real)
+    as_tenant(manifest, owner)
+
+    for n in range(1000, 1100):
+        (held / f"appendonly.aof.{n}.incr.aof").unlink()
+    logs.archive(pk)
+    # With the file the refused pass closed, held since: nothing written was lost.
+    new = LogFile.objects.filter(instance_id=pk).exclude(pk__in=before)
+    assert len(new) == 2 and b"value" in b"".join(store.storage().open(log.file).read() for log in new)
 
 
 def test_helpers_count_toward_the_instance_limits_and_end_at_their_deadline(api):

@@ -3,9 +3,12 @@
 import dataclasses
 import fcntl
 import hashlib
+import io
 import logging
+import re
 import secrets
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path, PurePath, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
@@ -13,7 +16,23 @@ import pymysql
 
 from ...errors import BackendError
 from ...options import MiB, Option, backup_options, disk_option
-from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile, replace_folder
+from ..base import (
+    ArchivedLog,
+    Beside,
+    Container,
+    Endpoint,
+    Engine,
+    Host,
+    Layout,
+    LocalSetup,
+    LogArchive,
+    Replay,
+    WriteFile,
+    read_out,
+    read_small,
+    reading,
+    replace_folder,
+)
 
 if TYPE_CHECKING:
     from ...models import Instance
@@ -42,6 +61,38 @@ STORAGE_TEMPLATE = "storage.cnf"
 # restored from the snapshot (its init file) drops it there too.
 BACKUP_USERNAME = "stockroom_backup"
 BACKUP_GRANTS = "RELOAD, PROCESS, LOCK TABLES, BINLOG MONITOR"
+# Where mariabackup notes the binary log position its copy is consistent with (file, position, GTID).
+BINLOG_INFO = "xtrabackup_binlog_info"
+BINLOG = re.compile(r"binlog\.\d{6,}")  # the names log-bin gives, in the data folder
+MOST_CLOSED = 64  # binary logs one archiving takes: a server rotates one a FLUSH, or each max_binlog_size
+REPLAY_DIR = "replay"  # in the server's tmp folder: the archived binary logs a restore replays
+# A point-in-time restore replays the archived binary logs on the prepared copy with a server of
+# its own: no network, no grant tables (so no password is needed, and only the instance's uid can
+# reach its socket), no binary log of its own, and no flush to disk at each commit (a replay cut
+# short throws the staged copy away; its clean shutdown writes everything). $1 config, $2 data,
+# $3 socket, $4 pid file, $5 its error log; the rest are mariadb-binlog's arguments.
+# mariadb-binlog reads --stop-datetime in local time: TZ=UTC.
+_REPLAY = r"""
+set -eu -o pipefail
+config=$1 data=$2 socket=$3 pidfile=$4 log=$5; shift 5
+mariadbd --defaults-file="$config" --datadir="$data" --socket="$socket" --pid-file="$pidfile" \
+    --log-error="$log" --skip-networking --skip-grant-tables --skip-log-bin \
+    --innodb-flush-log-at-trx-commit=0 &
+server=$!
+trap 'kill "$server" 2>/dev/null || true; wait "$server" || true' EXIT
+tries=0
+until mariadb-admin --no-defaults --socket="$socket" ping >/dev/null 2>&1; do
+    if ! kill -0 "$server" 2>/dev/null; then
+        tail -n 3 -- "$log" >&2 || true; echo "The replay server did not start." >&2; exit 1
+    fi
+    tries=$((tries + 1)); [ "$tries" -lt 1200 ] || { echo "The replay server did not answer." >&2; exit 1; }
+    sleep 0.05
+done
+TZ=UTC mariadb-binlog --no-defaults "$@" | mariadb --no-defaults --socket="$socket" --binary-mode
+mariadb-admin --no-defaults --socket="$socket" shutdown
+wait "$server"
+trap - EXIT
+"""
 
 # mariadb-install-db also makes root@127.0.0.1, root@::1 and root@<host> without a password, and
 # the official image healthcheck@…; only the portal's root@localhost (Unix socket) may remain.
@@ -282,7 +333,9 @@ class MySQL(Engine):
 
     def set_password(self, instance: "Instance", password: str, *, admin: Endpoint, write: WriteFile) -> None:
         with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
-            # The hashed form keeps the plaintext out of the binary log.
+            # Not in the binary log: a point-in-time restore replays it without grant tables, and
+            # makes the accounts again from the instance's own credentials anyway.
+            cursor.execute("SET SESSION sql_log_bin = 0")
             cursor.execute(
                 f"ALTER USER '{instance.username}'@'%%' IDENTIFIED BY PASSWORD %s",
                 [native_password_hash(password)],
@@ -299,8 +352,9 @@ class MySQL(Engine):
     # Snapshots -------------------------------------------------------------------------
 
     snapshot_suffix = "mbstream"
+    point_in_time = True
 
-    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes]) -> None:
+    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes], archive: LogArchive | None = None) -> str:
         # mariabackup copies InnoDB's files while the server runs, with the redo log written
         # meanwhile, and holds a short backup lock (BACKUP STAGE) only for the other engines'
         # tables: writes go on. The copy holds accounts as the server keeps them: hashes.
@@ -324,6 +378,28 @@ class MySQL(Engine):
             )
         finally:
             self._backup_account(instance, beside.admin, None)
+        return BINLOG_INFO  # the copy notes its binary log position itself, in this file
+
+    def archive_logs(self, instance: "Instance", beside: Beside, archive: LogArchive) -> None:
+        # FLUSH BINARY LOGS closes the current binary log and opens the next; every closed one the
+        # archive lacks is copied (as the server's uid), oldest first. The server itself removes
+        # them after binlog_expire_logs_seconds, long after the reconciler has archived them.
+        before = datetime.now(UTC)
+        with self.client(beside.admin, user=ADMIN_USERNAME, password=instance.admin_password) as db:
+            with db.cursor() as cursor:
+                cursor.execute("FLUSH BINARY LOGS")
+                cursor.execute("SHOW BINARY LOGS")
+                names = [str(row[0]) for row in cursor.fetchall()]
+        archived = archive.names()
+        closed = [name for name in names[:-1] if name not in archived]  # the last one is open
+        if len(closed) > MOST_CLOSED:
+            raise BackendError(f"{len(closed)} binary logs wait to be archived; a pass takes {MOST_CLOSED} at most.")
+        for name in closed:
+            if not BINLOG.fullmatch(name):
+                raise BackendError(f"The server names a binary log {name!r}, not one of its own.")
+            if name not in archived:
+                archive.save(name, read_out(beside, beside.layout.data / name))
+        archive.covered(before)
 
     def _backup_options(self, password: str) -> str:
         # The server's on-disk format, which mariabackup must know, and the backup account.
@@ -342,13 +418,62 @@ class MySQL(Engine):
                 )
                 cursor.execute(f"GRANT {BACKUP_GRANTS} ON *.* TO '{BACKUP_USERNAME}'@'localhost'")
 
-    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
-        # Unpacked and prepared (the redo log applied) beside the old data, then put in its place.
+    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes], replay: Replay | None = None) -> None:
+        # Unpacked and prepared (the redo log applied) beside the old data, with `replay` the
+        # archived binary logs after it replayed up to its time, then put in its place.
         def unpack(staged: PurePath) -> None:
             beside.run(["mbstream", "-x", "-C", str(staged)], stdin=snapshot)
             beside.run(["mariabackup", "--prepare", f"--target-dir={staged}", "--use-memory=32M"])
+            if replay is not None:
+                self._replay(instance, beside, staged, replay)
 
         replace_folder(beside, beside.layout.data, unpack)
+
+    def _replay(self, instance: "Instance", beside: Beside, staged: PurePath, replay: Replay) -> None:
+        fields = read_small(beside, reading(staged / BINLOG_INFO), BINLOG_INFO).split()
+        if len(fields) < 2:
+            raise BackendError("The base snapshot does not say where its binary log continues.")
+        first, position = fields[0], fields[1]
+        logs = _replayed(replay, first)
+        if not logs:
+            return  # nothing was written after the base
+        folder = beside.layout.tmp / REPLAY_DIR
+        # The instance's own config, with the replay's data and its files in the replay's folder:
+        # beside a stopped container (a helper of the same image) the server's paths are not there.
+        layout = dataclasses.replace(
+            beside.layout,
+            data=staged,
+            log=folder / "replay.log",
+            pid=folder / "replay.pid",
+            socket=folder / "replay.sock",
+        )
+        beside.run(["rm", "-rf", "--", str(folder)])
+        beside.run(["mkdir", "-m", "0700", "--", str(folder)])
+        try:
+            config = self.render_config(instance, layout).encode()
+            beside.run(["tee", "--", str(folder / self.config_name)], stdin=io.BytesIO(config))
+            for log in logs:
+                with log.open() as file:
+                    beside.run(["tee", "--", str(folder / log.name)], stdin=file)
+            until = replay.until.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+            beside.run(
+                [
+                    "bash",
+                    "-c",
+                    _REPLAY,
+                    "replay",
+                    str(folder / self.config_name),
+                    str(layout.data),
+                    str(layout.socket),
+                    str(layout.pid),
+                    str(layout.log),
+                    f"--start-position={position}",
+                    f"--stop-datetime={until}",
+                    *(str(folder / log.name) for log in logs),
+                ]
+            )
+        finally:
+            beside.run(["rm", "-rf", "--", str(folder)])
 
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         # Over the socket the user is app@localhost to the server, which its app@'%' account matches.
@@ -400,3 +525,26 @@ class MySQL(Engine):
                 f'\n                     password="{c["password"]}", database="{c["database"]}")',
             ),
         ]
+
+
+def _replayed(replay: Replay, first: str) -> list[ArchivedLog]:
+    """The archived binary logs from `first` (where the base's copy left off) in order, up to the
+    last that may hold a write before `replay.until`. A log missing in between is an error: the
+    writes after it would be replayed without its own."""
+    if not BINLOG.fullmatch(first):
+        raise BackendError(f"The base snapshot names a binary log {first!r}, not one of the server's.")
+    archived = sorted(
+        (log for log in replay.logs if BINLOG.fullmatch(log.name) and _number(log.name) >= _number(first)),
+        key=lambda log: _number(log.name),
+    )
+    if not archived or archived[0].name != first:
+        raise BackendError(f"The binary log after the base snapshot ({first}) was not archived.")
+    chosen = [log for log in archived if log.opened_at is None or log.opened_at < replay.until]
+    for earlier, later in zip(archived, archived[1 : len(chosen) + 1], strict=False):
+        if _number(later.name) != _number(earlier.name) + 1:
+            raise BackendError(f"The binary log after {earlier.name} was never archived; nothing was restored.")
+    return chosen
+
+
+def _number(name: str) -> int:
+    return int(name.rsplit(".", 1)[1])

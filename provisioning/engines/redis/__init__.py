@@ -2,7 +2,9 @@
 
 import hashlib
 import io
+import re
 import time
+from datetime import UTC, datetime
 from pathlib import Path, PurePath, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
@@ -10,9 +12,25 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ...errors import BackendError
 from ...options import Option, backup_options, disk_option
-from ..base import Beside, Container, Endpoint, Engine, Host, Layout, LocalSetup, WriteFile, replace_folder
-from .rdb import read_rdb
+from ..base import (
+    ArchivedLog,
+    Beside,
+    Container,
+    Endpoint,
+    Engine,
+    Host,
+    Layout,
+    LocalSetup,
+    LogArchive,
+    Replay,
+    WriteFile,
+    read_out,
+    read_small,
+    reading,
+    replace_folder,
+)
 
 if TYPE_CHECKING:
     from ...models import Instance
@@ -44,8 +62,17 @@ DUMP = "dump.rdb"
 AOF_DIR = "appendonlydir"
 AOF_BASE = "appendonly.aof.1.base.rdb"
 AOF_MANIFEST = "appendonly.aof.manifest"
-SNAPSHOT_TIMEOUT = 600  # seconds the server may take to send its data before the snapshot is given up
-SYNC_READ_TIMEOUT = 30  # seconds without a byte (it sends a newline every second while it prepares)
+SNAPSHOT_TIMEOUT = 600  # seconds a BGSAVE or BGREWRITEAOF may take before the snapshot is given up
+# Hard links to the incremental files a rewrite closes, made before it: Redis deletes them once the
+# rewrite is done, the links keep them until they are archived.
+AOF_HELD = "aof-archive"
+INCR = re.compile(r"appendonly\.aof\.(\d+)\.incr\.aof")
+BASE = re.compile(r"appendonly\.aof\.\d+\.base\.rdb")  # only names Redis gives: never "../x"
+# Links the files $3… of folder $1 into folder $2 (made if need be).
+_HOLD = (
+    'set -e; source=$1 held=$2; shift 2; mkdir -p -m 0700 -- "$held"; for f; do ln -f -- "$source/$f" "$held/"; done'
+)
+MOST_HELD = 16  # closed incremental files one archiving takes
 
 # The tenant's ACL rule, read left to right: everything that is not @dangerous; then what
 # applications and their client libraries use that Redis files under @dangerous; then, last so
@@ -235,33 +262,130 @@ class Redis(Engine):
         finally:
             client.close()
 
-    # Snapshots -------------------------------------------------------------------------
+    # Snapshots and point-in-time recovery ----------------------------------------------
+    #
+    # Redis 7's append-only file is a base (an RDB) and incremental files of the writes after it,
+    # each second of writes marked `#TS:<unix time>` (aof-timestamp-enabled). A BGREWRITEAOF
+    # closes the current incremental file and opens the next at once, then writes a new base that
+    # equals the old base plus every closed file. So a snapshot is a rewrite's new base, and the
+    # log that follows it is the incremental files from the one the rewrite opened; `archive_logs`
+    # is a rewrite too, which closes the current file so that it can be copied whole.
 
     snapshot_suffix = "rdb"
+    point_in_time = True
 
-    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes]) -> None:
-        # From the server itself, as a replica gets it: it forks, and the child sends the data as
-        # of the fork down the portal's connection while the server serves on. No file of the
-        # server's folder is read (rdb.py). ACL users live in the ACL file, never in an RDB, so
-        # the copy holds no password or hash.
-        read_rdb(
-            beside.admin,
-            username=ADMIN_USERNAME,
-            password=instance.admin_password,
-            out=out,
-            timeout=SYNC_READ_TIMEOUT,
-            deadline=time.monotonic() + SNAPSHOT_TIMEOUT,
+    def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes], archive: LogArchive | None = None) -> str:
+        # The rewrite forks: the child writes the data as of the fork while the server serves on.
+        # ACL users live in the ACL file, never in an RDB, so the copy holds no password or hash.
+        manifest, timestamps = self._rotate(instance, beside, archive)
+        # Nothing rewrites it again meanwhile: the portal alone does, and it holds the instance.
+        head = _Head(out)
+        read_out(beside, beside.layout.data / AOF_DIR / self._base(manifest))(head)  # type: ignore[arg-type]
+        if not head.bytes.startswith(b"REDIS"):
+            raise BackendError("The server's append-only base is not an RDB file.")
+        opened = [name for name, kind in manifest if kind == "i" and INCR.fullmatch(name)]
+        return opened[-1] if timestamps and opened else ""
+
+    @staticmethod
+    def _base(manifest: list[tuple[str, str]]) -> str:
+        """The base file the manifest names, if it is a name Redis gives (never a path elsewhere)."""
+        base = next((name for name, kind in manifest if kind == "b"), "")
+        if not BASE.fullmatch(base):
+            raise BackendError("The server's append-only manifest names no base file.")
+        return base
+
+    def archive_logs(self, instance: "Instance", beside: Beside, archive: LogArchive) -> None:
+        _, timestamps = self._rotate(instance, beside, archive)
+        if not timestamps:
+            raise BackendError("Its server does not time-stamp its writes yet; a restart will make it.")
+
+    def _rotate(
+        self, instance: "Instance", beside: Beside, archive: LogArchive | None
+    ) -> tuple[list[tuple[str, str]], bool]:
+        """Rewrite the append-only file (closing the current incremental file), put the closed files
+        in `archive`; return the new manifest's (file, type) pairs, and whether writes are time-stamped."""
+        data = beside.layout.data
+        held = data / AOF_HELD
+        if archive is not None:
+            # The files the rewrite will close, held by a hard link, as the uid, in its folder.
+            names = [name for name, kind in self._manifest(beside) if kind == "i" and INCR.fullmatch(name)]
+            beside.run(["sh", "-c", _HOLD, "sh", str(data / AOF_DIR), str(held), *names])
+        client = self.client(
+            beside.admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT
         )
+        try:
+            timestamps = client.config_get("aof-timestamp-enabled").get("aof-timestamp-enabled") == "yes"
+            before = datetime.now(UTC)  # every write before this is in a file the rewrite closes
+            rewrites = int(client.info("persistence")["aof_rewrites"])
+            client.bgrewriteaof()  # scheduled after a BGSAVE in progress, if any
+            deadline = time.monotonic() + SNAPSHOT_TIMEOUT
+            while True:
+                info = client.info("persistence")
+                busy = int(info["aof_rewrite_in_progress"]) or int(info["aof_rewrite_scheduled"])
+                if int(info["aof_rewrites"]) > rewrites and not busy:
+                    break
+                if info["aof_last_bgrewrite_status"] != "ok" and not busy:
+                    raise BackendError("The server could not rewrite its data (BGREWRITEAOF failed; disk full?).")
+                if time.monotonic() > deadline:
+                    raise BackendError(f"The server's BGREWRITEAOF took more than {SNAPSHOT_TIMEOUT} s.")
+                time.sleep(0.02)
+        finally:
+            client.close()
+        manifest = self._manifest(beside)
+        if archive is not None:
+            listing = read_small(beside, ["ls", "-1", "--", str(held)], f"The folder {AOF_HELD}")
+            current = {name for name, _ in manifest}
+            closed = sorted((n for n in listing.split() if INCR.fullmatch(n) and n not in current), key=_seq)
+            # Redis closes one file a rewrite (a few, after failed passes): more is not its doing.
+            if len(closed) > MOST_HELD:
+                raise BackendError(f"{len(closed)} closed log files wait in {AOF_HELD}; Redis closes a few at most.")
+            archived = archive.names()
+            for name in closed:
+                if name not in archived:
+                    archive.save(name, read_out(beside, held / name))
+                beside.run(["rm", "-f", "--", str(held / name)])
+            archive.covered(before)
+        return manifest, timestamps
 
-    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes]) -> None:
-        # A new append-only folder whose base is the snapshot's RDB, put in place of the old one.
+    @staticmethod
+    def _manifest(beside: Beside) -> list[tuple[str, str]]:
+        """(file, type) of each line of the server's append-only manifest."""
+        text = read_small(beside, reading(beside.layout.data / AOF_DIR / AOF_MANIFEST), AOF_MANIFEST)
+        return _manifest(text)
+
+    def restore(self, instance: "Instance", beside: Beside, snapshot: IO[bytes], replay: Replay | None = None) -> None:
+        # A new append-only folder whose base is the snapshot's RDB, and with `replay` the archived
+        # incremental files after it, each cut at the second to stop at; put in place of the old one.
+        logs = _replayed(replay) if replay is not None else []
+
         def fill(staged: PurePath) -> None:
             beside.run(["tee", "--", str(staged / AOF_BASE)], stdin=snapshot)
-            manifest = f"file {AOF_BASE} seq 1 type b\n".encode()
+            lines = [f"file {AOF_BASE} seq 1 type b"]
+            # The tool keeps the writes of seconds up to the one given, and drops the rest.
+            last = int(replay.until.timestamp()) - 1 if replay is not None else 0
+            carried: int | None = None  # the second the writes at the head of the next file are in
+            for seq, log in enumerate(logs, start=1):
+                name = staged / f"appendonly.aof.{seq}.incr.aof"
+                with log.open() as file:
+                    head, final = _stamps(file, log.name)
+                    file.seek(0)
+                    begins = head if head is not None else carried
+                    if begins is not None and begins > last:
+                        break  # nothing in it, nor in a later file, is before the time
+                    # A file whose first writes came in the second the last one ended does not
+                    # stamp them again: stamp them here, so that the cut sees their second.
+                    stamp = f"#TS:{carried}\r\n".encode() if head is None and carried is not None else b""
+                    beside.run(["tee", "--", str(name)], stdin=io.BytesIO(stamp))
+                    beside.run(["tee", "-a", "--", str(name)], stdin=file)
+                carried = final if final is not None else carried
+                beside.run(["redis-check-aof", "--truncate-to-timestamp", str(last), str(name)])
+                lines.append(f"file {name.name} seq {seq} type i")
+            manifest = "".join(f"{line}\n" for line in lines).encode()
             beside.run(["tee", "--", str(staged / AOF_MANIFEST)], stdin=io.BytesIO(manifest))
 
         replace_folder(beside, beside.layout.data / AOF_DIR, fill)
         beside.run(["rm", "-f", "--", str(beside.layout.data / DUMP)])  # ignored while the AOF is on; stale
+        beside.run(["rm", "-rf", "--", str(beside.layout.data / AOF_HELD)])  # of the data replaced
 
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         client = self.client(endpoint, username=instance.username, password=instance.password, timeout=timeout)
@@ -310,3 +434,74 @@ class Redis(Engine):
             ("CLI", f"redis-cli -u {uri}"),
             ("Python", f'import redis\nr = redis.Redis.from_url("{uri}")'),
         ]
+
+
+class _Head:
+    """Writes through to `out`, keeping the first bytes written."""
+
+    def __init__(self, out: IO[bytes]):
+        self.out, self.bytes = out, b""
+
+    def write(self, data: bytes) -> int:
+        if len(self.bytes) < 16:
+            self.bytes += data[: 16 - len(self.bytes)]
+        return self.out.write(data)
+
+
+def _manifest(text: str) -> list[tuple[str, str]]:
+    """(file, type) of each line of an append-only manifest (`file <name> seq <n> type <b|h|i>`)."""
+    entries = []
+    for line in text.splitlines():
+        words = line.split()
+        fields = dict(zip(words[::2], words[1::2], strict=False))
+        if "file" in fields and "type" in fields:
+            entries.append((fields["file"], fields["type"]))
+    return entries
+
+
+def _seq(name: str) -> int:
+    match = INCR.fullmatch(name)
+    return int(match.group(1)) if match else -1
+
+
+def _replayed(replay: Replay) -> list[ArchivedLog]:
+    """The archived incremental files from the one after the base, in order, up to the last that
+    may hold a write before `replay.until`: the next one's writes are all at or after it. A file
+    missing in between is an error: the writes after it would be replayed without its own."""
+    archived = {_seq(log.name): log for log in replay.logs if INCR.fullmatch(log.name)}
+    chosen: list[ArchivedLog] = []
+    seq = _seq(replay.start)
+    if seq not in archived:
+        raise BackendError(f"The log after the base snapshot ({replay.start}) was not archived.")
+    while seq in archived:
+        opened_at = archived[seq].opened_at
+        if opened_at is not None and opened_at >= replay.until:
+            return chosen
+        chosen.append(archived[seq])
+        seq += 1
+    if any(later > seq for later in archived):
+        raise BackendError(f"The log file appendonly.aof.{seq}.incr.aof was never archived; nothing was restored.")
+    return chosen
+
+
+def _stamps(file: IO[bytes], name: str) -> tuple[int | None, int | None]:
+    """The second an append-only file begins with (None if it begins with a write) and its last
+    second (None if it has none), read as Redis writes it: `#TS:<unix time>` lines between
+    commands, whose arguments are skipped by their length (a value may hold any bytes)."""
+    head = last = None
+    try:
+        while line := file.readline():
+            if line.startswith(b"#TS:"):
+                last = int(line[4:])
+                head = last if head is None and file.tell() == len(line) else head
+            elif line.startswith(b"*"):
+                for _ in range(int(line[1:])):
+                    size = file.readline()
+                    if not size.startswith(b"$"):
+                        raise ValueError(size[:20])
+                    file.seek(int(size[1:]) + 2, io.SEEK_CUR)
+            elif not line.startswith(b"#"):
+                raise ValueError(line[:20])
+    except ValueError as exc:
+        raise BackendError(f"The archived log file {name} is not an append-only file ({exc}).") from None
+    return head, last

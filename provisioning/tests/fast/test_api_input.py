@@ -170,7 +170,12 @@ def test_each_create_body_is_the_engines_options_a_name_and_a_snapshot_to_clone(
     schemas = schema(client)["components"]["schemas"]
     for kind, engine in engines().items():
         body = schemas[f"{kind.capitalize()}Create"]
-        assert set(body["properties"]) == {option.name for option in engine.options} | {"name", "from_snapshot"}
+        assert set(body["properties"]) == {option.name for option in engine.options} | {
+            "name",
+            "from_snapshot",
+            "from_instance",
+            "time",
+        }
         assert body["additionalProperties"] is False
         assert "required" not in body
 
@@ -225,7 +230,13 @@ def test_the_browsable_api_raw_form_posts_as_it_is(browser, api):
 
 def test_options_describes_the_create_body(api):
     post = api.options("/api/storage/mysql/instances").json()["actions"]["POST"]
-    assert list(post) == ["name", *(option.name for option in get_engine("mysql").options), "from_snapshot"]
+    assert list(post) == [
+        "name",
+        *(option.name for option in get_engine("mysql").options),
+        "from_snapshot",
+        "from_instance",
+        "time",
+    ]
     assert {choice["value"] for choice in post["charset"]["choices"]} == {"utf8mb4", "latin1", "ascii"}
 
 

@@ -38,10 +38,10 @@ def test_backups_are_taken_by_the_reconcilers_pass_when_due_and_the_oldest_prune
     fake.server(pk).data["k"] = "v"
     off = create("redis", backup_interval_hours=0)
 
-    age(1)
+    age(0.1)
     with committed():
         reconcile()
-    assert scheduled(pk) == []  # not due yet: two hours after the create
+    assert scheduled(pk) == []  # not due yet: the first is ten minutes after the create
 
     for _ in range(3):
         age(2.1)
@@ -58,6 +58,34 @@ def test_backups_are_taken_by_the_reconcilers_pass_when_due_and_the_oldest_prune
     events = Instance.objects.get(pk=pk).events.filter(type="instance.backup_completed")
     assert events.count() == 3
     assert events.first().from_status == events.first().to_status == "running"
+
+
+def test_the_first_backup_is_due_soon_after_the_create_so_the_recovery_window_begins(create, committed, api):
+    pk = create("redis", backup_interval_hours=24)["id"]
+    assert api.get(f"/api/storage/redis/instances/{pk}").json()["recovery_window"] is None
+    age(0.15)  # nine minutes
+    with committed():
+        assert reconcile().backups_requested == 0
+    age(0.03)
+    with committed():
+        assert reconcile().backups_requested == 1
+    [first] = scheduled(pk)
+    assert first.status == "ready" and first.log_start  # a base: the window begins the second after it
+    age(23.5)  # then a day after that one
+    with committed():
+        assert reconcile().backups_requested == 0
+
+
+def test_an_interval_shorter_than_the_first_backup_delay_comes_first(create, committed, settings):
+    settings.STOCKROOM_FIRST_BACKUP_AFTER = 2 * HOUR
+    pk = create("redis", backup_interval_hours=1)["id"]
+    age(0.9)
+    with committed():
+        assert reconcile().backups_requested == 0
+    age(0.2)
+    with committed():
+        assert reconcile().backups_requested == 1
+    assert len(scheduled(pk)) == 1
 
 
 def test_a_backup_outcome_reaches_webhooks_with_its_own_type(create, committed, fake, alice):
@@ -272,3 +300,27 @@ def test_a_save_cut_short_by_a_full_disk_leaves_no_part_of_the_file(
     snapshot = snapshot_now(api, committed, instance)
     assert snapshot["status"] == "failed"
     assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
+
+
+def test_the_bases_restores_take_are_pruned_with_the_scheduled_and_manual_snapshots_never(create, committed, api, fake):
+    instance = create("redis", backup_interval_hours=1, backup_retention=2)
+    pk = instance["id"]
+    fake.server(pk).data["k"] = "v"
+    with committed():
+        manual = api.post(f"/api/storage/redis/instances/{pk}/snapshots").json()["id"]
+    for _ in range(2):
+        age(1.1)
+        with committed():
+            reconcile()
+        age(0.1)
+        with committed():
+            response = api.post(f"/api/storage/redis/instances/{pk}/restore", {"snapshot": manual}, format="json")
+        assert response.status_code == 202, response.content
+    with committed():
+        reconcile()
+
+    automatic = Snapshot.objects.filter(instance_id=pk).exclude(trigger="manual")
+    # Scheduled, after-restore, scheduled, after-restore: the newest two are kept.
+    assert [snapshot.trigger for snapshot in automatic] == ["after-restore", "scheduled"]
+    assert Snapshot.objects.filter(instance_id=pk).count() == 3
+    assert Snapshot.objects.filter(pk=manual, status="ready").exists()

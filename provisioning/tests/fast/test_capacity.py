@@ -55,11 +55,14 @@ def test_each_user_sees_what_they_hold_against_their_quotas_in_the_api_and_on_pa
         "instance_quota": 5,
         "memory_reserved": 272 * MiB,  # the stopped one reserves nothing
         "memory_quota": 1024 * MiB,
+        "snapshot_storage": 0,
+        "snapshot_quota": settings.STOCKROOM_SNAPSHOT_QUOTA_BYTES,
     }
 
     client.force_login(alice)
     dashboard = " ".join(client.get("/").content.decode().split())
     assert "You hold 2 of 5 instances; they reserve 272 MiB of your 1.0 GiB memory quota." in dashboard
+    assert "Your snapshots and archived logs take 0 bytes of your" in dashboard
     redis = Instance.objects.get(kind="redis", owner=alice)
     panel = " ".join(client.get(f"/instances/{redis.pk}/").content.decode().split())
     assert "reserves 272 MiB, at most 448 MiB" in panel and "at most 2.0 GiB" in panel
