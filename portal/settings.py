@@ -212,6 +212,10 @@ STOCKROOM_LOG_ARCHIVE_INTERVAL = env.float("STOCKROOM_LOG_ARCHIVE_INTERVAL", def
 # Seconds after its create an instance's first scheduled backup is due (unless its interval is
 # shorter): the base its recovery window begins with. Instances that live less pay nothing.
 STOCKROOM_FIRST_BACKUP_AFTER = env.float("STOCKROOM_FIRST_BACKUP_AFTER", default=600.0)
+# Days after which the reconciler verifies the newest ready snapshot of each instance again (restores
+# it into a throwaway server and checks it there) unless one of its snapshots was verified since;
+# 0 turns this off (a verify can still be asked for).
+STOCKROOM_VERIFY_EVERY_DAYS = env.float("STOCKROOM_VERIFY_EVERY_DAYS", default=7.0)
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "dashboard"

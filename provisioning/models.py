@@ -194,6 +194,13 @@ class SnapshotTrigger(models.TextChoices):
     AFTER_RESTORE = "after-restore"  # the base of the timeline an in-place restore starts
 
 
+class VerifyStatus(models.TextChoices):
+    NONE = "", "not verified"
+    VERIFYING = "verifying"
+    PASSED = "passed"
+    FAILED = "failed"
+
+
 class Snapshot(models.Model):
     """A copy of an instance's data at one moment, in the `snapshots` storage (STORAGES), which
     outlives the instance: a restore or a clone puts it back."""
@@ -217,6 +224,12 @@ class Snapshot(models.Model):
     # Where the log after it begins, in the engine's notation; "": it cannot be the base of a
     # point-in-time restore.
     log_start = models.CharField(max_length=255, blank=True)
+    # Its last verify: restored into a throwaway server and checked there (services.exports).
+    verify_status = models.CharField(max_length=16, choices=VerifyStatus.choices, blank=True, default="")
+    verify_message = models.TextField(blank=True)
+    verified_at = models.DateTimeField(
+        null=True, blank=True, help_text="When its last verify ended (or, while verifying, began)."
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -227,6 +240,9 @@ class Snapshot(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(status__in=SnapshotStatus.values), name="snapshot_status_is_known"),
             models.CheckConstraint(condition=Q(trigger__in=SnapshotTrigger.values), name="snapshot_trigger_is_known"),
+            models.CheckConstraint(
+                condition=Q(verify_status__in=VerifyStatus.values), name="snapshot_verify_status_is_known"
+            ),
             models.CheckConstraint(
                 condition=~Q(status=SnapshotStatus.READY) | (Q(checksum__startswith="sha256:") & ~Q(file="")),
                 name="ready_snapshot_has_file_and_checksum",

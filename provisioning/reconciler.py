@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from .backends.base import BackendError, get_backend
 from .models import BUSY_STATUSES, Heartbeat, Instance, Orphan, Status
-from .services import healing, logs, snapshots, webhooks, work
+from .services import exports, healing, logs, snapshots, webhooks, work
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class Pass:
     backups_requested: int = 0
     backups_pruned: int = 0
     archives_queued: int = 0
+    verifies_queued: int = 0
+    verifies_failed: int = 0
     logs_pruned: int = 0
     failed_phases: list[str] = field(default_factory=list)
     skipped: bool = False  # another pass was still running
@@ -59,13 +61,16 @@ class Reconciler:
         """Snapshots whose worker died are marked failed, those past their keep time removed;
         scheduled backups that are due are asked for, and old ones pruned; the log files of running
         instances are archived every STOCKROOM_LOG_ARCHIVE_INTERVAL, and those no restore can use
-        any more pruned."""
+        any more pruned; verifies whose worker died are failed, and the newest snapshot of each instance
+        is verified every STOCKROOM_VERIFY_EVERY_DAYS."""
         report.snapshots_failed = snapshots.fail_abandoned(now=now)
         report.snapshots_expired = snapshots.remove_expired(now=now)
         report.backups_requested = snapshots.schedule_backups(now=now)
         report.backups_pruned = snapshots.prune_backups()
         report.archives_queued = logs.schedule_archives(now=now)
         report.logs_pruned = logs.prune(now=now)
+        report.verifies_failed = exports.fail_abandoned(now=now)
+        report.verifies_queued = exports.schedule_verifies(now=now)
 
     def run_once(self) -> Pass:
         report = Pass()

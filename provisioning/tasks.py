@@ -39,6 +39,11 @@ def restore_instance(instance_id: int) -> None:
     services.restore_instance(instance_id)
 
 
+@shared_task(acks_late=True, ignore_result=True)
+def verify_snapshot(snapshot_id: int) -> None:
+    services.verify_snapshot(snapshot_id)
+
+
 @shared_task(acks_late=True, ignore_result=True, **WHEN_BUSY)
 def archive_logs(instance_id: int) -> None:
     services.archive_logs(instance_id)

@@ -99,6 +99,9 @@ class SnapshotSerializer(serializers.ModelSerializer):
             "created_at",
             "finished_at",
             "expires_at",
+            "verify_status",
+            "verify_message",
+            "verified_at",
         ]
         read_only_fields = fields
 

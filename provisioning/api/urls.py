@@ -51,6 +51,16 @@ urlpatterns = [
         name="snapshot-detail",
     ),
     re_path(
+        rf"{SNAPSHOTS}/(?P<pk>[0-9]+)/download/?$",
+        SnapshotViewSet.as_view({"get": "download"}, name="Snapshot: download"),
+        name="snapshot-download",
+    ),
+    re_path(
+        rf"{SNAPSHOTS}/(?P<pk>[0-9]+)/verify/?$",
+        SnapshotViewSet.as_view({"post": "verify"}, name="Snapshot: verify"),
+        name="snapshot-verify",
+    ),
+    re_path(
         rf"{INSTANCES}/(?P<pk>[0-9]+)/events/?$",
         InstanceViewSet.as_view({"get": "events"}, name="{label} instance: history"),
         name="instance-events",

@@ -1,5 +1,6 @@
 from axes.helpers import get_cool_off
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import FileResponse
 from django.utils.cache import add_never_cache_headers
 from django.utils.decorators import method_decorator
 from django.views.decorators.cache import never_cache
@@ -240,6 +241,31 @@ class SnapshotViewSet(
     def perform_destroy(self, instance):
         services.delete_snapshot(snapshot=instance)
 
+    @extend_schema(
+        summary="Download the snapshot as a portable file",
+        description="MySQL: a gzipped `mariadb-dump` of the tenant's database (`.sql.gz`); Redis: the RDB "
+        "(`.rdb`). Made while the request waits (a MySQL snapshot is loaded into a throwaway server first), "
+        "then streamed with `Content-Disposition: attachment`. 409 if the snapshot is not ready or its file "
+        "is damaged.",
+        responses={(200, "application/octet-stream"): bytes, 404: None, 409: None},
+    )
+    @action(detail=True, methods=["get"])
+    def download(self, request, kind: str, pk: int):
+        made = services.export_snapshot(snapshot=self.get_object())
+        return FileResponse(made.file, as_attachment=True, filename=made.filename, content_type=made.media_type)
+
+    @extend_schema(
+        request=None,
+        responses={202: SnapshotSerializer, 404: None, 409: None},
+        summary="Verify the snapshot: restore it into a throwaway server and check it there",
+        description="`verify_status` goes `verifying`, then `passed` or `failed` with `verify_message` saying "
+        "what was found, and `verified_at` when. The checksum of the stored file is compared first.",
+    )
+    @action(detail=True, methods=["post"])
+    def verify(self, request, kind: str, pk: int):
+        snapshot = services.request_verify(snapshot=self.get_object(), by=request.user)
+        return Response(SnapshotSerializer(snapshot).data, status=status.HTTP_202_ACCEPTED)
+
 
 @extend_schema_view(
     list=extend_schema(summary="List my webhooks"),
@@ -366,7 +392,7 @@ def exception_handler(exc, context):
         exc = exceptions.ValidationError(detail)
     elif isinstance(exc, services.QuotaExceeded | webhooks.TooManyWebhooks):
         exc = exceptions.PermissionDenied(str(exc), code="quota_exceeded")
-    elif isinstance(exc, services.SnapshotBusy):
+    elif isinstance(exc, services.SnapshotBusy | services.ExportFailed):
         return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
     elif isinstance(exc, services.WrongStatus):
         return Response({"detail": str(exc), "status": exc.instance.status}, status=status.HTTP_409_CONFLICT)

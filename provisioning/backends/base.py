@@ -96,6 +96,17 @@ class BaseBackend:
         call again after it was cut short."""
         raise BackendError(f"The {self.alias} backend cannot restore snapshots.")
 
+    def export_snapshot(self, kind: str, snapshot: IO[bytes], out: IO[bytes], *, database: str) -> None:
+        """Write the portable file of a snapshot of `kind` to `out` (`Engine.export`), made in a
+        throwaway folder of the portal's by a uid of its own; the snapshot's instance may be gone.
+        Raise BackendError if it cannot be made."""
+        raise BackendError(f"The {self.alias} backend cannot export snapshots.")
+
+    def verify_snapshot(self, kind: str, snapshot: IO[bytes], *, database: str) -> str:
+        """Load a snapshot of `kind` into a throwaway server, as `export_snapshot` works, and check
+        its data (`Engine.verify`): what was found, or BackendError saying what is wrong."""
+        raise BackendError(f"The {self.alias} backend cannot verify snapshots.")
+
     def enforce_disk_limit(self, instance: "Instance") -> str | None:
         """Asked by the reconciler about each running instance that answers: a short message for its
         status, beginning with DISK_FULL, if its data has reached its disk limit, else None.

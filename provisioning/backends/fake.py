@@ -54,6 +54,8 @@ class FakeBackend(BaseBackend):
         "probe",
         "check",
         "remove_orphan",
+        "export_snapshot",
+        "verify_snapshot",
         "snapshot",
         "restore",
         "archive_logs",
@@ -183,6 +185,25 @@ class FakeBackend(BaseBackend):
         with self.lock:
             server.data, server.running, server.password = data, True, instance.password
             server.log, server.archived = [], 0
+
+    def export_snapshot(self, kind: str, snapshot: IO[bytes], out: IO[bytes], *, database: str) -> None:
+        """The fake's portable file is its snapshot's data, as sorted JSON."""
+        self._enter("export_snapshot", None)
+        out.write(json.dumps(self._load(snapshot), sort_keys=True).encode())
+
+    def verify_snapshot(self, kind: str, snapshot: IO[bytes], *, database: str) -> str:
+        self._enter("verify_snapshot", None)
+        return f"It loads: {len(self._load(snapshot))} keys."
+
+    @staticmethod
+    def _load(snapshot: IO[bytes]) -> dict[str, Any]:
+        try:
+            data = json.loads(snapshot.read())
+        except ValueError:
+            raise BackendError("The snapshot does not load: it is not the fake's data.") from None
+        if not isinstance(data, dict):
+            raise BackendError("The snapshot does not load: it is not the fake's data.")
+        return data
 
     def set_password(self, instance: "Instance", password: str) -> None:
         self._enter("set_password", instance.pk)

@@ -16,6 +16,7 @@ instances are not kept apart, and the kernel limits nothing. The reconciler then
 limit (see `enforce_disk_limit`).
 """
 
+import fcntl
 import logging
 import os
 import pwd
@@ -51,6 +52,8 @@ HASHES = re.compile(r"\*[0-9A-Fa-f]{40}|#[0-9a-f]{64}")
 SERVER = "server"  # in an instance's folder: everything its server writes
 IMAGE = "disk.img"  # in an instance's folder: the filesystem mounted at SERVER
 WRITES_REFUSED = "writes-refused"  # in an instance's folder: the reconciler made its server refuse writes
+SCRATCH = "_scratch"  # in the instances folder: the throwaway folders of exports and verifies
+SCRATCH_SLOTS = 8  # exports and verifies at once, each with a uid of its own
 
 
 class LocalBackend(BaseBackend):
@@ -217,6 +220,64 @@ class LocalBackend(BaseBackend):
         self._run_server(instance, extra=setup.first_start_args)
         for name in setup.remove_after_first_start:
             (directory / name).unlink()
+
+    def export_snapshot(self, kind: str, snapshot: IO[bytes], out: IO[bytes], *, database: str) -> None:
+        with self._scratch(size=_size(snapshot)) as scratch:
+            get_engine(kind).export(snapshot, scratch, out, database=database)
+
+    def verify_snapshot(self, kind: str, snapshot: IO[bytes], *, database: str) -> str:
+        with self._scratch(size=_size(snapshot)) as scratch:
+            return get_engine(kind).verify(snapshot, scratch, database=database)
+
+    @contextmanager
+    def _scratch(self, *, size: int) -> Iterator["LocalScratch"]:
+        """A throwaway folder under `_scratch/`, and a uid of its own to run programs as there
+        (confined: one of SCRATCH_SLOTS uids just below the instances', claimed host-wide as
+        instance uids are, and held by this process through a lock); emptied, and whatever ran as
+        that uid ended, before and after."""
+        folder = self.root / SCRATCH
+        files.make_traversable(self.root)
+        folder.mkdir(mode=0o711, exist_ok=True)
+        for slot in range(SCRATCH_SLOTS):
+            with open(folder / f"{slot}.lock", "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                user = self._scratch_user(slot)
+                work = folder / str(slot)
+                self._clear_scratch(work, user)
+                _make_own(work, user)
+                try:
+                    yield LocalScratch(
+                        folder=work,
+                        beside=LocalBeside(
+                            layout=Layout.under(work, work, bind_address=settings.STOCKROOM_BIND_ADDRESS, port=0),
+                            socket=None,
+                            cwd=work,
+                            user=(user.uid, user.gid) if user else None,
+                            cgroups=(),
+                            deadline=time.monotonic() + helper_time(size * 4),
+                        ),
+                    )
+                finally:
+                    self._clear_scratch(work, user)
+                return
+        raise BackendError(f"All {SCRATCH_SLOTS} scratch folders are in use; try again in a minute.")
+
+    def _scratch_user(self, slot: int) -> InstanceUser | None:
+        if not self.confined:
+            return None
+        user = InstanceUser(self.uids.base - 1 - slot, self.uids.base - 1 - slot)
+        self.uids.claim(user, f"scratch-{slot}")  # no "/": never taken for an instance's (orphans)
+        return user
+
+    @staticmethod
+    def _clear_scratch(work: Path, user: InstanceUser | None) -> None:
+        processes.kill(under=work, uid=user.uid if user else None)
+        shutil.rmtree(work, ignore_errors=True)  # never follows a symlink
+        if user is not None:
+            remove_files_of(user.uid)
 
     @contextmanager
     def _beside(self, instance: "Instance") -> Iterator["LocalBeside"]:
@@ -525,6 +586,33 @@ class LocalBeside:
             secret=secret,
             timeout=max(0.0, self.deadline - time.monotonic()),
         )
+
+
+@dataclass(frozen=True)
+class LocalScratch:
+    """What an engine's export and verify run in (`Scratch`): a throwaway folder, and programs run
+    there as the scratch uid, without privileges."""
+
+    folder: Path
+    beside: LocalBeside
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: IO[bytes] | None = None,
+        stdout: IO[bytes] | None = None,
+        secret: str | None = None,
+    ) -> None:
+        self.beside.run(argv, stdin=stdin, stdout=stdout, secret=secret)
+
+
+def _size(file: IO[bytes]) -> int:
+    """The bytes left to read in a stored snapshot's open file."""
+    here = file.tell()
+    end = file.seek(0, os.SEEK_END)
+    file.seek(here)
+    return end - here
 
 
 def helper_time(disk: int) -> float:

@@ -18,6 +18,7 @@ from .base import (
     LogArchive,
     OptionErrors,
     Replay,
+    Scratch,
 )
 
 
@@ -47,6 +48,7 @@ __all__ = [
     "ArchivedLog",
     "LogArchive",
     "Replay",
+    "Scratch",
     "Beside",
     "Container",
     "Endpoint",

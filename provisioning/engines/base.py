@@ -144,6 +144,29 @@ class Beside(Protocol):
         ...
 
 
+class Scratch(Protocol):
+    """A throwaway folder of the portal's, and programs run there without privileges, as a uid of
+    its own that no instance and no shared template has: where a snapshot, which may hold anything
+    its tenant put there, is unpacked, loaded into a throwaway server, checked or exported. It is
+    emptied, and whatever runs as its uid ended, when the work is done."""
+
+    @property
+    def folder(self) -> PurePath:
+        """An empty folder that programs run by `run` may write in, and nobody else."""
+        ...
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: IO[bytes] | None = None,
+        stdout: IO[bytes] | None = None,
+        secret: str | None = None,
+    ) -> None:
+        """As `Beside.run`, in `folder`."""
+        ...
+
+
 class LogArchive(Protocol):
     """Where an engine puts the closed log files of one instance's timeline (binary logs, the
     incremental files of an append-only file): off the instance's disk, in the snapshots storage.
@@ -453,6 +476,26 @@ class Engine:
         the snapshot held. Safe to call again after it was cut short.
         """
         raise NotImplementedError("Engines must say how a snapshot is restored.")
+
+    # Export and verify ----------------------------------------------------------------
+
+    # The portable file a snapshot is exported as: its name's suffix and media type.
+    export_suffix: str = "snapshot"
+    export_media_type: str = "application/octet-stream"
+    # Whether the snapshot's own file is that portable file (the export streams it as it is).
+    export_is_snapshot: bool = False
+
+    def export(self, snapshot: IO[bytes], scratch: Scratch, out: IO[bytes], *, database: str) -> None:
+        """Write to `out` the portable file (`export_suffix`) of `snapshot` (what `snapshot` wrote),
+        made in `scratch`: for a kind with databases, `database`'s. Raise BackendError if the
+        snapshot cannot be read. Not called when `export_is_snapshot`."""
+        raise NotImplementedError(f"{self.label} snapshots cannot be exported.")
+
+    def verify(self, snapshot: IO[bytes], scratch: Scratch, *, database: str) -> str:
+        """Load `snapshot` into a throwaway server in `scratch` and run the kind's own check of its
+        data (of `database`, for a kind with databases); return what was found, a short sentence.
+        Raise BackendError saying what is wrong if it does not load or the check fails."""
+        raise NotImplementedError(f"{self.label} snapshots cannot be verified.")
 
     def connection(self, instance: "Instance") -> dict[str, Any]:
         """What a user needs to connect: host, port, credentials, options and a URI.

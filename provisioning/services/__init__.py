@@ -8,6 +8,7 @@ call these and nothing below them writes.
 - healing: the healing policy, the only writer of restart counting and backoff;
 - state: the transition table and the one function that changes a status;
 - snapshots: taking, restoring and cloning snapshots of an instance's data;
+- exports: a snapshot's portable file, and verifying that a snapshot restores;
 - logs: point-in-time recovery: archived log files, the recovery window, replays;
 - webhooks: registering receivers and sending them each status change.
 """
@@ -15,6 +16,9 @@ call these and nothing below them writes.
 from .actions import ACTIONS, DELETABLE, Action
 from .capacity import NoCapacity, QuotaExceeded, Usage, usage
 from .claims import Busy
+from .exports import ExportFailed, request_verify
+from .exports import export as export_snapshot
+from .exports import verify as verify_snapshot
 from .healing import heal
 from .logs import OutsideWindow, recovery_window, with_first_base
 from .logs import archive as archive_logs
@@ -52,6 +56,10 @@ __all__ = [
     "perform_action",
     "provision",
     "take_snapshot",
+    "export_snapshot",
+    "ExportFailed",
+    "request_verify",
+    "verify_snapshot",
     "recover",
     "request_action",
     "request_restore",

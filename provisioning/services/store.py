@@ -84,17 +84,17 @@ def keep(path: str, fill: Callable[[IO[bytes]], None], *, most: tuple[int, str])
     return name, checksum, size
 
 
-def open_checked(name: str, checksum: str, what: str) -> IO[bytes]:
+def open_checked(name: str, checksum: str, what: str, *, then: str = "nothing was restored") -> IO[bytes]:
     """The stored file `name`, open from its start, once its checksum matches; BackendError naming
-    `what` if it is missing or damaged."""
+    `what` (and `then`, what that means) if it is missing or damaged."""
     named = what[0].upper() + what[1:]
     try:
         file = storage().open(name, "rb")
     except FileNotFoundError:
-        raise BackendError(f"{named} is missing from the store; nothing was restored.") from None
+        raise BackendError(f"{named} is missing from the store; {then}.") from None
     found, _ = digest(file)
     if found != checksum:
         file.close()
-        raise BackendError(f"{named} is damaged (its checksum does not match); nothing was restored.")
+        raise BackendError(f"{named} is damaged (its checksum does not match); {then}.")
     file.seek(0)
     return file

@@ -17,8 +17,10 @@ import pymysql
 from ...errors import BackendError
 from ...options import MiB, Option, backup_options, disk_option
 from ..base import (
+    SMALL,
     ArchivedLog,
     Beside,
+    Bounded,
     Container,
     Endpoint,
     Engine,
@@ -27,6 +29,7 @@ from ..base import (
     LocalSetup,
     LogArchive,
     Replay,
+    Scratch,
     WriteFile,
     read_out,
     read_small,
@@ -93,6 +96,42 @@ mariadb-admin --no-defaults --socket="$socket" shutdown
 wait "$server"
 trap - EXIT
 """
+
+# An export or a verify loads the snapshot into a throwaway server in a scratch folder (`Scratch`):
+# unpacked and prepared there, then served as the point-in-time replay's server is (no network, no
+# grant tables, no binary log), with a small buffer pool; $1 config, $2 the scratch folder, $3 what
+# to do: "dump" writes the gzipped logical dump of database $4 to standard output, "check" runs
+# CHECK TABLE over its tables and writes what it says.
+_THROWAWAY = r"""
+set -eu -o pipefail
+config=$1 folder=$2 action=$3 database=$4
+socket=$folder/server.sock log=$folder/server.log
+mkdir -m 0700 -- "$folder/tmp"
+mariadbd --defaults-file="$config" --datadir="$folder/data" --socket="$socket" \
+    --pid-file="$folder/server.pid" --log-error="$log" --tmpdir="$folder/tmp" \
+    --skip-networking --skip-grant-tables --skip-log-bin --innodb-buffer-pool-size=16M &
+server=$!
+trap 'kill "$server" 2>/dev/null || true; wait "$server" || true' EXIT
+tries=0
+until mariadb-admin --no-defaults --socket="$socket" ping >/dev/null 2>&1; do
+    if ! kill -0 "$server" 2>/dev/null; then
+        tail -n 3 -- "$log" >&2 || true; echo "The throwaway server did not start." >&2; exit 1
+    fi
+    tries=$((tries + 1)); [ "$tries" -lt 1200 ] || { echo "The throwaway server did not answer." >&2; exit 1; }
+    sleep 0.05
+done
+case $action in
+dump)
+    mariadb-dump --no-defaults --socket="$socket" --single-transaction --routines --triggers \
+        --default-character-set=utf8mb4 -- "$database" | gzip -c ;;
+check)
+    mariadb-check --no-defaults --socket="$socket" --check --databases -- "$database" ;;
+esac
+mariadb-admin --no-defaults --socket="$socket" shutdown
+wait "$server"
+trap - EXIT
+"""
+CHECKED = re.compile(r"^(\S+)\s+OK$")  # mariadb-check's line for a table CHECK TABLE finds sound
 
 # mariadb-install-db also makes root@127.0.0.1, root@::1 and root@<host> without a password, and
 # the official image healthcheck@…; only the portal's root@localhost (Unix socket) may remain.
@@ -474,6 +513,36 @@ class MySQL(Engine):
             )
         finally:
             beside.run(["rm", "-rf", "--", str(folder)])
+
+    # Export and verify -------------------------------------------------------------------
+
+    export_suffix = "sql.gz"
+    export_media_type = "application/gzip"
+
+    def export(self, snapshot: IO[bytes], scratch: Scratch, out: IO[bytes], *, database: str) -> None:
+        # A logical dump needs a server: the snapshot is InnoDB's files as mariabackup copied them.
+        self._throwaway(snapshot, scratch, "dump", database, out)
+
+    def verify(self, snapshot: IO[bytes], scratch: Scratch, *, database: str) -> str:
+        found = io.BytesIO()
+        said = Bounded(found, SMALL * 16, "CHECK TABLE says too much.")
+        self._throwaway(snapshot, scratch, "check", database, said)  # type: ignore[arg-type]
+        lines = [line.strip() for line in found.getvalue().decode(errors="replace").splitlines() if line.strip()]
+        sound = [line for line in lines if CHECKED.match(line)]
+        if len(sound) != len(lines):
+            wrong = "; ".join(line for line in lines if not CHECKED.match(line))[:500]
+            raise BackendError(f"CHECK TABLE found a problem: {wrong}")
+        return f"CHECK TABLE found all {len(sound)} tables of {database} sound."
+
+    def _throwaway(self, snapshot: IO[bytes], scratch: Scratch, action: str, database: str, out: IO[bytes]) -> None:
+        folder = scratch.folder
+        scratch.run(["mkdir", "-m", "0700", "--", str(folder / "data")])
+        scratch.run(["mbstream", "-x", "-C", str(folder / "data")], stdin=snapshot)
+        scratch.run(["mariabackup", "--prepare", f"--target-dir={folder / 'data'}", "--use-memory=32M"])
+        config = f"[mysqld]\n{self.render(STORAGE_TEMPLATE)}\n".encode()
+        scratch.run(["tee", "--", str(folder / self.config_name)], stdin=io.BytesIO(config))
+        argv = ["bash", "-c", _THROWAWAY, "throwaway", str(folder / self.config_name), str(folder), action, database]
+        scratch.run(argv, stdout=out)
 
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         # Over the socket the user is app@localhost to the server, which its app@'%' account matches.

@@ -15,8 +15,10 @@ from redis.retry import Retry
 from ...errors import BackendError
 from ...options import Option, backup_options, disk_option
 from ..base import (
+    SMALL,
     ArchivedLog,
     Beside,
+    Bounded,
     Container,
     Endpoint,
     Engine,
@@ -25,6 +27,7 @@ from ..base import (
     LocalSetup,
     LogArchive,
     Replay,
+    Scratch,
     WriteFile,
     read_out,
     read_small,
@@ -121,6 +124,35 @@ TENANT_RULE = (
 def acl_password_hash(password: str) -> str:
     """The `#<sha256>` form of an ACL password: the plaintext never reaches the disk."""
     return "#" + hashlib.sha256(password.encode()).hexdigest()
+
+
+# A verify checks the RDB with redis-check-rdb, then loads it into a throwaway redis-server on a
+# socket in the scratch folder $1 (no TCP, no persistence) and writes how many keys it holds (every
+# database's).
+_THROWAWAY = r"""
+set -eu -o pipefail
+folder=$1 socket=$1/server.sock log=$1/server.log
+if ! redis-check-rdb "$folder/dump.rdb" >"$folder/check.txt" 2>&1; then
+    grep -v '^\[offset' -- "$folder/check.txt" | grep -v '^ *$' | head -n 4 >&2 || true
+    echo "redis-check-rdb found the RDB damaged." >&2; exit 1
+fi
+redis-server --port 0 --unixsocket "$socket" --unixsocketperm 700 --dir "$folder" --dbfilename dump.rdb \
+    --appendonly no --save '' --logfile "$log" --daemonize no &
+server=$!
+trap 'kill "$server" 2>/dev/null || true; wait "$server" || true' EXIT
+tries=0
+until [ "$(redis-cli -s "$socket" ping 2>/dev/null)" = PONG ]; do
+    if ! kill -0 "$server" 2>/dev/null; then
+        tail -n 3 -- "$log" >&2 || true; echo "The throwaway server did not load the RDB." >&2; exit 1
+    fi
+    tries=$((tries + 1)); [ "$tries" -lt 2400 ] || { echo "The throwaway server did not answer." >&2; exit 1; }
+    sleep 0.05
+done
+redis-cli -s "$socket" info keyspace | sed -n 's/.*keys=\([0-9]*\).*/\1/p' | awk '{n += $1} END {print n + 0}'
+redis-cli -s "$socket" shutdown nosave >/dev/null 2>&1 || true
+wait "$server" || true
+trap - EXIT
+"""
 
 
 class Redis(Engine):
@@ -273,6 +305,22 @@ class Redis(Engine):
 
     snapshot_suffix = "rdb"
     point_in_time = True
+    # A snapshot is an RDB file, which any redis-server loads: it is its own export.
+    export_suffix = "rdb"
+    export_is_snapshot = True
+
+    def verify(self, snapshot: IO[bytes], scratch: Scratch, *, database: str) -> str:
+        rdb = scratch.folder / "dump.rdb"
+        scratch.run(["tee", "--", str(rdb)], stdin=snapshot)
+        found = io.BytesIO()
+        scratch.run(
+            ["bash", "-c", _THROWAWAY, "throwaway", str(scratch.folder)],
+            stdout=Bounded(found, SMALL, "The throwaway server said too much."),  # type: ignore[arg-type]
+        )
+        keys = found.getvalue().decode(errors="replace").strip()
+        if not keys.isdigit():
+            raise BackendError(f"The throwaway server did not count its keys: {keys[:200]!r}.")
+        return f"redis-check-rdb found it sound; a throwaway redis-server loaded its {keys} keys."
 
     def snapshot(self, instance: "Instance", beside: Beside, out: IO[bytes], archive: LogArchive | None = None) -> str:
         # The rewrite forks: the child writes the data as of the fork while the server serves on.
