@@ -2,7 +2,12 @@ from axes import admin as axes_admin
 from axes.models import AccessAttempt, AccessFailureLog, AccessLog
 from django.contrib import admin, messages
 from django.contrib.admin.options import ActionLocation
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Sum
+from django.http import FileResponse
+from django.shortcuts import get_object_or_404, redirect
+from django.urls import path, reverse
+from django.utils.html import format_html
 
 from . import services
 from .models import AccessToken, Instance, InstanceEvent, LogFile, Orphan, Snapshot, Webhook, WebhookDelivery
@@ -107,16 +112,57 @@ class SnapshotAdmin(admin.ModelAdmin):
 
     list_display = [
         "id", "kind", "instance_name", "instance", "owner", "status", "trigger", "size", "timeline", "created_at",
-        "expires_at",
+        "expires_at", "verify_status", "verified_at", "download",
     ]  # fmt: skip
-    list_filter = ["kind", "status", "trigger", "owner", ("expires_at", admin.EmptyFieldListFilter)]
+    list_filter = [
+        "kind", "status", "trigger", "verify_status", "owner", ("expires_at", admin.EmptyFieldListFilter),
+    ]  # fmt: skip
     search_fields = ["instance_name", "owner__username", "checksum"]
-    actions = ["delete_snapshots"]
+    actions = ["delete_snapshots", "verify_snapshots"]
     change_list_template = "admin/provisioning/snapshot/change_list.html"
 
     @admin.display(description="size", ordering="size_bytes")
     def size(self, snapshot: Snapshot) -> str:
         return describe_size(snapshot.size_bytes)
+
+    @admin.display(description="export")
+    def download(self, snapshot: Snapshot) -> str:
+        if snapshot.status != "ready":
+            return ""
+        return format_html(
+            '<a href="{}">Download</a>', reverse("admin:provisioning_snapshot_download", args=[snapshot.pk])
+        )
+
+    def get_urls(self):
+        download = path(
+            "<int:sid>/download/", self.admin_site.admin_view(self.download_view), name="provisioning_snapshot_download"
+        )
+        return [download, *super().get_urls()]
+
+    def download_view(self, request, sid: int):
+        """The snapshot's portable file, as its owner downloads it (staff who may view snapshots)."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        snapshot = get_object_or_404(Snapshot, pk=sid)
+        try:
+            made = services.export_snapshot(snapshot=snapshot)
+        except (services.SnapshotBusy, services.ExportFailed) as exc:
+            self.message_user(request, str(exc), level=messages.ERROR)
+            return redirect("admin:provisioning_snapshot_changelist")
+        return FileResponse(made.file, as_attachment=True, filename=made.filename, content_type=made.media_type)
+
+    @admin.action(description="Verify the selected snapshots in a throwaway server", permissions=["view"])
+    def verify_snapshots(self, request, queryset):
+        done, refused = 0, []
+        for snapshot in queryset:
+            try:
+                services.request_verify(snapshot=snapshot, by=request.user)
+                done += 1
+            except services.SnapshotBusy as exc:
+                refused.append(str(exc))
+        self.message_user(request, f"Verifying {done} snapshot(s); the result shows in the list.")
+        if refused:
+            self.message_user(request, " ".join(refused), level=messages.WARNING)
 
     def changelist_view(self, request, extra_context=None):
         """Above the list: each user's snapshots and archived logs, and the bytes they take together."""

@@ -9,11 +9,11 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Count, Q
-from django.http import Http404
+from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_GET, require_POST
 
 from . import services
 from .api.pagination import IdsFirstPaginator
@@ -99,7 +99,7 @@ def _detail_context(instance: Instance) -> dict:
             (name, spec.label) for name, spec in services.ACTIONS.items() if instance.status in spec.allowed_from
         ],
         "busy": instance.status in (*BUSY_STATUSES, Status.UNHEALTHY)
-        or instance.snapshots.filter(status="creating").exists(),
+        or instance.snapshots.filter(Q(status="creating") | Q(verify_status="verifying")).exists(),
         "snapshots": instance.snapshots.all()[:20],
         "can_snapshot": instance.status == Status.RUNNING,
         "can_restore": instance.status in (Status.RUNNING, Status.UNHEALTHY),
@@ -227,6 +227,38 @@ def clone(request, sid: int):
 
 
 @login_required
+@require_GET
+def snapshot_download(request, sid: int):
+    snapshot = _my_snapshot(request, sid)
+    try:
+        made = services.export_snapshot(snapshot=snapshot)
+    except (services.SnapshotBusy, services.ExportFailed) as exc:
+        messages.error(request, str(exc))
+        return _back_from(snapshot)
+    return FileResponse(made.file, as_attachment=True, filename=made.filename, content_type=made.media_type)
+
+
+@login_required
+@require_POST
+def snapshot_verify(request, sid: int):
+    snapshot = _my_snapshot(request, sid)
+    try:
+        services.request_verify(snapshot=snapshot, by=request.user)
+    except services.SnapshotBusy as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Snapshot {sid} is being verified in a throwaway server.")
+    return _back_from(snapshot)
+
+
+def _back_from(snapshot: Snapshot):
+    """The page of the snapshot's instance, or the dashboard once it is deleted."""
+    if snapshot.instance_id and Instance.objects.visible().filter(pk=snapshot.instance_id).exists():
+        return redirect("instance", pk=snapshot.instance_id)
+    return redirect("dashboard")
+
+
+@login_required
 @require_POST
 def snapshot_delete(request, sid: int):
     snapshot = _my_snapshot(request, sid)
@@ -236,9 +268,7 @@ def snapshot_delete(request, sid: int):
         messages.error(request, str(exc))
     else:
         messages.success(request, f"Snapshot {sid} deleted.")
-    if snapshot.instance_id and Instance.objects.visible().filter(pk=snapshot.instance_id).exists():
-        return redirect("instance", pk=snapshot.instance_id)
-    return redirect("dashboard")
+    return _back_from(snapshot)
 
 
 @login_required
