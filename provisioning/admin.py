@@ -151,7 +151,7 @@ class SnapshotAdmin(admin.ModelAdmin):
             return redirect("admin:provisioning_snapshot_changelist")
         return FileResponse(made.file, as_attachment=True, filename=made.filename, content_type=made.media_type)
 
-    @admin.action(description="Verify the selected snapshots in a throwaway server", permissions=["view"])
+    @admin.action(description="Verify the selected snapshots in a throwaway server", permissions=["change"])
     def verify_snapshots(self, request, queryset):
         done, refused = 0, []
         for snapshot in queryset:

@@ -243,10 +243,10 @@ class SnapshotViewSet(
 
     @extend_schema(
         summary="Download the snapshot as a portable file",
-        description="MySQL: a gzipped `mariadb-dump` of the tenant's database (`.sql.gz`); Redis: the RDB "
-        "(`.rdb`). Made while the request waits (a MySQL snapshot is loaded into a throwaway server first), "
-        "then streamed with `Content-Disposition: attachment`. 409 if the snapshot is not ready or its file "
-        "is damaged.",
+        description="The kind's portable file: a gzipped `mariadb-dump` of the tenant's database (`.sql.gz`), or "
+        "the RDB (`.rdb`). Made while the request waits (a snapshot that is not itself that file is loaded into "
+        "a throwaway server first), then streamed with `Content-Disposition: attachment`. 409 if the snapshot is "
+        "not ready or its file is damaged.",
         responses={(200, "application/octet-stream"): bytes, 404: None, 409: None},
     )
     @action(detail=True, methods=["get"])

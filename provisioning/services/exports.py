@@ -5,8 +5,8 @@ which may be gone: the backend loads the snapshot into a throwaway server in a t
 the portal's, run by a uid of its own (`BaseBackend.export_snapshot`, `verify_snapshot`).
 
 An export is made while the request waits and then streamed: a snapshot whose file is the
-portable file (Redis's RDB) is streamed as it is stored; another (MySQL's mariabackup copy) is
-first turned into one (a gzipped `mariadb-dump`) in an unnamed file of the portal's. A verify is a
+portable file (an RDB) is streamed as it is stored; another (a mariabackup copy) is first turned
+into one (a gzipped `mariadb-dump`) in an unnamed file of the portal's. A verify is a
 job: the request marks the snapshot `verifying`, and a worker restores and checks it.
 """
 
