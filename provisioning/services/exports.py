@@ -153,7 +153,7 @@ def verify(snapshot_id: int) -> None:
         reason = str(exc) if isinstance(exc, BackendError | SnapshotBusy) else f"{type(exc).__name__}: {exc}"
         _finish(snapshot, VerifyStatus.FAILED, reason)
         return
-    _finish(snapshot, VerifyStatus.PASSED, f"Its checksum matches; {found[0].lower()}{found[1:]}")
+    _finish(snapshot, VerifyStatus.PASSED, f"Its checksum matches. {found}")
 
 
 def _finish(snapshot: Snapshot, result: VerifyStatus, message: str) -> bool:

@@ -130,7 +130,7 @@ def test_a_verify_passes_and_says_what_it_found_and_when(create, api, committed,
         assert api.post(f"{url}/verify").status_code == 409  # once at a time
     after = api.get(url).json()
     assert after["verify_status"] == "passed"
-    assert after["verify_message"] == "Its checksum matches; it loads: 2 keys."
+    assert after["verify_message"] == "Its checksum matches. It loads: 2 keys."
     assert after["verified_at"] is not None
 
 
@@ -200,7 +200,7 @@ def test_the_page_offers_download_and_verify_and_shows_the_result(create, api, c
     with committed():
         assert web.post(f"/snapshots/{snapshot['id']}/verify/").status_code == 302
     page = web.get(f"/instances/{instance['id']}/").content.decode()
-    assert 'class="badge passed"' in page and "it loads: 0 keys." in page
+    assert 'class="badge passed"' in page and "It loads: 0 keys." in page
     got = web.get(f"/snapshots/{snapshot['id']}/download/")
     assert got.status_code == 200 and got["Content-Disposition"].startswith("attachment;")
     # Another user's snapshot does not exist for charlie's pages either.
