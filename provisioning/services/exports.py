@@ -19,7 +19,7 @@ from typing import IO
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max, Q
+from django.db.models import F, Max, Q
 from django.utils import timezone
 
 from ..backends.base import BackendError, BaseBackend, get_backend
@@ -31,6 +31,9 @@ from .snapshots import SnapshotBusy
 
 logger = logging.getLogger(__name__)
 
+# Verifies the reconciler asks for in one pass: after a deploy every instance is due at once, and
+# each loads a throwaway server; the rest wait for the next passes.
+VERIFIES_PER_PASS = 2
 # An export may take this many times its snapshot's size, and this much more: a dump is text.
 EXPORT_GROWTH, EXPORT_SLACK = 4, 64 * 1024 * 1024
 
@@ -176,7 +179,8 @@ def _finish(snapshot: Snapshot, result: VerifyStatus, message: str) -> bool:
 
 def schedule_verifies(*, now: datetime) -> int:
     """Ask for a verify of the newest ready snapshot of each instance none of whose snapshots was
-    verified (or began to be) in the last STOCKROOM_VERIFY_EVERY_DAYS; 0 days: never."""
+    verified (or began to be) in the last STOCKROOM_VERIFY_EVERY_DAYS (0 days: never), of at most
+    VERIFIES_PER_PASS instances, those waiting longest first."""
     days = settings.STOCKROOM_VERIFY_EVERY_DAYS
     if days <= 0:
         return 0
@@ -187,10 +191,12 @@ def schedule_verifies(*, now: datetime) -> int:
         .filter(snapshots__status=SnapshotStatus.READY)
         .annotate(last_verified=last)
         .filter(Q(last_verified__isnull=True) | Q(last_verified__lt=since))
-        .distinct()
+        .order_by(F("last_verified").asc(nulls_first=True), "pk")
     )
     requested = 0
     for instance in due:
+        if requested >= VERIFIES_PER_PASS:
+            break
         newest = Snapshot.objects.filter(instance=instance, status=SnapshotStatus.READY).first()
         if newest is None:
             continue

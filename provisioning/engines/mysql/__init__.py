@@ -101,9 +101,10 @@ trap - EXIT
 # unpacked and prepared there, then served as the point-in-time replay's server is (no network, no
 # grant tables, no binary log), with a small buffer pool; $1 config, $2 the scratch folder, $3 what
 # to do: "dump" writes the gzipped logical dump of database $4 to standard output, "check" runs
-# CHECK TABLE over its tables and writes what it says. The dump's views, triggers and routines lose
-# their DEFINER (the tenant's account, which exists nowhere else): whoever loads it becomes theirs.
-# Rows are left alone (mariadb-dump writes each INSERT on a line of its own).
+# CHECK TABLE over each of its tables (not views) and writes what it says, a row a line. The dump's
+# views, triggers and routines lose their DEFINER (the tenant's account, which exists nowhere
+# else): whoever loads it becomes theirs. Rows are left alone (mariadb-dump writes each INSERT on a
+# line of its own).
 _THROWAWAY = r"""
 set -eu -o pipefail
 config=$1 folder=$2 action=$3 database=$4
@@ -128,13 +129,16 @@ dump)
         --default-character-set=utf8mb4 -- "$database" \
         | sed -E '/^INSERT INTO /!s/DEFINER=`[^`]*`@`[^`]*`//g' | gzip -c ;;
 check)
-    mariadb-check --no-defaults --socket="$socket" --check --databases -- "$database" ;;
+    mariadb --no-defaults --socket="$socket" --batch --raw --skip-column-names -e "
+        SELECT CONCAT('CHECK TABLE \`', REPLACE(TABLE_NAME, '\`', '\`\`'), '\`;') FROM information_schema.TABLES
+        WHERE TABLE_SCHEMA = '$database' AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME" \
+        | mariadb --no-defaults --socket="$socket" --batch --raw --skip-column-names --database="$database" ;;
 esac
 mariadb-admin --no-defaults --socket="$socket" shutdown
 wait "$server"
 trap - EXIT
 """
-CHECKED = re.compile(r"^(\S+)\s+OK$")  # mariadb-check's line for a table CHECK TABLE finds sound
+NAMED = re.compile(r"[A-Za-z0-9_]+")  # a database name the throwaway server's scripts may quote as is
 
 # mariadb-install-db also makes root@127.0.0.1, root@::1 and root@<host> without a password, and
 # the official image healthcheck@…; only the portal's root@localhost (Unix socket) may remain.
@@ -530,14 +534,20 @@ class MySQL(Engine):
         found = io.BytesIO()
         said = Bounded(found, SMALL * 16, "CHECK TABLE says too much.")
         self._throwaway(snapshot, scratch, "check", database, said)  # type: ignore[arg-type]
-        lines = [line.strip() for line in found.getvalue().decode(errors="replace").splitlines() if line.strip()]
-        sound = [line for line in lines if CHECKED.match(line)]
-        if len(sound) != len(lines):
-            wrong = "; ".join(line for line in lines if not CHECKED.match(line))[:500]
-            raise BackendError(f"CHECK TABLE found a problem: {wrong}")
+        sound, wrong = [], []
+        for line in found.getvalue().decode(errors="replace").splitlines():
+            table, _, kind, text = (line.split("\t") + ["", "", ""])[:4]
+            if kind.lower() == "status" and text == "OK":
+                sound.append(table)
+            elif kind.lower() in ("error", "warning") or (kind.lower() == "status" and text != "OK"):
+                wrong.append(f"{table}: {text}")
+        if wrong:
+            raise BackendError(f"CHECK TABLE found a problem: {'; '.join(wrong)[:500]}")
         return f"CHECK TABLE found all {len(sound)} tables of {database} sound."
 
     def _throwaway(self, snapshot: IO[bytes], scratch: Scratch, action: str, database: str, out: IO[bytes]) -> None:
+        if not NAMED.fullmatch(database):
+            raise BackendError(f"The database {database!r} is not one the portal makes.")
         folder = scratch.folder
         scratch.run(["mkdir", "-m", "0700", "--", str(folder / "data")])
         scratch.run(["mbstream", "-x", "-C", str(folder / "data")], stdin=snapshot)

@@ -176,6 +176,16 @@ def test_the_reconciler_verifies_the_newest_backup_of_each_instance_every_few_da
         assert reconcile().verifies_queued == 0
 
 
+def test_a_pass_asks_for_few_verifies_and_the_rest_wait_for_the_next(create, api, committed, settings):
+    for _ in range(3):
+        snapshot_of(api, committed, create("redis"))
+    with committed():
+        assert reconcile().verifies_queued == 2
+    with committed():
+        assert reconcile().verifies_queued == 1
+    assert set(Snapshot.objects.values_list("verify_status", flat=True)) == {"passed"}
+
+
 def test_a_verify_whose_worker_died_is_failed_by_the_reconciler(create, api, committed, settings):
     snapshot = snapshot_of(api, committed, create("redis"))
     api.post(f"/api/storage/redis/snapshots/{snapshot['id']}/verify")  # queued after commit: never sent
