@@ -238,6 +238,7 @@ class LocalBackend(BaseBackend):
         folder = self.root / SCRATCH
         files.make_traversable(self.root)
         folder.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(folder, 0o711)  # a scratch uid goes through it to its own folder, and lists nothing
         for slot in range(SCRATCH_SLOTS):
             with open(folder / f"{slot}.lock", "a") as lock:
                 try:

@@ -6,8 +6,10 @@ Tasks run inline here (pytest.ini), so a verify is done when its request returns
 """
 
 import gzip
+import io
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +27,7 @@ from provisioning.models import Instance, Snapshot
 from provisioning.services import DELETABLE, store
 
 from .conftest import wait_for_status, wait_until
-from .test_snapshots import config_of, create, execute, redis_client, rows, snapshot_of, stored
+from .test_snapshots import config_of, create, execute, redis_client, root_of, rows, snapshot_of, stored
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -111,10 +113,17 @@ def test_a_downloaded_mysql_dump_loads_into_a_plain_mariadbd_with_its_rows_view_
         "CREATE TABLE t (id INT PRIMARY KEY, name VARCHAR(40), note TEXT) CHARACTER SET utf8mb4",
         "INSERT INTO t VALUES (1, 'one', 'DEFINER=`app`@`%` stays in a row'), (2, 'zwei – ü', NULL), (3, 'three', '')",
         "CREATE TABLE audit (id INT)",
-        "CREATE TRIGGER t_audit AFTER INSERT ON t FOR EACH ROW INSERT INTO audit VALUES (NEW.id)",
         "CREATE VIEW named AS SELECT id, name FROM t WHERE name <> ''",
-        "CREATE PROCEDURE how_many(OUT n INT) SELECT COUNT(*) INTO n FROM t",
     )
+    # With binary logging on, a trigger or routine needs SUPER (or log_bin_trust_function_creators):
+    # the portal's root makes them, as the tenant's own.
+    with root_of(pk) as db, db.cursor() as cursor:
+        cursor.execute("USE app")
+        cursor.execute(
+            "CREATE DEFINER = 'app'@'%' TRIGGER t_audit AFTER INSERT ON t "
+            "FOR EACH ROW INSERT INTO audit VALUES (NEW.id)"
+        )
+        cursor.execute("CREATE DEFINER = 'app'@'%' PROCEDURE how_many(OUT n INT) SELECT COUNT(*) INTO n FROM t")
     expected = rows(config)
     # Its instance is gone, as snapshots outlive instances: the one the delete took is exported.
     assert api.delete(f"/api/storage/mysql/instances/{pk}").status_code == 202
@@ -124,7 +133,8 @@ def test_a_downloaded_mysql_dump_loads_into_a_plain_mariadbd_with_its_rows_view_
     disposition, body = download(api, "mysql", kept.pk)
     assert disposition == f'attachment; filename="shop-snapshot-{kept.pk}.sql.gz"'
     dump = gzip.decompress(body)
-    assert b"DEFINER=`app`@`%` stays in a row" in dump and b"DEFINER=`app`@`%` SQL SECURITY" not in dump
+    assert b"DEFINER=`app`@`%` stays in a row" in dump  # rows are never changed
+    assert dump.count(b"DEFINER=`app`") == 1  # the view's, the trigger's and the routine's are gone
     with plain_mariadbd(tmp_path) as root:
         with pymysql.connect(**root) as db, db.cursor() as cursor:
             cursor.execute("CREATE DATABASE restored")
@@ -242,17 +252,67 @@ def test_a_verify_restores_into_a_throwaway_server_as_a_uid_of_its_own_and_catch
     assert refused.status_code == 409 and "damaged" in refused.json()["detail"]
 
 
-def test_a_verify_runs_the_engines_own_check_on_what_the_checksum_cannot_catch(api):
+@pytest.mark.parametrize("kind", ["mysql", "redis"])
+def test_a_verify_runs_the_engines_own_check_on_what_the_checksum_cannot_catch(api, kind):
     """A copy damaged before its checksum was taken (a bad disk under the worker, say) matches it;
-    redis-check-rdb and the throwaway server are what catch it."""
-    instance = create(api, "redis")
-    redis_client(config_of(api, "redis", instance["id"])).mset({f"key{n}": "v" * 100 for n in range(50)})
-    snapshot = snapshot_of(api, "redis", instance["id"])
+    the engine's own tools and the throwaway server are what catch it."""
+    instance = create(api, kind)
+    config = config_of(api, kind, instance["id"])
+    if kind == "mysql":
+        execute(config, "CREATE TABLE t (id INT PRIMARY KEY, v TEXT)", "INSERT INTO t VALUES (1, REPEAT('v', 5000))")
+    else:
+        redis_client(config).mset({f"key{n}": "v" * 100 for n in range(50)})
+    snapshot = snapshot_of(api, kind, instance["id"])
     path = stored(snapshot)
-    path.write_bytes(path.read_bytes()[:-200])  # cut short
+    data = path.read_bytes()
+    if kind == "mysql":  # one byte of the copy changed
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    else:  # cut short
+        path.write_bytes(data[:-200])
     with open(path, "rb") as file:
         checksum, size = store.digest(file)
     Snapshot.objects.filter(pk=snapshot["id"]).update(checksum=checksum, size_bytes=size)
-    failed = verify(api, "redis", snapshot["id"])
+    failed = verify(api, kind, snapshot["id"])
     assert failed["verify_status"] == "failed"
-    assert "redis-check-rdb found the RDB damaged." in failed["verify_message"]
+    if kind == "mysql":
+        assert failed["verify_message"].startswith("mbstream failed: ")
+        assert "invalid checksum" in failed["verify_message"]
+    else:
+        assert failed["verify_message"].endswith("redis-check-rdb failed: the RDB is damaged.")
+
+
+def test_check_table_catches_a_damaged_table_in_a_copy_that_unpacks(api, tmp_path):
+    """A copy whose stream is whole, and whose redo log has nothing for the damaged pages (so the
+    prepare does not see them): the throwaway server's CHECK TABLE is what fails it."""
+    instance = create(api, "mysql")
+    config = config_of(api, "mysql", instance["id"])
+    execute(config, "CREATE TABLE t (id INT PRIMARY KEY, v TEXT)")
+    execute(config, *(f"INSERT INTO t VALUES ({n}, REPEAT('v', 2000))" for n in range(200)))
+    with root_of(instance["id"]) as db, db.cursor() as cursor:  # its pages written, and a checkpoint past them
+        cursor.execute("SET GLOBAL innodb_max_dirty_pages_pct = 0")
+        time.sleep(3)
+    snapshot = snapshot_of(api, "mysql", instance["id"])
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    with open(stored(snapshot), "rb") as file:
+        subprocess.run(["mbstream", "-x", "-C", str(unpacked)], stdin=file, check=True)
+    table = unpacked / "app" / "t.ibd"
+    data = bytearray(table.read_bytes())
+    for page in range(3, len(data) // 16384):  # every data page's body, past the table's own header pages
+        data[page * 16384 + 200 : page * 16384 + 400] = bytes(200)
+    table.write_bytes(bytes(data))
+    names = sorted(str(path.relative_to(unpacked)) for path in unpacked.rglob("*") if path.is_file())
+    repacked = subprocess.run(["mbstream", "-c", *names], cwd=unpacked, check=True, capture_output=True).stdout
+    stored(snapshot).write_bytes(repacked)
+    checksum, size = store.digest(io.BytesIO(repacked))
+    Snapshot.objects.filter(pk=snapshot["id"]).update(checksum=checksum, size_bytes=size)
+    failed = verify(api, "mysql", snapshot["id"])
+    assert failed["verify_status"] == "failed"
+    assert failed["verify_message"] == (
+        "CHECK TABLE found a problem: app.t: Table `app`.`t` is corrupted. Please drop the table and recreate.; "
+        "app.t: Corrupt"
+    )
+    backend = get_backend("local")
+    if os.geteuid() == 0:  # the throwaway server that found it is gone
+        assert all(processes(uid=backend.uids.base - 1 - slot) == [] for slot in range(local.SCRATCH_SLOTS))

@@ -102,9 +102,10 @@ trap - EXIT
 # grant tables, no binary log), with a small buffer pool; $1 config, $2 the scratch folder, $3 what
 # to do: "dump" writes the gzipped logical dump of database $4 to standard output, "check" runs
 # CHECK TABLE over each of its tables (not views) and writes what it says, a row a line. The dump's
-# views, triggers and routines lose their DEFINER (the tenant's account, which exists nowhere
-# else): whoever loads it becomes theirs. Rows are left alone (mariadb-dump writes each INSERT on a
-# line of its own).
+# views, triggers, events and routines lose their DEFINER (the tenant's account, which exists
+# nowhere else): whoever loads it becomes theirs. Only where mariadb-dump writes one: the comments
+# before a view, trigger or event, and the head of a routine; never in a row (mariadb-dump writes
+# each on a line of its own, beginning with "(", escaping newlines in strings).
 _THROWAWAY = r"""
 set -eu -o pipefail
 config=$1 folder=$2 action=$3 database=$4
@@ -127,7 +128,12 @@ case $action in
 dump)
     mariadb-dump --no-defaults --socket="$socket" --single-transaction --routines --triggers \
         --default-character-set=utf8mb4 -- "$database" \
-        | sed -E '/^INSERT INTO /!s/DEFINER=`[^`]*`@`[^`]*`//g' | gzip -c ;;
+        | sed -E -e '/^(INSERT INTO |\()/!{' \
+            -e 's#^(/\*!50013 )DEFINER=`(``|[^`])*`@`(``|[^`])*` #\1#' \
+            -e 's#/\*!50017 DEFINER=`(``|[^`])*`@`(``|[^`])*`\*/#/*!50017 */#' \
+            -e 's#/\*!50117 DEFINER=`(``|[^`])*`@`(``|[^`])*`\*/#/*!50117 */#' \
+            -e 's#^CREATE DEFINER=`(``|[^`])*`@`(``|[^`])*` #CREATE #' -e '}' \
+        | gzip -c ;;
 check)
     mariadb --no-defaults --socket="$socket" --batch --raw --skip-column-names -e "
         SELECT CONCAT('CHECK TABLE \`', REPLACE(TABLE_NAME, '\`', '\`\`'), '\`;') FROM information_schema.TABLES

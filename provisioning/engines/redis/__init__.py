@@ -133,8 +133,8 @@ _THROWAWAY = r"""
 set -eu -o pipefail
 folder=$1 socket=$1/server.sock log=$1/server.log
 if ! redis-check-rdb "$folder/dump.rdb" >"$folder/check.txt" 2>&1; then
-    grep -v '^\[offset' -- "$folder/check.txt" | grep -v '^ *$' | head -n 4 >&2 || true
-    echo "redis-check-rdb found the RDB damaged." >&2; exit 1
+    grep -iE 'error|eof|invalid|wrong|unexpected' -- "$folder/check.txt" | tail -n 3 >&2 || true
+    echo "redis-check-rdb failed: the RDB is damaged." >&2; exit 1
 fi
 redis-server --port 0 --unixsocket "$socket" --unixsocketperm 700 --dir "$folder" --dbfilename dump.rdb \
     --appendonly no --save '' --logfile "$log" --daemonize no &

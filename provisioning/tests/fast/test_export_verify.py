@@ -138,7 +138,7 @@ def test_a_verify_fails_on_a_file_damaged_on_disk_and_on_what_the_server_refuses
     instance = create("redis")
     damaged, refused = snapshot_of(api, committed, instance), snapshot_of(api, committed, instance)
     damage(damaged["id"])
-    fake.fail_next("verify_snapshot", BackendError("redis-check-rdb found the RDB damaged."))
+    fake.fail_next("verify_snapshot", BackendError("redis-check-rdb failed: the RDB is damaged."))
     with committed():
         api.post(f"/api/storage/redis/snapshots/{damaged['id']}/verify")
         api.post(f"/api/storage/redis/snapshots/{refused['id']}/verify")
@@ -148,7 +148,10 @@ def test_a_verify_fails_on_a_file_damaged_on_disk_and_on_what_the_server_refuses
         f"Snapshot {damaged['id']} is damaged (its checksum does not match); it cannot be restored."
     )
     second = api.get(f"/api/storage/redis/snapshots/{refused['id']}").json()
-    assert (second["verify_status"], second["verify_message"]) == ("failed", "redis-check-rdb found the RDB damaged.")
+    assert (second["verify_status"], second["verify_message"]) == (
+        "failed",
+        "redis-check-rdb failed: the RDB is damaged.",
+    )
 
 
 def test_the_reconciler_verifies_the_newest_backup_of_each_instance_every_few_days(create, api, committed, settings):
