@@ -9,6 +9,7 @@ call these and nothing below them writes.
 - state: the transition table and the one function that changes a status;
 - snapshots: taking, restoring and cloning snapshots of an instance's data;
 - logs: point-in-time recovery: archived log files, the recovery window, replays;
+- imports: loading a file the owner uploaded into an instance, or into a new one;
 - webhooks: registering receivers and sending them each status change.
 """
 
@@ -16,6 +17,9 @@ from .actions import ACTIONS, DELETABLE, Action
 from .capacity import NoCapacity, QuotaExceeded, Usage, usage
 from .claims import Busy
 from .healing import heal
+from .imports import TooLarge as ImportTooLarge
+from .imports import create_from_file, request_import
+from .imports import run as import_instance
 from .logs import OutsideWindow, recovery_window, with_first_base
 from .logs import archive as archive_logs
 from .ports import NoFreePort
@@ -32,6 +36,10 @@ __all__ = [
     "DELETABLE",
     "Action",
     "Busy",
+    "ImportTooLarge",
+    "import_instance",
+    "request_import",
+    "create_from_file",
     "OutsideWindow",
     "archive_logs",
     "recovery_window",
