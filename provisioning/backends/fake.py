@@ -57,6 +57,8 @@ class FakeBackend(BaseBackend):
         "snapshot",
         "restore",
         "archive_logs",
+        "check_import",
+        "import_data",
     )
     moves_ports = True  # a start serves the instance on the port it has then, as the local backend does
     point_in_time = True

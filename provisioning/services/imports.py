@@ -98,10 +98,10 @@ def request_import(*, instance: Instance, name: str, upload: IO[bytes], size: in
     return instance
 
 
-def create_from_file(*, name: str, upload: IO[bytes], size: int, **create: Any) -> Instance:
+def create_from_file(*, file_name: str, upload: IO[bytes], size: int, **create: Any) -> Instance:
     """create_instance(**create) of a new instance seeded with the uploaded file: the worker loads
     it once the server runs; a file it refuses fails the create."""
-    kept = keep_upload(create["kind"], name, upload, size)
+    kept = keep_upload(create["kind"], file_name, upload, size)
     try:
         return create_instance(**create, import_file=kept)
     except BaseException:
