@@ -214,3 +214,46 @@ def test_a_kept_upload_that_vanished_ends_the_import_unchanged(api, running, com
 
 def fake_error(message: str) -> Exception:
     return BackendError(message)
+
+
+# The page ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def web(client, alice):
+    client.force_login(alice)
+    return client
+
+
+def test_the_page_imports_through_the_same_service_with_an_upload_progress_bar(web, running, committed, fake):
+    pk = running["id"]
+    page = web.get(f"/instances/{pk}/").content.decode()
+    assert 'enctype="multipart/form-data"' in page and "<progress" in page and 'accept=".rdb"' in page
+    assert "https://" not in page.split('id="import"')[1].split("</section>")[0]  # no CDN: plain script
+    with committed():
+        response = web.post(f"/instances/{pk}/import/", {"file": upload({"p": 1})}, follow=True)
+    assert "is being imported" in response.content.decode()
+    assert Instance.objects.get(pk=pk).status == "running"
+    assert fake.server(pk).data == {"old": 1, "p": 1}
+
+
+def test_the_page_refuses_a_file_over_the_limit_and_a_missing_one_with_a_message(web, running, settings):
+    pk = running["id"]
+    settings.STOCKROOM_IMPORT_MAX_BYTES = 10
+    page = web.post(f"/instances/{pk}/import/", {"file": upload({"k": "x" * 50})}, follow=True).content.decode()
+    assert "an import may take at most 10" in page
+    assert "Choose a file to import." in web.post(f"/instances/{pk}/import/", {}, follow=True).content.decode()
+    assert Instance.objects.get(pk=pk).status == "running" and kept_uploads() == []
+
+
+def test_an_outsider_gets_404_from_the_import_page(running, client, charlie):
+    client.force_login(charlie)
+    assert client.post(f"/instances/{running['id']}/import/", {"file": upload({})}).status_code == 404
+
+
+def test_operators_see_importing_and_its_history_in_the_admin(running, api, admin_client):
+    post_import(api, running, upload({"a": 1}))  # never committed: it stays importing
+    listing = admin_client.get("/admin/provisioning/instance/?status__exact=importing").content.decode()
+    assert running["name"] in listing
+    page = admin_client.get(f"/admin/provisioning/instance/{running['id']}/change/").content.decode()
+    assert "Import of seed.rdb" in page
