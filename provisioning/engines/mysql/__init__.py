@@ -505,6 +505,7 @@ class MySQL(Engine):
             timeout=LOAD_TIMEOUT,
         )
         with client as db:
+            db.autocommit(True)  # as the `mariadb` client runs a dump: each statement is kept as it ends
             for statement in _statements(upload):
                 try:
                     db.query(dump.with_own_definer(statement))

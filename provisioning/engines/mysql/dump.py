@@ -188,7 +188,8 @@ _FORBIDDEN = {
     ("BINLOG",): "BINLOG replays raw binary log events (it needs SUPER)",
     ("LOAD", "DATA"): "LOAD DATA reads files",
     ("LOAD", "XML"): "LOAD XML reads files",
-    ("SELECT",): "",  # checked for INTO OUTFILE below
+    ("PREPARE",): "PREPARE runs SQL from a string, which cannot be read first",
+    ("EXECUTE",): "EXECUTE runs SQL from a string, which cannot be read first",
 }
 # Session variables only a privileged account may set (a dump made with GTIDs sets them).
 _PRIVILEGED_VARIABLES = re.compile(rb"^(?:@@(?:session\.|local\.)?)?(?:sql_log_bin|gtid_\w+|pseudo_\w+)$", re.I)

@@ -87,6 +87,7 @@ def test_definers_become_the_tenants_own_and_strings_are_left_alone():
         (b"\\! sh -c id", "client commands"),
         (b"FLUSH PRIVILEGES", "FLUSH"),
         (b"DROP DATABASE app", "DROP DATABASE"),
+        (b"EXECUTE IMMEDIATE 'GRANT ALL ON *.* TO x'", "runs SQL from a string"),
     ],
 )
 def test_what_the_tenant_may_not_do_is_refused_naming_the_line(statement, why):
