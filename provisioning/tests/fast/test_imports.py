@@ -92,6 +92,20 @@ def test_a_load_cut_short_puts_the_before_import_snapshot_back(api, running, com
     assert instance.timeline == 2  # the data no longer follows from the old timeline's log
 
 
+def test_if_putting_the_data_back_fails_too_it_is_unhealthy_naming_the_snapshot(api, running, committed, fake):
+    pk = running["id"]
+    fake.fail_next("import_data", fake_error("the server refused line 2"))
+    fake.fail_next("restore", fake_error("the disk is full"))
+    with committed():
+        post_import(api, running, upload({"a": 1, "b": 2}))
+    instance = Instance.objects.get(pk=pk)
+    undo = Snapshot.objects.get(instance_id=pk, trigger="before-import")
+    assert instance.status == "unhealthy"
+    assert "Putting back snapshot" in instance.status_message and "the disk is full" in instance.status_message
+    assert instance.status_message.endswith(f"restore snapshot {undo.pk} to get the data as it was.")
+    assert instance.restore_from is None and kept_uploads() == []
+
+
 def test_an_import_whose_worker_died_mid_load_is_undone_by_the_reconciler(api, running, committed, fake, settings):
     pk = running["id"]
     fake.fail_next("import_data", KeyboardInterrupt())  # the worker goes away with half the keys in
