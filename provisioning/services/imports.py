@@ -94,8 +94,15 @@ def request_import(*, instance: Instance, name: str, upload: IO[bytes], size: in
         forget_upload(kept)
         instance.refresh_from_db()
         raise WrongStatus(instance, "import into")
-    transaction.on_commit(lambda: enqueue("import_instance", instance, revert_to=Status.RUNNING))
+    transaction.on_commit(lambda: _send(instance, kept))
     return instance
+
+
+def _send(instance: Instance, kept: str) -> None:
+    enqueue("import_instance", instance, revert_to=Status.RUNNING)
+    if instance.status == Status.RUNNING:  # it could not be queued, and is back: the file is of no use
+        Instance.objects.filter(pk=instance.pk, import_file=kept).update(import_file="")
+        forget_upload(kept)
 
 
 def create_from_file(*, file_name: str, upload: IO[bytes], size: int, **create: Any) -> Instance:

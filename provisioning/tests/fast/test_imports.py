@@ -3,6 +3,8 @@ short, a dead worker, the size limit, a clone from a file, outsiders. (A fake se
 object of keys; the real engines' files are proven in test_imports.py against real servers.)"""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from django.core.files.storage import storages
@@ -16,6 +18,12 @@ from provisioning.services.state import Side, check_transition
 from .conftest import reconcile
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def no_kept_uploads():
+    """Each test begins with no uploaded file kept (the store outlives tests)."""
+    shutil.rmtree(Path(storages["snapshots"].location) / "imports", ignore_errors=True)
 
 
 def upload(data: object, name: str = "seed.rdb") -> SimpleUploadedFile:
@@ -271,3 +279,15 @@ def test_operators_see_importing_and_its_history_in_the_admin(running, api, admi
     assert running["name"] in listing
     page = admin_client.get(f"/admin/provisioning/instance/{running['id']}/change/").content.decode()
     assert "Import of seed.rdb" in page
+
+
+def test_an_import_that_cannot_be_queued_is_put_back_and_its_file_removed(api, running, committed, monkeypatch):
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("the broker is down")
+
+    monkeypatch.setattr("provisioning.services.jobs.send", broker_down)
+    with committed():
+        assert post_import(api, running, upload({"a": 1})).status_code == 202
+    instance = Instance.objects.get(pk=running["id"])
+    assert instance.status == "running" and "could not be queued" in instance.status_message
+    assert instance.import_file == "" and kept_uploads() == []
