@@ -460,6 +460,8 @@ STOCKROOM_MEMORY_BUDGET = _memory_size("STOCKROOM_MEMORY_BUDGET", "75%")
 STOCKROOM_MEMORY_QUOTA = _memory_size("STOCKROOM_MEMORY_QUOTA", "4gb")
 # Bytes each user's snapshots may take together; a snapshot asked for beyond it is refused (403).
 STOCKROOM_SNAPSHOT_QUOTA_BYTES = _memory_size("STOCKROOM_SNAPSHOT_QUOTA_BYTES", "10gb")
+# The most bytes an uploaded file (an import, a clone from a file) may take; a larger one is refused (413).
+STOCKROOM_IMPORT_MAX_BYTES = _memory_size("STOCKROOM_IMPORT_MAX_BYTES", "1gb")
 # The disk limit of an instance whose options name none: bytes its data (and server log) may take.
 STOCKROOM_DEFAULT_DISK = env.int("STOCKROOM_DEFAULT_DISK", default=1024**3)
 STOCKROOM_START_TIMEOUT = env.float("STOCKROOM_START_TIMEOUT", default=30.0)

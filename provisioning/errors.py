@@ -7,3 +7,9 @@ class BackendError(Exception):
     The message is shown to the instance's owner as its status message, so it must be
     readable and must never contain a secret.
     """
+
+
+class ImportRefused(BackendError):
+    """A file the owner uploaded cannot be loaded as it is (cut short, not of the engine's format,
+    or it asks for rights the tenant lacks); nothing was changed. The message says why, and where
+    in the file."""

@@ -22,6 +22,7 @@ class Status(models.TextChoices):
     RESTARTING = "restarting"
     ROTATING = "rotating"  # a new password is being set
     RESTORING = "restoring"  # its data is being replaced with a snapshot's
+    IMPORTING = "importing"  # a file the owner uploaded is being loaded into it
     DELETING = "deleting"
     DELETED = "deleted"
     FAILED = "failed"
@@ -42,6 +43,7 @@ BUSY_STATUSES = (
     Status.RESTARTING,
     Status.ROTATING,
     Status.RESTORING,
+    Status.IMPORTING,
     Status.DELETING,
 )
 
@@ -105,6 +107,9 @@ class Instance(models.Model):
     )
     # With `restore_from`, a point-in-time restore: the whole second (UTC) to bring the data to.
     restore_until = models.DateTimeField(null=True, blank=True, help_text="Being restored to this time.")
+    # A file the owner uploaded (an import, or a clone from a file), in the `snapshots` storage,
+    # until a worker has loaded it; then removed.
+    import_file = models.CharField(max_length=255, blank=True, help_text="Being imported (its name in the store).")
     # Point-in-time recovery. An in-place restore starts a new timeline: the snapshots and archived
     # logs of the old one never mix with the new one's.
     timeline = models.PositiveIntegerField(default=1)
@@ -192,6 +197,7 @@ class SnapshotTrigger(models.TextChoices):
     SCHEDULED = "scheduled"
     BEFORE_DELETE = "before-delete"
     AFTER_RESTORE = "after-restore"  # the base of the timeline an in-place restore starts
+    BEFORE_IMPORT = "before-import"  # an import's undo
 
 
 class VerifyStatus(models.TextChoices):

@@ -45,6 +45,11 @@ def verify_snapshot(snapshot_id: int) -> None:
 
 
 @shared_task(acks_late=True, ignore_result=True, **WHEN_BUSY)
+def import_instance(instance_id: int) -> None:
+    services.import_instance(instance_id)
+
+
+@shared_task(acks_late=True, ignore_result=True, **WHEN_BUSY)
 def archive_logs(instance_id: int) -> None:
     services.archive_logs(instance_id)
 

@@ -22,6 +22,7 @@ from .durations import describe_duration
 from .engines import UnknownKind, engines, get_engine
 from .forms import TokenForm, create_form_class
 from .models import BUSY_STATUSES, DeliveryStatus, Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status, Webhook
+from .options import describe_size
 from .services import snapshots, tokens, webhooks
 
 
@@ -106,6 +107,8 @@ def _detail_context(instance: Instance) -> dict:
         "backup_hours": instance.options.get(snapshots.INTERVAL.name, snapshots.INTERVAL.default),
         "backup_keep": instance.options.get(snapshots.RETENTION.name, snapshots.RETENTION.default),
         "window": services.recovery_window(instance),
+        "import_suffixes": get_engine(instance.kind).import_suffixes,
+        "import_most": settings.STOCKROOM_IMPORT_MAX_BYTES,
     }
 
 
@@ -120,6 +123,29 @@ def act(request, pk: int, action: str):
         services.request_action(instance=instance, action=action, by=request.user)
     except (services.WrongStatus, services.QuotaExceeded, services.NoCapacity) as exc:
         messages.error(request, str(exc))
+    return redirect("instance", pk=instance.pk)
+
+
+@login_required
+@require_POST
+def import_file(request, pk: int):
+    """An import from the page, through the same service as the API; the page's script sends it with
+    XMLHttpRequest to show the upload's progress, and follows the redirect."""
+    instance = _my_instance(request, pk)
+    most = settings.STOCKROOM_IMPORT_MAX_BYTES
+    try:
+        if int(request.META.get("CONTENT_LENGTH") or 0) > most + 64 * 1024:  # refused before it is read
+            raise services.ImportTooLarge(f"The file is larger than an import may be ({describe_size(most)}).")
+        upload = request.FILES.get("file")
+        if upload is None:
+            raise ValidationError("Choose a file to import.")
+        services.request_import(instance=instance, name=upload.name, upload=upload, size=upload.size, by=request.user)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    except (services.WrongStatus, services.ImportTooLarge, ValueError) as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"{upload.name} is being imported; the history says how it went.")
     return redirect("instance", pk=instance.pk)
 
 

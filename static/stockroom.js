@@ -44,3 +44,30 @@ if (panel) {
   };
   setInterval(refresh, 1000);
 }
+
+// An import's upload, sent with XMLHttpRequest so that its progress shows; the answer is the
+// instance page again (with its message), which the browser then shows.
+document.addEventListener("submit", (event) => {
+  const form = event.target;
+  if (!form.matches("[data-upload]") || event.defaultPrevented) return;
+  event.preventDefault();
+  const bar = form.querySelector("progress");
+  const state = form.querySelector("[data-upload-state]");
+  const button = form.querySelector("button[type=submit]");
+  const request = new XMLHttpRequest();
+  request.open("POST", form.action);
+  request.upload.addEventListener("progress", (progress) => {
+    if (!progress.lengthComputable) return;
+    bar.value = Math.round((100 * progress.loaded) / progress.total);
+    state.textContent = `${bar.value}% sent`;
+  });
+  request.addEventListener("load", () => window.location.assign(request.responseURL || window.location.href));
+  request.addEventListener("error", () => {
+    state.textContent = "The upload failed; try again.";
+    button.disabled = false;
+  });
+  bar.hidden = false;
+  button.disabled = true;
+  state.textContent = "Sending…";
+  request.send(new FormData(form));
+});

@@ -77,6 +77,12 @@ class CreateInstanceSchema(OpenApiSerializerExtension):
         schema["description"] = f"A new {engine.label} instance (kind `{engine.kind}`): its name and options."
         if self.target.form:
             schema["description"] += " In a form, a blank field means its default."
+        if "file" in schema.get("properties", {}):  # a file, sent as a part of a multipart body
+            schema["properties"]["file"] = {
+                "type": "string",
+                "format": "binary",
+                "description": self.target.fields["file"].help_text,
+            }
         return schema
 
 

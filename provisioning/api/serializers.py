@@ -269,6 +269,13 @@ def create_serializer(engine: Engine, *, form: bool = False) -> type[CreateInsta
         "time": WholeSecondField(
             required=False, allow_null=not form, help_text="With from_instance: the time to clone it as of."
         ),
+        "file": serializers.FileField(
+            required=False,
+            allow_null=not form,
+            allow_empty_file=True,
+            help_text="A clone from a file (multipart): the new instance starts with its data, as an import "
+            f"loads it ({' or '.join(engine.import_suffixes) or 'none for this kind'}).",
+        ),
     }
     name = f"{engine.kind.capitalize()}Create{'Form' if form else ''}Serializer"
     return type(name, (CreateInstanceSerializer,), {"engine": engine, "form": form, **fields})
@@ -382,4 +389,14 @@ class CreateAccessTokenSerializer(serializers.Serializer):
         allow_null=True,
         help_text="Days (90), a duration (12h, 30d, 2w) or 'never' (if the portal allows it). "
         "Left out or null: STOCKROOM_TOKEN_TTL.",
+    )
+
+
+class ImportSerializer(serializers.Serializer):
+    """An import's body (multipart/form-data)."""
+
+    file = serializers.FileField(
+        allow_empty_file=True,
+        help_text="A file of the kind's import format (its suffixes are in the README); "
+        "at most STOCKROOM_IMPORT_MAX_BYTES.",
     )

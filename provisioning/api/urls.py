@@ -44,6 +44,11 @@ urlpatterns = [
         InstanceViewSet.as_view({"post": "restore"}, name="{label} instance: restore"),
         name="instance-restore",
     ),
+    re_path(
+        rf"{INSTANCES}/(?P<pk>[0-9]+)/import/?$",
+        InstanceViewSet.as_view({"post": "import_file"}, name="{label} instance: import"),
+        name="instance-import",
+    ),
     re_path(rf"{SNAPSHOTS}/?$", SnapshotViewSet.as_view({"get": "list"}, name="Snapshots"), name="snapshot-list"),
     re_path(
         rf"{SNAPSHOTS}/(?P<pk>[0-9]+)/?$",

@@ -1,4 +1,5 @@
 from axes.helpers import get_cool_off
+from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import FileResponse
 from django.utils.cache import add_never_cache_headers
@@ -15,6 +16,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 from .. import services
 from ..engines import UnknownKind, engines, get_engine
 from ..models import Instance, Snapshot, Webhook
+from ..options import describe_size
 from ..services import tokens, webhooks
 from .pagination import InstancePagination
 from .parsers import MultiPartParser
@@ -24,6 +26,7 @@ from .serializers import (
     CreateAccessTokenSerializer,
     DeliverySerializer,
     EventSerializer,
+    ImportSerializer,
     InstanceSerializer,
     NewAccessTokenSerializer,
     NewWebhookSerializer,
@@ -80,6 +83,7 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
 
     @extend_schema(responses={202: InstanceSerializer}, summary="Create an instance; it starts in the background")
     def create(self, request, kind: str):
+        _refuse_too_large(request)
         # The serializer shapes the input (a form's text to numbers, blanks to defaults); the
         # engine validates it in the service, and its errors name the field.
         serializer = self.get_serializer(data=request.data)
@@ -87,8 +91,11 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         options = dict(serializer.validated_data)
         name = options.pop("name", None)
         source = options.pop("from_snapshot", None)
-        snapshot = None if source is None else _own_snapshot(request, kind, source)
         origin, until = options.pop("from_instance", None), options.pop("time", None)
+        upload = options.pop("file", None)
+        if upload is not None and (origin is not None or source is not None):
+            raise exceptions.ValidationError({"file": "Give either a file or a clone's source, not both."})
+        snapshot = None if source is None else _own_snapshot(request, kind, source)
         if origin is not None and snapshot is not None:
             raise exceptions.ValidationError({"from_instance": "Give either from_snapshot or from_instance, not both."})
         if until is not None and origin is None:
@@ -96,15 +103,13 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         source_instance = None if origin is None else self.get_queryset().filter(pk=origin).first()
         if origin is not None and source_instance is None:
             raise exceptions.NotFound(f"You have no {kind} instance {origin}.")
-        instance = services.create_instance(
-            owner=request.user,
-            kind=kind,
-            name=name,
-            options=options,
-            from_snapshot=snapshot,
-            from_instance=source_instance,
-            until=until,
-        )
+        create = {"owner": request.user, "kind": kind, "name": name, "options": options}
+        if upload is not None:
+            instance = services.create_from_file(file_name=upload.name, upload=upload, size=upload.size, **create)
+        else:
+            instance = services.create_instance(
+                **create, from_snapshot=snapshot, from_instance=source_instance, until=until
+            )
         # A plain dict: the browsable API then offers an empty create form again, not this answer.
         return Response(dict(InstanceSerializer(instance).data), status=status.HTTP_202_ACCEPTED)
 
@@ -189,12 +194,50 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             instance = services.request_restore(instance=instance, snapshot=snapshot, by=request.user)
         return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
+    @extend_schema(
+        request={"multipart/form-data": ImportSerializer},
+        responses={202: InstanceSerializer, 400: None, 404: None, 409: None, 413: None},
+        summary="Load a file into the instance (a SQL dump, an RDB file)",
+    )
+    @action(detail=True, methods=["post"], url_path="import", parser_classes=[MultiPartParser])
+    def import_file(self, request, kind: str, pk: int):
+        """Load an uploaded file (multipart part `file`) into the running instance: `importing`,
+        then `running`. A snapshot taken first undoes it; a file that is cut short or asks for
+        rights the tenant lacks is refused and leaves the data as it was (the instance's history
+        says why). Larger than STOCKROOM_IMPORT_MAX_BYTES: 413."""
+        instance = self.get_object()
+        _refuse_too_large(request)
+        serializer = ImportSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        upload = serializer.validated_data["file"]
+        instance = services.request_import(
+            instance=instance, name=upload.name, upload=upload, size=upload.size, by=request.user
+        )
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
     @extend_schema(responses=EventSerializer(many=True))
     @action(detail=True, methods=["get"])
     def events(self, request, kind: str, pk: int):
         """The instance's status history, oldest first, paginated."""
         page = self.paginate_queryset(self.get_object().events.all())
         return self.get_paginated_response(EventSerializer(page, many=True).data)
+
+
+def _refuse_too_large(request) -> None:
+    """413 before the body is read, when its length says the file cannot fit the import limit
+    (a multipart body holds a little more than its file)."""
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return
+    if length > settings.STOCKROOM_IMPORT_MAX_BYTES + MULTIPART_SLACK:
+        raise services.ImportTooLarge(
+            f"The request takes {describe_size(length)}; an import may take at most "
+            f"{describe_size(settings.STOCKROOM_IMPORT_MAX_BYTES)} (STOCKROOM_IMPORT_MAX_BYTES)."
+        )
+
+
+MULTIPART_SLACK = 64 * 1024  # bytes of a multipart body besides its file: boundaries, headers, fields
 
 
 def _own_snapshot(request, kind: str, pk: int) -> Snapshot:
@@ -396,6 +439,8 @@ def exception_handler(exc, context):
         return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
     elif isinstance(exc, services.WrongStatus):
         return Response({"detail": str(exc), "status": exc.instance.status}, status=status.HTTP_409_CONFLICT)
+    elif isinstance(exc, services.ImportTooLarge):
+        return Response({"detail": str(exc)}, status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
     elif isinstance(exc, services.NoCapacity):  # no memory or no port left on the host
         return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
     return drf_exception_handler(exc, context)

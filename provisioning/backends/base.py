@@ -11,14 +11,14 @@ from django.conf import settings
 from django.utils.module_loading import import_string
 
 from ..engines import Endpoint, LogArchive, Replay, engines, get_engine
-from ..errors import BackendError
+from ..errors import BackendError, ImportRefused
 from . import listeners
 from .disks import DISK_FULL
 
 if TYPE_CHECKING:
     from ..models import Instance
 
-__all__ = ["DISK_FULL", "BackendError", "BaseBackend", "ServerExited", "StrangerOnPort", "get_backend"]
+__all__ = ["DISK_FULL", "BackendError", "BaseBackend", "ImportRefused", "ServerExited", "StrangerOnPort", "get_backend"]
 
 
 class StrangerOnPort(BackendError):
@@ -106,6 +106,18 @@ class BaseBackend:
         """Load a snapshot of `kind` into a throwaway server, as `export_snapshot` works, and check
         its data (`Engine.verify`): what was found, or BackendError saying what is wrong."""
         raise BackendError(f"The {self.alias} backend cannot verify snapshots.")
+
+    def check_import(self, instance: "Instance", upload: IO[bytes]) -> None:
+        """Raise ImportRefused unless the running instance can take the uploaded file
+        (`Engine.check_import`); nothing of its data changes."""
+        raise BackendError(f"The {self.alias} backend cannot import files.")
+
+    def import_data(self, instance: "Instance", upload: IO[bytes]) -> None:
+        """Load a checked file into the instance (`Engine.load`, as its tenant), or put it in place
+        of its data as a snapshot is restored (`Engine.import_replaces_data`); return once the
+        user's login works. On failure its data may be part old, part new: the caller puts back a
+        snapshot."""
+        raise BackendError(f"The {self.alias} backend cannot import files.")
 
     def enforce_disk_limit(self, instance: "Instance") -> str | None:
         """Asked by the reconciler about each running instance that answers: a short message for its

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 
 from ..engines import LogArchive, Replay
-from .base import BackendError, BaseBackend
+from .base import BackendError, BaseBackend, ImportRefused
 
 if TYPE_CHECKING:
     from ..models import Instance
@@ -59,6 +59,8 @@ class FakeBackend(BaseBackend):
         "snapshot",
         "restore",
         "archive_logs",
+        "check_import",
+        "import_data",
     )
     moves_ports = True  # a start serves the instance on the port it has then, as the local backend does
     point_in_time = True
@@ -204,6 +206,31 @@ class FakeBackend(BaseBackend):
         if not isinstance(data, dict):
             raise BackendError("The snapshot does not load: it is not the fake's data.")
         return data
+
+    def check_import(self, instance: "Instance", upload: IO[bytes]) -> None:
+        """A file for a fake server is a JSON object of keys; anything else is refused."""
+        self._enter("check_import", instance.pk)
+        if not self._server(instance).running:
+            raise BackendError("The server is not running.")
+        try:
+            data = json.loads(upload.read())
+        except ValueError as exc:
+            raise ImportRefused(f"The file is not a JSON object ({exc}).") from None
+        finally:
+            upload.seek(0)
+        if not isinstance(data, dict):
+            raise ImportRefused("The file is not a JSON object.")
+
+    def import_data(self, instance: "Instance", upload: IO[bytes]) -> None:
+        """Its keys are written one by one, as a dump's statements run: a failure queued for
+        `import_data` comes after half of them."""
+        items = list(json.loads(upload.read()).items())
+        server = self._server(instance)
+        with self.lock:
+            server.data.update(items[: len(items) // 2])
+        self._enter("import_data", instance.pk)
+        with self.lock:
+            server.data.update(items)
 
     def set_password(self, instance: "Instance", password: str) -> None:
         self._enter("set_password", instance.pk)

@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from django.template import Context
 from django.template import Engine as TemplateEngine
 
-from ..errors import BackendError
+from ..errors import BackendError, ImportRefused
 from ..options import Option, OptionError
 
 if TYPE_CHECKING:
@@ -496,6 +496,26 @@ class Engine:
         data (of `database`, for a kind with databases); return what was found, a short sentence.
         Raise BackendError saying what is wrong if it does not load or the check fails."""
         raise NotImplementedError(f"{self.label} snapshots cannot be verified.")
+
+    # Imports ---------------------------------------------------------------------------
+
+    # The file names an import takes (e.g. ".sql", ".sql.gz"); none: the kind takes no imports.
+    import_suffixes: tuple[str, ...] = ()
+    # True: a checked file is put in as a snapshot is (`restore`, the server stopped); False: it is
+    # loaded into the running server (`load`).
+    import_replaces_data: bool = False
+
+    def check_import(self, instance: "Instance", beside: Beside, upload: IO[bytes]) -> None:
+        """Read the whole uploaded file and raise ImportRefused, saying why and where, unless it can
+        be loaded as the tenant (not cut short, of the kind's format, asking no right the tenant
+        lacks). Changes nothing of the server's data."""
+        raise ImportRefused(f"{self.label} instances take no imports.")
+
+    def load(self, instance: "Instance", beside: Beside, upload: IO[bytes]) -> None:
+        """Load a checked file into the running server with the tenant's own rights (never the
+        portal's); raise BackendError, naming where in the file, if the server refuses part of it
+        (what came before stays loaded: the caller puts the data back)."""
+        raise NotImplementedError(f"{self.label} imports replace the data; they are not loaded.")
 
     def connection(self, instance: "Instance") -> dict[str, Any]:
         """What a user needs to connect: host, port, credentials, options and a URI.

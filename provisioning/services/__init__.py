@@ -10,6 +10,7 @@ call these and nothing below them writes.
 - snapshots: taking, restoring and cloning snapshots of an instance's data;
 - exports: a snapshot's portable file, and verifying that a snapshot restores;
 - logs: point-in-time recovery: archived log files, the recovery window, replays;
+- imports: loading a file the owner uploaded into an instance, or into a new one;
 - webhooks: registering receivers and sending them each status change.
 """
 
@@ -20,6 +21,9 @@ from .exports import ExportFailed, request_verify
 from .exports import export as export_snapshot
 from .exports import verify as verify_snapshot
 from .healing import heal
+from .imports import TooLarge as ImportTooLarge
+from .imports import create_from_file, request_import
+from .imports import run as import_instance
 from .logs import OutsideWindow, recovery_window, with_first_base
 from .logs import archive as archive_logs
 from .ports import NoFreePort
@@ -36,6 +40,10 @@ __all__ = [
     "DELETABLE",
     "Action",
     "Busy",
+    "ImportTooLarge",
+    "import_instance",
+    "request_import",
+    "create_from_file",
     "OutsideWindow",
     "archive_logs",
     "recovery_window",

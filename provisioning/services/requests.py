@@ -46,6 +46,7 @@ def create_instance(
     from_snapshot: Snapshot | None = None,
     from_instance: Instance | None = None,
     until: datetime | None = None,
+    import_file: str = "",
 ) -> Instance:
     """Validate, reserve a port and record the instance; a worker starts it after commit.
 
@@ -101,9 +102,11 @@ def create_instance(
             username=engine.username,
             restore_from=from_snapshot,
             restore_until=until if from_instance is not None else None,
+            import_file=import_file,
         )
         save_with_free_port(instance, backend)
         source = f" as a clone of snapshot {from_snapshot.pk}" if from_snapshot else ""
+        source = " seeded with an uploaded file" if import_file else source
         if from_instance is not None and until is not None:
             source = f" as a clone of instance {from_instance.pk} at {until:%Y-%m-%d %H:%M:%S} UTC"
         record_event(instance, "", Status.PROVISIONING, f"Requested by {owner}{source}.")

@@ -131,7 +131,8 @@ def busy(snapshot: Snapshot) -> str:
     """Why the snapshot cannot be deleted now (it is being made, or restored), or ""."""
     if snapshot.status == SnapshotStatus.CREATING:
         return f"Snapshot {snapshot.pk} is still being made; delete it once it is ready or failed."
-    if Instance.objects.filter(restore_from=snapshot, status__in=(Status.PROVISIONING, Status.RESTORING)).exists():
+    putting_in = (Status.PROVISIONING, Status.RESTORING, Status.IMPORTING)
+    if Instance.objects.filter(restore_from=snapshot, status__in=putting_in).exists():
         return f"Snapshot {snapshot.pk} is being restored; delete it once that is done."
     return ""
 
@@ -390,3 +391,10 @@ def remove_expired(*, now: datetime) -> int:
         except SnapshotBusy:
             continue
     return count
+
+
+# What imports (services/imports.py) share: the snapshot that undoes one, taken by the worker that
+# holds the instance, and the base of the timeline that putting data in place begins.
+new = _new
+take_now = _take
+new_timeline_base = _new_timeline_base

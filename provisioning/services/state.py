@@ -32,7 +32,7 @@ S = Status
 # Side -> {from: the statuses it may move to}.
 TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
     Side.REQUEST: {
-        S.RUNNING: frozenset({S.DELETING, S.STOPPING, S.RESTARTING, S.ROTATING, S.RESTORING}),
+        S.RUNNING: frozenset({S.DELETING, S.STOPPING, S.RESTARTING, S.ROTATING, S.RESTORING, S.IMPORTING}),
         S.UNHEALTHY: frozenset({S.DELETING, S.STOPPING, S.RESTARTING, S.RESTORING}),
         S.STOPPED: frozenset({S.DELETING, S.STARTING}),
         S.FAILED: frozenset({S.DELETING}),
@@ -44,6 +44,7 @@ TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
         S.STARTING: frozenset({S.STOPPED}),
         S.ROTATING: frozenset({S.RUNNING}),
         S.RESTORING: frozenset({S.RUNNING, S.UNHEALTHY}),
+        S.IMPORTING: frozenset({S.RUNNING}),
     },
     Side.WORKER: {
         S.PROVISIONING: frozenset({S.RUNNING, S.FAILED}),
@@ -55,6 +56,9 @@ TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
         # A restore that failed leaves a server the reconciler restarts (its data as it was, or the
         # snapshot's, never a mix: the new data replaces the old in one rename).
         S.RESTORING: frozenset({S.RUNNING, S.UNHEALTHY}),
+        # An import ends running, with the file's data or the data as it was (refused, or the
+        # before-import snapshot put back); unhealthy only if putting the data back failed too.
+        S.IMPORTING: frozenset({S.RUNNING, S.UNHEALTHY}),
     },
     Side.HEALER: {
         S.RUNNING: frozenset({S.UNHEALTHY}),

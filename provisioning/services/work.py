@@ -14,7 +14,7 @@ from django.utils import timezone
 from .. import crypto
 from ..backends.base import BackendError, BaseBackend, ServerExited
 from ..models import BUSY_STATUSES, Instance, Status
-from . import healing, jobs, logs, ports, snapshots
+from . import healing, imports, jobs, logs, ports, snapshots
 from .actions import ACTION_OF, ACTIONS
 from .claims import Busy, work_on
 from .outcomes import describe, stop_quietly, with_note
@@ -45,6 +45,8 @@ def _provision(instance: Instance, backend: BaseBackend) -> None:
                 backend.restore(instance, file, replay)
         elif instance.restore_from_id is not None:
             raise BackendError("The snapshot to clone was deleted before the clone was made.")
+        if instance.import_file:  # a clone from a file
+            imports.load_into_new(instance, backend)
     except ServerExited as exc:
         if not _redo_once(instance, f"The server died while starting ({exc})"):
             _fail(instance, backend, "Provisioning failed, on its second try", exc)
@@ -54,14 +56,16 @@ def _provision(instance: Instance, backend: BaseBackend) -> None:
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
         _fail(instance, backend, "Provisioning failed", exc)
         return
+    upload = instance.import_file
     if transition(
         instance,
         Status.RUNNING,
         with_note("Started; a login with the user's credentials succeeded.", moved),
         side=Side.WORKER,
         allowed_from=(Status.PROVISIONING,),
-        also={"timings": instance.timings, "restore_from": None, "restore_until": None},
+        also={"timings": instance.timings, "restore_from": None, "restore_until": None, "import_file": ""},
     ):
+        imports.forget_upload(upload)
         logger.info("Instance %s is running on port %s", instance.pk, instance.port)
     else:  # someone else moved it on meanwhile; what they decided stands
         logger.warning("Instance %s left provisioning while it was being started", instance.pk)
@@ -82,7 +86,7 @@ def _redo_once(instance: Instance, why: str) -> bool:
 def _fail(instance: Instance, backend: BaseBackend, what: str, exc: Exception) -> None:
     """A create (or a delete given up) ends failed, its leftovers removed: then it holds no data
     and leaves the owner's quota; what could not be removed keeps counting until it is deleted."""
-    message = describe(what, instance, exc)
+    message, upload = describe(what, instance, exc), instance.import_file
     try:
         backend.destroy(instance)
         removed = True
@@ -96,8 +100,10 @@ def _fail(instance: Instance, backend: BaseBackend, what: str, exc: Exception) -
         message,
         side=Side.WORKER,
         allowed_from=(Status.PROVISIONING, Status.DELETING),
-        also={"holds_data": not removed, "restore_from": None},  # a failed clone holds its snapshot no more
+        # A failed clone holds its snapshot (or its file) no more.
+        also={"holds_data": not removed, "restore_from": None, "import_file": ""},
     )
+    imports.forget_upload(upload)
     logger.warning("Instance %s failed: %s", instance.pk, message)
 
 
@@ -219,6 +225,8 @@ def _recover(instance: Instance, backend: BaseBackend) -> None:
         _deprovision(instance, backend)
     elif busy == Status.RESTORING:  # done again from the start: the old data stays until the new replaces it
         snapshots.restore_now(instance, backend)
+    elif busy == Status.IMPORTING:  # undone: the before-import snapshot put back, if it was taken
+        imports.recover(instance, backend)
     elif answers:
         message = f"{note}; the server answers, so it is running."
         transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(busy,))
@@ -234,8 +242,8 @@ def _give_up_recovering(instance: Instance, backend: BaseBackend, what: str) -> 
         verb = "create" if busy == Status.PROVISIONING else "delete"
         _fail(instance, backend, what, BackendError(f"the {verb} was given up; try again."))
     else:
-        doing = "restore" if busy == Status.RESTORING else ACTION_OF[busy].replace("-", " ")
-        message = f"{what}; the {doing} was given up."
-        transition(
-            instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(busy,), also={"restore_from": None}
-        )
+        doing = {Status.RESTORING: "restore", Status.IMPORTING: "import"}.get(busy) or ACTION_OF[busy].replace("-", " ")
+        message, upload = f"{what}; the {doing} was given up.", instance.import_file
+        done = {"restore_from": None, "import_file": ""}
+        transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(busy,), also=done)
+        imports.forget_upload(upload)

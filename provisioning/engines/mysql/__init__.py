@@ -2,19 +2,22 @@
 
 import dataclasses
 import fcntl
+import gzip
 import hashlib
 import io
 import logging
 import re
 import secrets
 import shutil
+import zlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePath, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import pymysql
 
-from ...errors import BackendError
+from ...errors import BackendError, ImportRefused
 from ...options import MiB, Option, backup_options, disk_option
 from ..base import (
     SMALL,
@@ -36,6 +39,7 @@ from ..base import (
     reading,
     replace_folder,
 )
+from . import dump
 
 if TYPE_CHECKING:
     from ...models import Instance
@@ -53,6 +57,7 @@ DATABASE = "app"
 USERNAME = "app"
 ADMIN_USERNAME = "root"
 ADMIN_TIMEOUT = 10  # seconds; an administrative statement that takes longer has failed
+LOAD_TIMEOUT = 600  # seconds one statement of an import may take
 INIT_FILE = "init.sql"
 # The official image runs *.sql in this folder once, as root, when it makes the data; it reads the
 # root password's hash from the file MARIADB_ROOT_PASSWORD_HASH_FILE names (at every start).
@@ -563,6 +568,41 @@ class MySQL(Engine):
         argv = ["bash", "-c", _THROWAWAY, "throwaway", str(folder / self.config_name), str(folder), action, database]
         scratch.run(argv, stdout=out)
 
+    # Imports: a SQL dump (`mariadb-dump`, `mysqldump`), plain or gzipped, loaded statement by
+    # statement as the tenant's own user: it can do nothing the tenant could not do by hand. The
+    # whole file is read first, and one that is cut short, or asks for what the tenant may not do,
+    # is refused before anything runs (see dump.py).
+
+    import_suffixes = (".sql", ".sql.gz")
+
+    def check_import(self, instance: "Instance", beside: Beside, upload: IO[bytes]) -> None:
+        try:
+            for statement in _statements(upload):
+                if why := dump.refusal(statement, instance.database):
+                    raise ImportRefused(f"Line {statement.line}: {why}; nothing was loaded.")
+        finally:
+            upload.seek(0)
+
+    def load(self, instance: "Instance", beside: Beside, upload: IO[bytes]) -> None:
+        # As the tenant's user, over the server's socket (app@localhost, which app@'%' matches).
+        client = self.client(
+            beside.admin,
+            user=instance.username,
+            password=instance.password,
+            database=instance.database,
+            timeout=LOAD_TIMEOUT,
+        )
+        with client as db:
+            db.autocommit(True)  # as the `mariadb` client runs a dump: each statement is kept as it ends
+            for statement in _statements(upload):
+                try:
+                    db.query(dump.with_own_definer(statement))
+                    while db.next_result():
+                        pass
+                except pymysql.MySQLError as exc:
+                    code, text = (exc.args + ("",))[:2] if exc.args else (0, str(exc))
+                    raise BackendError(f"Line {statement.line}: the server refused it ({code}: {text})") from None
+
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         # Over the socket the user is app@localhost to the server, which its app@'%' account matches.
         client = self.client(
@@ -632,6 +672,21 @@ def _replayed(replay: Replay, first: str) -> list[ArchivedLog]:
         if _number(later.name) != _number(earlier.name) + 1:
             raise BackendError(f"The binary log after {earlier.name} was never archived; nothing was restored.")
     return chosen
+
+
+def _statements(upload: IO[bytes]) -> Iterator[dump.Statement]:
+    """The statements of an uploaded dump, gzipped or not (told by its first bytes, not its name);
+    ImportRefused if it cannot be read to its end."""
+    upload.seek(0)
+    gzipped = upload.read(2) == b"\x1f\x8b"
+    upload.seek(0)
+    file = cast(IO[bytes], gzip.GzipFile(fileobj=upload, mode="rb")) if gzipped else upload
+    try:
+        yield from dump.statements(file)
+    except dump.DumpError as exc:
+        raise ImportRefused(f"{exc} Nothing was loaded.") from None
+    except (OSError, EOFError, zlib.error) as exc:  # a gzip stream cut short or damaged
+        raise ImportRefused(f"The gzipped file cannot be read to its end ({exc}); nothing was loaded.") from None
 
 
 def _number(name: str) -> int:

@@ -12,7 +12,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ...errors import BackendError
+from ...errors import BackendError, ImportRefused
 from ...options import Option, backup_options, disk_option
 from ..base import (
     SMALL,
@@ -62,6 +62,29 @@ CONFIG_DIR = PurePosixPath("/usr/local/etc/redis")  # in the official image
 # with `appendonly yes` loads at start, ignoring any RDB beside them: a restored RDB goes in as the
 # base of a new append-only file.
 DUMP = "dump.rdb"
+IMPORT_DIR = "import"  # in the data folder: an uploaded RDB and the server that loads it to check it
+# An uploaded RDB is loaded by a server of its own, as the instance's uid and in its cgroup: no
+# port, a socket in a 0700 folder only that uid reaches, nothing saved. The file is taken only if
+# that server loads all of it. $1: the folder, which holds dump.rdb (and is the cwd).
+_SIDE_LOAD = r"""
+set -eu
+cd -- "$1"  # short paths: a socket's may not be long
+redis-server --port 0 --unixsocket side.sock --unixsocketperm 700 --dir . \
+    --dbfilename dump.rdb --appendonly no --save "" --logfile side.log &
+server=$!
+trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
+tries=0
+until [ "$(redis-cli -s side.sock ping 2>/dev/null)" = PONG ]; do
+    if ! kill -0 "$server" 2>/dev/null; then
+        grep -v '^ *$' side.log | tail -n 2 >&2 || true; exit 1
+    fi
+    tries=$((tries + 1)); [ "$tries" -lt 6000 ] || { echo "It took over 5 minutes to load." >&2; exit 1; }
+    sleep 0.05
+done
+redis-cli -s side.sock shutdown nosave >/dev/null 2>&1 || true
+wait "$server" || true
+trap - EXIT
+"""
 AOF_DIR = "appendonlydir"
 AOF_BASE = "appendonly.aof.1.base.rdb"
 AOF_MANIFEST = "appendonly.aof.manifest"
@@ -434,6 +457,32 @@ class Redis(Engine):
         replace_folder(beside, beside.layout.data / AOF_DIR, fill)
         beside.run(["rm", "-f", "--", str(beside.layout.data / DUMP)])  # ignored while the AOF is on; stale
         beside.run(["rm", "-rf", "--", str(beside.layout.data / AOF_HELD)])  # of the data replaced
+
+    # Imports: an RDB file, as `redis-cli --rdb` or a server's dump.rdb. A tenant may not RESTORE,
+    # and with the append-only file on a server starts from it, not from dump.rdb: so a file is
+    # checked, loaded by a server of its own, then put in as a snapshot is (the append-only base).
+
+    import_suffixes = (".rdb",)
+    import_replaces_data = True
+
+    def check_import(self, instance: "Instance", beside: Beside, upload: IO[bytes]) -> None:
+        head = upload.read(9)
+        upload.seek(0)
+        if not (head.startswith(b"REDIS") and head[5:].isdigit()):
+            raise ImportRefused("The file is not an RDB file (it does not begin with REDIS and a version).")
+        folder = beside.layout.data / IMPORT_DIR
+        beside.run(["rm", "-rf", "--", str(folder)])
+        beside.run(["mkdir", "-m", "0700", "--", str(folder)])
+        try:
+            beside.run(["tee", "--", str(folder / DUMP)], stdin=upload)
+            try:
+                beside.run(["sh", "-c", 'redis-check-rdb "$1" >&2', "check", str(folder / DUMP)])
+                beside.run(["sh", "-c", _SIDE_LOAD, "side", str(folder)])
+            except BackendError as exc:
+                raise ImportRefused(f"The RDB file does not load: {exc}") from None
+        finally:
+            beside.run(["rm", "-rf", "--", str(folder)])
+            upload.seek(0)
 
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
         client = self.client(endpoint, username=instance.username, password=instance.password, timeout=timeout)

@@ -175,6 +175,7 @@ def test_each_create_body_is_the_engines_options_a_name_and_a_snapshot_to_clone(
             "from_snapshot",
             "from_instance",
             "time",
+            "file",
         }
         assert body["additionalProperties"] is False
         assert "required" not in body
@@ -236,6 +237,7 @@ def test_options_describes_the_create_body(api):
         "from_snapshot",
         "from_instance",
         "time",
+        "file",
     ]
     assert {choice["value"] for choice in post["charset"]["choices"]} == {"utf8mb4", "latin1", "ascii"}
 
