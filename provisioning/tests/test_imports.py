@@ -23,8 +23,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from provisioning.models import Instance, Snapshot
 from provisioning.services import DELETABLE
 
-from .conftest import wait_for_status
-from .test_snapshots import config_of, create, execute, mysql, redis_client, rows
+from .conftest import Worker, wait_for_status, wait_until
+from .test_snapshots import RECOVERY, config_of, create, execute, mysql, redis_client, rows
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -166,7 +166,7 @@ def test_a_dump_of_another_server_imports_and_its_view_and_trigger_work_as_the_t
     assert definers == [["app@%"], ["app@%"]]
     undo = Snapshot.objects.get(instance_id=pk, trigger="before-import")
     assert undo.status == "ready"
-    assert not list((settings.STOCKROOM_SNAPSHOT_DIR / "imports").rglob("*"))  # the upload is gone
+    assert not [p for p in (settings.STOCKROOM_SNAPSHOT_DIR / "imports").rglob("*") if p.is_file()]  # upload gone
 
 
 def test_a_dump_runs_with_the_tenants_rights_never_the_portals(api):
@@ -306,3 +306,31 @@ def test_the_size_limit_answers_413_and_outsiders_get_404(api, outsider, setting
     response = outsider.post(f"/api/storage/redis/instances/{pk}/import", {"file": file}, format="multipart")
     assert response.status_code == 404
     assert Instance.objects.get(pk=pk).status == "running"
+
+
+def test_an_import_whose_worker_is_killed_mid_load_is_undone_by_the_reconciler(api, broker, queued_for_real, tmp_path):
+    worker = Worker(tmp_path / "worker.log", env=RECOVERY)
+    worker.start()
+    pk = create(api, "mysql")["id"]
+    config = config_of(api, "mysql", pk)
+    execute(config, "CREATE TABLE t (id INT PRIMARY KEY)", "INSERT INTO t VALUES (-1)")
+    # Many small statements: the load takes a while, and rows appear as it goes.
+    dump = b"".join(b"INSERT INTO t VALUES (%d);\n" % i for i in range(200_000))
+    file = SimpleUploadedFile("slow.sql", dump)
+    response = api.post(f"/api/storage/mysql/instances/{pk}/import", {"file": file}, format="multipart")
+    assert response.status_code == 202, response.content
+    wait_until(lambda: len(rows(config)) > 100, 120, "the load to begin")
+    worker.kill()
+    assert api.get(f"/api/storage/mysql/instances/{pk}").json()["status"] == "importing"
+    assert 100 < len(rows(config)) <= 200_000  # cut short: part of it loaded, not all
+
+    worker = Worker(tmp_path / "worker2.log", beat=True, env=RECOVERY)
+    worker.start()
+    try:
+        done = wait_for_status(api, "mysql", pk, "running", "unhealthy", "failed", timeout=120)
+        assert done["status"] == "running", done["status_message"]
+        assert done["status_message"].startswith("The worker importing the file stopped; the import was given up.")
+        assert rows(config) == [[-1]]  # the before-import snapshot, put back
+        assert not [p for p in (settings.STOCKROOM_SNAPSHOT_DIR / "imports").rglob("*") if p.is_file()]
+    finally:
+        worker.stop()

@@ -592,12 +592,12 @@ class MySQL(Engine):
             database=instance.database,
             timeout=LOAD_TIMEOUT,
         )
-        with client as db:
+        with client as db, db.cursor() as cursor:
             db.autocommit(True)  # as the `mariadb` client runs a dump: each statement is kept as it ends
             for statement in _statements(upload):
                 try:
-                    db.query(dump.with_own_definer(statement))
-                    while db.next_result():
+                    cursor.execute(dump.with_own_definer(statement))  # type: ignore[call-overload]  # bytes, no args
+                    while cursor.nextset():  # a CALL's further results
                         pass
                 except pymysql.MySQLError as exc:
                     code, text = (exc.args + ("",))[:2] if exc.args else (0, str(exc))
