@@ -118,6 +118,28 @@ class Instance(models.Model):
     )
     # Seconds each step of the create took (queued, data_directory, server_start, first_login).
     timings = models.JSONField(default=dict, blank=True)
+    # Changes after create. Options whose change waits for the next restart (the engine's
+    # `apply="restart"` ones): name -> new value; the restart moves them into `options`.
+    pending_options = models.JSONField(
+        default=dict, blank=True, help_text="Options changed that take effect at the next restart."
+    )
+    # Throwaway instances: removed by the reconciler once expired (a before-delete snapshot kept),
+    # unless protected; told ahead (instance.expiring) once, at expiry_warned_at.
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Deleted after this; empty: never.")
+    expiry_warned_at = models.DateTimeField(
+        null=True, blank=True, help_text="When instance.expiring was sent for the current expiry."
+    )
+    protected = models.BooleanField(default=False, help_text="Neither expiry nor DELETE removes it until cleared.")
+    stop_when_idle = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Seconds without client connections after which it is stopped; empty: never."
+    )
+    idle_since = models.DateTimeField(null=True, blank=True, help_text="Since when no client has been connected.")
+    # The version its running server reported at its last start (SELECT VERSION(), INFO server).
+    server_version = models.CharField(max_length=100, blank=True)
+    # TLS: the certificate for its public host that the portal's CA signed, and its key.
+    tls_certificate = models.TextField(blank=True, help_text="PEM; signed by the portal's CA.")
+    tls_key = EncryptedTextField(blank=True)
+    tls_expires_at = models.DateTimeField(null=True, blank=True, help_text="When its certificate expires.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -139,6 +161,7 @@ class Instance(models.Model):
                 name="instance_dashboard_order",  # both kinds, as the dashboard lists them
             ),
             models.Index(fields=["status"], name="instance_status"),  # the reconciler's scans
+            models.Index(fields=["expires_at"], condition=Q(expires_at__isnull=False), name="instance_expiry"),
         ]
         constraints = [
             models.UniqueConstraint(
@@ -383,6 +406,24 @@ class WebhookDelivery(models.Model):
     def msg_id(self) -> str:
         """Its webhook-id header, as receivers see it."""
         return f"msg_{self.message_id.hex}"
+
+
+class CertificateAuthority(models.Model):
+    """The portal's own CA, made once: it signs each instance's TLS certificate. Its key is kept
+    encrypted (STOCKROOM_ENCRYPTION_KEYS) and only the portal reads it."""
+
+    name = models.CharField(max_length=32, primary_key=True)
+    certificate = models.TextField(help_text="PEM; what clients verify instances with.")
+    key = EncryptedTextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name = "certificate authority"
+        verbose_name_plural = "certificate authority"
+
+    def __str__(self) -> str:
+        return f"{self.name} CA, expires {self.expires_at:%Y-%m-%d}"
 
 
 class Heartbeat(models.Model):

@@ -5,6 +5,7 @@ the config templates and the README table are all built from these lists.
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,12 +49,24 @@ def describe_size(value: int) -> str:
     return f"{value} bytes"
 
 
+# How a change to an option after create takes effect (`Option.apply`), as RDS's ApplyMethod and
+# Trove's restart_required say it.
+LIVE = "live"  # applied to the running server at once, then read back
+RESTART = "restart"  # pending until the next restart
+CREATE_ONLY = "create-only"  # fixed when the instance is made
+APPLY_MODES = (LIVE, RESTART, CREATE_ONLY)
+
+
 @dataclass(frozen=True)
 class Option:
     """One user-settable option of an engine.
 
-    `kind` is "choice" (one of `choices`), "int" (an integer within `min_value`..`max_value`)
-    or "size" (bytes, also accepted as "256mb"; same limits).
+    `kind` is "choice" (one of `choices`), "set" (a comma-separated list of some of `choices`,
+    maybe none), "text" (a string that `check` accepts: it returns the canonical form or raises
+    OptionError), "int" (an integer within `min_value`..`max_value`), "number" (an integer or a
+    decimal, same limits) or "size" (bytes, also accepted as "256mb"; same limits).
+
+    `apply` says how a change after create takes effect: LIVE, RESTART or CREATE_ONLY.
     """
 
     name: str
@@ -64,6 +77,13 @@ class Option:
     choices: tuple[str, ...] = field(default_factory=tuple)
     min_value: int | None = None
     max_value: int | None = None
+    apply: str = RESTART
+    check: Callable[[str], str] | None = None
+    allowed: str = ""  # "text": what `check` accepts, for people
+
+    def __post_init__(self) -> None:
+        if self.apply not in APPLY_MODES:
+            raise TypeError(f"Option {self.name!r}: apply must be one of {', '.join(APPLY_MODES)}.")
 
     def clean(self, value: Any) -> Any:
         """Return the canonical value, or raise OptionError naming what is allowed."""
@@ -71,6 +91,15 @@ class Option:
             if not isinstance(value, str) or value not in self.choices:
                 raise OptionError(f"{value!r} is not allowed; choose one of: {', '.join(self.choices)}.")
             return value
+        if self.kind == "set":
+            return self._subset(value)
+        if self.kind == "text":
+            if not isinstance(value, str) or len(value) > 200:
+                raise OptionError(f"Expected a string: {self.allowed}.")
+            assert self.check is not None, f"Option {self.name!r} of kind text needs a check."
+            return self.check(value)
+        if self.kind == "number":
+            return self._decimal(value)
         number = parse_size(value) if self.kind == "size" else self._integer(value)
         low, high = self.limits
         if not low <= number <= high:
@@ -90,7 +119,34 @@ class Option:
         return f"{show(low)} to {show(high)}"
 
     def describe_allowed(self) -> str:
-        return ", ".join(self.choices) if self.kind == "choice" else self.describe_range()
+        if self.kind == "choice":
+            return ", ".join(self.choices)
+        if self.kind == "set":
+            return f"a comma-separated list of any of: {', '.join(self.choices)}"
+        if self.kind == "text":
+            return self.allowed
+        return self.describe_range()
+
+    def _subset(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise OptionError(f"Expected a comma-separated string of any of: {', '.join(self.choices)}.")
+        chosen: list[str] = []
+        for part in (item.strip().upper() for item in value.split(",")):
+            if not part:
+                continue
+            if part not in self.choices:
+                raise OptionError(f"{part!r} is not allowed; any of: {', '.join(self.choices)}.")
+            if part not in chosen:
+                chosen.append(part)
+        return ",".join(chosen)
+
+    def _decimal(self, value: Any) -> int | float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:  # NaN
+            raise OptionError(f"{value!r} is not a number.")
+        low, high = self.limits
+        if not low <= value <= high:
+            raise OptionError(f"{value!r} is out of range; allowed: {self.describe_range()}.")
+        return value
 
     @staticmethod
     def _integer(value: Any) -> int:
@@ -114,6 +170,7 @@ def disk_option(*, min_value: int, help_text: str = "") -> Option:
         default=1 * GiB,
         min_value=min_value,
         max_value=64 * GiB,
+        apply=CREATE_ONLY,  # a filesystem of its own on the local backend, made with the instance
     )
 
 
@@ -129,6 +186,7 @@ def backup_options() -> tuple[Option, Option]:
             default=24,
             min_value=0,
             max_value=24 * 30,
+            apply=LIVE,  # the portal's own schedule: nothing to tell the server
         ),
         Option(
             "backup_retention",
@@ -138,5 +196,6 @@ def backup_options() -> tuple[Option, Option]:
             default=7,
             min_value=1,
             max_value=100,
+            apply=LIVE,
         ),
     )

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 import pymysql
 
 from ...errors import BackendError, ImportRefused
-from ...options import MiB, Option, backup_options, disk_option
+from ...options import CREATE_ONLY, LIVE, MiB, Option, backup_options, disk_option
 from ..base import (
     SMALL,
     ArchivedLog,
@@ -209,6 +209,7 @@ class MySQL(Engine):
             kind="choice",
             default="utf8mb4",
             choices=tuple(COLLATIONS),
+            apply=CREATE_ONLY,  # the database keeps the character set it was made with
         ),
         Option(
             "collation",
@@ -216,6 +217,7 @@ class MySQL(Engine):
             "Must belong to the character set; defaults to the charset's default collation.",
             kind="choice",
             choices=tuple(c for collations in COLLATIONS.values() for c in collations),
+            apply=CREATE_ONLY,
         ),
         Option(
             "binlog_format",
@@ -224,6 +226,7 @@ class MySQL(Engine):
             kind="choice",
             default="ROW",
             choices=("ROW", "STATEMENT", "MIXED"),
+            apply=LIVE,  # new sessions
         ),
         # A new data directory takes about 30 MB; binary logs and temporary tables need room too.
         disk_option(min_value=256 * MiB),

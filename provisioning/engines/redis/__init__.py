@@ -13,7 +13,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ...errors import BackendError, ImportRefused
-from ...options import Option, backup_options, disk_option
+from ...options import LIVE, Option, backup_options, disk_option
 from ..base import (
     SMALL,
     ArchivedLog,
@@ -207,6 +207,7 @@ class Redis(Engine):
             default=64 * MiB,
             min_value=1 * MiB,
             max_value=4096 * MiB,
+            apply=LIVE,
         ),
         Option(
             "maxmemory_policy",
@@ -215,6 +216,7 @@ class Redis(Engine):
             kind="choice",
             default="noeviction",
             choices=POLICIES,
+            apply=LIVE,
         ),
         Option(
             "maxclients",
@@ -224,6 +226,7 @@ class Redis(Engine):
             default=1000,
             min_value=1,
             max_value=10000,
+            apply=LIVE,
         ),
         Option(
             "appendfsync",
@@ -232,6 +235,7 @@ class Redis(Engine):
             kind="choice",
             default="everysec",
             choices=("always", "everysec", "no"),
+            apply=LIVE,
         ),
         disk_option(min_value=32 * MiB),
         *backup_options(),
