@@ -20,9 +20,9 @@ from .api.pagination import IdsFirstPaginator
 from .api.throttles import TokenCreateThrottle
 from .durations import describe_duration
 from .engines import UnknownKind, engines, get_engine
-from .forms import TokenForm, create_form_class
+from .forms import TokenForm, change_form_class, change_form_initial, create_form_class
 from .models import BUSY_STATUSES, DeliveryStatus, Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status, Webhook
-from .options import describe_size
+from .options import CREATE_ONLY, describe_size
 from .services import snapshots, tokens, webhooks
 
 
@@ -90,7 +90,8 @@ def panel(request, pk: int):
 
 
 def _detail_context(instance: Instance) -> dict:
-    connection = get_engine(instance.kind).connection(instance) if instance.status == "running" else None
+    engine = get_engine(instance.kind)
+    connection = engine.connection(instance) if instance.status == "running" else None
     return {
         "instance": instance,
         "connection": connection,
@@ -107,9 +108,48 @@ def _detail_context(instance: Instance) -> dict:
         "backup_hours": instance.options.get(snapshots.INTERVAL.name, snapshots.INTERVAL.default),
         "backup_keep": instance.options.get(snapshots.RETENTION.name, snapshots.RETENTION.default),
         "window": services.recovery_window(instance),
+        "pending": services.describe_changes(
+            get_engine(instance.kind),
+            get_engine(instance.kind).with_defaults(instance.options),
+            instance.pending_options,
+        ),
         "import_suffixes": get_engine(instance.kind).import_suffixes,
         "import_most": settings.STOCKROOM_IMPORT_MAX_BYTES,
     }
+
+
+@never_cache
+@login_required
+def settings_page(request, pk: int):
+    """Change options and name, through the same service as PATCH in the API."""
+    instance = _my_instance(request, pk)
+    engine = get_engine(instance.kind)
+    shown = {**engine.with_defaults(instance.options), **instance.pending_options}
+    form_class = change_form_class(engine)
+    form = form_class(request.POST or None, initial=change_form_initial(engine, shown, instance.name))
+    if request.method == "POST" and form.is_valid():
+        data = dict(form.cleaned_data)
+        name = data.pop("name")
+        fields = {"name": name} if name != instance.name else {}
+        options = {
+            name: None if value in (None, "") and engine.option(name).kind not in ("set", "text") else value
+            for name, value in data.items()
+            if engine.option(name).apply != CREATE_ONLY
+        }
+        try:
+            instance = services.change_instance(instance=instance, options=options, fields=fields, by=request.user)
+        except ValidationError as exc:
+            for field, errors in exc.message_dict.items():
+                form.add_error(field if field in form.fields else None, errors)
+        except (services.WrongStatus, services.NotApplied, services.QuotaExceeded, services.NoCapacity) as exc:
+            form.add_error(None, str(exc))
+        else:
+            if instance.pending_options:
+                messages.info(request, "Saved. Some changes wait for a restart: see the banner to restart now.")
+            else:
+                messages.success(request, "Saved; live changes are applied.")
+            return redirect("instance", pk=instance.pk)
+    return render(request, "provisioning/settings.html", {"form": form, "instance": instance})
 
 
 @login_required

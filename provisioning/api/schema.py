@@ -16,10 +16,12 @@ from rest_framework import serializers
 from ..engines import engines
 from ..services.requests import NAME_PATTERN
 from .serializers import (
+    ChangeInstanceSerializer,
     CreateInstanceSerializer,
     KindField,
     NameField,
     ShapingField,
+    change_serializer,
     config_serializer,
     create_serializer,
 )
@@ -86,6 +88,25 @@ class CreateInstanceSchema(OpenApiSerializerExtension):
         return schema
 
 
+class ChangeInstanceSchema(OpenApiSerializerExtension):
+    target_class = ChangeInstanceSerializer
+    match_subclasses = True
+
+    def get_name(self, auto_schema, direction):
+        return f"{self.target.engine.kind.capitalize()}Change"
+
+    def map_serializer(self, auto_schema, direction):
+        engine = self.target.engine
+        schema = auto_schema._map_basic_serializer(self.target, direction)
+        schema["additionalProperties"] = False
+        schema["description"] = (
+            f"A JSON merge patch of a {engine.label} instance: a field left out stays, null puts its default back. "
+            "Each option's x-apply says how a change takes effect: live, restart (pending until the next restart) "
+            "or create-only (refused)."
+        )
+        return schema
+
+
 class OptionFieldSchema(OpenApiSerializerFieldExtension):
     target_class = ShapingField
     match_subclasses = True
@@ -148,6 +169,8 @@ class InstanceSchema(KindSchema):
     """The kind in every path, the create body and the config answer, per registered engine."""
 
     def get_request_serializer(self):
+        if getattr(self.view, "action", None) == "partial_update":
+            return AnyOf("ChangeInstance", [change_serializer(engine) for engine in engines().values()])
         if getattr(self.view, "action", None) == "create":
             json = AnyOf("CreateInstance", [create_serializer(engine) for engine in engines().values()])
             form = AnyOf("CreateInstanceForm", [create_serializer(engine, form=True) for engine in engines().values()])

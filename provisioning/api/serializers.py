@@ -7,7 +7,7 @@ from rest_framework import serializers
 from rest_framework.fields import empty
 from rest_framework.utils import html
 
-from ..engines import Engine
+from ..engines import Engine, get_engine
 from ..models import AccessToken, DeliveryStatus, Instance, Snapshot, Webhook, WebhookDelivery
 from ..options import CREATE_ONLY, LIVE, RESTART, Option, format_size
 from ..services import recovery_window, tokens
@@ -45,6 +45,7 @@ class InstanceSerializer(serializers.ModelSerializer):
             "host",
             "port",
             "options",
+            "pending_options",
             "memory_reservation",
             "memory_limit",
             "timings",
@@ -52,8 +53,19 @@ class InstanceSerializer(serializers.ModelSerializer):
             "created_at",
             "updated_at",
         ]
-        extra_kwargs = {"timings": {"help_text": "Seconds each step of the create took, measured by the worker."}}
+        extra_kwargs = {
+            "timings": {"help_text": "Seconds each step of the create took, measured by the worker."},
+            "options": {"help_text": "The options the server runs with now, every one of its engine's."},
+            "pending_options": {
+                "help_text": "Options changed that take effect at the next restart (PATCH …?apply=now restarts)."
+            },
+        }
         read_only_fields = fields
+
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        data["options"] = get_engine(instance.kind).with_defaults(instance.options)
+        return data
 
     recovery_window = serializers.SerializerMethodField(
         help_text="The times a restore or clone may go back to, {from, to} in whole seconds (UTC); "
@@ -318,6 +330,41 @@ def create_serializer(engine: Engine, *, form: bool = False) -> type[CreateInsta
     }
     name = f"{engine.kind.capitalize()}Create{'Form' if form else ''}Serializer"
     return type(name, (CreateInstanceSerializer,), {"engine": engine, "form": form, **fields})
+
+
+class ChangeInstanceSerializer(serializers.Serializer):
+    """Base of each engine's PATCH body: a JSON merge patch of the instance. A field left out stays
+    as it is; null puts its default back. Options go at the top level (as in a create) or under
+    `options` (as the instance shows them)."""
+
+    engine: Engine
+    form = False
+    default_error_messages = {"invalid": "Expected a JSON object: a merge patch of the instance."}
+
+    def to_internal_value(self, data):
+        if hasattr(data, "keys"):
+            ignored = {"csrfmiddlewaretoken"} if html.is_html_input(data) else set()
+            if unknown := [key for key in data if key not in self.fields and key not in ignored]:
+                allowed = ", ".join(self.fields)
+                raise serializers.ValidationError(
+                    {key: [f"Not a field a change takes; allowed: {allowed}."] for key in unknown}
+                )
+        return super().to_internal_value(data)
+
+
+@cache
+def change_serializer(engine: Engine) -> type[ChangeInstanceSerializer]:
+    """The PATCH body for one engine, built from its options once per engine object."""
+    fields = {
+        "name": StrictCharField(required=False, max_length=40, help_text=f"A new name. {NAME_RULE}"),
+        "options": serializers.DictField(
+            required=False, help_text="Options as the instance shows them (the same as giving them at the top level)."
+        ),
+        **{option.name: OPTION_FIELDS[option.kind](option) for option in engine.options},
+    }
+    return type(
+        f"{engine.kind.capitalize()}ChangeSerializer", (ChangeInstanceSerializer,), {"engine": engine, **fields}
+    )
 
 
 @cache

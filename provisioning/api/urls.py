@@ -26,7 +26,9 @@ urlpatterns = [
     ),
     re_path(
         rf"{INSTANCES}/(?P<pk>[0-9]+)/?$",
-        InstanceViewSet.as_view({"get": "retrieve", "delete": "destroy"}, name="{label} instance"),
+        InstanceViewSet.as_view(
+            {"get": "retrieve", "patch": "partial_update", "delete": "destroy"}, name="{label} instance"
+        ),
         name="instance-detail",
     ),
     re_path(

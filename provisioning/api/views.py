@@ -34,6 +34,7 @@ from .serializers import (
     SnapshotSerializer,
     UsageSerializer,
     WebhookSerializer,
+    change_serializer,
     create_serializer,
 )
 from .throttles import LoginAddressThrottle, LoginUsernameThrottle, TokenCreateThrottle
@@ -112,6 +113,40 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             )
         # A plain dict: the browsable API then offers an empty create form again, not this answer.
         return Response(dict(InstanceSerializer(instance).data), status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "apply",
+                str,
+                enum=["now"],
+                description="`now`: also restart the instance, so that options waiting for a restart take effect.",
+            )
+        ],
+        responses={202: InstanceSerializer, 400: None, 403: None, 404: None, 409: None, 503: None},
+        summary="Change an instance: options (live or at the next restart), name",
+    )
+    def partial_update(self, request, kind: str, pk: int):
+        """A JSON merge patch: a field left out stays, null puts its default back. Live options are
+        set on the running server and read back before the answer; restart ones wait in
+        `pending_options`; create-only ones are refused (400). A change of memory changes the
+        server's memory limit and reservation too (403 past your quota, 503 past the host's room)."""
+        instance = self.get_object()
+        apply = request.query_params.get("apply")
+        if apply not in (None, "now"):
+            raise exceptions.ValidationError({"apply": f"{apply!r} is not allowed; the only value is 'now'."})
+        serializer = change_serializer(get_engine(kind))(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        patch = dict(serializer.validated_data)
+        nested = patch.pop("options", {})
+        if both := sorted(set(nested) & set(patch)):
+            raise exceptions.ValidationError({name: "Given both at the top level and under options." for name in both})
+        fields = {"name": patch.pop("name")} if "name" in patch else {}
+        options = {**nested, **patch}
+        instance = services.change_instance(instance=instance, options=options, fields=fields, by=request.user)
+        if apply == "now" and instance.pending_options and instance.status == "running":
+            instance = services.request_action(instance=instance, action="restart", by=request.user)
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(responses={202: InstanceSerializer}, summary="Delete an instance and its data")
     def destroy(self, request, kind: str, pk: int):
@@ -435,7 +470,7 @@ def exception_handler(exc, context):
         exc = exceptions.ValidationError(detail)
     elif isinstance(exc, services.QuotaExceeded | webhooks.TooManyWebhooks):
         exc = exceptions.PermissionDenied(str(exc), code="quota_exceeded")
-    elif isinstance(exc, services.SnapshotBusy | services.ExportFailed):
+    elif isinstance(exc, services.SnapshotBusy | services.ExportFailed | services.NotApplied):
         return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
     elif isinstance(exc, services.WrongStatus):
         return Response({"detail": str(exc), "status": exc.instance.status}, status=status.HTTP_409_CONFLICT)

@@ -34,6 +34,7 @@ class Server:
     # many of them are archived: its log, as a binary log or append-only file would hold it.
     log: list[list[Any]] = field(default_factory=list)
     archived: int = 0
+    memory_limit: int | None = None  # as `reconfigure` last set it
 
     def write(self, key: str, value: Any, *, at: float | None = None) -> None:
         self.data[key] = value
@@ -61,6 +62,7 @@ class FakeBackend(BaseBackend):
         "archive_logs",
         "check_import",
         "import_data",
+        "reconfigure",
     )
     moves_ports = True  # a start serves the instance on the port it has then, as the local backend does
     point_in_time = True
@@ -144,8 +146,19 @@ class FakeBackend(BaseBackend):
             raise BackendError(f"The server could not listen on port {instance.port}: another process holds it.")
         with self.lock:
             server.running, server.port = True, instance.port
+            server.options = dict(instance.options)  # as a real server reads its config again
         if server.password != instance.password:
             raise BackendError("The server started, but the user's login was refused.")
+
+    def reconfigure(self, instance: "Instance", changes: dict[str, Any], *, memory_limit: int | None = None) -> None:
+        self._enter("reconfigure", instance.pk)
+        server = self._server(instance)
+        if not server.running:
+            raise BackendError("The server is not running.")
+        with self.lock:
+            server.options.update(changes)
+            if memory_limit is not None:
+                server.memory_limit = memory_limit
 
     def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         self._enter("snapshot", instance.pk)

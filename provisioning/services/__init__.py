@@ -2,6 +2,7 @@
 call these and nothing below them writes.
 
 - requests: the request side (validate, quota, reserve, queue);
+- changes: changes after create (PATCH): live options now, the others at the next restart;
 - capacity: the quotas and the host's memory budget, which requests check;
 - ports: which port an instance holds, at create and when a stranger took it;
 - work: the worker side (claim, do, record) and recovery of work a dead worker left;
@@ -16,6 +17,7 @@ call these and nothing below them writes.
 
 from .actions import ACTIONS, DELETABLE, Action
 from .capacity import NoCapacity, QuotaExceeded, Usage, usage
+from .changes import NotApplied, change_instance, describe_changes
 from .claims import Busy
 from .exports import ExportFailed, request_verify
 from .exports import export as export_snapshot
@@ -36,6 +38,9 @@ from .webhooks import TooManyWebhooks, create_webhook
 from .work import deprovision, perform_action, provision, recover
 
 __all__ = [
+    "NotApplied",
+    "change_instance",
+    "describe_changes",
     "ACTIONS",
     "DELETABLE",
     "Action",

@@ -100,8 +100,8 @@ def test_its_browsable_api_form_is_generated(registered, web):
 
 def test_its_readme_row_is_generated(registered):
     table = options_markdown()
-    assert "| memo | `flavour` | `plain` | plain · salted | How it tastes. |" in table
-    assert "| memo | `slots` | `8` | 1 to 64 | Entries kept at once. |" in table
+    assert "| memo | `flavour` | `plain` | plain · salted | on restart | How it tastes. |" in table
+    assert "| memo | `slots` | `8` | 1 to 64 | on restart | Entries kept at once. |" in table
 
 
 def test_it_is_created_and_shown_like_any_other(registered, api, web):
