@@ -413,6 +413,10 @@ class DockerBackend(BaseBackend):
                 instance, password, admin=admin, write=lambda name, text: self._write(instance, directory / name, text)
             )
 
+    def client_connections(self, instance: "Instance") -> int:
+        with self._admin(instance) as admin:
+            return get_engine(instance.kind).client_connections(instance, admin=admin)
+
     @contextmanager
     def _admin(self, instance: "Instance") -> Iterator[Endpoint]:
         """Where the portal administers the server: its Unix socket, reached through a descriptor

@@ -192,6 +192,13 @@ class LocalBackend(BaseBackend):
                 write=lambda name, text: files.write(directory / name, text, group=group),
             )
 
+    def client_connections(self, instance: "Instance") -> int:
+        layout, user = self.layout(instance), self.user(instance)
+        with files.unix_socket(Path(layout.socket), owner=user.uid if user else None) as socket:
+            return get_engine(instance.kind).client_connections(
+                instance, admin=Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=socket)
+            )
+
     def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         with self._beside(instance) as beside:
             return get_engine(instance.kind).snapshot(instance, beside, out, archive)
