@@ -14,7 +14,8 @@ from provisioning.models import Instance, Status
 from provisioning.reconciler import Reconciler
 from provisioning.services import DELETABLE, set_protected
 
-from .conftest import instance_dir, port_refuses, wait_for_status
+from .conftest import instance_dir, port_refuses, wait_for_status, wait_until
+from .test_docker_backend import docker_settings  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -162,3 +163,29 @@ def test_an_idle_instance_is_stopped_and_one_with_a_client_is_not(api, kind):
     time.sleep(0.5)
     reconcile()
     assert Instance.objects.get(pk=busy["id"]).idle_since is not None, "its client left"
+
+
+@pytest.mark.parametrize("kind", ["redis", "mysql"])
+def test_the_docker_backend_counts_the_tenants_connections_and_stops_an_idle_container(
+    api,
+    kind,
+    docker_settings,  # noqa: F811 - the fixture imported above
+):
+    backend = docker_settings()
+    instance = running(api, kind, stop_when_idle="1m")
+    row = Instance.objects.get(pk=instance["id"])
+    assert row.backend == "docker"
+    time.sleep(0.5)
+    assert backend.client_connections(row) == 0, "the portal's own session does not count"
+    clients = [open_client(kind, config(api, instance)) for _ in range(2)]
+    try:
+        assert backend.client_connections(row) == 2
+    finally:
+        for client in clients:
+            client.close()
+    wait_until(lambda: backend.client_connections(row) == 0, 5, "the clients to be gone")
+
+    reconcile()
+    assert reconcile(later=61).idle_stopped == [row.pk]
+    assert wait_for_status(api, kind, row.pk, "stopped", "unhealthy")["status"] == "stopped"
+    assert port_refuses(instance["port"])
