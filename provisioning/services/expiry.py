@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 
 EXPIRING = "instance.expiring"  # the event (and webhook) type of the warning
 REMOVER = "the reconciler"
-# Instances whose lifetime may change: every live one but those being deleted.
-CHANGEABLE = tuple(status for status in Status if status not in (Status.DELETING, Status.DELETED, Status.FAILED))
+# Instances whose lifetime may change: all but those being deleted or gone. A failed one too: its
+# data may be kept, and a protected one must be unprotected before it can be deleted.
+CHANGEABLE = tuple(status for status in Status if status not in (Status.DELETING, Status.DELETED))
 
 
 # The owner's side ------------------------------------------------------------------------
@@ -39,14 +40,15 @@ def update(*, instance: Instance, data: dict[str, Any], by: object, now: datetim
     """Set the lifetime fields `data` names (expires_in or expires_at, protected, stop_when_idle:
     see lifetime.clean) and say so in the instance's history, one event per kind of change (which
     webhooks get). ValidationError (400) for bad words, nothing changed; WrongStatus (409) for an
-    instance being deleted, deleted or failed."""
+    instance being deleted or deleted."""
     changes = lifetime.clean(data, now=now or timezone.now())
     locked = Instance.objects.select_for_update().filter(pk=instance.pk, status__in=CHANGEABLE).first()
     if locked is None:
         instance.refresh_from_db()
         raise WrongStatus(instance, "change the lifetime of")
     if changes:
-        Instance.objects.filter(pk=instance.pk).update(**changes, updated_at=timezone.now())
+        # Not updated_at: it says when the status last changed (healing and recovery go by it).
+        Instance.objects.filter(pk=instance.pk).update(**changes)
     for name, value in changes.items():
         setattr(instance, name, value)
     instance.status = locked.status

@@ -219,8 +219,10 @@ def test_extend_of_another_users_instance_is_404(create, outsider):
     assert close_to(Instance.objects.get(pk=instance["id"]).expires_at.isoformat(), timezone.now() + timedelta(hours=1))
 
 
-def test_extend_is_allowed_while_stopped_and_refused_while_deleting(api, create, act):
+def test_extend_is_allowed_while_stopped_or_failed_and_refused_while_deleting(api, create, act):
     instance = act(create("redis", expires_in="1h"), "stop")
+    assert api.post(f"{url(instance)}/extend", {"expires_in": "2h"}, format="json").status_code == 200
+    Instance.objects.filter(pk=instance["id"]).update(status=Status.FAILED, port=None)
     assert api.post(f"{url(instance)}/extend", {"expires_in": "2h"}, format="json").status_code == 200
     Instance.objects.filter(pk=instance["id"]).update(status=Status.DELETING)
     response = api.post(f"{url(instance)}/extend", {"expires_in": "2h"}, format="json")
@@ -248,6 +250,13 @@ def test_the_page_and_the_admin_refuse_to_delete_a_protected_instance(web, admin
     )
     assert "is protected" in response.content.decode()
     assert Instance.objects.get(pk=instance["id"]).status == Status.RUNNING
+
+
+def test_a_failed_protected_instance_can_be_unprotected_then_deleted(web, create, act):
+    instance = create("redis", protected=True)
+    Instance.objects.filter(pk=instance["id"]).update(status=Status.FAILED, port=None)
+    web.post(f"/instances/{instance['id']}/protect/", {"protected": "false"})
+    assert act(instance, "delete")["status"] == "gone"
 
 
 # Pages and admin --------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def buttons(page: bytes) -> list[str]:
 def test_the_page_offers_the_actions_the_status_allows(web):
     instance = running(web)
     page = web.get(f"/instances/{instance.pk}/").content
-    lifetime = ["extend", "protect"]  # in every status but deleting, deleted and failed
+    lifetime = ["extend", "protect"]  # in every status but deleting and deleted
     assert buttons(page) == [*lifetime, "stop", "restart", "rotate-password", "snapshot", "import"]
     Instance.objects.filter(pk=instance.pk).update(status=Status.STOPPED)
     assert buttons(web.get(f"/instances/{instance.pk}/panel/").content) == [*lifetime, "start"]
