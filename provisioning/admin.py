@@ -26,10 +26,16 @@ class InstanceEventInline(admin.TabularInline):
 class InstanceAdmin(admin.ModelAdmin):
     list_display = [
         "id", "kind", "name", "owner", "status", "host", "port", "backend",
-        "reservation", "limit", "holds_data", "created_at",
+        "reservation", "limit", "holds_data", "expires_at", "protected", "created_at",
     ]  # fmt: skip
-    list_filter = ["kind", "status", "backend", "holds_data", "owner"]
-    actions = ["restart_instances", "stop_instances", "start_instances", "delete_instances"]
+    list_filter = [
+        "kind", "status", "backend", "holds_data", "protected", ("expires_at", admin.EmptyFieldListFilter),
+        ("stop_when_idle", admin.EmptyFieldListFilter), "owner",
+    ]  # fmt: skip
+    actions = [
+        "restart_instances", "stop_instances", "start_instances", "delete_instances",
+        "extend_instances", "protect_instances", "unprotect_instances",
+    ]  # fmt: skip
     search_fields = ["name", "owner__username", "port"]
     exclude = ["password", "admin_password"]
     inlines = [InstanceEventInline]
@@ -75,6 +81,27 @@ class InstanceAdmin(admin.ModelAdmin):
     def start_instances(self, request, queryset):
         self._request(request, queryset, "start")
 
+    @admin.action(description="Extend the expiry of the selected instances by 1 day from now", permissions=["change"])
+    def extend_instances(self, request, queryset):
+        self._apply(
+            request, queryset, "extend",
+            lambda instance: services.extend_expiry(instance=instance, data={"expires_in": "1d"}, by=request.user),
+        )  # fmt: skip
+
+    @admin.action(description="Protect the selected instances from expiry and deletion", permissions=["change"])
+    def protect_instances(self, request, queryset):
+        self._apply(
+            request, queryset, "protect",
+            lambda instance: services.set_protected(instance=instance, protected=True, by=request.user),
+        )  # fmt: skip
+
+    @admin.action(description="Stop protecting the selected instances", permissions=["change"])
+    def unprotect_instances(self, request, queryset):
+        self._apply(
+            request, queryset, "unprotect",
+            lambda instance: services.set_protected(instance=instance, protected=False, by=request.user),
+        )  # fmt: skip
+
     def _request(self, request, queryset, action: str) -> None:
         self._apply(
             request, queryset, action,
@@ -90,7 +117,11 @@ class InstanceAdmin(admin.ModelAdmin):
                 done += 1
             except (services.WrongStatus, services.QuotaExceeded, services.NoCapacity) as exc:
                 refused.append(f"{instance.name}: {exc}")
-        self.message_user(request, f"Asked the worker to {verb} {done} instance(s).")
+        done_words = {"extend": "Extended", "protect": "Protected", "unprotect": "Stopped protecting"}
+        if verb in done_words:
+            self.message_user(request, f"{done_words[verb]} {done} instance(s).")
+        else:
+            self.message_user(request, f"Asked the worker to {verb} {done} instance(s).")
         if refused:
             self.message_user(request, " ".join(refused), level=messages.WARNING)
 

@@ -12,6 +12,30 @@ from django import forms
 from .engines import Engine
 from .options import CREATE_ONLY, LIVE, RESTART, Option, format_size
 
+LIFETIME_FIELDS = ("expires_in", "stop_when_idle", "protected")
+
+
+def lifetime_fields() -> dict[str, forms.Field]:
+    """A throwaway instance's words: services/lifetime.py checks them, as it does the API's."""
+    text = {"autocomplete": "off", "placeholder": "never"}
+    return {
+        "expires_in": forms.CharField(
+            required=False,
+            label="Expires in",
+            widget=forms.TextInput(attrs=text),
+            help_text="Delete it (a snapshot kept) after this long, e.g. 2h, 7d or never. Blank: the default.",
+        ),
+        "stop_when_idle": forms.CharField(
+            required=False,
+            label="Stop when idle",
+            widget=forms.TextInput(attrs=text),
+            help_text="Stop it (data kept) after this long without a client connection, e.g. 30m. Blank: never.",
+        ),
+        "protected": forms.BooleanField(
+            required=False, help_text="Neither expiry nor a delete removes it until you clear this."
+        ),
+    }
+
 
 def _field(option: Option) -> forms.Field:
     label, help_text = option.label, option.help_text
@@ -49,6 +73,7 @@ def create_form_class(engine: Engine) -> type[forms.Form]:
         )
     }
     fields.update({option.name: _field(option) for option in engine.options})
+    fields.update(lifetime_fields())
     return type(f"{engine.kind.capitalize()}CreateForm", (forms.Form,), fields)
 
 

@@ -20,7 +20,7 @@ from .api.pagination import IdsFirstPaginator
 from .api.throttles import TokenCreateThrottle
 from .durations import describe_duration
 from .engines import UnknownKind, engines, get_engine
-from .forms import TokenForm, change_form_class, change_form_initial, create_form_class
+from .forms import LIFETIME_FIELDS, TokenForm, change_form_class, change_form_initial, create_form_class
 from .models import BUSY_STATUSES, DeliveryStatus, Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status, Webhook
 from .options import CREATE_ONLY, describe_size
 from .services import snapshots, tokens, webhooks
@@ -57,8 +57,11 @@ def create(request, kind: str):
     if request.method == "POST" and form.is_valid():
         options = {name: value for name, value in form.cleaned_data.items() if value not in (None, "")}
         name = options.pop("name", None)
+        life = {key: options.pop(key) for key in LIFETIME_FIELDS if key in options}
         try:
-            instance = services.create_instance(owner=request.user, kind=kind, name=name, options=options)
+            instance = services.create_instance(
+                owner=request.user, kind=kind, name=name, options=options, lifetime=life
+            )
         except ValidationError as exc:
             for field, errors in exc.message_dict.items():
                 form.add_error(field if field in form.fields else None, errors)
@@ -115,6 +118,7 @@ def _detail_context(instance: Instance) -> dict:
         ),
         "import_suffixes": get_engine(instance.kind).import_suffixes,
         "import_most": settings.STOCKROOM_IMPORT_MAX_BYTES,
+        "can_change_lifetime": instance.status in services.LIFETIME_CHANGEABLE,
     }
 
 
@@ -130,14 +134,13 @@ def settings_page(request, pk: int):
     if request.method == "POST" and form.is_valid():
         data = dict(form.cleaned_data)
         name = data.pop("name")
-        fields = {"name": name} if name != instance.name else {}
         options = {
             name: None if value in (None, "") and engine.option(name).kind not in ("set", "text") else value
             for name, value in data.items()
             if engine.option(name).apply != CREATE_ONLY
         }
         try:
-            instance = services.change_instance(instance=instance, options=options, fields=fields, by=request.user)
+            instance = services.change_instance(instance=instance, options=options, name=name, by=request.user)
         except ValidationError as exc:
             for field, errors in exc.message_dict.items():
                 form.add_error(field if field in form.fields else None, errors)
@@ -186,6 +189,44 @@ def import_file(request, pk: int):
         messages.error(request, str(exc))
     else:
         messages.success(request, f"{upload.name} is being imported; the history says how it went.")
+    return redirect("instance", pk=instance.pk)
+
+
+# Lifetime: the same services as the API -----------------------------------------------------------
+
+
+@login_required
+@require_POST
+def extend(request, pk: int):
+    """Move the expiry: `expires_in` from now (or "never")."""
+    instance = _my_instance(request, pk)
+    try:
+        instance = services.extend_expiry(
+            instance=instance, data={"expires_in": request.POST.get("expires_in", "").strip()}, by=request.user
+        )
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    except services.WrongStatus as exc:
+        messages.error(request, str(exc))
+    else:
+        when = f"{instance.expires_at:%Y-%m-%d %H:%M} UTC" if instance.expires_at else "never"
+        messages.success(request, f"{instance.name} now expires: {when}.")
+    return redirect("instance", pk=instance.pk)
+
+
+@login_required
+@require_POST
+def protect(request, pk: int):
+    """The Protected toggle: `protected` is "true" or "false"."""
+    instance = _my_instance(request, pk)
+    protected = request.POST.get("protected") == "true"
+    try:
+        services.set_protected(instance=instance, protected=protected, by=request.user)
+    except services.WrongStatus as exc:
+        messages.error(request, str(exc))
+    else:
+        said = "protected: neither expiry nor a delete removes it" if protected else "no longer protected"
+        messages.success(request, f"{instance.name} is {said}.")
     return redirect("instance", pk=instance.pk)
 
 

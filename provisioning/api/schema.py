@@ -19,6 +19,7 @@ from .serializers import (
     ChangeInstanceSerializer,
     CreateInstanceSerializer,
     KindField,
+    LifetimeField,
     NameField,
     ShapingField,
     change_serializer,
@@ -142,6 +143,25 @@ class NameFieldSchema(OpenApiSerializerFieldExtension):
     def map_serializer_field(self, auto_schema, direction):
         pattern = f"({NAME_PATTERN.pattern})?" if self.target.parent.form else NAME_PATTERN.pattern
         return {"type": "string", "pattern": f"^{pattern}$", "maxLength": self.target.max_length}
+
+
+class LifetimeFieldSchema(OpenApiSerializerFieldExtension):
+    """expires_in, expires_at or stop_when_idle: text (stop_when_idle also whole seconds); null in
+    JSON for never, a blank in a form for the default."""
+
+    target_class = LifetimeField
+
+    def map_serializer_field(self, auto_schema, direction):
+        name = self.target.field_name
+        if name == "expires_at":
+            schema: dict = {"type": "string", "format": "date-time"}
+        elif name == "stop_when_idle":
+            schema = {"oneOf": [{"type": "string", "example": "30m"}, {"type": "integer", "minimum": 60}]}
+        else:
+            schema = {"type": "string", "example": "2h"}
+        if not getattr(self.target.parent, "form", False):
+            schema["nullable"] = True
+        return schema
 
 
 class KindFieldSchema(OpenApiSerializerFieldExtension):

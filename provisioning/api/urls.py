@@ -51,6 +51,11 @@ urlpatterns = [
         InstanceViewSet.as_view({"post": "import_file"}, name="{label} instance: import"),
         name="instance-import",
     ),
+    re_path(
+        rf"{INSTANCES}/(?P<pk>[0-9]+)/extend/?$",
+        InstanceViewSet.as_view({"post": "extend"}, name="{label} instance: extend"),
+        name="instance-extend",
+    ),
     re_path(rf"{SNAPSHOTS}/?$", SnapshotViewSet.as_view({"get": "list"}, name="Snapshots"), name="snapshot-list"),
     re_path(
         rf"{SNAPSHOTS}/(?P<pk>[0-9]+)/?$",

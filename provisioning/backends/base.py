@@ -88,6 +88,11 @@ class BaseBackend:
         changed. Raise BackendError saying why."""
         raise BackendError(f"The {self.alias} backend cannot change a running server.")
 
+    def client_connections(self, instance: "Instance") -> int:
+        """How many connections the tenant's clients hold open on the running server
+        (`Engine.client_connections`); raise BackendError if it cannot tell."""
+        raise BackendError(f"The {self.alias} backend cannot count client connections.")
+
     def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         """Write a consistent copy of the running instance's data to `out`, as its engine takes it
         (`Engine.snapshot`), while the server goes on serving; raise BackendError if it cannot.

@@ -448,6 +448,10 @@ class DockerBackend(BaseBackend):
     def _limit(self, container: Any, memory: int) -> None:
         self._docker("change the memory limit", container.update, mem_limit=memory, memswap=memory)
 
+    def client_connections(self, instance: "Instance") -> int:
+        with self._admin(instance) as admin:
+            return get_engine(instance.kind).client_connections(instance, admin=admin)
+
     @contextmanager
     def _admin(self, instance: "Instance") -> Iterator[Endpoint]:
         """Where the portal administers the server: its Unix socket, reached through a descriptor

@@ -35,6 +35,7 @@ class Server:
     log: list[list[Any]] = field(default_factory=list)
     archived: int = 0
     memory_limit: int | None = None  # as `reconfigure` last set it
+    clients: int = 0  # client connections open on it; a stop or a start ends them
 
     def write(self, key: str, value: Any, *, at: float | None = None) -> None:
         self.data[key] = value
@@ -63,6 +64,7 @@ class FakeBackend(BaseBackend):
         "check_import",
         "import_data",
         "reconfigure",
+        "client_connections",
     )
     moves_ports = True  # a start serves the instance on the port it has then, as the local backend does
     point_in_time = True
@@ -95,6 +97,12 @@ class FakeBackend(BaseBackend):
         """What `kill -9` does: the server is gone, its data stays; probes fail until it is started."""
         with self.lock:
             self.servers[instance_id].running = False
+
+    def connect(self, instance_id: int, clients: int = 1) -> None:
+        """Clients open (or, with a negative number, close) connections to the server."""
+        with self.lock:
+            server = self.servers[instance_id]
+            server.clients = max(server.clients + clients, 0)
 
     def server(self, instance_id: int) -> Server | None:
         return self.servers.get(instance_id)
@@ -138,6 +146,7 @@ class FakeBackend(BaseBackend):
         with self.lock:
             if instance.pk in self.servers:  # stopping what is not there is not an error
                 self.servers[instance.pk].running = False
+                self.servers[instance.pk].clients = 0
 
     def start(self, instance: "Instance") -> None:
         self._enter("start", instance.pk)
@@ -252,6 +261,13 @@ class FakeBackend(BaseBackend):
             raise BackendError("The server is not running.")
         with self.lock:
             server.password = password
+
+    def client_connections(self, instance: "Instance") -> int:
+        self._enter("client_connections", instance.pk)
+        server = self._server(instance)
+        if not server.running:
+            raise BackendError("The server is not running.")
+        return server.clients
 
     def probe(self, instance: "Instance", timeout: float = 2.0) -> None:
         if self.while_probing is not None:

@@ -221,6 +221,10 @@ class LocalBackend(BaseBackend):
                 raise BackendError("The server has no socket: it is not running.")
             yield Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=socket)
 
+    def client_connections(self, instance: "Instance") -> int:
+        with self._admin(instance) as admin:
+            return get_engine(instance.kind).client_connections(instance, admin=admin)
+
     def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         with self._beside(instance) as beside:
             return get_engine(instance.kind).snapshot(instance, beside, out, archive)

@@ -464,6 +464,12 @@ class Engine:
         disk limit where the kernel cannot stop it. A restarted server accepts writes."""
         raise NotImplementedError("Engines must say how a server refuses writes.")
 
+    def client_connections(self, instance: "Instance", *, admin: Endpoint) -> int:
+        """How many connections the tenant's clients hold open on the running server, idle ones
+        included; the portal's own (its administrative account, this very query) do not count.
+        What stop_when_idle watches."""
+        raise NotImplementedError("Engines must say how client connections are counted.")
+
     # Snapshots -------------------------------------------------------------------------
 
     # The file name suffix of this kind's snapshots (what `snapshot` writes).

@@ -10,7 +10,6 @@ owner's quota and the host's budget. Nothing changes unless all of it can.
 """
 
 import logging
-from datetime import datetime
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -19,9 +18,9 @@ from django.utils import timezone
 
 from ..backends.base import BackendError, get_backend
 from ..engines import Engine, OptionErrors, get_engine
-from ..models import RESERVING_STATUSES, Instance, Status
+from ..models import BUSY_STATUSES, RESERVING_STATUSES, Instance, Status
 from ..options import CREATE_ONLY, LIVE, RESTART, Option, format_size
-from . import capacity
+from . import capacity, expiry, lifetime
 from .claims import claim, release
 from .requests import NAME_PATTERN, NAME_RULE, WrongStatus
 from .state import record_event
@@ -34,22 +33,30 @@ OPTIONS_CHANGED = "instance.options_changed"
 CHANGEABLE = (Status.RUNNING, Status.STOPPED)
 
 
-# The fields besides options a change may set that its event names (the rest follow from them).
-SHOWN_FIELDS = ("name", "expires_at", "protected", "stop_when_idle")
-
-
 class NotApplied(Exception):
     """The running server (or its memory limit) refused a live change; nothing was changed."""
 
 
-def change_instance(*, instance: Instance, options: dict[str, Any], fields: dict[str, Any], by: object) -> Instance:
-    """Apply a merge patch: `options` (option name -> value, None for its default) and `fields`
-    (model fields already cleaned: name, lifetime). Returns the instance as it now is.
+def change_instance(
+    *,
+    instance: Instance,
+    options: dict[str, Any],
+    by: object,
+    name: str | None = None,
+    lifetime_fields: dict[str, Any] | None = None,
+) -> Instance:
+    """Apply a merge patch: `options` (option name -> value, None for its default), a new `name`,
+    and `lifetime_fields` (expires_in or expires_at, protected, stop_when_idle: services/lifetime.py).
+    Returns the instance as it now is.
 
-    Raises ValidationError (a bad value, a create-only option, a taken name: 400), WrongStatus (busy
-    or not running or stopped: 409), QuotaExceeded (403) or NoCapacity (503) for more memory than
-    fits, NotApplied (the server refused: 409, nothing changed).
+    Raises ValidationError (a bad value, a create-only option, a taken name: 400), WrongStatus (busy,
+    or an option change while neither running nor stopped: 409), QuotaExceeded (403) or NoCapacity
+    (503) for more memory than fits, NotApplied (the server refused: 409, nothing changed).
     """
+    if instance.status in BUSY_STATUSES:
+        raise WrongStatus(instance, "change")
+    lifetime.clean(lifetime_fields or {}, now=timezone.now())  # a bad one is a 400 before anything changes
+    fields = {} if name is None or name == instance.name else {"name": name}
     engine = get_engine(instance.kind)
     running = engine.with_defaults(instance.options)  # what the server runs with now
     wanted = _merged(engine, running, instance.pending_options, options)
@@ -96,6 +103,8 @@ def change_instance(*, instance: Instance, options: dict[str, Any], fields: dict
     finally:
         if keeper is not None:
             release(instance, keeper)
+    if lifetime_fields:
+        expiry.update(instance=instance, data=lifetime_fields, by=by)
     return instance
 
 
@@ -201,7 +210,7 @@ def _save(
             said.append(f"{describe_changes(engine, running, pending)} (pending until a restart)")
         elif was_pending and not pending:
             said.append("no option waits for a restart any more")
-        said += [f"{name} set to {_shown(value)}" for name, value in fields.items() if name in SHOWN_FIELDS]
+        said += [f"renamed {_shown(value)}" for value in fields.values()]
         if said:
             record_event(
                 instance, instance.status, instance.status, f"Changed by {by}: {'; '.join(said)}.", type=OPTIONS_CHANGED
@@ -210,6 +219,4 @@ def _save(
 
 
 def _shown(value: Any) -> str:
-    if isinstance(value, datetime):
-        return f"{value:%Y-%m-%d %H:%M:%S} UTC"
-    return "none" if value is None else str(value)
+    return repr(value)

@@ -222,3 +222,18 @@ def test_a_stopped_instance_takes_every_change_at_its_next_start(api):
     client = redis_client(config)
     assert client.config_get("maxmemory") == {"maxmemory": str(96 * MiB)}
     assert client.config_get("databases") == {"databases": "4"}
+
+
+def test_a_patch_sets_the_lifetime_with_the_options_and_a_bad_one_changes_nothing(api):
+    pk, config = running(api, "redis")
+    response = patch(api, "redis", pk, {"timeout": 7, "expires_in": "2h", "protected": True})
+    assert response.status_code == 202, response.content
+    body = response.json()
+    assert body["protected"] is True and body["expires_at"] is not None
+    assert redis_client(config).config_get("timeout") == {"timeout": "7"}
+
+    response = patch(api, "redis", pk, {"timeout": 9, "stop_when_idle": "soon"})
+    assert response.status_code == 400 and "stop_when_idle" in response.json()
+    assert redis_client(config).config_get("timeout") == {"timeout": "7"}, "a bad lifetime must stop the whole patch"
+    assert api.delete(f"/api/storage/redis/instances/{pk}").status_code == 409
+    assert patch(api, "redis", pk, {"protected": False, "expires_in": None}).json()["expires_at"] is None

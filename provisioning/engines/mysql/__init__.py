@@ -588,6 +588,14 @@ class MySQL(Engine):
         with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
             cursor.execute(f"SET GLOBAL read_only = {'ON' if refuse else 'OFF'}")
 
+    def client_connections(self, instance: "Instance", *, admin: Endpoint) -> int:
+        # Every session of the tenant's account, sleeping ones too; the portal's root, its backup
+        # account and the server's own threads are other users.
+        with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s", [instance.username])
+            row = cursor.fetchone()
+        return int(row[0]) if row else 0
+
     # Snapshots -------------------------------------------------------------------------
 
     snapshot_suffix = "mbstream"

@@ -419,6 +419,16 @@ class Redis(Engine):
         finally:
             client.close()
 
+    def client_connections(self, instance: "Instance", *, admin: Endpoint) -> int:
+        # Connections logged in as the tenant's user (subscribers and monitors too); the portal's
+        # own user, which asks, is another.
+        client = self.client(admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT)
+        try:
+            clients: list[dict[str, Any]] = client.client_list()
+        finally:
+            client.close()
+        return sum(1 for entry in clients if entry.get("user") == USERNAME)
+
     # Snapshots and point-in-time recovery ----------------------------------------------
     #
     # Redis 7's append-only file is a base (an RDB) and incremental files of the writes after it,

@@ -71,7 +71,12 @@ def test_its_openapi_entries_are_generated(registered, client):
     schemas = document["components"]["schemas"]
     assert {"$ref": "#/components/schemas/MemoCreate"} in schemas["CreateInstance"]["anyOf"]
     body = schemas["MemoCreate"]
-    assert set(body["properties"]) == {"flavour", "slots", "name", "from_snapshot", "from_instance", "time", "file"}
+    assert set(body["properties"]) == {"flavour", "slots", "name", "from_snapshot", "from_instance", "time", "file"} | {
+        "expires_in",
+        "expires_at",
+        "protected",
+        "stop_when_idle",
+    }
     assert body["properties"]["slots"] | {"type": "integer", "minimum": 1, "maximum": 64} == body["properties"]["slots"]
     assert body["properties"]["slots"]["default"] == 8
     flavours = next(s for s in schemas.values() if set(s.get("enum", ())) == {"plain", "salted"})
