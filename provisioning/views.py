@@ -3,6 +3,7 @@
 import math
 from datetime import UTC, datetime
 
+from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -127,32 +128,40 @@ def _detail_context(instance: Instance) -> dict:
 def settings_page(request, pk: int):
     """Change options and name, through the same service as PATCH in the API."""
     instance = _my_instance(request, pk)
+    form, changed = settings_form(request, instance)
+    if changed is not None:
+        if changed.pending_options:
+            messages.info(request, "Saved. Some changes wait for a restart: see the banner to restart now.")
+        else:
+            messages.success(request, "Saved; live changes are applied.")
+        return redirect("instance", pk=instance.pk)
+    return render(request, "provisioning/settings.html", {"form": form, "instance": instance})
+
+
+def settings_form(request, instance: Instance) -> tuple[forms.Form, Instance | None]:
+    """The settings form of `instance` (the options as they will be after a restart) and, for a
+    valid POST that the service took, the changed instance; errors go back next to their fields.
+    The owner's page and the admin's both use it."""
     engine = get_engine(instance.kind)
     shown = {**engine.with_defaults(instance.options), **instance.pending_options}
-    form_class = change_form_class(engine)
-    form = form_class(request.POST or None, initial=change_form_initial(engine, shown, instance.name))
-    if request.method == "POST" and form.is_valid():
-        data = dict(form.cleaned_data)
-        name = data.pop("name")
-        options = {
-            name: None if value in (None, "") and engine.option(name).kind not in ("set", "text") else value
-            for name, value in data.items()
-            if engine.option(name).apply != CREATE_ONLY
-        }
-        try:
-            instance = services.change_instance(instance=instance, options=options, name=name, by=request.user)
-        except ValidationError as exc:
-            for field, errors in exc.message_dict.items():
-                form.add_error(field if field in form.fields else None, errors)
-        except (services.WrongStatus, services.NotApplied, services.QuotaExceeded, services.NoCapacity) as exc:
-            form.add_error(None, str(exc))
-        else:
-            if instance.pending_options:
-                messages.info(request, "Saved. Some changes wait for a restart: see the banner to restart now.")
-            else:
-                messages.success(request, "Saved; live changes are applied.")
-            return redirect("instance", pk=instance.pk)
-    return render(request, "provisioning/settings.html", {"form": form, "instance": instance})
+    form = change_form_class(engine)(request.POST or None, initial=change_form_initial(engine, shown, instance.name))
+    if request.method != "POST" or not form.is_valid():
+        return form, None
+    data = dict(form.cleaned_data)
+    name = data.pop("name")
+    options = {  # a blank field is the default; a blank text (sql_mode, say) is itself
+        option: None if value in (None, "") and engine.option(option).kind not in ("set", "text") else value
+        for option, value in data.items()
+        if engine.option(option).apply != CREATE_ONLY
+    }
+    try:
+        return form, services.change_instance(instance=instance, options=options, name=name, by=request.user)
+    except ValidationError as exc:
+        for field, errors in exc.message_dict.items():
+            form.add_error(field if field in form.fields else None, errors)
+    except (services.WrongStatus, services.NotApplied, services.QuotaExceeded, services.NoCapacity) as exc:
+        form.add_error(None, str(exc))
+    return form, None
 
 
 @login_required
