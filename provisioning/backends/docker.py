@@ -446,7 +446,7 @@ class DockerBackend(BaseBackend):
             self._limit(container, memory_limit)
 
     def _limit(self, container: Any, memory: int) -> None:
-        self._docker("change the memory limit", container.update, mem_limit=memory, memswap=memory)
+        self._docker("change the memory limit", container.update, mem_limit=memory, memswap_limit=memory)
 
     def client_connections(self, instance: "Instance") -> int:
         with self._admin(instance) as admin:
