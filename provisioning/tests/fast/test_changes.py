@@ -131,3 +131,11 @@ def test_a_stopped_instance_reserves_nothing_until_it_starts(api, create, act, s
     response = patch(api, instance["id"], {"maxmemory": "512mb"})
     assert response.status_code == 202 and response.json()["pending_options"] == {}
     assert api.post(f"/api/storage/redis/instances/{instance['id']}/start").status_code == 403
+
+
+def test_a_server_that_cannot_be_reached_is_409_not_500(api, create, fake):
+    instance = create("redis")
+    fake.fail_next("reconfigure", FileNotFoundError(2, "No such file or directory"))
+    response = patch(api, instance["id"], {"timeout": 5})
+    assert response.status_code == 409
+    assert "could not be reached" in response.json()["detail"]
