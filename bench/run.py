@@ -22,7 +22,7 @@ from provisioning.backends.base import get_backend
 from provisioning.backends.local import kill_processes_under
 from provisioning.services.tokens import create_token
 
-from . import api_load, connectable, density, pitr, reconcile, report, snapshots, stack
+from . import api_load, changes, connectable, density, pitr, reconcile, report, snapshots, stack
 from .client import create_and_connect, delete_all, in_parallel
 
 
@@ -41,6 +41,8 @@ class Plan:
     pitr_writes: int  # after each base snapshot, one row or key per statement
     pitr_seconds: float  # over which the writes are paced
     pitr_repeats: int
+    change_rows: int  # MySQL rows and Redis keys of 1,000 bytes, checked after every change
+    change_repeats: int  # each: a live change up, a restart, a live change down
 
 
 FULL = Plan(
@@ -55,6 +57,8 @@ FULL = Plan(
     pitr_writes=10_000,
     pitr_seconds=10,
     pitr_repeats=3,
+    change_rows=10_000,
+    change_repeats=5,
 )
 QUICK = Plan(
     creates=5,
@@ -68,8 +72,10 @@ QUICK = Plan(
     pitr_writes=2_000,
     pitr_seconds=4,
     pitr_repeats=1,
+    change_rows=1_000,
+    change_repeats=2,
 )
-SECTIONS = ("connectable", "density", "reconcile", "snapshots", "pitr", "api_load")
+SECTIONS = ("connectable", "density", "reconcile", "snapshots", "pitr", "changes", "api_load")
 
 
 def fresh_state() -> None:
@@ -169,6 +175,8 @@ def main() -> None:
                     seconds=plan.pitr_seconds,
                     repeats=plan.pitr_repeats,
                 )
+            if "changes" in wanted:
+                results["changes"] = changes.run(token, rows=plan.change_rows, repeats=plan.change_repeats)
     finally:
         connections.close_all()
         kill_processes_under(settings.STOCKROOM_INSTANCES_DIR)  # only if an error left some behind
