@@ -4,7 +4,8 @@ The stack is the portal's own: a Redis broker, a Celery worker (no beat, so the 
 passes are the timed ones) and gunicorn, with DATA_DIR=var/bench, SQLite, and instance ports
 30000-30899 (see bench.stack to move them). Everything it starts is stopped by PID; every instance
 server it provisioned is deleted through the API, and whatever an error left behind is killed at
-the end. BENCH_SECTIONS (e.g. "snapshots,density") runs only those sections.
+the end, and the filesystems the worker kept ready are unmounted. BENCH_SECTIONS (e.g.
+"snapshots,density") runs only those sections.
 """
 
 import os
@@ -180,6 +181,7 @@ def main() -> None:
     finally:
         connections.close_all()
         kill_processes_under(settings.STOCKROOM_INSTANCES_DIR)  # only if an error left some behind
+        get_backend("local").forget_ready()  # the worker's filesystems kept ready: nothing stays mounted
     if "api_load" in wanted:
         results["api_load"] = api_load_everywhere(plan.requests)
     results["seconds"] = round(time.monotonic() - started, 1)
