@@ -81,32 +81,45 @@ class BaseBackend:
         """Replace the user's password on the running server; the old one must stop working."""
         raise NotImplementedError("Backends must implement set_password().")
 
-    def reconfigure(self, instance: "Instance", changes: dict[str, Any], *, memory_limit: int | None = None) -> None:
-        """Change the running server: `changes` are live options (`Engine.apply_live`) and
-        `memory_limit`, if given, its kernel or container memory limit in bytes. All or nothing: a
-        limit is raised before the server grows and lowered after it shrinks, a limit below what
-        the server uses now is refused before anything changes, and a refusal puts back what was
+    def reconfigure(
+        self, instance: "Instance", changes: dict[str, Any], *, undo: dict[str, Any], memory_limit: int | None = None
+    ) -> None:
+        """Change the running server: `changes` are live options (`Engine.apply_live`; `undo` their
+        values now) and `memory_limit`, if given, its kernel or container memory limit in bytes. All
+        or nothing: a limit is raised before the server grows, and lowered after it shrank and only
+        if what it then uses fits (else the options are put back); a refusal undoes what was
         changed. Raise BackendError saying why.
 
         Backends give the parts: `memory` (the limit now and what is in use), `set_memory_limit`
         and `admin` (the portal's way in); one without a limit of its own returns None for it."""
-        now, in_use = self.memory(instance) if memory_limit is not None else (None, None)
+        now = self.memory(instance)[0] if memory_limit is not None else None
         grows = now is not None and memory_limit is not None and memory_limit > now
         shrinks = now is not None and memory_limit is not None and not grows
-        if shrinks:
-            check_fits(memory_limit, in_use)  # type: ignore[arg-type]
         if grows:
             self.set_memory_limit(instance, memory_limit)  # type: ignore[arg-type]
         try:
-            if changes:
-                with self.admin(instance) as admin:
-                    get_engine(instance.kind).apply_live(instance, changes, admin=admin)
+            self._apply_live(instance, changes)
         except Exception:
             if grows:
                 self.set_memory_limit(instance, now)  # type: ignore[arg-type]
             raise
         if shrinks:
-            self.set_memory_limit(instance, memory_limit)  # type: ignore[arg-type]
+            try:
+                check_fits(memory_limit, self.memory(instance)[1])  # type: ignore[arg-type]
+                self.set_memory_limit(instance, memory_limit)  # type: ignore[arg-type]
+            except Exception:
+                self._apply_live(instance, undo)
+                raise
+
+    def _apply_live(self, instance: "Instance", changes: dict[str, Any]) -> None:
+        if changes:
+            with self.admin(instance) as admin:
+                get_engine(instance.kind).apply_live(instance, changes, admin=admin)
+
+    def keep_config(self, instance: "Instance") -> None:
+        """Write the server's config files again from the instance's options, after a live change,
+        where the server may be restarted without the portal (a container's restart policy). A
+        backend that writes them before every start of its own needs nothing."""
 
     def memory(self, instance: "Instance") -> tuple[int | None, int | None]:
         """The running server's memory limit now and the bytes it uses that a lower limit could not

@@ -431,11 +431,21 @@ class DockerBackend(BaseBackend):
         container = self._running(instance)
         self._docker("change the memory limit", container.update, mem_limit=memory, memswap_limit=memory)
 
+    def keep_config(self, instance: "Instance") -> None:
+        # Docker restarts a container that died (unless-stopped) with the files it finds.
+        spec = get_engine(instance.kind).container(instance, self.layout(instance))
+        if not self._restored_unsettled(instance, spec):
+            self._write_files(instance, spec, init=False)
+
     def _running(self, instance: "Instance") -> Any:
         containers = self._own(instance)
         if not containers:
             raise BackendError(GONE)
         return containers[0]
+
+    def client_connections(self, instance: "Instance") -> int:
+        with self.admin(instance) as admin:
+            return get_engine(instance.kind).client_connections(instance, admin=admin)
 
     @contextmanager
     def admin(self, instance: "Instance") -> Iterator[Endpoint]:

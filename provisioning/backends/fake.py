@@ -159,7 +159,9 @@ class FakeBackend(BaseBackend):
         if server.password != instance.password:
             raise BackendError("The server started, but the user's login was refused.")
 
-    def reconfigure(self, instance: "Instance", changes: dict[str, Any], *, memory_limit: int | None = None) -> None:
+    def reconfigure(
+        self, instance: "Instance", changes: dict[str, Any], *, undo: dict[str, Any], memory_limit: int | None = None
+    ) -> None:
         self._enter("reconfigure", instance.pk)
         server = self._server(instance)
         if not server.running:

@@ -12,8 +12,9 @@ owner's quota and the host's budget. Nothing changes unless all of it can.
 import logging
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from ..backends.base import BackendError, get_backend
@@ -53,18 +54,34 @@ def change_instance(
     or an option change while neither running nor stopped: 409), QuotaExceeded (403) or NoCapacity
     (503) for more memory than fits, NotApplied (the server refused: 409, nothing changed).
     """
+    lifetime.clean(lifetime_fields or {}, now=timezone.now())  # a bad one is a 400 before anything changes
+    # The whole change is made under the instance's claim, from its row as it is then: no worker
+    # acts on it meanwhile, and no other change either (each takes the claim too).
+    keeper = claim(instance, seconds=settings.STOCKROOM_CLAIM_SECONDS)
+    if keeper is None:
+        raise WrongStatus(instance, "change (another change or a job holds it)")
+    try:
+        instance.refresh_from_db()
+        _change(instance, options, name, by=by)
+    finally:
+        release(instance, keeper)
+    if lifetime_fields:
+        expiry.update(instance=instance, data=lifetime_fields, by=by)
+    return instance
+
+
+def _change(instance: Instance, options: dict[str, Any], name: str | None, *, by: object) -> None:
     if instance.status in BUSY_STATUSES:
         raise WrongStatus(instance, "change")
-    lifetime.clean(lifetime_fields or {}, now=timezone.now())  # a bad one is a 400 before anything changes
     fields = {} if name is None or name == instance.name else {"name": name}
     engine = get_engine(instance.kind)
     running = engine.with_defaults(instance.options)  # what the server runs with now
     wanted = _merged(engine, running, instance.pending_options, options)
-    changed = {name: value for name, value in wanted.items() if value != running.get(name)}
+    changed = {option: value for option, value in wanted.items() if value != running.get(option)}
     by_mode: dict[str, dict[str, Any]] = {LIVE: {}, RESTART: {}, CREATE_ONLY: {}}
-    for name, value in changed.items():
-        by_mode[engine.option(name).apply][name] = value
-    if refused := {name: _create_only(engine.option(name)) for name in by_mode[CREATE_ONLY]}:
+    for option, value in changed.items():
+        by_mode[engine.option(option).apply][option] = value
+    if refused := {option: _create_only(engine.option(option)) for option in by_mode[CREATE_ONLY]}:
         raise ValidationError(refused)
     if "name" in fields:
         _check_name(instance, fields["name"])
@@ -76,42 +93,35 @@ def change_instance(
         after, pending = {**running, **live, **by_mode[RESTART]}, {}
     else:
         after, pending = {**running, **live}, by_mode[RESTART]
+    if after == running and pending == instance.pending_options and not fields:
+        return  # nothing changes: no event, no write
     reservation, limit = engine.memory_reservation(after), engine.memory_limit(after)
-    resized = limit != instance.memory_limit or reservation != instance.memory_reservation
-    to_server = {name: value for name, value in live.items() if name in engine.live_settings}
-    on_server = instance.status == Status.RUNNING and (to_server or resized)
+    to_server = {option: value for option, value in live.items() if option in engine.live_settings}
+    new_limit = limit if limit != instance.memory_limit else None
+    on_server = instance.status == Status.RUNNING and bool(to_server or new_limit)
+    backend = get_backend(instance.backend)
+    undo = {option: running[option] for option in to_server}
 
-    keeper = claim(instance, seconds=60) if on_server else None
-    if on_server and keeper is None:
-        raise WrongStatus(instance, "change (another change or a job holds it)")
+    if reservation > instance.memory_reservation and instance.status in RESERVING_STATUSES:
+        _reserve(instance, reservation)  # held from now: a create meanwhile sees it
     try:
-        if keeper is not None:
-            instance.refresh_from_db()
-            if instance.status != Status.RUNNING:
-                raise WrongStatus(instance, "change the options of")
-        if reservation > instance.memory_reservation and instance.status in RESERVING_STATUSES:
-            _reserve(instance, reservation)  # held from now: a create meanwhile sees it
-        try:
-            if on_server:
-                get_backend(instance.backend).reconfigure(
-                    instance, to_server, memory_limit=limit if limit != instance.memory_limit else None
-                )
-        except Exception as exc:  # noqa: BLE001 - whatever stopped it, the answer says so and nothing changed
-            Instance.objects.filter(pk=instance.pk).update(memory_reservation=instance.memory_reservation)
-            why = (
-                str(exc)
-                if isinstance(exc, BackendError)
-                else f"the server could not be reached ({type(exc).__name__})."
-            )
-            logger.warning("Instance %s: a change was not applied: %s", instance.pk, exc)
-            raise NotApplied(f"Not applied: {why.rstrip('.')}. Nothing was changed.") from None
+        if on_server:
+            backend.reconfigure(instance, to_server, undo=undo, memory_limit=new_limit)
+    except Exception as exc:  # noqa: BLE001 - whatever stopped it, the answer says so and nothing changed
+        Instance.objects.filter(pk=instance.pk).update(memory_reservation=instance.memory_reservation)
+        why = str(exc) if isinstance(exc, BackendError) else f"the server could not be reached ({type(exc).__name__})"
+        logger.warning("Instance %s: a change was not applied: %s", instance.pk, exc)
+        raise NotApplied(f"Not applied: {why.rstrip('.')}. Nothing was changed.") from None
+    try:
         _save(instance, engine, after, pending, reservation, limit, fields, by=by, running=running)
-    finally:
-        if keeper is not None:
-            release(instance, keeper)
-    if lifetime_fields:
-        expiry.update(instance=instance, data=lifetime_fields, by=by)
-    return instance
+    except Exception:  # a name taken meanwhile, a status moved by a request: the server goes back too
+        Instance.objects.filter(pk=instance.pk).update(memory_reservation=instance.memory_reservation)
+        if on_server:
+            old_limit = instance.memory_limit if new_limit is not None else None
+            backend.reconfigure(instance, undo, undo=to_server, memory_limit=old_limit)
+        raise
+    if on_server:
+        backend.keep_config(instance)  # what the server would read should it restart by itself
 
 
 def apply_pending(instance: Instance) -> None:
@@ -205,7 +215,16 @@ def _save(
         **fields,
     }
     with transaction.atomic():
-        Instance.objects.filter(pk=instance.pk).update(**values, updated_at=timezone.now())
+        # Not updated_at: it says when the status last changed (healing and recovery go by it).
+        try:
+            saved = Instance.objects.filter(pk=instance.pk, status=instance.status).update(**values)
+        except IntegrityError:
+            raise ValidationError(
+                {"name": f"You already have a {instance.kind} instance named {fields.get('name')!r}."}
+            ) from None
+        if not saved:
+            instance.refresh_from_db()
+            raise WrongStatus(instance, "change")
         for name, value in values.items():
             setattr(instance, name, value)
         said = []

@@ -20,6 +20,7 @@ from django.utils import timezone
 from ..models import Instance, Status
 from . import lifetime
 from .actions import DELETABLE
+from .capacity import NoCapacity, QuotaExceeded
 from .requests import WrongStatus, delete_instance, request_action
 from .state import record_event
 
@@ -124,10 +125,18 @@ def remove_expired(*, now: datetime) -> list[int]:
                 if fresh is None:
                     continue
                 assert fresh.expires_at is not None
-                delete_instance(
-                    instance=fresh, by=REMOVER, reason=f"Expired at {fresh.expires_at:%Y-%m-%d %H:%M:%S} UTC."
-                )
-        except WrongStatus as exc:  # it became busy; the next pass tries again
+                expired = f"Expired at {fresh.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+                if fresh.status == Status.UNHEALTHY:
+                    continue  # the healer brings it back first, so that its snapshot can be taken
+                if fresh.status == Status.STOPPED:
+                    # Its before-delete snapshot is taken of a running server: started first, it
+                    # is deleted by a later pass once it runs.
+                    reason = f"{expired}; started so that a snapshot can be kept before it is deleted."
+                    request_action(instance=fresh, action="start", by=REMOVER, reason=reason)
+                    logger.info("Expired instance %s is stopped; starting it to keep its snapshot", instance.pk)
+                    continue
+                delete_instance(instance=fresh, by=REMOVER, reason=f"{expired}.")
+        except (WrongStatus, QuotaExceeded, NoCapacity) as exc:  # busy, or no room to start it: tried again later
             logger.info("Expired instance %s not deleted yet: %s", instance.pk, exc)
             continue
         logger.info("Instance %s expired at %s; deleting it", instance.pk, instance.expires_at)
@@ -162,6 +171,9 @@ def note_clients(instance: Instance, connections: int, *, now: datetime) -> bool
         f"No client connected for {lifetime.spoken(idle_for)} (stop_when_idle); "
         "stopping it, data kept. Start it again when it is needed."
     )
+    # Only if nobody changed its idle stop (or a client came) since it was counted.
+    if not running.filter(stop_when_idle=instance.stop_when_idle, idle_since=instance.idle_since).exists():
+        return False
     try:
         request_action(instance=instance, action="stop", by=REMOVER, reason=reason)
     except WrongStatus:  # it changed meanwhile (a restart, a delete); the next pass looks again

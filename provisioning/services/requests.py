@@ -184,7 +184,8 @@ def request_action(*, instance: Instance, action: str, by: object, reason: str =
                 also={"idle_since": None} if action == "start" else None,
             )
             if moved and spec.reserves_memory:  # a refusal rolls the transition back
-                needs = instance.memory_reservation
+                # As the row holds it now: a change after create may have resized it since it was read.
+                needs = Instance.objects.filter(pk=instance.pk).values_list("memory_reservation", flat=True).get()
                 capacity.check_memory(instance.owner, needs, what=instance.name, excluding=instance)
     except (QuotaExceeded, NoCapacity):
         instance.refresh_from_db()

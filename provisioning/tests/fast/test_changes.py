@@ -1,8 +1,12 @@
 """Changes after create, in logic: what PATCH, the settings page and the admin decide, over the fake
 backend. That the changes reach a real server is shown in test_changes.py (real servers)."""
 
-import pytest
+from datetime import timedelta
 
+import pytest
+from django.utils import timezone
+
+from provisioning import services
 from provisioning.backends.base import BackendError
 from provisioning.models import Instance, InstanceEvent
 
@@ -139,3 +143,29 @@ def test_a_server_that_cannot_be_reached_is_409_not_500(api, create, fake):
     response = patch(api, instance["id"], {"timeout": 5})
     assert response.status_code == 409
     assert "could not be reached" in response.json()["detail"]
+
+
+def test_an_empty_patch_changes_nothing_and_says_nothing(api, create):
+    instance = create("redis")
+    before = Instance.objects.get(pk=instance["id"])
+    assert patch(api, instance["id"], {}).status_code == 202
+    assert patch(api, instance["id"], {"timeout": 0, "name": instance["name"]}).status_code == 202
+    after = Instance.objects.get(pk=instance["id"])
+    assert after.updated_at == before.updated_at, "healing reads updated_at as the last status change"
+    assert not InstanceEvent.objects.filter(instance_id=instance["id"], type="instance.options_changed").exists()
+
+
+def test_a_patch_while_a_worker_holds_the_instance_is_409(api, create):
+    instance = create("redis")
+    Instance.objects.filter(pk=instance["id"]).update(claimed_until=timezone.now() + timedelta(minutes=1))
+    response = patch(api, instance["id"], {"timeout": 5})
+    assert response.status_code == 409 and "holds it" in response.json()["detail"]
+
+
+def test_a_start_counts_the_reservation_as_the_row_holds_it_now(api, create, act, settings):
+    instance = act(create("redis"), "stop")
+    stale = Instance.objects.get(pk=instance["id"])  # read before the resize below
+    assert patch(api, instance["id"], {"maxmemory": "512mb"}).status_code == 202
+    settings.STOCKROOM_MEMORY_QUOTA = 200 * MiB
+    with pytest.raises(services.QuotaExceeded):
+        services.request_action(instance=stale, action="start", by="test")

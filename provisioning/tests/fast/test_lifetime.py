@@ -392,3 +392,18 @@ def test_instances_without_stop_when_idle_are_not_asked(create, fake):
     create("redis")
     reconcile(later=86400)
     assert fake.called("client_connections") == []
+
+
+def test_an_expired_stopped_instance_is_started_first_so_that_its_snapshot_is_kept(create, act, committed):
+    pk = act(create("redis", expires_in="1m"), "stop")["id"]
+    with committed():
+        first = reconcile(later=65)
+    assert first.expired == []
+    instance = Instance.objects.get(pk=pk)
+    assert instance.status == Status.RUNNING, "started by the worker (tasks run inline here)"
+    assert "started so that a snapshot can be kept" in instance.events.get(to_status=Status.STARTING).reason
+    with committed():
+        assert reconcile(later=70).expired == [pk]
+    instance.refresh_from_db()
+    assert instance.status == Status.DELETED
+    assert instance.snapshots.get(trigger="before-delete").status == "ready"
