@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from .backends.base import BackendError, get_backend
 from .models import BUSY_STATUSES, Heartbeat, Instance, Orphan, Status
-from .services import exports, healing, logs, snapshots, webhooks, work
+from .services import certificates, exports, healing, logs, snapshots, webhooks, work
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class Pass:
     verifies_queued: int = 0
     verifies_failed: int = 0
     logs_pruned: int = 0
+    certificates_renewed: int = 0
     failed_phases: list[str] = field(default_factory=list)
     skipped: bool = False  # another pass was still running
 
@@ -72,6 +73,10 @@ class Reconciler:
         report.verifies_failed = exports.fail_abandoned(now=now)
         report.verifies_queued = exports.schedule_verifies(now=now)
 
+    def _renew_certificates(self, report: Pass, now: datetime) -> None:
+        """TLS certificates that expire soon are renewed (services/certificates.py)."""
+        report.certificates_renewed = certificates.renew_due(now=now)
+
     def run_once(self) -> Pass:
         report = Pass()
         now = self.clock()
@@ -88,6 +93,7 @@ class Reconciler:
                 self._track_orphans,
                 self._resend_deliveries,
                 self._tend_snapshots,
+                self._renew_certificates,
             )
             for phase in phases:
                 try:

@@ -79,6 +79,12 @@ class BaseBackend:
         """Replace the user's password on the running server; the old one must stop working."""
         raise NotImplementedError("Backends must implement set_password().")
 
+    def reload_tls(self, instance: "Instance") -> bool:
+        """Write the instance's TLS files again (a renewed certificate) and make its running server
+        read them, where its engine can (`Engine.reload_tls`); False if it takes them at its next
+        start only."""
+        return False
+
     def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         """Write a consistent copy of the running instance's data to `out`, as its engine takes it
         (`Engine.snapshot`), while the server goes on serving; raise BackendError if it cannot.

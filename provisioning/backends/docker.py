@@ -273,9 +273,30 @@ class DockerBackend(BaseBackend):
         self._mount_disk(directory)
         self._seal(instance)  # a restore cut short may have left `disk/` open to the uid's group
         (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
+        self._write_files(instance, self._spec_to_start(instance), init=False)  # its current options and certificate
         self._docker("start the container", containers[0].start)
         self._wait_for_login(instance, containers[0])
         self._settle(instance)  # after a restore whose first start failed, a later one's login did it
+
+    def _spec_to_start(self, instance: "Instance") -> Container:
+        """The container's files for its next start: those of its first start after a restore while
+        the first-start files are not yet emptied (that start failed), else its usual ones."""
+        engine, layout, directory = get_engine(instance.kind), self.layout(instance), self.directory(instance)
+        spec = engine.container(instance, layout)
+        pending = [directory / INIT / name for name in spec.init_files]
+        if any(path.exists() and path.stat().st_size for path in pending):
+            return engine.container_restored(instance, layout)
+        return spec
+
+    def reload_tls(self, instance: "Instance") -> bool:
+        engine, directory = get_engine(instance.kind), self.directory(instance)
+        for name, text in engine.tls_files(instance).items():
+            self._write(instance, directory / name, text)
+        try:
+            with self._admin(instance) as admin:
+                return engine.reload_tls(instance, admin=admin)
+        except BackendError:  # not running: it reads them when it starts
+            return False
 
     def _settle(self, instance: "Instance") -> None:
         """The container's usual files again, and its first-start files emptied: once a login works,

@@ -192,6 +192,20 @@ class LocalBackend(BaseBackend):
                 write=lambda name, text: files.write(directory / name, text, group=group),
             )
 
+    def reload_tls(self, instance: "Instance") -> bool:
+        engine, directory, layout, user = (
+            get_engine(instance.kind),
+            self.directory(instance),
+            self.layout(instance),
+            self.user(instance),
+        )
+        for name, text in engine.tls_files(instance).items():
+            files.write(directory / name, text, group=user.gid if user else None)
+        with files.unix_socket(Path(layout.socket), owner=user.uid if user else None) as socket:
+            if socket is None:
+                return False  # not running: it reads them when it starts
+            return engine.reload_tls(instance, admin=Endpoint(layout.bind_address, layout.port, socket=socket))
+
     def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         with self._beside(instance) as beside:
             return get_engine(instance.kind).snapshot(instance, beside, out, archive)
