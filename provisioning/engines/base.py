@@ -387,7 +387,7 @@ class Engine:
 
     def render_config(self, instance: "Instance", layout: Layout) -> str:
         """The config file; with `tls` on, `tls` in its context names the files `tls_files` writes."""
-        tls = self.tls_paths(layout) if self.tls(instance) else None
+        tls = self.tls_paths(layout) if self.tls(instance) != TLS_OFF else None
         return self.render(self.config_template, instance=instance, options=instance.options, layout=layout, tls=tls)
 
     # TLS -------------------------------------------------------------------------------

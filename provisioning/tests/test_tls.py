@@ -1,0 +1,230 @@
+"""TLS against real servers on the local backend: a client that verifies the portal's CA connects,
+the certificate names the instance's host, `required` refuses plaintext, and the portal's probe
+keeps the instance running. The CA's key never reaches a disk or an answer in plain text."""
+
+import socket
+import ssl
+from pathlib import Path
+
+import pymysql
+import pytest
+import redis
+from cryptography import x509
+from django.conf import settings
+from django.db import connection
+
+from provisioning.backends.base import get_backend
+from provisioning.engines.redis import NO_RETRY
+from provisioning.models import CertificateAuthority, Instance, Status
+from provisioning.services import certificates
+
+from .conftest import wait_for_status
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def create(api, kind: str, **options) -> tuple[int, dict]:
+    response = api.post(f"/api/storage/{kind}/instances", options, format="json")
+    assert response.status_code == 202, response.json()
+    pk = response.json()["id"]
+    body = wait_for_status(api, kind, pk, "running", "failed")
+    assert body["status"] == "running", body["status_message"]
+    return pk, api.get(f"/api/storage/{kind}/instances/{pk}/config").json()
+
+
+def delete(api, kind: str, pk: int) -> None:
+    api.delete(f"/api/storage/{kind}/instances/{pk}")
+    wait_for_status(api, kind, pk, "gone")
+
+
+def write_ca(tmp_path: Path, config: dict) -> str:
+    path = tmp_path / "stockroom-ca.pem"
+    path.write_text(config["ca_certificate"])
+    return str(path)
+
+
+def served_certificate(host: str, port: int, ca: str) -> x509.Certificate:
+    """The certificate the server presents, after the handshake verified it against `ca` and
+    checked that it names `host`."""
+    context = ssl.create_default_context(cafile=ca)
+    assert context.check_hostname
+    with (
+        socket.create_connection((host, port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der)
+
+
+def probe_keeps_it_running(kind: str, pk: int) -> None:
+    instance = Instance.objects.get(pk=pk)
+    get_backend(instance.backend).probe(instance)  # over the socket, as the reconciler does
+    assert Instance.objects.get(pk=pk).status == Status.RUNNING
+
+
+# Redis --------------------------------------------------------------------------------------------
+
+
+def test_redis_tls_required_verifies_and_refuses_plaintext(api, tmp_path):
+    pk, config = create(api, "redis", tls="required")
+    assert config["tls"] == "required"
+    assert config["uri"].startswith("rediss://default:")
+    assert "BEGIN CERTIFICATE" in config["ca_certificate"]
+    ca = write_ca(tmp_path, config)
+
+    # A client that verifies the CA and the host name connects; so does the URI the API gives.
+    client = redis.Redis(
+        host=config["host"], port=config["port"], password=config["password"], ssl=True, ssl_ca_certs=ca,
+        ssl_check_hostname=True, retry=NO_RETRY,
+    )  # fmt: skip
+    client.set("greeting", "over tls")
+    assert client.get("greeting") == b"over tls"
+    client.close()
+    from_uri = redis.Redis.from_url(config["uri"], ssl_ca_certs=ca, retry=NO_RETRY)
+    assert from_uri.get("greeting") == b"over tls"
+    from_uri.close()
+
+    leaf = served_certificate(config["host"], config["port"], ca)
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert config["host"] in [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] + names.get_values_for_type(
+        x509.DNSName
+    )
+
+    # Plaintext on the port: the server speaks only TLS, so a plain client gets no answer.
+    plain = redis.Redis(
+        host=config["host"], port=config["port"], password=config["password"], socket_timeout=3, retry=NO_RETRY
+    )
+    with pytest.raises(redis.ConnectionError):
+        plain.ping()
+    plain.close()
+    # A client that does not trust the portal's CA is refused by its own check.
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(
+            host=config["host"], port=config["port"], password=config["password"], ssl=True, retry=NO_RETRY
+        ).ping()
+
+    probe_keeps_it_running("redis", pk)
+    delete(api, "redis", pk)
+
+
+def test_redis_tls_taken_at_restart_and_off_again(api, tmp_path):
+    pk, config = create(api, "redis")
+    assert config["tls"] == "off" and config["ca_certificate"] == "" and config["uri"].startswith("redis://")
+    plain = redis.Redis(host=config["host"], port=config["port"], password=config["password"], retry=NO_RETRY)
+    assert plain.ping()
+    plain.close()
+
+    # What the lead's PATCH does for a restart option: pending until the restart, which applies it.
+    instance = Instance.objects.get(pk=pk)
+    instance.options = {**instance.options, "tls": "required"}
+    instance.save(update_fields=["options"])
+    assert api.post(f"/api/storage/redis/instances/{pk}/restart").status_code == 202
+    assert wait_for_status(api, "redis", pk, "running", "unhealthy")["status"] == "running"
+    config = api.get(f"/api/storage/redis/instances/{pk}/config").json()
+    ca = write_ca(tmp_path, config)
+    tls = redis.Redis.from_url(config["uri"], ssl_ca_certs=ca, retry=NO_RETRY)
+    assert tls.ping()
+    tls.close()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(
+            host=config["host"], port=config["port"], password=config["password"], socket_timeout=3, retry=NO_RETRY
+        ).ping()
+    delete(api, "redis", pk)
+
+
+# MySQL --------------------------------------------------------------------------------------------
+
+
+def mysql_connect(config: dict, **extra) -> pymysql.Connection:
+    return pymysql.connect(
+        host=config["host"], port=config["port"], user=config["username"], password=config["password"],
+        database=config["database"], connect_timeout=5, **extra,
+    )  # fmt: skip
+
+
+def cipher(db: pymysql.Connection) -> str:
+    with db.cursor() as cursor:
+        cursor.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+        return cursor.fetchone()[1]
+
+
+def test_mysql_tls_required_verifies_and_refuses_plaintext(api, tmp_path):
+    pk, config = create(api, "mysql", tls="required")
+    assert config["tls"] == "required"
+    assert config["uri"].endswith("?ssl-mode=REQUIRED")
+    ca = write_ca(tmp_path, config)
+
+    # Verified against the CA, the host name checked (PyMySQL: check_hostname with a CA).
+    with mysql_connect(config, ssl={"ca": ca, "check_hostname": True}) as db:
+        assert cipher(db)
+    # A client that does not trust the portal's CA is refused by its own check.
+    with pytest.raises(pymysql.err.OperationalError):
+        mysql_connect(config, ssl=ssl.create_default_context())  # the system's CAs only
+    # Plaintext (PyMySQL uses TLS by itself when a server offers it): the server refuses the login.
+    with pytest.raises(pymysql.err.OperationalError) as refused:
+        mysql_connect(config, ssl_disabled=True)
+    # MariaDB 10.11 answers as to a wrong password; the same login in plaintext works under `on`
+    # (test_mysql_tls_on_offers_tls_and_still_takes_plaintext).
+    assert refused.value.args[0] == 1045, refused.value.args
+
+    probe_keeps_it_running("mysql", pk)
+    delete(api, "mysql", pk)
+
+
+def test_mysql_tls_on_offers_tls_and_still_takes_plaintext(api, tmp_path):
+    pk, config = create(api, "mysql", tls="on")
+    ca = write_ca(tmp_path, config)
+    with mysql_connect(config, ssl={"ca": ca, "check_hostname": True}) as db:
+        assert cipher(db)
+    with mysql_connect(config, ssl_disabled=True) as db:
+        assert cipher(db) == ""
+    delete(api, "mysql", pk)
+
+
+# The CA's key -------------------------------------------------------------------------------------
+
+
+def test_the_ca_key_is_never_on_disk_or_in_an_answer_in_plain_text(api, alice, client, tmp_path):
+    pk, config = create(api, "redis", tls="required")
+    ca = CertificateAuthority.objects.get(name=certificates.CA_NAME)
+    key = ca.key
+    assert "PRIVATE KEY" in key
+    body = key.splitlines()[1]  # a line of the key's base64, as an attacker would grep for it
+
+    # The database row holds it encrypted.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT key FROM provisioning_certificateauthority WHERE name = %s", [ca.name])
+        stored = cursor.fetchone()[0]
+    assert "PRIVATE KEY" not in stored and body not in stored
+
+    # No file the portal wrote (instances, snapshots, its data folder) holds it.
+    for root in {Path(settings.DATA_DIR), Path(settings.STOCKROOM_INSTANCES_DIR)}:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink() and path.stat().st_size < 16 * 1024 * 1024:
+                data = path.read_bytes()
+                assert body.encode() not in data, f"the CA's key is in {path}"
+
+    # Nor any answer: the API's, the page's, the CA download's.
+    answers = [
+        api.get(f"/api/storage/redis/instances/{pk}").content,
+        api.get(f"/api/storage/redis/instances/{pk}/config").content,
+    ]
+    client.force_login(alice)
+    answers += [client.get(f"/instances/{pk}/").content, client.get(f"/instances/{pk}/ca.pem").content]
+    for answer in answers:
+        assert body.encode() not in answer and b"PRIVATE KEY" not in answer
+    delete(api, "redis", pk)
+
+
+def test_download_ca_is_the_owners_only(api, alice, charlie, client):
+    pk, config = create(api, "redis", tls="required")
+    client.force_login(alice)
+    response = client.get(f"/instances/{pk}/ca.pem")
+    assert response.status_code == 200
+    assert response.content.decode() == config["ca_certificate"]
+    assert b"Download CA" in client.get(f"/instances/{pk}/").content
+    client.force_login(charlie)
+    assert client.get(f"/instances/{pk}/ca.pem").status_code == 404
+    client.logout()
+    assert client.get(f"/instances/{pk}/ca.pem").status_code == 302  # to the sign-in page
+    delete(api, "redis", pk)
