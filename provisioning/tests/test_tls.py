@@ -19,22 +19,23 @@ from provisioning.models import CertificateAuthority, Instance, Status
 from provisioning.services import certificates
 
 from .conftest import wait_for_status
+from .test_docker_backend import docker_settings  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def create(api, kind: str, **options) -> tuple[int, dict]:
+def create(api, kind: str, timeout: float = 60, **options) -> tuple[int, dict]:
     response = api.post(f"/api/storage/{kind}/instances", options, format="json")
     assert response.status_code == 202, response.json()
     pk = response.json()["id"]
-    body = wait_for_status(api, kind, pk, "running", "failed")
+    body = wait_for_status(api, kind, pk, "running", "failed", timeout=timeout)
     assert body["status"] == "running", body["status_message"]
     return pk, api.get(f"/api/storage/{kind}/instances/{pk}/config").json()
 
 
-def delete(api, kind: str, pk: int) -> None:
+def delete(api, kind: str, pk: int, timeout: float = 60) -> None:
     api.delete(f"/api/storage/{kind}/instances/{pk}")
-    wait_for_status(api, kind, pk, "gone")
+    wait_for_status(api, kind, pk, "gone", timeout=timeout)
 
 
 def write_ca(tmp_path: Path, config: dict) -> str:
@@ -228,3 +229,49 @@ def test_download_ca_is_the_owners_only(api, alice, charlie, client):
     client.logout()
     assert client.get(f"/instances/{pk}/ca.pem").status_code == 302  # to the sign-in page
     delete(api, "redis", pk)
+
+
+# The Docker backend -------------------------------------------------------------------------------
+#
+# The portal logs in to a container over TCP (its checked listener), so under `required` its probe
+# goes over TLS, verified against the CA.
+
+
+def test_docker_redis_tls_required(api, docker_settings, tmp_path):
+    docker_settings()
+    pk, config = create(api, "redis", tls="required", timeout=120)
+    ca = write_ca(tmp_path, config)
+    client = redis.Redis.from_url(config["uri"], ssl_ca_certs=ca, retry=NO_RETRY)
+    client.set("k", "v")
+    assert client.get("k") == b"v"
+    client.close()
+    served_certificate(config["host"], config["port"], ca)
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(
+            host=config["host"], port=config["port"], password=config["password"], socket_timeout=3, retry=NO_RETRY
+        ).ping()
+    probe_keeps_it_running("redis", pk)
+    delete(api, "redis", pk, timeout=120)
+
+
+def test_docker_mysql_tls_taken_at_restart(api, docker_settings, tmp_path):
+    docker_settings()
+    pk, config = create(api, "mysql", timeout=120)
+    with mysql_connect(config, ssl_disabled=True) as db:
+        assert cipher(db) == ""
+
+    instance = Instance.objects.get(pk=pk)
+    instance.options = {**instance.options, "tls": "required"}
+    instance.save(update_fields=["options"])
+    assert api.post(f"/api/storage/mysql/instances/{pk}/restart").status_code == 202
+    body = wait_for_status(api, "mysql", pk, "running", "unhealthy", timeout=120)
+    assert body["status"] == "running", body["status_message"]
+
+    config = api.get(f"/api/storage/mysql/instances/{pk}/config").json()
+    ca = write_ca(tmp_path, config)
+    with mysql_connect(config, ssl={"ca": ca, "check_hostname": True}) as db:
+        assert cipher(db)
+    with pytest.raises(pymysql.err.OperationalError):
+        mysql_connect(config, ssl_disabled=True)
+    probe_keeps_it_running("mysql", pk)
+    delete(api, "mysql", pk, timeout=120)

@@ -20,6 +20,7 @@ def test_mysql_defaults():
         "disk": 1024**3,
         "backup_interval_hours": 24,
         "backup_retention": 7,
+        "tls": "off",
     }
 
 
@@ -42,6 +43,7 @@ def test_redis_defaults():
         "disk": 1024**3,
         "backup_interval_hours": 24,
         "backup_retention": 7,
+        "tls": "off",
     }
 
 
