@@ -237,7 +237,7 @@ def test_download_ca_is_the_owners_only(api, alice, charlie, client):
 # goes over TLS, verified against the CA.
 
 
-def test_docker_redis_tls_required(api, docker_settings, tmp_path):
+def test_docker_redis_tls_required(api, docker_settings, tmp_path):  # noqa: F811 - the fixture imported above
     docker_settings()
     pk, config = create(api, "redis", tls="required", timeout=120)
     ca = write_ca(tmp_path, config)
@@ -254,7 +254,7 @@ def test_docker_redis_tls_required(api, docker_settings, tmp_path):
     delete(api, "redis", pk, timeout=120)
 
 
-def test_docker_mysql_tls_taken_at_restart(api, docker_settings, tmp_path):
+def test_docker_mysql_tls_taken_at_restart(api, docker_settings, tmp_path):  # noqa: F811 - the fixture imported above
     docker_settings()
     pk, config = create(api, "mysql", timeout=120)
     with mysql_connect(config, ssl_disabled=True) as db:
