@@ -59,7 +59,7 @@ def ca_certificate() -> str:
 
 def _new_authority() -> tuple[str, str, datetime]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = timezone.now()
+    now = timezone.now().replace(microsecond=0)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Stockroom portal CA")])
     certificate = (
         x509.CertificateBuilder()
@@ -106,7 +106,7 @@ def subject_names(host: str) -> list[x509.GeneralName]:
 def issue(instance: Instance, *, now: datetime | None = None) -> None:
     """Give `instance` a new certificate for its host, signed by the CA, and save it. The instance's
     `tls_certificate` is the server's chain: its own certificate, then the CA's."""
-    now = now or timezone.now()
+    now = (now or timezone.now()).replace(microsecond=0)  # what a certificate can say
     ca = authority()
     ca_cert = x509.load_pem_x509_certificate(ca.certificate.encode())
     ca_key = serialization.load_pem_private_key(ca.key.encode(), password=None)

@@ -2,8 +2,12 @@
 the certificate names the instance's host, `required` refuses plaintext, and the portal's probe
 keeps the instance running. The CA's key never reaches a disk or an answer in plain text."""
 
+import os
 import socket
 import ssl
+import stat
+import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 import pymysql
@@ -12,13 +16,16 @@ import redis
 from cryptography import x509
 from django.conf import settings
 from django.db import connection
+from django.utils import timezone
 
 from provisioning.backends.base import get_backend
+from provisioning.backends.local import processes_under
 from provisioning.engines.redis import NO_RETRY
 from provisioning.models import CertificateAuthority, Instance, Status
+from provisioning.reconciler import Reconciler
 from provisioning.services import certificates
 
-from .conftest import wait_for_status
+from .conftest import instance_dir, wait_for_status
 from .test_docker_backend import docker_settings  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -105,7 +112,24 @@ def test_redis_tls_required_verifies_and_refuses_plaintext(api, tmp_path):
         ).ping()
 
     probe_keeps_it_running("redis", pk)
+    key_readable_by_its_server_only("redis", pk)
     delete(api, "redis", pk)
+
+
+def key_readable_by_its_server_only(kind: str, pk: int) -> None:
+    """The server's key is root's, readable by its server's group (its uid's own) and nobody else;
+    another uid cannot read it."""
+    key = instance_dir(kind, pk) / "tls-key.pem"
+    assert "PRIVATE KEY" in key.read_text()
+    status = key.stat()
+    if os.geteuid() != 0:
+        assert stat.S_IMODE(status.st_mode) == 0o600
+        return
+    (server,) = processes_under(instance_dir(kind, pk))
+    server_gid = os.stat(f"/proc/{server}").st_gid
+    assert (status.st_uid, status.st_gid, stat.S_IMODE(status.st_mode)) == (0, server_gid, 0o640)
+    stranger = subprocess.run(["cat", str(key)], user=65534, group=65534, capture_output=True, text=True)
+    assert stranger.returncode != 0 and "PRIVATE KEY" not in stranger.stdout
 
 
 def test_redis_tls_taken_at_restart_and_off_again(api, tmp_path):
@@ -130,6 +154,19 @@ def test_redis_tls_taken_at_restart_and_off_again(api, tmp_path):
         redis.Redis(
             host=config["host"], port=config["port"], password=config["password"], socket_timeout=3, retry=NO_RETRY
         ).ping()
+
+    # Off again: plaintext on the same port, and the config no longer speaks of TLS.
+    instance = Instance.objects.get(pk=pk)
+    instance.options = {**instance.options, "tls": "off"}
+    instance.save(update_fields=["options"])
+    assert api.post(f"/api/storage/redis/instances/{pk}/restart").status_code == 202
+    assert wait_for_status(api, "redis", pk, "running", "unhealthy")["status"] == "running"
+    config = api.get(f"/api/storage/redis/instances/{pk}/config").json()
+    assert config["uri"].startswith("redis://") and config["ca_certificate"] == ""
+    plain = redis.Redis(host=config["host"], port=config["port"], password=config["password"], retry=NO_RETRY)
+    assert plain.ping()
+    plain.close()
+    assert (instance_dir("redis", pk) / "tls-key.pem").read_text() == ""  # the key is not left behind
     delete(api, "redis", pk)
 
 
@@ -180,6 +217,41 @@ def test_mysql_tls_on_offers_tls_and_still_takes_plaintext(api, tmp_path):
     with mysql_connect(config, ssl_disabled=True) as db:
         assert cipher(db) == ""
     delete(api, "mysql", pk)
+
+
+# Renewal ------------------------------------------------------------------------------------------
+
+
+def mysql_served_serial(config: dict, ca: str) -> int:
+    with mysql_connect(config, ssl={"ca": ca, "check_hostname": True}) as db:
+        return x509.load_der_x509_certificate(db._sock.getpeercert(binary_form=True)).serial_number
+
+
+@pytest.mark.parametrize("kind", ["redis", "mysql"])
+def test_a_certificate_due_is_renewed_and_the_running_server_takes_it(api, tmp_path, kind):
+    pk, config = create(api, kind, tls="required")
+    ca = write_ca(tmp_path, config)
+    serial = {
+        "redis": lambda: served_certificate(config["host"], config["port"], ca).serial_number,
+        "mysql": lambda: mysql_served_serial(config, ca),
+    }[kind]
+    before, servers = serial(), processes_under(instance_dir(kind, pk))
+    instance = Instance.objects.get(pk=pk)
+    assert x509.load_pem_x509_certificate(instance.tls_certificate.encode()).serial_number == before
+
+    # Not yet due: nothing changes.
+    assert certificates.renew_due(now=timezone.now()) == 0
+    # Due within RENEW_BEFORE: the reconciler renews it, and the same server serves the new one.
+    Instance.objects.filter(pk=pk).update(tls_expires_at=timezone.now() + timedelta(days=3))
+    report = Reconciler().run_once()
+    assert report.certificates_renewed == 1, report
+    renewed = Instance.objects.get(pk=pk)
+    assert renewed.tls_expires_at > timezone.now() + timedelta(days=300)
+    after = serial()
+    assert after != before
+    assert x509.load_pem_x509_certificate(renewed.tls_certificate.encode()).serial_number == after
+    assert processes_under(instance_dir(kind, pk)) == servers  # no restart
+    delete(api, kind, pk)
 
 
 # The CA's key -------------------------------------------------------------------------------------
