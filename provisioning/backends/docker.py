@@ -273,7 +273,9 @@ class DockerBackend(BaseBackend):
         self._mount_disk(directory)
         self._seal(instance)  # a restore cut short may have left `disk/` open to the uid's group
         (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
-        self._write_files(instance, self._spec_to_start(instance), init=False)  # its current options and certificate
+        spec = self._spec_to_start(instance)
+        self._check_mounts(containers[0], spec)
+        self._write_files(instance, spec, init=False)  # its current options and certificate
         self._docker("start the container", containers[0].start)
         self._wait_for_login(instance, containers[0])
         self._settle(instance)  # after a restore whose first start failed, a later one's login did it
@@ -287,6 +289,18 @@ class DockerBackend(BaseBackend):
         if any(path.exists() and path.stat().st_size for path in pending):
             return engine.container_restored(instance, layout)
         return spec
+
+    @staticmethod
+    def _check_mounts(container: Any, spec: Container) -> None:
+        """A container made before the engine had a file (its TLS files, say) lacks its mount: with
+        a file it needs missing, say so rather than start a server that cannot find it."""
+        mounted = {mount.get("Destination") for mount in container.attrs.get("Mounts") or ()}
+        missing = [str(path) for path, text in spec.files.values() if text and str(path) not in mounted]
+        if missing:
+            raise BackendError(
+                f"The container was made without {', '.join(missing)}; restore a snapshot into a new "
+                "instance to use this option."
+            )
 
     def reload_tls(self, instance: "Instance") -> bool:
         engine, directory = get_engine(instance.kind), self.directory(instance)
