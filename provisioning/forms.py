@@ -29,6 +29,10 @@ def _field(option: Option) -> forms.Field:
             help_text=help_text,
             required=False,
         )
+    if option.kind in ("set", "text"):
+        return forms.CharField(initial=option.default, label=label, help_text=help_text, required=False)
+    if option.kind == "number":
+        return forms.FloatField(initial=option.default, label=label, help_text=help_text, required=False)
     return forms.IntegerField(initial=option.default, label=label, help_text=help_text, required=False)
 
 

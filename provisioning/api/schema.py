@@ -97,6 +97,12 @@ class OptionFieldSchema(OpenApiSerializerFieldExtension):
         default = BLANK if self.target.parent.form else None
         if option.kind == "choice":
             schema = {"type": "string", "enum": [*option.choices, default]}
+        elif option.kind in ("set", "text"):
+            schema = {"type": "string", "maxLength": 200}
+        elif option.kind == "number":
+            schema = {"type": "number", **bounds}
+            if self.target.parent.form:
+                schema = {"anyOf": [schema, {"type": "string"}]}
         elif option.kind == "size":  # a blank is a string too
             schema = {"oneOf": [{"type": "integer", **bounds}, {"type": "string", "example": "256mb"}]}
         elif self.target.parent.form:
@@ -105,6 +111,7 @@ class OptionFieldSchema(OpenApiSerializerFieldExtension):
             schema = {"type": "integer", **bounds}
         if option.default is not None:
             schema["default"] = option.default
+        schema["x-apply"] = option.apply  # live, restart or create-only: how a change after create applies
         return schema
 
 

@@ -9,7 +9,7 @@ from rest_framework.utils import html
 
 from ..engines import Engine
 from ..models import AccessToken, DeliveryStatus, Instance, Snapshot, Webhook, WebhookDelivery
-from ..options import Option, format_size
+from ..options import CREATE_ONLY, LIVE, RESTART, Option, format_size
 from ..services import recovery_window, tokens
 from ..services.requests import NAME_RULE
 
@@ -145,6 +145,13 @@ class EventSerializer(serializers.Serializer):
         }
 
 
+APPLY_TEXT = {
+    LIVE: "A change after create is applied to the running server at once.",
+    RESTART: "A change after create waits for the next restart (pending_options).",
+    CREATE_ONLY: "Set only when the instance is made; a change is refused.",
+}
+
+
 class ShapingField(serializers.Field):
     """Shapes one engine option's input; the engine validates the value, once, in the service.
 
@@ -155,7 +162,7 @@ class ShapingField(serializers.Field):
     def __init__(self, option: Option, **kwargs):
         self.option = option
         kwargs.setdefault("initial", option.default)
-        kwargs.setdefault("help_text", option.help_text)
+        kwargs["help_text"] = f"{kwargs.get('help_text', option.help_text)} {APPLY_TEXT[option.apply]}"
         kwargs.setdefault("allow_null", True)
         super().__init__(required=False, label=option.label, **kwargs)
 
@@ -224,7 +231,39 @@ class NameField(serializers.CharField):
         return data
 
 
-OPTION_FIELDS = {"choice": ChoiceOptionField, "int": IntegerOptionField, "size": SizeOptionField}
+class TextOptionField(ShapingField, serializers.Field):
+    """A string option ("text", "set"); the engine checks it."""
+
+    def __init__(self, option: Option, **kwargs):
+        super().__init__(option, help_text=f"{option.help_text} Allowed: {option.describe_allowed()}.", **kwargs)
+
+    def to_representation(self, value):
+        return value
+
+
+class NumberOptionField(ShapingField, serializers.Field):
+    """An integer or a decimal within the option's range."""
+
+    def __init__(self, option: Option, **kwargs):
+        super().__init__(option, help_text=_with_range(option), **kwargs)
+
+    def shape(self, data, *, from_form: bool):
+        if from_form and isinstance(data, str) and re.fullmatch(r"\s*-?[0-9]{1,9}(\.[0-9]{1,6})?\s*", data):
+            return float(data) if "." in data else int(data)
+        return data
+
+    def to_representation(self, value):
+        return value
+
+
+OPTION_FIELDS = {
+    "choice": ChoiceOptionField,
+    "int": IntegerOptionField,
+    "size": SizeOptionField,
+    "set": TextOptionField,
+    "text": TextOptionField,
+    "number": NumberOptionField,
+}
 
 
 class CreateInstanceSerializer(serializers.Serializer):

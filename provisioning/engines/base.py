@@ -355,6 +355,15 @@ class Engine:
         """Rules that involve several options; may fill in dependent defaults."""
         return {}
 
+    def with_defaults(self, options: dict[str, Any]) -> dict[str, Any]:
+        """`options` as stored, with the default of every option it lacks: an instance made before
+        an option existed runs with that option's default."""
+        return {**{option.name: option.default for option in self.options}, **options}
+
+    def option(self, name: str) -> Option:
+        """The option called `name`; KeyError if the engine has none."""
+        return {option.name: option for option in self.options}[name]
+
     def memory_reservation(self, options: dict[str, Any]) -> int:
         """Bytes a server with these options is expected to use: idle, with its buffers, caches
         and data (e.g. Redis's maxmemory) full. Never more than memory_limit(options).
@@ -387,8 +396,9 @@ class Engine:
 
     def render_config(self, instance: "Instance", layout: Layout) -> str:
         """The config file; with `tls` on, `tls` in its context names the files `tls_files` writes."""
+        options = self.with_defaults(instance.options)
         tls = self.tls_paths(layout) if self.tls(instance) != TLS_OFF else None
-        return self.render(self.config_template, instance=instance, options=instance.options, layout=layout, tls=tls)
+        return self.render(self.config_template, instance=instance, options=options, layout=layout, tls=tls)
 
     # TLS -------------------------------------------------------------------------------
     #

@@ -11,6 +11,7 @@ import secrets
 import shutil
 import ssl
 import zlib
+import zoneinfo
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePath, PurePosixPath
@@ -19,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 import pymysql
 
 from ...errors import BackendError, ImportRefused
-from ...options import CREATE_ONLY, LIVE, TLS_OFF, MiB, Option, backup_options, disk_option, tls_option
+from ...options import CREATE_ONLY, LIVE, TLS_OFF, MiB, Option, OptionError, backup_options, disk_option, tls_option
 from ..base import (
     SMALL,
     ArchivedLog,
@@ -177,6 +178,59 @@ ONLY_PORTAL_ROOT = (
 )
 
 
+# MariaDB 10.11's default, and the single modes a user may combine (not the combinations such as
+# ANSI or TRADITIONAL, which the server reads back as the modes they stand for).
+DEFAULT_SQL_MODE = "STRICT_TRANS_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_AUTO_CREATE_USER,NO_ENGINE_SUBSTITUTION"
+SQL_MODES = (
+    "ALLOW_INVALID_DATES",
+    "ANSI_QUOTES",
+    "EMPTY_STRING_IS_NULL",
+    "ERROR_FOR_DIVISION_BY_ZERO",
+    "HIGH_NOT_PRECEDENCE",
+    "IGNORE_BAD_TABLE_OPTIONS",
+    "IGNORE_SPACE",
+    "NO_AUTO_CREATE_USER",
+    "NO_AUTO_VALUE_ON_ZERO",
+    "NO_BACKSLASH_ESCAPES",
+    "NO_DIR_IN_CREATE",
+    "NO_ENGINE_SUBSTITUTION",
+    "NO_FIELD_OPTIONS",
+    "NO_KEY_OPTIONS",
+    "NO_TABLE_OPTIONS",
+    "NO_UNSIGNED_SUBTRACTION",
+    "NO_ZERO_DATE",
+    "NO_ZERO_IN_DATE",
+    "ONLY_FULL_GROUP_BY",
+    "PAD_CHAR_TO_FULL_LENGTH",
+    "PIPES_AS_CONCAT",
+    "REAL_AS_FLOAT",
+    "SIMULTANEOUS_ASSIGNMENT",
+    "STRICT_ALL_TABLES",
+    "STRICT_TRANS_TABLES",
+    "TIME_ROUND_FRACTIONAL",
+)
+_OFFSET = re.compile(r"([+-])(\d{1,2}):(\d{2})")
+_ZONE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,2}")
+
+
+def clean_time_zone(value: str) -> str:
+    """SYSTEM, an offset MariaDB takes (-12:59 to +13:00), or a zone the host's tz database names
+    (the data-directory template loads the same database into the server's time zone tables)."""
+    if value.upper() == "SYSTEM":
+        return "SYSTEM"
+    if match := _OFFSET.fullmatch(value):
+        sign, hours, minutes = match.groups()
+        offset = (int(hours) * 60 + int(minutes)) * (1 if sign == "+" else -1)
+        if int(minutes) < 60 and -(12 * 60 + 59) <= offset <= 13 * 60:
+            return f"{sign}{int(hours):02d}:{minutes}"
+        raise OptionError(f"{value!r} is out of range; offsets go from -12:59 to +13:00.")
+    if _ZONE_NAME.fullmatch(value) and value in zoneinfo.available_timezones():
+        return value
+    raise OptionError(
+        f"{value!r} is not a time zone; give SYSTEM, an offset such as '+02:00', or a name such as 'Europe/Paris'."
+    )
+
+
 def native_password_hash(password: str) -> str:
     """mysql_native_password's stored form, so no plaintext is ever written to disk."""
     return "*" + hashlib.sha1(hashlib.sha1(password.encode()).digest()).hexdigest().upper()
@@ -232,6 +286,86 @@ class MySQL(Engine):
             choices=("ROW", "STATEMENT", "MIXED"),
             apply=LIVE,  # new sessions
         ),
+        Option(
+            "innodb_buffer_pool_size",
+            "Memory (buffer pool)",
+            "InnoDB's cache of data and indexes: the instance's memory size. Bytes or a size such as "
+            "'256mb'; whole MiB. A change resizes the pool and the memory limit of the running server.",
+            kind="size",
+            default=16 * MiB,
+            min_value=8 * MiB,
+            max_value=4096 * MiB,
+            apply=LIVE,
+        ),
+        Option(
+            "max_connections",
+            "Maximum connections",
+            "Client connections accepted at once.",
+            kind="int",
+            default=100,
+            min_value=10,
+            max_value=2000,
+            apply=LIVE,
+        ),
+        Option(
+            "sql_mode",
+            "SQL mode",
+            "A comma-separated list of SQL modes, or empty. A change reaches new sessions only.",
+            kind="set",
+            default=DEFAULT_SQL_MODE,
+            choices=SQL_MODES,
+            apply=LIVE,
+        ),
+        Option(
+            "time_zone",
+            "Time zone",
+            "The server's time zone for new sessions: SYSTEM (the host's), an offset such as '+02:00', or a "
+            "named zone such as 'Europe/Paris'. A change reaches new sessions only.",
+            kind="text",
+            default="SYSTEM",
+            check=clean_time_zone,
+            allowed="SYSTEM, an offset from -12:59 to +13:00 such as '+02:00', or a named zone such as 'Europe/Paris'",
+            apply=LIVE,
+        ),
+        Option(
+            "wait_timeout",
+            "Idle session timeout",
+            "Seconds an idle client connection is kept before the server closes it.",
+            kind="int",
+            default=28800,
+            min_value=1,
+            max_value=31536000,
+            apply=LIVE,
+        ),
+        Option(
+            "slow_query_log",
+            "Slow query log",
+            "Log statements that take longer than long_query_time (in the server's data folder).",
+            kind="choice",
+            default="OFF",
+            choices=("OFF", "ON"),
+            apply=LIVE,
+        ),
+        Option(
+            "long_query_time",
+            "Slow query time",
+            "Seconds (a decimal) after which a statement counts as slow.",
+            kind="number",
+            default=10,
+            min_value=0,
+            max_value=3600,
+            apply=LIVE,
+        ),
+        Option(
+            "lower_case_table_names",
+            "Lower-case table names",
+            "1: table names are stored in lower case and compared without regard to case; 0: as given.",
+            kind="int",
+            default=0,
+            min_value=0,
+            max_value=1,
+            apply=CREATE_ONLY,
+        ),
         # A new data directory takes about 30 MB; binary logs and temporary tables need room too.
         disk_option(min_value=256 * MiB),
         *backup_options(),
@@ -244,6 +378,8 @@ class MySQL(Engine):
     )
 
     def check_together(self, options: dict[str, Any]) -> dict[str, str]:
+        if options["innodb_buffer_pool_size"] % MiB:  # the pool grows and shrinks in chunks of 1 MiB
+            return {"innodb_buffer_pool_size": "Give whole MiB, such as '256mb'."}
         allowed = COLLATIONS[options["charset"]]
         if options["collation"] is None:
             options["collation"] = allowed[0]
@@ -257,11 +393,15 @@ class MySQL(Engine):
     def memory_reservation(self, options: dict[str, Any]) -> int:
         # An idle server with my.cnf measures about 53 MB RSS (`make bench`), its 16 MB buffer
         # pool and Aria cache included; the rest is room for a few sessions' buffers.
-        return 64 * MiB
+        return self._pool(options) + 48 * MiB
 
     def memory_limit(self, options: dict[str, Any]) -> int:
-        # A 16 MB buffer pool plus per-connection buffers (each session capped in my.cnf).
-        return 512 * MiB
+        # The buffer pool plus per-connection buffers (each session capped in my.cnf).
+        return self._pool(options) + 496 * MiB
+
+    def _pool(self, options: dict[str, Any]) -> int:
+        pool: int = self.with_defaults(options)["innodb_buffer_pool_size"]
+        return pool
 
     # Running a server ------------------------------------------------------------------
 

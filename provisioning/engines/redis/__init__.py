@@ -14,7 +14,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ...errors import BackendError, ImportRefused
-from ...options import LIVE, TLS_OFF, Option, backup_options, disk_option, tls_option
+from ...options import LIVE, RESTART, TLS_OFF, Option, OptionError, backup_options, disk_option, tls_option
 from ..base import (
     SMALL,
     ArchivedLog,
@@ -146,6 +146,22 @@ TENANT_RULE = (
 )
 
 
+KEYSPACE_CLASSES = "g$lshzxetmdnA"  # Redis 7.0's event classes; K and E say which channels
+_KEYSPACE = re.compile(rf"[KE{re.escape(KEYSPACE_CLASSES)}]*")
+
+
+def clean_keyspace_events(value: str) -> str:
+    """The letters CONFIG SET notify-keyspace-events takes, in the order Redis reads them back
+    (it answers with its own order): empty, or K and/or E with at least one class."""
+    if not _KEYSPACE.fullmatch(value):
+        raise OptionError(
+            f"{value!r} has letters Redis does not know; use K, E and any of: {' '.join(KEYSPACE_CLASSES)}."
+        )
+    if value and (not set(value) & set("KE") or not set(value) - set("KE")):
+        raise OptionError(f"{value!r} needs K or E (the channels) and at least one event class, such as 'Ex'.")
+    return value
+
+
 def acl_password_hash(password: str) -> str:
     """The `#<sha256>` form of an ACL password: the plaintext never reaches the disk."""
     return "#" + hashlib.sha256(password.encode()).hexdigest()
@@ -241,6 +257,47 @@ class Redis(Engine):
             choices=("always", "everysec", "no"),
             apply=LIVE,
         ),
+        Option(
+            "timeout",
+            "Idle client timeout",
+            "Seconds after which an idle client connection is closed; 0 keeps them open.",
+            kind="int",
+            default=0,
+            min_value=0,
+            max_value=31536000,
+            apply=LIVE,
+        ),
+        Option(
+            "notify_keyspace_events",
+            "Keyspace notifications",
+            "Which events are published on keyspace channels, in Redis's letters (e.g. 'Ex' for expired "
+            "keys); empty turns them off.",
+            kind="text",
+            default="",
+            check=clean_keyspace_events,
+            allowed="letters from K E g $ l s h z x e t m d n A (K or E with at least one event class), or empty",
+            apply=LIVE,
+        ),
+        Option(
+            "maxmemory_samples",
+            "Eviction samples",
+            "Keys sampled for each eviction: more is closer to true LRU/LFU, and slower.",
+            kind="int",
+            default=5,
+            min_value=1,
+            max_value=64,
+            apply=LIVE,
+        ),
+        Option(
+            "databases",
+            "Databases",
+            "How many numbered databases (SELECT 0 …) the server has.",
+            kind="int",
+            default=16,
+            min_value=1,
+            max_value=256,
+            apply=RESTART,
+        ),
         disk_option(min_value=32 * MiB),
         *backup_options(),
         tls_option(
@@ -251,12 +308,12 @@ class Redis(Engine):
     )
 
     def memory_reservation(self, options: dict[str, Any]) -> int:
-        maxmemory: int = options["maxmemory"]
+        maxmemory: int = self.with_defaults(options)["maxmemory"]
         return maxmemory + SERVER_OVERHEAD
 
     def memory_limit(self, options: dict[str, Any]) -> int:
         # Data up to maxmemory, plus fragmentation and the copy-on-write of an AOF rewrite.
-        maxmemory: int = options["maxmemory"]
+        maxmemory: int = self.with_defaults(options)["maxmemory"]
         return maxmemory + maxmemory // 2 + 64 * MiB
 
     # Running a server ------------------------------------------------------------------
