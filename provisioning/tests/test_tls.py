@@ -26,7 +26,7 @@ from provisioning.reconciler import Reconciler
 from provisioning.services import certificates
 
 from .conftest import instance_dir, wait_for_status
-from .test_docker_backend import docker_settings  # noqa: F401 - a fixture
+from .test_docker_backend import DOCKER_URL, IMAGE
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -306,11 +306,40 @@ def test_download_ca_is_the_owners_only(api, alice, charlie, client):
 # The Docker backend -------------------------------------------------------------------------------
 #
 # The portal logs in to a container over TCP (its checked listener), so under `required` its probe
-# goes over TLS, verified against the CA.
+# goes over TLS, verified against the CA. A portal id of these tests' own: the fixture's clean-up
+# removes every container of its portal id, and other test runs may share the Docker engine.
+
+DOCKER_PORTAL = "stockroom-tests-tls"
 
 
-def test_docker_redis_tls_required(api, docker_settings, tmp_path):  # noqa: F811 - the fixture imported above
-    docker_settings()
+@pytest.fixture
+def docker_backend(settings):
+    """test_docker_backend.py's settings, with a portal id of these tests' own."""
+    if not IMAGE:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run the Docker tests: scripts/ensure-docker did not provide an image.")
+        pytest.skip("no Docker engine or test image (make test prepares them)")
+    options = {
+        "base_url": DOCKER_URL,
+        "volume_root": str(settings.DATA_DIR / "docker"),
+        "host_ip": "127.0.0.1",
+        "images": {"mysql": IMAGE, "redis": IMAGE},
+        "network_mode": "host",
+        "portal_id": DOCKER_PORTAL,
+    }
+    settings.STOCKROOM_BACKENDS = {
+        **settings.STOCKROOM_BACKENDS,
+        "docker": {"BACKEND": "provisioning.backends.docker.DockerBackend", "OPTIONS": options},
+    }
+    settings.STOCKROOM_DEFAULT_BACKEND = "docker"
+    backend = get_backend("docker")
+    yield backend
+    for container in backend.orphans(known_ids=set()):  # what a test that failed half way left
+        backend.remove_orphan(container)
+    backend.forget_ready()
+
+
+def test_docker_redis_tls_required(api, docker_backend, tmp_path):
     pk, config = create(api, "redis", tls="required", timeout=120)
     ca = write_ca(tmp_path, config)
     client = redis.Redis.from_url(config["uri"], ssl_ca_certs=ca, retry=NO_RETRY)
@@ -326,8 +355,7 @@ def test_docker_redis_tls_required(api, docker_settings, tmp_path):  # noqa: F81
     delete(api, "redis", pk, timeout=120)
 
 
-def test_docker_mysql_tls_taken_at_restart(api, docker_settings, tmp_path):  # noqa: F811 - the fixture imported above
-    docker_settings()
+def test_docker_mysql_tls_taken_at_restart(api, docker_backend, tmp_path):
     pk, config = create(api, "mysql", timeout=120)
     with mysql_connect(config, ssl_disabled=True) as db:
         assert cipher(db) == ""
