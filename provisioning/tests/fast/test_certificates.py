@@ -108,3 +108,19 @@ def test_the_admin_shows_the_ca_but_never_its_key(admin_client, create):
     page = admin_client.get(f"/admin/provisioning/instance/{instance.pk}/change/")
     assert b"Tls expires at" in page.content or b"tls expires at" in page.content.lower()
     assert instance.tls_key.splitlines()[1].encode() not in page.content and b"PRIVATE KEY" not in page.content
+
+
+def test_two_workers_that_make_the_ca_at_once_keep_one(monkeypatch):
+    made = certificates._new_authority
+
+    def another_worker_was_first():
+        certificate, key, expires_at = made()
+        CertificateAuthority.objects.create(
+            name=certificates.CA_NAME, certificate=certificate, key=key, expires_at=expires_at
+        )
+        return made()  # this worker's own, made meanwhile
+
+    monkeypatch.setattr(certificates, "_new_authority", another_worker_was_first)
+    ca = certificates.authority()
+    assert CertificateAuthority.objects.count() == 1
+    assert ca.certificate == CertificateAuthority.objects.get().certificate
