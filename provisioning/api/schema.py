@@ -16,10 +16,13 @@ from rest_framework import serializers
 from ..engines import engines
 from ..services.requests import NAME_PATTERN
 from .serializers import (
+    ChangeInstanceSerializer,
     CreateInstanceSerializer,
     KindField,
+    LifetimeField,
     NameField,
     ShapingField,
+    change_serializer,
     config_serializer,
     create_serializer,
 )
@@ -86,6 +89,25 @@ class CreateInstanceSchema(OpenApiSerializerExtension):
         return schema
 
 
+class ChangeInstanceSchema(OpenApiSerializerExtension):
+    target_class = ChangeInstanceSerializer
+    match_subclasses = True
+
+    def get_name(self, auto_schema, direction):
+        return f"{self.target.engine.kind.capitalize()}Change"
+
+    def map_serializer(self, auto_schema, direction):
+        engine = self.target.engine
+        schema = auto_schema._map_basic_serializer(self.target, direction)
+        schema["additionalProperties"] = False
+        schema["description"] = (
+            f"A JSON merge patch of a {engine.label} instance: a field left out stays, null puts its default back. "
+            "Each option's x-apply says how a change takes effect: live, restart (pending until the next restart) "
+            "or create-only (refused)."
+        )
+        return schema
+
+
 class OptionFieldSchema(OpenApiSerializerFieldExtension):
     target_class = ShapingField
     match_subclasses = True
@@ -123,6 +145,25 @@ class NameFieldSchema(OpenApiSerializerFieldExtension):
         return {"type": "string", "pattern": f"^{pattern}$", "maxLength": self.target.max_length}
 
 
+class LifetimeFieldSchema(OpenApiSerializerFieldExtension):
+    """expires_in, expires_at or stop_when_idle: text (stop_when_idle also whole seconds); null in
+    JSON for never, a blank in a form for the default."""
+
+    target_class = LifetimeField
+
+    def map_serializer_field(self, auto_schema, direction):
+        name = self.target.field_name
+        if name == "expires_at":
+            schema: dict = {"type": "string", "format": "date-time"}
+        elif name == "stop_when_idle":
+            schema = {"oneOf": [{"type": "string", "example": "30m"}, {"type": "integer", "minimum": 60}]}
+        else:
+            schema = {"type": "string", "example": "2h"}
+        if not getattr(self.target.parent, "form", False):
+            schema["nullable"] = True
+        return schema
+
+
 class KindFieldSchema(OpenApiSerializerFieldExtension):
     target_class = KindField
 
@@ -148,6 +189,8 @@ class InstanceSchema(KindSchema):
     """The kind in every path, the create body and the config answer, per registered engine."""
 
     def get_request_serializer(self):
+        if getattr(self.view, "action", None) == "partial_update":
+            return AnyOf("ChangeInstance", [change_serializer(engine) for engine in engines().values()])
         if getattr(self.view, "action", None) == "create":
             json = AnyOf("CreateInstance", [create_serializer(engine) for engine in engines().values()])
             form = AnyOf("CreateInstanceForm", [create_serializer(engine, form=True) for engine in engines().values()])

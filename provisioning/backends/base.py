@@ -12,6 +12,7 @@ from django.utils.module_loading import import_string
 
 from ..engines import Endpoint, LogArchive, Replay, engines, get_engine
 from ..errors import BackendError, ImportRefused
+from ..options import describe_size
 from . import listeners
 from .disks import DISK_FULL
 
@@ -84,6 +85,19 @@ class BaseBackend:
         read them, where its engine can (`Engine.reload_tls`); False if it takes them at its next
         start only."""
         return False
+
+    def reconfigure(self, instance: "Instance", changes: dict[str, Any], *, memory_limit: int | None = None) -> None:
+        """Change the running server: `changes` are live options (`Engine.apply_live`) and
+        `memory_limit`, if given, its kernel or container memory limit in bytes. All or nothing: a
+        limit is raised before the server grows and lowered after it shrinks, a limit below what
+        the server uses now is refused before anything changes, and a refusal puts back what was
+        changed. Raise BackendError saying why."""
+        raise BackendError(f"The {self.alias} backend cannot change a running server.")
+
+    def client_connections(self, instance: "Instance") -> int:
+        """How many connections the tenant's clients hold open on the running server
+        (`Engine.client_connections`); raise BackendError if it cannot tell."""
+        raise BackendError(f"The {self.alias} backend cannot count client connections.")
 
     def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         """Write a consistent copy of the running instance's data to `out`, as its engine takes it
@@ -295,6 +309,15 @@ class BaseBackend:
                     return False
                 raise
         return True
+
+
+def check_fits(limit: int, in_use: int | None) -> None:
+    """Refuse a memory limit below what the server uses now: the kernel would kill it."""
+    if in_use is not None and limit < in_use:
+        raise BackendError(
+            f"The server uses {describe_size(in_use)} now, more than the new limit of {describe_size(limit)}; "
+            "free some memory (or restart it) first."
+        )
 
 
 _loaded: dict[tuple[str, str], BaseBackend] = {}

@@ -42,7 +42,7 @@ from django.conf import settings
 
 from ..engines import Container, Endpoint, Layout, LogArchive, Replay, engines, get_engine
 from . import files
-from .base import BackendError, BaseBackend
+from .base import BackendError, BaseBackend, check_fits
 from .containers import DockerBeside, exec_in
 from .disks import Disks, fullness
 
@@ -273,22 +273,18 @@ class DockerBackend(BaseBackend):
         self._mount_disk(directory)
         self._seal(instance)  # a restore cut short may have left `disk/` open to the uid's group
         (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
-        spec = self._spec_to_start(instance)
+        spec = get_engine(instance.kind).container(instance, self.layout(instance))
         self._check_mounts(containers[0], spec)
-        self._write_files(instance, spec, init=False)  # its current options and certificate
+        if not self._restored_unsettled(instance, spec):  # the options as they are now (pending ones applied)
+            self._write_files(instance, spec, init=False)
         self._docker("start the container", containers[0].start)
         self._wait_for_login(instance, containers[0])
         self._settle(instance)  # after a restore whose first start failed, a later one's login did it
 
-    def _spec_to_start(self, instance: "Instance") -> Container:
-        """The container's files for its next start: those of its first start after a restore while
-        the first-start files are not yet emptied (that start failed), else its usual ones."""
-        engine, layout, directory = get_engine(instance.kind), self.layout(instance), self.directory(instance)
-        spec = engine.container(instance, layout)
-        pending = [directory / INIT / name for name in spec.init_files]
-        if any(path.exists() and path.stat().st_size for path in pending):
-            return engine.container_restored(instance, layout)
-        return spec
+    def _restored_unsettled(self, instance: "Instance", spec: Container) -> bool:
+        """Whether a restore's first-start files are still there (its start failed): its files
+        stay as the restore wrote them until a login settles them."""
+        return any((self.directory(instance) / INIT / name).stat().st_size for name in spec.init_files)
 
     @staticmethod
     def _check_mounts(container: Any, spec: Container) -> None:
@@ -447,6 +443,37 @@ class DockerBackend(BaseBackend):
             get_engine(instance.kind).set_password(
                 instance, password, admin=admin, write=lambda name, text: self._write(instance, directory / name, text)
             )
+
+    def reconfigure(self, instance: "Instance", changes: dict[str, Any], *, memory_limit: int | None = None) -> None:
+        containers = self._own(instance)
+        if not containers:
+            raise BackendError(GONE)
+        container = containers[0]
+        old = int(container.attrs["HostConfig"]["Memory"] or 0) if memory_limit is not None else 0
+        grows = memory_limit is not None and memory_limit > old
+        if memory_limit is not None and not grows:
+            stats = self._docker("read the container's memory", container.stats, stream=False)
+            memory = stats.get("memory_stats", {})
+            check_fits(memory_limit, memory.get("stats", {}).get("anon", memory.get("usage")))
+        if grows:
+            self._limit(container, memory_limit)  # type: ignore[arg-type]
+        try:
+            if changes:
+                with self._admin(instance) as admin:
+                    get_engine(instance.kind).apply_live(instance, changes, admin=admin)
+        except Exception:
+            if grows:
+                self._limit(container, old)
+            raise
+        if memory_limit is not None and not grows:
+            self._limit(container, memory_limit)
+
+    def _limit(self, container: Any, memory: int) -> None:
+        self._docker("change the memory limit", container.update, mem_limit=memory, memswap=memory)
+
+    def client_connections(self, instance: "Instance") -> int:
+        with self._admin(instance) as admin:
+            return get_engine(instance.kind).client_connections(instance, admin=admin)
 
     @contextmanager
     def _admin(self, instance: "Instance") -> Iterator[Endpoint]:

@@ -35,7 +35,7 @@ from django.conf import settings
 
 from ..engines import Endpoint, Layout, LogArchive, Replay, engines, get_engine
 from . import files, processes
-from .base import BackendError, BaseBackend
+from .base import BackendError, BaseBackend, check_fits
 from .cgroups import Cgroups
 from .disks import Disks, MiB, fullness
 from .processes import kill_processes_under, processes_under
@@ -182,13 +182,13 @@ class LocalBackend(BaseBackend):
         self._run_server(instance)
 
     def set_password(self, instance: "Instance", password: str) -> None:
-        directory, layout, user = self.directory(instance), self.layout(instance), self.user(instance)
+        directory, user = self.directory(instance), self.user(instance)
         group = user.gid if user else None
-        with files.unix_socket(Path(layout.socket), owner=user.uid if user else None) as socket:
+        with self._admin(instance) as admin:
             get_engine(instance.kind).set_password(
                 instance,
                 password,
-                admin=Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=socket),
+                admin=admin,
                 write=lambda name, text: files.write(directory / name, text, group=group),
             )
 
@@ -205,6 +205,39 @@ class LocalBackend(BaseBackend):
             if socket is None:
                 return False  # not running: it reads them when it starts
             return engine.reload_tls(instance, admin=Endpoint(layout.bind_address, layout.port, socket=socket))
+
+    def reconfigure(self, instance: "Instance", changes: dict[str, Any], *, memory_limit: int | None = None) -> None:
+        cgroup = _cgroup(instance.kind, instance.pk) if self.confined and not self.no_cgroups else None
+        old = self.cgroups.memory_limit(cgroup) if cgroup and memory_limit is not None else None
+        grows = old is not None and memory_limit is not None and memory_limit > old
+        if cgroup and memory_limit is not None and not grows:
+            check_fits(memory_limit, self.cgroups.memory_in_use(cgroup))
+        if grows:
+            self.cgroups.set_memory_limit(cgroup, memory_limit)  # type: ignore[arg-type]
+        try:
+            if changes:
+                with self._admin(instance) as admin:
+                    get_engine(instance.kind).apply_live(instance, changes, admin=admin)
+        except Exception:
+            if grows:
+                self.cgroups.set_memory_limit(cgroup, old)  # type: ignore[arg-type]
+            raise
+        if cgroup and memory_limit is not None and not grows:
+            self.cgroups.set_memory_limit(cgroup, memory_limit)
+
+    @contextmanager
+    def _admin(self, instance: "Instance") -> Iterator[Endpoint]:
+        """Where the portal administers the server: its Unix socket, reached through a descriptor
+        checked to be a socket of the instance's uid."""
+        layout, user = self.layout(instance), self.user(instance)
+        with files.unix_socket(Path(layout.socket), owner=user.uid if user else None) as socket:
+            if socket is None:
+                raise BackendError("The server has no socket: it is not running.")
+            yield Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=socket)
+
+    def client_connections(self, instance: "Instance") -> int:
+        with self._admin(instance) as admin:
+            return get_engine(instance.kind).client_connections(instance, admin=admin)
 
     def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         with self._beside(instance) as beside:

@@ -487,11 +487,27 @@ class Engine:
         run a trivial command; raise on failure."""
         raise NotImplementedError("Engines must say how a user logs in.")
 
+    # Live options the running server holds: option name -> the server's name for the setting. A
+    # live option not named here is the portal's own (the backup schedule): nothing to tell the server.
+    live_settings: dict[str, str] = {}
+
+    def apply_live(self, instance: "Instance", changes: dict[str, Any], *, admin: Endpoint) -> None:
+        """Set `changes` (option name -> new value, all in `live_settings`) on the running server as
+        the portal's own account, then read each back. If any is refused or reads back otherwise,
+        put back every value already changed and raise BackendError naming the option and why."""
+        raise NotImplementedError(f"{self.label} options cannot be changed on a running server.")
+
     def refuse_writes(self, instance: "Instance", refuse: bool, *, admin: Endpoint) -> None:
         """Make the running server refuse every write of the user, reads still working (or, with
         `refuse` False, accept them again): what the local backend does to an instance over its
         disk limit where the kernel cannot stop it. A restarted server accepts writes."""
         raise NotImplementedError("Engines must say how a server refuses writes.")
+
+    def client_connections(self, instance: "Instance", *, admin: Endpoint) -> int:
+        """How many connections the tenant's clients hold open on the running server, idle ones
+        included; the portal's own (its administrative account, this very query) do not count.
+        What stop_when_idle watches."""
+        raise NotImplementedError("Engines must say how client connections are counted.")
 
     # Snapshots -------------------------------------------------------------------------
 

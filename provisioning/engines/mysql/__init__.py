@@ -10,6 +10,7 @@ import re
 import secrets
 import shutil
 import ssl
+import time
 import zlib
 import zoneinfo
 from collections.abc import Iterator
@@ -554,10 +555,56 @@ class MySQL(Engine):
             # old one. The portal's own (root) session is another user's.
             cursor.execute(f"KILL CONNECTION USER '{instance.username}'@'%'")
 
+    live_settings = {
+        "binlog_format": "binlog_format",
+        "innodb_buffer_pool_size": "innodb_buffer_pool_size",
+        "max_connections": "max_connections",
+        "sql_mode": "sql_mode",
+        "time_zone": "time_zone",
+        "wait_timeout": "wait_timeout",
+        "slow_query_log": "slow_query_log",
+        "long_query_time": "long_query_time",
+    }
+
+    def apply_live(self, instance: "Instance", changes: dict[str, Any], *, admin: Endpoint) -> None:
+        # SET GLOBAL reaches sessions opened after it (sql_mode, time_zone, wait_timeout,
+        # binlog_format); the buffer pool is resized in the background, which is awaited.
+        with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
+            old: dict[str, Any] = {}
+            try:
+                for name, value in changes.items():
+                    variable = self.live_settings[name]
+                    cursor.execute(f"SELECT @@GLOBAL.{variable}")
+                    old[name] = _one(cursor)
+                    try:
+                        cursor.execute(f"SET GLOBAL {variable} = %s", [value])
+                        if name == "innodb_buffer_pool_size":
+                            _await_resize(cursor)
+                    except pymysql.MySQLError as exc:
+                        raise BackendError(f"The server refused {name} = {value!r} ({_said(exc)}).") from None
+                    cursor.execute(f"SELECT @@GLOBAL.{variable}")
+                    if not _same(name, _one(cursor), value):
+                        raise BackendError(f"{name} reads back as {_one_text(cursor, variable)}, not {value!r}.")
+            except Exception:
+                for name, value in old.items():
+                    try:
+                        cursor.execute(f"SET GLOBAL {self.live_settings[name]} = %s", [value])
+                    except pymysql.MySQLError:
+                        logger.exception("Could not put back %s of instance %s", name, instance.pk)
+                raise
+
     def refuse_writes(self, instance: "Instance", refuse: bool, *, admin: Endpoint) -> None:
         # read_only stops every account without SUPER (the user's), and the portal's root keeps it.
         with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
             cursor.execute(f"SET GLOBAL read_only = {'ON' if refuse else 'OFF'}")
+
+    def client_connections(self, instance: "Instance", *, admin: Endpoint) -> int:
+        # Every session of the tenant's account, sleeping ones too; the portal's root, its backup
+        # account and the server's own threads are other users.
+        with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s", [instance.username])
+            row = cursor.fetchone()
+        return int(row[0]) if row else 0
 
     # Snapshots -------------------------------------------------------------------------
 
@@ -845,6 +892,52 @@ class MySQL(Engine):
         with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
             cursor.execute("FLUSH SSL")
         return True
+
+
+def _one(cursor: Any) -> Any:
+    row = cursor.fetchone()
+    return row[0] if row else None
+
+
+def _one_text(cursor: Any, variable: str) -> str:
+    cursor.execute(f"SELECT @@GLOBAL.{variable}")
+    return repr(_one(cursor))
+
+
+def _said(exc: pymysql.MySQLError) -> str:
+    code, text = (exc.args + ("",))[:2] if exc.args else (0, str(exc))
+    return f"{code}: {text}"
+
+
+def _same(name: str, found: Any, wanted: Any) -> bool:
+    """Whether the server's value of a setting is the option's: as the server writes it back."""
+    if name == "sql_mode":
+        return set(filter(None, str(found).split(","))) == set(filter(None, str(wanted).split(",")))
+    if name == "slow_query_log":
+        return str(found) in (("1", "ON") if wanted == "ON" else ("0", "OFF"))
+    if name == "long_query_time":
+        return abs(float(found) - float(wanted)) < 1e-6
+    if isinstance(wanted, int):
+        return int(found) == wanted
+    return str(found) == str(wanted)
+
+
+RESIZE_TIMEOUT = 60  # seconds a buffer pool resize may take
+
+
+def _await_resize(cursor: Any) -> None:
+    """Wait until InnoDB says the buffer pool resize it began is over (or failed)."""
+    deadline = time.monotonic() + RESIZE_TIMEOUT
+    while time.monotonic() < deadline:
+        cursor.execute("SHOW GLOBAL STATUS LIKE 'Innodb_buffer_pool_resize_status'")
+        row = cursor.fetchone()
+        status = str(row[1]) if row else ""
+        if not status or status.startswith("Completed"):
+            return
+        if "fail" in status.lower():
+            raise BackendError(f"InnoDB did not resize the buffer pool: {status}")
+        time.sleep(0.05)
+    raise BackendError(f"The buffer pool resize took over {RESIZE_TIMEOUT} s.")
 
 
 def _replayed(replay: Replay, first: str) -> list[ArchivedLog]:

@@ -162,6 +162,18 @@ def clean_keyspace_events(value: str) -> str:
     return value
 
 
+def _same(name: str, found: str, wanted: Any) -> bool:
+    """Whether CONFIG GET's answer is the option's value, as Redis writes it back (keyspace
+    events in its own order, "A" for all of its classes)."""
+    if name == "notify_keyspace_events":
+        return _events(found) == _events(str(wanted))
+    return found == str(wanted)
+
+
+def _events(letters: str) -> set[str]:
+    return set(letters.replace("A", "g$lshzxetd"))
+
+
 def acl_password_hash(password: str) -> str:
     """The `#<sha256>` form of an ACL password: the plaintext never reaches the disk."""
     return "#" + hashlib.sha256(password.encode()).hexdigest()
@@ -379,6 +391,35 @@ class Redis(Engine):
         finally:
             client.close()
 
+    live_settings = {
+        "maxmemory": "maxmemory",
+        "maxmemory_policy": "maxmemory-policy",
+        "maxclients": "maxclients",
+        "appendfsync": "appendfsync",
+        "timeout": "timeout",
+        "notify_keyspace_events": "notify-keyspace-events",
+        "maxmemory_samples": "maxmemory-samples",
+    }
+
+    def apply_live(self, instance: "Instance", changes: dict[str, Any], *, admin: Endpoint) -> None:
+        # One CONFIG SET of every pair: Redis applies all of them or none.
+        names = {self.live_settings[name]: name for name in changes}
+        client = self.client(admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT)
+        try:
+            old = {setting: str(client.config_get(setting)[setting]) for setting in names}
+            pairs = [part for name, value in changes.items() for part in (self.live_settings[name], str(value))]
+            try:
+                client.config_set(*pairs)
+            except redis.ResponseError as exc:
+                raise BackendError(f"The server refused {', '.join(changes)}: {exc}.") from None
+            for setting, name in names.items():
+                found = str(client.config_get(setting)[setting])
+                if not _same(name, found, changes[name]):
+                    client.config_set(*[part for pair in old.items() for part in pair])
+                    raise BackendError(f"{name} reads back as {found!r}, not {changes[name]!r}; nothing was changed.")
+        finally:
+            client.close()
+
     def refuse_writes(self, instance: "Instance", refuse: bool, *, admin: Endpoint) -> None:
         # A master that must write to one replica, and has none, refuses every write command
         # (NOREPLICAS) and still answers reads; the tenant may not CONFIG SET it back.
@@ -387,6 +428,16 @@ class Redis(Engine):
             client.config_set("min-replicas-to-write", 1 if refuse else 0)
         finally:
             client.close()
+
+    def client_connections(self, instance: "Instance", *, admin: Endpoint) -> int:
+        # Connections logged in as the tenant's user (subscribers and monitors too); the portal's
+        # own user, which asks, is another.
+        client = self.client(admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT)
+        try:
+            clients: list[dict[str, Any]] = client.client_list()
+        finally:
+            client.close()
+        return sum(1 for entry in clients if entry.get("user") == USERNAME)
 
     # Snapshots and point-in-time recovery ----------------------------------------------
     #
