@@ -45,6 +45,22 @@ def delete(api, kind: str, pk: int, timeout: float = 60) -> None:
     wait_for_status(api, kind, pk, "gone", timeout=timeout)
 
 
+def patch_tls(api, kind: str, pk: int, tls: str | None):
+    """The change as a user makes it: a PATCH, which keeps a restart option pending."""
+    response = api.patch(f"/api/storage/{kind}/instances/{pk}", {"tls": tls}, format="json")
+    assert response.status_code == 202, response.content
+    return response
+
+
+def apply_now(api, kind: str, pk: int, timeout: float = 60) -> None:
+    """Restart to apply what is pending (`?apply=now`), and wait until it runs again."""
+    response = api.patch(f"/api/storage/{kind}/instances/{pk}?apply=now", {}, format="json")
+    assert response.status_code == 202, response.content
+    body = wait_for_status(api, kind, pk, "running", "unhealthy", "failed", timeout=timeout)
+    assert body["status"] == "running", body["status_message"]
+    assert body["pending_options"] == {}
+
+
 def write_ca(tmp_path: Path, config: dict) -> str:
     path = tmp_path / "stockroom-ca.pem"
     path.write_text(config["ca_certificate"])
@@ -132,19 +148,20 @@ def key_readable_by_its_server_only(kind: str, pk: int) -> None:
     assert stranger.returncode != 0 and "PRIVATE KEY" not in stranger.stdout
 
 
-def test_redis_tls_taken_at_restart_and_off_again(api, tmp_path):
+def test_redis_tls_by_patch_pending_until_the_restart_and_off_again(api, tmp_path):
     pk, config = create(api, "redis")
     assert config["tls"] == "off" and config["ca_certificate"] == "" and config["uri"].startswith("redis://")
     plain = redis.Redis(host=config["host"], port=config["port"], password=config["password"], retry=NO_RETRY)
     assert plain.ping()
     plain.close()
 
-    # What the lead's PATCH does for a restart option: pending until the restart, which applies it.
-    instance = Instance.objects.get(pk=pk)
-    instance.options = {**instance.options, "tls": "required"}
-    instance.save(update_fields=["options"])
-    assert api.post(f"/api/storage/redis/instances/{pk}/restart").status_code == 202
-    assert wait_for_status(api, "redis", pk, "running", "unhealthy")["status"] == "running"
+    # A PATCH makes it pending: the running server still speaks plaintext until the restart.
+    response = patch_tls(api, "redis", pk, "required")
+    assert response.json()["pending_options"] == {"tls": "required"}
+    plain = redis.Redis(host=config["host"], port=config["port"], password=config["password"], retry=NO_RETRY)
+    assert plain.ping()
+    plain.close()
+    apply_now(api, "redis", pk)
     config = api.get(f"/api/storage/redis/instances/{pk}/config").json()
     ca = write_ca(tmp_path, config)
     tls = redis.Redis.from_url(config["uri"], ssl_ca_certs=ca, retry=NO_RETRY)
@@ -155,12 +172,9 @@ def test_redis_tls_taken_at_restart_and_off_again(api, tmp_path):
             host=config["host"], port=config["port"], password=config["password"], socket_timeout=3, retry=NO_RETRY
         ).ping()
 
-    # Off again: plaintext on the same port, and the config no longer speaks of TLS.
-    instance = Instance.objects.get(pk=pk)
-    instance.options = {**instance.options, "tls": "off"}
-    instance.save(update_fields=["options"])
-    assert api.post(f"/api/storage/redis/instances/{pk}/restart").status_code == 202
-    assert wait_for_status(api, "redis", pk, "running", "unhealthy")["status"] == "running"
+    # Off again (null: the default): plaintext on the same port, and the config no longer speaks of TLS.
+    patch_tls(api, "redis", pk, None)
+    apply_now(api, "redis", pk)
     config = api.get(f"/api/storage/redis/instances/{pk}/config").json()
     assert config["uri"].startswith("redis://") and config["ca_certificate"] == ""
     plain = redis.Redis(host=config["host"], port=config["port"], password=config["password"], retry=NO_RETRY)
@@ -355,17 +369,13 @@ def test_docker_redis_tls_required(api, docker_backend, tmp_path):
     delete(api, "redis", pk, timeout=120)
 
 
-def test_docker_mysql_tls_taken_at_restart(api, docker_backend, tmp_path):
+def test_docker_mysql_tls_by_patch_taken_at_restart(api, docker_backend, tmp_path):
     pk, config = create(api, "mysql", timeout=120)
     with mysql_connect(config, ssl_disabled=True) as db:
         assert cipher(db) == ""
 
-    instance = Instance.objects.get(pk=pk)
-    instance.options = {**instance.options, "tls": "required"}
-    instance.save(update_fields=["options"])
-    assert api.post(f"/api/storage/mysql/instances/{pk}/restart").status_code == 202
-    body = wait_for_status(api, "mysql", pk, "running", "unhealthy", timeout=120)
-    assert body["status"] == "running", body["status_message"]
+    patch_tls(api, "mysql", pk, "required")
+    apply_now(api, "mysql", pk, timeout=120)
 
     config = api.get(f"/api/storage/mysql/instances/{pk}/config").json()
     ca = write_ca(tmp_path, config)
