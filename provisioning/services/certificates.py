@@ -169,9 +169,8 @@ def renew_due(*, now: datetime) -> int:
     """The reconciler's part: new certificates for instances whose own expires within RENEW_BEFORE.
     A running server takes it at once where its backend can reload it, else at its next restart.
     Returns how many were renewed."""
-    due = Instance.objects.filter(tls_expires_at__lt=now + RENEW_BEFORE).exclude(
-        status__in=(Status.DELETED, Status.FAILED)
-    )
+    # Not while a worker acts on it (a start would write the certificate it read before): next pass.
+    due = Instance.objects.filter(tls_expires_at__lt=now + RENEW_BEFORE, status__in=(Status.RUNNING, Status.STOPPED))
     renewed = 0
     for instance in due:
         if not wants_tls(instance):
