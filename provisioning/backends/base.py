@@ -5,6 +5,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -91,8 +92,40 @@ class BaseBackend:
         `memory_limit`, if given, its kernel or container memory limit in bytes. All or nothing: a
         limit is raised before the server grows and lowered after it shrinks, a limit below what
         the server uses now is refused before anything changes, and a refusal puts back what was
-        changed. Raise BackendError saying why."""
-        raise BackendError(f"The {self.alias} backend cannot change a running server.")
+        changed. Raise BackendError saying why.
+
+        Backends give the parts: `memory` (the limit now and what is in use), `set_memory_limit`
+        and `admin` (the portal's way in); one without a limit of its own returns None for it."""
+        now, in_use = self.memory(instance) if memory_limit is not None else (None, None)
+        grows = now is not None and memory_limit is not None and memory_limit > now
+        shrinks = now is not None and memory_limit is not None and not grows
+        if shrinks:
+            check_fits(memory_limit, in_use)  # type: ignore[arg-type]
+        if grows:
+            self.set_memory_limit(instance, memory_limit)  # type: ignore[arg-type]
+        try:
+            if changes:
+                with self.admin(instance) as admin:
+                    get_engine(instance.kind).apply_live(instance, changes, admin=admin)
+        except Exception:
+            if grows:
+                self.set_memory_limit(instance, now)  # type: ignore[arg-type]
+            raise
+        if shrinks:
+            self.set_memory_limit(instance, memory_limit)  # type: ignore[arg-type]
+
+    def memory(self, instance: "Instance") -> tuple[int | None, int | None]:
+        """The running server's memory limit now and the bytes it uses that a lower limit could not
+        take back (None, None: the backend sets no limit of its own)."""
+        return None, None
+
+    def set_memory_limit(self, instance: "Instance", memory: int) -> None:
+        """Change the running server's kernel or container memory limit; it goes on running."""
+        raise BackendError(f"The {self.alias} backend cannot change a memory limit.")
+
+    def admin(self, instance: "Instance") -> AbstractContextManager[Endpoint]:
+        """Where the portal's own account reaches the running server, while the block runs."""
+        raise BackendError(f"The {self.alias} backend cannot administer a running server.")
 
     def client_connections(self, instance: "Instance") -> int:
         """How many connections the tenant's clients hold open on the running server

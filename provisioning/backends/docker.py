@@ -42,7 +42,7 @@ from django.conf import settings
 
 from ..engines import Container, Endpoint, Layout, LogArchive, Replay, engines, get_engine
 from . import files
-from .base import BackendError, BaseBackend, check_fits
+from .base import BackendError, BaseBackend
 from .containers import DockerBeside, exec_in
 from .disks import Disks, fullness
 
@@ -303,7 +303,7 @@ class DockerBackend(BaseBackend):
         for name, text in engine.tls_files(instance).items():
             self._write(instance, directory / name, text)
         try:
-            with self._admin(instance) as admin:
+            with self.admin(instance) as admin:
                 return engine.reload_tls(instance, admin=admin)
         except BackendError:  # not running: it reads them when it starts
             return False
@@ -334,7 +334,7 @@ class DockerBackend(BaseBackend):
         containers = self._own(instance)
         if not containers:
             raise BackendError(GONE)
-        with self._admin(instance) as admin:
+        with self.admin(instance) as admin:
             execute = partial(self._exec, containers[0], user=self._user(instance))
             yield DockerBeside(layout=self.layout(instance), endpoint=admin, execute=execute)
 
@@ -439,44 +439,29 @@ class DockerBackend(BaseBackend):
 
     def set_password(self, instance: "Instance", password: str) -> None:
         directory = self.directory(instance)
-        with self._admin(instance) as admin:
+        with self.admin(instance) as admin:
             get_engine(instance.kind).set_password(
                 instance, password, admin=admin, write=lambda name, text: self._write(instance, directory / name, text)
             )
 
-    def reconfigure(self, instance: "Instance", changes: dict[str, Any], *, memory_limit: int | None = None) -> None:
+    def memory(self, instance: "Instance") -> tuple[int | None, int | None]:
+        container = self._running(instance)
+        stats = self._docker("read the container's memory", container.stats, stream=False).get("memory_stats", {})
+        in_use = stats.get("stats", {}).get("anon", stats.get("usage"))
+        return int(container.attrs["HostConfig"]["Memory"] or 0) or None, in_use
+
+    def set_memory_limit(self, instance: "Instance", memory: int) -> None:
+        container = self._running(instance)
+        self._docker("change the memory limit", container.update, mem_limit=memory, memswap_limit=memory)
+
+    def _running(self, instance: "Instance") -> Any:
         containers = self._own(instance)
         if not containers:
             raise BackendError(GONE)
-        container = containers[0]
-        old = int(container.attrs["HostConfig"]["Memory"] or 0) if memory_limit is not None else 0
-        grows = memory_limit is not None and memory_limit > old
-        if memory_limit is not None and not grows:
-            stats = self._docker("read the container's memory", container.stats, stream=False)
-            memory = stats.get("memory_stats", {})
-            check_fits(memory_limit, memory.get("stats", {}).get("anon", memory.get("usage")))
-        if grows:
-            self._limit(container, memory_limit)  # type: ignore[arg-type]
-        try:
-            if changes:
-                with self._admin(instance) as admin:
-                    get_engine(instance.kind).apply_live(instance, changes, admin=admin)
-        except Exception:
-            if grows:
-                self._limit(container, old)
-            raise
-        if memory_limit is not None and not grows:
-            self._limit(container, memory_limit)
-
-    def _limit(self, container: Any, memory: int) -> None:
-        self._docker("change the memory limit", container.update, mem_limit=memory, memswap=memory)
-
-    def client_connections(self, instance: "Instance") -> int:
-        with self._admin(instance) as admin:
-            return get_engine(instance.kind).client_connections(instance, admin=admin)
+        return containers[0]
 
     @contextmanager
-    def _admin(self, instance: "Instance") -> Iterator[Endpoint]:
+    def admin(self, instance: "Instance") -> Iterator[Endpoint]:
         """Where the portal administers the server: its Unix socket, reached through a descriptor
         checked to be a socket of the container's uid (which may put a symlink in its place)."""
         assert instance.port is not None, "only an instance that holds a port has a server"
@@ -495,7 +480,7 @@ class DockerBackend(BaseBackend):
         )
 
     def _refuse_writes(self, instance: "Instance", *, refuse: bool) -> None:
-        with self._admin(instance) as admin:
+        with self.admin(instance) as admin:
             get_engine(instance.kind).refuse_writes(instance, refuse, admin=admin)
         marker = self.directory(instance) / WRITES_REFUSED
         if refuse:

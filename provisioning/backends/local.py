@@ -35,7 +35,7 @@ from django.conf import settings
 
 from ..engines import Endpoint, Layout, LogArchive, Replay, engines, get_engine
 from . import files, processes
-from .base import BackendError, BaseBackend, check_fits
+from .base import BackendError, BaseBackend
 from .cgroups import Cgroups
 from .disks import Disks, MiB, fullness
 from .processes import kill_processes_under, processes_under
@@ -184,7 +184,7 @@ class LocalBackend(BaseBackend):
     def set_password(self, instance: "Instance", password: str) -> None:
         directory, user = self.directory(instance), self.user(instance)
         group = user.gid if user else None
-        with self._admin(instance) as admin:
+        with self.admin(instance) as admin:
             get_engine(instance.kind).set_password(
                 instance,
                 password,
@@ -193,40 +193,26 @@ class LocalBackend(BaseBackend):
             )
 
     def reload_tls(self, instance: "Instance") -> bool:
-        engine, directory, layout, user = (
-            get_engine(instance.kind),
-            self.directory(instance),
-            self.layout(instance),
-            self.user(instance),
-        )
+        engine, directory, user = get_engine(instance.kind), self.directory(instance), self.user(instance)
         for name, text in engine.tls_files(instance).items():
             files.write(directory / name, text, group=user.gid if user else None)
-        with files.unix_socket(Path(layout.socket), owner=user.uid if user else None) as socket:
-            if socket is None:
-                return False  # not running: it reads them when it starts
-            return engine.reload_tls(instance, admin=Endpoint(layout.bind_address, layout.port, socket=socket))
-
-    def reconfigure(self, instance: "Instance", changes: dict[str, Any], *, memory_limit: int | None = None) -> None:
-        cgroup = _cgroup(instance.kind, instance.pk) if self.confined and not self.no_cgroups else None
-        old = self.cgroups.memory_limit(cgroup) if cgroup and memory_limit is not None else None
-        grows = old is not None and memory_limit is not None and memory_limit > old
-        if cgroup and memory_limit is not None and not grows:
-            check_fits(memory_limit, self.cgroups.memory_in_use(cgroup))
-        if grows:
-            self.cgroups.set_memory_limit(cgroup, memory_limit)  # type: ignore[arg-type]
         try:
-            if changes:
-                with self._admin(instance) as admin:
-                    get_engine(instance.kind).apply_live(instance, changes, admin=admin)
-        except Exception:
-            if grows:
-                self.cgroups.set_memory_limit(cgroup, old)  # type: ignore[arg-type]
-            raise
-        if cgroup and memory_limit is not None and not grows:
-            self.cgroups.set_memory_limit(cgroup, memory_limit)
+            with self.admin(instance) as admin:
+                return engine.reload_tls(instance, admin=admin)
+        except BackendError:  # not running: it reads them when it starts
+            return False
+
+    def memory(self, instance: "Instance") -> tuple[int | None, int | None]:
+        if not self.confined or self.no_cgroups:
+            return None, None
+        cgroup = _cgroup(instance.kind, instance.pk)
+        return self.cgroups.memory_limit(cgroup), self.cgroups.memory_in_use(cgroup)
+
+    def set_memory_limit(self, instance: "Instance", memory: int) -> None:
+        self.cgroups.set_memory_limit(_cgroup(instance.kind, instance.pk), memory)
 
     @contextmanager
-    def _admin(self, instance: "Instance") -> Iterator[Endpoint]:
+    def admin(self, instance: "Instance") -> Iterator[Endpoint]:
         """Where the portal administers the server: its Unix socket, reached through a descriptor
         checked to be a socket of the instance's uid."""
         layout, user = self.layout(instance), self.user(instance)
@@ -236,7 +222,7 @@ class LocalBackend(BaseBackend):
             yield Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=socket)
 
     def client_connections(self, instance: "Instance") -> int:
-        with self._admin(instance) as admin:
+        with self.admin(instance) as admin:
             return get_engine(instance.kind).client_connections(instance, admin=admin)
 
     def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:

@@ -96,9 +96,15 @@ def change_instance(
                 get_backend(instance.backend).reconfigure(
                     instance, to_server, memory_limit=limit if limit != instance.memory_limit else None
                 )
-        except BackendError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever stopped it, the answer says so and nothing changed
             Instance.objects.filter(pk=instance.pk).update(memory_reservation=instance.memory_reservation)
-            raise NotApplied(f"Not applied: {exc} Nothing was changed.") from None
+            why = (
+                str(exc)
+                if isinstance(exc, BackendError)
+                else f"the server could not be reached ({type(exc).__name__})."
+            )
+            logger.warning("Instance %s: a change was not applied: %s", instance.pk, exc)
+            raise NotApplied(f"Not applied: {why.rstrip('.')}. Nothing was changed.") from None
         _save(instance, engine, after, pending, reservation, limit, fields, by=by, running=running)
     finally:
         if keeper is not None:

@@ -114,3 +114,28 @@ def test_the_admin_changes_options_through_the_service(admin_client, create, fak
     assert fake.server(instance["id"]).options["maxmemory_policy"] == "allkeys-lru"
     event = InstanceEvent.objects.filter(instance_id=instance["id"], type="instance.options_changed").get()
     assert "by admin" in event.reason and "maxmemory 64mb → 80mb" in event.reason
+
+
+def test_more_memory_than_the_host_has_left_is_503_and_changes_nothing(api, create, fake, settings):
+    instance = create("redis")
+    settings.STOCKROOM_MEMORY_BUDGET = 100 * MiB
+    response = patch(api, instance["id"], {"maxmemory": "512mb"})
+    assert response.status_code == 503
+    assert fake.server(instance["id"]).options["maxmemory"] == 64 * MiB
+    assert Instance.objects.get(pk=instance["id"]).memory_reservation == 80 * MiB
+
+
+def test_a_stopped_instance_reserves_nothing_until_it_starts(api, create, act, settings):
+    instance = act(create("redis"), "stop")
+    settings.STOCKROOM_MEMORY_QUOTA = 100 * MiB
+    response = patch(api, instance["id"], {"maxmemory": "512mb"})
+    assert response.status_code == 202 and response.json()["pending_options"] == {}
+    assert api.post(f"/api/storage/redis/instances/{instance['id']}/start").status_code == 403
+
+
+def test_a_server_that_cannot_be_reached_is_409_not_500(api, create, fake):
+    instance = create("redis")
+    fake.fail_next("reconfigure", FileNotFoundError(2, "No such file or directory"))
+    response = patch(api, instance["id"], {"timeout": 5})
+    assert response.status_code == 409
+    assert "could not be reached" in response.json()["detail"]
