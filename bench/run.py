@@ -4,7 +4,8 @@ The stack is the portal's own: a Redis broker, a Celery worker (no beat, so the 
 passes are the timed ones) and gunicorn, with DATA_DIR=var/bench, SQLite, and instance ports
 30000-30899 (see bench.stack to move them). Everything it starts is stopped by PID; every instance
 server it provisioned is deleted through the API, and whatever an error left behind is killed at
-the end. BENCH_SECTIONS (e.g. "snapshots,density") runs only those sections.
+the end, and the filesystems the worker kept ready are unmounted. BENCH_SECTIONS (e.g.
+"snapshots,density") runs only those sections.
 """
 
 import os
@@ -22,7 +23,7 @@ from provisioning.backends.base import get_backend
 from provisioning.backends.local import kill_processes_under
 from provisioning.services.tokens import create_token
 
-from . import api_load, connectable, density, pitr, reconcile, report, snapshots, stack
+from . import api_load, changes, connectable, density, pitr, reconcile, report, snapshots, stack
 from .client import create_and_connect, delete_all, in_parallel
 
 
@@ -41,6 +42,8 @@ class Plan:
     pitr_writes: int  # after each base snapshot, one row or key per statement
     pitr_seconds: float  # over which the writes are paced
     pitr_repeats: int
+    change_rows: int  # MySQL rows and Redis keys of 1,000 bytes, checked after every change
+    change_repeats: int  # each: a live change up, a restart, a live change down
 
 
 FULL = Plan(
@@ -55,6 +58,8 @@ FULL = Plan(
     pitr_writes=10_000,
     pitr_seconds=10,
     pitr_repeats=3,
+    change_rows=10_000,
+    change_repeats=5,
 )
 QUICK = Plan(
     creates=5,
@@ -68,8 +73,10 @@ QUICK = Plan(
     pitr_writes=2_000,
     pitr_seconds=4,
     pitr_repeats=1,
+    change_rows=1_000,
+    change_repeats=2,
 )
-SECTIONS = ("connectable", "density", "reconcile", "snapshots", "pitr", "api_load")
+SECTIONS = ("connectable", "density", "reconcile", "snapshots", "pitr", "changes", "api_load")
 
 
 def fresh_state() -> None:
@@ -169,9 +176,12 @@ def main() -> None:
                     seconds=plan.pitr_seconds,
                     repeats=plan.pitr_repeats,
                 )
+            if "changes" in wanted:
+                results["changes"] = changes.run(token, rows=plan.change_rows, repeats=plan.change_repeats)
     finally:
         connections.close_all()
         kill_processes_under(settings.STOCKROOM_INSTANCES_DIR)  # only if an error left some behind
+        get_backend("local").forget_ready()  # the worker's filesystems kept ready: nothing stays mounted
     if "api_load" in wanted:
         results["api_load"] = api_load_everywhere(plan.requests)
     results["seconds"] = round(time.monotonic() - started, 1)
