@@ -304,6 +304,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Options of the same name whose choices differ by engine (provisioning/options.py tls_option).
+    "ENUM_NAME_OVERRIDES": {
+        "MysqlTlsEnum": ["off", "on", "required"],
+        "RedisTlsEnum": ["off", "required"],
+    },
 }
 
 # Celery: a real Redis broker; `make run` starts one on a Unix socket in DATA_DIR/broker (a folder

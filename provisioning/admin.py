@@ -10,7 +10,17 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from . import services, views
-from .models import AccessToken, Instance, InstanceEvent, LogFile, Orphan, Snapshot, Webhook, WebhookDelivery
+from .models import (
+    AccessToken,
+    CertificateAuthority,
+    Instance,
+    InstanceEvent,
+    LogFile,
+    Orphan,
+    Snapshot,
+    Webhook,
+    WebhookDelivery,
+)
 from .options import describe_size
 from .services import tokens
 
@@ -37,7 +47,7 @@ class InstanceAdmin(admin.ModelAdmin):
         "extend_instances", "protect_instances", "unprotect_instances",
     ]  # fmt: skip
     search_fields = ["name", "owner__username", "port"]
-    exclude = ["password", "admin_password"]
+    exclude = ["password", "admin_password", "tls_key"]  # tls_expires_at: when its certificate expires
     inlines = [InstanceEventInline]
 
     @admin.display(description="memory reserved", ordering="memory_reservation")
@@ -310,6 +320,24 @@ class OrphanAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+@admin.register(CertificateAuthority)
+class CertificateAuthorityAdmin(admin.ModelAdmin):
+    """The portal's CA (services/certificates.py): its certificate, never its key. Made once, when
+    the first instance asks for TLS; nothing here changes it."""
+
+    list_display = ("name", "created_at", "expires_at")
+    fields = readonly_fields = ("name", "certificate", "created_at", "expires_at")
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # every instance's certificate is signed with it
 
 
 class WebhookDeliveryInline(admin.TabularInline):

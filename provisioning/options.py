@@ -199,3 +199,20 @@ def backup_options() -> tuple[Option, Option]:
             apply=LIVE,
         ),
     )
+
+
+TLS_OFF = "off"
+
+
+def tls_option(*choices: str, help_text: str) -> Option:
+    """The `tls` option: whether the server serves TLS with a certificate of the portal's CA, and
+    whether it refuses plaintext clients. The server takes it when it starts."""
+    return Option(
+        "tls",
+        "TLS",
+        help_text,
+        kind="choice",
+        default=TLS_OFF,
+        choices=(TLS_OFF, *choices),
+        apply=RESTART,  # the server reads its certificate and listeners when it starts
+    )

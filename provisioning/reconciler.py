@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from .backends.base import BackendError, get_backend
 from .models import BUSY_STATUSES, Heartbeat, Instance, Orphan, Status
-from .services import expiry, exports, healing, logs, snapshots, webhooks, work
+from .services import certificates, expiry, exports, healing, logs, snapshots, webhooks, work
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class Pass:
     verifies_queued: int = 0
     verifies_failed: int = 0
     logs_pruned: int = 0
+    certificates_renewed: int = 0
     expiring: list[int] = field(default_factory=list)  # warned of (instance.expiring) this pass
     expired: list[int] = field(default_factory=list)  # past their expiry: being deleted
     idle_stopped: list[int] = field(default_factory=list)  # no client for stop_when_idle: being stopped
@@ -75,6 +76,10 @@ class Reconciler:
         report.verifies_failed = exports.fail_abandoned(now=now)
         report.verifies_queued = exports.schedule_verifies(now=now)
 
+    def _renew_certificates(self, report: Pass, now: datetime) -> None:
+        """TLS certificates that expire soon are renewed (services/certificates.py)."""
+        report.certificates_renewed = certificates.renew_due(now=now)
+
     def run_once(self) -> Pass:
         report = Pass()
         now = self.clock()
@@ -93,6 +98,7 @@ class Reconciler:
                 self._track_orphans,
                 self._resend_deliveries,
                 self._tend_snapshots,
+                self._renew_certificates,
                 self._expire,
             )
             for phase in phases:

@@ -13,6 +13,7 @@ urlpatterns = [
     path("instances/<int:pk>/restore-to-time/", views.restore_to_time, name="instance-restore-time"),
     path("instances/<int:pk>/clone-at-time/", views.clone_at_time, name="instance-clone-time"),
     path("instances/<int:pk>/import/", views.import_file, name="instance-import"),
+    path("instances/<int:pk>/ca.pem", views.ca_certificate, name="instance-ca"),
     path("instances/<int:pk>/settings/", views.settings_page, name="instance-settings"),
     path("instances/<int:pk>/extend/", views.extend, name="instance-extend"),
     path("instances/<int:pk>/protect/", views.protect, name="instance-protect"),

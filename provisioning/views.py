@@ -10,7 +10,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Count, Q
-from django.http import FileResponse, Http404
+from django.http import FileResponse, Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.cache import never_cache
@@ -20,7 +20,7 @@ from . import services
 from .api.pagination import IdsFirstPaginator
 from .api.throttles import TokenCreateThrottle
 from .durations import describe_duration
-from .engines import UnknownKind, engines, get_engine
+from .engines import UnknownKind, ca_of, engines, get_engine
 from .forms import LIFETIME_FIELDS, TokenForm, change_form_class, change_form_initial, create_form_class
 from .models import BUSY_STATUSES, DeliveryStatus, Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status, Webhook
 from .options import CREATE_ONLY, describe_size
@@ -91,6 +91,20 @@ def panel(request, pk: int):
     """The part of the instance page that changes with its status; polled while it is busy."""
     instance = _my_instance(request, pk)
     return render(request, "provisioning/_panel.html", _detail_context(instance))
+
+
+@login_required
+@require_GET
+def ca_certificate(request, pk: int):
+    """The certificate of the CA that signed the instance's TLS certificate (PEM), for its clients to
+    verify the server with; 404 while it has none (TLS off)."""
+    instance = _my_instance(request, pk)
+    pem = ca_of(instance)
+    if not pem:
+        raise Http404("This instance has no TLS certificate.")
+    response = HttpResponse(pem, content_type="application/x-pem-file")
+    response["Content-Disposition"] = 'attachment; filename="stockroom-ca.pem"'
+    return response
 
 
 def _detail_context(instance: Instance) -> dict:

@@ -81,6 +81,12 @@ class BaseBackend:
         """Replace the user's password on the running server; the old one must stop working."""
         raise NotImplementedError("Backends must implement set_password().")
 
+    def reload_tls(self, instance: "Instance") -> bool:
+        """Write the instance's TLS files again (a renewed certificate) and make its running server
+        read them, where its engine can (`Engine.reload_tls`); False if it takes them at its next
+        start only."""
+        return False
+
     def reconfigure(
         self, instance: "Instance", changes: dict[str, Any], *, undo: dict[str, Any], memory_limit: int | None = None
     ) -> None:

@@ -274,6 +274,7 @@ class DockerBackend(BaseBackend):
         self._seal(instance)  # a restore cut short may have left `disk/` open to the uid's group
         (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
         spec = get_engine(instance.kind).container(instance, self.layout(instance))
+        self._check_mounts(containers[0], spec)
         if not self._restored_unsettled(instance, spec):  # the options as they are now (pending ones applied)
             self._write_files(instance, spec, init=False)
         self._docker("start the container", containers[0].start)
@@ -284,6 +285,28 @@ class DockerBackend(BaseBackend):
         """Whether a restore's first-start files are still there (its start failed): its files
         stay as the restore wrote them until a login settles them."""
         return any((self.directory(instance) / INIT / name).stat().st_size for name in spec.init_files)
+
+    @staticmethod
+    def _check_mounts(container: Any, spec: Container) -> None:
+        """A container made before the engine had a file (its TLS files, say) lacks its mount: with
+        a file it needs missing, say so rather than start a server that cannot find it."""
+        mounted = {mount.get("Destination") for mount in container.attrs.get("Mounts") or ()}
+        missing = [str(path) for path, text in spec.files.values() if text and str(path) not in mounted]
+        if missing:
+            raise BackendError(
+                f"The container was made without {', '.join(missing)}; restore a snapshot into a new "
+                "instance to use this option."
+            )
+
+    def reload_tls(self, instance: "Instance") -> bool:
+        engine, directory = get_engine(instance.kind), self.directory(instance)
+        for name, text in engine.tls_files(instance).items():
+            self._write(instance, directory / name, text)
+        try:
+            with self.admin(instance) as admin:
+                return engine.reload_tls(instance, admin=admin)
+        except BackendError:  # not running: it reads them when it starts
+            return False
 
     def _settle(self, instance: "Instance") -> None:
         """The container's usual files again, and its first-start files emptied: once a login works,

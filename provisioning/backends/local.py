@@ -192,6 +192,16 @@ class LocalBackend(BaseBackend):
                 write=lambda name, text: files.write(directory / name, text, group=group),
             )
 
+    def reload_tls(self, instance: "Instance") -> bool:
+        engine, directory, user = get_engine(instance.kind), self.directory(instance), self.user(instance)
+        for name, text in engine.tls_files(instance).items():
+            files.write(directory / name, text, group=user.gid if user else None)
+        try:
+            with self.admin(instance) as admin:
+                return engine.reload_tls(instance, admin=admin)
+        except BackendError:  # not running: it reads them when it starts
+            return False
+
     def memory(self, instance: "Instance") -> tuple[int | None, int | None]:
         if not self.confined or self.no_cgroups:
             return None, None

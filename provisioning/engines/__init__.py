@@ -19,6 +19,7 @@ from .base import (
     OptionErrors,
     Replay,
     Scratch,
+    ca_of,
 )
 
 
@@ -59,5 +60,6 @@ __all__ = [
     "OptionErrors",
     "UnknownKind",
     "engines",
+    "ca_of",
     "get_engine",
 ]

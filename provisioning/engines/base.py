@@ -20,7 +20,7 @@ from django.template import Context
 from django.template import Engine as TemplateEngine
 
 from ..errors import BackendError, ImportRefused
-from ..options import Option, OptionError
+from ..options import TLS_OFF, Option, OptionError
 
 if TYPE_CHECKING:
     from ..models import Instance
@@ -395,8 +395,47 @@ class Engine:
         return self._templates.get_template(template).render(Context(context))
 
     def render_config(self, instance: "Instance", layout: Layout) -> str:
+        """The config file; with `tls` on, `tls` in its context names the files `tls_files` writes."""
         options = self.with_defaults(instance.options)
-        return self.render(self.config_template, instance=instance, options=options, layout=layout)
+        tls = self.tls_paths(layout) if self.tls(instance) != TLS_OFF else None
+        return self.render(self.config_template, instance=instance, options=options, layout=layout, tls=tls)
+
+    # TLS -------------------------------------------------------------------------------
+    #
+    # An instance with `tls` on has a certificate of the portal's CA for its public host
+    # (services/certificates.py). Its server reads it, its key and the CA's certificate from three
+    # files among the instance's own files, which only its uid may read. They are always written,
+    # empty with `tls` off, so that a container's mounts stay the same whatever the option says.
+
+    # Where a container finds the TLS files (each mounted read-only); locally, the config folder.
+    tls_container_dir: PurePosixPath = PurePosixPath("/etc/stockroom")
+
+    def tls(self, instance: "Instance") -> str:
+        """The instance's `tls` mode as its server runs it ("off" for a kind without the option)."""
+        return str(instance.options.get("tls", TLS_OFF))
+
+    def tls_paths(self, layout: Layout) -> dict[str, PurePath]:
+        """Where the server reads its certificate chain, its key and the CA's certificate."""
+        folder = layout.config if layout.config is not None else self.tls_container_dir
+        return {"cert": folder / TLS_CERT, "key": folder / TLS_KEY, "ca": folder / TLS_CA}
+
+    def tls_files(self, instance: "Instance") -> dict[str, str]:
+        """Name -> content of the TLS files: empty with `tls` off. Raises BackendError if the
+        instance wants TLS and has no certificate (the service issues one before a start)."""
+        if self.tls(instance) == TLS_OFF:
+            return dict.fromkeys((TLS_CERT, TLS_KEY, TLS_CA), "")
+        if not instance.tls_certificate or not instance.tls_key:
+            raise BackendError("The instance has TLS on but no certificate yet.")
+        return {TLS_CERT: instance.tls_certificate, TLS_KEY: instance.tls_key, TLS_CA: ca_of(instance)}
+
+    def tls_container_files(self, instance: "Instance") -> dict[str, tuple[PurePosixPath, str]]:
+        """`tls_files` as `Container.files` entries."""
+        return {name: (self.tls_container_dir / name, text) for name, text in self.tls_files(instance).items()}
+
+    def reload_tls(self, instance: "Instance", *, admin: Endpoint) -> bool:
+        """Make the running server read its TLS files again (the backend has just written a renewed
+        certificate); False if this kind cannot, and takes it at its next start."""
+        return False
 
     # Running a server ------------------------------------------------------------------
 
@@ -408,9 +447,9 @@ class Engine:
         """Files the local backend writes again before every start (name in the instance's folder ->
         content), so a server always starts with the instance's current port and options: the
         service moves a stopped instance to another port when a stranger took its own. By default,
-        the config file; `local_setup` includes these too.
+        the config file and the TLS files; `local_setup` includes these too.
         """
-        return {self.config_name: self.render_config(instance, layout)}
+        return {self.config_name: self.render_config(instance, layout), **self.tls_files(instance)}
 
     def local_argv(self, host: Host, config: Path) -> list[str]:
         """The command that starts the server in the foreground with the rendered `config`."""
@@ -553,6 +592,17 @@ class Engine:
     def snippets(self, connection: dict[str, Any]) -> list[tuple[str, str]]:
         """Ready-to-paste ways to connect, as (label, text), from `connection()`'s answer."""
         return [("URI", connection["uri"])]
+
+
+TLS_CERT, TLS_KEY, TLS_CA = "tls-cert.pem", "tls-key.pem", "tls-ca.pem"
+_PEM_END = "-----END CERTIFICATE-----"
+
+
+def ca_of(instance: "Instance") -> str:
+    """The CA certificate (PEM) the instance's certificate was signed with: the last of its chain;
+    "" if it has none."""
+    chain = [part + _PEM_END + "\n" for part in instance.tls_certificate.split(_PEM_END) if part.strip()]
+    return chain[-1].lstrip() if len(chain) > 1 else ""
 
 
 class OptionErrors(Exception):

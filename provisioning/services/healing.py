@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from ..backends.base import DISK_FULL, BaseBackend, get_backend
 from ..models import Instance, Status
-from . import jobs, ports
+from . import certificates, jobs, ports
 from .claims import Busy, work_on
 from .outcomes import describe, stop_quietly, with_note
 from .state import Side, transition
@@ -105,6 +105,7 @@ def _heal(instance: Instance, backend: BaseBackend) -> None:
     moved = ""  # a sentence, if a stranger held the port and the instance moved
     try:
         moved = ports.move_if_taken(instance, backend)
+        certificates.ensure(instance)
         backend.restart(instance)
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
         what = f"Restart {attempt + 1} of {settings.STOCKROOM_MAX_RESTARTS} failed"

@@ -14,7 +14,7 @@ from django.utils import timezone
 from .. import crypto
 from ..backends.base import BackendError, BaseBackend, ServerExited
 from ..models import BUSY_STATUSES, Instance, Status
-from . import changes, healing, imports, jobs, logs, ports, snapshots
+from . import certificates, changes, healing, imports, jobs, logs, ports, snapshots
 from .actions import ACTION_OF, ACTIONS
 from .claims import Busy, work_on
 from .outcomes import describe, stop_quietly, with_note
@@ -37,6 +37,7 @@ def _provision(instance: Instance, backend: BaseBackend) -> None:
     moved = ""  # a sentence, if something took the port after it was reserved
     try:
         moved = ports.move_if_taken(instance, backend, creating=True)
+        certificates.ensure(instance)
         backend.create(instance)
         if instance.restore_from is not None:  # a clone: the snapshot's data, the new instance's accounts
             base, until = instance.restore_from, instance.restore_until
@@ -152,10 +153,12 @@ def _perform(instance: Instance, backend: BaseBackend, action: str) -> None:
         elif action == "start":
             moved = ports.move_if_taken(instance, backend)
             changes.apply_pending(instance)
+            certificates.ensure(instance)
             backend.start(instance)
         elif action == "restart":
             moved = ports.move_if_taken(instance, backend)
             changes.apply_pending(instance)  # what waited for a restart takes effect now
+            certificates.ensure(instance)  # a tls just applied needs its certificate
             backend.restart(instance)
         else:
             _rotate_password(instance, backend)

@@ -9,6 +9,7 @@ import logging
 import re
 import secrets
 import shutil
+import ssl
 import time
 import zlib
 import zoneinfo
@@ -20,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 import pymysql
 
 from ...errors import BackendError, ImportRefused
-from ...options import CREATE_ONLY, LIVE, MiB, Option, OptionError, backup_options, disk_option
+from ...options import CREATE_ONLY, LIVE, TLS_OFF, MiB, Option, OptionError, backup_options, disk_option, tls_option
 from ..base import (
     SMALL,
     ArchivedLog,
@@ -36,6 +37,7 @@ from ..base import (
     Replay,
     Scratch,
     WriteFile,
+    ca_of,
     read_out,
     read_small,
     reading,
@@ -254,6 +256,8 @@ class MySQL(Engine):
         "charset": str,
         "collation": str,
         "binlog_format": str,
+        "tls": str,
+        "ca_certificate": str,
         "uri": str,
     }
     options = (
@@ -366,6 +370,12 @@ class MySQL(Engine):
         # A new data directory takes about 30 MB; binary logs and temporary tables need room too.
         disk_option(min_value=256 * MiB),
         *backup_options(),
+        tls_option(
+            "on",
+            "required",
+            help_text="on: TLS offered, with a certificate of the portal's CA; required: a client "
+            "that does not use TLS is refused (require_secure_transport).",
+        ),
     )
 
     def check_together(self, options: dict[str, Any]) -> dict[str, str]:
@@ -428,7 +438,7 @@ class MySQL(Engine):
     def container(self, instance: "Instance", layout: Layout) -> Container:
         config = (PurePosixPath("/etc/mysql/conf.d/stockroom.cnf"), self.render_config(instance, layout))
         return Container(
-            files={self.config_name: config},
+            files={self.config_name: config, **self.tls_container_files(instance)},
             init_dir=INIT_DIR,
             init_files={
                 INIT_FILE: self.accounts_sql(instance),
@@ -697,8 +707,9 @@ class MySQL(Engine):
         beside.run(["rm", "-rf", "--", str(folder)])
         beside.run(["mkdir", "-m", "0700", "--", str(folder)])
         try:
-            config = self.render_config(instance, layout).encode()
-            beside.run(["tee", "--", str(folder / self.config_name)], stdin=io.BytesIO(config))
+            # Without TLS: it has no network, and a helper container lacks the certificate's files.
+            config = self.render(self.config_template, instance=instance, options=instance.options, layout=layout)
+            beside.run(["tee", "--", str(folder / self.config_name)], stdin=io.BytesIO(config.encode()))
             for log in logs:
                 with log.open() as file:
                     beside.run(["tee", "--", str(folder / log.name)], stdin=file)
@@ -794,20 +805,41 @@ class MySQL(Engine):
                     raise BackendError(f"Line {statement.line}: the server refused it ({code}: {text})") from None
 
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
-        # Over the socket the user is app@localhost to the server, which its app@'%' account matches.
+        # Over the socket the user is app@localhost to the server, which its app@'%' account matches;
+        # the socket counts as secure under require_secure_transport. Over TCP, with TLS as a user's
+        # client would, the server's certificate checked against the CA.
+        tls = ca_of(instance) if not endpoint.socket and self.tls(instance) != TLS_OFF else None
         client = self.client(
-            endpoint, user=instance.username, password=instance.password, database=instance.database, timeout=timeout
+            endpoint,
+            user=instance.username,
+            password=instance.password,
+            database=instance.database,
+            timeout=timeout,
+            tls_ca=tls,
         )
         with client as db, db.cursor() as cursor:
             cursor.execute("SELECT 1")
 
     @staticmethod
     def client(
-        endpoint: Endpoint, *, user: str, password: str, database: str | None = None, timeout: float = ADMIN_TIMEOUT
+        endpoint: Endpoint,
+        *,
+        user: str,
+        password: str,
+        database: str | None = None,
+        timeout: float = ADMIN_TIMEOUT,
+        tls_ca: str | None = None,
     ) -> pymysql.Connection:
         """A connection of the portal's own, over the endpoint's Unix socket if it has one, that
-        gives up after `timeout` seconds of silence."""
+        gives up after `timeout` seconds of silence. With `tls_ca` (a CA's PEM), TCP goes over TLS,
+        the server's certificate verified against it; not its name: the portal reaches the server
+        at its bind address, and has checked that the listener is the instance's own."""
+        context: ssl.SSLContext | None = None
+        if tls_ca and not endpoint.socket:
+            context = ssl.create_default_context(cadata=tls_ca)
+            context.check_hostname = False
         return pymysql.connect(
+            ssl=context,  # PyMySQL takes a context as it is
             unix_socket=endpoint.socket,
             host=None if endpoint.socket else endpoint.host,
             port=endpoint.port,
@@ -820,6 +852,7 @@ class MySQL(Engine):
         )
 
     def connection(self, instance: "Instance") -> dict[str, Any]:
+        tls = self.tls(instance)
         return {
             "host": instance.host,
             "port": instance.port,
@@ -829,20 +862,36 @@ class MySQL(Engine):
             "charset": instance.options["charset"],
             "collation": instance.options["collation"],
             "binlog_format": instance.options["binlog_format"],
-            "uri": f"mysql://{instance.username}:{instance.password}@{instance.host}:{instance.port}/{instance.database}",
+            "tls": tls,
+            "ca_certificate": ca_of(instance) if tls != TLS_OFF else "",
+            "uri": f"mysql://{instance.username}:{instance.password}@{instance.host}:{instance.port}/{instance.database}"
+            + ("?ssl-mode=REQUIRED" if tls != TLS_OFF else ""),
         }
 
     def snippets(self, connection: dict[str, Any]) -> list[tuple[str, str]]:
         c = connection
+        tls = c.get("tls", TLS_OFF) != TLS_OFF
+        # With TLS: the CA's certificate, saved as stockroom-ca.pem (the page's Download CA).
+        cli_tls = "--ssl-ca=stockroom-ca.pem --ssl-verify-server-cert " if tls else ""
+        python_tls = ',\n                     ssl={"ca": "stockroom-ca.pem"}' if tls else ""
         return [
             ("URI", c["uri"]),
-            ("CLI", f"mysql -h {c['host']} -P {c['port']} -u {c['username']} -p{c['password']} {c['database']}"),
+            (
+                "CLI",
+                f"mysql {cli_tls}-h {c['host']} -P {c['port']} -u {c['username']} -p{c['password']} {c['database']}",
+            ),
             (
                 "Python",
                 f'import pymysql\ndb = pymysql.connect(host="{c["host"]}", port={c["port"]}, user="{c["username"]}",'
-                f'\n                     password="{c["password"]}", database="{c["database"]}")',
+                f'\n                     password="{c["password"]}", database="{c["database"]}"{python_tls})',
             ),
         ]
+
+    def reload_tls(self, instance: "Instance", *, admin: Endpoint) -> bool:
+        # MariaDB 10.11 reads its certificate and key files again on FLUSH SSL.
+        with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
+            cursor.execute("FLUSH SSL")
+        return True
 
 
 def _one(cursor: Any) -> Any:

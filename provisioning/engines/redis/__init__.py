@@ -3,6 +3,7 @@
 import hashlib
 import io
 import re
+import ssl
 import time
 from datetime import UTC, datetime
 from pathlib import Path, PurePath, PurePosixPath
@@ -13,7 +14,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ...errors import BackendError, ImportRefused
-from ...options import LIVE, RESTART, Option, OptionError, backup_options, disk_option
+from ...options import LIVE, RESTART, TLS_OFF, Option, OptionError, backup_options, disk_option, tls_option
 from ..base import (
     SMALL,
     ArchivedLog,
@@ -29,6 +30,7 @@ from ..base import (
     Replay,
     Scratch,
     WriteFile,
+    ca_of,
     read_out,
     read_small,
     reading,
@@ -224,6 +226,8 @@ class Redis(Engine):
         "maxmemory_policy": str,
         "maxclients": int,
         "appendfsync": str,
+        "tls": str,
+        "ca_certificate": str,
         "uri": str,
     }
     options = (
@@ -308,6 +312,11 @@ class Redis(Engine):
         ),
         disk_option(min_value=32 * MiB),
         *backup_options(),
+        tls_option(
+            "required",
+            help_text="required: the port speaks TLS only, with a certificate of the portal's CA "
+            "(Redis serves TLS and plaintext on separate ports, and an instance has one).",
+        ),
     )
 
     def memory_reservation(self, options: dict[str, Any]) -> int:
@@ -350,6 +359,7 @@ class Redis(Engine):
             files={
                 self.config_name: (config, self.render_config(instance, layout)),
                 ACL_FILE: (CONFIG_DIR / ACL_FILE, self.acl_lines(instance, instance.password)),
+                **self.tls_container_files(instance),
             },
             command=["redis-server", str(config)],
         )
@@ -597,7 +607,12 @@ class Redis(Engine):
             upload.seek(0)
 
     def check_login(self, instance: "Instance", endpoint: Endpoint, *, timeout: float) -> None:
-        client = self.client(endpoint, username=instance.username, password=instance.password, timeout=timeout)
+        # Over TCP, as a user's client connects: with TLS under `required` (the port speaks nothing
+        # else), the server's certificate checked against the CA. Its socket is always plaintext.
+        tls = ca_of(instance) if not endpoint.socket and self.tls(instance) != TLS_OFF else None
+        client = self.client(
+            endpoint, username=instance.username, password=instance.password, timeout=timeout, tls_ca=tls
+        )
         try:
             # A read: a server whose disk is full refuses PING (MISCONF), as it refuses writes, yet
             # it serves reads. Not ECHO: a server still loading its data answers that, and nothing
@@ -607,12 +622,24 @@ class Redis(Engine):
             client.close()
 
     @staticmethod
-    def client(endpoint: Endpoint, *, username: str, password: str, timeout: float) -> redis.Redis:
+    def client(
+        endpoint: Endpoint, *, username: str, password: str, timeout: float, tls_ca: str | None = None
+    ) -> redis.Redis:
         """A client of the portal's own, at the endpoint's Unix socket if it has one; it never
-        tries again by itself: the caller decides whether and when."""
+        tries again by itself: the caller decides whether and when. With `tls_ca` (a CA's PEM), TCP
+        goes over TLS, the server's certificate verified against it; not its name: the portal
+        reaches the server at its bind address, and has checked that the listener is the
+        instance's own (`BaseBackend.check_listener`)."""
         where: dict[str, Any] = (
             {"unix_socket_path": endpoint.socket} if endpoint.socket else {"host": endpoint.host, "port": endpoint.port}
         )
+        if tls_ca and not endpoint.socket:
+            where |= {
+                "ssl": True,
+                "ssl_ca_data": tls_ca,
+                "ssl_cert_reqs": ssl.CERT_REQUIRED,
+                "ssl_check_hostname": False,
+            }
         return redis.Redis(
             **where,
             username=username,
@@ -623,26 +650,48 @@ class Redis(Engine):
         )
 
     def connection(self, instance: "Instance") -> dict[str, Any]:
+        tls = self.tls(instance) != TLS_OFF
+        scheme = "rediss" if tls else "redis"
         return {
             "host": instance.host,
             "port": instance.port,
             "password": instance.password,
             # The options a client may need to know; the disk limit is only the server's business.
             **{
-                option.name: instance.options[option.name]
+                option.name: instance.options.get(option.name, option.default)
                 for option in self.options
                 if option.name in self.connection_fields
             },
-            "uri": f"redis://{instance.username}:{instance.password}@{instance.host}:{instance.port}/0",
+            "ca_certificate": ca_of(instance) if tls else "",
+            "uri": f"{scheme}://{instance.username}:{instance.password}@{instance.host}:{instance.port}/0",
         }
 
     def snippets(self, connection: dict[str, Any]) -> list[tuple[str, str]]:
         uri = connection["uri"]
+        if connection.get("tls", TLS_OFF) == TLS_OFF:
+            return [
+                ("URI", uri),
+                ("CLI", f"redis-cli -u {uri}"),
+                ("Python", f'import redis\nr = redis.Redis.from_url("{uri}")'),
+            ]
+        # The CA's certificate, saved as stockroom-ca.pem (the page's Download CA).
         return [
             ("URI", uri),
-            ("CLI", f"redis-cli -u {uri}"),
-            ("Python", f'import redis\nr = redis.Redis.from_url("{uri}")'),
+            ("CLI", f"redis-cli --tls --cacert stockroom-ca.pem -u {uri}"),
+            ("Python", f'import redis\nr = redis.Redis.from_url("{uri}", ssl_ca_certs="stockroom-ca.pem")'),
         ]
+
+    def reload_tls(self, instance: "Instance", *, admin: Endpoint) -> bool:
+        # Setting any tls-* parameter makes Redis load the certificate and key files again.
+        client = self.client(admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT)
+        try:
+            path = client.config_get("tls-cert-file").get("tls-cert-file")
+            if not path:
+                return False
+            client.config_set("tls-cert-file", path)
+        finally:
+            client.close()
+        return True
 
 
 class _Head:

@@ -118,8 +118,10 @@ def test_config_shows_the_credentials_to_the_owner(api):
     pk = api.post("/api/storage/mysql/instances", {"charset": "latin1"}, format="json").json()["id"]
     config = api.get(f"/api/storage/mysql/instances/{pk}/config").json()
     assert set(config) == {
-        "host", "port", "database", "username", "password", "charset", "collation", "binlog_format", "uri"
+        "host", "port", "database", "username", "password", "charset", "collation", "binlog_format", "tls",
+        "ca_certificate", "uri",
     }  # fmt: skip
+    assert config["tls"] == "off" and config["ca_certificate"] == ""
     assert len(config["password"]) >= 24 and config["password"].isalnum()
     assert config["collation"] == "latin1_swedish_ci"
     assert config["uri"] == (

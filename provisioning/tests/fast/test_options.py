@@ -28,6 +28,7 @@ def test_mysql_defaults():
         "disk": 1024**3,
         "backup_interval_hours": 24,
         "backup_retention": 7,
+        "tls": "off",
     }
 
 
@@ -54,6 +55,7 @@ def test_redis_defaults():
         "disk": 1024**3,
         "backup_interval_hours": 24,
         "backup_retention": 7,
+        "tls": "off",
     }
 
 
