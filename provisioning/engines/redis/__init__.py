@@ -312,6 +312,24 @@ class Redis(Engine):
         finally:
             client.close()
 
+    # Versions --------------------------------------------------------------------------
+
+    version_program = "redis-server"
+
+    def server_version(self, instance: "Instance", admin: Endpoint) -> str:
+        client = self.client(admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT)
+        try:
+            return str(client.info("server")["redis_version"])
+        finally:
+            client.close()
+
+    def program_version(self, output: str) -> str:
+        # "Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64 build=…"
+        found = re.search(r"\bv=(\S+)", output)
+        if found is None:
+            raise BackendError(f"redis-server --version names no version: {output.strip()[:200]!r}")
+        return found.group(1)
+
     def refuse_writes(self, instance: "Instance", refuse: bool, *, admin: Endpoint) -> None:
         # A master that must write to one replica, and has none, refuses every write command
         # (NOREPLICAS) and still answers reads; the tenant may not CONFIG SET it back.
