@@ -22,13 +22,28 @@ class InstanceEventInline(admin.TabularInline):
     can_delete = False
 
 
+class UpgradeFilter(admin.SimpleListFilter):
+    """Instances whose server runs another version than a restart would start."""
+
+    title = "restart to upgrade"
+    parameter_name = "upgrade"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Restart to upgrade"), ("no", "Up to date")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return services.needing_upgrade(queryset, flagged=self.value() == "yes")
+        return queryset
+
+
 @admin.register(Instance)
 class InstanceAdmin(admin.ModelAdmin):
     list_display = [
         "id", "kind", "name", "owner", "status", "host", "port", "backend",
-        "reservation", "limit", "holds_data", "created_at",
+        "reservation", "limit", "version", "holds_data", "created_at",
     ]  # fmt: skip
-    list_filter = ["kind", "status", "backend", "holds_data", "owner"]
+    list_filter = ["kind", "status", "backend", UpgradeFilter, "holds_data", "owner"]
     actions = ["restart_instances", "stop_instances", "start_instances", "delete_instances"]
     search_fields = ["name", "owner__username", "port"]
     exclude = ["password", "admin_password"]
@@ -42,6 +57,12 @@ class InstanceAdmin(admin.ModelAdmin):
     def limit(self, instance: Instance) -> str:
         return describe_size(instance.memory_limit)
 
+    @admin.display(description="server version", ordering="server_version")
+    def version(self, instance: Instance) -> str:
+        if services.upgrade_available(instance):
+            return f"{instance.server_version} (restart to upgrade)"
+        return instance.server_version
+
     @admin.display(description="recovery window (UTC)")
     def recovery_window(self, instance: Instance) -> str:
         window = services.recovery_window(instance)
@@ -52,7 +73,7 @@ class InstanceAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request, obj=None):
         # Every change goes through the services (the actions above), so nothing is edited here.
         fields = [field.name for field in Instance._meta.fields if field.name not in self.exclude]
-        return [*fields, "recovery_window"]
+        return [*fields, "recovery_window", "version"]
 
     # Each action asks for the model permission it stands for (Django then neither lists it nor
     # carries it out for anyone without it, whatever is POSTed): "delete" for deleting, "change" for

@@ -10,7 +10,7 @@ from rest_framework.utils import html
 from ..engines import Engine
 from ..models import AccessToken, DeliveryStatus, Instance, Snapshot, Webhook, WebhookDelivery
 from ..options import Option, format_size
-from ..services import recovery_window, tokens
+from ..services import recovery_window, tokens, upgrade_available
 from ..services.requests import NAME_RULE
 
 
@@ -49,11 +49,24 @@ class InstanceSerializer(serializers.ModelSerializer):
             "memory_limit",
             "timings",
             "recovery_window",
+            "server_version",
+            "upgrade_available",
             "created_at",
             "updated_at",
         ]
-        extra_kwargs = {"timings": {"help_text": "Seconds each step of the create took, measured by the worker."}}
+        extra_kwargs = {
+            "timings": {"help_text": "Seconds each step of the create took, measured by the worker."},
+            "server_version": {"help_text": "The version its server reported when it last started (empty until then)."},
+        }
         read_only_fields = fields
+
+    upgrade_available = serializers.SerializerMethodField(
+        help_text="Restart to upgrade: the host (or the image) now has another server version than the one it runs; "
+        "a restart starts the new one and upgrades its data."
+    )
+
+    def get_upgrade_available(self, instance: Instance) -> bool:
+        return upgrade_available(instance)
 
     recovery_window = serializers.SerializerMethodField(
         help_text="The times a restore or clone may go back to, {from, to} in whole seconds (UTC); "

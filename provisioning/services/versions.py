@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Q, QuerySet
 
 from ..backends.base import BaseBackend, get_backend
 from ..models import Instance, Status
@@ -94,3 +95,16 @@ def upgrade_available(instance: Instance) -> bool:
         return False
     host = host_version(instance.backend, instance.kind)
     return host is not None and host != instance.server_version
+
+
+def needing_upgrade(instances: "QuerySet[Instance]", *, flagged: bool = True) -> "QuerySet[Instance]":
+    """The instances of `instances` that `upgrade_available` flags (or, `flagged` False, those it
+    does not), in one query: the host's version is asked once per backend and kind."""
+    pairs = instances.order_by().values_list("backend", "kind").distinct()
+    matches = Q(pk__in=[])
+    for alias, kind in pairs:
+        host = host_version(alias, kind)
+        if host is not None:
+            matches |= Q(backend=alias, kind=kind) & ~Q(server_version=host)
+    matches &= Q(status__in=HAS_SERVER) & ~Q(server_version="")
+    return instances.filter(matches) if flagged else instances.exclude(matches)
