@@ -136,6 +136,24 @@ def test_a_mysql_container_records_its_version_and_knows_named_time_zones(api, d
     assert aria < 9 * 1024 * 1024, "Aria's log does not keep the time zone rows (aria_log_file_size)"
 
 
+def test_a_mysql_container_on_old_binaries_is_flagged_and_a_restart_upgrades_it(api, docker_settings):  # noqa: F811
+    backend = docker_settings()
+    pk, config = running(api, "mysql")
+    current = Instance.objects.get(pk=pk).server_version
+    Instance.objects.filter(pk=pk).update(server_version=OLD)
+    mark = backend.directory(Instance.objects.get(pk=pk)) / "disk" / "data" / "mysql_upgrade_info"
+    mark.write_text("10.6.16-MariaDB")
+    assert flagged(api, "mysql", pk) is True
+
+    after = act(api, "mysql", pk, "restart", "running", "unhealthy")
+
+    assert after["status"] == "running", after["status_message"]
+    assert after["server_version"] == current and after["upgrade_available"] is False
+    assert mark.read_text().strip("\0\n") == current.split("-")[0] + "-MariaDB", "mariadb-upgrade ran in the container"
+    [event] = upgrades(pk)
+    assert event.startswith(f"Upgraded from {OLD} to {current}: mariadb-upgrade")
+
+
 def test_a_restart_makes_the_container_again_when_its_image_name_moved(api, docker_settings, tmp_path):  # noqa: F811
     # A tag of the test image; then the tag moves to a new image (the same files, one more label),
     # as `docker pull` moves it to a new release.
