@@ -479,6 +479,27 @@ STOCKROOM_RESTART_BACKOFF_MAX = env.float("STOCKROOM_RESTART_BACKOFF_MAX", defau
 STOCKROOM_STABLE_SECONDS = env.float("STOCKROOM_STABLE_SECONDS", default=600.0)
 STOCKROOM_STUCK_TIMEOUT = env.float("STOCKROOM_STUCK_TIMEOUT", default=120.0)
 STOCKROOM_ORPHAN_GRACE = env.float("STOCKROOM_ORPHAN_GRACE", default=300.0)
+
+
+# Throwaway instances (README, "Expiry"): an instance made without expires_in or expires_at expires
+# this long after its create ("2h", "7d"; empty: never); instance.expiring is sent this long ahead.
+def _instance_duration(name: str, default: str, *, empty_is_never: bool):
+    from provisioning.durations import parse_duration  # no Django in it: safe while settings load
+
+    text = env.str(name, default=default).strip()
+    if not text and empty_is_never:
+        return None
+    try:
+        duration = parse_duration(text)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}: {exc}") from None
+    if duration is None and not empty_is_never:
+        raise ImproperlyConfigured(f"{name} is a duration, not 'never'.")
+    return duration
+
+
+STOCKROOM_DEFAULT_TTL = _instance_duration("STOCKROOM_DEFAULT_TTL", "", empty_is_never=True)
+STOCKROOM_EXPIRY_WARNING = _instance_duration("STOCKROOM_EXPIRY_WARNING", "1h", empty_is_never=False)
 STOCKROOM_WEBHOOK_LIMIT = env.int("STOCKROOM_WEBHOOK_LIMIT", default=10)  # per user
 # Wall-clock seconds for a whole delivery attempt: DNS, connect, TLS, sending and the answer.
 STOCKROOM_WEBHOOK_DEADLINE = env.float("STOCKROOM_WEBHOOK_DEADLINE", default=10.0)

@@ -5,11 +5,11 @@ from django.contrib.admin.options import ActionLocation
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Sum
 from django.http import FileResponse
-from django.shortcuts import get_object_or_404, redirect
+from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from . import services
+from . import services, views
 from .models import AccessToken, Instance, InstanceEvent, LogFile, Orphan, Snapshot, Webhook, WebhookDelivery
 from .options import describe_size
 from .services import tokens
@@ -41,10 +41,16 @@ class UpgradeFilter(admin.SimpleListFilter):
 class InstanceAdmin(admin.ModelAdmin):
     list_display = [
         "id", "kind", "name", "owner", "status", "host", "port", "backend",
-        "reservation", "limit", "version", "holds_data", "created_at",
+        "reservation", "limit", "version", "holds_data", "expires_at", "protected", "created_at",
     ]  # fmt: skip
-    list_filter = ["kind", "status", "backend", UpgradeFilter, "holds_data", "owner"]
-    actions = ["restart_instances", "stop_instances", "start_instances", "delete_instances"]
+    list_filter = [
+        "kind", "status", "backend", UpgradeFilter, "holds_data", "protected",
+        ("expires_at", admin.EmptyFieldListFilter), ("stop_when_idle", admin.EmptyFieldListFilter), "owner",
+    ]  # fmt: skip
+    actions = [
+        "restart_instances", "stop_instances", "start_instances", "delete_instances",
+        "extend_instances", "protect_instances", "unprotect_instances",
+    ]  # fmt: skip
     search_fields = ["name", "owner__username", "port"]
     exclude = ["password", "admin_password"]
     inlines = [InstanceEventInline]
@@ -70,10 +76,44 @@ class InstanceAdmin(admin.ModelAdmin):
             return "none yet: it begins with the first snapshot of its timeline"
         return f"{window[0]:%Y-%m-%d %H:%M:%S} to {window[1]:%Y-%m-%d %H:%M:%S}"
 
+    @admin.display(description="settings")
+    def settings_link(self, instance: Instance) -> str:
+        url = reverse("admin:provisioning_instance_settings", args=[instance.pk])
+        return format_html('<a href="{}">Change options…</a> (live, on restart or set at create)', url)
+
+    def get_urls(self):
+        settings = path(
+            "<int:pk>/settings/",
+            self.admin_site.admin_view(self.settings_view),
+            name="provisioning_instance_settings",
+        )
+        return [settings, *super().get_urls()]
+
+    def settings_view(self, request, pk: int):
+        """The owner's settings form, for operators who may change instances: the same service."""
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        instance = get_object_or_404(Instance.objects.visible(), pk=pk)
+        form, changed = views.settings_form(request, instance)
+        if changed is not None:
+            pending = (
+                f" Waiting for a restart: {', '.join(changed.pending_options)}." if changed.pending_options else ""
+            )
+            self.message_user(request, f"Saved; live changes are applied.{pending}")
+            return redirect("admin:provisioning_instance_change", pk)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "original": instance,
+            "form": form,
+            "title": f"Options of {instance.name}",
+        }
+        return render(request, "admin/provisioning/instance/settings.html", context)
+
     def get_readonly_fields(self, request, obj=None):
-        # Every change goes through the services (the actions above), so nothing is edited here.
+        # Every change goes through the services (the actions above and the settings form).
         fields = [field.name for field in Instance._meta.fields if field.name not in self.exclude]
-        return [*fields, "recovery_window", "version"]
+        return [*fields, "settings_link", "recovery_window", "version"]
 
     # Each action asks for the model permission it stands for (Django then neither lists it nor
     # carries it out for anyone without it, whatever is POSTed): "delete" for deleting, "change" for
@@ -96,6 +136,27 @@ class InstanceAdmin(admin.ModelAdmin):
     def start_instances(self, request, queryset):
         self._request(request, queryset, "start")
 
+    @admin.action(description="Extend the expiry of the selected instances by 1 day from now", permissions=["change"])
+    def extend_instances(self, request, queryset):
+        self._apply(
+            request, queryset, "extend",
+            lambda instance: services.extend_expiry(instance=instance, data={"expires_in": "1d"}, by=request.user),
+        )  # fmt: skip
+
+    @admin.action(description="Protect the selected instances from expiry and deletion", permissions=["change"])
+    def protect_instances(self, request, queryset):
+        self._apply(
+            request, queryset, "protect",
+            lambda instance: services.set_protected(instance=instance, protected=True, by=request.user),
+        )  # fmt: skip
+
+    @admin.action(description="Stop protecting the selected instances", permissions=["change"])
+    def unprotect_instances(self, request, queryset):
+        self._apply(
+            request, queryset, "unprotect",
+            lambda instance: services.set_protected(instance=instance, protected=False, by=request.user),
+        )  # fmt: skip
+
     def _request(self, request, queryset, action: str) -> None:
         self._apply(
             request, queryset, action,
@@ -111,7 +172,11 @@ class InstanceAdmin(admin.ModelAdmin):
                 done += 1
             except (services.WrongStatus, services.QuotaExceeded, services.NoCapacity) as exc:
                 refused.append(f"{instance.name}: {exc}")
-        self.message_user(request, f"Asked the worker to {verb} {done} instance(s).")
+        done_words = {"extend": "Extended", "protect": "Protected", "unprotect": "Stopped protecting"}
+        if verb in done_words:
+            self.message_user(request, f"{done_words[verb]} {done} instance(s).")
+        else:
+            self.message_user(request, f"Asked the worker to {verb} {done} instance(s).")
         if refused:
             self.message_user(request, " ".join(refused), level=messages.WARNING)
 

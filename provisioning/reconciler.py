@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from .backends.base import BackendError, get_backend
 from .models import BUSY_STATUSES, Heartbeat, Instance, Orphan, Status
-from .services import exports, healing, logs, snapshots, webhooks, work
+from .services import expiry, exports, healing, logs, snapshots, webhooks, work
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class Pass:
     verifies_queued: int = 0
     verifies_failed: int = 0
     logs_pruned: int = 0
+    expiring: list[int] = field(default_factory=list)  # warned of (instance.expiring) this pass
+    expired: list[int] = field(default_factory=list)  # past their expiry: being deleted
+    idle_stopped: list[int] = field(default_factory=list)  # no client for stop_when_idle: being stopped
     failed_phases: list[str] = field(default_factory=list)
     skipped: bool = False  # another pass was still running
 
@@ -83,11 +86,14 @@ class Reconciler:
         try:
             # One phase's trouble (a backend that errs, a broker that blinks) must not stop the others.
             phases = (
+                # Before the probes, which log in as the tenant: their sessions must not count as clients.
+                self._stop_idle,
                 self._probe_and_heal,
                 self._recover_stuck,
                 self._track_orphans,
                 self._resend_deliveries,
                 self._tend_snapshots,
+                self._expire,
             )
             for phase in phases:
                 try:
@@ -106,7 +112,8 @@ class Reconciler:
             if not report.failed_phases:
                 done["beat_at"] = self.clock()
             Heartbeat.objects.filter(name=HEARTBEAT, running_until=turn).update(**done)
-        if report.unhealthy or report.recovered or report.heals or report.stuck or report.failed_phases:
+        acted = report.expired or report.idle_stopped
+        if report.unhealthy or report.recovered or report.heals or report.stuck or report.failed_phases or acted:
             logger.info("Reconcile pass: %s", report)
         return report
 
@@ -162,6 +169,33 @@ class Reconciler:
             return get_backend(instance.backend).enforce_disk_limit(instance)
         except Exception:  # the next pass tries again
             logger.exception("Could not check the disk of instance %s", instance.pk)
+            return None
+
+    # Throwaway and idle instances ------------------------------------------------------
+
+    def _expire(self, report: Pass, now: datetime) -> None:
+        """Warn of expiries ahead (instance.expiring), then delete the expired instances; the warning
+        comes first, so even an instance that lived a few seconds gets it."""
+        report.expiring = expiry.warn_expiring(now=now)
+        report.expired = expiry.remove_expired(now=now)
+
+    def _stop_idle(self, report: Pass, now: datetime) -> None:
+        """Count the client connections of running instances that stop when idle; stop those idle long enough."""
+        instances = expiry.watched_for_idleness()
+        if not instances:
+            return
+        with ThreadPoolExecutor(max_workers=settings.STOCKROOM_PROBE_CONCURRENCY) as pool:
+            counts = list(pool.map(self._clients, instances))
+        for instance, count in zip(instances, counts, strict=True):
+            if count is not None and expiry.note_clients(instance, count, now=now):
+                report.idle_stopped.append(instance.pk)
+
+    @staticmethod
+    def _clients(instance: Instance) -> int | None:
+        try:
+            return get_backend(instance.backend).client_connections(instance)
+        except Exception as exc:  # noqa: BLE001 - a server that does not answer is the probe's business
+            logger.warning("Could not count the clients of instance %s: %s", instance.pk, exc)
             return None
 
     # Work a dead worker left behind ----------------------------------------------------

@@ -3,6 +3,7 @@
 import math
 from datetime import UTC, datetime
 
+from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -20,9 +21,9 @@ from .api.pagination import IdsFirstPaginator
 from .api.throttles import TokenCreateThrottle
 from .durations import describe_duration
 from .engines import UnknownKind, engines, get_engine
-from .forms import TokenForm, create_form_class
+from .forms import LIFETIME_FIELDS, TokenForm, change_form_class, change_form_initial, create_form_class
 from .models import BUSY_STATUSES, DeliveryStatus, Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status, Webhook
-from .options import describe_size
+from .options import CREATE_ONLY, describe_size
 from .services import snapshots, tokens, webhooks
 
 
@@ -57,8 +58,11 @@ def create(request, kind: str):
     if request.method == "POST" and form.is_valid():
         options = {name: value for name, value in form.cleaned_data.items() if value not in (None, "")}
         name = options.pop("name", None)
+        life = {key: options.pop(key) for key in LIFETIME_FIELDS if key in options}
         try:
-            instance = services.create_instance(owner=request.user, kind=kind, name=name, options=options)
+            instance = services.create_instance(
+                owner=request.user, kind=kind, name=name, options=options, lifetime=life
+            )
         except ValidationError as exc:
             for field, errors in exc.message_dict.items():
                 form.add_error(field if field in form.fields else None, errors)
@@ -90,7 +94,8 @@ def panel(request, pk: int):
 
 
 def _detail_context(instance: Instance) -> dict:
-    connection = get_engine(instance.kind).connection(instance) if instance.status == "running" else None
+    engine = get_engine(instance.kind)
+    connection = engine.connection(instance) if instance.status == "running" else None
     return {
         "instance": instance,
         "connection": connection,
@@ -109,9 +114,56 @@ def _detail_context(instance: Instance) -> dict:
         "window": services.recovery_window(instance),
         "upgrade_available": services.upgrade_available(instance),
         "host_version": services.host_version(instance.backend, instance.kind),
+        "pending": services.describe_changes(
+            get_engine(instance.kind),
+            get_engine(instance.kind).with_defaults(instance.options),
+            instance.pending_options,
+        ),
         "import_suffixes": get_engine(instance.kind).import_suffixes,
         "import_most": settings.STOCKROOM_IMPORT_MAX_BYTES,
+        "can_change_lifetime": instance.status in services.LIFETIME_CHANGEABLE,
     }
+
+
+@never_cache
+@login_required
+def settings_page(request, pk: int):
+    """Change options and name, through the same service as PATCH in the API."""
+    instance = _my_instance(request, pk)
+    form, changed = settings_form(request, instance)
+    if changed is not None:
+        if changed.pending_options:
+            messages.info(request, "Saved. Some changes wait for a restart: see the banner to restart now.")
+        else:
+            messages.success(request, "Saved; live changes are applied.")
+        return redirect("instance", pk=instance.pk)
+    return render(request, "provisioning/settings.html", {"form": form, "instance": instance})
+
+
+def settings_form(request, instance: Instance) -> tuple[forms.Form, Instance | None]:
+    """The settings form of `instance` (the options as they will be after a restart) and, for a
+    valid POST that the service took, the changed instance; errors go back next to their fields.
+    The owner's page and the admin's both use it."""
+    engine = get_engine(instance.kind)
+    shown = {**engine.with_defaults(instance.options), **instance.pending_options}
+    form = change_form_class(engine)(request.POST or None, initial=change_form_initial(engine, shown, instance.name))
+    if request.method != "POST" or not form.is_valid():
+        return form, None
+    data = dict(form.cleaned_data)
+    name = data.pop("name")
+    options = {  # a blank field is the default; a blank text (sql_mode, say) is itself
+        option: None if value in (None, "") and engine.option(option).kind not in ("set", "text") else value
+        for option, value in data.items()
+        if engine.option(option).apply != CREATE_ONLY
+    }
+    try:
+        return form, services.change_instance(instance=instance, options=options, name=name, by=request.user)
+    except ValidationError as exc:
+        for field, errors in exc.message_dict.items():
+            form.add_error(field if field in form.fields else None, errors)
+    except (services.WrongStatus, services.NotApplied, services.QuotaExceeded, services.NoCapacity) as exc:
+        form.add_error(None, str(exc))
+    return form, None
 
 
 @login_required
@@ -148,6 +200,44 @@ def import_file(request, pk: int):
         messages.error(request, str(exc))
     else:
         messages.success(request, f"{upload.name} is being imported; the history says how it went.")
+    return redirect("instance", pk=instance.pk)
+
+
+# Lifetime: the same services as the API -----------------------------------------------------------
+
+
+@login_required
+@require_POST
+def extend(request, pk: int):
+    """Move the expiry: `expires_in` from now (or "never")."""
+    instance = _my_instance(request, pk)
+    try:
+        instance = services.extend_expiry(
+            instance=instance, data={"expires_in": request.POST.get("expires_in", "").strip()}, by=request.user
+        )
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    except services.WrongStatus as exc:
+        messages.error(request, str(exc))
+    else:
+        when = f"{instance.expires_at:%Y-%m-%d %H:%M} UTC" if instance.expires_at else "never"
+        messages.success(request, f"{instance.name} now expires: {when}.")
+    return redirect("instance", pk=instance.pk)
+
+
+@login_required
+@require_POST
+def protect(request, pk: int):
+    """The Protected toggle: `protected` is "true" or "false"."""
+    instance = _my_instance(request, pk)
+    protected = request.POST.get("protected") == "true"
+    try:
+        services.set_protected(instance=instance, protected=protected, by=request.user)
+    except services.WrongStatus as exc:
+        messages.error(request, str(exc))
+    else:
+        said = "protected: neither expiry nor a delete removes it" if protected else "no longer protected"
+        messages.success(request, f"{instance.name} is {said}.")
     return redirect("instance", pk=instance.pk)
 
 

@@ -16,10 +16,13 @@ from rest_framework import serializers
 from ..engines import engines
 from ..services.requests import NAME_PATTERN
 from .serializers import (
+    ChangeInstanceSerializer,
     CreateInstanceSerializer,
     KindField,
+    LifetimeField,
     NameField,
     ShapingField,
+    change_serializer,
     config_serializer,
     create_serializer,
 )
@@ -86,6 +89,25 @@ class CreateInstanceSchema(OpenApiSerializerExtension):
         return schema
 
 
+class ChangeInstanceSchema(OpenApiSerializerExtension):
+    target_class = ChangeInstanceSerializer
+    match_subclasses = True
+
+    def get_name(self, auto_schema, direction):
+        return f"{self.target.engine.kind.capitalize()}Change"
+
+    def map_serializer(self, auto_schema, direction):
+        engine = self.target.engine
+        schema = auto_schema._map_basic_serializer(self.target, direction)
+        schema["additionalProperties"] = False
+        schema["description"] = (
+            f"A JSON merge patch of a {engine.label} instance: a field left out stays, null puts its default back. "
+            "Each option's x-apply says how a change takes effect: live, restart (pending until the next restart) "
+            "or create-only (refused)."
+        )
+        return schema
+
+
 class OptionFieldSchema(OpenApiSerializerFieldExtension):
     target_class = ShapingField
     match_subclasses = True
@@ -97,6 +119,12 @@ class OptionFieldSchema(OpenApiSerializerFieldExtension):
         default = BLANK if self.target.parent.form else None
         if option.kind == "choice":
             schema = {"type": "string", "enum": [*option.choices, default]}
+        elif option.kind in ("set", "text"):
+            schema = {"type": "string", "maxLength": 200}
+        elif option.kind == "number":
+            schema = {"type": "number", **bounds}
+            if self.target.parent.form:
+                schema = {"anyOf": [schema, {"type": "string"}]}
         elif option.kind == "size":  # a blank is a string too
             schema = {"oneOf": [{"type": "integer", **bounds}, {"type": "string", "example": "256mb"}]}
         elif self.target.parent.form:
@@ -105,6 +133,7 @@ class OptionFieldSchema(OpenApiSerializerFieldExtension):
             schema = {"type": "integer", **bounds}
         if option.default is not None:
             schema["default"] = option.default
+        schema["x-apply"] = option.apply  # live, restart or create-only: how a change after create applies
         return schema
 
 
@@ -114,6 +143,25 @@ class NameFieldSchema(OpenApiSerializerFieldExtension):
     def map_serializer_field(self, auto_schema, direction):
         pattern = f"({NAME_PATTERN.pattern})?" if self.target.parent.form else NAME_PATTERN.pattern
         return {"type": "string", "pattern": f"^{pattern}$", "maxLength": self.target.max_length}
+
+
+class LifetimeFieldSchema(OpenApiSerializerFieldExtension):
+    """expires_in, expires_at or stop_when_idle: text (stop_when_idle also whole seconds); null in
+    JSON for never, a blank in a form for the default."""
+
+    target_class = LifetimeField
+
+    def map_serializer_field(self, auto_schema, direction):
+        name = self.target.field_name
+        if name == "expires_at":
+            schema: dict = {"type": "string", "format": "date-time"}
+        elif name == "stop_when_idle":
+            schema = {"oneOf": [{"type": "string", "example": "30m"}, {"type": "integer", "minimum": 60}]}
+        else:
+            schema = {"type": "string", "example": "2h"}
+        if not getattr(self.target.parent, "form", False):
+            schema["nullable"] = True
+        return schema
 
 
 class KindFieldSchema(OpenApiSerializerFieldExtension):
@@ -141,6 +189,8 @@ class InstanceSchema(KindSchema):
     """The kind in every path, the create body and the config answer, per registered engine."""
 
     def get_request_serializer(self):
+        if getattr(self.view, "action", None) == "partial_update":
+            return AnyOf("ChangeInstance", [change_serializer(engine) for engine in engines().values()])
         if getattr(self.view, "action", None) == "create":
             json = AnyOf("CreateInstance", [create_serializer(engine) for engine in engines().values()])
             form = AnyOf("CreateInstanceForm", [create_serializer(engine, form=True) for engine in engines().values()])

@@ -7,10 +7,10 @@ from rest_framework import serializers
 from rest_framework.fields import empty
 from rest_framework.utils import html
 
-from ..engines import Engine
+from ..engines import Engine, get_engine
 from ..models import AccessToken, DeliveryStatus, Instance, Snapshot, Webhook, WebhookDelivery
-from ..options import Option, format_size
-from ..services import recovery_window, tokens, upgrade_available
+from ..options import CREATE_ONLY, LIVE, RESTART, Option, format_size
+from ..services import lifetime, recovery_window, tokens, upgrade_available
 from ..services.requests import NAME_RULE
 
 
@@ -45,18 +45,38 @@ class InstanceSerializer(serializers.ModelSerializer):
             "host",
             "port",
             "options",
+            "pending_options",
             "memory_reservation",
             "memory_limit",
             "timings",
             "recovery_window",
             "server_version",
             "upgrade_available",
+            "expires_at",
+            "protected",
+            "stop_when_idle",
+            "idle_since",
             "created_at",
             "updated_at",
         ]
         extra_kwargs = {
             "timings": {"help_text": "Seconds each step of the create took, measured by the worker."},
             "server_version": {"help_text": "The version its server reported when it last started (empty until then)."},
+            "options": {"help_text": "The options the server runs with now, every one of its engine's."},
+            "pending_options": {
+                "help_text": "Options changed that take effect at the next restart (PATCH …?apply=now restarts)."
+            },
+            "expires_at": {
+                "help_text": "When it is deleted (a before-delete snapshot kept), unless protected; null: never. "
+                "instance.expiring is sent STOCKROOM_EXPIRY_WARNING before. POST …/extend moves it."
+            },
+            "protected": {"help_text": "Neither expiry nor DELETE (409) removes it until this is cleared."},
+            "stop_when_idle": {
+                "help_text": "Seconds without a client connection after which it is stopped (data kept); null: never."
+            },
+            "idle_since": {
+                "help_text": "Since when no client has been connected, while stop_when_idle is set and it runs."
+            },
         }
         read_only_fields = fields
 
@@ -67,6 +87,11 @@ class InstanceSerializer(serializers.ModelSerializer):
 
     def get_upgrade_available(self, instance: Instance) -> bool:
         return upgrade_available(instance)
+
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        data["options"] = get_engine(instance.kind).with_defaults(instance.options)
+        return data
 
     recovery_window = serializers.SerializerMethodField(
         help_text="The times a restore or clone may go back to, {from, to} in whole seconds (UTC); "
@@ -158,6 +183,13 @@ class EventSerializer(serializers.Serializer):
         }
 
 
+APPLY_TEXT = {
+    LIVE: "A change after create is applied to the running server at once.",
+    RESTART: "A change after create waits for the next restart (pending_options).",
+    CREATE_ONLY: "Set only when the instance is made; a change is refused.",
+}
+
+
 class ShapingField(serializers.Field):
     """Shapes one engine option's input; the engine validates the value, once, in the service.
 
@@ -168,7 +200,7 @@ class ShapingField(serializers.Field):
     def __init__(self, option: Option, **kwargs):
         self.option = option
         kwargs.setdefault("initial", option.default)
-        kwargs.setdefault("help_text", option.help_text)
+        kwargs["help_text"] = f"{kwargs.get('help_text', option.help_text)} {APPLY_TEXT[option.apply]}"
         kwargs.setdefault("allow_null", True)
         super().__init__(required=False, label=option.label, **kwargs)
 
@@ -237,7 +269,96 @@ class NameField(serializers.CharField):
         return data
 
 
-OPTION_FIELDS = {"choice": ChoiceOptionField, "int": IntegerOptionField, "size": SizeOptionField}
+class TextOptionField(ShapingField, serializers.Field):
+    """A string option ("text", "set"); the engine checks it."""
+
+    def __init__(self, option: Option, **kwargs):
+        super().__init__(option, help_text=f"{option.help_text} Allowed: {option.describe_allowed()}.", **kwargs)
+
+    def to_representation(self, value):
+        return value
+
+
+class NumberOptionField(ShapingField, serializers.Field):
+    """An integer or a decimal within the option's range."""
+
+    def __init__(self, option: Option, **kwargs):
+        super().__init__(option, help_text=_with_range(option), **kwargs)
+
+    def shape(self, data, *, from_form: bool):
+        if from_form and isinstance(data, str) and re.fullmatch(r"\s*-?[0-9]{1,9}(\.[0-9]{1,6})?\s*", data):
+            return float(data) if "." in data else int(data)
+        return data
+
+    def to_representation(self, value):
+        return value
+
+
+OPTION_FIELDS = {
+    "choice": ChoiceOptionField,
+    "int": IntegerOptionField,
+    "size": SizeOptionField,
+    "set": TextOptionField,
+    "text": TextOptionField,
+    "number": NumberOptionField,
+}
+
+
+class LifetimeField(serializers.Field):
+    """One of an instance's lifetime words (expires_in, expires_at, stop_when_idle), passed as it is
+    to services/lifetime.py, which reads and checks it. From a form, a blank one is left out.
+    Its schema is in schema.py."""
+
+    def __init__(self, *, form: bool = False, **kwargs):
+        super().__init__(required=False, allow_null=not form, **kwargs)
+
+    def get_value(self, dictionary):
+        if html.is_html_input(dictionary) and dictionary.get(self.field_name) == "":
+            return empty  # left out, not null (which says "never")
+        return super().get_value(dictionary)
+
+    def to_internal_value(self, data):
+        return data
+
+    def to_representation(self, value):
+        return value
+
+
+def expiry_fields(*, default: str = "", form: bool = False) -> dict[str, serializers.Field]:
+    """expires_in and expires_at, as the create and extend bodies take them."""
+    return {
+        "expires_in": LifetimeField(
+            form=form,
+            help_text=f"Delete the instance this long from now: {lifetime.EXPIRES_IN_RULE}. Not with expires_at."
+            + default,
+        ),
+        "expires_at": LifetimeField(
+            form=form, help_text=f"Delete the instance at this time: {lifetime.EXPIRES_AT_RULE}. Not with expires_in."
+        ),
+    }
+
+
+def lifetime_fields(*, form: bool) -> dict[str, serializers.Field]:
+    """What a create body may say of the instance's lifetime (services/lifetime.py reads it)."""
+    return {
+        **expiry_fields(default=" Neither given: STOCKROOM_DEFAULT_TTL (empty: never).", form=form),
+        "protected": serializers.BooleanField(
+            required=False, help_text="Neither expiry nor DELETE (409) removes it until cleared. Default: false."
+        ),
+        "stop_when_idle": LifetimeField(
+            form=form,
+            help_text=f"Stop it (data kept) after this long with no client connected: {lifetime.STOP_WHEN_IDLE_RULE}.",
+        ),
+    }
+
+
+class ExtendSerializer(serializers.Serializer):
+    """The body of POST …/extend: one of the two."""
+
+    form = False
+
+    def get_fields(self):
+        return expiry_fields()
 
 
 class CreateInstanceSerializer(serializers.Serializer):
@@ -289,9 +410,52 @@ def create_serializer(engine: Engine, *, form: bool = False) -> type[CreateInsta
             help_text="A clone from a file (multipart): the new instance starts with its data, as an import "
             f"loads it ({' or '.join(engine.import_suffixes) or 'none for this kind'}).",
         ),
+        **lifetime_fields(form=form),
     }
     name = f"{engine.kind.capitalize()}Create{'Form' if form else ''}Serializer"
     return type(name, (CreateInstanceSerializer,), {"engine": engine, "form": form, **fields})
+
+
+class ChangeInstanceSerializer(serializers.Serializer):
+    """Base of each engine's PATCH body: a JSON merge patch of the instance. A field left out stays
+    as it is; null puts its default back. Options go at the top level (as in a create) or under
+    `options` (as the instance shows them)."""
+
+    engine: Engine
+    form = False
+    default_error_messages = {"invalid": "Expected a JSON object: a merge patch of the instance."}
+
+    def to_internal_value(self, data):
+        if hasattr(data, "keys"):
+            ignored = {"csrfmiddlewaretoken"} if html.is_html_input(data) else set()
+            if unknown := [key for key in data if key not in self.fields and key not in ignored]:
+                allowed = ", ".join(self.fields)
+                raise serializers.ValidationError(
+                    {key: [f"Not a field a change takes; allowed: {allowed}."] for key in unknown}
+                )
+        return super().to_internal_value(data)
+
+
+@cache
+def change_serializer(engine: Engine) -> type[ChangeInstanceSerializer]:
+    """The PATCH body for one engine, built from its options once per engine object."""
+    fields = {
+        "name": StrictCharField(required=False, max_length=40, help_text=f"A new name. {NAME_RULE}"),
+        "options": serializers.DictField(
+            required=False, help_text="Options as the instance shows them (the same as giving them at the top level)."
+        ),
+        **{option.name: OPTION_FIELDS[option.kind](option) for option in engine.options},
+        **expiry_fields(default=" Left out: unchanged; null: never."),
+        "protected": serializers.BooleanField(
+            required=False, help_text="Neither expiry nor DELETE (409) removes it until cleared."
+        ),
+        "stop_when_idle": LifetimeField(
+            form=False,
+            help_text=f"Stop it (data kept) after this long with no client connected: {lifetime.STOP_WHEN_IDLE_RULE}.",
+        ),
+    }
+    name = f"{engine.kind.capitalize()}ChangeSerializer"
+    return type(name, (ChangeInstanceSerializer,), {"engine": engine, **fields})
 
 
 @cache

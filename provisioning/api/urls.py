@@ -26,7 +26,9 @@ urlpatterns = [
     ),
     re_path(
         rf"{INSTANCES}/(?P<pk>[0-9]+)/?$",
-        InstanceViewSet.as_view({"get": "retrieve", "delete": "destroy"}, name="{label} instance"),
+        InstanceViewSet.as_view(
+            {"get": "retrieve", "patch": "partial_update", "delete": "destroy"}, name="{label} instance"
+        ),
         name="instance-detail",
     ),
     re_path(
@@ -48,6 +50,11 @@ urlpatterns = [
         rf"{INSTANCES}/(?P<pk>[0-9]+)/import/?$",
         InstanceViewSet.as_view({"post": "import_file"}, name="{label} instance: import"),
         name="instance-import",
+    ),
+    re_path(
+        rf"{INSTANCES}/(?P<pk>[0-9]+)/extend/?$",
+        InstanceViewSet.as_view({"post": "extend"}, name="{label} instance: extend"),
+        name="instance-extend",
     ),
     re_path(rf"{SNAPSHOTS}/?$", SnapshotViewSet.as_view({"get": "list"}, name="Snapshots"), name="snapshot-list"),
     re_path(

@@ -17,7 +17,7 @@ from .. import services
 from ..engines import UnknownKind, engines, get_engine
 from ..models import Instance, Snapshot, Webhook
 from ..options import describe_size
-from ..services import tokens, webhooks
+from ..services import lifetime, tokens, webhooks
 from .pagination import InstancePagination
 from .parsers import MultiPartParser
 from .schema import InstanceSchema, KindSchema
@@ -26,6 +26,7 @@ from .serializers import (
     CreateAccessTokenSerializer,
     DeliverySerializer,
     EventSerializer,
+    ExtendSerializer,
     ImportSerializer,
     InstanceSerializer,
     NewAccessTokenSerializer,
@@ -34,6 +35,7 @@ from .serializers import (
     SnapshotSerializer,
     UsageSerializer,
     WebhookSerializer,
+    change_serializer,
     create_serializer,
 )
 from .throttles import LoginAddressThrottle, LoginUsernameThrottle, TokenCreateThrottle
@@ -93,6 +95,7 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         source = options.pop("from_snapshot", None)
         origin, until = options.pop("from_instance", None), options.pop("time", None)
         upload = options.pop("file", None)
+        life = {key: options.pop(key) for key in lifetime.FIELDS if key in options}
         if upload is not None and (origin is not None or source is not None):
             raise exceptions.ValidationError({"file": "Give either a file or a clone's source, not both."})
         snapshot = None if source is None else _own_snapshot(request, kind, source)
@@ -103,7 +106,7 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         source_instance = None if origin is None else self.get_queryset().filter(pk=origin).first()
         if origin is not None and source_instance is None:
             raise exceptions.NotFound(f"You have no {kind} instance {origin}.")
-        create = {"owner": request.user, "kind": kind, "name": name, "options": options}
+        create = {"owner": request.user, "kind": kind, "name": name, "options": options, "lifetime": life}
         if upload is not None:
             instance = services.create_from_file(file_name=upload.name, upload=upload, size=upload.size, **create)
         else:
@@ -113,7 +116,47 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         # A plain dict: the browsable API then offers an empty create form again, not this answer.
         return Response(dict(InstanceSerializer(instance).data), status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(responses={202: InstanceSerializer}, summary="Delete an instance and its data")
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "apply",
+                str,
+                enum=["now"],
+                description="`now`: also restart the instance, so that options waiting for a restart take effect.",
+            )
+        ],
+        responses={202: InstanceSerializer, 400: None, 403: None, 404: None, 409: None, 503: None},
+        summary="Change an instance: options (live or at the next restart), name",
+    )
+    def partial_update(self, request, kind: str, pk: int):
+        """A JSON merge patch: a field left out stays, null puts its default back. Live options are
+        set on the running server and read back before the answer; restart ones wait in
+        `pending_options`; create-only ones are refused (400). A change of memory changes the
+        server's memory limit and reservation too (403 past your quota, 503 past the host's room)."""
+        instance = self.get_object()
+        apply = request.query_params.get("apply")
+        if apply not in (None, "now"):
+            raise exceptions.ValidationError({"apply": f"{apply!r} is not allowed; the only value is 'now'."})
+        serializer = change_serializer(get_engine(kind))(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        patch = dict(serializer.validated_data)
+        nested = patch.pop("options", {})
+        if both := sorted(set(nested) & set(patch)):
+            raise exceptions.ValidationError({name: "Given both at the top level and under options." for name in both})
+        name = patch.pop("name", None)
+        lifetime = {key: patch.pop(key) for key in services.LIFETIME_FIELDS if key in patch}
+        instance = services.change_instance(
+            instance=instance, options={**nested, **patch}, name=name, lifetime_fields=lifetime, by=request.user
+        )
+        if apply == "now" and instance.pending_options and instance.status == "running":
+            instance = services.request_action(instance=instance, action="restart", by=request.user)
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        responses={202: InstanceSerializer, 409: None},
+        summary="Delete an instance and its data",
+        description="A before-delete snapshot is kept. 409 while it is busy, or protected: clear `protected` first.",
+    )
     def destroy(self, request, kind: str, pk: int):
         instance = services.delete_instance(instance=self.get_object(), by=request.user)
         return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
@@ -126,6 +169,22 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         if instance.port is None:
             raise services.WrongStatus(instance, "connect to")
         return Response(get_engine(kind).connection(instance))
+
+    @extend_schema(
+        request=ExtendSerializer,
+        responses={200: InstanceSerializer, 400: None, 404: None, 409: None},
+        summary="Move the instance's expiry",
+        description='`expires_in` from now, or `expires_at` (after now); null or "never" for never. '
+        "instance.expiring is sent again STOCKROOM_EXPIRY_WARNING before the new expiry. Allowed in any live "
+        "status but deleting; the history records the change.",
+    )
+    @action(detail=True, methods=["post"])
+    def extend(self, request, kind: str, pk: int):
+        instance = self.get_object()
+        serializer = ExtendSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        instance = services.extend_expiry(instance=instance, data=serializer.validated_data, by=request.user)
+        return Response(InstanceSerializer(instance).data)
 
     def _act(self, request, kind: str, pk: int, action: str):
         instance = services.request_action(instance=self.get_object(), action=action, by=request.user)
@@ -435,7 +494,7 @@ def exception_handler(exc, context):
         exc = exceptions.ValidationError(detail)
     elif isinstance(exc, services.QuotaExceeded | webhooks.TooManyWebhooks):
         exc = exceptions.PermissionDenied(str(exc), code="quota_exceeded")
-    elif isinstance(exc, services.SnapshotBusy | services.ExportFailed):
+    elif isinstance(exc, services.SnapshotBusy | services.ExportFailed | services.NotApplied):
         return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
     elif isinstance(exc, services.WrongStatus):
         return Response({"detail": str(exc), "status": exc.instance.status}, status=status.HTTP_409_CONFLICT)

@@ -5,6 +5,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -12,6 +13,7 @@ from django.utils.module_loading import import_string
 
 from ..engines import Endpoint, LogArchive, Replay, engines, get_engine
 from ..errors import BackendError, ImportRefused
+from ..options import describe_size
 from . import listeners
 from .disks import DISK_FULL
 
@@ -94,6 +96,51 @@ class BaseBackend:
         """Bring the running instance's data up to its server's version (`Engine.upgrade`, run beside
         it); a sentence saying what was done, "" if nothing was. Raise BackendError if it failed."""
         raise NotImplementedError("Backends must run an engine's upgrade.")
+
+    def reconfigure(self, instance: "Instance", changes: dict[str, Any], *, memory_limit: int | None = None) -> None:
+        """Change the running server: `changes` are live options (`Engine.apply_live`) and
+        `memory_limit`, if given, its kernel or container memory limit in bytes. All or nothing: a
+        limit is raised before the server grows and lowered after it shrinks, a limit below what
+        the server uses now is refused before anything changes, and a refusal puts back what was
+        changed. Raise BackendError saying why.
+
+        Backends give the parts: `memory` (the limit now and what is in use), `set_memory_limit`
+        and `admin` (the portal's way in); one without a limit of its own returns None for it."""
+        now, in_use = self.memory(instance) if memory_limit is not None else (None, None)
+        grows = now is not None and memory_limit is not None and memory_limit > now
+        shrinks = now is not None and memory_limit is not None and not grows
+        if shrinks:
+            check_fits(memory_limit, in_use)  # type: ignore[arg-type]
+        if grows:
+            self.set_memory_limit(instance, memory_limit)  # type: ignore[arg-type]
+        try:
+            if changes:
+                with self.admin(instance) as admin:
+                    get_engine(instance.kind).apply_live(instance, changes, admin=admin)
+        except Exception:
+            if grows:
+                self.set_memory_limit(instance, now)  # type: ignore[arg-type]
+            raise
+        if shrinks:
+            self.set_memory_limit(instance, memory_limit)  # type: ignore[arg-type]
+
+    def memory(self, instance: "Instance") -> tuple[int | None, int | None]:
+        """The running server's memory limit now and the bytes it uses that a lower limit could not
+        take back (None, None: the backend sets no limit of its own)."""
+        return None, None
+
+    def set_memory_limit(self, instance: "Instance", memory: int) -> None:
+        """Change the running server's kernel or container memory limit; it goes on running."""
+        raise BackendError(f"The {self.alias} backend cannot change a memory limit.")
+
+    def admin(self, instance: "Instance") -> AbstractContextManager[Endpoint]:
+        """Where the portal's own account reaches the running server, while the block runs."""
+        raise BackendError(f"The {self.alias} backend cannot administer a running server.")
+
+    def client_connections(self, instance: "Instance") -> int:
+        """How many connections the tenant's clients hold open on the running server
+        (`Engine.client_connections`); raise BackendError if it cannot tell."""
+        raise BackendError(f"The {self.alias} backend cannot count client connections.")
 
     def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         """Write a consistent copy of the running instance's data to `out`, as its engine takes it
@@ -305,6 +352,15 @@ class BaseBackend:
                     return False
                 raise
         return True
+
+
+def check_fits(limit: int, in_use: int | None) -> None:
+    """Refuse a memory limit below what the server uses now: the kernel would kill it."""
+    if in_use is not None and limit < in_use:
+        raise BackendError(
+            f"The server uses {describe_size(in_use)} now, more than the new limit of {describe_size(limit)}; "
+            "free some memory (or restart it) first."
+        )
 
 
 _loaded: dict[tuple[str, str], BaseBackend] = {}

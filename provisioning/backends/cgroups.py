@@ -153,6 +153,32 @@ class Cgroups:
         except (OSError, BackendError, KeyError, ValueError):
             return None
 
+    def memory_in_use(self, name: str) -> int | None:
+        """Bytes of anonymous memory the cgroup's processes use now: what a lower limit cannot
+        take back (the page cache it can)."""
+        try:
+            path = self._path("memory", name)
+            anon = "anon" if self.hierarchies["memory"].version == 2 else "total_rss"
+            counts = dict(line.split() for line in (path / "memory.stat").read_text().splitlines() if " " in line)
+            return int(counts[anon])
+        except (OSError, BackendError, KeyError, ValueError):
+            return None
+
+    def set_memory_limit(self, name: str, memory: int) -> None:
+        """Change the memory limit of the instance's running cgroup; its processes go on."""
+        hierarchy = self.hierarchies["memory"]
+        path = self._folder(hierarchy) / name
+        if not path.is_dir():
+            raise BackendError(f"The cgroup {name} is gone: the server is not running.")
+        if hierarchy.version == 1 and (path / "memory.memsw.limit_in_bytes").exists():
+            # v1 refuses a memory limit above the memory-and-swap one: that one goes first when growing.
+            grows = memory > int((path / "memory.limit_in_bytes").read_text())
+            order = ["memory.memsw.limit_in_bytes", "memory.limit_in_bytes"]
+            for file in order if grows else reversed(order):
+                (path / file).write_text(str(memory))
+            return
+        self._limit_memory(hierarchy, path, memory)
+
     def remove(self, name: str) -> None:
         """Remove the instance's cgroups; their processes must be gone (or going: this waits a
         little for them to leave)."""

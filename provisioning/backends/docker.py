@@ -293,6 +293,9 @@ class DockerBackend(BaseBackend):
         self._mount_disk(directory)
         self._seal(instance)  # a restore cut short may have left `disk/` open to the uid's group
         (directory / WRITES_REFUSED).unlink(missing_ok=True)  # a new server accepts them
+        spec = get_engine(instance.kind).container(instance, self.layout(instance))
+        if not self._restored_unsettled(instance, spec):  # the options as they are now (pending ones applied)
+            self._write_files(instance, spec, init=False)
         container = self._on_current_image(instance, containers)
         self._docker("start the container", container.start)
         self._wait_for_login(instance, container)
@@ -325,6 +328,11 @@ class DockerBackend(BaseBackend):
         logger.info("Instance %s: container made again from %s (%s)", instance.pk, image, wanted)
         return container
 
+    def _restored_unsettled(self, instance: "Instance", spec: Container) -> bool:
+        """Whether a restore's first-start files are still there (its start failed): its files
+        stay as the restore wrote them until a login settles them."""
+        return any((self.directory(instance) / INIT / name).stat().st_size for name in spec.init_files)
+
     def _settle(self, instance: "Instance") -> None:
         """The container's usual files again, and its first-start files emptied: once a login works,
         the server has made its accounts."""
@@ -351,7 +359,7 @@ class DockerBackend(BaseBackend):
         containers = self._own(instance)
         if not containers:
             raise BackendError(GONE)
-        with self._admin(instance) as admin:
+        with self.admin(instance) as admin:
             execute = partial(self._exec, containers[0], user=self._user(instance))
             yield DockerBeside(layout=self.layout(instance), endpoint=admin, execute=execute)
 
@@ -456,13 +464,13 @@ class DockerBackend(BaseBackend):
 
     def set_password(self, instance: "Instance", password: str) -> None:
         directory = self.directory(instance)
-        with self._admin(instance) as admin:
+        with self.admin(instance) as admin:
             get_engine(instance.kind).set_password(
                 instance, password, admin=admin, write=lambda name, text: self._write(instance, directory / name, text)
             )
 
     def server_version(self, instance: "Instance") -> str:
-        with self._admin(instance) as admin:
+        with self.admin(instance) as admin:
             return get_engine(instance.kind).server_version(instance, admin)
 
     def host_version(self, kind: str) -> str:
@@ -495,8 +503,24 @@ class DockerBackend(BaseBackend):
         with self._beside(instance) as beside:
             return get_engine(instance.kind).upgrade(instance, beside)
 
+    def memory(self, instance: "Instance") -> tuple[int | None, int | None]:
+        container = self._running(instance)
+        stats = self._docker("read the container's memory", container.stats, stream=False).get("memory_stats", {})
+        in_use = stats.get("stats", {}).get("anon", stats.get("usage"))
+        return int(container.attrs["HostConfig"]["Memory"] or 0) or None, in_use
+
+    def set_memory_limit(self, instance: "Instance", memory: int) -> None:
+        container = self._running(instance)
+        self._docker("change the memory limit", container.update, mem_limit=memory, memswap_limit=memory)
+
+    def _running(self, instance: "Instance") -> Any:
+        containers = self._own(instance)
+        if not containers:
+            raise BackendError(GONE)
+        return containers[0]
+
     @contextmanager
-    def _admin(self, instance: "Instance") -> Iterator[Endpoint]:
+    def admin(self, instance: "Instance") -> Iterator[Endpoint]:
         """Where the portal administers the server: its Unix socket, reached through a descriptor
         checked to be a socket of the container's uid (which may put a symlink in its place)."""
         assert instance.port is not None, "only an instance that holds a port has a server"
@@ -515,7 +539,7 @@ class DockerBackend(BaseBackend):
         )
 
     def _refuse_writes(self, instance: "Instance", *, refuse: bool) -> None:
-        with self._admin(instance) as admin:
+        with self.admin(instance) as admin:
             get_engine(instance.kind).refuse_writes(instance, refuse, admin=admin)
         marker = self.directory(instance) / WRITES_REFUSED
         if refuse:

@@ -36,6 +36,8 @@ class Server:
     # many of them are archived: its log, as a binary log or append-only file would hold it.
     log: list[list[Any]] = field(default_factory=list)
     archived: int = 0
+    memory_limit: int | None = None  # as `reconfigure` last set it
+    clients: int = 0  # client connections open on it; a stop or a start ends them
 
     def write(self, key: str, value: Any, *, at: float | None = None) -> None:
         self.data[key] = value
@@ -68,6 +70,8 @@ class FakeBackend(BaseBackend):
         "import_data",
         "server_version",
         "upgrade",
+        "reconfigure",
+        "client_connections",
     )
     moves_ports = True  # a start serves the instance on the port it has then, as the local backend does
     point_in_time = True
@@ -101,6 +105,12 @@ class FakeBackend(BaseBackend):
         """What `kill -9` does: the server is gone, its data stays; probes fail until it is started."""
         with self.lock:
             self.servers[instance_id].running = False
+
+    def connect(self, instance_id: int, clients: int = 1) -> None:
+        """Clients open (or, with a negative number, close) connections to the server."""
+        with self.lock:
+            server = self.servers[instance_id]
+            server.clients = max(server.clients + clients, 0)
 
     def server(self, instance_id: int) -> Server | None:
         return self.servers.get(instance_id)
@@ -150,6 +160,7 @@ class FakeBackend(BaseBackend):
         with self.lock:
             if instance.pk in self.servers:  # stopping what is not there is not an error
                 self.servers[instance.pk].running = False
+                self.servers[instance.pk].clients = 0
 
     def start(self, instance: "Instance") -> None:
         self._enter("start", instance.pk)
@@ -158,8 +169,19 @@ class FakeBackend(BaseBackend):
             raise BackendError(f"The server could not listen on port {instance.port}: another process holds it.")
         with self.lock:
             server.running, server.port, server.version = True, instance.port, self.version
+            server.options = dict(instance.options)  # as a real server reads its config again
         if server.password != instance.password:
             raise BackendError("The server started, but the user's login was refused.")
+
+    def reconfigure(self, instance: "Instance", changes: dict[str, Any], *, memory_limit: int | None = None) -> None:
+        self._enter("reconfigure", instance.pk)
+        server = self._server(instance)
+        if not server.running:
+            raise BackendError("The server is not running.")
+        with self.lock:
+            server.options.update(changes)
+            if memory_limit is not None:
+                server.memory_limit = memory_limit
 
     def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         self._enter("snapshot", instance.pk)
@@ -274,6 +296,13 @@ class FakeBackend(BaseBackend):
         with self.lock:
             server.upgraded_to = server.version
         return f"Upgraded the fake's data to {server.version}."
+
+    def client_connections(self, instance: "Instance") -> int:
+        self._enter("client_connections", instance.pk)
+        server = self._server(instance)
+        if not server.running:
+            raise BackendError("The server is not running.")
+        return server.clients
 
     def probe(self, instance: "Instance", timeout: float = 2.0) -> None:
         if self.while_probing is not None:

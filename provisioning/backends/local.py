@@ -184,22 +184,37 @@ class LocalBackend(BaseBackend):
         self._run_server(instance)
 
     def set_password(self, instance: "Instance", password: str) -> None:
-        directory, layout, user = self.directory(instance), self.layout(instance), self.user(instance)
+        directory, user = self.directory(instance), self.user(instance)
         group = user.gid if user else None
-        with files.unix_socket(Path(layout.socket), owner=user.uid if user else None) as socket:
+        with self.admin(instance) as admin:
             get_engine(instance.kind).set_password(
                 instance,
                 password,
-                admin=Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=socket),
+                admin=admin,
                 write=lambda name, text: files.write(directory / name, text, group=group),
             )
 
-    def server_version(self, instance: "Instance") -> str:
+    def memory(self, instance: "Instance") -> tuple[int | None, int | None]:
+        if not self.confined or self.no_cgroups:
+            return None, None
+        cgroup = _cgroup(instance.kind, instance.pk)
+        return self.cgroups.memory_limit(cgroup), self.cgroups.memory_in_use(cgroup)
+
+    def set_memory_limit(self, instance: "Instance", memory: int) -> None:
+        self.cgroups.set_memory_limit(_cgroup(instance.kind, instance.pk), memory)
+
+    @contextmanager
+    def admin(self, instance: "Instance") -> Iterator[Endpoint]:
+        """Where the portal administers the server: its Unix socket, reached through a descriptor
+        checked to be a socket of the instance's uid."""
         layout, user = self.layout(instance), self.user(instance)
         with files.unix_socket(Path(layout.socket), owner=user.uid if user else None) as socket:
             if socket is None:
                 raise BackendError("The server has no socket: it is not running.")
-            admin = Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=socket)
+            yield Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=socket)
+
+    def server_version(self, instance: "Instance") -> str:
+        with self.admin(instance) as admin:
             return get_engine(instance.kind).server_version(instance, admin)
 
     def host_version(self, kind: str) -> str:
@@ -225,6 +240,10 @@ class LocalBackend(BaseBackend):
     def upgrade(self, instance: "Instance") -> str:
         with self._beside(instance) as beside:
             return get_engine(instance.kind).upgrade(instance, beside)
+
+    def client_connections(self, instance: "Instance") -> int:
+        with self.admin(instance) as admin:
+            return get_engine(instance.kind).client_connections(instance, admin=admin)
 
     def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
         with self._beside(instance) as beside:

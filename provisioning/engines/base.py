@@ -355,6 +355,15 @@ class Engine:
         """Rules that involve several options; may fill in dependent defaults."""
         return {}
 
+    def with_defaults(self, options: dict[str, Any]) -> dict[str, Any]:
+        """`options` as stored, with the default of every option it lacks: an instance made before
+        an option existed runs with that option's default."""
+        return {**{option.name: option.default for option in self.options}, **options}
+
+    def option(self, name: str) -> Option:
+        """The option called `name`; KeyError if the engine has none."""
+        return {option.name: option for option in self.options}[name]
+
     def memory_reservation(self, options: dict[str, Any]) -> int:
         """Bytes a server with these options is expected to use: idle, with its buffers, caches
         and data (e.g. Redis's maxmemory) full. Never more than memory_limit(options).
@@ -386,7 +395,8 @@ class Engine:
         return self._templates.get_template(template).render(Context(context))
 
     def render_config(self, instance: "Instance", layout: Layout) -> str:
-        return self.render(self.config_template, instance=instance, options=instance.options, layout=layout)
+        options = self.with_defaults(instance.options)
+        return self.render(self.config_template, instance=instance, options=options, layout=layout)
 
     # Running a server ------------------------------------------------------------------
 
@@ -438,6 +448,16 @@ class Engine:
         run a trivial command; raise on failure."""
         raise NotImplementedError("Engines must say how a user logs in.")
 
+    # Live options the running server holds: option name -> the server's name for the setting. A
+    # live option not named here is the portal's own (the backup schedule): nothing to tell the server.
+    live_settings: dict[str, str] = {}
+
+    def apply_live(self, instance: "Instance", changes: dict[str, Any], *, admin: Endpoint) -> None:
+        """Set `changes` (option name -> new value, all in `live_settings`) on the running server as
+        the portal's own account, then read each back. If any is refused or reads back otherwise,
+        put back every value already changed and raise BackendError naming the option and why."""
+        raise NotImplementedError(f"{self.label} options cannot be changed on a running server.")
+
     def refuse_writes(self, instance: "Instance", refuse: bool, *, admin: Endpoint) -> None:
         """Make the running server refuse every write of the user, reads still working (or, with
         `refuse` False, accept them again): what the local backend does to an instance over its
@@ -465,6 +485,12 @@ class Engine:
         a sentence saying what was done, "" if nothing was; raises BackendError if it failed. By
         default nothing: a kind whose server converts its own data as it starts needs no more."""
         return ""
+
+    def client_connections(self, instance: "Instance", *, admin: Endpoint) -> int:
+        """How many connections the tenant's clients hold open on the running server, idle ones
+        included; the portal's own (its administrative account, this very query) do not count.
+        What stop_when_idle watches."""
+        raise NotImplementedError("Engines must say how client connections are counted.")
 
     # Snapshots -------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 call these and nothing below them writes.
 
 - requests: the request side (validate, quota, reserve, queue);
+- changes: changes after create (PATCH): live options now, the others at the next restart;
 - capacity: the quotas and the host's memory budget, which requests check;
 - ports: which port an instance holds, at create and when a stranger took it;
 - work: the worker side (claim, do, record) and recovery of work a dead worker left;
@@ -12,12 +13,18 @@ call these and nothing below them writes.
 - logs: point-in-time recovery: archived log files, the recovery window, replays;
 - imports: loading a file the owner uploaded into an instance, or into a new one;
 - versions: each instance's server version, the upgrade flag, and upgrading data after a start;
-- webhooks: registering receivers and sending them each status change.
+- webhooks: registering receivers and sending them each status change;
+- lifetime, expiry: expiry, protection and stop-when-idle, as owners set them and the reconciler
+  acts on them.
 """
 
 from .actions import ACTIONS, DELETABLE, Action
 from .capacity import NoCapacity, QuotaExceeded, Usage, usage
+from .changes import NotApplied, change_instance, describe_changes
 from .claims import Busy
+from .expiry import CHANGEABLE as LIFETIME_CHANGEABLE
+from .expiry import extend as extend_expiry
+from .expiry import set_protected
 from .exports import ExportFailed, request_verify
 from .exports import export as export_snapshot
 from .exports import verify as verify_snapshot
@@ -25,10 +32,11 @@ from .healing import heal
 from .imports import TooLarge as ImportTooLarge
 from .imports import create_from_file, request_import
 from .imports import run as import_instance
+from .lifetime import FIELDS as LIFETIME_FIELDS
 from .logs import OutsideWindow, recovery_window, with_first_base
 from .logs import archive as archive_logs
 from .ports import NoFreePort
-from .requests import WrongStatus, create_instance, delete_instance, request_action
+from .requests import Protected, WrongStatus, create_instance, delete_instance, request_action
 from .snapshots import SnapshotBusy, delete_snapshot, request_restore, request_snapshot
 from .snapshots import busy as snapshot_busy
 from .snapshots import restore as restore_instance
@@ -38,6 +46,9 @@ from .webhooks import TooManyWebhooks, create_webhook
 from .work import deprovision, perform_action, provision, recover
 
 __all__ = [
+    "NotApplied",
+    "change_instance",
+    "describe_changes",
     "ACTIONS",
     "DELETABLE",
     "Action",
@@ -57,6 +68,11 @@ __all__ = [
     "TooManyWebhooks",
     "Usage",
     "WrongStatus",
+    "Protected",
+    "extend_expiry",
+    "LIFETIME_CHANGEABLE",
+    "LIFETIME_FIELDS",
+    "set_protected",
     "create_instance",
     "create_webhook",
     "delete_instance",

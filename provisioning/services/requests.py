@@ -11,6 +11,7 @@ from typing import Any
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils import timezone
 
 from .. import crypto
 from ..backends.base import get_backend
@@ -20,6 +21,7 @@ from . import capacity, jobs, logs
 from .actions import ACTIONS, DELETABLE
 from .capacity import NoCapacity, QuotaExceeded
 from .claims import Busy
+from .lifetime import for_create as lifetime_for_create
 from .ports import save_with_free_port
 from .state import Side, record_event, transition
 
@@ -37,6 +39,18 @@ class WrongStatus(Exception):
         self.instance = instance
 
 
+class Protected(WrongStatus):
+    """The instance is protected: it may not be deleted until `protected` is cleared."""
+
+    def __init__(self, instance: Instance):
+        Exception.__init__(
+            self,
+            f"Instance {instance.name} is protected: clear `protected` first (on its page, or PATCH it with "
+            '{"protected": false}), then delete it.',
+        )
+        self.instance = instance
+
+
 def create_instance(
     *,
     owner: User,
@@ -47,11 +61,14 @@ def create_instance(
     from_instance: Instance | None = None,
     until: datetime | None = None,
     import_file: str = "",
+    lifetime: dict[str, Any] | None = None,
 ) -> Instance:
     """Validate, reserve a port and record the instance; a worker starts it after commit.
 
     A clone (`from_snapshot`, a ready snapshot of the owner's of this kind) starts with the
     snapshot's data, its source's options unless `options` says otherwise, and new credentials.
+    `lifetime` holds the owner's expires_in, expires_at, protected and stop_when_idle
+    (services/lifetime.py; STOCKROOM_DEFAULT_TTL when it names no expiry).
     Raises ValidationError (bad name or options), QuotaExceeded (a quota of the owner's, 403) or
     NoCapacity (no room on the host: memory or ports, 503).
     """
@@ -75,6 +92,7 @@ def create_instance(
         raise ValidationError(exc.errors) from None
     if name is not None and not NAME_PATTERN.fullmatch(name):
         raise ValidationError({"name": f"{name!r} is not a valid name; use {NAME_RULE}"})
+    life = lifetime_for_create(lifetime or {}, now=timezone.now())
     backend = get_backend()
     reservation = engine.memory_reservation(cleaned)
 
@@ -103,35 +121,50 @@ def create_instance(
             restore_from=from_snapshot,
             restore_until=until if from_instance is not None else None,
             import_file=import_file,
+            **life,
         )
         save_with_free_port(instance, backend)
         source = f" as a clone of snapshot {from_snapshot.pk}" if from_snapshot else ""
         source = " seeded with an uploaded file" if import_file else source
         if from_instance is not None and until is not None:
             source = f" as a clone of instance {from_instance.pk} at {until:%Y-%m-%d %H:%M:%S} UTC"
-        record_event(instance, "", Status.PROVISIONING, f"Requested by {owner}{source}.")
+        expiry = f" It expires at {instance.expires_at:%Y-%m-%d %H:%M:%S} UTC." if instance.expires_at else ""
+        record_event(instance, "", Status.PROVISIONING, f"Requested by {owner}{source}.{expiry}")
         transaction.on_commit(lambda: enqueue("provision_instance", instance, revert_to=Status.FAILED))
     logger.info("Instance %s (%s) requested by %s on port %s", instance.pk, kind, owner, instance.port)
     return instance
 
 
-def delete_instance(*, instance: Instance, by: object) -> Instance:
+def delete_instance(*, instance: Instance, by: object, reason: str = "") -> Instance:
     """Mark the instance as deleting; a worker stops it and removes its data after commit.
+    `reason` is what its history says, if not who asked.
 
-    Raises WrongStatus while a worker is busy with the instance or it is already deleted.
+    Raises Protected (a WrongStatus) while it is protected; WrongStatus while a worker is busy with
+    the instance or it is already deleted.
     """
     previous = Status(instance.status)
-    if not transition(
-        instance, Status.DELETING, f"Deletion requested by {by}.", side=Side.REQUEST, allowed_from=DELETABLE
-    ):
+    with transaction.atomic():
+        # Locked, so that protecting it cannot slip in between the check and the change.
+        if Instance.objects.select_for_update().filter(pk=instance.pk, protected=True).exists():
+            instance.refresh_from_db()
+            raise Protected(instance)
+        moved = transition(
+            instance,
+            Status.DELETING,
+            reason or f"Deletion requested by {by}.",
+            side=Side.REQUEST,
+            allowed_from=DELETABLE,
+        )
+    if not moved:
         instance.refresh_from_db()
         raise WrongStatus(instance, "delete")
     transaction.on_commit(lambda: enqueue("deprovision_instance", instance, revert_to=previous))
     return instance
 
 
-def request_action(*, instance: Instance, action: str, by: object) -> Instance:
-    """Mark the instance busy with `action`; a worker carries it out after commit.
+def request_action(*, instance: Instance, action: str, by: object, reason: str = "") -> Instance:
+    """Mark the instance busy with `action`; a worker carries it out after commit. `reason` is
+    what its history says, if not who asked. A start counts its idleness afresh.
 
     Raises WrongStatus when the instance's status does not allow the action; for a start,
     QuotaExceeded or NoCapacity when its memory reservation does not fit.
@@ -145,9 +178,10 @@ def request_action(*, instance: Instance, action: str, by: object) -> Instance:
             moved = transition(
                 instance,
                 spec.busy,
-                f"{spec.title} requested by {by}.",
+                reason or f"{spec.title} requested by {by}.",
                 side=Side.REQUEST,
                 allowed_from=spec.allowed_from,
+                also={"idle_since": None} if action == "start" else None,
             )
             if moved and spec.reserves_memory:  # a refusal rolls the transition back
                 needs = instance.memory_reservation

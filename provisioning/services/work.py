@@ -15,7 +15,7 @@ from django.utils import timezone
 from .. import crypto
 from ..backends.base import BackendError, BaseBackend, ServerExited
 from ..models import BUSY_STATUSES, Instance, Status
-from . import healing, imports, jobs, logs, ports, snapshots, versions
+from . import changes, healing, imports, jobs, logs, ports, snapshots, versions
 from .actions import ACTION_OF, ACTIONS
 from .claims import Busy, work_on
 from .outcomes import describe, stop_quietly, with_note
@@ -161,9 +161,11 @@ def _perform(instance: Instance, backend: BaseBackend, action: str) -> None:
             backend.stop(instance)
         elif action == "start":
             moved = ports.move_if_taken(instance, backend)
+            changes.apply_pending(instance)
             backend.start(instance)
         elif action == "restart":
             moved = ports.move_if_taken(instance, backend)
+            changes.apply_pending(instance)  # what waited for a restart takes effect now
             backend.restart(instance)
         else:
             _rotate_password(instance, backend)

@@ -125,6 +125,35 @@ def test_a_latin1_mysql_from_the_form_to_deletion(page, live_server):
     delete_through_the_page(page, live_server, pk)
 
 
+def test_settings_edited_on_the_page_are_applied_live_or_at_the_restart(page, live_server):
+    pk = create_through_the_form(page, live_server, "redis", {})
+    wait_running_without_reload(page)
+    page.click("[data-reveal]")
+    client = redis.Redis(host=page.inner_text("#host"), port=int(page.inner_text("#port")),
+                         password=page.inner_text("#password"))  # fmt: skip
+
+    page.click("[data-action=settings]")
+    shoot(page, "settings-redis")
+    assert page.locator("#id_disk").is_disabled(), "a create-only option cannot be edited"
+    assert "(live)" in page.inner_text("label[for=id_maxmemory]")
+    page.fill("#id_maxmemory", "96mb")
+    page.fill("#id_databases", "4")
+    with page.expect_navigation(url=f"{live_server.url}/instances/{pk}/"):
+        page.locator("#settings button[type=submit]").click()
+    assert client.config_get("maxmemory") == {"maxmemory": str(96 * 1024 * 1024)}, "a live option applies at once"
+    assert client.config_get("databases") == {"databases": "16"}
+    assert "databases 16 → 4" in page.inner_text("#pending")
+    shoot(page, "instance-pending")
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("[data-action=restart-now]")
+    page.wait_for_selector("#pending", state="detached", timeout=60_000)
+    page.wait_for_selector("#status:text('running')", timeout=60_000)
+    assert client.config_get("databases") == {"databases": "4"}
+    client.close()
+    delete_through_the_page(page, live_server, pk)
+
+
 def test_a_form_error_is_shown_at_the_field(page, live_server):
     page.click("text=New Redis")
     page.fill("#id_maxclients", "0")

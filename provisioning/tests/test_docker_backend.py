@@ -856,3 +856,31 @@ def test_a_container_restores_and_clones_to_a_time_with_exactly_the_writes_befor
     for each in (pk, clone["id"]):
         api.delete(f"/api/storage/{kind}/instances/{each}")
         wait_for_status(api, kind, each, "gone", timeout=60)
+
+
+def test_a_live_change_resizes_the_container_and_a_restart_one_waits(api, docker_settings):
+    backend = docker_settings()
+    pk = api.post("/api/storage/redis/instances", {}).json()["id"]
+    assert wait_for_status(api, "redis", pk, "running", "failed", timeout=120)["status"] == "running"
+    config = api.get(f"/api/storage/redis/instances/{pk}/config").json()
+    container = container_of(backend, pk)
+    started = container.attrs["State"]["StartedAt"]
+
+    response = api.patch(f"/api/storage/redis/instances/{pk}", {"maxmemory": "128mb", "databases": 8}, format="json")
+
+    assert response.status_code == 202, response.content
+    body = response.json()
+    container.reload()
+    assert container.attrs["HostConfig"]["Memory"] == body["memory_limit"] == Instance.objects.get(pk=pk).memory_limit
+    assert container.attrs["State"]["StartedAt"] == started, "a live change must not restart the container"
+    client = redis.Redis(host=config["host"], port=config["port"], password=config["password"], retry=NO_RETRY)
+    assert client.config_get("maxmemory") == {"maxmemory": str(128 * 1024 * 1024)}
+    assert client.config_get("databases") == {"databases": "16"}
+    client.set("kept", "yes")
+
+    assert api.patch(f"/api/storage/redis/instances/{pk}?apply=now", {}, format="json").status_code == 202
+    assert wait_for_status(api, "redis", pk, "running", "unhealthy", timeout=120)["status"] == "running"
+    client = redis.Redis(host=config["host"], port=config["port"], password=config["password"], retry=NO_RETRY)
+    assert client.config_get("databases") == {"databases": "8"}
+    assert client.config_get("maxmemory") == {"maxmemory": str(128 * 1024 * 1024)}
+    assert client.get("kept") == b"yes"

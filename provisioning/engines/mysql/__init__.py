@@ -9,7 +9,9 @@ import logging
 import re
 import secrets
 import shutil
+import time
 import zlib
+import zoneinfo
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePath, PurePosixPath
@@ -18,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 import pymysql
 
 from ...errors import BackendError, ImportRefused
-from ...options import CREATE_ONLY, LIVE, MiB, Option, backup_options, disk_option
+from ...options import CREATE_ONLY, LIVE, MiB, Option, OptionError, backup_options, disk_option
 from ..base import (
     SMALL,
     ArchivedLog,
@@ -197,6 +199,59 @@ ONLY_PORTAL_ROOT = (
 )
 
 
+# MariaDB 10.11's default, and the single modes a user may combine (not the combinations such as
+# ANSI or TRADITIONAL, which the server reads back as the modes they stand for).
+DEFAULT_SQL_MODE = "STRICT_TRANS_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_AUTO_CREATE_USER,NO_ENGINE_SUBSTITUTION"
+SQL_MODES = (
+    "ALLOW_INVALID_DATES",
+    "ANSI_QUOTES",
+    "EMPTY_STRING_IS_NULL",
+    "ERROR_FOR_DIVISION_BY_ZERO",
+    "HIGH_NOT_PRECEDENCE",
+    "IGNORE_BAD_TABLE_OPTIONS",
+    "IGNORE_SPACE",
+    "NO_AUTO_CREATE_USER",
+    "NO_AUTO_VALUE_ON_ZERO",
+    "NO_BACKSLASH_ESCAPES",
+    "NO_DIR_IN_CREATE",
+    "NO_ENGINE_SUBSTITUTION",
+    "NO_FIELD_OPTIONS",
+    "NO_KEY_OPTIONS",
+    "NO_TABLE_OPTIONS",
+    "NO_UNSIGNED_SUBTRACTION",
+    "NO_ZERO_DATE",
+    "NO_ZERO_IN_DATE",
+    "ONLY_FULL_GROUP_BY",
+    "PAD_CHAR_TO_FULL_LENGTH",
+    "PIPES_AS_CONCAT",
+    "REAL_AS_FLOAT",
+    "SIMULTANEOUS_ASSIGNMENT",
+    "STRICT_ALL_TABLES",
+    "STRICT_TRANS_TABLES",
+    "TIME_ROUND_FRACTIONAL",
+)
+_OFFSET = re.compile(r"([+-])(\d{1,2}):(\d{2})")
+_ZONE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,2}")
+
+
+def clean_time_zone(value: str) -> str:
+    """SYSTEM, an offset MariaDB takes (-12:59 to +13:00), or a zone the host's tz database names
+    (the data-directory template loads the same database into the server's time zone tables)."""
+    if value.upper() == "SYSTEM":
+        return "SYSTEM"
+    if match := _OFFSET.fullmatch(value):
+        sign, hours, minutes = match.groups()
+        offset = (int(hours) * 60 + int(minutes)) * (1 if sign == "+" else -1)
+        if int(minutes) < 60 and -(12 * 60 + 59) <= offset <= 13 * 60:
+            return f"{sign}{int(hours):02d}:{minutes}"
+        raise OptionError(f"{value!r} is out of range; offsets go from -12:59 to +13:00.")
+    if _ZONE_NAME.fullmatch(value) and value in zoneinfo.available_timezones():
+        return value
+    raise OptionError(
+        f"{value!r} is not a time zone; give SYSTEM, an offset such as '+02:00', or a name such as 'Europe/Paris'."
+    )
+
+
 def native_password_hash(password: str) -> str:
     """mysql_native_password's stored form, so no plaintext is ever written to disk."""
     return "*" + hashlib.sha1(hashlib.sha1(password.encode()).digest()).hexdigest().upper()
@@ -250,12 +305,94 @@ class MySQL(Engine):
             choices=("ROW", "STATEMENT", "MIXED"),
             apply=LIVE,  # new sessions
         ),
+        Option(
+            "innodb_buffer_pool_size",
+            "Memory (buffer pool)",
+            "InnoDB's cache of data and indexes: the instance's memory size. Bytes or a size such as "
+            "'256mb'; whole MiB. A change resizes the pool and the memory limit of the running server.",
+            kind="size",
+            default=16 * MiB,
+            min_value=8 * MiB,
+            max_value=4096 * MiB,
+            apply=LIVE,
+        ),
+        Option(
+            "max_connections",
+            "Maximum connections",
+            "Client connections accepted at once.",
+            kind="int",
+            default=100,
+            min_value=10,
+            max_value=2000,
+            apply=LIVE,
+        ),
+        Option(
+            "sql_mode",
+            "SQL mode",
+            "A comma-separated list of SQL modes, or empty. A change reaches new sessions only.",
+            kind="set",
+            default=DEFAULT_SQL_MODE,
+            choices=SQL_MODES,
+            apply=LIVE,
+        ),
+        Option(
+            "time_zone",
+            "Time zone",
+            "The server's time zone for new sessions: SYSTEM (the host's), an offset such as '+02:00', or a "
+            "named zone such as 'Europe/Paris'. A change reaches new sessions only.",
+            kind="text",
+            default="SYSTEM",
+            check=clean_time_zone,
+            allowed="SYSTEM, an offset from -12:59 to +13:00 such as '+02:00', or a named zone such as 'Europe/Paris'",
+            apply=LIVE,
+        ),
+        Option(
+            "wait_timeout",
+            "Idle session timeout",
+            "Seconds an idle client connection is kept before the server closes it.",
+            kind="int",
+            default=28800,
+            min_value=1,
+            max_value=31536000,
+            apply=LIVE,
+        ),
+        Option(
+            "slow_query_log",
+            "Slow query log",
+            "Log statements that take longer than long_query_time (in the server's data folder).",
+            kind="choice",
+            default="OFF",
+            choices=("OFF", "ON"),
+            apply=LIVE,
+        ),
+        Option(
+            "long_query_time",
+            "Slow query time",
+            "Seconds (a decimal) after which a statement counts as slow.",
+            kind="number",
+            default=10,
+            min_value=0,
+            max_value=3600,
+            apply=LIVE,
+        ),
+        Option(
+            "lower_case_table_names",
+            "Lower-case table names",
+            "1: table names are stored in lower case and compared without regard to case; 0: as given.",
+            kind="int",
+            default=0,
+            min_value=0,
+            max_value=1,
+            apply=CREATE_ONLY,
+        ),
         # A new data directory takes about 30 MB; binary logs and temporary tables need room too.
         disk_option(min_value=256 * MiB),
         *backup_options(),
     )
 
     def check_together(self, options: dict[str, Any]) -> dict[str, str]:
+        if options["innodb_buffer_pool_size"] % MiB:  # the pool grows and shrinks in chunks of 1 MiB
+            return {"innodb_buffer_pool_size": "Give whole MiB, such as '256mb'."}
         allowed = COLLATIONS[options["charset"]]
         if options["collation"] is None:
             options["collation"] = allowed[0]
@@ -269,11 +406,15 @@ class MySQL(Engine):
     def memory_reservation(self, options: dict[str, Any]) -> int:
         # An idle server with my.cnf measures about 53 MB RSS (`make bench`), its 16 MB buffer
         # pool and Aria cache included; the rest is room for a few sessions' buffers.
-        return 64 * MiB
+        return self._pool(options) + 48 * MiB
 
     def memory_limit(self, options: dict[str, Any]) -> int:
-        # A 16 MB buffer pool plus per-connection buffers (each session capped in my.cnf).
-        return 512 * MiB
+        # The buffer pool plus per-connection buffers (each session capped in my.cnf).
+        return self._pool(options) + 496 * MiB
+
+    def _pool(self, options: dict[str, Any]) -> int:
+        pool: int = self.with_defaults(options)["innodb_buffer_pool_size"]
+        return pool
 
     # Running a server ------------------------------------------------------------------
 
@@ -488,10 +629,56 @@ class MySQL(Engine):
             return ""
         return "mariadb-upgrade brought the system tables and the data up to the server's version."
 
+    live_settings = {
+        "binlog_format": "binlog_format",
+        "innodb_buffer_pool_size": "innodb_buffer_pool_size",
+        "max_connections": "max_connections",
+        "sql_mode": "sql_mode",
+        "time_zone": "time_zone",
+        "wait_timeout": "wait_timeout",
+        "slow_query_log": "slow_query_log",
+        "long_query_time": "long_query_time",
+    }
+
+    def apply_live(self, instance: "Instance", changes: dict[str, Any], *, admin: Endpoint) -> None:
+        # SET GLOBAL reaches sessions opened after it (sql_mode, time_zone, wait_timeout,
+        # binlog_format); the buffer pool is resized in the background, which is awaited.
+        with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
+            old: dict[str, Any] = {}
+            try:
+                for name, value in changes.items():
+                    variable = self.live_settings[name]
+                    cursor.execute(f"SELECT @@GLOBAL.{variable}")
+                    old[name] = _one(cursor)
+                    try:
+                        cursor.execute(f"SET GLOBAL {variable} = %s", [value])
+                        if name == "innodb_buffer_pool_size":
+                            _await_resize(cursor)
+                    except pymysql.MySQLError as exc:
+                        raise BackendError(f"The server refused {name} = {value!r} ({_said(exc)}).") from None
+                    cursor.execute(f"SELECT @@GLOBAL.{variable}")
+                    if not _same(name, _one(cursor), value):
+                        raise BackendError(f"{name} reads back as {_one_text(cursor, variable)}, not {value!r}.")
+            except Exception:
+                for name, value in old.items():
+                    try:
+                        cursor.execute(f"SET GLOBAL {self.live_settings[name]} = %s", [value])
+                    except pymysql.MySQLError:
+                        logger.exception("Could not put back %s of instance %s", name, instance.pk)
+                raise
+
     def refuse_writes(self, instance: "Instance", refuse: bool, *, admin: Endpoint) -> None:
         # read_only stops every account without SUPER (the user's), and the portal's root keeps it.
         with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
             cursor.execute(f"SET GLOBAL read_only = {'ON' if refuse else 'OFF'}")
+
+    def client_connections(self, instance: "Instance", *, admin: Endpoint) -> int:
+        # Every session of the tenant's account, sleeping ones too; the portal's root, its backup
+        # account and the server's own threads are other users.
+        with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s", [instance.username])
+            row = cursor.fetchone()
+        return int(row[0]) if row else 0
 
     # Snapshots -------------------------------------------------------------------------
 
@@ -754,6 +941,52 @@ class _Tail:
 
     def text(self) -> str:
         return self.kept.decode(errors="replace")
+
+
+def _one(cursor: Any) -> Any:
+    row = cursor.fetchone()
+    return row[0] if row else None
+
+
+def _one_text(cursor: Any, variable: str) -> str:
+    cursor.execute(f"SELECT @@GLOBAL.{variable}")
+    return repr(_one(cursor))
+
+
+def _said(exc: pymysql.MySQLError) -> str:
+    code, text = (exc.args + ("",))[:2] if exc.args else (0, str(exc))
+    return f"{code}: {text}"
+
+
+def _same(name: str, found: Any, wanted: Any) -> bool:
+    """Whether the server's value of a setting is the option's: as the server writes it back."""
+    if name == "sql_mode":
+        return set(filter(None, str(found).split(","))) == set(filter(None, str(wanted).split(",")))
+    if name == "slow_query_log":
+        return str(found) in (("1", "ON") if wanted == "ON" else ("0", "OFF"))
+    if name == "long_query_time":
+        return abs(float(found) - float(wanted)) < 1e-6
+    if isinstance(wanted, int):
+        return int(found) == wanted
+    return str(found) == str(wanted)
+
+
+RESIZE_TIMEOUT = 60  # seconds a buffer pool resize may take
+
+
+def _await_resize(cursor: Any) -> None:
+    """Wait until InnoDB says the buffer pool resize it began is over (or failed)."""
+    deadline = time.monotonic() + RESIZE_TIMEOUT
+    while time.monotonic() < deadline:
+        cursor.execute("SHOW GLOBAL STATUS LIKE 'Innodb_buffer_pool_resize_status'")
+        row = cursor.fetchone()
+        status = str(row[1]) if row else ""
+        if not status or status.startswith("Completed"):
+            return
+        if "fail" in status.lower():
+            raise BackendError(f"InnoDB did not resize the buffer pool: {status}")
+        time.sleep(0.05)
+    raise BackendError(f"The buffer pool resize took over {RESIZE_TIMEOUT} s.")
 
 
 def _replayed(replay: Replay, first: str) -> list[ArchivedLog]:

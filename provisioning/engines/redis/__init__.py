@@ -13,7 +13,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ...errors import BackendError, ImportRefused
-from ...options import LIVE, Option, backup_options, disk_option
+from ...options import LIVE, RESTART, Option, OptionError, backup_options, disk_option
 from ..base import (
     SMALL,
     ArchivedLog,
@@ -144,6 +144,34 @@ TENANT_RULE = (
 )
 
 
+KEYSPACE_CLASSES = "g$lshzxetmdnA"  # Redis 7.0's event classes; K and E say which channels
+_KEYSPACE = re.compile(rf"[KE{re.escape(KEYSPACE_CLASSES)}]*")
+
+
+def clean_keyspace_events(value: str) -> str:
+    """The letters CONFIG SET notify-keyspace-events takes, in the order Redis reads them back
+    (it answers with its own order): empty, or K and/or E with at least one class."""
+    if not _KEYSPACE.fullmatch(value):
+        raise OptionError(
+            f"{value!r} has letters Redis does not know; use K, E and any of: {' '.join(KEYSPACE_CLASSES)}."
+        )
+    if value and (not set(value) & set("KE") or not set(value) - set("KE")):
+        raise OptionError(f"{value!r} needs K or E (the channels) and at least one event class, such as 'Ex'.")
+    return value
+
+
+def _same(name: str, found: str, wanted: Any) -> bool:
+    """Whether CONFIG GET's answer is the option's value, as Redis writes it back (keyspace
+    events in its own order, "A" for all of its classes)."""
+    if name == "notify_keyspace_events":
+        return _events(found) == _events(str(wanted))
+    return found == str(wanted)
+
+
+def _events(letters: str) -> set[str]:
+    return set(letters.replace("A", "g$lshzxetd"))
+
+
 def acl_password_hash(password: str) -> str:
     """The `#<sha256>` form of an ACL password: the plaintext never reaches the disk."""
     return "#" + hashlib.sha256(password.encode()).hexdigest()
@@ -237,17 +265,58 @@ class Redis(Engine):
             choices=("always", "everysec", "no"),
             apply=LIVE,
         ),
+        Option(
+            "timeout",
+            "Idle client timeout",
+            "Seconds after which an idle client connection is closed; 0 keeps them open.",
+            kind="int",
+            default=0,
+            min_value=0,
+            max_value=31536000,
+            apply=LIVE,
+        ),
+        Option(
+            "notify_keyspace_events",
+            "Keyspace notifications",
+            "Which events are published on keyspace channels, in Redis's letters (e.g. 'Ex' for expired "
+            "keys); empty turns them off.",
+            kind="text",
+            default="",
+            check=clean_keyspace_events,
+            allowed="letters from K E g $ l s h z x e t m d n A (K or E with at least one event class), or empty",
+            apply=LIVE,
+        ),
+        Option(
+            "maxmemory_samples",
+            "Eviction samples",
+            "Keys sampled for each eviction: more is closer to true LRU/LFU, and slower.",
+            kind="int",
+            default=5,
+            min_value=1,
+            max_value=64,
+            apply=LIVE,
+        ),
+        Option(
+            "databases",
+            "Databases",
+            "How many numbered databases (SELECT 0 …) the server has.",
+            kind="int",
+            default=16,
+            min_value=1,
+            max_value=256,
+            apply=RESTART,
+        ),
         disk_option(min_value=32 * MiB),
         *backup_options(),
     )
 
     def memory_reservation(self, options: dict[str, Any]) -> int:
-        maxmemory: int = options["maxmemory"]
+        maxmemory: int = self.with_defaults(options)["maxmemory"]
         return maxmemory + SERVER_OVERHEAD
 
     def memory_limit(self, options: dict[str, Any]) -> int:
         # Data up to maxmemory, plus fragmentation and the copy-on-write of an AOF rewrite.
-        maxmemory: int = options["maxmemory"]
+        maxmemory: int = self.with_defaults(options)["maxmemory"]
         return maxmemory + maxmemory // 2 + 64 * MiB
 
     # Running a server ------------------------------------------------------------------
@@ -330,6 +399,35 @@ class Redis(Engine):
             raise BackendError(f"redis-server --version names no version: {output.strip()[:200]!r}")
         return found.group(1)
 
+    live_settings = {
+        "maxmemory": "maxmemory",
+        "maxmemory_policy": "maxmemory-policy",
+        "maxclients": "maxclients",
+        "appendfsync": "appendfsync",
+        "timeout": "timeout",
+        "notify_keyspace_events": "notify-keyspace-events",
+        "maxmemory_samples": "maxmemory-samples",
+    }
+
+    def apply_live(self, instance: "Instance", changes: dict[str, Any], *, admin: Endpoint) -> None:
+        # One CONFIG SET of every pair: Redis applies all of them or none.
+        names = {self.live_settings[name]: name for name in changes}
+        client = self.client(admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT)
+        try:
+            old = {setting: str(client.config_get(setting)[setting]) for setting in names}
+            pairs = [part for name, value in changes.items() for part in (self.live_settings[name], str(value))]
+            try:
+                client.config_set(*pairs)
+            except redis.ResponseError as exc:
+                raise BackendError(f"The server refused {', '.join(changes)}: {exc}.") from None
+            for setting, name in names.items():
+                found = str(client.config_get(setting)[setting])
+                if not _same(name, found, changes[name]):
+                    client.config_set(*[part for pair in old.items() for part in pair])
+                    raise BackendError(f"{name} reads back as {found!r}, not {changes[name]!r}; nothing was changed.")
+        finally:
+            client.close()
+
     def refuse_writes(self, instance: "Instance", refuse: bool, *, admin: Endpoint) -> None:
         # A master that must write to one replica, and has none, refuses every write command
         # (NOREPLICAS) and still answers reads; the tenant may not CONFIG SET it back.
@@ -338,6 +436,16 @@ class Redis(Engine):
             client.config_set("min-replicas-to-write", 1 if refuse else 0)
         finally:
             client.close()
+
+    def client_connections(self, instance: "Instance", *, admin: Endpoint) -> int:
+        # Connections logged in as the tenant's user (subscribers and monitors too); the portal's
+        # own user, which asks, is another.
+        client = self.client(admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT)
+        try:
+            clients: list[dict[str, Any]] = client.client_list()
+        finally:
+            client.close()
+        return sum(1 for entry in clients if entry.get("user") == USERNAME)
 
     # Snapshots and point-in-time recovery ----------------------------------------------
     #

@@ -1,22 +1,25 @@
 from django.core.management.base import BaseCommand
 
 from provisioning.engines import engines
-from provisioning.options import format_size
+from provisioning.options import CREATE_ONLY, LIVE, RESTART, format_size
 
 
 def options_markdown() -> str:
     """The README's table of options, built from the engines' own definitions."""
-    rows = ["| kind | option | default | allowed | meaning |", "|---|---|---|---|---|"]
+    rows = ["| kind | option | default | allowed | change after create | meaning |", "|---|---|---|---|---|---|"]
     for kind, engine in engines().items():
         for option in engine.options:
             if option.default is None:
                 default = "(see meaning)"
             elif option.kind == "size":
                 default = f"`{format_size(option.default)}`"
+            elif option.default == "":
+                default = "(empty)"
             else:
                 default = f"`{option.default}`"
             allowed = option.describe_allowed().replace(", ", " · ")
-            rows.append(f"| {kind} | `{option.name}` | {default} | {allowed} | {option.help_text} |")
+            change = {LIVE: "live", RESTART: "on restart", CREATE_ONLY: "no (create-only)"}[option.apply]
+            rows.append(f"| {kind} | `{option.name}` | {default} | {allowed} | {change} | {option.help_text} |")
     return "\n".join(rows) + "\n"
 
 

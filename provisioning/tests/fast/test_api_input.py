@@ -166,7 +166,7 @@ def test_the_schema_lists_the_registered_kinds(client):
     assert answers == [{"$ref": f"#/components/schemas/{k.capitalize()}Config"} for k in engines()]
 
 
-def test_each_create_body_is_the_engines_options_a_name_and_a_snapshot_to_clone(client):
+def test_each_create_body_is_the_engines_options_a_name_a_source_to_clone_and_a_lifetime(client):
     schemas = schema(client)["components"]["schemas"]
     for kind, engine in engines().items():
         body = schemas[f"{kind.capitalize()}Create"]
@@ -176,6 +176,10 @@ def test_each_create_body_is_the_engines_options_a_name_and_a_snapshot_to_clone(
             "from_instance",
             "time",
             "file",
+            "expires_in",
+            "expires_at",
+            "protected",
+            "stop_when_idle",
         }
         assert body["additionalProperties"] is False
         assert "required" not in body
@@ -238,6 +242,10 @@ def test_options_describes_the_create_body(api):
         "from_instance",
         "time",
         "file",
+        "expires_in",
+        "expires_at",
+        "protected",
+        "stop_when_idle",
     ]
     assert {choice["value"] for choice in post["charset"]["choices"]} == {"utf8mb4", "latin1", "ascii"}
 

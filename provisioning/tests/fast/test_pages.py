@@ -133,10 +133,13 @@ def buttons(page: bytes) -> list[str]:
 def test_the_page_offers_the_actions_the_status_allows(web):
     instance = running(web)
     page = web.get(f"/instances/{instance.pk}/").content
-    assert buttons(page) == ["stop", "restart", "rotate-password", "snapshot", "import"]
+    lifetime = ["extend", "protect"]  # in every status but deleting and deleted
+    assert buttons(page) == ["settings", *lifetime, "stop", "restart", "rotate-password", "snapshot", "import"]
     Instance.objects.filter(pk=instance.pk).update(status=Status.STOPPED)
-    assert buttons(web.get(f"/instances/{instance.pk}/panel/").content) == ["start"]
+    assert buttons(web.get(f"/instances/{instance.pk}/panel/").content) == [*lifetime, "start"]
     Instance.objects.filter(pk=instance.pk).update(status=Status.PROVISIONING)
+    assert buttons(web.get(f"/instances/{instance.pk}/panel/").content) == lifetime
+    Instance.objects.filter(pk=instance.pk).update(status=Status.DELETING)
     assert buttons(web.get(f"/instances/{instance.pk}/panel/").content) == []
 
 

@@ -71,7 +71,12 @@ def test_its_openapi_entries_are_generated(registered, client):
     schemas = document["components"]["schemas"]
     assert {"$ref": "#/components/schemas/MemoCreate"} in schemas["CreateInstance"]["anyOf"]
     body = schemas["MemoCreate"]
-    assert set(body["properties"]) == {"flavour", "slots", "name", "from_snapshot", "from_instance", "time", "file"}
+    assert set(body["properties"]) == {"flavour", "slots", "name", "from_snapshot", "from_instance", "time", "file"} | {
+        "expires_in",
+        "expires_at",
+        "protected",
+        "stop_when_idle",
+    }
     assert body["properties"]["slots"] | {"type": "integer", "minimum": 1, "maximum": 64} == body["properties"]["slots"]
     assert body["properties"]["slots"]["default"] == 8
     flavours = next(s for s in schemas.values() if set(s.get("enum", ())) == {"plain", "salted"})
@@ -100,8 +105,8 @@ def test_its_browsable_api_form_is_generated(registered, web):
 
 def test_its_readme_row_is_generated(registered):
     table = options_markdown()
-    assert "| memo | `flavour` | `plain` | plain · salted | How it tastes. |" in table
-    assert "| memo | `slots` | `8` | 1 to 64 | Entries kept at once. |" in table
+    assert "| memo | `flavour` | `plain` | plain · salted | on restart | How it tastes. |" in table
+    assert "| memo | `slots` | `8` | 1 to 64 | on restart | Entries kept at once. |" in table
 
 
 def test_it_is_created_and_shown_like_any_other(registered, api, web):
