@@ -110,6 +110,17 @@ def test_named_time_zones_work_for_the_tenant(api):
     assert aria < 9 * 1024 * 1024
 
 
+def test_the_time_zone_option_takes_a_named_zone_at_create_and_live(api):
+    pk, config = running(api, "mysql", {"time_zone": "Europe/Paris"})
+    assert scalar(config, "SELECT @@GLOBAL.time_zone") == scalar(config, "SELECT @@SESSION.time_zone") == "Europe/Paris"
+    assert str(scalar(config, "SELECT CONVERT_TZ('2026-01-15 12:00:00', '+00:00', @@SESSION.time_zone)")) == (
+        "2026-01-15 13:00:00"
+    )
+    response = api.patch(f"/api/storage/mysql/instances/{pk}", {"options": {"time_zone": "Asia/Tokyo"}}, format="json")
+    assert response.status_code == 202, response.content
+    assert scalar(config, "SELECT @@SESSION.time_zone") == "Asia/Tokyo"
+
+
 # Docker --------------------------------------------------------------------------------
 
 
