@@ -32,15 +32,30 @@ class InstanceEventInline(admin.TabularInline):
     can_delete = False
 
 
+class UpgradeFilter(admin.SimpleListFilter):
+    """Instances whose server runs another version than a restart would start."""
+
+    title = "restart to upgrade"
+    parameter_name = "upgrade"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Restart to upgrade"), ("no", "Up to date")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return services.needing_upgrade(queryset, flagged=self.value() == "yes")
+        return queryset
+
+
 @admin.register(Instance)
 class InstanceAdmin(admin.ModelAdmin):
     list_display = [
         "id", "kind", "name", "owner", "status", "host", "port", "backend",
-        "reservation", "limit", "holds_data", "expires_at", "protected", "created_at",
+        "reservation", "limit", "version", "holds_data", "expires_at", "protected", "created_at",
     ]  # fmt: skip
     list_filter = [
-        "kind", "status", "backend", "holds_data", "protected", ("expires_at", admin.EmptyFieldListFilter),
-        ("stop_when_idle", admin.EmptyFieldListFilter), "owner",
+        "kind", "status", "backend", UpgradeFilter, "holds_data", "protected",
+        ("expires_at", admin.EmptyFieldListFilter), ("stop_when_idle", admin.EmptyFieldListFilter), "owner",
     ]  # fmt: skip
     actions = [
         "restart_instances", "stop_instances", "start_instances", "delete_instances",
@@ -57,6 +72,12 @@ class InstanceAdmin(admin.ModelAdmin):
     @admin.display(description="memory limit", ordering="memory_limit")
     def limit(self, instance: Instance) -> str:
         return describe_size(instance.memory_limit)
+
+    @admin.display(description="server version", ordering="server_version")
+    def version(self, instance: Instance) -> str:
+        if services.upgrade_available(instance):
+            return f"{instance.server_version} (restart to upgrade)"
+        return instance.server_version
 
     @admin.display(description="recovery window (UTC)")
     def recovery_window(self, instance: Instance) -> str:
@@ -102,7 +123,7 @@ class InstanceAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request, obj=None):
         # Every change goes through the services (the actions above and the settings form).
         fields = [field.name for field in Instance._meta.fields if field.name not in self.exclude]
-        return [*fields, "settings_link", "recovery_window"]
+        return [*fields, "settings_link", "recovery_window", "version"]
 
     # Each action asks for the model permission it stands for (Django then neither lists it nor
     # carries it out for anyone without it, whatever is POSTed): "delete" for deleting, "change" for

@@ -126,6 +126,8 @@ def _detail_context(instance: Instance) -> dict:
         "backup_hours": instance.options.get(snapshots.INTERVAL.name, snapshots.INTERVAL.default),
         "backup_keep": instance.options.get(snapshots.RETENTION.name, snapshots.RETENTION.default),
         "window": services.recovery_window(instance),
+        "upgrade_available": services.upgrade_available(instance),
+        "host_version": services.host_version(instance.backend, instance.kind),
         "pending": services.describe_changes(
             get_engine(instance.kind),
             get_engine(instance.kind).with_defaults(instance.options),

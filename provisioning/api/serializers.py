@@ -10,7 +10,7 @@ from rest_framework.utils import html
 from ..engines import Engine, get_engine
 from ..models import AccessToken, DeliveryStatus, Instance, Snapshot, Webhook, WebhookDelivery
 from ..options import CREATE_ONLY, LIVE, RESTART, Option, format_size
-from ..services import lifetime, recovery_window, tokens
+from ..services import lifetime, recovery_window, tokens, upgrade_available
 from ..services.requests import NAME_RULE
 
 
@@ -50,6 +50,8 @@ class InstanceSerializer(serializers.ModelSerializer):
             "memory_limit",
             "timings",
             "recovery_window",
+            "server_version",
+            "upgrade_available",
             "expires_at",
             "protected",
             "stop_when_idle",
@@ -59,6 +61,7 @@ class InstanceSerializer(serializers.ModelSerializer):
         ]
         extra_kwargs = {
             "timings": {"help_text": "Seconds each step of the create took, measured by the worker."},
+            "server_version": {"help_text": "The version its server reported when it last started (empty until then)."},
             "options": {"help_text": "The options the server runs with now, every one of its engine's."},
             "pending_options": {
                 "help_text": "Options changed that take effect at the next restart (PATCH …?apply=now restarts)."
@@ -76,6 +79,14 @@ class InstanceSerializer(serializers.ModelSerializer):
             },
         }
         read_only_fields = fields
+
+    upgrade_available = serializers.SerializerMethodField(
+        help_text="Restart to upgrade: the host (or the image) now has another server version than the one it runs; "
+        "a restart starts the new one and upgrades its data."
+    )
+
+    def get_upgrade_available(self, instance: Instance) -> bool:
+        return upgrade_available(instance)
 
     def to_representation(self, instance):
         data = super().to_representation(instance)

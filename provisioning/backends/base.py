@@ -81,6 +81,22 @@ class BaseBackend:
         """Replace the user's password on the running server; the old one must stop working."""
         raise NotImplementedError("Backends must implement set_password().")
 
+    def server_version(self, instance: "Instance") -> str:
+        """The version the running server reports (`Engine.server_version`), read through the
+        portal's own way in, as `set_password` administers it; raise BackendError if it cannot."""
+        raise NotImplementedError("Backends must read a server's version.")
+
+    def host_version(self, kind: str) -> str:
+        """The version a server of `kind` started now would run: the host's program, or the image's
+        (`Engine.program_version`); kept until the program or image changes, so asking is cheap.
+        Raise BackendError if it cannot be told."""
+        raise NotImplementedError("Backends must say which server version they would start.")
+
+    def upgrade(self, instance: "Instance") -> str:
+        """Bring the running instance's data up to its server's version (`Engine.upgrade`, run beside
+        it); a sentence saying what was done, "" if nothing was. Raise BackendError if it failed."""
+        raise NotImplementedError("Backends must run an engine's upgrade.")
+
     def reload_tls(self, instance: "Instance") -> bool:
         """Write the instance's TLS files again (a renewed certificate) and make its running server
         read them, where its engine can (`Engine.reload_tls`); False if it takes them at its next

@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property, partial
@@ -61,6 +62,11 @@ NOT_ROOT = "The Docker backend must run as root: it gives each container's folde
 GONE = "The instance's container is gone; delete the instance and create a new one."
 HELPER = f"{LABEL}.helper"  # the label of a helper container (a restore's), beside the instance's labels
 HELPER_DISK = PurePosixPath("/stockroom/disk")  # where a helper container has the instance's `disk/`
+REPLACED = "-replaced"  # the name's suffix of a container put aside while it is made again from a new image
+IMAGE_ID_SECONDS = 10.0  # how long an image name's id is taken as known (host_version is asked by pages)
+# An image's id -> the version its server program names; an image name -> (when looked up, its id).
+_image_versions: dict[str, str] = {}
+_image_ids: dict[str, tuple[float, str]] = {}
 
 
 def docker_proxies(*, port: int | None, container_addresses: set[str]) -> set[int]:
@@ -178,22 +184,29 @@ class DockerBackend(BaseBackend):
 
     def create(self, instance: "Instance") -> None:
         self.destroy(instance)  # a clean slate, should the task run a second time
-        engine = get_engine(instance.kind)
         image = self._image(instance.kind)
         layout = self.layout(instance)
-        spec = engine.container(instance, layout)
+        spec = get_engine(instance.kind).container(instance, layout)
         mounts = self._lay_out(instance, layout, spec)
+        instance.mark("data_directory")
+        container = self._new_container(instance, image, spec, mounts)
+        self._docker("start the container", container.start)
+        self._wait_for_login(instance, container)
+        self._blank_init_files(instance, spec)
+
+    def _new_container(self, instance: "Instance", image: str, spec: Container, mounts: list[Any]) -> Any:
+        """The instance's container, made (not started) from `image` with `mounts`."""
+        engine = get_engine(instance.kind)
         network = (
             {"network_mode": "host"}
             if self.network_mode == "host"
             else {"ports": {f"{engine.container_port}/tcp": (self.host_ip, instance.port)}}
         )
-        instance.mark("data_directory")
         uid = self.uid(instance)
         memory = engine.memory_limit(instance.options)
-        container = self._docker(
-            "start the container",
-            self.client.containers.run,
+        return self._docker(
+            "make the container",
+            self.client.containers.create,
             image,
             spec.command,
             name=self.name(instance),
@@ -208,11 +221,8 @@ class DockerBackend(BaseBackend):
             mem_limit=memory,
             memswap_limit=memory,  # no swap beyond the memory limit
             restart_policy={"Name": "unless-stopped"},
-            detach=True,
             **network,
         )
-        self._wait_for_login(instance, container)
-        self._blank_init_files(instance, spec)
 
     def _blank_init_files(self, instance: "Instance", spec: Container) -> None:
         for name in spec.init_files:
@@ -221,8 +231,6 @@ class DockerBackend(BaseBackend):
     def _lay_out(self, instance: "Instance", layout: Layout, spec: Container) -> list[Any]:
         """Make the instance's folder and files on the host; return the container's bind mounts
         (mounts, not volumes: Docker makes a missing volume's folder, and fails a missing mount)."""
-        from docker.types import Mount
-
         if os.geteuid() != 0:
             raise BackendError(NOT_ROOT)
         directory, uid = self.directory(instance), self.uid(instance)
@@ -235,23 +243,35 @@ class DockerBackend(BaseBackend):
             self.disks.provide(directory / IMAGE, directory / DISK, size, usual=size in self.usual_disks())
             (directory / DISK / "lost+found").rmdir()  # root's, and e2fsck makes it again if it needs it
             (directory / DISK).chmod(0o700)
-        places = {"disk/data": layout.data, "disk/tmp": layout.tmp, "run": layout.socket.parent}
-        mounts = []
-        for name in SERVER_DIRS:
-            if name != "disk/data" and places[name] == layout.data:
-                continue  # the engine keeps it in the data folder
+        for name in self._server_dirs(layout):
             (directory / name).mkdir(mode=0o700)
             os.chown(directory / name, uid, uid)
-            mounts.append(Mount(str(places[name]), str(directory / name), type="bind"))
-        for name, (path, text) in spec.files.items():
+        for name, (_path, text) in spec.files.items():
             self._write(instance, directory / name, text)
-            mounts.append(Mount(str(path), str(directory / name), type="bind", read_only=True))
         if spec.init_dir:
             (directory / INIT).mkdir()
             (directory / INIT).chmod(0o750)  # whatever the umask (the portal's is 077)
             os.chown(directory / INIT, 0, uid)
             for name, text in spec.init_files.items():
                 self._write(instance, directory / INIT / name, text)
+        return self._mounts(instance, layout, spec)
+
+    @staticmethod
+    def _server_dirs(layout: Layout) -> list[str]:
+        """The folders of SERVER_DIRS the server has: one the engine keeps in the data folder is not."""
+        places = {"disk/data": layout.data, "disk/tmp": layout.tmp, "run": layout.socket.parent}
+        return [name for name in SERVER_DIRS if name == "disk/data" or places[name] != layout.data]
+
+    def _mounts(self, instance: "Instance", layout: Layout, spec: Container) -> list[Any]:
+        """The container's bind mounts of what `_lay_out` made."""
+        from docker.types import Mount
+
+        directory = self.directory(instance)
+        places = {"disk/data": layout.data, "disk/tmp": layout.tmp, "run": layout.socket.parent}
+        mounts = [Mount(str(places[name]), str(directory / name), type="bind") for name in self._server_dirs(layout)]
+        for name, (path, _text) in spec.files.items():
+            mounts.append(Mount(str(path), str(directory / name), type="bind", read_only=True))
+        if spec.init_dir:
             mounts.append(Mount(str(spec.init_dir), str(directory / INIT), type="bind", read_only=True))
         return mounts
 
@@ -277,9 +297,37 @@ class DockerBackend(BaseBackend):
         self._check_mounts(containers[0], spec)
         if not self._restored_unsettled(instance, spec):  # the options as they are now (pending ones applied)
             self._write_files(instance, spec, init=False)
-        self._docker("start the container", containers[0].start)
-        self._wait_for_login(instance, containers[0])
+        container = self._on_current_image(instance, containers)
+        self._docker("start the container", container.start)
+        self._wait_for_login(instance, container)
         self._settle(instance)  # after a restore whose first start failed, a later one's login did it
+
+    def _on_current_image(self, instance: "Instance", containers: list[Any]) -> Any:
+        """The stopped instance's container, made again with the same mounts if its image's name now
+        names another image (a newer server): a container keeps the image it was made from. The old
+        one is put aside until the new one is made, so a failure leaves it as it was."""
+        name, replaced = self.name(instance), f"{self.name(instance)}{REPLACED}"
+        named = {container.name: container for container in containers}
+        current = named.get(name)
+        if current is None:  # a start cut short put it aside, and made no new one
+            current = named.get(replaced, containers[0])
+            self._docker("rename the container back", current.rename, name)
+        elif replaced in named:  # a start cut short made the new one, and left the old
+            self._docker("remove the replaced container", named[replaced].remove, force=True)
+        image = self._image(instance.kind)
+        wanted = self._docker(f"inspect the image {image}", self.client.images.get, image).id
+        if current.attrs.get("Image") == wanted:
+            return current
+        self._docker("put the old container aside", current.rename, replaced)
+        try:
+            spec = get_engine(instance.kind).container(instance, self.layout(instance))
+            container = self._new_container(instance, image, spec, self._mounts(instance, self.layout(instance), spec))
+        except BaseException:
+            self._docker("rename the container back", current.rename, name)
+            raise
+        self._docker("remove the replaced container", current.remove, force=True)
+        logger.info("Instance %s: container made again from %s (%s)", instance.pk, image, wanted)
+        return container
 
     def _restored_unsettled(self, instance: "Instance", spec: Container) -> bool:
         """Whether a restore's first-start files are still there (its start failed): its files
@@ -443,6 +491,40 @@ class DockerBackend(BaseBackend):
             get_engine(instance.kind).set_password(
                 instance, password, admin=admin, write=lambda name, text: self._write(instance, directory / name, text)
             )
+
+    def server_version(self, instance: "Instance") -> str:
+        with self.admin(instance) as admin:
+            return get_engine(instance.kind).server_version(instance, admin)
+
+    def host_version(self, kind: str) -> str:
+        engine = get_engine(kind)
+        image = self.images.get(kind) or engine.image
+        looked_up, image_id = _image_ids.get(image, (0.0, ""))
+        if time.monotonic() - looked_up > IMAGE_ID_SECONDS:
+            image_id = self._docker(f"inspect the image {image}", self.client.images.get, image).id
+            _image_ids[image] = (time.monotonic(), image_id)
+        if image_id not in _image_versions:
+            # Once per image: its server program, run with nothing but --version.
+            output = self._docker(
+                f"run {engine.version_program} --version in {image}",
+                self.client.containers.run,
+                image_id,
+                ["--version"],
+                entrypoint=[engine.version_program],
+                labels={f"{LABEL}.managed": "true", f"{LABEL}.portal": self.portal_id},
+                user="65534:65534",
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+                read_only=True,
+                network_mode="none",
+                remove=True,
+            )
+            _image_versions[image_id] = engine.program_version(bytes(output).decode(errors="replace"))
+        return _image_versions[image_id]
+
+    def upgrade(self, instance: "Instance") -> str:
+        with self._beside(instance) as beside:
+            return get_engine(instance.kind).upgrade(instance, beside)
 
     def memory(self, instance: "Instance") -> tuple[int | None, int | None]:
         container = self._running(instance)

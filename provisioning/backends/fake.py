@@ -29,6 +29,8 @@ class Server:
     options: dict[str, Any]
     password: str
     running: bool = True
+    version: str = ""  # the version it runs: the backend's `version` when it was last started
+    upgraded_to: str = ""  # the version `upgrade` last brought its data up to
     data: dict[str, Any] = field(default_factory=dict)  # survives stop, start and restart; not destroy
     # Every write since the server's data was last replaced, as [unix time, key, value], and how
     # many of them are archived: its log, as a binary log or append-only file would hold it.
@@ -40,6 +42,9 @@ class Server:
     def write(self, key: str, value: Any, *, at: float | None = None) -> None:
         self.data[key] = value
         self.log.append([time.time() if at is None else at, key, value])
+
+
+FAKE_VERSION = "1.0.0-fake"
 
 
 class NotAnswering(ConnectionRefusedError):
@@ -63,6 +68,8 @@ class FakeBackend(BaseBackend):
         "archive_logs",
         "check_import",
         "import_data",
+        "server_version",
+        "upgrade",
         "reconfigure",
         "client_connections",
     )
@@ -82,6 +89,7 @@ class FakeBackend(BaseBackend):
             self.squatted: set[int] = set()  # ports something outside the portal listens on
             self.calls: list[tuple[str, int | None]] = []
             self.while_probing: Callable[[Instance], None] | None = None
+            self.version = FAKE_VERSION  # what a server started now runs: set it to "upgrade the host"
 
     # Test controls -----------------------------------------------------------------------
 
@@ -129,7 +137,13 @@ class FakeBackend(BaseBackend):
     # The contract ----------------------------------------------------------------------
 
     def create(self, instance: "Instance") -> None:
-        server = Server(port=instance.port, options=dict(instance.options), password=instance.password)
+        server = Server(
+            port=instance.port,
+            options=dict(instance.options),
+            password=instance.password,
+            version=self.version,
+            upgraded_to=self.version,
+        )
         with self.lock:
             self.servers[instance.pk] = server
         self._enter("create", instance.pk)
@@ -154,7 +168,7 @@ class FakeBackend(BaseBackend):
         if instance.port in self.squatted:  # as a real server that cannot listen exits
             raise BackendError(f"The server could not listen on port {instance.port}: another process holds it.")
         with self.lock:
-            server.running, server.port = True, instance.port
+            server.running, server.port, server.version = True, instance.port, self.version
             server.options = dict(instance.options)  # as a real server reads its config again
         if server.password != instance.password:
             raise BackendError("The server started, but the user's login was refused.")
@@ -210,6 +224,7 @@ class FakeBackend(BaseBackend):
                         data[key] = value
         with self.lock:
             server.data, server.running, server.password = data, True, instance.password
+            server.version = self.version
             server.log, server.archived = [], 0
 
     def export_snapshot(self, kind: str, snapshot: IO[bytes], out: IO[bytes], *, database: str) -> None:
@@ -263,6 +278,26 @@ class FakeBackend(BaseBackend):
             raise BackendError("The server is not running.")
         with self.lock:
             server.password = password
+
+    def server_version(self, instance: "Instance") -> str:
+        self._enter("server_version", instance.pk)
+        server = self._server(instance)
+        if not server.running:
+            raise BackendError("The server is not running.")
+        return server.version
+
+    def host_version(self, kind: str) -> str:
+        return self.version
+
+    def upgrade(self, instance: "Instance") -> str:
+        """As mariadb-upgrade: nothing when the data is of the server's version already."""
+        self._enter("upgrade", instance.pk)
+        server = self._server(instance)
+        if server.upgraded_to == server.version:
+            return ""
+        with self.lock:
+            server.upgraded_to = server.version
+        return f"Upgraded the fake's data to {server.version}."
 
     def client_connections(self, instance: "Instance") -> int:
         self._enter("client_connections", instance.pk)

@@ -54,6 +54,8 @@ IMAGE = "disk.img"  # in an instance's folder: the filesystem mounted at SERVER
 WRITES_REFUSED = "writes-refused"  # in an instance's folder: the reconciler made its server refuse writes
 SCRATCH = "_scratch"  # in the instances folder: the throwaway folders of exports and verifies
 SCRATCH_SLOTS = 8  # exports and verifies at once, each with a uid of its own
+# (path, size, modification time) of a server program -> the version its `--version` names.
+_program_versions: dict[tuple[str, int, int], str] = {}
 
 
 class LocalBackend(BaseBackend):
@@ -220,6 +222,34 @@ class LocalBackend(BaseBackend):
             if socket is None:
                 raise BackendError("The server has no socket: it is not running.")
             yield Endpoint(settings.STOCKROOM_BIND_ADDRESS, layout.port, socket=socket)
+
+    def server_version(self, instance: "Instance") -> str:
+        with self.admin(instance) as admin:
+            return get_engine(instance.kind).server_version(instance, admin)
+
+    def host_version(self, kind: str) -> str:
+        engine = get_engine(kind)
+        program = self.program(engine.version_program)
+        status = program.stat()  # a new package replaces the file: another size or time
+        key = (str(program), status.st_size, status.st_mtime_ns)
+        if key not in _program_versions:
+            result = subprocess.run(
+                [str(program), "--version"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                env=processes.ENVIRONMENT,
+                timeout=30,
+                **self._drop_privileges(),
+            )
+            if result.returncode:
+                raise BackendError(f"{program} --version failed: {(result.stderr or result.stdout).strip()[:200]}")
+            _program_versions[key] = engine.program_version(result.stdout)
+        return _program_versions[key]
+
+    def upgrade(self, instance: "Instance") -> str:
+        with self._beside(instance) as beside:
+            return get_engine(instance.kind).upgrade(instance, beside)
 
     def client_connections(self, instance: "Instance") -> int:
         with self.admin(instance) as admin:

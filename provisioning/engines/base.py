@@ -503,6 +503,28 @@ class Engine:
         disk limit where the kernel cannot stop it. A restarted server accepts writes."""
         raise NotImplementedError("Engines must say how a server refuses writes.")
 
+    # Versions --------------------------------------------------------------------------
+
+    # The server program whose `--version` says which version a server started now would run.
+    version_program: str
+
+    def server_version(self, instance: "Instance", admin: Endpoint) -> str:
+        """The version the running server reports, as the portal's own account reads it at `admin`:
+        what `program_version` reads from its program, so the two can be compared."""
+        raise NotImplementedError("Engines must say how a server's version is read.")
+
+    def program_version(self, output: str) -> str:
+        """The version a server started from `version_program` would report, read from the output of
+        `version_program --version`; BackendError if it says none."""
+        raise NotImplementedError("Engines must say how a program's version is read.")
+
+    def upgrade(self, instance: "Instance", beside: Beside) -> str:
+        """Bring the data of the running server up to its version, after it started on other
+        binaries than the data was last served by; safe to call when there is nothing to do. Returns
+        a sentence saying what was done, "" if nothing was; raises BackendError if it failed. By
+        default nothing: a kind whose server converts its own data as it starts needs no more."""
+        return ""
+
     def client_connections(self, instance: "Instance", *, admin: Endpoint) -> int:
         """How many connections the tenant's clients hold open on the running server, idle ones
         included; the portal's own (its administrative account, this very query) do not count.

@@ -12,6 +12,7 @@ call these and nothing below them writes.
 - exports: a snapshot's portable file, and verifying that a snapshot restores;
 - logs: point-in-time recovery: archived log files, the recovery window, replays;
 - imports: loading a file the owner uploaded into an instance, or into a new one;
+- versions: each instance's server version, the upgrade flag, and upgrading data after a start;
 - webhooks: registering receivers and sending them each status change;
 - lifetime, expiry: expiry, protection and stop-when-idle, as owners set them and the reconciler
   acts on them.
@@ -40,6 +41,7 @@ from .snapshots import SnapshotBusy, delete_snapshot, request_restore, request_s
 from .snapshots import busy as snapshot_busy
 from .snapshots import restore as restore_instance
 from .snapshots import take as take_snapshot
+from .versions import host_version, needing_upgrade, upgrade_available
 from .webhooks import TooManyWebhooks, create_webhook
 from .work import deprovision, perform_action, provision, recover
 
@@ -91,4 +93,7 @@ __all__ = [
     "restore_instance",
     "snapshot_busy",
     "usage",
+    "host_version",
+    "needing_upgrade",
+    "upgrade_available",
 ]

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from ..backends.base import DISK_FULL, BaseBackend, get_backend
 from ..models import Instance, Status
-from . import certificates, jobs, ports
+from . import certificates, jobs, ports, versions
 from .claims import Busy, work_on
 from .outcomes import describe, stop_quietly, with_note
 from .state import Side, transition
@@ -116,12 +116,14 @@ def _heal(instance: Instance, backend: BaseBackend) -> None:
         )
         return
     # Restarts keep counting (see stopped_answering) until the server has stayed up for a while.
+    version, note = versions.after_start(instance, backend, data=versions.Data.KEPT)
     transition(
         instance,
         Status.RUNNING,
-        with_note(f"Restarted after it stopped answering (attempt {attempt + 1}).", moved),
+        with_note(with_note(f"Restarted after it stopped answering (attempt {attempt + 1}).", moved), note),
         side=Side.HEALER,
         allowed_from=(Status.UNHEALTHY,),
+        also=version,
     )
 
 

@@ -23,10 +23,10 @@ from ..backends.base import BackendError, BaseBackend
 from ..engines import get_engine
 from ..models import Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status
 from ..options import backup_options, describe_size
-from . import capacity, healing, jobs, logs, store
+from . import capacity, healing, jobs, logs, store, versions
 from .capacity import QuotaExceeded
 from .claims import work_on
-from .outcomes import describe
+from .outcomes import describe, with_note
 from .requests import WrongStatus, enqueue
 from .state import Side, record_event, transition
 
@@ -287,8 +287,16 @@ def restore_now(instance: Instance, backend: BaseBackend) -> None:
         message = f"Restored to {until:%Y-%m-%d %H:%M:%S} UTC from snapshot {snapshot.pk}; a login succeeded."
     else:
         message = f"Restored snapshot {snapshot.pk} of {snapshot.created_at:%Y-%m-%d %H:%M:%S} UTC; a login succeeded."
-    message += _new_timeline_base(instance, backend)
-    transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(Status.RESTORING,), also=_done())
+    version, note = versions.after_start(instance, backend, data=versions.Data.REPLACED)
+    message = with_note(message, note) + _new_timeline_base(instance, backend)
+    transition(
+        instance,
+        Status.RUNNING,
+        message,
+        side=Side.WORKER,
+        allowed_from=(Status.RESTORING,),
+        also={**_done(), **version},
+    )
 
 
 def _new_timeline_base(instance: Instance, backend: BaseBackend) -> str:

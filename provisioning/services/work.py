@@ -7,6 +7,7 @@ when its worker died (recover()) or its server died while starting; then it is g
 import logging
 from contextlib import suppress
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
@@ -14,7 +15,7 @@ from django.utils import timezone
 from .. import crypto
 from ..backends.base import BackendError, BaseBackend, ServerExited
 from ..models import BUSY_STATUSES, Instance, Status
-from . import certificates, changes, healing, imports, jobs, logs, ports, snapshots
+from . import certificates, changes, healing, imports, jobs, logs, ports, snapshots, versions
 from .actions import ACTION_OF, ACTIONS
 from .claims import Busy, work_on
 from .outcomes import describe, stop_quietly, with_note
@@ -58,13 +59,22 @@ def _provision(instance: Instance, backend: BaseBackend) -> None:
         _fail(instance, backend, "Provisioning failed", exc)
         return
     upload = instance.import_file
+    # A clone's data is a snapshot's, of whatever version took it.
+    data = versions.Data.NEW if instance.restore_from_id is None else versions.Data.REPLACED
+    version, note = versions.after_start(instance, backend, data=data)
     if transition(
         instance,
         Status.RUNNING,
-        with_note("Started; a login with the user's credentials succeeded.", moved),
+        with_note(with_note("Started; a login with the user's credentials succeeded.", moved), note),
         side=Side.WORKER,
         allowed_from=(Status.PROVISIONING,),
-        also={"timings": instance.timings, "restore_from": None, "restore_until": None, "import_file": ""},
+        also={
+            "timings": instance.timings,
+            "restore_from": None,
+            "restore_until": None,
+            "import_file": "",
+            **version,
+        },
     ):
         imports.forget_upload(upload)
         logger.info("Instance %s is running on port %s", instance.pk, instance.port)
@@ -171,8 +181,11 @@ def _perform(instance: Instance, backend: BaseBackend, action: str) -> None:
             transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(spec.busy,))
     else:
         healing.forget_restarts(instance)
-        message = with_note(spec.done_message, moved)
-        transition(instance, spec.done, message, side=Side.WORKER, allowed_from=(spec.busy,))
+        message, version = with_note(spec.done_message, moved), dict[str, Any]()
+        if action in ("start", "restart"):  # a new server, maybe on new binaries
+            version, note = versions.after_start(instance, backend, data=versions.Data.KEPT)
+            message = with_note(message, note)
+        transition(instance, spec.done, message, side=Side.WORKER, allowed_from=(spec.busy,), also=version)
 
 
 def _rotate_password(instance: Instance, backend: BaseBackend) -> None:
@@ -233,8 +246,9 @@ def _recover(instance: Instance, backend: BaseBackend) -> None:
     elif busy == Status.IMPORTING:  # undone: the before-import snapshot put back, if it was taken
         imports.recover(instance, backend)
     elif answers:
-        message = f"{note}; the server answers, so it is running."
-        transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(busy,))
+        version, upgraded = versions.after_start(instance, backend, data=versions.Data.KEPT)
+        message = with_note(f"{note}; the server answers, so it is running.", upgraded)
+        transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(busy,), also=version)
     else:
         _perform(instance, backend, ACTION_OF[busy])
 

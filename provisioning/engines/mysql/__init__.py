@@ -153,6 +153,28 @@ mariadb-admin --no-defaults --socket="$socket" shutdown
 wait "$server"
 trap - EXIT
 """
+# The host's zone files, loaded into the data-directory template's time zone tables by the server
+# itself in bootstrap mode (no network, no grant tables); $1 mariadb-tzinfo-to-sql, $2 mariadbd,
+# $3 config, $4 data, $5 zoneinfo, $6 its log. A zone file it cannot read is skipped, with a warning.
+# The tables are Aria's, whose log would keep every row loaded (17 MB in every instance's data):
+# small log files, removed as soon as they are not needed, leave 0.3 MB.
+_LOAD_TIME_ZONES = r"""
+set -eu -o pipefail
+{ echo "USE mysql;"; "$1" "$5" 2>/dev/null; } | "$2" --defaults-file="$3" --datadir="$4" --bootstrap \
+    --log-error="$6" --skip-log-bin --aria-log-file-size=8M --aria-log-purge-type=immediate
+"""
+ZONEINFO = Path("/usr/share/zoneinfo")
+
+
+def _tzdata_version() -> str:
+    """The version of the host's zone files (tzdata.zi's first line, "# version 2024a"), or ""."""
+    try:
+        with open(ZONEINFO / "tzdata.zi") as file:
+            return file.readline().strip()
+    except OSError:
+        return ""
+
+
 NAMED = re.compile(r"[A-Za-z0-9_]+")  # a database name the throwaway server's scripts may quote as is
 
 # mariadb-install-db also makes root@127.0.0.1, root@::1 and root@<host> without a password, and
@@ -244,7 +266,7 @@ class MySQL(Engine):
     config_name = "my.cnf"
     database = DATABASE
     username = USERNAME
-    local_programs = ("mariadbd", "mariadb-install-db")
+    local_programs = ("mariadbd", "mariadb-install-db", "mariadb-tzinfo-to-sql")
     image = "mariadb:10.11"  # the major version of Debian bookworm's mariadbd, which the engine is tested on
     container_port = 3306
     connection_fields = {
@@ -450,7 +472,6 @@ class MySQL(Engine):
             environment={
                 "MARIADB_ROOT_PASSWORD_HASH_FILE": str(INIT_DIR / ROOT_HASH_FILE),
                 "MARIADB_ROOT_HOST": "localhost",
-                "MARIADB_INITDB_SKIP_TZINFO": "1",  # as the local data-directory template
             },
         )
 
@@ -504,7 +525,8 @@ class MySQL(Engine):
         storage = self.render(STORAGE_TEMPLATE)
         binary = host.program("mariadbd")
         stat = binary.stat()
-        recipe = f"{binary}:{stat.st_size}:{stat.st_mtime_ns}\n{storage}"
+        # The time zone tables come from the host's zone files: a new tzdata makes a new template.
+        recipe = f"{binary}:{stat.st_size}:{stat.st_mtime_ns}\n{storage}\ntime zones: {_tzdata_version()}"
         key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
         target = host.cache / f"mariadb-{key}"
         if (target / "data").is_dir():
@@ -537,6 +559,28 @@ class MySQL(Engine):
             shutil.rmtree(building, ignore_errors=True)
             tail = (result.stderr or result.stdout).strip().splitlines()[-2:]
             raise BackendError(f"mariadb-install-db failed: {' | '.join(tail)}")
+        # The time zone tables, so that named zones ("Europe/Paris") work in SET time_zone and
+        # CONVERT_TZ: loaded once here, as the official image does when it makes its data.
+        result = host.run(
+            [
+                "bash",
+                "-c",
+                _LOAD_TIME_ZONES,
+                "load",
+                host.program("mariadb-tzinfo-to-sql"),
+                host.program("mariadbd"),
+                config,
+                building / "data",
+                ZONEINFO,
+                building / "bootstrap.log",
+            ],
+            cwd=building,
+        )
+        if result.returncode:
+            shutil.rmtree(building, ignore_errors=True)
+            tail = (result.stderr or result.stdout).strip().splitlines()[-2:]
+            raise BackendError(f"Loading the time zone tables failed: {' | '.join(tail)}")
+        (building / "bootstrap.log").unlink(missing_ok=True)
         building.rename(target)
         logger.info("Built MariaDB data-directory template %s", target)
 
@@ -554,6 +598,46 @@ class MySQL(Engine):
             # A session keeps working after its password changes; end those opened with the
             # old one. The portal's own (root) session is another user's.
             cursor.execute(f"KILL CONNECTION USER '{instance.username}'@'%'")
+
+    # Versions --------------------------------------------------------------------------
+
+    version_program = "mariadbd"
+
+    def server_version(self, instance: "Instance", admin: Endpoint) -> str:
+        with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
+            cursor.execute("SELECT VERSION()")
+            row = cursor.fetchone()
+        # With the binary log on (always, here) the server adds "-log": a setting, not its version.
+        return str(row[0] if row else "").removesuffix("-log")
+
+    def program_version(self, output: str) -> str:
+        # "mariadbd  Ver 10.11.6-MariaDB-0+deb12u1 for debian-linux-gnu on x86_64 (Debian 12)"
+        found = re.search(r"\bVer\s+(\S+)", output)
+        if found is None:
+            raise BackendError(f"mariadbd --version names no version: {output.strip()[:200]!r}")
+        return found.group(1)
+
+    def upgrade(self, instance: "Instance", beside: Beside) -> str:
+        # mariadb-upgrade, as the portal's root over the socket, beside the server (as its uid, which
+        # may write the data folder's mysql_upgrade_info, its mark of the version it upgraded to).
+        # Without --force it does nothing when that mark is the server's version already. It writes
+        # nothing to the binary log (a point-in-time replay runs without grant tables).
+        layout = beside.layout
+        said = _Tail()
+        beside.run(
+            [
+                "mariadb-upgrade",
+                "--defaults-file={secret}",
+                f"--socket={layout.socket}",
+                f"--tmpdir={layout.tmp}",
+                "--skip-write-binlog",
+            ],
+            stdout=said,  # type: ignore[arg-type]
+            secret=f"[client]\nuser = {ADMIN_USERNAME}\npassword = {instance.admin_password}\n",
+        )
+        if "already upgraded" in said.text():
+            return ""
+        return "mariadb-upgrade brought the system tables and the data up to the server's version."
 
     live_settings = {
         "binlog_format": "binlog_format",
@@ -892,6 +976,20 @@ class MySQL(Engine):
         with self.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
             cursor.execute("FLUSH SSL")
         return True
+
+
+class _Tail:
+    """A program's output, of which only the end is kept (mariadb-upgrade names every table it checks)."""
+
+    def __init__(self, keep: int = 4096):
+        self.kept, self.keep = b"", keep
+
+    def write(self, data: bytes) -> int:
+        self.kept = (self.kept + data)[-self.keep :]
+        return len(data)
+
+    def text(self) -> str:
+        return self.kept.decode(errors="replace")
 
 
 def _one(cursor: Any) -> Any:

@@ -391,6 +391,24 @@ class Redis(Engine):
         finally:
             client.close()
 
+    # Versions --------------------------------------------------------------------------
+
+    version_program = "redis-server"
+
+    def server_version(self, instance: "Instance", admin: Endpoint) -> str:
+        client = self.client(admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT)
+        try:
+            return str(client.info("server")["redis_version"])
+        finally:
+            client.close()
+
+    def program_version(self, output: str) -> str:
+        # "Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64 build=…"
+        found = re.search(r"\bv=(\S+)", output)
+        if found is None:
+            raise BackendError(f"redis-server --version names no version: {output.strip()[:200]!r}")
+        return found.group(1)
+
     live_settings = {
         "maxmemory": "maxmemory",
         "maxmemory_policy": "maxmemory-policy",
