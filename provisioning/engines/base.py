@@ -487,6 +487,12 @@ class Engine:
         run a trivial command; raise on failure."""
         raise NotImplementedError("Engines must say how a user logs in.")
 
+    def start_settings(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Live options the config file does not carry, which the portal sets (`apply_live`) on each
+        start once the server answers: those a server would refuse to start with when its data
+        cannot serve them (a named time zone, in data made before the zone tables were loaded)."""
+        return {}
+
     # Live options the running server holds: option name -> the server's name for the setting. A
     # live option not named here is the portal's own (the backup schedule): nothing to tell the server.
     live_settings: dict[str, str] = {}

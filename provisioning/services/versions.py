@@ -16,6 +16,7 @@ from django.db import transaction
 from django.db.models import Q, QuerySet
 
 from ..backends.base import BaseBackend, get_backend
+from ..engines import get_engine
 from ..models import Instance, Status
 from .outcomes import describe
 from .state import record_event
@@ -49,9 +50,24 @@ def after_start(instance: Instance, backend: BaseBackend, *, data: Data) -> tupl
     """What the worker writes with the move to `running` once a server has started: its version (as
     `transition(also=…)` fields) and a sentence for the status message ("" if none). Runs the
     engine's upgrade where the data may be of another version, and records an event when it did
-    something or failed. Never raises: a version that cannot be read leaves the recorded one; an
-    upgrade that failed leaves it too, so the instance stays flagged and the next restart tries again.
+    something or failed; then sets the options the server takes only once running
+    (`Engine.start_settings`). Never raises: a version that cannot be read leaves the recorded one;
+    an upgrade that failed leaves it too, so the instance stays flagged and the next restart tries
+    again; a setting refused is said in the status message, and the server runs on.
     """
+    fields, note = _version_after_start(instance, backend, data=data)
+    settings = get_engine(instance.kind).start_settings(instance.options)
+    if settings:
+        try:
+            backend.reconfigure(instance, settings, undo={})
+        except Exception as exc:  # noqa: BLE001 - the server runs; the owner is told what it lacks
+            refused = describe(f"{', '.join(f'{k} {v!r}' for k, v in settings.items())} was not set", instance, exc)
+            logger.warning("Instance %s: %s", instance.pk, refused)
+            note = f"{note} {refused.rstrip('.')}; the server keeps its default.".strip()
+    return fields, note
+
+
+def _version_after_start(instance: Instance, backend: BaseBackend, *, data: Data) -> tuple[dict[str, Any], str]:
     try:
         version = backend.server_version(instance)
     except Exception as exc:  # noqa: BLE001 - the server answers; its version is a detail

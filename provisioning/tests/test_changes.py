@@ -237,3 +237,23 @@ def test_a_patch_sets_the_lifetime_with_the_options_and_a_bad_one_changes_nothin
     assert redis_client(config).config_get("timeout") == {"timeout": "7"}, "a bad lifetime must stop the whole patch"
     assert api.delete(f"/api/storage/redis/instances/{pk}").status_code == 409
     assert patch(api, "redis", pk, {"protected": False, "expires_in": None}).json()["expires_at"] is None
+
+
+def test_a_named_time_zone_the_data_lacks_is_said_and_the_server_still_starts(api):
+    pk, config = running(api, "mysql", {"time_zone": "Europe/Paris"})
+    with mysql_client(config) as db, db.cursor() as cursor:
+        cursor.execute("SELECT @@GLOBAL.time_zone")
+        assert cursor.fetchone() == ("Europe/Paris",)
+        # Data made before the zone tables were loaded (an old instance, an old snapshot): none.
+    instance = Instance.objects.get(pk=pk)
+    backend = get_backend(instance.backend)
+    with backend.admin(instance) as admin:
+        from provisioning.engines.mysql import ADMIN_USERNAME, MySQL
+
+        with MySQL.client(admin, user=ADMIN_USERNAME, password=instance.admin_password) as db, db.cursor() as cursor:
+            cursor.execute("SET SESSION sql_log_bin = 0")
+            cursor.execute("DELETE FROM mysql.time_zone_name")
+    api.post(f"/api/storage/mysql/instances/{pk}/restart")
+    after = wait_for_status(api, "mysql", pk, "running", "unhealthy", "failed")
+    assert after["status"] == "running", after["status_message"]
+    assert "time_zone 'Europe/Paris' was not set" in after["status_message"]

@@ -639,6 +639,13 @@ class MySQL(Engine):
             return ""
         return "mariadb-upgrade brought the system tables and the data up to the server's version."
 
+    def start_settings(self, options: dict[str, Any]) -> dict[str, Any]:
+        # An offset or SYSTEM is in my.cnf; a named zone needs the zone tables, which data made
+        # before they were loaded (an old instance, an old snapshot restored) lacks: a server given
+        # one it cannot find in my.cnf would not start at all.
+        zone = self.with_defaults(options)["time_zone"]
+        return {} if zone == "SYSTEM" or zone[:1] in "+-" else {"time_zone": zone}
+
     live_settings = {
         "binlog_format": "binlog_format",
         "innodb_buffer_pool_size": "innodb_buffer_pool_size",
