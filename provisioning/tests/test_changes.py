@@ -12,6 +12,7 @@ from provisioning.engines.redis import NO_RETRY
 from provisioning.models import Instance
 
 from .conftest import wait_for_status
+from .test_reconcile_pass import delete_what_each_test_made  # noqa: F401 - autouse: no instance outlives its test
 
 pytestmark = pytest.mark.django_db(transaction=True)
 MiB = 1024 * 1024
