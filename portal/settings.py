@@ -306,6 +306,7 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     # Options of the same name whose choices differ by engine (provisioning/options.py tls_option).
     "ENUM_NAME_OVERRIDES": {
+        "InstanceStatusEnum": "provisioning.models.Status",
         "MysqlTlsEnum": ["off", "on", "required"],
         "RedisTlsEnum": ["off", "required"],
     },
@@ -469,6 +470,19 @@ STOCKROOM_SNAPSHOT_QUOTA_BYTES = _memory_size("STOCKROOM_SNAPSHOT_QUOTA_BYTES", 
 STOCKROOM_IMPORT_MAX_BYTES = _memory_size("STOCKROOM_IMPORT_MAX_BYTES", "1gb")
 # The disk limit of an instance whose options name none: bytes its data (and server log) may take.
 STOCKROOM_DEFAULT_DISK = env.int("STOCKROOM_DEFAULT_DISK", default=1024**3)
+# The warm pool (README, "Warm pool"): servers of each kind started ahead of time on the default
+# backend, with no tenant, so that a create is running within its request. 0 turns a kind's off.
+_POOL_SIZE = 2 if STOCKROOM_DEFAULT_BACKEND == "local" else 0
+STOCKROOM_POOL = {
+    "mysql": env.int("STOCKROOM_POOL_MYSQL", default=_POOL_SIZE),
+    "redis": env.int("STOCKROOM_POOL_REDIS", default=_POOL_SIZE),
+}
+if any(size < 0 for size in STOCKROOM_POOL.values()):
+    raise ImproperlyConfigured("STOCKROOM_POOL_MYSQL and STOCKROOM_POOL_REDIS are counts of servers: 0 or more.")
+# `POST …/instances?wait=N` waits at most this long, and at most this many requests of each web
+# process wait at once (the others are answered 202 at once): a wait never holds every thread.
+STOCKROOM_MAX_WAIT = env.float("STOCKROOM_MAX_WAIT", default=60.0)
+STOCKROOM_WAITING_REQUESTS = env.int("STOCKROOM_WAITING_REQUESTS", default=2)
 STOCKROOM_START_TIMEOUT = env.float("STOCKROOM_START_TIMEOUT", default=30.0)
 # How long a worker may hold an instance before another may take over (it died, say).
 STOCKROOM_CLAIM_SECONDS = env.float("STOCKROOM_CLAIM_SECONDS", default=STOCKROOM_START_TIMEOUT * 2 + 30)

@@ -140,6 +140,9 @@ class Instance(models.Model):
     tls_certificate = models.TextField(blank=True, help_text="PEM; signed by the portal's CA.")
     tls_key = EncryptedTextField(blank=True)
     tls_expires_at = models.DateTimeField(null=True, blank=True, help_text="When its certificate expires.")
+    # The warm pool (services/pool.py): a server started ahead of time, with no tenant and the kind's
+    # default options, owned by the pool's own user until a create takes it.
+    pool = models.BooleanField(default=False, help_text="A warm-pool server: no tenant has taken it yet.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -162,6 +165,8 @@ class Instance(models.Model):
             ),
             models.Index(fields=["status"], name="instance_status"),  # the reconciler's scans
             models.Index(fields=["expires_at"], condition=Q(expires_at__isnull=False), name="instance_expiry"),
+            # A create looks for a ready pool server of its kind: a handful of rows at most.
+            models.Index(fields=["kind", "backend", "status"], condition=Q(pool=True), name="instance_pool"),
         ]
         constraints = [
             models.UniqueConstraint(

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from .backends.base import BackendError, get_backend
 from .models import BUSY_STATUSES, Heartbeat, Instance, Orphan, Status
-from .services import certificates, expiry, exports, healing, logs, snapshots, webhooks, work
+from .services import certificates, expiry, exports, healing, logs, refill, snapshots, webhooks, work
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class Pass:
     verifies_failed: int = 0
     logs_pruned: int = 0
     certificates_renewed: int = 0
+    pool_discarded: list[int] = field(default_factory=list)  # warm-pool servers that stopped answering
+    pool_filled: dict[str, int] = field(default_factory=dict)  # kind -> pool servers asked for (or removed)
     expiring: list[int] = field(default_factory=list)  # warned of (instance.expiring) this pass
     expired: list[int] = field(default_factory=list)  # past their expiry: being deleted
     idle_stopped: list[int] = field(default_factory=list)  # no client for stop_when_idle: being stopped
@@ -94,6 +96,7 @@ class Reconciler:
                 # Before the probes, which log in as the tenant: their sessions must not count as clients.
                 self._stop_idle,
                 self._probe_and_heal,
+                self._fill_pool,
                 self._recover_stuck,
                 self._track_orphans,
                 self._resend_deliveries,
@@ -118,7 +121,7 @@ class Reconciler:
             if not report.failed_phases:
                 done["beat_at"] = self.clock()
             Heartbeat.objects.filter(name=HEARTBEAT, running_until=turn).update(**done)
-        acted = report.expired or report.idle_stopped
+        acted = report.expired or report.idle_stopped or report.pool_discarded or report.pool_filled
         if report.unhealthy or report.recovered or report.heals or report.stuck or report.failed_phases or acted:
             logger.info("Reconcile pass: %s", report)
         return report
@@ -150,6 +153,10 @@ class Reconciler:
             disks = dict(zip((i.pk for i in answering), pool.map(self._disk, answering), strict=True))
         for instance in instances:
             error = errors[instance.pk]
+            if instance.pool and error is not None:  # never healed: replaced by a fresh one
+                refill.discard(instance, error)
+                report.pool_discarded.append(instance.pk)
+                continue
             if instance.pk in disks:
                 healing.disk_report(instance, disks[instance.pk])
             if error is None and instance.status == Status.UNHEALTHY:
@@ -176,6 +183,10 @@ class Reconciler:
         except Exception:  # the next pass tries again
             logger.exception("Could not check the disk of instance %s", instance.pk)
             return None
+
+    def _fill_pool(self, report: Pass, now: datetime) -> None:
+        """Start warm-pool servers where fewer are ready or starting than STOCKROOM_POOL asks."""
+        report.pool_filled = {kind: count for kind, count in refill.fill().items() if count}
 
     # Throwaway and idle instances ------------------------------------------------------
 

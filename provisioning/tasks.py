@@ -65,6 +65,11 @@ def recover_instance(instance_id: int) -> None:
 
 
 @shared_task(ignore_result=True)
+def fill_pool() -> None:
+    services.fill_pool()
+
+
+@shared_task(ignore_result=True)
 def reconcile() -> None:
     from .reconciler import Reconciler
 

@@ -1,6 +1,7 @@
 import re
 from datetime import UTC
 from functools import cache
+from typing import Any
 
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -456,6 +457,18 @@ def change_serializer(engine: Engine) -> type[ChangeInstanceSerializer]:
     }
     name = f"{engine.kind.capitalize()}ChangeSerializer"
     return type(name, (ChangeInstanceSerializer,), {"engine": engine, **fields})
+
+
+class CreatedInstanceSerializer(InstanceSerializer):
+    """A create that waited (`?wait=N`) for the instance to run: the instance, and how to connect."""
+
+    config = serializers.SerializerMethodField(help_text="What GET …/config answers: host, port, user, password.")
+
+    class Meta(InstanceSerializer.Meta):
+        fields = [*InstanceSerializer.Meta.fields, "config"]
+
+    def get_config(self, instance: Instance) -> dict[str, Any]:
+        return get_engine(instance.kind).connection(instance)
 
 
 @cache

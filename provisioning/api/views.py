@@ -24,6 +24,7 @@ from .schema import InstanceSchema, KindSchema
 from .serializers import (
     AccessTokenSerializer,
     CreateAccessTokenSerializer,
+    CreatedInstanceSerializer,
     DeliverySerializer,
     EventSerializer,
     ExtendSerializer,
@@ -83,9 +84,22 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             instances = services.with_first_base(instances.defer("password", "admin_password"))
         return instances
 
-    @extend_schema(responses={202: InstanceSerializer}, summary="Create an instance; it starts in the background")
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "wait",
+                float,
+                description="Seconds (at most STOCKROOM_MAX_WAIT, 60 by default) to wait for the instance to run: "
+                "then the answer is 201 with its connection details under `config`. If it is not running by then "
+                "(or the portal has too many requests waiting already), the answer is 202, as without `wait`.",
+            )
+        ],
+        responses={201: CreatedInstanceSerializer, 202: InstanceSerializer},
+        summary="Create an instance; it starts in the background, or from the warm pool at once",
+    )
     def create(self, request, kind: str):
         _refuse_too_large(request)
+        wait = _wait_seconds(request)
         # The serializer shapes the input (a form's text to numbers, blanks to defaults); the
         # engine validates it in the service, and its errors name the field.
         serializer = self.get_serializer(data=request.data)
@@ -113,6 +127,10 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             instance = services.create_instance(
                 **create, from_snapshot=snapshot, from_instance=source_instance, until=until
             )
+        if wait:
+            instance = services.wait_until_started(instance, wait)
+        if wait is not None and instance.status == "running":
+            return Response(dict(CreatedInstanceSerializer(instance).data), status=status.HTTP_201_CREATED)
         # A plain dict: the browsable API then offers an empty create form again, not this answer.
         return Response(dict(InstanceSerializer(instance).data), status=status.HTTP_202_ACCEPTED)
 
@@ -503,3 +521,18 @@ def exception_handler(exc, context):
     elif isinstance(exc, services.NoCapacity):  # no memory or no port left on the host
         return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
     return drf_exception_handler(exc, context)
+
+
+def _wait_seconds(request) -> float | None:
+    """`?wait=N` of a create: seconds, 0 to STOCKROOM_MAX_WAIT; None when not asked (400 if not a number)."""
+    text = request.query_params.get("wait")
+    if text is None:
+        return None
+    limit = settings.STOCKROOM_MAX_WAIT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= limit:  # NaN fails this too
+        raise exceptions.ValidationError({"wait": f"{text!r} is not a number of seconds from 0 to {limit:g}."})
+    return seconds

@@ -12,6 +12,8 @@ call these and nothing below them writes.
 - exports: a snapshot's portable file, and verifying that a snapshot restores;
 - logs: point-in-time recovery: archived log files, the recovery window, replays;
 - imports: loading a file the owner uploaded into an instance, or into a new one;
+- pool, refill: the warm pool: servers started ahead, which a create takes within its request,
+  and keeping it full;
 - versions: each instance's server version, the upgrade flag, and upgrading data after a start;
 - webhooks: registering receivers and sending them each status change;
 - lifetime, expiry: expiry, protection and stop-when-idle, as owners set them and the reconciler
@@ -36,7 +38,8 @@ from .lifetime import FIELDS as LIFETIME_FIELDS
 from .logs import OutsideWindow, recovery_window, with_first_base
 from .logs import archive as archive_logs
 from .ports import NoFreePort
-from .requests import Protected, WrongStatus, create_instance, delete_instance, request_action
+from .refill import fill as fill_pool
+from .requests import Protected, WrongStatus, create_instance, delete_instance, request_action, wait_until_started
 from .snapshots import SnapshotBusy, delete_snapshot, request_restore, request_snapshot
 from .snapshots import busy as snapshot_busy
 from .snapshots import restore as restore_instance
@@ -47,6 +50,8 @@ from .work import deprovision, perform_action, provision, recover
 
 __all__ = [
     "NotApplied",
+    "fill_pool",
+    "wait_until_started",
     "change_instance",
     "describe_changes",
     "ACTIONS",

@@ -83,10 +83,13 @@ def check_count(owner: User) -> None:
         )
 
 
-def check_memory(owner: User, needs: int, *, what: str, excluding: Instance | None = None) -> None:
+def check_memory(
+    owner: User, needs: int, *, what: str, excluding: Instance | None = None, host_only: bool = False
+) -> None:
     """Raise QuotaExceeded or NoCapacity unless `needs` more bytes of reservation fit the owner's
     quota and the host's budget. `excluding`: an instance whose own reservation must not count
-    (the one being started). Call it after hold()."""
+    (the one being started, a pool server being taken). `host_only`: the budget alone (the warm
+    pool's own servers, which no quota limits). Call it after hold()."""
     reserving = Instance.objects.reserving_memory()
     if excluding is not None:
         reserving = reserving.exclude(pk=excluding.pk)
@@ -95,7 +98,7 @@ def check_memory(owner: User, needs: int, *, what: str, excluding: Instance | No
         mine=Sum("memory_reservation", default=0, filter=Q(owner=owner)),
     )
     quota, budget = settings.STOCKROOM_MEMORY_QUOTA, settings.STOCKROOM_MEMORY_BUDGET
-    if totals["mine"] + needs > quota:
+    if totals["mine"] + needs > quota and not host_only:
         raise QuotaExceeded(
             f"Memory quota reached: your instances reserve {describe_size(totals['mine'])} of your "
             f"{describe_size(quota)} quota, and {what} needs {describe_size(needs)}. "

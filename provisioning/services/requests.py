@@ -5,9 +5,12 @@ transaction commits."""
 import logging
 import re
 import secrets
+import threading
+import time
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import transaction
@@ -17,7 +20,7 @@ from .. import crypto
 from ..backends.base import get_backend
 from ..engines import OptionErrors, get_engine
 from ..models import Instance, Snapshot, SnapshotStatus, Status
-from . import capacity, jobs, logs
+from . import capacity, jobs, logs, pool
 from .actions import ACTIONS, DELETABLE
 from .capacity import NoCapacity, QuotaExceeded
 from .claims import Busy
@@ -93,46 +96,119 @@ def create_instance(
     if name is not None and not NAME_PATTERN.fullmatch(name):
         raise ValidationError({"name": f"{name!r} is not a valid name; use {NAME_RULE}"})
     life = lifetime_for_create(lifetime or {}, now=timezone.now())
-    backend = get_backend()
+    started = time.monotonic()
+    # Only a create from no data whose options differ from the defaults in live ones alone may take
+    # a warm-pool server (services/pool.py).
+    poolable = from_snapshot is None and not import_file and pool.size(kind) > 0
+    from_pool = poolable and pool.differences(engine, cleaned) is not None
     reservation = engine.memory_reservation(cleaned)
+    what = f"a new {engine.label} instance"
 
     with transaction.atomic():
         # The quota, name and memory checks cannot race with another create or a start.
         capacity.hold(owner)
         capacity.check_count(owner)
-        capacity.check_memory(owner, reservation, what=f"a new {engine.label} instance")
         name = name or f"{kind}-{secrets.token_hex(3)}"
         if Instance.objects.visible().filter(owner=owner, kind=kind, name=name).exists():
             raise ValidationError({"name": f"You already have a {kind} instance named {name!r}."})
-        instance = Instance(
-            owner=owner,
-            kind=kind,
-            name=name,
-            backend=backend.alias,
-            host=backend.public_host,
-            options=cleaned,
-            memory_reservation=reservation,
-            memory_limit=engine.memory_limit(cleaned),
-            status_message="Waiting for a worker to start the server.",
-            password=crypto.generate_password(),
-            admin_password=crypto.generate_password(),
-            database=engine.database,
-            username=engine.username,
-            restore_from=from_snapshot,
-            restore_until=until if from_instance is not None else None,
-            import_file=import_file,
-            **life,
-        )
-        save_with_free_port(instance, backend)
-        source = f" as a clone of snapshot {from_snapshot.pk}" if from_snapshot else ""
-        source = " seeded with an uploaded file" if import_file else source
-        if from_instance is not None and until is not None:
-            source = f" as a clone of instance {from_instance.pk} at {until:%Y-%m-%d %H:%M:%S} UTC"
-        expiry = f" It expires at {instance.expires_at:%Y-%m-%d %H:%M:%S} UTC." if instance.expires_at else ""
-        record_event(instance, "", Status.PROVISIONING, f"Requested by {owner}{source}.{expiry}")
-        transaction.on_commit(lambda: enqueue("provision_instance", instance, revert_to=Status.FAILED))
+        server = pool.candidate(kind, get_backend().alias) if from_pool else None
+        # A pool server's reservation becomes the instance's: it is not needed twice.
+        capacity.check_memory(owner, reservation, what=what, excluding=server)
+        fields: dict[str, Any] = {
+            "name": name,
+            "memory_reservation": reservation,
+            "memory_limit": engine.memory_limit(cleaned),
+        }
+        taken = server and pool.take(server, owner=owner, options=cleaned, **fields, **life)
+        if not taken:
+            if server is not None:  # another create took it first: the room it held is not this one's
+                capacity.check_memory(owner, reservation, what=what)
+            instance = record_new(
+                owner=owner,
+                kind=kind,
+                options=cleaned,
+                restore_from=from_snapshot,
+                restore_until=until if from_instance is not None else None,
+                import_file=import_file,
+                **fields,
+                **life,
+            )
+    if taken:
+        pool.hand_over(taken, started=started)
+    if from_pool:  # a server taken, or none was ready: the pool is short
+        pool.fill_later()
+    if taken:
+        return taken
     logger.info("Instance %s (%s) requested by %s on port %s", instance.pk, kind, owner, instance.port)
     return instance
+
+
+def record_new(*, owner: User, kind: str, options: dict[str, Any], pool: bool = False, **fields: Any) -> Instance:
+    """Record a new instance on the default backend, with a free port and passwords of its own, and
+    queue its start for after the commit. Call it inside a transaction, once the checks are done
+    (create_instance; the warm pool's fill, whose servers have `pool` set)."""
+    engine, backend = get_engine(kind), get_backend()
+    fields.setdefault("name", f"{kind}-{secrets.token_hex(3)}")
+    fields.setdefault("memory_reservation", engine.memory_reservation(options))
+    fields.setdefault("memory_limit", engine.memory_limit(options))
+    instance = Instance(
+        owner=owner,
+        kind=kind,
+        backend=backend.alias,
+        host=backend.public_host,
+        options=options,
+        status_message="Waiting for a worker to start the server.",
+        password=crypto.generate_password(),
+        admin_password=crypto.generate_password(),
+        database=engine.database,
+        username=engine.username,
+        pool=pool,
+        **fields,
+    )
+    save_with_free_port(instance, backend)
+    source = ""
+    if instance.restore_from is not None:
+        source = f" as a clone of snapshot {instance.restore_from.pk}"
+        if instance.restore_until is not None:
+            when = f"{instance.restore_until:%Y-%m-%d %H:%M:%S} UTC"
+            source = f" as a clone of instance {instance.restore_from.instance_id} at {when}"
+    source = " seeded with an uploaded file" if instance.import_file else source
+    source = " for the warm pool" if pool else source
+    expiry = f" It expires at {instance.expires_at:%Y-%m-%d %H:%M:%S} UTC." if instance.expires_at else ""
+    record_event(instance, "", Status.PROVISIONING, f"Requested by {owner}{source}.{expiry}")
+    transaction.on_commit(lambda: enqueue("provision_instance", instance, revert_to=Status.FAILED))
+    return instance
+
+
+class _Waiters:
+    """How many requests of this process wait for an instance now (`wait_until_started`)."""
+
+    lock = threading.Lock()
+    count = 0
+
+
+def wait_until_started(instance: Instance, seconds: float) -> Instance:
+    """Wait up to `seconds` for a new instance to leave provisioning (running, or failed), so that a
+    create is one round trip; return it as it is then. At most STOCKROOM_WAITING_REQUESTS requests
+    of this process wait at once, so waits never take every web thread: one beyond that returns at
+    once, and its caller answers as if it had not asked to wait."""
+    with _Waiters.lock:
+        if instance.status != Status.PROVISIONING or _Waiters.count >= settings.STOCKROOM_WAITING_REQUESTS:
+            return instance
+        _Waiters.count += 1
+    try:
+        deadline, pause = time.monotonic() + seconds, 0.01
+        while time.monotonic() < deadline:
+            instance.refresh_from_db(fields=["status", "status_message", "port", "timings", "updated_at"])
+            if instance.status != Status.PROVISIONING:
+                instance.refresh_from_db()
+                break
+            time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+            pause = min(pause * 1.5, 0.25)  # a pooled or fast start is seen at once, a slow one polled less
+        return instance
+    finally:
+        with _Waiters.lock:
+            _Waiters.count -= 1
 
 
 def delete_instance(*, instance: Instance, by: object, reason: str = "") -> Instance:

@@ -209,7 +209,7 @@ def before_delete(instance: Instance, backend: BaseBackend) -> str:
     """Take the snapshot that undoes a delete, as the worker deleting the instance (which holds its
     claim); a sentence for the delete's status message saying what was kept. A server that does
     not answer cannot be copied consistently: then nothing is kept, and the delete goes on."""
-    if settings.STOCKROOM_SNAPSHOT_KEEP_DAYS <= 0:
+    if settings.STOCKROOM_SNAPSHOT_KEEP_DAYS <= 0 or instance.pool:  # a pool server holds no data
         return ""
     if backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT) is not None:
         return "It was not running, so no snapshot of its data was kept."

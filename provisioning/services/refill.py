@@ -1,0 +1,81 @@
+"""Keeping the warm pool (services/pool.py) full: the worker's and the reconciler's side.
+
+`fill` starts pool servers where the default backend has fewer than STOCKROOM_POOL[kind] and
+removes those beyond it; the reconciler calls it every pass, and a create that took a server
+queues it (`pool.fill_later`). `discard` deletes a pool server that stopped answering, so that the next
+fill starts a fresh one.
+"""
+
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from ..engines import engines
+from ..models import LIVE_STATUSES, Instance, Status
+from . import capacity, pool
+from .ports import NoFreePort
+from .requests import WrongStatus, delete_instance, record_new
+
+logger = logging.getLogger(__name__)
+
+# A kind whose pool server failed to start this recently is not refilled: a broken host does not
+# start (and fail) a server every reconcile pass. Its failed rows say why, in the admin.
+FAILURE_PAUSE = timedelta(minutes=5)
+
+
+def fill() -> dict[str, int]:
+    """Bring each kind's pool to its size: kind -> servers asked for (negative: removed).
+
+    Each new one is recorded as a create is and started by a worker, with the kind's default options.
+    Not while a pool server of the kind failed within FAILURE_PAUSE, and not past the host's memory
+    budget or ports: tenants come first. Servers beyond the size, or on a backend that is no longer
+    the default, are deleted (the newest first: the oldest are taken first).
+    """
+    if not any(pool.size(kind) for kind in engines()) and not Instance.objects.filter(pool=True).live().exists():
+        return {}  # no pool, and nothing left of one
+    alias, user, done = settings.STOCKROOM_DEFAULT_BACKEND, pool.owner(), {}
+    for kind, engine in engines().items():
+        options = engine.clean_options({})
+        with transaction.atomic():
+            capacity.hold(user)  # one fill at a time: two never both count the same gap
+            live = Instance.objects.filter(pool=True, kind=kind, status__in=LIVE_STATUSES)
+            here = live.filter(backend=alias)
+            missing = pool.size(kind) - here.count()
+            failed = Instance.objects.filter(
+                pool=True, kind=kind, status=Status.FAILED, updated_at__gte=timezone.now() - FAILURE_PAUSE
+            )
+            asked = 0
+            while asked < missing and not failed.exists():
+                try:
+                    capacity.check_memory(
+                        user, engine.memory_reservation(options), what="a warm-pool server", host_only=True
+                    )
+                    record_new(owner=user, kind=kind, options=options, pool=True)
+                except (capacity.NoCapacity, NoFreePort) as exc:
+                    logger.info("The warm pool of %s stays short by %s: %s", kind, missing - asked, exc)
+                    break
+                asked += 1
+            beyond = list(live.exclude(backend=alias)) + list(
+                here.filter(status=Status.RUNNING).order_by("-pk")[: max(-missing, 0)]
+            )
+        for server in beyond:
+            try:
+                delete_instance(instance=server, by="the warm pool", reason="The warm pool keeps fewer servers now.")
+            except WrongStatus:  # taken by a create, or going already
+                continue
+            asked -= 1
+        done[kind] = asked
+    return done
+
+
+def discard(instance: Instance, error: str) -> None:
+    """Delete a pool server that stopped answering; the next `fill` starts a fresh one."""
+    reason = f"This warm-pool server stopped answering ({error}); it is removed and replaced."
+    try:
+        delete_instance(instance=instance, by="the reconciler", reason=reason)
+    except WrongStatus:  # a create took it, or it is going already
+        return
+    logger.warning("Warm-pool server %s stopped answering (%s); replacing it", instance.pk, error)
