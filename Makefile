@@ -37,7 +37,7 @@ test-fast: $(VENV)/.installed-dev
 # The benchmark against a stack of its own (var/bench, web port 8700); not part of make test.
 # BENCH_QUICK=1 does less of each measurement and finishes in 2 to 6 minutes;
 # BENCH_SECTIONS=snapshots (say) runs only those sections. Ports: see the README's "Benchmark".
-bench: system $(VENV)/.installed
+bench: system $(VENV)/.installed-bench
 	BENCH_QUICK=$(BENCH_QUICK) $(PY) -m bench
 
 # The soak against a stack of its own (a temporary DATA_DIR, web port 8720); not part of make test.
@@ -67,6 +67,11 @@ test-system:  # browser tests need Debian's chromium; Docker tests docker.io and
 $(VENV)/.installed: requirements.txt
 	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && "$$(scripts/find-python)" -m venv $(VENV); }
 	$(PIP_INSTALL) -r requirements.txt
+	touch $@
+
+# The bench adds requirements-bench.txt (the picture of its latencies).
+$(VENV)/.installed-bench: $(VENV)/.installed requirements-bench.txt
+	$(PIP_INSTALL) -r requirements.txt -r requirements-bench.txt
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt

@@ -12,12 +12,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from .client import CREATE_TIMEOUT, in_parallel, wait_for_login
+from .client import CREATE_TIMEOUT, POLL_INTERVAL, in_parallel, wait_for_login
 from .stack import BASELINE_PORTS, give_to_run_as, run_as_kwargs
 
 
-def start_and_connect(kind: str, port: int, directory: Path) -> tuple[float, subprocess.Popen]:
-    """Start one server in `directory`; returns the seconds until a login worked, and the server."""
+def start_and_connect(
+    kind: str, port: int, directory: Path, *, poll: float = POLL_INTERVAL
+) -> tuple[float, subprocess.Popen]:
+    """Start one server in `directory`; returns the seconds until a login worked (tried every
+    `poll` seconds), and the server."""
     start = time.perf_counter()
     if kind == "mysql":
         data = directory / "data"
@@ -43,7 +46,7 @@ def start_and_connect(kind: str, port: int, directory: Path) -> tuple[float, sub
         **run_as_kwargs(),
     )  # fmt: skip
     try:
-        wait_for_login(kind, config, deadline=start + CREATE_TIMEOUT)
+        wait_for_login(kind, config, deadline=start + CREATE_TIMEOUT, poll=poll)
     except BaseException:
         server.kill()
         server.wait()
@@ -51,8 +54,9 @@ def start_and_connect(kind: str, port: int, directory: Path) -> tuple[float, sub
     return time.perf_counter() - start, server
 
 
-def run(kind: str, count: int, *, workers: int) -> list[float]:
-    """Seconds to connectable for `count` servers started `workers` at a time; all are removed after."""
+def run(kind: str, count: int, *, workers: int, poll: float = POLL_INTERVAL) -> list[float]:
+    """Seconds to connectable for `count` servers started `workers` at a time (a login tried every
+    `poll` seconds); all are removed after."""
     servers: list[subprocess.Popen] = []
     root = Path(tempfile.mkdtemp(prefix="stockroom-bench-baseline-"))
     give_to_run_as(root)
@@ -61,7 +65,7 @@ def run(kind: str, count: int, *, workers: int) -> list[float]:
         directory = root / str(index)
         directory.mkdir()
         give_to_run_as(directory)
-        seconds, server = start_and_connect(kind, BASELINE_PORTS[index], directory)
+        seconds, server = start_and_connect(kind, BASELINE_PORTS[index], directory, poll=poll)
         servers.append(server)
         return seconds
 

@@ -87,8 +87,8 @@ def log_in(kind: str, config: dict[str, Any], *, timeout: float = 2.0) -> None:
             client.close()
 
 
-def wait_for_login(kind: str, config: dict[str, Any], *, deadline: float) -> None:
-    """Try to log in every POLL_INTERVAL until it works; TimeoutError at `deadline` (perf_counter)."""
+def wait_for_login(kind: str, config: dict[str, Any], *, deadline: float, poll: float = POLL_INTERVAL) -> None:
+    """Try to log in every `poll` seconds until it works; TimeoutError at `deadline` (perf_counter)."""
     while True:
         try:
             log_in(kind, config)
@@ -96,7 +96,7 @@ def wait_for_login(kind: str, config: dict[str, Any], *, deadline: float) -> Non
         except Exception as exc:  # any failure means "not yet"
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"no {kind} login on port {config['port']}: {exc}") from exc
-        time.sleep(POLL_INTERVAL)
+        time.sleep(poll)
 
 
 # Creating and deleting instances ------------------------------------------------------
@@ -113,17 +113,24 @@ class Created:
     timings: dict[str, float]  # the steps the worker recorded (queued, data_directory, ...)
 
 
-def create_and_connect(token: str, kind: str, options: dict | None = None, *, poll: float = POLL_INTERVAL) -> Created:
+def create_and_connect(
+    token: str, kind: str, options: dict | None = None, *, poll: float = POLL_INTERVAL, wait: float | None = None
+) -> Created:
     """POST a create, poll its status every `poll` seconds until running, fetch its config and log
-    in with it."""
+    in with it. With `wait`, the POST asks to wait that long (`?wait=`): a 201 carries the config,
+    and only the login follows."""
     api = Api(token)
     try:
         start = time.perf_counter()
         deadline = start + CREATE_TIMEOUT
-        status, body = api.request("POST", f"/api/storage/{kind}/instances", options or {})
-        if status != 202:
+        query = "" if wait is None else f"?wait={wait:g}"
+        status, body = api.request("POST", f"/api/storage/{kind}/instances{query}", options or {})
+        if status not in (201, 202):
             raise RuntimeError(f"POST {kind} answered {status}: {body}")
         posted = time.perf_counter()
+        if status == 201:  # running: one round trip, then the login
+            wait_for_login(kind, body["config"], deadline=deadline)
+            return Created(kind, body["id"], time.perf_counter() - start, posted - start, body["timings"])
         path = f"/api/storage/{kind}/instances/{body['id']}"
         while (detail := api.request("GET", path)[1])["status"] != "running":
             if detail["status"] != "provisioning":
@@ -150,7 +157,11 @@ def delete_all(token: str, created: list[Created]) -> None:
         deadline = time.perf_counter() + DELETE_TIMEOUT
         for instance in created:
             path = f"/api/storage/{instance.kind}/instances/{instance.id}"
-            while api.request("GET", path)[0] != 404:
+            retried = False
+            while (answer := api.request("GET", path))[0] != 404:
+                if answer[1]["status"] == "failed" and not retried:  # "Try deleting again", as a user would
+                    api.request("DELETE", path)
+                    retried = True
                 if time.perf_counter() > deadline:
                     raise TimeoutError(f"{instance.kind} {instance.id} not deleted after {DELETE_TIMEOUT:g} s")
                 time.sleep(POLL_INTERVAL * 5)

@@ -23,7 +23,7 @@ from provisioning.backends.base import get_backend
 from provisioning.backends.local import kill_processes_under
 from provisioning.services.tokens import create_token
 
-from . import api_load, changes, connectable, density, pitr, reconcile, report, snapshots, stack
+from . import api_load, changes, chart, connectable, density, pitr, pool, reconcile, report, snapshots, stack
 from .client import create_and_connect, delete_all, in_parallel
 
 
@@ -44,6 +44,8 @@ class Plan:
     pitr_repeats: int
     change_rows: int  # MySQL rows and Redis keys of 1,000 bytes, checked after every change
     change_repeats: int  # each: a live change up, a restart, a live change down
+    pool_creates: int  # per kind: pooled, cold and bare, sequential
+    pool_rounds: int  # per kind: rounds of 8 pooled creates at once
 
 
 FULL = Plan(
@@ -60,6 +62,8 @@ FULL = Plan(
     pitr_repeats=3,
     change_rows=10_000,
     change_repeats=5,
+    pool_creates=20,
+    pool_rounds=3,
 )
 QUICK = Plan(
     creates=5,
@@ -75,8 +79,10 @@ QUICK = Plan(
     pitr_repeats=1,
     change_rows=1_000,
     change_repeats=2,
+    pool_creates=5,
+    pool_rounds=1,
 )
-SECTIONS = ("connectable", "density", "reconcile", "snapshots", "pitr", "changes", "api_load")
+SECTIONS = ("connectable", "density", "reconcile", "snapshots", "pitr", "changes", "pool", "api_load")
 
 
 def fresh_state() -> None:
@@ -182,6 +188,18 @@ def main() -> None:
         connections.close_all()
         kill_processes_under(settings.STOCKROOM_INSTANCES_DIR)  # only if an error left some behind
         get_backend("local").forget_ready()  # the worker's filesystems kept ready: nothing stays mounted
+    if "pool" in wanted:  # a stack of its own: the same database, a worker and web with a warm pool
+        pooled = env | pool.environment()
+        services = (stack.broker(), stack.worker(pooled, concurrency=plan.concurrency), stack.web(pooled))
+        try:
+            with stack.running(*services):
+                results["pool"] = pool.run(token, creates=plan.pool_creates, rounds=plan.pool_rounds)
+        finally:
+            connections.close_all()
+            kill_processes_under(settings.STOCKROOM_INSTANCES_DIR)  # the pool's servers, and what an error left
+            get_backend("local").forget_ready()
+        report.progress(f"warm pool: drawing {chart.PICTURE.relative_to(stack.BASE_DIR)}")
+        chart.draw(results["pool"])
     if "api_load" in wanted:
         results["api_load"] = api_load_everywhere(plan.requests)
     results["seconds"] = round(time.monotonic() - started, 1)

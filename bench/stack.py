@@ -63,6 +63,10 @@ def environment(*, database_url: str | None = None) -> dict[str, str]:
         "STOCKROOM_MEMORY_BUDGET": "1024gb",
         "DATABASE_URL": database_url or f"sqlite:///{DATA_DIR / 'portal.sqlite3'}",
         "STOCKROOM_BACKEND": "local",
+        # No warm pool but in section 8, which runs a stack of its own with one: the other sections
+        # measure the cold path, and the reconcile passes count only the instances they made.
+        "STOCKROOM_POOL_MYSQL": "0",
+        "STOCKROOM_POOL_REDIS": "0",
         # No first scheduled backup of the instances the bench keeps for a while: it would run
         # beside the measurements (section 6 takes the snapshots it times itself).
         "STOCKROOM_FIRST_BACKUP_AFTER": "86400",

@@ -51,10 +51,10 @@ class UpgradeFilter(admin.SimpleListFilter):
 class InstanceAdmin(admin.ModelAdmin):
     list_display = [
         "id", "kind", "name", "owner", "status", "host", "port", "backend",
-        "reservation", "limit", "version", "holds_data", "expires_at", "protected", "created_at",
+        "reservation", "limit", "version", "holds_data", "expires_at", "protected", "pool", "created_at",
     ]  # fmt: skip
     list_filter = [
-        "kind", "status", "backend", UpgradeFilter, "holds_data", "protected",
+        "kind", "status", "backend", "pool", UpgradeFilter, "holds_data", "protected",
         ("expires_at", admin.EmptyFieldListFilter), ("stop_when_idle", admin.EmptyFieldListFilter), "owner",
     ]  # fmt: skip
     actions = [
@@ -90,6 +90,17 @@ class InstanceAdmin(admin.ModelAdmin):
     def settings_link(self, instance: Instance) -> str:
         url = reverse("admin:provisioning_instance_settings", args=[instance.pk])
         return format_html('<a href="{}">Change options…</a> (live, on restart or set at create)', url)
+
+    def changelist_view(self, request, extra_context=None):
+        """The warm pool's state above the list: pool servers are the rows owned by the pool's user."""
+        summary = services.pool.summary()
+        if any(counts["wanted"] or counts["ready"] or counts["starting"] for counts in summary.values()):
+            said = "; ".join(
+                f"{kind} {counts['ready']} ready, {counts['starting']} starting, {counts['wanted']} wanted"
+                for kind, counts in summary.items()
+            )
+            messages.info(request, f"Warm pool (filter by “pool”, owner {services.pool.USERNAME}): {said}.")
+        return super().changelist_view(request, extra_context)
 
     def get_urls(self):
         settings = path(

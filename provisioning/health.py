@@ -25,6 +25,7 @@ from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+from . import services
 from .backends.base import BackendError, get_backend
 from .models import Heartbeat, Instance
 from .reconciler import HEARTBEAT
@@ -135,6 +136,24 @@ def runner() -> str:
     return "; ".join(parts) + "."
 
 
+def pool() -> str:
+    """The warm pool on the default backend: how many servers are ready. A short pool only slows
+    creates down (they take the cold path), so it degrades, never fails."""
+    summary = services.pool.summary()
+    if not any(counts["wanted"] for counts in summary.values()):
+        return "Off: STOCKROOM_POOL_MYSQL and STOCKROOM_POOL_REDIS are 0."
+    parts, short = [], False
+    for kind, counts in summary.items():
+        if not any(counts.values()):
+            continue
+        part = f"{kind} {counts['ready']} of {counts['wanted']} ready"
+        part += f", {counts['starting']} starting" if counts["starting"] else ""
+        parts.append(part)
+        short = short or counts["ready"] < counts["wanted"]
+    text = "; ".join(parts) + "."
+    return f"Degraded: creates take the cold path until it is full: {text}" if short else text
+
+
 CHECKS: dict[str, Callable[[], str]] = {
     "database": database,
     "broker": broker,
@@ -142,6 +161,7 @@ CHECKS: dict[str, Callable[[], str]] = {
     "reconciler": reconciler,
     "backends": backends,
     "runner": runner,
+    "pool": pool,
 }
 
 

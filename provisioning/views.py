@@ -48,6 +48,10 @@ def dashboard(request):
     return render(request, "provisioning/dashboard.html", context)
 
 
+# Seconds the create page waits for the new instance to run before it shows the instance page.
+CREATE_PAGE_WAIT = 10.0
+
+
 @login_required
 def create(request, kind: str):
     try:
@@ -69,6 +73,13 @@ def create(request, kind: str):
         except (services.QuotaExceeded, services.NoCapacity) as exc:
             form.add_error(None, str(exc))
         else:
+            # One round trip, as the API's ?wait=: the instance page then shows it running (from the
+            # warm pool it already is), or, after the wait, still starting, and follows it from there.
+            instance = services.wait_until_started(instance, CREATE_PAGE_WAIT)
+            if "pool" in instance.timings:
+                messages.success(
+                    request, f"Running: taken from the warm pool in {instance.timings['pool'] * 1000:.0f} ms."
+                )
             return redirect("instance", pk=instance.pk)
     return render(request, "provisioning/create.html", {"form": form, "kind": kind, "label": engine.label})
 

@@ -20,6 +20,7 @@ call these and nothing below them writes.
   acts on them.
 """
 
+from . import pool
 from .actions import ACTIONS, DELETABLE, Action
 from .capacity import NoCapacity, QuotaExceeded, Usage, usage
 from .changes import NotApplied, change_instance, describe_changes
@@ -51,6 +52,7 @@ from .work import deprovision, perform_action, provision, recover
 __all__ = [
     "NotApplied",
     "fill_pool",
+    "pool",
     "wait_until_started",
     "change_instance",
     "describe_changes",

@@ -67,14 +67,16 @@ def differences(engine: Engine, options: dict[str, Any]) -> dict[str, Any] | Non
 
 
 def candidate(kind: str, alias: str) -> Instance | None:
-    """A ready pool server of `kind` on the backend `alias`: running, and held by no one."""
+    """A ready pool server of `kind` on the backend `alias`: running, held by no one, and running the
+    defaults (an operator may have changed one's options in the admin: that one is not handed out)."""
     now = timezone.now()
-    return (
-        Instance.objects.filter(pool=True, kind=kind, backend=alias, status=Status.RUNNING)
+    servers = (
+        Instance.objects.filter(pool=True, kind=kind, backend=alias, status=Status.RUNNING, pending_options={})
         .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=now))
         .order_by("pk")
-        .first()
     )
+    defaults = get_engine(kind).clean_options({})
+    return next((server for server in servers[:10] if server.options == defaults), None)
 
 
 def take(server: Instance, **fields: Any) -> Instance | None:

@@ -62,11 +62,7 @@ def fill() -> dict[str, int]:
                 here.filter(status=Status.RUNNING).order_by("-pk")[: max(-missing, 0)]
             )
         for server in beyond:
-            try:
-                delete_instance(instance=server, by="the warm pool", reason="The warm pool keeps fewer servers now.")
-            except WrongStatus:  # taken by a create, or going already
-                continue
-            asked -= 1
+            asked -= _delete_if_unclaimed(server, by="the warm pool", reason="The warm pool keeps fewer servers now.")
         done[kind] = asked
     return done
 
@@ -74,8 +70,19 @@ def fill() -> dict[str, int]:
 def discard(instance: Instance, error: str) -> None:
     """Delete a pool server that stopped answering; the next `fill` starts a fresh one."""
     reason = f"This warm-pool server stopped answering ({error}); it is removed and replaced."
-    try:
-        delete_instance(instance=instance, by="the reconciler", reason=reason)
-    except WrongStatus:  # a create took it, or it is going already
-        return
-    logger.warning("Warm-pool server %s stopped answering (%s); replacing it", instance.pk, error)
+    if _delete_if_unclaimed(instance, by="the reconciler", reason=reason):
+        logger.warning("Warm-pool server %s stopped answering (%s); replacing it", instance.pk, error)
+
+
+def _delete_if_unclaimed(server: Instance, *, by: str, reason: str) -> bool:
+    """Delete the pool server unless a create took it since it was read (whatever was seen of it
+    then is no reason to delete a tenant's instance): whether it is being deleted."""
+    with transaction.atomic():  # the row locked, so that no create takes it between look and delete
+        current = Instance.objects.select_for_update().filter(pk=server.pk, pool=True).first()
+        if current is None:
+            return False
+        try:
+            delete_instance(instance=current, by=by, reason=reason)
+        except WrongStatus:  # a create holds it, or it is going already
+            return False
+    return True

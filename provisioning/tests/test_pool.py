@@ -11,7 +11,7 @@ import pymysql
 import pytest
 import redis
 
-from provisioning import services
+from provisioning import health, services
 from provisioning.backends.local import processes_under
 from provisioning.engines.redis import NO_RETRY
 from provisioning.models import Instance, InstanceEvent
@@ -182,9 +182,12 @@ def test_a_pool_server_that_dies_is_replaced_not_healed(warm):
     redis.Redis(host=replacement.host, port=replacement.port, password=replacement.password, retry=NO_RETRY).ping()
 
 
-def test_pool_servers_are_nobodys_to_see_and_appear_in_the_pool_summary(api, warm):
+def test_pool_servers_are_nobodys_to_see_and_appear_in_the_pool_summary(api, warm, settings):
     [server] = warm(redis=1)
 
     assert api.get(f"/api/storage/redis/instances/{server.pk}").status_code == 404
     assert server.pk not in [row["id"] for row in api.get("/api/storage/redis/instances").json()["results"]]
     assert pool.summary()["redis"] == {"ready": 1, "starting": 0, "wanted": 1}
+    assert health.pool() == "redis 1 of 1 ready."
+    settings.STOCKROOM_POOL = {"mysql": 0, "redis": 2}
+    assert health.pool() == "Degraded: creates take the cold path until it is full: redis 1 of 2 ready."

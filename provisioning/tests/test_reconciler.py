@@ -107,8 +107,10 @@ def test_a_killed_server_is_restarted_with_its_data(api, reconciling_worker, rec
 def test_healthz_reports_each_part(admin_client, reconciling_worker):
     wait_until(lambda: admin_client.get("/healthz").status_code == 200, 3 * PERIOD, "a healthy portal")
     checks = admin_client.get("/healthz").json()["checks"]
-    assert set(checks) == {"database", "broker", "workers", "reconciler", "backends", "runner"}
+    assert set(checks) == {"database", "broker", "workers", "reconciler", "backends", "runner", "pool"}
     assert checks["workers"]["detail"] == "Workers answered for the celery and webhooks queues."
+    assert checks["pool"] == {"ok": True, "detail": "Off: STOCKROOM_POOL_MYSQL and STOCKROOM_POOL_REDIS are 0.",
+                              "ms": checks["pool"]["ms"]}  # fmt: skip
 
     reconciling_worker.stop()
     response = admin_client.get("/healthz")

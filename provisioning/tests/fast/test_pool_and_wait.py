@@ -1,0 +1,75 @@
+"""The warm pool's decisions and `?wait=`, over the fake backend: which creates may take a pool
+server, which servers may be handed out, and how waits are bounded. test_pool.py proves the pool
+against real servers."""
+
+import pytest
+
+from provisioning.engines import get_engine
+from provisioning.models import Instance
+from provisioning.services import pool
+
+
+@pytest.mark.parametrize("wait", ["soon", "-1", "61", "nan", "inf", ""])
+def test_a_wait_that_is_not_seconds_within_the_limit_is_a_400_and_nothing_is_made(api, wait):
+    response = api.post(f"/api/storage/redis/instances?wait={wait}", {}, format="json")
+
+    assert response.status_code == 400, response.content
+    assert "wait" in response.json()
+    assert not Instance.objects.exists()
+
+
+def test_a_wait_beyond_the_waiting_requests_allowed_answers_202_at_once(api, settings, monkeypatch):
+    settings.STOCKROOM_WAITING_REQUESTS = 0
+
+    def no_sleep(seconds: float) -> None:
+        raise AssertionError("a request beyond STOCKROOM_WAITING_REQUESTS must not wait")
+
+    monkeypatch.setattr("provisioning.services.requests.time.sleep", no_sleep)
+
+    response = api.post("/api/storage/redis/instances?wait=30", {}, format="json")  # no worker runs it
+
+    assert response.status_code == 202, response.content
+    assert response.json()["status"] == "provisioning" and "config" not in response.json()
+
+
+def test_only_options_that_change_live_may_take_a_pool_server():
+    redis = get_engine("redis")
+
+    assert pool.differences(redis, redis.clean_options({})) == {}
+    assert pool.differences(redis, redis.clean_options({"maxmemory": "128mb"})) == {"maxmemory": 128 * 1024**2}
+    assert pool.differences(redis, redis.clean_options({"databases": 4})) is None  # a restart
+    mysql = get_engine("mysql")
+    assert pool.differences(mysql, mysql.clean_options({"charset": "latin1"})) is None  # create-only
+    assert pool.differences(mysql, mysql.clean_options({"max_connections": 40})) == {"max_connections": 40}
+
+
+def pool_server(alice, *, port: int, **fields) -> Instance:
+    defaults = {"options": get_engine("redis").clean_options({}), "status": "running", "pool": True}
+    return Instance.objects.create(
+        owner=alice, kind="redis", name=f"pool-{port}", backend="fake", host="127.0.0.1", port=port,
+        username="default", password="p", admin_password="a", **(defaults | fields),
+    )  # fmt: skip
+
+
+def test_a_pool_server_whose_options_were_changed_or_is_held_is_never_handed_out(alice):
+    pool_server(alice, port=40001, options=get_engine("redis").clean_options({"maxmemory": "128mb"}))
+    pool_server(alice, port=40002, pending_options={"databases": 4})
+    pool_server(alice, port=40003, status="provisioning")
+    pool_server(alice, port=40004, pool=False)
+
+    assert pool.candidate("redis", "fake") is None
+
+    good = pool_server(alice, port=40005)
+    assert pool.candidate("redis", "fake") == good
+
+
+def test_a_pool_server_is_taken_once(alice, django_user_model):
+    server = pool_server(alice, port=40010)
+    bob = django_user_model.objects.create_user("bob")
+
+    first = pool.take(server, owner=alice, name="mine")
+    second = pool.take(server, owner=bob, name="also-mine")
+
+    assert first is not None and first.owner == alice and not first.pool and first.status == "provisioning"
+    assert first.password != "p", "the pool's own password must not be the tenant's"
+    assert second is None
