@@ -66,6 +66,9 @@ def log_in(kind: str, config: dict[str, Any], *, timeout: float = 2.0) -> None:
             password=config["password"],
             database=config.get("database"),
             connect_timeout=timeout,
+            # As a client of a server without TLS is set up (`mariadb --skip-ssl`): PyMySQL would
+            # otherwise try TLS and load the system's CA certificates on every connect.
+            ssl_disabled=config.get("tls", "off") == "off",
         )
         try:
             with connection.cursor() as cursor:

@@ -10,7 +10,7 @@ from typing import Any
 from django import forms
 
 from .engines import Engine
-from .options import CREATE_ONLY, LIVE, RESTART, Option, format_size
+from .options import APPLY_TEXT, CREATE_ONLY, LIVE, RESTART, Option, format_size
 
 LIFETIME_FIELDS = ("expires_in", "stop_when_idle", "protected")
 
@@ -72,7 +72,9 @@ def create_form_class(engine: Engine) -> type[forms.Form]:
             widget=forms.TextInput(attrs={"placeholder": f"{engine.kind}-…", "autocomplete": "off"}),
         )
     }
-    fields.update({option.name: _field(option) for option in engine.options})
+    for option in engine.options:
+        field = fields[option.name] = _field(option)
+        field.help_text = f"{field.help_text} {APPLY_TEXT[option.apply]}"
     fields.update(lifetime_fields())
     return type(f"{engine.kind.capitalize()}CreateForm", (forms.Form,), fields)
 

@@ -54,6 +54,12 @@ def describe_size(value: int) -> str:
 LIVE = "live"  # applied to the running server at once, then read back
 RESTART = "restart"  # pending until the next restart
 CREATE_ONLY = "create-only"  # fixed when the instance is made
+# What each means to a user, after an option's help (the API schema, the create page).
+APPLY_TEXT = {
+    LIVE: "A change after create is applied to the running server at once.",
+    RESTART: "A change after create waits for the next restart (pending_options).",
+    CREATE_ONLY: "Set only when the instance is made; a change is refused.",
+}
 APPLY_MODES = (LIVE, RESTART, CREATE_ONLY)
 
 

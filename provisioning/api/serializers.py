@@ -10,7 +10,7 @@ from rest_framework.utils import html
 
 from ..engines import Engine, get_engine
 from ..models import AccessToken, DeliveryStatus, Instance, Snapshot, Webhook, WebhookDelivery
-from ..options import CREATE_ONLY, LIVE, RESTART, Option, format_size
+from ..options import APPLY_TEXT, Option, format_size
 from ..services import lifetime, recovery_window, tokens, upgrade_available
 from ..services.requests import NAME_RULE
 
@@ -182,13 +182,6 @@ class EventSerializer(serializers.Serializer):
             "to": serializers.CharField(source="to_status"),
             "reason": serializers.CharField(),
         }
-
-
-APPLY_TEXT = {
-    LIVE: "A change after create is applied to the running server at once.",
-    RESTART: "A change after create waits for the next restart (pending_options).",
-    CREATE_ONLY: "Set only when the instance is made; a change is refused.",
-}
 
 
 class ShapingField(serializers.Field):

@@ -235,13 +235,9 @@ def _save(
             said.append(f"{describe_changes(engine, running, pending)} (pending until a restart)")
         elif was_pending and not pending:
             said.append("no option waits for a restart any more")
-        said += [f"renamed {_shown(value)}" for value in fields.values()]
+        said += [f"renamed {value!r}" for value in fields.values()]
         if said:
             record_event(
                 instance, instance.status, instance.status, f"Changed by {by}: {'; '.join(said)}.", type=OPTIONS_CHANGED
             )
     logger.info("Instance %s changed by %s: %s", instance.pk, by, sorted([*applied, *pending, *fields]))
-
-
-def _shown(value: Any) -> str:
-    return repr(value)

@@ -141,6 +141,8 @@ def test_a_live_mysql_change_reaches_new_sessions_of_the_same_server(api):
         cursor.execute('CREATE TABLE "quoted" (id INT PRIMARY KEY)')  # ANSI_QUOTES is in force
         cursor.execute('INSERT INTO "quoted" VALUES (1)')
         db.commit()
+        cursor.execute('SELECT id FROM "quoted"')
+        assert cursor.fetchall() == ((1,),)
     assert server_pids("mysql", pk) == pids
     instance = Instance.objects.get(pk=pk)
     assert instance.memory_reservation == 64 * MiB + 48 * MiB
