@@ -1,20 +1,21 @@
 """3. Memory of idle instances with default options, and how many fit in 1 GiB.
 
 PSS (proportional set size) splits each page among the processes that map it, so a server's
-figure depends on what else runs: its program's code and constants (about 20 MB for mariadbd) are
+figure depends on what else runs: its program's code and constants (about 19 MB for mariadbd) are
 shared by every server of that program on the host, another session's included. Two figures are
 kept apart, each read from /proc/<pid>/smaps of a server process after it has idled a while:
 
-- **alone**: one instance, with its program's pages counted whole, as if no other process ran the
-  program (the server's own Rss of those mappings in place of their Pss). It does not depend on
-  what else runs on the host, so it is the figure the target is checked against.
-- **one of 10**: ten idle instances of a kind at once, the program's pages split ten ways (the Rss
-  of those mappings ÷ 10); what one more instance costs on a host that runs many. The PSS the kernel
-  reports for them is recorded too, with the number of other processes that ran the same program
-  at the time: it is lower than the split figure when others (another portal, the tests) shared it.
+- **alone**: one instance, with the pages of the files that only servers of its kind map (its
+  program, and libraries no other program on the host has loaded) counted whole, as if no other
+  server of its kind ran (the Rss of those mappings in place of their Pss). It does not depend on
+  how many such servers run, so it is the figure the target is checked against.
+- **one of 10**: ten idle instances of a kind at once, those pages split ten ways (their Rss ÷ 10);
+  what one more instance costs on a host that runs many. The PSS the kernel reports for them is
+  recorded too, with the number of other processes that ran the same program at the time: it is
+  lower than the split figure when others (another portal, the tests) shared it.
 
-Libraries (libc, libcrypto...) are counted as the kernel splits them in both: they are shared with
-processes of every kind. RSS and private memory are recorded too.
+Files that processes of other programs map too (libc, say) are counted as the kernel splits them
+in both. RSS and private memory are recorded too.
 """
 
 import os
@@ -36,20 +37,23 @@ MB = 1024**2
 
 
 def memory(pid: int) -> dict[str, int]:
-    """Rss, Pss and Private bytes of one process, and the Rss and Pss of the mappings of its own
-    program file (the executable /proc/<pid>/exe names)."""
+    """Rss, Pss and Private bytes of one process, and the Rss and Pss of its mappings of files that
+    no process of another program maps (its program file, and libraries only servers like it load):
+    the pages it shares only with servers of its own kind."""
     program = os.readlink(f"/proc/{pid}/exe")
+    elsewhere = files_mapped_by_other_programs(program)
     totals = {"Rss": 0, "Pss": 0, "Private_Clean": 0, "Private_Dirty": 0}
     own = {"Rss": 0, "Pss": 0}
-    in_program = False
+    counted = False
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         name, _, rest = line.partition(":")
         if " " in name or "-" in name:  # a mapping's header: "start-end perms offset dev inode path"
-            in_program = line.split(maxsplit=5)[5:] == [program]
+            path = line.split(maxsplit=5)[5:]
+            counted = bool(path) and path[0].startswith("/") and path[0] not in elsewhere
         elif name in totals:
             value = int(rest.split()[0]) * 1024
             totals[name] += value
-            if in_program and name in own:
+            if counted and name in own:
                 own[name] += value
     return {
         "rss": totals["Rss"],
@@ -60,13 +64,33 @@ def memory(pid: int) -> dict[str, int]:
     }
 
 
+def files_mapped_by_other_programs(program: str) -> set[str]:
+    """Every file that some process running another program than `program` maps."""
+    found: set[str] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "exe") == program:
+                continue
+            maps = (entry / "maps").read_text()
+        except OSError:  # gone, or a kernel thread
+            continue
+        for line in maps.splitlines():
+            path = line.split(maxsplit=5)[5:]
+            if path and path[0].startswith("/"):
+                found.add(path[0])
+    return found
+
+
 def alone(used: dict[str, int]) -> int:
-    """PSS with the program's own pages counted whole: as if no other process ran it."""
+    """PSS with the pages it shares only with servers of its kind counted whole: as if no other
+    server of its kind ran."""
     return used["pss"] - used["program_pss"] + used["program_rss"]
 
 
 def split(used: dict[str, int], ways: int) -> int:
-    """PSS with the program's own pages split `ways` ways (every one of `ways` servers maps them)."""
+    """PSS with those pages split `ways` ways (every one of `ways` servers maps them)."""
     return used["pss"] - used["program_pss"] + used["program_rss"] // ways
 
 
