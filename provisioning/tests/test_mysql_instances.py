@@ -116,3 +116,27 @@ def test_utf8mb4_is_the_default(api):
         assert scalar(db, "SELECT @@performance_schema") == 0
     api.delete(f"/api/storage/mysql/instances/{pk}")
     wait_for_status(api, "mysql", pk, "gone")
+
+
+def test_a_temporary_table_much_bigger_than_arias_cache_works(api):
+    """my.cnf gives Aria a 1 MB cache (to save memory): a query whose temporary table goes to disk
+    (a TEXT column in GROUP BY) and is several MB still answers, and right."""
+    pk = api.post("/api/storage/mysql/instances", {}).json()["id"]
+    assert wait_for_status(api, "mysql", pk, "running", "failed")["status"] == "running"
+    config = api.get(f"/api/storage/mysql/instances/{pk}/config").json()
+    with connect(config) as db:
+        assert scalar(db, "SELECT @@aria_pagecache_buffer_size") == 1024 * 1024
+        with db.cursor() as cursor:
+            cursor.execute("CREATE TABLE notes (id INT PRIMARY KEY, body TEXT) ENGINE=InnoDB")
+            rows = [(n, f"{n:08d}" * 100) for n in range(20000)]  # 800 characters each: 16 MB
+            cursor.executemany("INSERT INTO notes VALUES (%s, %s)", rows)
+        db.commit()
+        with db.cursor() as cursor:
+            cursor.execute("SHOW SESSION STATUS LIKE 'Created_tmp_disk_tables'")
+            before = int(cursor.fetchone()[1])
+            cursor.execute("SELECT body, COUNT(*) FROM notes GROUP BY body ORDER BY body DESC LIMIT 2")
+            assert cursor.fetchall() == ((f"{19999:08d}" * 100, 1), (f"{19998:08d}" * 100, 1))
+            cursor.execute("SHOW SESSION STATUS LIKE 'Created_tmp_disk_tables'")
+            assert int(cursor.fetchone()[1]) > before  # it did go to disk, through Aria's cache
+    api.delete(f"/api/storage/mysql/instances/{pk}")
+    wait_for_status(api, "mysql", pk, "gone")
