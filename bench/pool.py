@@ -52,6 +52,15 @@ def until_full(kind: str) -> None:
         time.sleep(0.05)
 
 
+def warm_up(token: str) -> None:
+    """Untimed pooled creates, as the bench's warm-up does for the other sections: each web process
+    has then served one (its first request loads what it keeps for the next ones)."""
+    report.progress("warm pool: warming up")
+    for kind in KINDS:
+        until_full(kind)
+        delete_all(token, in_parallel(pooled, repeat(token), [kind] * 4, workers=4))
+
+
 def pooled(token: str, kind: str) -> Created:
     created = create_and_connect(token, kind, wait=30)
     if "pool" not in created.timings:
@@ -61,6 +70,7 @@ def pooled(token: str, kind: str) -> Created:
 
 def run(token: str, *, creates: int, rounds: int) -> dict:
     results: dict = {"pool": POOL, "samples_ms": {}}
+    warm_up(token)
     for kind in KINDS:
         report.progress(f"warm pool: {kind}, {creates} sequential")
         sequential = []

@@ -31,7 +31,7 @@ from django.utils import timezone
 from .. import crypto
 from ..backends.base import get_backend
 from ..engines import Engine, engines, get_engine
-from ..models import Instance, InstanceEvent, Status
+from ..models import Instance, Status
 from ..options import LIVE
 from . import jobs
 from .outcomes import describe
@@ -74,6 +74,7 @@ def candidate(kind: str, alias: str) -> Instance | None:
         Instance.objects.filter(pool=True, kind=kind, backend=alias, status=Status.RUNNING, pending_options={})
         .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=now))
         .order_by("pk")
+        .only("pk", "options")  # no secret decrypted for a look: take() reads the one it gets
     )
     defaults = get_engine(kind).clean_options({})
     return next((server for server in servers[:10] if server.options == defaults), None)
@@ -98,8 +99,7 @@ def take(server: Instance, **fields: Any) -> Instance | None:
     free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
     if not Instance.objects.filter(free, pk=server.pk, pool=True, status=Status.RUNNING).update(**fields):
         return None
-    # Its history begins with the request: what it did as a pool server is the pool's, not the tenant's.
-    InstanceEvent.objects.filter(instance_id=server.pk).delete()
+    # Its history keeps how the pool started it (no tenant's data is in it): when, and with what.
     instance = Instance.objects.get(pk=server.pk)
     record_event(instance, "", Status.PROVISIONING, f"Requested by {instance.owner}; taken from the warm pool.")
     return instance

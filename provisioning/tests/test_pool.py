@@ -70,11 +70,12 @@ def test_a_pooled_redis_create_runs_within_its_request_with_the_tenants_options_
     assert instance.owner.username == "alice" and not instance.pool
     if (limit := cgroup_limit("redis", server.pk)) is not None:
         assert limit == instance.memory_limit
-    # Nothing was in it, and its history is the tenant's.
+    # Nothing was in it, and its history says where it came from.
     assert client.dbsize() == 0 and client.keys("*") == []
-    assert [event.reason for event in InstanceEvent.objects.filter(instance=instance)][0].startswith(
-        "Requested by alice; taken from the warm pool"
-    )
+    reasons = [event.reason for event in InstanceEvent.objects.filter(instance=instance)]
+    assert reasons[0] == "Requested by stockroom-pool for the warm pool."
+    assert "Requested by alice; taken from the warm pool." in reasons
+    assert reasons[-1] == "Taken from the warm pool; a login with the user's credentials succeeded."
     # The pool's own password no longer opens it.
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(host=config["host"], port=config["port"], password=bootstrap, retry=NO_RETRY).ping()
