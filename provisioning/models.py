@@ -161,6 +161,12 @@ class Instance(models.Model):
                 name="instance_dashboard_order",  # both kinds, as the dashboard lists them
             ),
             models.Index(fields=["status"], name="instance_status"),  # the reconciler's scans
+            # The admin's list over every user's rows (100,000 of them, most deleted), newest first:
+            # whole, filtered by status and by kind, a page without sorting them all, and counted
+            # from the index.
+            models.Index(fields=["-created_at", "-id"], name="instance_admin_order"),
+            models.Index(fields=["status", "-created_at", "-id"], name="instance_status_order"),
+            models.Index(fields=["kind", "-created_at", "-id"], name="instance_kind_order"),
             models.Index(fields=["expires_at"], condition=Q(expires_at__isnull=False), name="instance_expiry"),
         ]
         constraints = [
