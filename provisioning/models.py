@@ -60,6 +60,11 @@ class InstanceQuerySet(models.QuerySet["Instance"]):
         """What the count quota counts: every live instance, and every failed one that kept its data."""
         return self.filter(Q(status__in=LIVE_STATUSES) | Q(status=Status.FAILED, holds_data=True))
 
+    def without_secrets(self) -> "InstanceQuerySet":
+        """Rows whose encrypted fields are left undecrypted (each costs a decryption per row, per
+        pass, at fleet scale); one that is read after all is loaded then, by a query of its own."""
+        return self.defer("password", "admin_password", "tls_key")
+
     def reserving_memory(self) -> "InstanceQuerySet":
         """What the memory budget and quotas count: every instance whose server runs or may run."""
         return self.filter(status__in=RESERVING_STATUSES)
