@@ -216,8 +216,15 @@ def measure(requests: int) -> dict:
         for _ in range(max(requests // 4, CLIENTS * 4))
     ]
     with stack.running(stack.web(dict(os.environ))):
-        # Warm both gunicorn workers up, and let every token write its last_used (once a minute).
-        hammer([as_user(f"/api/storage/{KIND}/instances", owner) for owner in owners] + admin[: CLIENTS * 2])
+        # Let every token write its last_used (once a minute), one at a time, then warm both
+        # gunicorn workers up.
+        for path, headers in [as_user(f"/api/storage/{KIND}/instances", owner) for owner in owners]:
+            connection = http.client.HTTPConnection("127.0.0.1", stack.WEB_PORT, timeout=30)
+            connection.request("GET", path, headers=headers)
+            if (status := connection.getresponse().status) != 200:
+                raise RuntimeError(f"GET {path} answered {status}")
+            connection.close()
+        hammer(lists[: CLIENTS * 4] + configs[: CLIENTS * 4] + admin[: CLIENTS * 2])
         results["list"] = hammer(lists)
         results["config"] = hammer(configs)
         results["admin"] = hammer(admin)

@@ -44,6 +44,7 @@ def run(token: str, *, redis_count: int, mysql_count: int, passes: int, concurre
             phases.append(outcome.seconds)
             if outcome.probed != len(created) or outcome.unhealthy or outcome.stuck or outcome.failed_phases:
                 raise RuntimeError(f"the reconcile pass found trouble: {outcome}")
+            report.progress(f"reconcile: pass {number + 1} took {seconds[-1]:.3f} s: {outcome.seconds}")
     finally:
         report.progress(f"reconcile: deleting {len(created)} instances")
         delete_all(token, created)
