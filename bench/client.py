@@ -17,6 +17,7 @@ from .stack import WEB_PORT
 POLL_INTERVAL = 0.02  # seconds between status polls and between login attempts
 CREATE_TIMEOUT = 60.0  # an instance that is not connectable by then is a failure, not a number
 DELETE_TIMEOUT = 60.0  # without one more instance gone: each delete first takes a snapshot of the data
+DELETE_TRIES = 3  # a delete that failed (on a busy host: "Processes … did not exit") is sent again
 
 
 class Api:
@@ -159,14 +160,13 @@ def delete_all(token: str, created: list[Created]) -> None:
                 raise RuntimeError(f"DELETE {instance.kind} {instance.id} answered {status}: {body}")
         deadline = time.perf_counter() + DELETE_TIMEOUT
         for instance in created:
-            path = f"/api/storage/{instance.kind}/instances/{instance.id}"
-            retried = False
+            path, tries = f"/api/storage/{instance.kind}/instances/{instance.id}", DELETE_TRIES
             while (answer := api.request("GET", path))[0] != 404:
-                if answer[1]["status"] == "failed" and not retried:  # "Try deleting again", as a user would
-                    api.request("DELETE", path)
-                    retried = True
                 if time.perf_counter() > deadline:
                     raise TimeoutError(f"{instance.kind} {instance.id} not deleted after {DELETE_TIMEOUT:g} s")
+                if answer[1]["status"] == "failed" and tries > 1:  # "Delete failed: …. Try deleting again."
+                    tries -= 1
+                    api.request("DELETE", path)
                 time.sleep(POLL_INTERVAL * 5)
             deadline = time.perf_counter() + DELETE_TIMEOUT  # the workers delete a few at a time
     finally:

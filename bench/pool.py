@@ -33,9 +33,8 @@ FILL_TIMEOUT = 120.0
 
 
 def environment() -> dict[str, str]:
-    """The settings of this section's stack, over the bench's own: a pool, and deletes that keep no
-    snapshot (the burst deletes 100 instances at the end, which nothing here times)."""
-    return {"STOCKROOM_POOL_MYSQL": str(POOL), "STOCKROOM_POOL_REDIS": str(POOL), "STOCKROOM_SNAPSHOT_KEEP_DAYS": "0"}
+    """The settings of this section's stack, over the bench's own: a pool."""
+    return {"STOCKROOM_POOL_MYSQL": str(POOL), "STOCKROOM_POOL_REDIS": str(POOL)}
 
 
 def ready(kind: str) -> int:

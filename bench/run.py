@@ -2,7 +2,7 @@
 
 The stack is the portal's own: a Redis broker, a Celery worker (no beat, so the only reconcile
 passes are the timed ones) and gunicorn, with DATA_DIR=var/bench, SQLite, and instance ports
-30000-30899 (see bench.stack to move them). Everything it starts is stopped by PID; every instance
+18000-19499 (see bench.stack to move them). Everything it starts is stopped by PID; every instance
 server it provisioned is deleted through the API, and whatever an error left behind is killed at
 the end, and the filesystems the worker kept ready are unmounted. BENCH_SECTIONS (e.g.
 "snapshots,density") runs only those sections.
@@ -52,7 +52,7 @@ FULL = Plan(
     creates=20,
     concurrency=8,
     requests=2000,
-    reconcile_redis=190,
+    reconcile_redis=990,
     reconcile_mysql=10,
     reconcile_passes=3,
     snapshot_rows=100_000,
@@ -69,7 +69,7 @@ QUICK = Plan(
     creates=5,
     concurrency=8,
     requests=300,
-    reconcile_redis=45,
+    reconcile_redis=195,
     reconcile_mysql=5,
     reconcile_passes=2,
     snapshot_rows=20_000,
@@ -148,7 +148,14 @@ def main() -> None:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
     plan = QUICK if quick else FULL
     wanted = sections()
-    results = {"machine": report.machine(), "quick": quick, "plan": asdict(plan), "sections": list(wanted)}
+    results = {
+        "machine": report.machine(),
+        "quick": quick,
+        "plan": asdict(plan),
+        "sections": list(wanted),
+        "limits": stack.limits(),
+    }
+    report.progress(f"the bench's own limits: {results['limits']}")
     fresh_state()
     call_command("migrate", verbosity=0, interactive=False)
     call_command("collectstatic", verbosity=0, interactive=False)  # as make run does; gunicorn serves it
@@ -206,4 +213,5 @@ def main() -> None:
     report.write(results)
     print(report.table(results))
     print(f"\nMachine: {report.describe_machine(results['machine'])}")
+    print(f"Limits the bench set for its stack: {results['limits']}")
     print(f"{'Quick run' if quick else 'Full run'} in {results['seconds']:g} s; written to {report.RESULTS}.")

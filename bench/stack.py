@@ -33,10 +33,17 @@ def _port_range(name: str, default: str) -> tuple[int, int]:
 WEB_PORT = int(os.environ.get("BENCH_WEB_PORT", "8700"))
 BROKER_PORT = int(os.environ.get("BENCH_BROKER_PORT", "32700"))
 POSTGRES_PORT = int(os.environ.get("BENCH_POSTGRES_PORT", "32701"))
-# Portal instances take 30000-30899, the naive baseline's servers 30900-30999: below Linux's
+# Portal instances take 18000-19499 (1,500 ports: the reconcile section's 1,000 instances, and
+# room for those still being deleted), the naive baseline's servers 30900-30999: below Linux's
 # ephemeral ports (32768 and up), which any client connection may hold when a server wants to
 # listen, and apart from `make run` (20000-29999) and the test suite (31000-31999).
-PORT_RANGE = _port_range("BENCH_PORT_RANGE", "30000,30899")
+PORT_RANGE = _port_range("BENCH_PORT_RANGE", "18000,19499")
+# What the bench creates at most at once: the reconcile section's 1,000 instances, plus the warm-up's.
+QUOTA = 1500
+# Instances' memory limits count against the budget, not what they use: 1,000 Redis at the default
+# limit would pass a budget of 75 % of RAM. The bench's own budget lets them all in; their real
+# use (a few MB each when idle) is what has to fit the machine.
+MEMORY_BUDGET = "1024gb"
 _baseline_first, _baseline_last = _port_range("BENCH_BASELINE_PORTS", "30900,30999")
 BASELINE_PORTS = range(_baseline_first, _baseline_last + 1)
 RUN_AS = "stockroom"  # instance and baseline servers run as this user when we are root
@@ -45,8 +52,9 @@ BROKER_PASSWORD = secrets.token_urlsafe(24)  # new for every run, like the keys
 
 def environment(*, database_url: str | None = None) -> dict[str, str]:
     """The portal's settings for the bench stack: its own DATA_DIR, database, ports, and quotas
-    and a memory budget high enough for the reconcile measurement's 200 idle instances, whatever
-    `.env` says. Keys are random per run: every run starts from an empty database.
+    and a memory budget high enough for the reconcile measurement's 1,000 idle instances, whatever
+    `.env` says (`limits()` says which). Keys are random per run: every run starts from an empty
+    database.
     """
     return os.environ | {
         "DJANGO_SETTINGS_MODULE": "portal.settings",
@@ -58,9 +66,9 @@ def environment(*, database_url: str | None = None) -> dict[str, str]:
         "STOCKROOM_BROKER_PASSWORD": BROKER_PASSWORD,
         "CELERY_TASK_ALWAYS_EAGER": "False",
         "STOCKROOM_PORT_RANGE": f"{PORT_RANGE[0]},{PORT_RANGE[1]}",
-        "STOCKROOM_QUOTA": "1000",
-        "STOCKROOM_MEMORY_QUOTA": "1024gb",
-        "STOCKROOM_MEMORY_BUDGET": "1024gb",
+        "STOCKROOM_QUOTA": str(QUOTA),
+        "STOCKROOM_MEMORY_QUOTA": MEMORY_BUDGET,
+        "STOCKROOM_MEMORY_BUDGET": MEMORY_BUDGET,
         "DATABASE_URL": database_url or f"sqlite:///{DATA_DIR / 'portal.sqlite3'}",
         "STOCKROOM_BACKEND": "local",
         # No warm pool but in section 8, which runs a stack of its own with one: the other sections
@@ -70,8 +78,20 @@ def environment(*, database_url: str | None = None) -> dict[str, str]:
         # No first scheduled backup of the instances the bench keeps for a while: it would run
         # beside the measurements (section 6 takes the snapshots it times itself).
         "STOCKROOM_FIRST_BACKUP_AFTER": "86400",
+        # No before-delete snapshots: the bench's instances hold nothing worth keeping, and the
+        # reconcile section deletes 1,000 of them at the end (a snapshot each took minutes in all).
+        "STOCKROOM_SNAPSHOT_KEEP_DAYS": "0",
         "LOG_LEVEL": "WARNING",
     }
+
+
+def limits() -> str:
+    """The limits the bench sets for itself, for its output."""
+    return (
+        f"STOCKROOM_PORT_RANGE={PORT_RANGE[0]},{PORT_RANGE[1]} ({PORT_RANGE[1] - PORT_RANGE[0] + 1} ports),"
+        f" STOCKROOM_QUOTA={QUOTA} instances per user, STOCKROOM_MEMORY_BUDGET={MEMORY_BUDGET}"
+        f" and STOCKROOM_MEMORY_QUOTA={MEMORY_BUDGET}"
+    )
 
 
 def run_as_kwargs() -> dict:

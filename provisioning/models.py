@@ -60,6 +60,11 @@ class InstanceQuerySet(models.QuerySet["Instance"]):
         """What the count quota counts: every live instance, and every failed one that kept its data."""
         return self.filter(Q(status__in=LIVE_STATUSES) | Q(status=Status.FAILED, holds_data=True))
 
+    def without_secrets(self) -> "InstanceQuerySet":
+        """Rows whose encrypted fields are left undecrypted (each costs a decryption per row, per
+        pass, at fleet scale); one that is read after all is loaded then, by a query of its own."""
+        return self.defer("password", "admin_password", "tls_key")
+
     def reserving_memory(self) -> "InstanceQuerySet":
         """What the memory budget and quotas count: every instance whose server runs or may run."""
         return self.filter(status__in=RESERVING_STATUSES)
@@ -164,6 +169,12 @@ class Instance(models.Model):
                 name="instance_dashboard_order",  # both kinds, as the dashboard lists them
             ),
             models.Index(fields=["status"], name="instance_status"),  # the reconciler's scans
+            # The admin's list over every user's rows (100,000 of them, most deleted), newest first:
+            # whole, filtered by status and by kind, a page without sorting them all, and counted
+            # from the index.
+            models.Index(fields=["-created_at", "-id"], name="instance_admin_order"),
+            models.Index(fields=["status", "-created_at", "-id"], name="instance_status_order"),
+            models.Index(fields=["kind", "-created_at", "-id"], name="instance_kind_order"),
             models.Index(fields=["expires_at"], condition=Q(expires_at__isnull=False), name="instance_expiry"),
             # A create looks for a ready pool server of its kind: a handful of rows at most.
             models.Index(fields=["kind", "backend", "status"], condition=Q(pool=True), name="instance_pool"),

@@ -6,6 +6,7 @@ acting. Celery beat runs a pass every STOCKROOM_RECONCILE_INTERVAL seconds.
 """
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -52,6 +53,7 @@ class Pass:
     expired: list[int] = field(default_factory=list)  # past their expiry: being deleted
     idle_stopped: list[int] = field(default_factory=list)  # no client for stop_when_idle: being stopped
     failed_phases: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # each phase's wall time, by its name
     skipped: bool = False  # another pass was still running
 
     def summary(self) -> str:
@@ -105,11 +107,13 @@ class Reconciler:
                 self._expire,
             )
             for phase in phases:
+                started = time.perf_counter()
                 try:
                     phase(report, now)
                 except Exception:  # logged, and the pass goes on
                     logger.exception("Reconcile phase %s failed", phase.__name__)
                     report.failed_phases.append(phase.__name__)
+                report.seconds[phase.__name__.lstrip("_")] = time.perf_counter() - started
                 turn = self._keep_turn(turn)
                 if turn is None:
                     logger.error("This reconcile pass lost its turn (it ran past %s); ending it", TURN)
@@ -145,7 +149,10 @@ class Reconciler:
     # Health ----------------------------------------------------------------------------
 
     def _probe_and_heal(self, report: Pass, now: datetime) -> None:
-        instances = list(Instance.objects.filter(status__in=PROBED).order_by("pk"))
+        # One query for them all; the probe logs in with the user's password, never the portal's own
+        # (or the TLS key): those are not decrypted for every instance of every pass.
+        probed = Instance.objects.filter(status__in=PROBED).defer("admin_password", "tls_key")
+        instances = list(probed.order_by("pk"))
         report.probed = len(instances)
         with ThreadPoolExecutor(max_workers=settings.STOCKROOM_PROBE_CONCURRENCY) as pool:
             errors = dict(zip((i.pk for i in instances), pool.map(self._probe, instances), strict=True))

@@ -232,7 +232,7 @@ def schedule_archives(*, now: datetime) -> int:
     archive is STOCKROOM_LOG_ARCHIVE_INTERVAL old; returns how many."""
     due = now - timedelta(seconds=settings.STOCKROOM_LOG_ARCHIVE_INTERVAL)
     queued = 0
-    running = Instance.objects.filter(status=Status.RUNNING).exclude(archived_until__gte=due)
+    running = Instance.objects.filter(status=Status.RUNNING).without_secrets().exclude(archived_until__gte=due)
     for instance in running.annotate(first_base_at=_first_base()).filter(first_base_at__isnull=False):
         if not get_engine(instance.kind).point_in_time or not _backend_can(instance):
             continue

@@ -327,7 +327,7 @@ def schedule_backups(*, now: datetime) -> int:
     recorded as failed, so that it is tried again an interval later, not at every pass."""
     last = Max("snapshots__created_at", filter=Q(snapshots__trigger=SnapshotTrigger.SCHEDULED))
     requested = 0
-    for instance in Instance.objects.filter(status=Status.RUNNING).annotate(last_backup=last):
+    for instance in Instance.objects.filter(status=Status.RUNNING).without_secrets().annotate(last_backup=last):
         hours = instance.options.get(INTERVAL.name, INTERVAL.default)
         if not hours:
             continue

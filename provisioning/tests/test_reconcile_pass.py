@@ -13,6 +13,7 @@ from django.conf import settings as django_settings
 from django.utils import timezone
 
 from provisioning import tasks
+from provisioning.backends.base import get_backend
 from provisioning.backends.local import processes_under
 from provisioning.models import Heartbeat, Instance, Orphan, Status
 from provisioning.reconciler import Reconciler
@@ -192,6 +193,22 @@ def test_a_probe_that_raced_a_change_does_not_count(api):
     )
     instance.refresh_from_db()
     assert instance.status == Status.RUNNING
+
+
+def test_a_probe_is_a_login_with_the_users_credentials(api):
+    """The reconciler's probe (over the server's socket, without redis-py) proves the user's login:
+    a wrong password or user name is refused, and so is a server that is gone."""
+    instance = running_redis(api)
+    backend = get_backend(instance.backend)
+    assert backend.login_error(instance, timeout=2) is None
+    wrong = Instance.objects.get(pk=instance.pk)
+    wrong.password = "not-" + instance.password
+    assert backend.login_error(wrong, timeout=2) == "AuthenticationError"
+    wrong = Instance.objects.get(pk=instance.pk)
+    wrong.username = "nobody"
+    assert backend.login_error(wrong, timeout=2) == "AuthenticationError"
+    kill(instance)
+    assert backend.login_error(instance, timeout=2) is not None
 
 
 def test_a_server_that_keeps_dying_after_each_restart_ends_failed(api, settings):
