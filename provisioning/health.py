@@ -141,7 +141,7 @@ def pool() -> str:
     creates down (they take the cold path), so it degrades, never fails."""
     summary = services.pool.summary()
     if not any(counts["wanted"] for counts in summary.values()):
-        return "Off: STOCKROOM_POOL_MYSQL and STOCKROOM_POOL_REDIS are 0."
+        return "Off: every kind's pool size (STOCKROOM_POOL_<KIND>) is 0."
     parts, short = [], False
     for kind, counts in summary.items():
         if not any(counts.values()):

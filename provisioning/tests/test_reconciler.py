@@ -109,7 +109,7 @@ def test_healthz_reports_each_part(admin_client, reconciling_worker):
     checks = admin_client.get("/healthz").json()["checks"]
     assert set(checks) == {"database", "broker", "workers", "reconciler", "backends", "runner", "pool"}
     assert checks["workers"]["detail"] == "Workers answered for the celery and webhooks queues."
-    assert checks["pool"] == {"ok": True, "detail": "Off: STOCKROOM_POOL_MYSQL and STOCKROOM_POOL_REDIS are 0.",
+    assert checks["pool"] == {"ok": True, "detail": "Off: every kind's pool size (STOCKROOM_POOL_<KIND>) is 0.",
                               "ms": checks["pool"]["ms"]}  # fmt: skip
 
     reconciling_worker.stop()
