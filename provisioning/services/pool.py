@@ -47,12 +47,22 @@ def size(kind: str) -> int:
     return int(settings.STOCKROOM_POOL.get(kind, 0))
 
 
+class NameTaken(Exception):
+    """A user who can sign in is called USERNAME: the pool's servers would be theirs to see."""
+
+
 def owner() -> User:
-    """The pool's own user: inactive, with no password, so nobody signs in as it."""
+    """The pool's own user: inactive, with no password, so nobody signs in as it. Raises NameTaken
+    if a user of that name who may sign in exists already: no pool is made then."""
     user, made = get_user_model().objects.get_or_create(username=USERNAME, defaults={"is_active": False})
     if made:
         user.set_unusable_password()
         user.save(update_fields=["password"])
+    elif user.is_active or user.has_usable_password():
+        raise NameTaken(
+            f"A user who can sign in is called {USERNAME!r}; the warm pool, whose servers that user would own, "
+            "stays empty until an operator renames that user."
+        )
     return user
 
 

@@ -36,7 +36,12 @@ def fill() -> dict[str, int]:
     """
     if not any(pool.size(kind) for kind in engines()) and not Instance.objects.filter(pool=True).live().exists():
         return {}  # no pool, and nothing left of one
-    alias, user, done = settings.STOCKROOM_DEFAULT_BACKEND, pool.owner(), {}
+    try:
+        user = pool.owner()
+    except pool.NameTaken as exc:
+        logger.error("%s", exc)
+        return {}
+    alias, done = settings.STOCKROOM_DEFAULT_BACKEND, {}
     for kind, engine in engines().items():
         options = engine.clean_options({})
         with transaction.atomic():

@@ -4,6 +4,7 @@ against real servers."""
 
 import pytest
 
+from provisioning import services
 from provisioning.engines import get_engine
 from provisioning.models import Instance
 from provisioning.services import pool
@@ -73,3 +74,26 @@ def test_a_pool_server_is_taken_once(alice, django_user_model):
     assert first is not None and first.owner == alice and not first.pool and first.status == "provisioning"
     assert first.password != "p", "the pool's own password must not be the tenant's"
     assert second is None
+
+
+def test_nobody_signs_in_as_the_pool_and_a_user_of_its_name_gets_no_pool(client, django_user_model, settings):
+    settings.STOCKROOM_POOL = {"mysql": 0, "redis": 1}
+    services.fill_pool()
+    user = django_user_model.objects.get(username=pool.USERNAME)
+    assert not user.is_active and not user.has_usable_password()
+    assert Instance.objects.filter(pool=True, owner=user).count() == 1
+    # Its password is unusable: no guess signs in, on the page or for an API token.
+    for guess in ("", "stockroom-pool", "password"):
+        client.post("/accounts/login/", {"username": pool.USERNAME, "password": guess})
+        assert "_auth_user_id" not in client.session
+        response = client.post("/api/auth/token", {"username": pool.USERNAME, "password": guess})
+        assert response.status_code == 400, response.content
+
+    # A user who may sign in under that name would see the pool's servers as theirs: no pool then.
+    Instance.objects.filter(pool=True).delete()
+    user.is_active = True
+    user.set_password("taken-name-password-1")
+    user.save()
+
+    assert services.fill_pool() == {}
+    assert not Instance.objects.filter(pool=True).exists()
