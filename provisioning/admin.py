@@ -2,6 +2,7 @@ from axes import admin as axes_admin
 from axes.models import AccessAttempt, AccessFailureLog, AccessLog
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.contrib.admin.options import ActionLocation
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q, Sum
@@ -9,6 +10,7 @@ from django.http import FileResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import path, reverse
 from django.utils.html import format_html
+from django.utils.safestring import SafeString
 
 from . import services, views
 from .engines import engines
@@ -98,8 +100,8 @@ class UpgradeFilter(admin.SimpleListFilter):
 @admin.register(Instance)
 class InstanceAdmin(admin.ModelAdmin):
     list_display = [
-        "id", "kind", "name", "owner_link", "status", "host", "port", "backend",
-        "reservation", "limit", "version", "holds_data", "expires_at", "protected", "pool", "created_at",
+        "id", "kind", "name", "owner_link", "status", "address", "backend",
+        "memory", "version", "holds_data", "expires_at", "protected", "pool", "created_at",
     ]  # fmt: skip
     # A list of 100,000 rows (most of them deleted) at the same number of queries as one of ten:
     # the owners joined, not one query per row; no count of the whole table beside the filtered
@@ -107,7 +109,7 @@ class InstanceAdmin(admin.ModelAdmin):
     # click an owner to see theirs (?owner__id__exact=N).
     list_select_related = ["owner"]
     show_full_result_count = False
-    list_per_page = 50  # each row is 17 cells to render: 100 rows took most of a request
+    list_per_page = 25  # each row costs about 0.85 ms to render (15 cells): 25 rows are half the page's time
     list_filter = [
         ("kind", KindFilter), "status", ("backend", BackendFilter), "pool", UpgradeFilter, "holds_data",
         "protected", ("expires_at", admin.EmptyFieldListFilter), ("stop_when_idle", admin.EmptyFieldListFilter),
@@ -120,18 +122,28 @@ class InstanceAdmin(admin.ModelAdmin):
     exclude = ["password", "admin_password", "tls_key"]  # tls_expires_at: when its certificate expires
     inlines = [InstanceEventInline]
 
+    def action_checkbox(self, instance: Instance) -> SafeString:
+        """Django's checkbox, written directly: its form widget renders a template for each row,
+        a tenth of a 50-row page's time."""
+        return format_html(
+            '<input type="checkbox" name="{}" value="{}" class="action-select" aria-label="{}">',
+            helpers.ACTION_CHECKBOX_NAME,
+            instance.pk,
+            f"Select this object for an action - {instance}",
+        )
+
     @admin.display(description="owner", ordering="owner__username")
     def owner_link(self, instance: Instance) -> str:
         url = reverse("admin:provisioning_instance_changelist")
         return format_html('<a href="{}?owner__id__exact={}">{}</a>', url, instance.owner_id, instance.owner)
 
-    @admin.display(description="memory reserved", ordering="memory_reservation")
-    def reservation(self, instance: Instance) -> str:
-        return describe_size(instance.memory_reservation)
+    @admin.display(description="address", ordering="port")
+    def address(self, instance: Instance) -> str:
+        return f"{instance.host}:{instance.port}" if instance.port else "-"
 
-    @admin.display(description="memory limit", ordering="memory_limit")
-    def limit(self, instance: Instance) -> str:
-        return describe_size(instance.memory_limit)
+    @admin.display(description="memory reserved (limit)", ordering="memory_reservation")
+    def memory(self, instance: Instance) -> str:
+        return f"{describe_size(instance.memory_reservation)} ({describe_size(instance.memory_limit)})"
 
     @admin.display(description="server version", ordering="server_version")
     def version(self, instance: Instance) -> str:
@@ -150,6 +162,10 @@ class InstanceAdmin(admin.ModelAdmin):
     def settings_link(self, instance: Instance) -> str:
         url = reverse("admin:provisioning_instance_settings", args=[instance.pk])
         return format_html('<a href="{}">Change options…</a> (live, on restart or set at create)', url)
+
+    def get_queryset(self, request):
+        # The pages show no secret: none is decrypted for a row until something reads it.
+        return super().get_queryset(request).without_secrets()
 
     def changelist_view(self, request, extra_context=None):
         """The warm pool's state above the list: pool servers are the rows owned by the pool's user."""

@@ -9,13 +9,27 @@ class IdsFirstPaginator(Paginator):
 
     The ids come from the index alone, so a deep page skips index entries rather than whole
     rows (PostgreSQL otherwise reads every skipped row from the table). One more query per page,
-    the same at every page size and depth.
+    the same at every page size and depth. The first page skips nothing: its rows come at once.
     """
+
+    def validate_number(self, number):
+        if number in (1, "1") and self.allow_empty_first_page:
+            return 1  # the first page always exists: no count is needed to say so
+        return super().validate_number(number)
 
     def page(self, number):
         if not isinstance(self.object_list, QuerySet):
             return super().page(number)
         number = self.validate_number(number)
+        if number == 1:
+            # From the top nothing is skipped: load the rows at once. A first page that is not full
+            # holds every row there is, so most lists (a user's few instances) need no count either.
+            rows = list(self.object_list[: self.per_page + self.orphans])
+            if len(rows) < self.per_page + self.orphans:
+                self.count = len(rows)
+            elif self.count > len(rows):
+                rows = rows[: self.per_page]
+            return self._get_page(rows, number, self)
         bottom = (number - 1) * self.per_page
         top = bottom + self.per_page
         if top + self.orphans >= self.count:

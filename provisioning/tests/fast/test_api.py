@@ -150,6 +150,19 @@ def test_list_is_paginated_and_trailing_slashes_are_optional(api):
     assert len(api.get("/api/storage/redis/instances/?page=2&page_size=2").json()["results"]) == 1
 
 
+@pytest.mark.parametrize("instances", [0, 1, 2, 3])
+def test_the_first_page_counts_right_whether_it_is_full_or_not(api, instances):
+    """The first page is loaded without a count when it is not full: at, below and past a full page
+    the count and the links are the same as they would be with one."""
+    for _ in range(instances):
+        api.post("/api/storage/redis/instances", {}, format="json")
+    page = api.get("/api/storage/redis/instances?page_size=2").json()
+    assert page["count"] == instances
+    assert len(page["results"]) == min(instances, 2)
+    assert bool(page["next"]) == (instances > 2)
+    assert api.get("/api/storage/redis/instances?page=1&page_size=2").json() == page
+
+
 def test_a_token_is_issued_for_a_username_and_password(alice):
     client = APIClient()
     response = client.post("/api/auth/token", {"username": "alice", "password": "correct-horse-battery"})
@@ -196,9 +209,12 @@ def test_a_list_page_costs_the_same_queries_whatever_its_size(api, alice, django
         for i in range(60)
     )
     api.get("/api/storage/redis/instances")  # the token's first use this minute writes last_used (one UPDATE)
-    with django_assert_num_queries(4):  # the token, the count, the page's ids, its rows
+    with django_assert_num_queries(3):  # the token, the first page's rows, the count (the page is full)
         response = api.get(f"/api/storage/redis/instances?page_size={page_size}")
     assert len(response.json()["results"]) == page_size
+    with django_assert_num_queries(4):  # the token, the count, the page's ids, its rows
+        response = api.get(f"/api/storage/redis/instances?page_size={page_size}&page=2")
+    assert len(response.json()["results"]) == min(page_size, 60 - page_size)
 
 
 def test_webhook_deliveries_cost_the_same_queries_whatever_their_number(api, django_assert_num_queries):
