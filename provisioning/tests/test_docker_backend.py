@@ -25,6 +25,7 @@ import pytest
 import redis
 from django.core.management import call_command
 
+from provisioning import services
 from provisioning.backends.base import BackendError, get_backend
 from provisioning.backends.docker import LABEL
 from provisioning.engines import get_engine
@@ -884,3 +885,46 @@ def test_a_live_change_resizes_the_container_and_a_restart_one_waits(api, docker
     assert client.config_get("databases") == {"databases": "8"}
     assert client.config_get("maxmemory") == {"maxmemory": str(128 * 1024 * 1024)}
     assert client.get("kept") == b"yes"
+
+
+def test_the_warm_pool_hands_out_containers_with_the_tenants_password_options_and_limit(api, docker_settings, settings):
+    """On the Docker backend the pool's servers are containers: a create takes a ready one and is
+    running within its request, with the tenant's password and options and no data; the pool's own
+    password no longer opens it, and the container's memory limit follows its options."""
+    backend = docker_settings()
+    settings.STOCKROOM_POOL = {"mysql": 1, "redis": 1}
+    services.fill_pool()
+    servers = {server.kind: server for server in Instance.objects.filter(pool=True, status="running")}
+    assert {kind: server.backend for kind, server in servers.items()} == {"mysql": "docker", "redis": "docker"}
+    try:
+        wanted = {"redis": {"maxmemory": "128mb"}, "mysql": {"innodb_buffer_pool_size": "32mb"}}
+        answers = {kind: api.post(f"/api/storage/{kind}/instances?wait=10", body) for kind, body in wanted.items()}
+        for kind, response in answers.items():
+            assert response.status_code == 201, response.content
+            assert response.json()["id"] == servers[kind].pk and "pool" in response.json()["timings"]
+            container = container_of(backend, servers[kind].pk)
+            assert container.attrs["HostConfig"]["Memory"] == Instance.objects.get(pk=servers[kind].pk).memory_limit
+
+        config = answers["redis"].json()["config"]
+        client = redis.Redis(host=config["host"], port=config["port"], password=config["password"], retry=NO_RETRY)
+        assert client.config_get("maxmemory") == {"maxmemory": str(128 * 1024 * 1024)}
+        assert client.dbsize() == 0
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(
+                host=config["host"], port=config["port"], password=servers["redis"].password, retry=NO_RETRY
+            ).ping()
+
+        config = answers["mysql"].json()["config"]
+        login = {"host": config["host"], "port": config["port"], "user": config["username"]}
+        with pymysql.connect(**login, password=config["password"], database=config["database"]) as db:
+            with db.cursor() as cursor:
+                cursor.execute("SELECT @@innodb_buffer_pool_size")
+                assert cursor.fetchone() == (32 * 1024 * 1024,)
+                cursor.execute("SHOW TABLES")
+                assert cursor.fetchall() == ()
+        with pytest.raises(pymysql.err.OperationalError):
+            pymysql.connect(**login, password=servers["mysql"].password)
+    finally:
+        settings.STOCKROOM_POOL = {"mysql": 0, "redis": 0}
+        services.fill_pool()
+    assert not Instance.objects.filter(pool=True).live().exists()
