@@ -155,17 +155,14 @@ class Reconciler:
         instances = list(probed.order_by("pk"))
         report.probed = len(instances)
         with ThreadPoolExecutor(max_workers=settings.STOCKROOM_PROBE_CONCURRENCY) as pool:
-            errors = dict(zip((i.pk for i in instances), pool.map(self._probe, instances), strict=True))
-            answering = [i for i in instances if errors[i.pk] is None and i.status == Status.RUNNING]
-            disks = dict(zip((i.pk for i in answering), pool.map(self._disk, answering), strict=True))
-        for instance in instances:
-            error = errors[instance.pk]
+            checks = list(pool.map(self._check, instances))
+        for instance, (error, disk) in zip(instances, checks, strict=True):
             if instance.pool and error is not None:  # never healed: replaced by a fresh one
                 refill.discard(instance, error)
                 report.pool_discarded.append(instance.pk)
                 continue
-            if instance.pk in disks:
-                healing.disk_report(instance, disks[instance.pk])
+            if error is None and instance.status == Status.RUNNING:
+                healing.disk_report(instance, disk)
             if error is None and instance.status == Status.UNHEALTHY:
                 if healing.answers_again(instance):
                     report.recovered.append(instance.pk)
@@ -179,17 +176,19 @@ class Reconciler:
                 report.heals.append(instance.pk)
 
     @staticmethod
-    def _probe(instance: Instance) -> str | None:
+    def _check(instance: Instance) -> tuple[str | None, str | None]:
+        """(why its login failed, what its disk says): the disk of a running server that answers
+        only. One task per instance: a hand-off to a thread costs about what a Redis login does."""
+        backend = get_backend(instance.backend)
         # A second chance, so that one slow answer on a busy host does not get a server restarted.
-        return get_backend(instance.backend).login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT, tries=2)
-
-    @staticmethod
-    def _disk(instance: Instance) -> str | None:
+        error = backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT, tries=2)
+        if error is not None or instance.status != Status.RUNNING:
+            return error, None
         try:
-            return get_backend(instance.backend).enforce_disk_limit(instance)
+            return None, backend.enforce_disk_limit(instance)
         except Exception:  # the next pass tries again
             logger.exception("Could not check the disk of instance %s", instance.pk)
-            return None
+            return None, None
 
     def _fill_pool(self, report: Pass, now: datetime) -> None:
         """Start warm-pool servers where fewer are ready or starting than STOCKROOM_POOL asks."""

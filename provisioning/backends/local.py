@@ -385,13 +385,14 @@ class LocalBackend(BaseBackend):
     def probe(self, instance: "Instance", timeout: float = 2.0) -> None:
         """Log in over the server's socket, reached through a descriptor checked to be a socket of
         the instance's uid: its uid may put a symlink where the socket was, never a login goes there."""
-        if self.login_endpoint(instance).socket is None:  # a subclass that logs in over TCP
+        endpoint = self.login_endpoint(instance)
+        if endpoint.socket is None:  # a subclass that logs in over TCP
             return super().probe(instance, timeout)
-        layout, user = self.layout(instance), self.user(instance)
-        with files.unix_socket(Path(layout.socket), owner=user.uid if user else None) as socket:
+        user = self.user(instance)
+        with files.unix_socket(Path(endpoint.socket), owner=user.uid if user else None) as socket:
             if socket is None:
                 raise BackendError("The server has no socket: it is not running.")
-            endpoint = Endpoint(layout.bind_address, layout.port, socket=socket)
+            endpoint = Endpoint(endpoint.host, endpoint.port, socket=socket)
             get_engine(instance.kind).check_login(instance, endpoint, timeout=timeout)
 
     def instance_pids(self, instance: "Instance") -> set[int]:

@@ -326,16 +326,19 @@ def schedule_backups(*, now: datetime) -> int:
     interval, if shorter), so that its recovery window begins soon. One over the snapshot quota is
     recorded as failed, so that it is tried again an interval later, not at every pass."""
     last = Max("snapshots__created_at", filter=Q(snapshots__trigger=SnapshotTrigger.SCHEDULED))
-    requested = 0
-    for instance in Instance.objects.filter(status=Status.RUNNING).without_secrets().annotate(last_backup=last):
-        hours = instance.options.get(INTERVAL.name, INTERVAL.default)
+    running = Instance.objects.filter(status=Status.RUNNING).annotate(last_backup=last)
+    due = []
+    # What decides it only, as plain values: a pass reads every running instance, few are due.
+    for pk, options, created_at, last_backup in running.values_list("pk", "options", "created_at", "last_backup"):
+        hours = options.get(INTERVAL.name, INTERVAL.default)
         if not hours:
             continue
         every = timedelta(hours=hours)
         first = min(every, timedelta(seconds=settings.STOCKROOM_FIRST_BACKUP_AFTER))
-        due = instance.last_backup + every if instance.last_backup else instance.created_at + first
-        if due > now:
-            continue
+        if (last_backup + every if last_backup else created_at + first) <= now:
+            due.append(pk)
+    requested = 0
+    for instance in Instance.objects.filter(pk__in=due, status=Status.RUNNING).without_secrets().order_by("pk"):
         try:
             request_snapshot(instance=instance, by="the backup schedule", trigger=SnapshotTrigger.SCHEDULED)
         except QuotaExceeded as exc:
