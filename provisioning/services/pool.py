@@ -14,7 +14,8 @@ request and under the instance's claim, `hand_over` gives the user a new passwor
 working), applies the options that differ live, with the memory limit, and logs in with the
 user's credentials: the instance is running. A pool server is fresh, never recycled: nobody but the
 portal ever had its credentials, and a server a tenant held is deleted, never put back.
-If the hand-over fails the same row takes the cold path: a worker makes its server from nothing.
+If the hand-over fails the same row takes the cold path: a worker makes its server from nothing
+(create_instance queues it, as it queues any create).
 """
 
 import logging
@@ -115,9 +116,11 @@ def take(server: Instance, **fields: Any) -> Instance | None:
     return instance
 
 
-def hand_over(instance: Instance, *, started: float) -> None:
+def hand_over(instance: Instance, *, started: float) -> bool:
     """Make the taken pool server the tenant's (see the module's text); `started` is when the
-    request began (time.monotonic), for its timings. Failing, the instance takes the cold path."""
+    request began (time.monotonic), for its timings. False if that failed: the instance takes the
+    cold path, its claim released and its status saying why, and the caller queues its provision
+    job (requests.enqueue, which says so in the status if the broker is down)."""
     backend, engine = get_backend(instance.backend), get_engine(instance.kind)
     defaults = engine.clean_options({})
     changes = differences(engine, instance.options) or {}
@@ -135,8 +138,8 @@ def hand_over(instance: Instance, *, started: float) -> None:
         logger.warning("Instance %s: %s; taking the cold path", instance.pk, why)
         message = f"{why.rstrip('.')}. A new server is being made instead."
         Instance.objects.filter(pk=instance.pk).update(status_message=message, claimed_until=None)
-        jobs.send("provision_instance", instance.pk)
-        return
+        instance.status_message, instance.claimed_until = message, None
+        return False
     timings = {"pool": round(time.monotonic() - started, 4)}
     if transition(
         instance,
@@ -149,6 +152,7 @@ def hand_over(instance: Instance, *, started: float) -> None:
         logger.info("Instance %s was taken from the warm pool in %.3f s", instance.pk, timings["pool"])
     else:  # deleted meanwhile, say: what its owner decided stands
         Instance.objects.filter(pk=instance.pk).update(claimed_until=None)
+    return True
 
 
 def fill_later() -> None:

@@ -133,8 +133,8 @@ def create_instance(
                 **fields,
                 **life,
             )
-    if taken:
-        pool.hand_over(taken, started=started)
+    if taken and not pool.hand_over(taken, started=started):
+        enqueue("provision_instance", taken, revert_to=Status.FAILED)  # the cold path, for the same row
     if from_pool:  # a server taken, or none was ready: the pool is short
         pool.fill_later()
     if taken:

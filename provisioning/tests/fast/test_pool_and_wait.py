@@ -5,6 +5,7 @@ against real servers."""
 import pytest
 
 from provisioning import services
+from provisioning.backends.base import BackendError
 from provisioning.engines import get_engine
 from provisioning.models import Instance
 from provisioning.services import pool
@@ -97,3 +98,22 @@ def test_nobody_signs_in_as_the_pool_and_a_user_of_its_name_gets_no_pool(client,
 
     assert services.fill_pool() == {}
     assert not Instance.objects.filter(pool=True).exists()
+
+
+def test_a_hand_over_that_fails_while_the_broker_is_down_fails_the_create_saying_so(api, fake, settings, monkeypatch):
+    settings.STOCKROOM_POOL = {"mysql": 0, "redis": 1}
+    server = pool_server(pool.owner(), port=40020)
+    fake.fail_next("set_password", BackendError("the server went away"))
+
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("the broker is down")
+
+    monkeypatch.setattr("provisioning.services.jobs.send", broker_down)
+
+    response = api.post("/api/storage/redis/instances?wait=5", {}, format="json")
+
+    assert response.status_code == 202, response.content
+    body = response.json()
+    assert body["id"] == server.pk and body["status"] == "failed"
+    assert "could not be queued" in body["status_message"] and "Try again" in body["status_message"]
+    assert Instance.objects.get(pk=server.pk).claimed_until is None
