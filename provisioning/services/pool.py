@@ -116,14 +116,14 @@ def take(server: Instance, **fields: Any) -> Instance | None:
     return instance
 
 
-def hand_over(instance: Instance, *, started: float) -> bool:
-    """Make the taken pool server the tenant's (see the module's text); `started` is when the
-    request began (time.monotonic), for its timings. False if that failed: the instance takes the
+def hand_over(instance: Instance, changes: dict[str, Any], *, started: float) -> bool:
+    """Make the taken pool server the tenant's (see the module's text): `changes` are its options
+    that differ from the pool's (`differences`), `started` is when the request began
+    (time.monotonic), for its timings. False if that failed: the instance takes the
     cold path, its claim released and its status saying why, and the caller queues its provision
     job (requests.enqueue, which says so in the status if the broker is down)."""
     backend, engine = get_backend(instance.backend), get_engine(instance.kind)
     defaults = engine.clean_options({})
-    changes = differences(engine, instance.options) or {}
     to_server = {name: value for name, value in changes.items() if name in engine.live_settings}
     limit = engine.memory_limit(instance.options)
     try:

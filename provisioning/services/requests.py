@@ -100,7 +100,8 @@ def create_instance(
     # Only a create from no data whose options differ from the defaults in live ones alone may take
     # a warm-pool server (services/pool.py).
     poolable = from_snapshot is None and not import_file and pool.size(kind) > 0
-    from_pool = poolable and pool.differences(engine, cleaned) is not None
+    changes = pool.differences(engine, cleaned) if poolable else None
+    from_pool = changes is not None
     reservation = engine.memory_reservation(cleaned)
     what = f"a new {engine.label} instance"
 
@@ -133,7 +134,7 @@ def create_instance(
                 **fields,
                 **life,
             )
-    if taken and not pool.hand_over(taken, started=started):
+    if taken and not pool.hand_over(taken, changes or {}, started=started):
         enqueue("provision_instance", taken, revert_to=Status.FAILED)  # the cold path, for the same row
     if from_pool:  # a server taken, or none was ready: the pool is short
         pool.fill_later()

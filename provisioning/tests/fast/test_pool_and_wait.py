@@ -117,3 +117,22 @@ def test_a_hand_over_that_fails_while_the_broker_is_down_fails_the_create_saying
     assert body["id"] == server.pk and body["status"] == "failed"
     assert "could not be queued" in body["status_message"] and "Try again" in body["status_message"]
     assert Instance.objects.get(pk=server.pk).claimed_until is None
+
+
+def test_a_pooled_create_works_out_once_which_options_differ_and_sets_them(api, fake, settings, committed, monkeypatch):
+    settings.STOCKROOM_POOL = {"mysql": 0, "redis": 1}
+    with committed():
+        services.fill_pool()
+    [server] = Instance.objects.filter(pool=True, status="running")
+    asked = []
+    differences = pool.differences
+    monkeypatch.setattr(
+        pool, "differences", lambda engine, options: asked.append(options) or differences(engine, options)
+    )
+
+    response = api.post("/api/storage/redis/instances?wait=5", {"maxmemory": "128mb"}, format="json")
+
+    assert response.status_code == 201, response.content
+    assert response.json()["id"] == server.pk and "pool" in response.json()["timings"]
+    assert fake.server(server.pk).options["maxmemory"] == 128 * 1024**2
+    assert len(asked) == 1, "the create and the hand-over must not each work them out"
