@@ -4,7 +4,7 @@ against real servers."""
 
 import pytest
 
-from provisioning import services
+from provisioning import health, services
 from provisioning.backends.base import BackendError
 from provisioning.engines import get_engine
 from provisioning.models import Instance
@@ -136,3 +136,32 @@ def test_a_pooled_create_works_out_once_which_options_differ_and_sets_them(api, 
     assert response.json()["id"] == server.pk and "pool" in response.json()["timings"]
     assert fake.server(server.pk).options["maxmemory"] == 128 * 1024**2
     assert len(asked) == 1, "the create and the hand-over must not each work them out"
+
+
+def test_a_full_pool_costs_a_refill_one_read_and_no_lock(db, settings, committed, django_assert_num_queries):
+    settings.STOCKROOM_POOL = {"mysql": 1, "redis": 1}
+    with committed():
+        services.fill_pool()
+    assert Instance.objects.filter(pool=True, status="running").count() == 2
+
+    with django_assert_num_queries(1):  # the reconciler refills every pass
+        assert not any(services.fill_pool().values())
+
+
+def test_a_stopped_pool_server_is_removed_and_replaced(db, settings, committed, fake):
+    settings.STOCKROOM_POOL = {"mysql": 0, "redis": 1}
+    with committed():
+        services.fill_pool()
+    [server] = Instance.objects.filter(pool=True, status="running")
+    with committed():  # an operator stops it, in the admin say: it is never started again nor handed out
+        services.request_action(instance=server, action="stop", by="an operator")
+    assert Instance.objects.get(pk=server.pk).status == "stopped"
+    assert health.pool() == "Degraded: creates take the cold path until it is full: redis 0 of 1 ready."
+
+    with committed():
+        services.fill_pool()
+
+    assert Instance.objects.get(pk=server.pk).status == "deleted" and fake.server(server.pk) is None
+    [fresh] = Instance.objects.filter(pool=True, status="running")
+    assert fresh.pk != server.pk
+    assert health.pool() == "redis 1 of 1 ready."
