@@ -14,6 +14,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from .. import crypto
@@ -108,13 +109,15 @@ def create_instance(
     with transaction.atomic():
         # The quota, name and memory checks cannot race with another create or a start.
         capacity.hold(owner)
-        capacity.check_count(owner)
         name = name or f"{kind}-{secrets.token_hex(3)}"
-        if Instance.objects.visible().filter(owner=owner, kind=kind, name=name).exists():
-            raise ValidationError({"name": f"You already have a {kind} instance named {name!r}."})
         server = pool.candidate(kind, get_backend().alias) if from_pool else None
-        # A pool server's reservation becomes the instance's: it is not needed twice.
-        capacity.check_memory(owner, reservation, what=what, excluding=server)
+        # One read for the three checks. A pool server's reservation becomes the instance's: it is
+        # not needed twice.
+        held = capacity.holdings(owner, excluding=server, like=Q(kind=kind, name=name))
+        capacity.check_count(owner, held)
+        if held.matching:
+            raise ValidationError({"name": f"You already have a {kind} instance named {name!r}."})
+        capacity.check_memory(owner, reservation, what=what, excluding=server, held=held)
         fields: dict[str, Any] = {
             "name": name,
             "memory_reservation": reservation,
