@@ -112,7 +112,8 @@ def take(server: Instance, **fields: Any) -> Instance | None:
         return None
     # Its history keeps how the pool started it (no tenant's data is in it): when, and with what.
     instance = Instance.objects.get(pk=server.pk)
-    record_event(instance, "", Status.PROVISIONING, f"Requested by {instance.owner}; taken from the warm pool.")
+    instance.owner = owner = fields["owner"]  # as it was given: not read again
+    record_event(instance, "", Status.PROVISIONING, f"Requested by {owner}; taken from the warm pool.")
     return instance
 
 
