@@ -156,11 +156,16 @@ def hand_over(instance: Instance, changes: dict[str, Any], *, started: float) ->
     return True
 
 
+# Seconds a refill waits: starting servers takes CPU, which on a host of few cores the creates that
+# emptied the pool need first (each answered within its request, and a burst of them at once).
+REFILL_DELAY = 0.5
+
+
 def fill_later() -> None:
-    """Queue a refill (services/refill.py); a broker that is down only delays it: the reconciler
-    fills the pool every pass."""
+    """Queue a refill (services/refill.py), to start after REFILL_DELAY; a broker that is down only
+    delays it: the reconciler fills the pool every pass."""
     try:
-        jobs.send("fill_pool")
+        jobs.send("fill_pool", countdown=REFILL_DELAY)
     except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
         logger.warning("Could not queue a refill of the warm pool: %s", exc)
 
