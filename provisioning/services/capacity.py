@@ -9,7 +9,8 @@ start is admitted.
   STOCKROOM_MEMORY_QUOTA.
 
 A check and the write it admits happen in one transaction, after hold(): the owner's row, then the
-host-wide lock row, in that order everywhere, so two requests never both fit in the last room.
+host-wide lock row, in that order everywhere, so two requests never both fit in the last room. (On
+SQLite, whose transactions begin IMMEDIATE here, the transaction itself holds the one write lock.)
 """
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.db import transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Aggregate, Count, Q, Sum
 
 from ..models import HOLDING_DATA, RESERVING_MEMORY, Instance, Lock, Status
@@ -38,8 +40,11 @@ class NoCapacity(Exception):
 def hold(owner: User) -> None:
     """Wait for and hold, until the caller's transaction ends, the owner's row and then the
     host-wide lock, so that checks and the writes they admit never interleave."""
-    if not transaction.get_connection().in_atomic_block:
+    connection = transaction.get_connection()
+    if not connection.in_atomic_block:
         raise RuntimeError("hold() only makes sense inside a transaction.")
+    if not connection.features.has_select_for_update and _begins_immediate(connection):
+        return  # SQLite as settings.py sets it up: the transaction holds the one write lock since BEGIN
     get_user_model().objects.select_for_update().filter(pk=owner.pk).values_list("pk").first()
     host = Lock.objects.select_for_update().filter(name=HOST_LOCK).values_list("name")
     if host.first() is None:
@@ -47,6 +52,11 @@ def hold(owner: User) -> None:
         # insert of it waits for this one on PostgreSQL, and SQLite runs one writer at a time anyway.
         Lock.objects.bulk_create([Lock(name=HOST_LOCK)], ignore_conflicts=True)
         host.first()
+
+
+def _begins_immediate(connection: BaseDatabaseWrapper) -> bool:
+    """Whether the database's transactions take its write lock as they begin (SQLite's IMMEDIATE)."""
+    return bool(connection.settings_dict.get("OPTIONS", {}).get("transaction_mode") == "IMMEDIATE")
 
 
 @dataclass(frozen=True)
