@@ -327,7 +327,8 @@ def schedule_backups(*, now: datetime) -> int:
     recorded as failed, so that it is tried again an interval later, not at every pass."""
     last = Max("snapshots__created_at", filter=Q(snapshots__trigger=SnapshotTrigger.SCHEDULED))
     requested = 0
-    for instance in Instance.objects.filter(status=Status.RUNNING).without_secrets().annotate(last_backup=last):
+    running = Instance.objects.filter(status=Status.RUNNING, pool=False)  # a pool server holds no data to keep
+    for instance in running.without_secrets().annotate(last_backup=last):
         hours = instance.options.get(INTERVAL.name, INTERVAL.default)
         if not hours:
             continue

@@ -2,13 +2,18 @@
 server, which servers may be handed out, and how waits are bounded. test_pool.py proves the pool
 against real servers."""
 
+from datetime import timedelta
+
 import pytest
+from django.db.models import F
 
 from provisioning import health, services
 from provisioning.backends.base import BackendError
 from provisioning.engines import get_engine
-from provisioning.models import Instance
+from provisioning.models import Instance, Snapshot
 from provisioning.services import pool
+
+from .conftest import reconcile
 
 
 @pytest.mark.parametrize("wait", ["soon", "-1", "61", "nan", "inf", ""])
@@ -165,3 +170,16 @@ def test_a_stopped_pool_server_is_removed_and_replaced(db, settings, committed, 
     [fresh] = Instance.objects.filter(pool=True, status="running")
     assert fresh.pk != server.pk
     assert health.pool() == "redis 1 of 1 ready."
+
+
+def test_a_pool_server_gets_no_scheduled_backups(db, settings, committed):
+    settings.STOCKROOM_POOL = {"mysql": 0, "redis": 1}
+    with committed():
+        services.fill_pool()
+    [server] = Instance.objects.filter(pool=True, status="running")
+    Instance.objects.update(created_at=F("created_at") - timedelta(days=2))  # long past its first backup
+
+    with committed():
+        assert reconcile().backups_requested == 0
+
+    assert not Snapshot.objects.filter(instance=server).exists(), "a pool server holds no data to keep"
