@@ -95,11 +95,11 @@ class Held:
     matching: int = 0  # the owner's instances, deleted ones aside, that match `like` (a name asked for)
 
 
-def holdings(owner: User, *, excluding: Instance | None = None, like: Q | None = None) -> Held:
-    """What check_count and check_memory count, in one query: `excluding` is an instance whose
-    reservation does not count (see check_memory). With `like`, also how many of the owner's
+def holdings(owner: User, *, excluding: int | None = None, like: Q | None = None) -> Held:
+    """What check_count and check_memory count, in one query: `excluding` is the id of an instance
+    whose reservation does not count (see check_memory). With `like`, also how many of the owner's
     instances match it: a create's checks are one read. Call it after hold()."""
-    reserving = RESERVING_MEMORY if excluding is None else RESERVING_MEMORY & ~Q(pk=excluding.pk)
+    reserving = RESERVING_MEMORY if excluding is None else RESERVING_MEMORY & ~Q(pk=excluding)
     mine = Q(owner_id=owner.pk)  # not owner=owner: resolving the relation costs more than the query
     counts: dict[str, Aggregate] = {
         "instances": Count("pk", filter=mine & HOLDING_DATA),
@@ -135,7 +135,7 @@ def check_memory(
     (the one being started, a pool server being taken). `host_only`: the budget alone (the warm
     pool's own servers, which no quota limits). `held`: counted already (holdings, with the same
     `excluding`). Call it after hold()."""
-    held = held or holdings(owner, excluding=excluding)
+    held = held or holdings(owner, excluding=None if excluding is None else excluding.pk)
     quota, budget = settings.STOCKROOM_MEMORY_QUOTA, settings.STOCKROOM_MEMORY_BUDGET
     if held.mine + needs > quota and not host_only:
         raise QuotaExceeded(

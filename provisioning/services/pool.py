@@ -77,24 +77,25 @@ def differences(engine: Engine, options: dict[str, Any]) -> dict[str, Any] | Non
     return changed
 
 
-def candidate(kind: str, alias: str) -> Instance | None:
-    """A ready pool server of `kind` on the backend `alias`: running, held by no one, and running the
-    defaults (an operator may have changed one's options in the admin: that one is not handed out)."""
+def candidate(kind: str, alias: str) -> int | None:
+    """The id of a ready pool server of `kind` on the backend `alias`: running, held by no one, and
+    running the defaults (an operator may have changed one's options in the admin: that one is not
+    handed out)."""
     now = timezone.now()
     servers = (
         Instance.objects.filter(pool=True, kind=kind, backend=alias, status=Status.RUNNING, pending_options={})
         .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=now))
         .order_by("pk")
-        .only("pk", "options")  # no secret decrypted for a look: take() reads the one it gets
+        .values_list("pk", "options")  # no row made, no secret decrypted for a look: take() reads the one it gets
     )
     defaults = get_engine(kind).clean_options({})
-    return next((server for server in servers[:10] if server.options == defaults), None)
+    return next((pk for pk, options in servers[:10] if options == defaults), None)
 
 
-def take(server: Instance, **fields: Any) -> Instance | None:
-    """Give the pool server to its new owner (`fields`: owner, name, options, memory and lifetime):
-    one conditional UPDATE, so that of two creates only one gets it; None if another did. The
-    instance is provisioning, and held (its claim) for `hand_over`, which must follow the commit.
+def take(server_id: int, **fields: Any) -> Instance | None:
+    """Give the pool server `server_id` to its new owner (`fields`: owner, name, options, memory and
+    lifetime): one conditional UPDATE, so that of two creates only one gets it; None if another did.
+    The instance is provisioning, and held (its claim) for `hand_over`, which must follow the commit.
     Call it inside the create's transaction, after the owner's quotas were checked."""
     now = timezone.now()
     fields |= {
@@ -108,10 +109,10 @@ def take(server: Instance, **fields: Any) -> Instance | None:
         "timings": {},
     }
     free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
-    if not Instance.objects.filter(free, pk=server.pk, pool=True, status=Status.RUNNING).update(**fields):
+    if not Instance.objects.filter(free, pk=server_id, pool=True, status=Status.RUNNING).update(**fields):
         return None
     # Its history keeps how the pool started it (no tenant's data is in it): when, and with what.
-    instance = Instance.objects.get(pk=server.pk)
+    instance = Instance.objects.get(pk=server_id)
     instance.owner = owner = fields["owner"]  # as it was given: not read again
     record_event(instance, "", Status.PROVISIONING, f"Requested by {owner}; taken from the warm pool.")
     return instance

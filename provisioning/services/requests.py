@@ -110,20 +110,20 @@ def create_instance(
         # The quota, name and memory checks cannot race with another create or a start.
         capacity.hold(owner)
         name = name or f"{kind}-{secrets.token_hex(3)}"
-        server = pool.candidate(kind, get_backend().alias) if from_pool else None
+        server = pool.candidate(kind, get_backend().alias) if from_pool else None  # its id
         # One read for the three checks. A pool server's reservation becomes the instance's: it is
         # not needed twice.
         held = capacity.holdings(owner, excluding=server, like=Q(kind=kind, name=name))
         capacity.check_count(owner, held)
         if held.matching:
             raise ValidationError({"name": f"You already have a {kind} instance named {name!r}."})
-        capacity.check_memory(owner, reservation, what=what, excluding=server, held=held)
+        capacity.check_memory(owner, reservation, what=what, held=held)
         fields: dict[str, Any] = {
             "name": name,
             "memory_reservation": reservation,
             "memory_limit": engine.memory_limit(cleaned),
         }
-        taken = server and pool.take(server, owner=owner, options=cleaned, **fields, **life)
+        taken = pool.take(server, owner=owner, options=cleaned, **fields, **life) if server is not None else None
         if not taken:
             if server is not None:  # another create took it first: the room it held is not this one's
                 capacity.check_memory(owner, reservation, what=what)
