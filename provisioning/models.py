@@ -48,6 +48,11 @@ BUSY_STATUSES = (
 )
 
 
+# The same, as conditions: for counts that share one query (services/capacity.py).
+HOLDING_DATA = Q(status__in=LIVE_STATUSES) | Q(status=Status.FAILED, holds_data=True)
+RESERVING_MEMORY = Q(status__in=RESERVING_STATUSES)
+
+
 class InstanceQuerySet(models.QuerySet["Instance"]):
     def visible(self) -> "InstanceQuerySet":
         """What users see: everything but deleted rows, which stay only for the record."""
@@ -58,7 +63,7 @@ class InstanceQuerySet(models.QuerySet["Instance"]):
 
     def holding_data(self) -> "InstanceQuerySet":
         """What the count quota counts: every live instance, and every failed one that kept its data."""
-        return self.filter(Q(status__in=LIVE_STATUSES) | Q(status=Status.FAILED, holds_data=True))
+        return self.filter(HOLDING_DATA)
 
     def without_secrets(self) -> "InstanceQuerySet":
         """Rows whose encrypted fields are left undecrypted (each costs a decryption per row, per
@@ -67,7 +72,7 @@ class InstanceQuerySet(models.QuerySet["Instance"]):
 
     def reserving_memory(self) -> "InstanceQuerySet":
         """What the memory budget and quotas count: every instance whose server runs or may run."""
-        return self.filter(status__in=RESERVING_STATUSES)
+        return self.filter(RESERVING_MEMORY)
 
 
 class Instance(models.Model):

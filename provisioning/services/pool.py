@@ -14,7 +14,8 @@ request and under the instance's claim, `hand_over` gives the user a new passwor
 working), applies the options that differ live, with the memory limit, and logs in with the
 user's credentials: the instance is running. A pool server is fresh, never recycled: nobody but the
 portal ever had its credentials, and a server a tenant held is deleted, never put back.
-If the hand-over fails the same row takes the cold path: a worker makes its server from nothing.
+If the hand-over fails the same row takes the cold path: a worker makes its server from nothing
+(create_instance queues it, as it queues any create).
 """
 
 import logging
@@ -76,24 +77,25 @@ def differences(engine: Engine, options: dict[str, Any]) -> dict[str, Any] | Non
     return changed
 
 
-def candidate(kind: str, alias: str) -> Instance | None:
-    """A ready pool server of `kind` on the backend `alias`: running, held by no one, and running the
-    defaults (an operator may have changed one's options in the admin: that one is not handed out)."""
+def candidate(kind: str, alias: str) -> int | None:
+    """The id of a ready pool server of `kind` on the backend `alias`: running, held by no one, and
+    running the defaults (an operator may have changed one's options in the admin: that one is not
+    handed out)."""
     now = timezone.now()
     servers = (
         Instance.objects.filter(pool=True, kind=kind, backend=alias, status=Status.RUNNING, pending_options={})
         .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lt=now))
         .order_by("pk")
-        .only("pk", "options")  # no secret decrypted for a look: take() reads the one it gets
+        .values_list("pk", "options")  # no row made, no secret decrypted for a look: take() reads the one it gets
     )
     defaults = get_engine(kind).clean_options({})
-    return next((server for server in servers[:10] if server.options == defaults), None)
+    return next((pk for pk, options in servers[:10] if options == defaults), None)
 
 
-def take(server: Instance, **fields: Any) -> Instance | None:
-    """Give the pool server to its new owner (`fields`: owner, name, options, memory and lifetime):
-    one conditional UPDATE, so that of two creates only one gets it; None if another did. The
-    instance is provisioning, and held (its claim) for `hand_over`, which must follow the commit.
+def take(server_id: int, **fields: Any) -> Instance | None:
+    """Give the pool server `server_id` to its new owner (`fields`: owner, name, options, memory and
+    lifetime): one conditional UPDATE, so that of two creates only one gets it; None if another did.
+    The instance is provisioning, and held (its claim) for `hand_over`, which must follow the commit.
     Call it inside the create's transaction, after the owner's quotas were checked."""
     now = timezone.now()
     fields |= {
@@ -107,20 +109,23 @@ def take(server: Instance, **fields: Any) -> Instance | None:
         "timings": {},
     }
     free = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
-    if not Instance.objects.filter(free, pk=server.pk, pool=True, status=Status.RUNNING).update(**fields):
+    if not Instance.objects.filter(free, pk=server_id, pool=True, status=Status.RUNNING).update(**fields):
         return None
     # Its history keeps how the pool started it (no tenant's data is in it): when, and with what.
-    instance = Instance.objects.get(pk=server.pk)
-    record_event(instance, "", Status.PROVISIONING, f"Requested by {instance.owner}; taken from the warm pool.")
+    instance = Instance.objects.get(pk=server_id)
+    instance.owner = owner = fields["owner"]  # as it was given: not read again
+    record_event(instance, "", Status.PROVISIONING, f"Requested by {owner}; taken from the warm pool.")
     return instance
 
 
-def hand_over(instance: Instance, *, started: float) -> None:
-    """Make the taken pool server the tenant's (see the module's text); `started` is when the
-    request began (time.monotonic), for its timings. Failing, the instance takes the cold path."""
+def hand_over(instance: Instance, changes: dict[str, Any], *, started: float) -> bool:
+    """Make the taken pool server the tenant's (see the module's text): `changes` are its options
+    that differ from the pool's (`differences`), `started` is when the request began
+    (time.monotonic), for its timings. False if that failed: the instance takes the
+    cold path, its claim released and its status saying why, and the caller queues its provision
+    job (requests.enqueue, which says so in the status if the broker is down)."""
     backend, engine = get_backend(instance.backend), get_engine(instance.kind)
     defaults = engine.clean_options({})
-    changes = differences(engine, instance.options) or {}
     to_server = {name: value for name, value in changes.items() if name in engine.live_settings}
     limit = engine.memory_limit(instance.options)
     try:
@@ -135,8 +140,8 @@ def hand_over(instance: Instance, *, started: float) -> None:
         logger.warning("Instance %s: %s; taking the cold path", instance.pk, why)
         message = f"{why.rstrip('.')}. A new server is being made instead."
         Instance.objects.filter(pk=instance.pk).update(status_message=message, claimed_until=None)
-        jobs.send("provision_instance", instance.pk)
-        return
+        instance.status_message, instance.claimed_until = message, None
+        return False
     timings = {"pool": round(time.monotonic() - started, 4)}
     if transition(
         instance,
@@ -149,13 +154,19 @@ def hand_over(instance: Instance, *, started: float) -> None:
         logger.info("Instance %s was taken from the warm pool in %.3f s", instance.pk, timings["pool"])
     else:  # deleted meanwhile, say: what its owner decided stands
         Instance.objects.filter(pk=instance.pk).update(claimed_until=None)
+    return True
+
+
+# Seconds a refill waits: starting servers takes CPU, which on a host of few cores the creates that
+# emptied the pool need first (each answered within its request, and a burst of them at once).
+REFILL_DELAY = 0.5
 
 
 def fill_later() -> None:
-    """Queue a refill (services/refill.py); a broker that is down only delays it: the reconciler
-    fills the pool every pass."""
+    """Queue a refill (services/refill.py), to start after REFILL_DELAY; a broker that is down only
+    delays it: the reconciler fills the pool every pass."""
     try:
-        jobs.send("fill_pool")
+        jobs.send("fill_pool", countdown=REFILL_DELAY)
     except Exception as exc:  # noqa: BLE001 - kombu raises many kinds of connection errors
         logger.warning("Could not queue a refill of the warm pool: %s", exc)
 

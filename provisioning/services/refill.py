@@ -11,9 +11,10 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Count, Q
 from django.utils import timezone
 
-from ..engines import engines
+from ..engines import engines, get_engine
 from ..models import LIVE_STATUSES, Instance, Status
 from . import capacity, pool
 from .ports import NoFreePort
@@ -32,44 +33,71 @@ def fill() -> dict[str, int]:
     Each new one is recorded as a create is and started by a worker, with the kind's default options.
     Not while a pool server of the kind failed within FAILURE_PAUSE, and not past the host's memory
     budget or ports: tenants come first. Servers beyond the size, or on a backend that is no longer
-    the default, are deleted (the newest first: the oldest are taken first).
+    the default, are deleted (the newest first: the oldest are taken first), and so are stopped ones
+    (an operator stopped it, say): a pool server is never started again, nor handed out stopped.
+    A pool that is as it should be costs one read, and no lock: the reconciler calls this every pass.
     """
-    if not any(pool.size(kind) for kind in engines()) and not Instance.objects.filter(pool=True).live().exists():
-        return {}  # no pool, and nothing left of one
+    alias = settings.STOCKROOM_DEFAULT_BACKEND
+    unsettled = [kind for kind, (usable, unusable) in _counts(alias).items() if usable != pool.size(kind) or unusable]
+    if not unsettled:
+        return {}
     try:
         user = pool.owner()
     except pool.NameTaken as exc:
         logger.error("%s", exc)
         return {}
-    alias, done = settings.STOCKROOM_DEFAULT_BACKEND, {}
-    for kind, engine in engines().items():
+    done = {}
+    for kind in unsettled:
+        engine = get_engine(kind)
         options = engine.clean_options({})
         with transaction.atomic():
             capacity.hold(user)  # one fill at a time: two never both count the same gap
             live = Instance.objects.filter(pool=True, kind=kind, status__in=LIVE_STATUSES)
-            here = live.filter(backend=alias)
-            missing = pool.size(kind) - here.count()
+            usable = _usable(alias)
+            missing = pool.size(kind) - live.filter(usable).count()
             failed = Instance.objects.filter(
                 pool=True, kind=kind, status=Status.FAILED, updated_at__gte=timezone.now() - FAILURE_PAUSE
             )
             asked = 0
-            while asked < missing and not failed.exists():
-                try:
-                    capacity.check_memory(
-                        user, engine.memory_reservation(options), what="a warm-pool server", host_only=True
-                    )
-                    record_new(owner=user, kind=kind, options=options, pool=True)
-                except (capacity.NoCapacity, NoFreePort) as exc:
-                    logger.info("The warm pool of %s stays short by %s: %s", kind, missing - asked, exc)
-                    break
-                asked += 1
-            beyond = list(live.exclude(backend=alias)) + list(
-                here.filter(status=Status.RUNNING).order_by("-pk")[: max(-missing, 0)]
+            if missing > 0 and not failed.exists():
+                while asked < missing:
+                    try:
+                        capacity.check_memory(
+                            user, engine.memory_reservation(options), what="a warm-pool server", host_only=True
+                        )
+                        record_new(owner=user, kind=kind, options=options, pool=True)
+                    except (capacity.NoCapacity, NoFreePort) as exc:
+                        logger.info("The warm pool of %s stays short by %s: %s", kind, missing - asked, exc)
+                        break
+                    asked += 1
+            stopped = list(live.filter(status=Status.STOPPED))
+            beyond = list(live.exclude(usable).exclude(status=Status.STOPPED)) + list(
+                live.filter(usable, status=Status.RUNNING).order_by("-pk")[: max(-missing, 0)]
             )
+        for server in stopped:
+            reason = "This warm-pool server was stopped; pool servers are never started again: it is replaced."
+            asked -= _delete_if_unclaimed(server, by="the warm pool", reason=reason)
         for server in beyond:
             asked -= _delete_if_unclaimed(server, by="the warm pool", reason="The warm pool keeps fewer servers now.")
         done[kind] = asked
     return done
+
+
+def _usable(alias: str) -> Q:
+    """Pool servers that count towards the size: on the default backend (`alias`), and not stopped."""
+    return Q(backend=alias) & ~Q(status=Status.STOPPED)
+
+
+def _counts(alias: str) -> dict[str, tuple[int, int]]:
+    """Kind -> live pool servers that count towards its size, and those that must go; one query."""
+    rows = (
+        Instance.objects.filter(pool=True, status__in=LIVE_STATUSES)
+        .values("kind")
+        .annotate(usable=Count("pk", filter=_usable(alias)), unusable=Count("pk", filter=~_usable(alias)))
+        .order_by()
+    )
+    found = {row["kind"]: (row["usable"], row["unusable"]) for row in rows}
+    return {kind: found.get(kind, (0, 0)) for kind in engines()}
 
 
 def discard(instance: Instance, error: str) -> None:

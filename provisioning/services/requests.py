@@ -14,6 +14,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from .. import crypto
@@ -100,26 +101,29 @@ def create_instance(
     # Only a create from no data whose options differ from the defaults in live ones alone may take
     # a warm-pool server (services/pool.py).
     poolable = from_snapshot is None and not import_file and pool.size(kind) > 0
-    from_pool = poolable and pool.differences(engine, cleaned) is not None
+    changes = pool.differences(engine, cleaned) if poolable else None
+    from_pool = changes is not None
     reservation = engine.memory_reservation(cleaned)
     what = f"a new {engine.label} instance"
 
     with transaction.atomic():
         # The quota, name and memory checks cannot race with another create or a start.
         capacity.hold(owner)
-        capacity.check_count(owner)
         name = name or f"{kind}-{secrets.token_hex(3)}"
-        if Instance.objects.visible().filter(owner=owner, kind=kind, name=name).exists():
+        server = pool.candidate(kind, get_backend().alias) if from_pool else None  # its id
+        # One read for the three checks. A pool server's reservation becomes the instance's: it is
+        # not needed twice.
+        held = capacity.holdings(owner, excluding=server, like=Q(kind=kind, name=name))
+        capacity.check_count(owner, held)
+        if held.matching:
             raise ValidationError({"name": f"You already have a {kind} instance named {name!r}."})
-        server = pool.candidate(kind, get_backend().alias) if from_pool else None
-        # A pool server's reservation becomes the instance's: it is not needed twice.
-        capacity.check_memory(owner, reservation, what=what, excluding=server)
+        capacity.check_memory(owner, reservation, what=what, held=held)
         fields: dict[str, Any] = {
             "name": name,
             "memory_reservation": reservation,
             "memory_limit": engine.memory_limit(cleaned),
         }
-        taken = server and pool.take(server, owner=owner, options=cleaned, **fields, **life)
+        taken = pool.take(server, owner=owner, options=cleaned, **fields, **life) if server is not None else None
         if not taken:
             if server is not None:  # another create took it first: the room it held is not this one's
                 capacity.check_memory(owner, reservation, what=what)
@@ -133,8 +137,8 @@ def create_instance(
                 **fields,
                 **life,
             )
-    if taken:
-        pool.hand_over(taken, started=started)
+    if taken and not pool.hand_over(taken, changes or {}, started=started):
+        enqueue("provision_instance", taken, revert_to=Status.FAILED)  # the cold path, for the same row
     if from_pool:  # a server taken, or none was ready: the pool is short
         pool.fill_later()
     if taken:

@@ -326,10 +326,11 @@ def schedule_backups(*, now: datetime) -> int:
     interval, if shorter), so that its recovery window begins soon. One over the snapshot quota is
     recorded as failed, so that it is tried again an interval later, not at every pass."""
     last = Max("snapshots__created_at", filter=Q(snapshots__trigger=SnapshotTrigger.SCHEDULED))
-    running = Instance.objects.filter(status=Status.RUNNING).annotate(last_backup=last)
+    running = Instance.objects.filter(status=Status.RUNNING, pool=False)  # a pool server holds no data to keep
     due = []
     # What decides it only, as plain values: a pass reads every running instance, few are due.
-    for pk, options, created_at, last_backup in running.values_list("pk", "options", "created_at", "last_backup"):
+    rows = running.annotate(last_backup=last).values_list("pk", "options", "created_at", "last_backup")
+    for pk, options, created_at, last_backup in rows:
         hours = options.get(INTERVAL.name, INTERVAL.default)
         if not hours:
             continue

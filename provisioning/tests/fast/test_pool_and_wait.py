@@ -2,12 +2,18 @@
 server, which servers may be handed out, and how waits are bounded. test_pool.py proves the pool
 against real servers."""
 
-import pytest
+from datetime import timedelta
 
-from provisioning import services
+import pytest
+from django.db.models import F
+
+from provisioning import health, services
+from provisioning.backends.base import BackendError
 from provisioning.engines import get_engine
-from provisioning.models import Instance
+from provisioning.models import Instance, Snapshot
 from provisioning.services import pool
+
+from .conftest import reconcile
 
 
 @pytest.mark.parametrize("wait", ["soon", "-1", "61", "nan", "inf", ""])
@@ -61,15 +67,15 @@ def test_a_pool_server_whose_options_were_changed_or_is_held_is_never_handed_out
     assert pool.candidate("redis", "fake") is None
 
     good = pool_server(alice, port=40005)
-    assert pool.candidate("redis", "fake") == good
+    assert pool.candidate("redis", "fake") == good.pk
 
 
 def test_a_pool_server_is_taken_once(alice, django_user_model):
     server = pool_server(alice, port=40010)
     bob = django_user_model.objects.create_user("bob")
 
-    first = pool.take(server, owner=alice, name="mine")
-    second = pool.take(server, owner=bob, name="also-mine")
+    first = pool.take(server.pk, owner=alice, name="mine")
+    second = pool.take(server.pk, owner=bob, name="also-mine")
 
     assert first is not None and first.owner == alice and not first.pool and first.status == "provisioning"
     assert first.password != "p", "the pool's own password must not be the tenant's"
@@ -97,3 +103,83 @@ def test_nobody_signs_in_as_the_pool_and_a_user_of_its_name_gets_no_pool(client,
 
     assert services.fill_pool() == {}
     assert not Instance.objects.filter(pool=True).exists()
+
+
+def test_a_hand_over_that_fails_while_the_broker_is_down_fails_the_create_saying_so(api, fake, settings, monkeypatch):
+    settings.STOCKROOM_POOL = {"mysql": 0, "redis": 1}
+    server = pool_server(pool.owner(), port=40020)
+    fake.fail_next("set_password", BackendError("the server went away"))
+
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("the broker is down")
+
+    monkeypatch.setattr("provisioning.services.jobs.send", broker_down)
+
+    response = api.post("/api/storage/redis/instances?wait=5", {}, format="json")
+
+    assert response.status_code == 202, response.content
+    body = response.json()
+    assert body["id"] == server.pk and body["status"] == "failed"
+    assert "could not be queued" in body["status_message"] and "Try again" in body["status_message"]
+    assert Instance.objects.get(pk=server.pk).claimed_until is None
+
+
+def test_a_pooled_create_works_out_once_which_options_differ_and_sets_them(api, fake, settings, committed, monkeypatch):
+    settings.STOCKROOM_POOL = {"mysql": 0, "redis": 1}
+    with committed():
+        services.fill_pool()
+    [server] = Instance.objects.filter(pool=True, status="running")
+    asked = []
+    differences = pool.differences
+    monkeypatch.setattr(
+        pool, "differences", lambda engine, options: asked.append(options) or differences(engine, options)
+    )
+
+    response = api.post("/api/storage/redis/instances?wait=5", {"maxmemory": "128mb"}, format="json")
+
+    assert response.status_code == 201, response.content
+    assert response.json()["id"] == server.pk and "pool" in response.json()["timings"]
+    assert fake.server(server.pk).options["maxmemory"] == 128 * 1024**2
+    assert len(asked) == 1, "the create and the hand-over must not each work them out"
+
+
+def test_a_full_pool_costs_a_refill_one_read_and_no_lock(db, settings, committed, django_assert_num_queries):
+    settings.STOCKROOM_POOL = {"mysql": 1, "redis": 1}
+    with committed():
+        services.fill_pool()
+    assert Instance.objects.filter(pool=True, status="running").count() == 2
+
+    with django_assert_num_queries(1):  # the reconciler refills every pass
+        assert not any(services.fill_pool().values())
+
+
+def test_a_stopped_pool_server_is_removed_and_replaced(db, settings, committed, fake):
+    settings.STOCKROOM_POOL = {"mysql": 0, "redis": 1}
+    with committed():
+        services.fill_pool()
+    [server] = Instance.objects.filter(pool=True, status="running")
+    with committed():  # an operator stops it, in the admin say: it is never started again nor handed out
+        services.request_action(instance=server, action="stop", by="an operator")
+    assert Instance.objects.get(pk=server.pk).status == "stopped"
+    assert health.pool() == "Degraded: creates take the cold path until it is full: redis 0 of 1 ready."
+
+    with committed():
+        services.fill_pool()
+
+    assert Instance.objects.get(pk=server.pk).status == "deleted" and fake.server(server.pk) is None
+    [fresh] = Instance.objects.filter(pool=True, status="running")
+    assert fresh.pk != server.pk
+    assert health.pool() == "redis 1 of 1 ready."
+
+
+def test_a_pool_server_gets_no_scheduled_backups(db, settings, committed):
+    settings.STOCKROOM_POOL = {"mysql": 0, "redis": 1}
+    with committed():
+        services.fill_pool()
+    [server] = Instance.objects.filter(pool=True, status="running")
+    Instance.objects.update(created_at=F("created_at") - timedelta(days=2))  # long past its first backup
+
+    with committed():
+        assert reconcile().backups_requested == 0
+
+    assert not Snapshot.objects.filter(instance=server).exists(), "a pool server holds no data to keep"
