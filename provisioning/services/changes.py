@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -83,6 +83,13 @@ def _change(instance: Instance, options: dict[str, Any], name: str | None, *, by
         by_mode[engine.option(option).apply][option] = value
     if refused := {option: _create_only(engine.option(option)) for option in by_mode[CREATE_ONLY]}:
         raise ValidationError(refused)
+    if changed and instance.pool:  # services/pool.py: it would be neither handed out nor replaced
+        raise ValidationError(
+            {
+                NON_FIELD_ERRORS: "A warm-pool server runs its kind's default options until a create takes it, "
+                "and no change: delete it, and the pool starts a fresh one."
+            }
+        )
     if "name" in fields:
         _check_name(instance, fields["name"])
     if changed and instance.status not in CHANGEABLE:

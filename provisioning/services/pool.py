@@ -121,9 +121,9 @@ def take(server_id: int, **fields: Any) -> Instance | None:
 def hand_over(instance: Instance, changes: dict[str, Any], *, started: float) -> bool:
     """Make the taken pool server the tenant's (see the module's text): `changes` are its options
     that differ from the pool's (`differences`), `started` is when the request began
-    (time.monotonic), for its timings. False if that failed: the instance takes the
-    cold path, its claim released and its status saying why, and the caller queues its provision
-    job (requests.enqueue, which says so in the status if the broker is down)."""
+    (time.monotonic), for its timings. False if that failed: its server is removed, the instance
+    takes the cold path, its claim released and its status saying why, and the caller queues its
+    provision job (requests.enqueue, which says so in the status if the broker is down)."""
     backend, engine = get_backend(instance.backend), get_engine(instance.kind)
     defaults = engine.clean_options({})
     to_server = {name: value for name, value in changes.items() if name in engine.live_settings}
@@ -139,6 +139,10 @@ def hand_over(instance: Instance, changes: dict[str, Any], *, started: float) ->
         why = describe("The warm-pool server could not be handed over", instance, exc)
         logger.warning("Instance %s: %s; taking the cold path", instance.pk, why)
         message = f"{why.rstrip('.')}. A new server is being made instead."
+        try:  # half handed over, it is nobody's: gone now, not only once a worker remakes it
+            backend.destroy(instance)
+        except Exception:  # the worker's create destroys what is left first, as every create does
+            logger.exception("Instance %s: could not remove the warm-pool server it was handed", instance.pk)
         Instance.objects.filter(pk=instance.pk).update(status_message=message, claimed_until=None)
         instance.status_message, instance.claimed_until = message, None
         return False

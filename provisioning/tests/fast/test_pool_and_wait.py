@@ -105,9 +105,14 @@ def test_nobody_signs_in_as_the_pool_and_a_user_of_its_name_gets_no_pool(client,
     assert not Instance.objects.filter(pool=True).exists()
 
 
-def test_a_hand_over_that_fails_while_the_broker_is_down_fails_the_create_saying_so(api, fake, settings, monkeypatch):
+def test_a_hand_over_that_fails_while_the_broker_is_down_fails_the_create_saying_so(
+    api, fake, settings, committed, monkeypatch
+):
     settings.STOCKROOM_POOL = {"mysql": 0, "redis": 1}
-    server = pool_server(pool.owner(), port=40020)
+    with committed():
+        services.fill_pool()
+    [server] = Instance.objects.filter(pool=True, status="running")
+    assert fake.server(server.pk) is not None
     fake.fail_next("set_password", BackendError("the server went away"))
 
     def broker_down(*args, **kwargs):
@@ -122,6 +127,18 @@ def test_a_hand_over_that_fails_while_the_broker_is_down_fails_the_create_saying
     assert body["id"] == server.pk and body["status"] == "failed"
     assert "could not be queued" in body["status_message"] and "Try again" in body["status_message"]
     assert Instance.objects.get(pk=server.pk).claimed_until is None
+    assert fake.server(server.pk) is None, "the half-handed-over server was left running, its port given up"
+
+
+def test_an_operator_cannot_change_a_pool_servers_options(admin_client, alice):
+    """A changed pool server would be neither handed out nor replaced: the pool would stay short."""
+    server = pool_server(pool.owner(), port=40030)
+    page = admin_client.post(
+        f"/admin/provisioning/instance/{server.pk}/settings/", {"name": server.name, "maxmemory": "128mb"}
+    )
+    assert page.status_code == 200 and "A warm-pool server runs its kind" in page.content.decode()
+    server.refresh_from_db()
+    assert server.options == get_engine("redis").clean_options({}) and server.pending_options == {}
 
 
 def test_a_pooled_create_works_out_once_which_options_differ_and_sets_them(api, fake, settings, committed, monkeypatch):
