@@ -178,7 +178,8 @@ class Reconciler:
     @staticmethod
     def _check(instance: Instance) -> tuple[str | None, str | None]:
         """(why its login failed, what its disk says): the disk of a running server that answers
-        only. One task per instance: a hand-off to a thread costs about what a Redis login does."""
+        only. One task per instance: a hand-off to a thread costs about what a login over a
+        server's socket does."""
         backend = get_backend(instance.backend)
         # A second chance, so that one slow answer on a busy host does not get a server restarted.
         error = backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT, tries=2)
