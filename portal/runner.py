@@ -87,6 +87,15 @@ class Component:
                 pass
 
 
+def _count(name: str, default: int, *, least: int = 1, why: str = "") -> str:
+    """The whole number in the environment variable `name` (`default` if unset), at least `least`."""
+    value = os.environ.get(name, str(default))
+    if not (value.isascii() and value.isdigit() and int(value) >= least):
+        because = f", one more than {why}" if why else ""
+        raise SystemExit(f"{name}={value!r}: expected a whole number from {least}{because}.")
+    return value
+
+
 def components(*, port: int, broker_config: Path, concurrency: int) -> list[Component]:
     """What `make run` keeps running, in start order (they stop in reverse). One line each."""
     python, portal_env = sys.executable, {**os.environ, "DJANGO_SETTINGS_MODULE": "portal.settings"}
@@ -122,9 +131,12 @@ def components(*, port: int, broker_config: Path, concurrency: int) -> list[Comp
                 "--bind",
                 f"127.0.0.1:{port}",
                 "--workers",
-                os.environ.get("WEB_WORKERS", "2"),
+                _count("WEB_WORKERS", 2),
                 "--threads",
-                os.environ.get("WEB_THREADS", "4"),
+                # Requests waiting for an instance (?wait=) must never hold every thread of a worker.
+                _count(
+                    "WEB_THREADS", 4, least=settings.STOCKROOM_WAITING_REQUESTS + 1, why="STOCKROOM_WAITING_REQUESTS"
+                ),
                 "--graceful-timeout",
                 "3",
                 "--access-logfile",

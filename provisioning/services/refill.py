@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Q
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from ..engines import engines, get_engine
@@ -52,7 +52,7 @@ def fill() -> dict[str, int]:
         options = engine.clean_options({})
         with transaction.atomic():
             capacity.hold(user)  # one fill at a time: two never both count the same gap
-            live = Instance.objects.filter(pool=True, kind=kind, status__in=LIVE_STATUSES)
+            live = _live().filter(kind=kind)
             usable = _usable(alias)
             missing = pool.size(kind) - live.filter(usable).count()
             failed = Instance.objects.filter(
@@ -83,15 +83,21 @@ def fill() -> dict[str, int]:
     return done
 
 
+def _live() -> QuerySet[Instance]:
+    """Pool servers still to reckon with: live, and not on their way out already (one being deleted
+    neither counts towards the size nor is deleted again)."""
+    return Instance.objects.filter(pool=True, status__in=LIVE_STATUSES).exclude(status=Status.DELETING)
+
+
 def _usable(alias: str) -> Q:
-    """Pool servers that count towards the size: on the default backend (`alias`), and not stopped."""
-    return Q(backend=alias) & ~Q(status=Status.STOPPED)
+    """Pool servers that count towards the size: starting or running on the default backend (`alias`)."""
+    return Q(backend=alias, status__in=(Status.PROVISIONING, Status.RUNNING))
 
 
 def _counts(alias: str) -> dict[str, tuple[int, int]]:
     """Kind -> live pool servers that count towards its size, and those that must go; one query."""
     rows = (
-        Instance.objects.filter(pool=True, status__in=LIVE_STATUSES)
+        _live()
         .values("kind")
         .annotate(usable=Count("pk", filter=_usable(alias)), unusable=Count("pk", filter=~_usable(alias)))
         .order_by()

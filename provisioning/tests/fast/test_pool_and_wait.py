@@ -200,3 +200,38 @@ def test_a_pool_server_gets_no_scheduled_backups(db, settings, committed):
         assert reconcile().backups_requested == 0
 
     assert not Snapshot.objects.filter(instance=server).exists(), "a pool server holds no data to keep"
+
+
+def test_a_pool_server_being_deleted_does_not_count_so_no_running_one_goes_with_it(db, settings, committed, fake):
+    """While a stopped or surplus server's deletion runs, the pool is at its size, not above it."""
+    settings.STOCKROOM_POOL = {"mysql": 0, "redis": 1}
+    with committed():
+        services.fill_pool()
+    [running] = Instance.objects.filter(pool=True, status="running")
+    pool_server(pool.owner(), port=40040, status="deleting")
+
+    with committed():
+        assert not any(services.fill_pool().values())
+
+    assert Instance.objects.get(pk=running.pk).status == "running"
+
+
+def test_a_hand_over_that_fails_makes_the_same_instance_from_nothing(api, fake, settings, committed):
+    """The usual failure: the broker is up, the half-handed-over server is removed, and a worker
+    makes the tenant's instance from nothing, with the tenant's options and password."""
+    settings.STOCKROOM_POOL = {"mysql": 0, "redis": 1}
+    with committed():
+        services.fill_pool()
+    [server] = Instance.objects.filter(pool=True, status="running")
+    made_by_the_pool = fake.server(server.pk)
+    fake.fail_next("set_password", BackendError("the server went away"))
+
+    response = api.post("/api/storage/redis/instances?wait=5", {"maxmemory": "128mb"}, format="json")
+
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["id"] == server.pk and body["status"] == "running" and "pool" not in body["timings"]
+    remade = fake.server(server.pk)
+    assert remade is not None and remade is not made_by_the_pool
+    assert remade.options["maxmemory"] == 128 * 1024**2
+    assert remade.password == body["config"]["password"] != server.password

@@ -23,9 +23,18 @@ def test_gunicorn_runs_2_workers_of_4_threads_unless_told(monkeypatch):
     assert (option(web, "--workers"), option(web, "--threads")) == ("2", "4")
 
 
-@pytest.mark.parametrize(("workers", "threads"), [("8", "4"), ("3", "1")])
+@pytest.mark.parametrize(("workers", "threads"), [("8", "4"), ("1", "3")])
 def test_gunicorn_takes_its_workers_and_threads_from_the_environment(monkeypatch, workers, threads):
     monkeypatch.setenv("WEB_WORKERS", workers)
     monkeypatch.setenv("WEB_THREADS", threads)
     web = argv_of("web")
     assert (option(web, "--workers"), option(web, "--threads")) == (workers, threads)
+
+
+@pytest.mark.parametrize(("name", "value"), [("WEB_WORKERS", "0"), ("WEB_WORKERS", "two"), ("WEB_THREADS", "2")])
+def test_a_size_that_is_no_count_or_lets_waits_hold_every_thread_stops_make_run(monkeypatch, settings, name, value):
+    """With STOCKROOM_WAITING_REQUESTS (2) waits allowed per process, 2 threads could all be waiting."""
+    settings.STOCKROOM_WAITING_REQUESTS = 2
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=name):
+        argv_of("web")
