@@ -134,6 +134,7 @@ DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / '
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["ENGINE"] = "portal.sqlite"  # write transactions queue: see portal/sqlite/base.py
     # Concurrent creates from several web threads and the worker: wait for the write
     # lock instead of failing with "database is locked".
     DATABASES["default"].setdefault("OPTIONS", {}).update(

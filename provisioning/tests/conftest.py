@@ -17,6 +17,7 @@ import pytest
 import redis
 import standardwebhooks
 from django.conf import settings
+from django.db import connection
 from rest_framework.test import APIClient
 
 from devtools.stack import free_port
@@ -29,7 +30,7 @@ from provisioning.services.tokens import create_token
 def pytest_report_header(config) -> str:
     database = settings.DATABASES["default"]
     test_name = database.get("TEST", {}).get("NAME") or f"test_{database['NAME']}"
-    if database["ENGINE"] == "django.db.backends.sqlite3":
+    if connection.vendor == "sqlite":
         return f"database: SQLite, {test_name}"
     return f"database: {database['ENGINE'].rsplit('.', 1)[1]} at {database['HOST']}:{database['PORT']}, {test_name}"
 
@@ -38,9 +39,9 @@ def database_url() -> str:
     """DATABASE_URL for another process that must see the test database (which Django
     names at set-up, e.g. test_postgres), whichever database the suite runs on."""
     database = settings.DATABASES["default"]
-    if database["ENGINE"] == "django.db.backends.sqlite3":
+    if connection.vendor == "sqlite":
         return f"sqlite:///{database['NAME']}"
-    assert database["ENGINE"] == "django.db.backends.postgresql", "the tests run on SQLite or PostgreSQL"
+    assert connection.vendor == "postgresql", "the tests run on SQLite or PostgreSQL"
     login = quote(database["USER"], safe="")
     if database["PASSWORD"]:
         login += ":" + quote(database["PASSWORD"], safe="")
