@@ -6,23 +6,29 @@ again, each sleep longer than the last (SQLite's busy handler: 1, 2, 5, 10, 15, 
 most of each create's time went on such sleeps.
 
 Here a write transaction (`BEGIN IMMEDIATE`, as settings.py asks for) first takes an exclusive
-`flock` on a file beside the database, and holds it until it commits or rolls back. Waiting
-writers of every process and thread sleep in the kernel, which wakes one of them as soon as the
-lock is free. Reads take no such lock (WAL lets them run beside a write), nor does a single
-statement outside a transaction, which still waits in SQLite's busy handler. A process that dies
-holding the lock loses it with its descriptors. The wait has no timeout of its own: it lasts as
-long as the transactions ahead of it, which SQLite's lock made every writer wait for as well.
+`flock` on a file beside the database, and holds it until it commits or rolls back. A writer
+that finds it taken tries again every millisecond, for as long as the database's `timeout`
+(OPTIONS; SQLite's own wait), and then fails as SQLite would: "database is locked". Reads take
+no such lock (WAL lets them run beside a write), nor does a single statement outside a
+transaction, which still waits in SQLite's busy handler. A process that dies holding the lock
+loses it with its descriptors.
 """
 
 import fcntl
 import os
+import stat
+import time
 
+from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.sqlite3 import base
+from django.db.utils import OperationalError
+
+RETRY = 0.001  # seconds between tries for a taken lock
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
     _queue: int | None = None  # the lock file's descriptor, opened with the connection
-    _queue_pid = 0  # the process that opened it: a forked child must not share its lock
+    _queue_pid = 0  # the process that opened it: a flock belongs to the open file, which a fork shares
     _writing = False  # whether this connection holds the lock (within a transaction)
 
     def queue_path(self) -> str:
@@ -38,20 +44,39 @@ class DatabaseWrapper(base.DatabaseWrapper):
     def _open_queue(self) -> None:
         if self._queue is not None:  # inherited from the parent: closing it leaves the parent's lock be
             os.close(self._queue)
-        self._queue = os.open(self.queue_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._queue_pid, self._writing = os.getpid(), False
+            self._queue = None
+        path = self.queue_path()
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        found = os.fstat(descriptor)
+        if found.st_uid != os.geteuid() or not stat.S_ISREG(found.st_mode):
+            os.close(descriptor)  # whoever can hold it can stop every write
+            raise ImproperlyConfigured(f"{path} is not a file of this user's: remove it, or move the database.")
+        os.fchmod(descriptor, 0o600)
+        self._queue, self._queue_pid, self._writing = descriptor, os.getpid(), False
 
     def _start_transaction_under_autocommit(self):
         if self._queue is not None:
-            if self._queue_pid != os.getpid():  # a flock belongs to the open file, which a fork shares
+            if self._queue_pid != os.getpid():
                 self._open_queue()
-            fcntl.flock(self._queue, fcntl.LOCK_EX)
-            self._writing = True
+            self._join_queue()
         try:
             super()._start_transaction_under_autocommit()
         except BaseException:
             self._leave_queue()
             raise
+
+    def _join_queue(self) -> None:
+        assert self._queue is not None
+        deadline = time.monotonic() + float(self.settings_dict["OPTIONS"].get("timeout", 5))
+        while True:
+            try:
+                fcntl.flock(self._queue, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OperationalError("database is locked: another write transaction held it too long") from None
+                time.sleep(RETRY)
+        self._writing = True
 
     def _commit(self):
         try:
@@ -72,13 +97,12 @@ class DatabaseWrapper(base.DatabaseWrapper):
             self._close_queue()
 
     def _leave_queue(self) -> None:
-        if self._writing and self._queue is not None:
+        if self._writing and self._queue is not None and self._queue_pid == os.getpid():
             self._writing = False
             fcntl.flock(self._queue, fcntl.LOCK_UN)
 
     def _close_queue(self) -> None:
-        if self._queue_pid == os.getpid():  # not a lock a parent holds on the open file it shares
-            self._leave_queue()
+        self._leave_queue()
         if self._queue is not None:
             os.close(self._queue)
             self._queue = None
