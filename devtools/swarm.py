@@ -18,7 +18,8 @@ unmounted, and the namespaces, veths, bridge, cgroups and directories are remove
 
 Runs from several checkouts at once do not meet: each takes a free slot (a lock on
 /run/srswarm-<slot>.lock, held for the whole run), and every name, address and path carries the
-slot. A slot taken again after a run that was killed is first cleared of what that run left.
+slot. Before a run claims its slot, `sweep()` clears every slot that no run holds of what a killed
+run left there.
 
 Workers' daemons start under `nsenter --net=…`, not `ip netns exec`: the latter remounts /sys, and
 dockerd then stops with "Devices cgroup isn't mounted" on these cgroup-v1 machines.
@@ -35,6 +36,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import docker
 
@@ -263,6 +265,13 @@ class Swarm:
         for folder in (self.run_dir, self.data_dir):
             shutil.rmtree(folder, ignore_errors=True)
 
+    def has_leftovers(self) -> bool:
+        """Whether anything of this slot exists: its folders, links, namespaces or cgroups."""
+        links = [self.bridge, self.gateway_bridge, *(self.veth(worker) for worker in self.workers)]
+        paths = [self.run_dir, self.data_dir, *(Path("/sys/class/net") / link for link in links)]
+        paths += [Path("/run/netns") / worker.netns for worker in self.workers if worker.netns]
+        return any(path.exists() for path in paths) or bool(self.cgroup_dirs())
+
     def leave_swarm(self) -> None:
         """Workers first, the manager last; a node whose daemon is down is skipped."""
         for node in [*self.workers, self.manager]:
@@ -397,44 +406,74 @@ def clashes(network: ipaddress.IPv4Network, own_links: tuple[str, ...]) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def claim_slot() -> Iterator[int]:
-    """A slot no other run holds, locked until the block ends; the lock file is removed then.
+def lock_slot(slot: int) -> IO[str] | None:
+    """The slot's lock, held until `unlock_slot`, or None when another run holds it.
 
     The lock is taken on an open file and then checked to still be the file at that path, since a
     run that ends unlinks its lock file while another may be waiting on it."""
+    path = RUN_ROOT / f"{PREFIX}-{slot}.lock"
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+        handle.close()
+        return None
+    return handle
+
+
+def unlock_slot(slot: int, handle: IO[str]) -> None:
+    (RUN_ROOT / f"{PREFIX}-{slot}.lock").unlink(missing_ok=True)
+    handle.close()
+
+
+@contextlib.contextmanager
+def claim_slot() -> Iterator[int]:
+    """A slot no other run holds and whose addresses clash with nothing, locked until the block
+    ends; the lock file is removed then."""
     for slot in SLOTS:
-        path = RUN_ROOT / f"{PREFIX}-{slot}.lock"
-        handle = path.open("a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            continue
-        if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
-            handle.close()
+        handle = lock_slot(slot)
+        if handle is None:
             continue
         cluster = Swarm(slot)
         own = (cluster.bridge, cluster.gateway_bridge, *(cluster.veth(w) for w in cluster.workers))
         if clashes(cluster.network, own) or clashes(cluster.gateway_network, own):
-            path.unlink()
-            handle.close()
+            unlock_slot(slot, handle)
             continue
         try:
             yield slot
         finally:
-            path.unlink()
-            handle.close()
+            unlock_slot(slot, handle)
         return
     raise SwarmError(f"no free slot among {PREFIX}-{SLOTS.start}…{SLOTS.stop - 1}")
+
+
+def sweep() -> list[int]:
+    """Clear every slot that no run holds of what a run killed there left behind; the slots cleared."""
+    cleared = []
+    for slot in SLOTS:
+        cluster = Swarm(slot)
+        if not cluster.has_leftovers():
+            continue
+        handle = lock_slot(slot)
+        if handle is None:
+            continue
+        try:
+            cluster.teardown()
+            cleared.append(slot)
+        finally:
+            unlock_slot(slot, handle)
+    return cleared
 
 
 @contextlib.contextmanager
 def swarm(image: str | None = None, image_source: str | None = None) -> Iterator[Swarm]:
     """A new three-node swarm (see the module's docstring), taken down however the block ends."""
+    sweep()
     with claim_slot() as slot:
         cluster = Swarm(slot)
-        cluster.teardown()  # what a run killed while it held this slot left behind
         try:
             cluster.setup(image, image_source)
             yield cluster
