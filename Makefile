@@ -21,7 +21,8 @@ run: system $(VENV)/.installed .env env-upgrade
 # `make check` first; then the whole suite twice: on SQLite, then on a throwaway PostgreSQL cluster
 # (127.0.0.1:32702) that scripts/with-postgres starts and removes. Docker-backend tests need an engine
 # and a locally built image; ensure-docker prepares both and the dockerd it may start is stopped
-# when the tests end.
+# when the tests end. The swarm tests (test_swarm_cluster.py) copy that image onto a three-node swarm
+# that devtools/swarm.py builds and takes down in each run.
 test: check test-system $(VENV)/.installed-dev
 	@docker_env=$$(scripts/ensure-docker) || exit 1; set -a; eval "$$docker_env"; set +a; \
 	status=0; \
