@@ -67,7 +67,7 @@ class Node:
     cgroup_parent: str
     pid: int | None = None
     node_id: str = ""
-    process: subprocess.Popen | None = field(default=None, repr=False)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -101,13 +101,13 @@ class Swarm:
     def __init__(self, slot: int):
         self.slot = slot
         self.name = f"{PREFIX}-{slot}"
-        self.network = ipaddress.ip_network(f"10.213.{slot}.0/24")
+        self.network = ipaddress.IPv4Network(f"10.213.{slot}.0/24")
         self.bridge = self.name
         # A swarm node joins its ingress network through a bridge named docker_gwbridge, which
         # dockerd creates (172.18.0.0/16) unless one exists. The manager's would be in the root
         # namespace, shared with other runs and left behind: it gets one of ours instead.
         self.gateway_bridge = f"{self.name}-gw"
-        self.gateway_network = ipaddress.ip_network(f"10.214.{slot}.0/24")
+        self.gateway_network = ipaddress.IPv4Network(f"10.214.{slot}.0/24")
         # Two managers in one namespace cannot share the VXLAN port (4789 by default).
         self.data_path_port = 4800 + slot
         self.run_dir = RUN_ROOT / self.name
@@ -239,7 +239,7 @@ class Swarm:
                 assert load.stdin is not None and load.stderr is not None
                 load.stdin.close()
             save.wait()
-            failures = [(name, load.wait(), load.stderr.read()) for name, load in loads.items()]
+            failures = [(name, load.wait(), load.stderr.read() if load.stderr else b"") for name, load in loads.items()]
         if save.returncode != 0:
             raise SwarmError(f"docker save {image} from {source} failed ({save.returncode})")
         if failed := [failure for failure in failures if failure[1] != 0]:
@@ -372,7 +372,7 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def alive(pid: int, process: subprocess.Popen | None) -> bool:
+def alive(pid: int, process: subprocess.Popen[bytes] | None) -> bool:
     """Whether `pid` still runs (a zombie does not); our own child is reaped on the way."""
     if process is not None:
         return process.poll() is None
