@@ -163,9 +163,14 @@ def start_broker(folder: Path, port: int, password: str) -> subprocess.Popen:
     config = folder / "redis.conf"
     config.write_text(f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\nrequirepass "{password}"\n')
     config.chmod(0o600)
-    return subprocess.Popen(
-        ["redis-server", str(config)], cwd=folder, stdout=subprocess.DEVNULL, env={"PATH": os.environ["PATH"]}
-    )
+    with open(folder / "server.log", "wb") as log:
+        return subprocess.Popen(
+            ["redis-server", str(config)],
+            cwd=folder,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={"PATH": os.environ["PATH"]},
+        )
 
 
 @pytest.fixture
@@ -175,6 +180,9 @@ def broker(tmp_path):
     client = redis.Redis(port=port, password=settings.CELERY_BROKER_PASSWORD, retry=NO_RETRY)
 
     def answers() -> bool:
+        if server.poll() is not None:
+            log = (tmp_path / "broker" / "server.log").read_text(errors="replace").strip().splitlines()[-3:]
+            pytest.fail(f"The test broker on port {port} exited ({server.returncode}): {' | '.join(log)}")
         try:
             return client.ping()
         except redis.ConnectionError:
