@@ -417,6 +417,31 @@ STOCKROOM_BACKENDS = {
             "uid_base": env.int("DOCKER_UID_BASE", default=2_000_000_000),
         },
     },
+    # Instances spread over the nodes of a Docker Swarm (provisioning/backends/swarm.py; the README's
+    # operator's guide says how to add and retire a node).
+    "swarm": {
+        "BACKEND": "provisioning.backends.swarm.SwarmBackend",
+        "OPTIONS": {
+            # A manager's API; instances go on nodes labelled SWARM_NODE_LABEL.
+            "manager_url": env.str("SWARM_MANAGER_URL", default="unix:///var/run/docker.sock"),
+            # The address the nodes see the portal's connections come from: the only one servers'
+            # administrative accounts accept (MySQL's).
+            "portal_address": env.str("SWARM_PORTAL_ADDRESS", default=""),
+            "node_label": env.str("SWARM_NODE_LABEL", default="stockroom.role=db"),
+            # On every node: a folder of root's, made when the node joins (see the README).
+            "data_root": env.str("SWARM_DATA_ROOT", default="/var/lib/stockroom-swarm"),
+            "images": {
+                kind: image
+                for kind, image in (
+                    ("mysql", env.str("SWARM_MYSQL_IMAGE", default=env.str("DOCKER_MYSQL_IMAGE", default=""))),
+                    ("redis", env.str("SWARM_REDIS_IMAGE", default=env.str("DOCKER_REDIS_IMAGE", default=""))),
+                )
+                if image
+            },
+            "portal_id": STOCKROOM_PORTAL_ID,
+            "uid_base": env.int("DOCKER_UID_BASE", default=2_000_000_000),
+        },
+    },
 }
 
 STOCKROOM_DEFAULT_BACKEND = env.str("STOCKROOM_BACKEND", default="local")

@@ -13,3 +13,8 @@ class ImportRefused(BackendError):
     """A file the owner uploaded cannot be loaded as it is (cut short, not of the engine's format,
     or it asks for rights the tenant lacks); nothing was changed. The message says why, and where
     in the file."""
+
+
+class NoRoom(BackendError):
+    """No host the backend may place a new server on has room for it (503); the message says what
+    was looked at."""

@@ -16,6 +16,7 @@ class Status(models.TextChoices):
     PROVISIONING = "provisioning"
     RUNNING = "running"
     UNHEALTHY = "unhealthy"  # running, but it stopped answering; being restarted
+    UNREACHABLE = "unreachable"  # its host is out of reach; it comes back, with its data, when the host does
     STOPPING = "stopping"
     STOPPED = "stopped"
     STARTING = "starting"

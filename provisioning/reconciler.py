@@ -22,7 +22,7 @@ from .services import certificates, expiry, exports, healing, logs, refill, snap
 
 logger = logging.getLogger(__name__)
 
-PROBED = (Status.RUNNING, Status.UNHEALTHY)
+PROBED = (Status.RUNNING, Status.UNHEALTHY, Status.UNREACHABLE)
 HEARTBEAT = "reconciler"  # the Heartbeat row /healthz reads
 TURN = timedelta(minutes=5)  # how long a pass holds its turn without renewing it (once per phase)
 
@@ -33,6 +33,7 @@ class Pass:
 
     probed: int = 0
     unhealthy: list[int] = field(default_factory=list)
+    unreachable: list[int] = field(default_factory=list)  # their host is out of reach
     recovered: list[int] = field(default_factory=list)
     heals: list[int] = field(default_factory=list)
     stuck: list[int] = field(default_factory=list)
@@ -58,7 +59,10 @@ class Pass:
 
     def summary(self) -> str:
         """For the heartbeat, which /healthz shows to staff: counts, not instance ids."""
-        text = f"probed {self.probed}, unhealthy {len(self.unhealthy)}, stuck {len(self.stuck)}, orphans {self.orphans}"
+        text = (
+            f"probed {self.probed}, unhealthy {len(self.unhealthy)}, unreachable {len(self.unreachable)}, "
+            f"stuck {len(self.stuck)}, orphans {self.orphans}"
+        )
         return text + (f"; failed: {', '.join(self.failed_phases)}" if self.failed_phases else "")
 
 
@@ -126,7 +130,8 @@ class Reconciler:
                 done["beat_at"] = self.clock()
             Heartbeat.objects.filter(name=HEARTBEAT, running_until=turn).update(**done)
         acted = report.expired or report.idle_stopped or report.pool_discarded or report.pool_filled
-        if report.unhealthy or report.recovered or report.heals or report.stuck or report.failed_phases or acted:
+        health = report.unhealthy or report.unreachable or report.recovered or report.heals or report.stuck
+        if health or report.failed_phases or acted:
             logger.info("Reconcile pass: %s", report)
         return report
 
@@ -163,10 +168,13 @@ class Reconciler:
                 continue
             if error is None and instance.status == Status.RUNNING:
                 healing.disk_report(instance, disk)
-            if error is None and instance.status == Status.UNHEALTHY:
+            if error is None and instance.status in (Status.UNHEALTHY, Status.UNREACHABLE):
                 if healing.answers_again(instance):
                     report.recovered.append(instance.pk)
-            elif error is not None and instance.status == Status.RUNNING:
+            elif error is not None and (why := get_backend(instance.backend).unreachable(instance)):
+                if instance.status != Status.UNREACHABLE and healing.out_of_reach(instance, error, why):
+                    report.unreachable.append(instance.pk)
+            elif error is not None and instance.status in (Status.RUNNING, Status.UNREACHABLE):
                 if healing.stopped_answering(instance, error, now=now):
                     report.unhealthy.append(instance.pk)
                     if instance.next_restart_at is not None and instance.next_restart_at <= now:

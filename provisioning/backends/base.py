@@ -47,6 +47,8 @@ class BaseBackend:
     moves_ports = False
     # Whether `archive_logs` and `restore(..., replay)` work: point-in-time recovery.
     point_in_time = False
+    # Whether servers go on one of many hosts, chosen by `place` when an instance is requested.
+    places = False
 
     def __init__(self, alias: str, **options: Any):
         self.alias = alias
@@ -222,6 +224,12 @@ class BaseBackend:
         memory, say), as a short clause for its status; None if it knows nothing."""
         return None
 
+    def unreachable(self, instance: "Instance") -> str | None:
+        """Why the host of an instance whose server does not answer is out of the portal's reach (a
+        clause for its status), or None if its host is there (the server itself is down). Backends
+        of one host never say."""
+        return None
+
     def probe(self, instance: "Instance", timeout: float = 2.0) -> None:
         """Log in with the user's credentials; raise if the server does not answer.
 
@@ -324,6 +332,12 @@ class BaseBackend:
         except OSError:
             return False
         return True
+
+    def place(self, needs: int, reserved: dict[str, int]) -> str:
+        """For a backend that `places`: the host a new server that reserves `needs` bytes of memory
+        goes on, given what the portal's instances of this backend reserve on each host already
+        (host -> bytes). Raises NoRoom if no host has room."""
+        raise NotImplementedError("Backends that place servers must say where.")
 
     def check(self) -> str:
         """Whether the backend can create instances now; for /healthz.

@@ -46,6 +46,10 @@ class Layout:
     # The folder of the files the portal writes (config, ACL, init file): the server reads them and
     # cannot change them. None in a container, where each such file is mounted on its own.
     config: PurePath | None = None
+    # The address the portal administers the server from over TCP, where it cannot reach its Unix
+    # socket (a server on another host): the engine gives its administrative account that address
+    # alone, and keeps on its own disk what the portal changes in it (`set_password`'s `write` is None).
+    admin_from: str | None = None
 
     @classmethod
     def under(cls, config: PurePath, writable: PurePath, *, bind_address: str, port: int) -> "Layout":
@@ -77,10 +81,13 @@ class Endpoint:
     host: str
     port: int
     socket: str | None = None
+    # Over TCP: the CA's PEM the server's certificate is checked against (the instance serves TLS).
+    tls_ca: str | None = None
 
 
 # Writes one of the instance's files (by its name, e.g. "users.acl") where the server reads it.
-WriteFile = Callable[[str, str], None]
+# None where the backend cannot (a server on another host): the server keeps the change itself.
+WriteFile = Callable[[str, str], None] | None
 
 
 class Host(Protocol):
@@ -478,7 +485,8 @@ class Engine:
         sessions opened with it are ended.
 
         `admin` is where the portal's own account reaches the server (its Unix socket when it has
-        one); `write` replaces one of the instance's files where the server reads it.
+        one); `write` replaces one of the instance's files where the server reads it, or is None
+        where the backend cannot write them: the server keeps the new password on its own disk.
         """
         raise NotImplementedError("Engines must say how a password is changed.")
 

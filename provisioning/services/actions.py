@@ -47,4 +47,4 @@ ACTIONS = {
 }
 
 ACTION_OF = {spec.busy: name for name, spec in ACTIONS.items()}  # what a busy status is busy with
-DELETABLE = (Status.RUNNING, Status.UNHEALTHY, Status.STOPPED, Status.FAILED)
+DELETABLE = (Status.RUNNING, Status.UNHEALTHY, Status.STOPPED, Status.FAILED, Status.UNREACHABLE)

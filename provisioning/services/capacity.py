@@ -111,6 +111,18 @@ def holdings(owner: User, *, excluding: int | None = None, like: Q | None = None
     return Held(**Instance.objects.aggregate(**counts))
 
 
+def reserved_by_host(backend: str) -> dict[str, int]:
+    """Host -> the bytes of memory reserved there by the instances of `backend` (one that `places`
+    servers on many hosts). Call it after hold(), as the other checks."""
+    rows = (
+        Instance.objects.reserving_memory()
+        .filter(backend=backend)
+        .values("host")
+        .annotate(total=Sum("memory_reservation", default=0))
+    )
+    return {row["host"]: row["total"] for row in rows}
+
+
 def check_count(owner: User, held: Held) -> None:
     """Raise QuotaExceeded if the owner holds STOCKROOM_QUOTA instances with data already (`held`,
     from holdings)."""

@@ -46,7 +46,7 @@ def stopped_answering(instance: Instance, error: str, *, now: datetime) -> bool:
         Status.UNHEALTHY,
         f"Stopped answering ({error}{f'; {why}' if why else ''}); restarting it.",
         side=Side.HEALER,
-        allowed_from=(Status.RUNNING,),
+        allowed_from=(Status.RUNNING, Status.UNREACHABLE),  # unreachable: its host is back, its server is not
         unchanged_since=up_since,
         also={"restart_attempts": attempts, "next_restart_at": now + timedelta(seconds=wait)},
     )
@@ -67,8 +67,27 @@ def disk_report(instance: Instance, full: str | None) -> None:
 
 
 def answers_again(instance: Instance) -> bool:
-    """An unhealthy server answered the probe: it is running."""
-    return transition(instance, Status.RUNNING, "Answers again.", side=Side.HEALER, allowed_from=(Status.UNHEALTHY,))
+    """An unhealthy (or unreachable) server answered the probe: it is running."""
+    back = instance.status == Status.UNREACHABLE
+    return transition(
+        instance,
+        Status.RUNNING,
+        "Its host is back, and it answers again." if back else "Answers again.",
+        side=Side.HEALER,
+        allowed_from=(Status.UNREACHABLE,) if back else (Status.UNHEALTHY,),
+    )
+
+
+def out_of_reach(instance: Instance, error: str, why: str) -> bool:
+    """A server that did not answer is on a host the backend cannot reach (`why`): no restart can
+    help, so it is marked unreachable until the host is back."""
+    return transition(
+        instance,
+        Status.UNREACHABLE,
+        f"Out of reach ({error}): {why}. It comes back with its data when its host does.",
+        side=Side.HEALER,
+        allowed_from=(Status.RUNNING, Status.UNHEALTHY),
+    )
 
 
 def restart_due(instance: Instance, *, now: datetime) -> bool:

@@ -20,6 +20,7 @@ from django.utils import timezone
 from .. import crypto
 from ..backends.base import get_backend
 from ..engines import OptionErrors, get_engine
+from ..errors import NoRoom
 from ..models import Instance, Snapshot, SnapshotStatus, Status
 from . import capacity, jobs, logs, pool
 from .actions import ACTIONS, DELETABLE
@@ -155,11 +156,17 @@ def record_new(*, owner: User, kind: str, options: dict[str, Any], pool: bool = 
     fields.setdefault("name", f"{kind}-{secrets.token_hex(3)}")
     fields.setdefault("memory_reservation", engine.memory_reservation(options))
     fields.setdefault("memory_limit", engine.memory_limit(options))
+    host = backend.public_host
+    if backend.places:  # the host with room on a backend of many hosts
+        try:
+            host = backend.place(fields["memory_reservation"], capacity.reserved_by_host(backend.alias))
+        except NoRoom as exc:
+            raise NoCapacity(str(exc)) from None
     instance = Instance(
         owner=owner,
         kind=kind,
         backend=backend.alias,
-        host=backend.public_host,
+        host=host,
         options=options,
         status_message="Waiting for a worker to start the server.",
         password=crypto.generate_password(),

@@ -36,9 +36,10 @@ TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
         S.UNHEALTHY: frozenset({S.DELETING, S.STOPPING, S.RESTARTING, S.RESTORING}),
         S.STOPPED: frozenset({S.DELETING, S.STARTING}),
         S.FAILED: frozenset({S.DELETING}),
+        S.UNREACHABLE: frozenset({S.DELETING}),
         # The job could not be queued: back to where the instance was (a create fails).
         S.PROVISIONING: frozenset({S.FAILED}),
-        S.DELETING: frozenset({S.RUNNING, S.UNHEALTHY, S.STOPPED, S.FAILED}),
+        S.DELETING: frozenset({S.RUNNING, S.UNHEALTHY, S.STOPPED, S.FAILED, S.UNREACHABLE}),
         S.STOPPING: frozenset({S.RUNNING, S.UNHEALTHY}),
         S.RESTARTING: frozenset({S.RUNNING, S.UNHEALTHY}),
         S.STARTING: frozenset({S.STOPPED}),
@@ -61,8 +62,10 @@ TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
         S.IMPORTING: frozenset({S.RUNNING, S.UNHEALTHY}),
     },
     Side.HEALER: {
-        S.RUNNING: frozenset({S.UNHEALTHY}),
-        S.UNHEALTHY: frozenset({S.RUNNING, S.FAILED}),
+        S.RUNNING: frozenset({S.UNHEALTHY, S.UNREACHABLE}),
+        S.UNHEALTHY: frozenset({S.RUNNING, S.FAILED, S.UNREACHABLE}),
+        # Its host is back: it answers, or it is restarted as any server that stopped answering.
+        S.UNREACHABLE: frozenset({S.RUNNING, S.UNHEALTHY}),
     },
 }
 

@@ -5,6 +5,7 @@ import fcntl
 import gzip
 import hashlib
 import io
+import ipaddress
 import logging
 import re
 import secrets
@@ -13,7 +14,7 @@ import ssl
 import time
 import zlib
 import zoneinfo
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path, PurePath, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, cast
@@ -463,7 +464,7 @@ class MySQL(Engine):
             files={self.config_name: config, **self.tls_container_files(instance)},
             init_dir=INIT_DIR,
             init_files={
-                INIT_FILE: self.accounts_sql(instance),
+                INIT_FILE: self.accounts_sql(instance, admin_from=layout.admin_from),
                 ROOT_HASH_FILE: native_password_hash(instance.admin_password),
             },
             # Names of files, and no root but root@localhost, which only the socket reaches. Once
@@ -485,10 +486,10 @@ class MySQL(Engine):
         return dataclasses.replace(
             spec,
             files={**spec.files, self.config_name: (path, config)},
-            init_files={**spec.init_files, INIT_FILE: self.init_sql(instance)},
+            init_files={**spec.init_files, INIT_FILE: self.init_sql(instance, admin_from=layout.admin_from)},
         )
 
-    def init_sql(self, instance: "Instance") -> str:
+    def init_sql(self, instance: "Instance", *, admin_from: str | None = None) -> str:
         """Statements a local server runs once, at first start: `accounts_sql` and the admin
         password. One statement per line (MariaDB's --init-file reads lines); passwords appear only
         hashed.
@@ -497,12 +498,21 @@ class MySQL(Engine):
             f"ALTER USER '{ADMIN_USERNAME}'@'localhost' IDENTIFIED BY PASSWORD "
             f"'{native_password_hash(instance.admin_password)}';"
         )
-        return "\n".join([*ONLY_PORTAL_ROOT, root, *self._user_statements(instance), ""])
+        return self.accounts_sql(instance, admin_from=admin_from, also=[root])
 
-    def accounts_sql(self, instance: "Instance") -> str:
+    def accounts_sql(self, instance: "Instance", *, admin_from: str | None = None, also: Sequence[str] = ()) -> str:
         """No account but root@localhost and the user's; the user's database and account, its
-        password hashed. In a container, the image sets root's password once these have run."""
-        return "\n".join([*ONLY_PORTAL_ROOT, *self._user_statements(instance), ""])
+        password hashed. In a container, the image sets root's password once these have run. With
+        `admin_from` (an address: names are not resolved), root may also log in over TCP from there
+        alone, with the same password: the portal administers a server it has no socket of so."""
+        remote = []
+        if admin_from is not None:
+            account = f"'{ADMIN_USERNAME}'@'{ipaddress.ip_address(admin_from)}'"
+            remote = [
+                f"CREATE USER {account} IDENTIFIED BY PASSWORD '{native_password_hash(instance.admin_password)}';",
+                f"GRANT ALL PRIVILEGES ON *.* TO {account} WITH GRANT OPTION;",
+            ]
+        return "\n".join([*ONLY_PORTAL_ROOT, *also, *remote, *self._user_statements(instance), ""])
 
     @staticmethod
     def _user_statements(instance: "Instance") -> list[str]:
@@ -926,6 +936,7 @@ class MySQL(Engine):
         the server's certificate verified against it; not its name: the portal reaches the server
         at its bind address, and has checked that the listener is the instance's own."""
         context: ssl.SSLContext | None = None
+        tls_ca = tls_ca or endpoint.tls_ca
         if tls_ca and not endpoint.socket:
             context = ssl.create_default_context(cadata=tls_ca)
             context.check_hostname = False

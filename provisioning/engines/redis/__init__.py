@@ -355,14 +355,20 @@ class Redis(Engine):
         )
 
     def container(self, instance: "Instance", layout: Layout) -> Container:
-        config = CONFIG_DIR / self.config_name
+        config, acl = CONFIG_DIR / self.config_name, CONFIG_DIR / ACL_FILE
+        command = ["redis-server", str(config)]
+        if layout.acl != acl:
+            # An ACL the server itself rewrites (ACL SAVE: the portal writes no file of its, see
+            # `set_password`), in its data: the portal's file seeds it at the first start only.
+            seed = 'test -e "$1" || cp -- "$2" "$1"; shift 2; exec docker-entrypoint.sh "$@"'
+            command = ["sh", "-c", seed, "seed", str(layout.acl), str(acl), *command]
         return Container(
             files={
                 self.config_name: (config, self.render_config(instance, layout)),
-                ACL_FILE: (CONFIG_DIR / ACL_FILE, self.acl_lines(instance, instance.password)),
+                ACL_FILE: (acl, self.acl_lines(instance, instance.password)),
                 **self.tls_container_files(instance),
             },
-            command=["redis-server", str(config)],
+            command=command,
         )
 
     def acl_lines(self, instance: "Instance", password: str) -> str:
@@ -376,6 +382,18 @@ class Redis(Engine):
     # Administration and logins ---------------------------------------------------------
 
     def set_password(self, instance: "Instance", password: str, *, admin: Endpoint, write: WriteFile) -> None:
+        if write is None:  # the server's own ACL file (see `container`): it changes and saves it
+            client = self.client(
+                admin, username=ADMIN_USERNAME, password=instance.admin_password, timeout=ADMIN_TIMEOUT
+            )
+            try:
+                new = "+" + acl_password_hash(password).removeprefix("#")  # redis-py's form of #<hash>
+                client.acl_setuser(USERNAME, enabled=True, reset_passwords=True, hashed_passwords=[new])
+                client.acl_save()
+                client.client_kill_filter(user=USERNAME)
+            finally:
+                client.close()
+            return
         write(ACL_FILE, self.acl_lines(instance, password))
         self.reload_acl(instance, admin)
 
@@ -654,6 +672,7 @@ class Redis(Engine):
         where: dict[str, Any] = (
             {"unix_socket_path": endpoint.socket} if endpoint.socket else {"host": endpoint.host, "port": endpoint.port}
         )
+        tls_ca = tls_ca or endpoint.tls_ca
         if tls_ca and not endpoint.socket:
             where |= {
                 "ssl": True,

@@ -1,0 +1,630 @@
+"""Instances spread over the hosts of a Docker Swarm: one service per instance, through the manager.
+
+Each instance is a service with one replica, pinned by a node constraint to the node that holds its
+data, on that node's host network: its server listens at the node's address on the instance's port,
+and users connect to the node's public host (its `stockroom.public-host` label, else the address it
+advertises). Services, their secrets and the jobs below are labelled with this portal's id, so the
+portal finds its own and tells them from anyone else's.
+
+Placement happens when the instance is requested (`place`): among the ready, active nodes that
+carry the node label (`stockroom.role=db`), the one with the most memory free, that is its memory
+less the reservations of this portal's instances placed there and of other services' tasks. The
+instance's host is that node's, and ports are unique per host, so they are unique per node.
+
+On the node, the instance's files live in `<data_root>/<portal id>/<kind>-<id>/`: a folder of root's
+that holds `data`, `tmp` and `run` (its socket), the server's, owned by its uid (`uid_base` + id), which owns nothing
+else. Short-lived job services pinned to the node make the folder and remove it; the portal never
+reads a node's disk. The server runs as that uid with no capability and a read-only root, its
+memory reserved and limited. Its config, ACL and first-start files are Swarm secrets (the Raft log
+keeps them encrypted; a container sees them in memory), never its environment or command line. A
+secret cannot change, so what the portal changes on a running server it changes through the server
+(`Layout.admin_from`): a password goes in with ALTER USER, or ACL SETUSER and ACL SAVE into the ACL
+file the server keeps in its data; the files are made again, as new secrets, at the next start.
+
+The portal administers a server over TCP at its node's address (there is no `docker exec` across
+nodes): MySQL's root may log in from the portal's address alone; over TLS when the instance serves
+TLS. A node that Swarm no longer reports ready makes its instances `unreachable` (the reconciler),
+until it is back.
+"""
+
+import hashlib
+import ipaddress
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import cached_property
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from ..engines import Container, Endpoint, Layout, ca_of, get_engine
+from ..errors import BackendError, NoRoom
+from ..options import TLS_OFF, describe_size
+from .base import BaseBackend
+
+if TYPE_CHECKING:
+    from ..models import Instance
+
+logger = logging.getLogger(__name__)
+
+LABEL = "io.stockroom"
+JOB = f"{LABEL}.job"  # the label of a job service (making or removing an instance's folder)
+PUBLIC_HOST_LABEL = "stockroom.public-host"  # a node label: the name users connect to it by
+JOB_ROOT = PurePosixPath("/stockroom")  # where a job has the nodes' `data_root`
+NODES_SECONDS = 2.0  # how long a listing of the nodes is taken as current
+STOP_GRACE_NS = 30 * 10**9  # a server gets this long to stop cleanly before it is killed
+NODE_GONE = "its node {node} is not ready in the swarm ({state})"
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node of the swarm, as the portal sees it."""
+
+    id: str
+    hostname: str
+    address: str  # where the portal reaches it: the address it advertises
+    public_host: str  # where users connect
+    state: str  # ready, down, unknown, disconnected
+    availability: str  # active, pause, drain
+    role: str
+    labelled: bool  # carries the node label: instances may be placed on it
+    memory: int  # bytes
+
+    @property
+    def usable(self) -> bool:
+        return self.labelled and self.state == "ready" and self.availability == "active"
+
+
+class SwarmBackend(BaseBackend):
+    poll_interval = 0.1
+
+    def __init__(
+        self,
+        alias: str,
+        *,
+        manager_url: str,
+        portal_address: str,
+        data_root: str,
+        images: dict[str, str],
+        node_label: str = "stockroom.role=db",
+        portal_id: str = "default",
+        uid_base: int = 2_000_000_000,
+        job_timeout: float = 120.0,
+    ):
+        super().__init__(alias)
+        self.manager_url = manager_url
+        self.portal_address = str(ipaddress.ip_address(portal_address)) if portal_address else ""
+        self.data_root = PurePosixPath(data_root)
+        self.images = dict(images)
+        if "=" not in node_label:
+            raise BackendError(f"SWARM_NODE_LABEL must be name=value, not {node_label!r}.")
+        self.node_label = tuple(node_label.split("=", 1))
+        self.portal_id = portal_id
+        self.uid_base = int(uid_base)
+        self.job_timeout = job_timeout
+        self._nodes: tuple[float, list[Node]] = (0.0, [])
+
+    @cached_property
+    def client(self) -> Any:
+        import docker
+
+        return self._docker("connect", docker.DockerClient, base_url=self.manager_url, timeout=30)
+
+    def _docker(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one SDK call; turn Docker's errors into a BackendError saying what failed."""
+        import docker.errors
+        import requests.exceptions
+
+        try:
+            return call(*args, **kwargs)
+        except docker.errors.APIError as exc:
+            raise BackendError(f"The swarm could not {what}: {exc.explanation or exc}") from exc
+        except (docker.errors.DockerException, requests.exceptions.ConnectionError) as exc:
+            raise BackendError(f"The swarm manager at {self.manager_url} is not reachable (could not {what}).") from exc
+
+    # Nodes and placement ----------------------------------------------------------------
+
+    places = True
+
+    def nodes(self, *, fresh: bool = False) -> list[Node]:
+        """Every node of the swarm; a listing up to NODES_SECONDS old unless `fresh`."""
+        listed_at, nodes = self._nodes
+        if fresh or time.monotonic() - listed_at > NODES_SECONDS:
+            found = self._docker("list its nodes", self.client.api.nodes)
+            nodes = [self._node(attrs) for attrs in found]
+            self._nodes = (time.monotonic(), nodes)
+        return nodes
+
+    def _node(self, attrs: dict[str, Any]) -> Node:
+        spec, status, description = attrs.get("Spec", {}), attrs.get("Status", {}), attrs.get("Description", {})
+        labels = spec.get("Labels") or {}
+        name, value = self.node_label
+        address = status.get("Addr", "")
+        if address in ("", "0.0.0.0"):  # a manager reports its own this way; its advertise address is elsewhere
+            address = attrs.get("ManagerStatus", {}).get("Addr", "").rsplit(":", 1)[0]
+        return Node(
+            id=attrs["ID"],
+            hostname=description.get("Hostname", ""),
+            address=address,
+            public_host=labels.get(PUBLIC_HOST_LABEL) or address,
+            state=status.get("State", "unknown"),
+            availability=spec.get("Availability", "active"),
+            role=spec.get("Role", ""),
+            labelled=labels.get(name) == value,
+            memory=int(description.get("Resources", {}).get("MemoryBytes", 0)),
+        )
+
+    def set_availability(self, node_id: str, availability: str) -> None:
+        """Make a node take new instances (active) or not (pause); drain moves its instances off too,
+        which the fleet service does before it sets it (services/fleet.py)."""
+        if availability not in ("active", "pause", "drain"):
+            raise BackendError(f"A node's availability is active, pause or drain, not {availability!r}.")
+        node = self._docker("find the node", self.client.nodes.get, node_id)
+        self._docker("change the node", node.update, node.attrs["Spec"] | {"Availability": availability})
+        self._nodes = (0.0, [])
+
+    def node_by_id(self, node_id: str) -> Node | None:
+        return next((node for node in self.nodes() if node.id == node_id), None)
+
+    def others_reserve(self) -> dict[str, int]:
+        """Node id -> the bytes of memory reserved there by tasks of services not of this portal."""
+        tasks = self._docker("list its tasks", self.client.api.tasks, filters={"desired-state": "running"})
+        ours = {service.id for service in self._services({})}
+        reserved: dict[str, int] = {}
+        for task in tasks:
+            if task.get("ServiceID") in ours or not task.get("NodeID"):
+                continue
+            memory = task.get("Spec", {}).get("Resources", {}).get("Reservations", {}).get("MemoryBytes", 0)
+            reserved[task["NodeID"]] = reserved.get(task["NodeID"], 0) + int(memory or 0)
+        return reserved
+
+    def place(self, needs: int, reserved: dict[str, int]) -> str:
+        """The public host of the node a new server that reserves `needs` bytes goes on: the usable
+        node with the most memory free. `reserved` is host -> the bytes this portal's instances of
+        this backend reserve there. Raises NoRoom if none has room."""
+        others = self.others_reserve()
+        usable = [node for node in self.nodes(fresh=True) if node.usable]
+        if not usable:
+            raise NoRoom(
+                f"No node of the swarm can take instances now: none is ready, active and labelled "
+                f"{'='.join(self.node_label)}. Ask an operator to add or activate one."
+            )
+        free = {node.id: node.memory - reserved.get(node.public_host, 0) - others.get(node.id, 0) for node in usable}
+        best = max(usable, key=lambda node: free[node.id])
+        if free[best.id] < needs:
+            raise NoRoom(
+                f"No node has room for it: it needs {describe_size(needs)} of memory, and the most any of the "
+                f"{len(usable)} usable nodes has free is {describe_size(max(free[best.id], 0))}. Stop or delete "
+                "instances, choose smaller options, or ask an operator to add a node."
+            )
+        return best.public_host
+
+    def _home(self, instance: "Instance") -> Node:
+        """The node the instance's service is pinned to, else (a new instance) the usable node its
+        host names."""
+        service = self._service(instance)
+        if service is not None and (pinned := self._pinned_to(service)):
+            node = self.node_by_id(pinned)
+            if node is None:
+                raise BackendError("The node the instance's data is on has left the swarm.")
+            return node
+        for node in self.nodes(fresh=True):
+            if node.public_host == instance.host and node.labelled:
+                return node
+        raise BackendError(f"No node of the swarm is {instance.host} any more; the instance cannot be placed.")
+
+    def _node_for(self, instance: "Instance") -> Node:
+        """The node whose address the portal reaches the instance's server at (no Docker call while
+        the nodes' listing is current)."""
+        for node in self.nodes():
+            if node.public_host == instance.host:
+                return node
+        return self._home(instance)
+
+    # Names and places -------------------------------------------------------------------
+
+    def name(self, instance: "Instance") -> str:
+        return f"stockroom-{self.portal_id[:12]}-{instance.kind}-{instance.pk}"
+
+    def labels(self, instance: "Instance") -> dict[str, str]:
+        return {
+            f"{LABEL}.managed": "true",
+            f"{LABEL}.portal": self.portal_id,
+            f"{LABEL}.instance": str(instance.pk),
+            f"{LABEL}.kind": instance.kind,
+        }
+
+    def folder(self, instance: "Instance") -> PurePosixPath:
+        """The instance's folder on its node."""
+        return self.data_root / self.portal_id / f"{instance.kind}-{instance.pk}"
+
+    def _job_folder(self, kind: str, number: int) -> PurePosixPath:
+        """An instance's folder as a job sees it."""
+        return JOB_ROOT / self.portal_id / f"{kind}-{number}"
+
+    def uid(self, instance: "Instance") -> int:
+        return self.uid_base + instance.pk
+
+    def layout(self, instance: "Instance", node: Node) -> Layout:
+        assert instance.port is not None, "only an instance that holds a port has a service"
+        layout = get_engine(instance.kind).container_layout(bind_address=node.address, port=instance.port)
+        # The ACL in the data, which the server rewrites itself (it is seeded from the secret).
+        acl = layout.acl if layout.acl == PurePosixPath("/dev/null") else layout.data / "users.acl"
+        return replace(layout, acl=acl, admin_from=self.portal_address or None)
+
+    # The contract -----------------------------------------------------------------------
+
+    def create(self, instance: "Instance") -> None:
+        self.destroy(instance)  # a clean slate, should the task run a second time
+        node = self._home(instance)
+        self._make_folder(instance, node)
+        instance.mark("data_directory")
+        layout = self.layout(instance, node)
+        spec = get_engine(instance.kind).container(instance, layout)
+        self._docker(
+            "create the instance's service",
+            self.client.services.create,
+            self._image(instance.kind),
+            **self._service_spec(instance, node, layout, spec, replicas=1),
+        )
+        self._wait_for_login(instance)
+
+    def _service_spec(
+        self, instance: "Instance", node: Node, layout: Layout, spec: Container, *, replicas: int, first: bool = True
+    ) -> dict[str, Any]:
+        """The keyword arguments of services.create (and update) for the instance's service. With
+        `first` False its first-start files are blank: the server made its accounts already."""
+        from docker.types import EndpointSpec, Mount, Resources, RestartPolicy, ServiceMode
+
+        engine, uid, folder = get_engine(instance.kind), self.uid(instance), self.folder(instance)
+        mounts = [Mount(str(layout.data), str(folder / "data"), type="bind")]
+        if layout.tmp != layout.data:
+            mounts.append(Mount(str(layout.tmp), str(folder / "tmp"), type="bind"))
+        # The socket's folder, on the node: a job beside the server (a snapshot) reaches it there.
+        mounts.append(Mount(str(layout.socket.parent), str(folder / "run"), type="bind"))
+        files = {name: (path, text) for name, (path, text) in spec.files.items()}
+        for name, text in spec.init_files.items():
+            assert spec.init_dir is not None
+            files[name] = (spec.init_dir / name, text if first else "")
+        secrets_ = [self._secret(instance, name, path, text, uid) for name, (path, text) in files.items()]
+        memory = engine.memory_limit(instance.options)
+        return {
+            "command": spec.command,
+            "env": [f"{key}={value}" for key, value in spec.environment.items()],
+            "name": self.name(instance),
+            "labels": self.labels(instance),
+            "container_labels": self.labels(instance),
+            "constraints": [f"node.id=={node.id}"],
+            "mode": ServiceMode("replicated", replicas=replicas),
+            "networks": ["host"],
+            "endpoint_spec": EndpointSpec(mode="dnsrr"),  # host networking: no virtual IP, no routing mesh
+            "mounts": mounts,
+            "secrets": secrets_,
+            "user": f"{uid}:{uid}",
+            "cap_drop": ["ALL"],
+            "read_only": True,
+            "resources": Resources(mem_limit=memory, mem_reservation=instance.memory_reservation or memory),
+            "restart_policy": RestartPolicy(condition="any", delay=10**9, max_attempts=0),
+            "stop_grace_period": STOP_GRACE_NS,
+        }
+
+    def _secret(self, instance: "Instance", name: str, path: PurePosixPath, text: str, uid: int) -> Any:
+        """A reference to a secret holding `text`, made if it does not exist, for the file at `path`
+        (readable by the server's uid alone). A secret cannot be empty: an empty file is a newline."""
+        from docker.types import SecretReference
+
+        data = text or "\n"
+        digest = hashlib.sha256(data.encode()).hexdigest()[:12]
+        # Up to 64 of [A-Za-z0-9_.-]; the labels say whose it is.
+        secret_name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"sr-{self.portal_id[:12]}-{instance.pk}-{name[:20]}-{digest}")
+        found = self._docker("list secrets", self.client.secrets.list, filters={"name": secret_name})
+        found = [secret for secret in found if secret.name == secret_name]
+        if found:
+            secret_id = found[0].id
+        else:
+            made = self._docker(
+                "store a secret", self.client.secrets.create, name=secret_name, data=data, labels=self.labels(instance)
+            )
+            secret_id = made.id
+        return SecretReference(secret_id, secret_name, filename=str(path), uid=str(uid), gid=str(uid), mode=0o400)
+
+    def _forget_secrets(self, labels: dict[str, str], keep: frozenset[str] = frozenset()) -> None:
+        """Remove the secrets labelled `labels` (an instance's) but those named in `keep` (the ones
+        its service uses)."""
+        wanted = [f"{key}={value}" for key, value in labels.items() if key != JOB]
+        for secret in self._docker("list secrets", self.client.secrets.list, filters={"label": wanted}):
+            if secret.name not in keep:
+                self._docker("remove a secret", secret.remove)
+
+    def stop(self, instance: "Instance") -> None:
+        service = self._service(instance)
+        if service is None:
+            return
+        self._docker("scale the service to nothing", service.scale, 0)
+        self._wait(lambda: not self._running_tasks(instance), 45, "the server to stop")
+
+    def start(self, instance: "Instance") -> None:
+        service = self._service(instance)
+        if service is None:
+            raise BackendError("The instance's service is gone; delete the instance and create a new one.")
+        node = self._home(instance)
+        if not node.state == "ready":
+            raise BackendError(f"The server cannot start: {NODE_GONE.format(node=node.hostname, state=node.state)}.")
+        layout = self.layout(instance, node)
+        spec = get_engine(instance.kind).container(instance, layout)
+        kwargs = self._service_spec(instance, node, layout, spec, replicas=1, first=False)
+        kwargs.pop("name")
+        self._docker("start the service", service.update, image=self._image(instance.kind), **kwargs)
+        self._wait_for_login(instance)
+        self._forget_secrets(
+            self.labels(instance), keep=frozenset(ref["SecretName"] for ref in self._secret_refs(instance))
+        )
+
+    def restart(self, instance: "Instance") -> None:
+        self.stop(instance)
+        self.start(instance)
+
+    def _secret_refs(self, instance: "Instance") -> list[dict[str, Any]]:
+        service = self._service(instance)
+        if service is None:
+            return []
+        return list(service.attrs["Spec"]["TaskTemplate"]["ContainerSpec"].get("Secrets") or [])
+
+    def set_password(self, instance: "Instance", password: str) -> None:
+        with self.admin(instance) as admin:
+            get_engine(instance.kind).set_password(instance, password, admin=admin, write=None)
+
+    def server_version(self, instance: "Instance") -> str:
+        with self.admin(instance) as admin:
+            return get_engine(instance.kind).server_version(instance, admin)
+
+    _versions: dict[str, tuple[float, str]] = {}
+
+    def host_version(self, kind: str) -> str:
+        engine, image = get_engine(kind), self._image(kind)
+        asked, version = self._versions.get(image, (0.0, ""))
+        if time.monotonic() - asked > 600:
+            usable = [node for node in self.nodes() if node.usable]
+            if not usable:
+                raise BackendError("No node of the swarm is usable to ask its image for a version.")
+            output = self._job(usable[0], [engine.version_program, "--version"], what="read the server's version")
+            version = engine.program_version(output)
+            self._versions[image] = (time.monotonic(), version)
+        return version
+
+    def upgrade(self, instance: "Instance") -> str:
+        raise BackendError("The swarm backend cannot yet bring a server's data up to a new version.")
+
+    @contextmanager
+    def admin(self, instance: "Instance") -> Iterator[Endpoint]:
+        """The server at its node's address, over TLS where it serves TLS: the portal's account."""
+        yield self.login_endpoint(instance)
+
+    def client_connections(self, instance: "Instance") -> int:
+        with self.admin(instance) as admin:
+            return get_engine(instance.kind).client_connections(instance, admin=admin)
+
+    def login_endpoint(self, instance: "Instance") -> Endpoint:
+        assert instance.port is not None, "only an instance that holds a port has a server"
+        tls = ca_of(instance) if get_engine(instance.kind).tls(instance) != TLS_OFF else None
+        return Endpoint(self._node_for(instance).address, instance.port, tls_ca=tls)
+
+    def checked_login_endpoint(self, instance: "Instance") -> Endpoint:
+        # The listener is on another host, whose processes the portal cannot see; a server that
+        # serves TLS proves itself with its certificate.
+        return self.login_endpoint(instance)
+
+    def holds_port(self, instance: "Instance") -> bool:
+        return bool(self._running_tasks(instance))
+
+    def port_is_free(self, port: int) -> bool:
+        # Ports are unique per node by the portal's own records (one host per node): nothing but
+        # this portal's services listen on a node's database ports.
+        return True
+
+    def why_down(self, instance: "Instance") -> str | None:
+        try:
+            node = self._home(instance)
+        except BackendError as exc:
+            return str(exc).rstrip(".")
+        if node.state != "ready":
+            return NODE_GONE.format(node=node.hostname or node.address, state=node.state)
+        tasks = self._tasks(instance)
+        if tasks and tasks[0]["Status"].get("Err"):
+            return f"Swarm says: {tasks[0]['Status']['Err']}"
+        return None
+
+    def unreachable(self, instance: "Instance") -> str | None:
+        """Why the instance's node is out of reach (Swarm no longer reports it ready), or None."""
+        try:
+            node = self._node_for(instance)
+        except BackendError as exc:
+            return str(exc).rstrip(".")
+        if node.state == "ready":
+            return None
+        return NODE_GONE.format(node=node.hostname or node.address, state=node.state)
+
+    def destroy(self, instance: "Instance") -> None:
+        service = self._service(instance)
+        if service is not None:
+            self._remove_service(service)
+        else:  # a create cut short before its service was made may have left the folder
+            node = next((n for n in self.nodes(fresh=True) if n.public_host == instance.host and n.labelled), None)
+            if node is not None:
+                self._job(node, ["rm", "-rf", "--", str(self._job_folder(instance.kind, instance.pk))],
+                          what="remove the instance's folder")  # fmt: skip
+        self._forget_secrets(self.labels(instance))
+
+    def _remove_service(self, service: Any) -> None:
+        """Remove an instance's service, and once its server has stopped, its folder on its node."""
+        labels = service.attrs["Spec"].get("Labels", {})
+        node = self.node_by_id(self._pinned_to(service))
+        self._docker("remove the instance's service", service.remove)
+        self._wait(lambda: not self._live(self._tasks_of(service.id)), 45, "the server to stop")
+        kind, number = labels.get(f"{LABEL}.kind", ""), labels.get(f"{LABEL}.instance", "")
+        if node is not None and kind and number.isdigit():
+            self._job(node, ["rm", "-rf", "--", str(self._job_folder(kind, int(number)))],
+                      what="remove the instance's folder")  # fmt: skip
+
+    def check(self) -> str:
+        nodes = self.nodes(fresh=True)
+        usable = [node for node in nodes if node.usable]
+        found = f"Docker Swarm at {self.manager_url}: {len(nodes)} nodes, {len(usable)} taking instances."
+        if not self.portal_address:
+            raise BackendError(f"{found} SWARM_PORTAL_ADDRESS is not set: the portal cannot administer servers.")
+        return f"{found} Disk limits are not enforced on this backend yet."
+
+    def orphans(self, known_ids: set[int]) -> dict[str, str]:
+        found = {}
+        for service in self._services({}):
+            instance = service.attrs["Spec"].get("Labels", {}).get(f"{LABEL}.instance", "")
+            if JOB in service.attrs["Spec"].get("Labels", {}):
+                continue
+            if not instance.isdigit() or int(instance) not in known_ids:
+                kind = service.attrs["Spec"]["Labels"].get(f"{LABEL}.kind", "?")
+                found[service.name] = f"Swarm service of {kind} instance {instance or '?'}."
+        return found
+
+    def remove_orphan(self, key: str) -> None:
+        for service in self._services({}):
+            if service.name == key:
+                self._remove_service(service)
+                self._forget_secrets(service.attrs["Spec"]["Labels"])
+
+    # Jobs on a node ---------------------------------------------------------------------
+
+    def _make_folder(self, instance: "Instance", node: Node) -> None:
+        folder = self._job_folder(instance.kind, instance.pk)
+        uid = str(self.uid(instance))
+        script = (
+            'set -eu; umask 077; rm -rf -- "$1"; mkdir -p -- "$1/data" "$1/tmp" "$1/run"; '
+            'chown -- "$2:$2" "$1/data" "$1/tmp" "$1/run"; chown root:root "$1"; chmod 700 "$1" "$1"/*'
+        )
+        self._job(node, ["sh", "-c", script, "make", str(folder), uid], what="make the instance's folder")
+
+    def _job(self, node: Node, argv: list[str], *, what: str) -> str:
+        """Run `argv` once, as root, on `node`, with the nodes' data root at JOB_ROOT; its output.
+        Raises BackendError if it fails, or does not end within `job_timeout` s (its node down)."""
+        from docker.types import Mount, RestartPolicy
+
+        image = self._image(self._kinds()[0])  # any of the images: each has a shell and coreutils
+        labels = {f"{LABEL}.managed": "true", f"{LABEL}.portal": self.portal_id, JOB: "true"}
+        service = self._docker(
+            f"start a job to {what}",
+            self.client.services.create,
+            image,
+            command=argv[:1],
+            args=argv[1:],
+            name=f"stockroom-job-{self.portal_id[:12]}-{secrets.token_hex(4)}",
+            labels=labels,
+            constraints=[f"node.id=={node.id}"],
+            mounts=[Mount(str(JOB_ROOT), str(self.data_root), type="bind")],
+            user="0:0",
+            networks=["host"],
+            restart_policy=RestartPolicy(condition="none"),
+        )
+        try:
+            deadline = time.monotonic() + self.job_timeout
+            while True:
+                tasks = self._tasks_of(service.id)
+                states = [task["Status"]["State"] for task in tasks]
+                if "complete" in states:
+                    return b"".join(service.logs(stdout=True, stderr=False)).decode(errors="replace")
+                if {"failed", "rejected"} & set(states):
+                    err = next(task["Status"].get("Err", "") for task in tasks)
+                    output = b"".join(service.logs(stdout=True, stderr=True)).decode(errors="replace").strip()
+                    raise BackendError(f"Could not {what} on node {node.hostname or node.address}: {output or err}.")
+                if time.monotonic() > deadline:
+                    raise BackendError(
+                        f"Could not {what} on node {node.hostname or node.address}: the job did not end within "
+                        f"{self.job_timeout:g} s ({NODE_GONE.format(node=node.hostname, state=node.state)}?)."
+                    )
+                time.sleep(self.poll_interval)
+        finally:
+            self._docker(f"remove the job to {what}", service.remove)
+
+    @staticmethod
+    def _kinds() -> list[str]:
+        from ..engines import engines
+
+        return list(engines())
+
+    # Helpers ----------------------------------------------------------------------------
+
+    def _image(self, kind: str) -> str:
+        return self.images.get(kind) or get_engine(kind).image
+
+    def _services(self, labels: dict[str, str]) -> list[Any]:
+        wanted = {f"{LABEL}.managed": "true", f"{LABEL}.portal": self.portal_id, **labels}
+        filters = {"label": [f"{key}={value}" for key, value in wanted.items()]}
+        return list(self._docker("list services", self.client.services.list, filters=filters))
+
+    def _service(self, instance: "Instance") -> Any | None:
+        found = self._services({f"{LABEL}.instance": str(instance.pk), f"{LABEL}.kind": instance.kind})
+        found = [service for service in found if JOB not in service.attrs["Spec"].get("Labels", {})]
+        return found[0] if found else None
+
+    @staticmethod
+    def _pinned_to(service: Any) -> str:
+        """The id of the node a service is pinned to ("" if none)."""
+        constraints = service.attrs["Spec"]["TaskTemplate"].get("Placement", {}).get("Constraints", [])
+        return next((c.split("==", 1)[1] for c in constraints if c.startswith("node.id==")), "")
+
+    @staticmethod
+    def _live(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The tasks that are meant to run or still do."""
+        states = ("new", "pending", "assigned", "accepted", "preparing", "starting", "running")
+        return [task for task in tasks if task["Status"]["State"] in states]
+
+    def _tasks_of(self, service_id: str) -> list[dict[str, Any]]:
+        """A service's tasks, newest first; none once the service is gone."""
+        import docker.errors
+
+        try:
+            tasks = self._docker("list tasks", self.client.api.tasks, filters={"service": service_id})
+        except BackendError as exc:
+            if isinstance(exc.__cause__, docker.errors.NotFound):
+                return []
+            raise
+        return sorted(tasks, key=lambda task: task.get("UpdatedAt", ""), reverse=True)
+
+    def _tasks(self, instance: "Instance") -> list[dict[str, Any]]:
+        """The instance's service's tasks that are meant to run or still do, newest first."""
+        service = self._service(instance)
+        return [] if service is None else self._live(self._tasks_of(service.id))
+
+    def _running_tasks(self, instance: "Instance") -> list[dict[str, Any]]:
+        return [task for task in self._tasks(instance) if task["Status"]["State"] == "running"]
+
+    def _wait(self, done: Callable[[], bool], seconds: float, what: str) -> None:
+        deadline = time.monotonic() + seconds
+        while not done():
+            if time.monotonic() > deadline:
+                raise BackendError(f"Timed out after {seconds:g} s waiting for {what}.")
+            time.sleep(self.poll_interval)
+
+    def _wait_for_login(self, instance: "Instance") -> None:
+        def exited() -> bool:
+            service = self._service(instance)
+            if service is None:
+                return True
+            tasks = self._tasks_of(service.id)
+            return bool(tasks) and tasks[0]["Status"]["State"] in ("failed", "rejected")
+
+        self.wait_for_login(instance, exited=exited, log_tail=lambda: self._log_tail(instance))
+
+    def _log_tail(self, instance: "Instance", lines: int = 3) -> str:
+        service = self._service(instance)
+        if service is None:
+            return "Its service is gone."
+        tasks = self._tasks_of(service.id)
+        err = tasks[0]["Status"].get("Err", "") if tasks else ""
+        try:
+            text = b"".join(service.logs(stdout=True, stderr=True, tail=lines)).decode(errors="replace").strip()
+        except Exception:  # noqa: BLE001 - a missing log must not hide the real error
+            text = ""
+        said = f"Swarm says: {err}. " if err else ""
+        return f"{said}Server log: {' | '.join(text.splitlines())}" if text else f"{said}The server log is empty."

@@ -1,0 +1,240 @@
+"""The swarm backend on a real three-node swarm (devtools/swarm.py): a manager in the root network
+namespace and two workers in namespaces of their own, each a dockerd of its own.
+
+Instances are asked for through the API, as a user would; the servers are reached from the root
+namespace at the workers' addresses with the credentials the API shows, by redis-py and PyMySQL.
+Traffic goes only to the run's own namespaces. Without root, dockerd or the test image these tests
+are skipped, except under CI=true, where that is a failure (see test_swarm_cluster.py).
+"""
+
+import subprocess
+import time
+from pathlib import Path
+
+import pymysql
+import pytest
+import redis
+
+from devtools.swarm import swarm
+from provisioning.backends.base import get_backend
+from provisioning.engines.redis import NO_RETRY
+from provisioning.models import Instance, InstanceEvent
+from provisioning.reconciler import Reconciler
+
+from .conftest import wait_for_status
+from .test_lifecycle import act
+from .test_reconcile_pass import delete_what_each_test_made  # noqa: F401
+from .test_swarm_cluster import IMAGE, IMAGE_SOURCE, can_build  # noqa: F401
+
+pytestmark = pytest.mark.django_db(transaction=True)
+PORTAL_ID = "swarm-tests"
+
+
+@pytest.fixture(scope="module")
+def cluster(can_build):  # noqa: F811 - the fixture, imported
+    with swarm(IMAGE, IMAGE_SOURCE) as built:
+        (built.data_dir / "instances").mkdir()  # made on each node when it joins (the README's guide)
+        yield built
+
+
+@pytest.fixture
+def backend(cluster, settings):
+    options = {
+        "manager_url": cluster.manager.url,
+        "portal_address": cluster.manager.address,  # the bridge: where the workers see the portal
+        "data_root": str(cluster.data_dir / "instances"),
+        "images": {"mysql": IMAGE, "redis": IMAGE},
+        "portal_id": PORTAL_ID,
+    }
+    settings.STOCKROOM_BACKENDS = {
+        **settings.STOCKROOM_BACKENDS,
+        "swarm": {"BACKEND": "provisioning.backends.swarm.SwarmBackend", "OPTIONS": options},
+    }
+    settings.STOCKROOM_DEFAULT_BACKEND = "swarm"
+    backend = get_backend("swarm")
+    yield backend
+    for service in backend.orphans(known_ids=set()):  # what a failed test left
+        backend.remove_orphan(service)
+
+
+def create(api, kind: str, **options) -> dict:
+    response = api.post(f"/api/storage/{kind}/instances", options, format="json")
+    assert response.status_code == 202, response.content
+    instance = wait_for_status(api, kind, response.json()["id"], "running", "failed", timeout=180)
+    assert instance["status"] == "running", instance["status_message"]
+    return api.get(f"/api/storage/{kind}/instances/{instance['id']}/config").json() | {"id": instance["id"]}
+
+
+def redis_of(config: dict, password: str | None = None) -> redis.Redis:
+    return redis.Redis(
+        host=config["host"],
+        port=config["port"],
+        password=password or config["password"],
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        retry=NO_RETRY,
+    )
+
+
+def mysql_of(config: dict) -> pymysql.Connection:
+    return pymysql.connect(
+        host=config["host"],
+        port=config["port"],
+        user=config["username"],
+        password=config["password"],
+        database=config["database"],
+        connect_timeout=5,
+    )
+
+
+def refuses(host: str, port: int) -> bool:
+    try:
+        redis.Redis(host=host, port=port, socket_connect_timeout=2, retry=NO_RETRY).ping()
+    except redis.ConnectionError as exc:
+        return "refused" in str(exc)
+    return False
+
+
+def folder(cluster, kind: str, pk: int) -> Path:
+    return cluster.data_dir / "instances" / PORTAL_ID / f"{kind}-{pk}"
+
+
+def test_instances_land_on_both_workers_and_answer_with_the_credentials_shown(api, cluster, backend):
+    first = create(api, "redis", maxmemory=48 * 2**20, maxmemory_policy="allkeys-lru")
+    second = create(api, "redis")
+
+    workers = {worker.address for worker in cluster.workers}
+    assert {first["host"], second["host"]} == workers, "each goes on the worker with the most memory free"
+    client = redis_of(first)
+    client.set("greeting", "hello")
+    assert client.get("greeting") == b"hello"
+    assert client.config_get("maxmemory") == {"maxmemory": str(48 * 2**20)}
+    assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lru"}
+    with pytest.raises(redis.AuthenticationError):
+        redis_of(first, password="not-the-password").ping()
+    # Its service is pinned to its node, limited and reserved as its engine says, on the host network.
+    service = backend._service(Instance.objects.get(pk=first["id"]))
+    spec = service.attrs["Spec"]["TaskTemplate"]
+    node = next(worker for worker in cluster.workers if worker.address == first["host"])
+    assert spec["Placement"]["Constraints"] == [f"node.id=={node.node_id}"]
+    instance = Instance.objects.get(pk=first["id"])
+    assert spec["Resources"]["Limits"]["MemoryBytes"] == instance.memory_limit
+    assert spec["Resources"]["Reservations"]["MemoryBytes"] == instance.memory_reservation
+    # No password in its environment or on its command line: files, as Swarm secrets, only.
+    container = spec["ContainerSpec"]
+    assert first["password"] not in repr(container.get("Env")) + repr(container.get("Command"))
+    assert container["Secrets"], "its files are secrets"
+
+
+def test_a_mysql_instance_keeps_its_rows_through_rotation_stop_and_start(api, cluster, backend):
+    config = create(api, "mysql", charset="latin1")
+    with mysql_of(config) as db, db.cursor() as cursor:
+        cursor.execute("CREATE TABLE t (v VARCHAR(20))")
+        cursor.execute("INSERT INTO t VALUES ('kept')")
+        db.commit()
+        cursor.execute("SELECT @@character_set_server")
+        assert cursor.fetchone()[0] == "latin1"
+
+    act(api, "mysql", config["id"], "rotate-password", "running")
+    new = api.get(f"/api/storage/mysql/instances/{config['id']}/config").json()
+    assert new["password"] != config["password"]
+    with pytest.raises(pymysql.err.OperationalError):
+        mysql_of(config).close()
+
+    act(api, "mysql", config["id"], "stop", "stopped")
+    assert refuses(config["host"], config["port"])
+    act(api, "mysql", config["id"], "start", "running")
+    with mysql_of(new) as db, db.cursor() as cursor:
+        cursor.execute("SELECT v FROM t")
+        assert cursor.fetchall() == (("kept",),)
+
+
+def test_a_redis_password_rotation_is_kept_by_the_server_across_a_restart(api, cluster, backend):
+    config = create(api, "redis")
+    redis_of(config).set("key", "value")
+
+    act(api, "redis", config["id"], "rotate-password", "running")
+    new = api.get(f"/api/storage/redis/instances/{config['id']}/config").json()
+    with pytest.raises(redis.AuthenticationError):
+        redis_of(config).ping()
+    act(api, "redis", config["id"], "restart", "running")
+
+    assert redis_of(new).get("key") == b"value"
+    with pytest.raises(redis.AuthenticationError):
+        redis_of(config).ping()
+
+
+def test_a_delete_removes_the_service_its_secrets_its_data_and_frees_the_port(api, cluster, backend):
+    config = create(api, "redis")
+    pk = config["id"]
+    redis_of(config).set("key", "value")
+    assert folder(cluster, "redis", pk).is_dir()
+
+    assert api.delete(f"/api/storage/redis/instances/{pk}").status_code == 202
+    wait_for_status(api, "redis", pk, "gone", "deleted", timeout=120)
+
+    manager = cluster.manager.client()
+    assert not manager.services.list(filters={"label": f"io.stockroom.instance={pk}"})
+    assert not manager.secrets.list(filters={"label": f"io.stockroom.instance={pk}"})
+    assert not folder(cluster, "redis", pk).exists()
+    deadline = time.monotonic() + 30
+    while not refuses(config["host"], config["port"]):
+        assert time.monotonic() < deadline, "the port still answers 30 s after the delete"
+        time.sleep(0.2)
+
+
+def test_no_usable_node_is_a_503_that_says_so(api, cluster, backend):
+    manager = cluster.manager.client()
+    paused = []
+    try:
+        for worker in cluster.workers:
+            node = manager.nodes.get(worker.node_id)
+            spec = node.attrs["Spec"] | {"Availability": "pause"}
+            node.update(spec)
+            paused.append(worker.node_id)
+        response = api.post("/api/storage/redis/instances", {}, format="json")
+        assert response.status_code == 503, response.content
+        assert "No node of the swarm can take instances" in response.json()["detail"]
+        assert not Instance.objects.exists()
+    finally:
+        for node_id in paused:
+            node = manager.nodes.get(node_id)
+            node.update(node.attrs["Spec"] | {"Availability": "active"})
+
+
+def status_after_passes(api, kind: str, pk: int, wanted: str, timeout: float) -> tuple[dict, float]:
+    """Run reconcile passes until the instance is `wanted`; it, and the seconds that took."""
+    started = time.monotonic()
+    while True:
+        Reconciler().run_once()
+        body = api.get(f"/api/storage/{kind}/instances/{pk}").json()
+        if body["status"] == wanted:
+            return body, time.monotonic() - started
+        assert time.monotonic() - started < timeout, f"still {body['status']}: {body['status_message']}"
+        time.sleep(0.5)
+
+
+def test_a_worker_cut_off_makes_its_instances_unreachable_and_they_return_with_their_data(api, cluster, backend):
+    cut_config, other_config = create(api, "redis"), create(api, "redis")
+    cut = next(worker for worker in cluster.workers if worker.address == cut_config["host"])
+    assert other_config["host"] != cut.address
+    redis_of(cut_config).set("kept", "through the outage")
+    time.sleep(1.5)  # appendfsync everysec: on its disk
+
+    # Its veth down: the node, its daemon and its server are all out of reach, yet go on running.
+    subprocess.run(["ip", "link", "set", cluster.veth(cut), "down"], check=True)
+    try:
+        body, seconds = status_after_passes(api, "redis", cut_config["id"], "unreachable", timeout=120)
+        print(f"unreachable after {seconds:.1f} s of reconcile passes")
+        assert cut.address in body["status_message"] or "node" in body["status_message"], body["status_message"]
+        other = api.get(f"/api/storage/redis/instances/{other_config['id']}").json()
+        assert other["status"] == "running", other["status_message"]
+        assert redis_of(other_config).ping()
+    finally:
+        subprocess.run(["ip", "link", "set", cluster.veth(cut), "up"], check=True)
+
+    body, seconds = status_after_passes(api, "redis", cut_config["id"], "running", timeout=180)
+    print(f"running again {seconds:.1f} s after the link came back")
+    assert redis_of(cut_config).get("kept") == b"through the outage"
+    history = InstanceEvent.objects.filter(instance_id=cut_config["id"]).values_list("to_status", flat=True)
+    assert list(history.order_by("pk"))[-2:] == ["unreachable", "running"]
