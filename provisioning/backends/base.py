@@ -19,6 +19,7 @@ from .disks import DISK_FULL
 
 if TYPE_CHECKING:
     from ..models import Instance
+    from .swarm import Node
 
 __all__ = ["DISK_FULL", "BackendError", "BaseBackend", "ImportRefused", "ServerExited", "StrangerOnPort", "get_backend"]
 
@@ -338,6 +339,17 @@ class BaseBackend:
         goes on, given what the portal's instances of this backend reserve on each host already
         (host -> bytes). Raises NoRoom if no host has room."""
         raise NotImplementedError("Backends that place servers must say where.")
+
+    def nodes(self, *, fresh: bool = False) -> "list[Node]":
+        """For a backend that `places`: every host it may place servers on (a Node each, whether it
+        takes instances now or not), a listing a moment old unless `fresh`. Raises BackendError if
+        the hosts' manager cannot be asked."""
+        raise NotImplementedError("Backends that place servers must list their nodes.")
+
+    def set_availability(self, node_id: str, availability: str) -> None:
+        """For a backend that `places`: make node `node_id` take new servers ("active") or not
+        ("pause", its own keep running). Raises BackendError if it cannot."""
+        raise NotImplementedError("Backends that place servers must let an operator pause a node.")
 
     def check(self) -> str:
         """Whether the backend can create instances now; for /healthz.

@@ -10,12 +10,14 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 
 from ..engines import LogArchive, Replay
+from ..errors import NoRoom
 from .base import BackendError, BaseBackend, ImportRefused
+from .swarm import NODE_GONE, Node
 
 if TYPE_CHECKING:
     from ..models import Instance
@@ -339,3 +341,77 @@ class FakeBackend(BaseBackend):
     def holds_port(self, instance: "Instance") -> bool:
         server = self.servers.get(instance.pk)
         return server is not None and server.running and server.port == instance.port
+
+
+class FakeFleetBackend(FakeBackend):
+    """The fake, on many hosts as the swarm backend is: servers are placed on nodes (`add_node`),
+    by free memory among the usable ones; a node that is not ready makes its instances unreachable.
+    Fail `nodes` to play a manager that does not answer."""
+
+    OPERATIONS = (*FakeBackend.OPERATIONS, "nodes", "set_availability")
+    places = True
+
+    def reset(self) -> None:
+        super().reset()
+        with self.lock:
+            self.fleet: dict[str, Node] = {}
+
+    def add_node(
+        self,
+        node_id: str,
+        *,
+        address: str,
+        public_host: str = "",
+        memory: int = 4 * 2**30,
+        state: str = "ready",
+        availability: str = "active",
+        labelled: bool = True,
+        role: str = "worker",
+    ) -> Node:
+        node = Node(
+            id=node_id,
+            hostname=f"host-{node_id}",
+            address=address,
+            public_host=public_host or address,
+            state=state,
+            availability=availability,
+            role=role,
+            labelled=labelled,
+            memory=memory,
+        )
+        with self.lock:
+            self.fleet[node_id] = node
+        return node
+
+    def set_state(self, node_id: str, state: str) -> None:
+        """What a node's network cut (down) and return (ready) look like to the manager."""
+        with self.lock:
+            self.fleet[node_id] = replace(self.fleet[node_id], state=state)
+
+    def nodes(self, *, fresh: bool = False) -> list[Node]:
+        self._enter("nodes", None)
+        with self.lock:
+            return list(self.fleet.values())
+
+    def set_availability(self, node_id: str, availability: str) -> None:
+        self._enter("set_availability", None)
+        if availability not in ("active", "pause", "drain"):
+            raise BackendError(f"A node's availability is active, pause or drain, not {availability!r}.")
+        with self.lock:
+            if node_id not in self.fleet:
+                raise BackendError(f"The swarm could not find the node: node {node_id} not found.")
+            self.fleet[node_id] = replace(self.fleet[node_id], availability=availability)
+
+    def place(self, needs: int, reserved: dict[str, int]) -> str:
+        usable = [node for node in self.nodes(fresh=True) if node.usable]
+        free = {node.id: node.memory - reserved.get(node.public_host, 0) for node in usable}
+        best = max(usable, key=lambda node: free[node.id], default=None)
+        if best is None or free[best.id] < needs:
+            raise NoRoom("No node has room for it.")
+        return best.public_host
+
+    def unreachable(self, instance: "Instance") -> str | None:
+        for node in self.nodes():
+            if node.public_host == instance.host and node.state != "ready":
+                return NODE_GONE.format(node=node.hostname, state=node.state)
+        return None
