@@ -6,7 +6,7 @@ from django.contrib.admin import helpers
 from django.contrib.admin.options import ActionLocation
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q, Sum
-from django.http import FileResponse
+from django.http import FileResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import path, reverse
 from django.utils.html import format_html
@@ -26,7 +26,7 @@ from .models import (
     WebhookDelivery,
 )
 from .options import describe_size
-from .services import tokens
+from .services import fleet, tokens
 
 
 class InstanceEventInline(admin.TabularInline):
@@ -176,6 +176,8 @@ class InstanceAdmin(admin.ModelAdmin):
                 for kind, counts in summary.items()
             )
             messages.info(request, f"Warm pool (filter by “pool”, owner {services.pool.USERNAME}): {said}.")
+        if fleet.placing_backends():  # a link to the nodes, when there are hosts to list
+            extra_context = {**(extra_context or {}), "nodes_url": reverse("admin:provisioning_instance_nodes")}
         return super().changelist_view(request, extra_context)
 
     def get_urls(self):
@@ -184,7 +186,42 @@ class InstanceAdmin(admin.ModelAdmin):
             self.admin_site.admin_view(self.settings_view),
             name="provisioning_instance_settings",
         )
-        return [settings, *super().get_urls()]
+        nodes = path("nodes/", self.admin_site.admin_view(self.nodes_view), name="provisioning_instance_nodes")
+        return [settings, nodes, *super().get_urls()]
+
+    def nodes_view(self, request):
+        """The nodes of the backends that place servers on many hosts (services/fleet.py): staff who
+        may view instances see them; those who may change instances activate or pause one."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        may_change = self.has_change_permission(request)
+        if request.method == "POST":
+            if not may_change:
+                raise PermissionDenied
+            action, alias, node_id = (request.POST.get(name, "") for name in ("action", "backend", "node"))
+            if action not in fleet.ACTIONS:
+                return HttpResponseBadRequest(f"The action is {' or '.join(fleet.ACTIONS)}, not {action!r}.")
+            try:
+                row = fleet.set_availability(alias, node_id, fleet.ACTIONS[action], by=request.user)
+            except (fleet.UnknownNode, fleet.FleetUnavailable) as exc:
+                self.message_user(request, f"Could not {action} node {node_id}: {exc}", level=messages.ERROR)
+            else:
+                taking = "takes new instances" if row.availability == "active" else "takes no new instances"
+                self.message_user(
+                    request, f"Node {row.hostname or row.id} ({alias}) is {row.availability}: it {taking}."
+                )
+            return redirect("admin:provisioning_instance_nodes")
+        rows = fleet.nodes()
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Nodes",
+            "rows": [row for row in rows if not row.error],
+            "errors": [row for row in rows if row.error],
+            "may_change": may_change,
+            "actions": list(fleet.ACTIONS.items()),
+        }
+        return render(request, "admin/provisioning/instance/nodes.html", context)
 
     def settings_view(self, request, pk: int):
         """The owner's settings form, for operators who may change instances: the same service."""
