@@ -1,5 +1,7 @@
 from django.urls import re_path
 
+from ..services.fleet import ACTIONS
+from .fleet import NodeActionView, NodesView
 from .views import AccessTokenViewSet, InstanceViewSet, ObtainTokenView, SnapshotViewSet, UsageView, WebhookViewSet
 
 # Any kind fits the pattern; InstanceViewSet answers 404 for one no engine is registered for,
@@ -88,6 +90,12 @@ urlpatterns = [
         for action in ("stop", "start", "restart", "rotate-password")
     ],
     re_path(r"^usage/?$", UsageView.as_view(), name="usage"),
+    re_path(r"^fleet/nodes/?$", NodesView.as_view(), name="fleet-nodes"),
+    re_path(
+        rf"^fleet/nodes/(?P<node_id>[A-Za-z0-9_.-]+)/(?P<action>{'|'.join(ACTIONS)})/?$",
+        NodeActionView.as_view(),
+        name="fleet-node-action",
+    ),
     re_path(
         r"^webhooks/?$",
         WebhookViewSet.as_view({"get": "list", "post": "create"}, name="Webhooks"),
