@@ -129,7 +129,7 @@ def _detail_context(instance: Instance) -> dict:
         "actions": [
             (name, spec.label) for name, spec in services.ACTIONS.items() if instance.status in spec.allowed_from
         ],
-        "busy": instance.status in (*BUSY_STATUSES, Status.UNHEALTHY)
+        "busy": instance.status in (*BUSY_STATUSES, Status.UNHEALTHY, Status.UNREACHABLE)
         or instance.snapshots.filter(Q(status="creating") | Q(verify_status="verifying")).exists(),
         "snapshots": instance.snapshots.all()[:20],
         "can_snapshot": instance.status == Status.RUNNING,

@@ -30,7 +30,7 @@ document.addEventListener("submit", (event) => {
   if (question && !window.confirm(question)) event.preventDefault();
 });
 
-// While the instance is busy or unhealthy, refresh the status panel every second; no page reload.
+// While the instance is busy, unhealthy or unreachable, refresh the status panel every second; no page reload.
 const panel = document.getElementById("panel");
 if (panel) {
   const refresh = async () => {
