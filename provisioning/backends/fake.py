@@ -54,7 +54,7 @@ class NotAnswering(ConnectionRefusedError):
 
 
 class FakeBackend(BaseBackend):
-    OPERATIONS = (
+    OPERATIONS: tuple[str, ...] = (
         "create",
         "destroy",
         "stop",
@@ -367,10 +367,11 @@ class FakeFleetBackend(FakeBackend):
         availability: str = "active",
         labelled: bool = True,
         role: str = "worker",
+        hostname: str = "",
     ) -> Node:
         node = Node(
             id=node_id,
-            hostname=f"host-{node_id}",
+            hostname=hostname or f"host-{node_id}",
             address=address,
             public_host=public_host or address,
             state=state,

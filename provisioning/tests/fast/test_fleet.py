@@ -1,0 +1,305 @@
+"""The fleet's nodes in the admin and the API (services/fleet.py), over a fake backend that places
+servers on nodes; and an instance whose node is out of reach, as its owner sees it.
+
+Personas: alice owns instances; vera is staff who may view instances; carl is staff who may change
+them; the anonymous caller and alice (not staff) get nothing."""
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.db.models import Sum
+from django.test import Client
+from rest_framework.test import APIClient
+
+from provisioning.backends.base import BackendError, get_backend
+from provisioning.backends.fake import FakeFleetBackend
+from provisioning.models import Instance, Status
+from provisioning.services import fleet
+
+from ..conftest import client_for
+from .conftest import reconcile
+
+pytestmark = pytest.mark.django_db
+
+GiB = 2**30
+LARGE = 4 * GiB + 2**20
+NODES = "/admin/provisioning/instance/nodes/"
+MANAGER_DOWN = "The swarm manager at tcp://10.9.0.1:2375 is not reachable (could not list its nodes)."
+
+
+@pytest.fixture
+def nodes(settings, fake) -> FakeFleetBackend:
+    """New instances go on the fake fleet, on node "small" (4 GiB) or "large" (4 GiB and 1 MiB: the
+    first instance goes there, the next on "small"); "spare" is not labelled, so it takes none. No
+    other backend that places servers is configured (the swarm would ask a real manager)."""
+    settings.STOCKROOM_BACKENDS = {
+        "fake": {"BACKEND": "provisioning.backends.fake.FakeBackend"},
+        "fleet": {"BACKEND": "provisioning.backends.fake.FakeFleetBackend"},
+    }
+    settings.STOCKROOM_DEFAULT_BACKEND = "fleet"
+    backend = get_backend("fleet")
+    assert isinstance(backend, FakeFleetBackend)
+    backend.reset()
+    backend.add_node("n0small", hostname="db-a", address="10.9.0.2", memory=4 * GiB)
+    backend.add_node("n1large", hostname="db-b", address="10.9.0.3", public_host="db2.example.com", memory=LARGE)
+    backend.add_node("n2spare", hostname="portal", address="10.9.0.4", labelled=False, role="manager", memory=2 * GiB)
+    return backend
+
+
+def staff(django_user_model, name: str, *codenames: str):
+    user = django_user_model.objects.create_user(name, password="staff-password-1", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(codename__in=codenames))
+    return django_user_model.objects.get(pk=user.pk)
+
+
+@pytest.fixture
+def vera(django_user_model):
+    return staff(django_user_model, "vera", "view_instance")
+
+
+@pytest.fixture
+def carl(django_user_model):
+    return staff(django_user_model, "carl", "view_instance", "change_instance")
+
+
+def web(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def reserved_on(host: str) -> int:
+    return Instance.objects.reserving_memory().filter(host=host).aggregate(total=Sum("memory_reservation"))["total"]
+
+
+# The rows ----------------------------------------------------------------------------------------
+
+
+def test_each_node_shows_its_numbers_and_the_portals_instances_there(nodes, create, act, django_assert_num_queries):
+    first, second, third = create("redis"), create("redis"), create("mysql")
+    assert {first["host"], second["host"], third["host"]} == {"10.9.0.2", "db2.example.com"}, "placed by free memory"
+    stopped = act(first, "stop")  # live, but reserves nothing while stopped
+    assert stopped["status"] == "stopped"
+    act(create("redis"), "delete")  # not live: counts nowhere
+
+    with django_assert_num_queries(1):  # every backend's nodes, one query for the portal's side
+        rows = {row.id: row for row in fleet.nodes()}
+
+    assert [row.hostname for row in fleet.nodes()] == ["db-a", "db-b", "portal"]
+    for row in rows.values():
+        live = Instance.objects.live().filter(backend="fleet", host=row.public_host)
+        assert row.instances == live.count()
+        assert row.reserved == (reserved_on(row.public_host) or 0)
+    assert sum(row.instances for row in rows.values()) == 3
+    large = rows["n1large"]
+    assert (large.backend, large.address, large.public_host, large.state, large.availability, large.labelled) == (
+        "fleet", "10.9.0.3", "db2.example.com", "ready", "active", True,
+    )  # fmt: skip
+    assert large.memory == LARGE and large.reserved > 0
+    assert rows["n2spare"] == fleet.NodeRow(
+        backend="fleet", id="n2spare", hostname="portal", address="10.9.0.4", public_host="10.9.0.4",
+        state="ready", availability="active", role="manager", labelled=False, memory=2 * GiB,
+    )  # fmt: skip
+    assert rows["n2spare"].memory_text == "0 bytes of 2.0 GiB"
+
+
+def test_a_backend_that_does_not_place_servers_is_not_listed(settings, fake):
+    settings.STOCKROOM_BACKENDS = {"fake": {"BACKEND": "provisioning.backends.fake.FakeBackend"}}
+    assert fleet.nodes() == []
+
+
+def test_a_manager_that_does_not_answer_is_an_error_row_and_the_other_backends_still_show(settings, nodes):
+    settings.STOCKROOM_BACKENDS = {
+        **settings.STOCKROOM_BACKENDS,
+        "fleet2": {"BACKEND": "provisioning.backends.fake.FakeFleetBackend", "OPTIONS": {"second": True}},
+    }
+    other = get_backend("fleet2")
+    other.reset()
+    other.add_node("m0", address="10.8.0.2")
+    nodes.fail_next("nodes", BackendError(MANAGER_DOWN))
+    rows = fleet.nodes()
+    assert rows[0] == fleet.NodeRow(backend="fleet", error=MANAGER_DOWN)
+    assert [(row.backend, row.id) for row in rows[1:]] == [("fleet2", "m0")]
+
+
+def test_pausing_a_node_sends_new_instances_elsewhere_and_activating_it_takes_them_again(nodes, carl, create):
+    fleet.set_availability("fleet", "n1large", "pause", by=carl)
+    assert nodes.fleet["n1large"].availability == "pause"
+    assert create("redis")["host"] == "10.9.0.2"
+    assert create("redis")["host"] == "10.9.0.2", "the larger node has more free, but is paused"
+    row = fleet.set_availability("fleet", "n1large", "active", by=carl)
+    assert row.availability == "active" and row.instances == 0
+    assert create("redis")["host"] == "db2.example.com"
+
+
+def test_drain_is_not_an_action_here(nodes, carl):
+    with pytest.raises(ValueError, match="active or pause"):
+        fleet.set_availability("fleet", "n1large", "drain", by=carl)
+    assert nodes.fleet["n1large"].availability == "active"
+
+
+# The API -----------------------------------------------------------------------------------------
+
+
+def test_the_api_lists_the_nodes_to_staff(nodes, vera, create):
+    create("redis")
+    answer = client_for(vera).get("/api/fleet/nodes")
+    assert answer.status_code == 200, answer.content
+    body = answer.json()
+    assert body["unavailable"] == []
+    assert [node["id"] for node in body["nodes"]] == ["n0small", "n1large", "n2spare"]
+    large = body["nodes"][1]
+    assert large == {
+        "backend": "fleet", "id": "n1large", "hostname": "db-b", "address": "10.9.0.3",
+        "public_host": "db2.example.com", "state": "ready", "availability": "active", "role": "worker",
+        "labelled": True, "memory": LARGE, "reserved": reserved_on("db2.example.com"), "instances": 1,
+    }  # fmt: skip
+
+
+def test_only_staff_who_may_change_instances_pause_or_activate_a_node_through_the_api(nodes, alice, vera, carl):
+    anonymous = APIClient()
+    for method, url in [("get", "/api/fleet/nodes"), ("post", "/api/fleet/nodes/n1large/pause")]:
+        assert getattr(anonymous, method)(url).status_code == 401, url
+        assert getattr(client_for(alice), method)(url).status_code == 403, url
+    assert client_for(vera).post("/api/fleet/nodes/n1large/pause").status_code == 403, "vera may only look"
+    assert nodes.fleet["n1large"].availability == "active"
+
+    answer = client_for(carl).post("/api/fleet/nodes/n1large/pause")
+    assert answer.status_code == 200, answer.content
+    assert answer.json()["availability"] == "pause"
+    assert nodes.fleet["n1large"].availability == "pause"
+    assert client_for(carl).post("/api/fleet/nodes/n1large/activate").json()["availability"] == "active"
+    assert nodes.fleet["n1large"].availability == "active"
+
+
+def test_the_api_answers_404_for_an_unknown_node_or_action(nodes, carl):
+    api = client_for(carl)
+    answer = api.post("/api/fleet/nodes/n9gone/pause")
+    assert answer.status_code == 404
+    assert "n9gone" in answer.json()["detail"]
+    assert api.post("/api/fleet/nodes/n1large/drain").status_code == 404, "drain is not an action here"
+    assert nodes.called("set_availability") == []
+
+
+def test_a_backend_error_is_a_503_with_its_message(nodes, carl):
+    api = client_for(carl)
+    nodes.fail_next("set_availability", BackendError("The swarm could not change the node: update out of sequence"))
+    answer = api.post("/api/fleet/nodes/n1large/pause")
+    assert answer.status_code == 503
+    assert answer.json() == {"detail": "The swarm could not change the node: update out of sequence"}
+
+    nodes.fail_next("nodes", BackendError(MANAGER_DOWN))
+    answer = api.post("/api/fleet/nodes/n1large/pause")
+    assert answer.status_code == 503 and MANAGER_DOWN in answer.json()["detail"]
+
+    nodes.fail_next("nodes", BackendError(MANAGER_DOWN))
+    listing = api.get("/api/fleet/nodes")
+    assert listing.status_code == 200
+    assert listing.json() == {"nodes": [], "unavailable": [{"backend": "fleet", "detail": MANAGER_DOWN}]}
+
+
+def test_the_schema_has_the_fleet_endpoints(client):
+    paths = client.get("/api/schema", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()["paths"]
+    assert set(paths["/api/fleet/nodes/"]) == {"get"}
+    action = paths["/api/fleet/nodes/{node_id}/{action}/"]["post"]
+    assert set(action["responses"]) == {"200", "404", "503"}
+    assert next(p for p in action["parameters"] if p["name"] == "action")["schema"]["enum"] == ["activate", "pause"]
+
+
+# The admin ---------------------------------------------------------------------------------------
+
+
+def test_the_admin_page_needs_staff_who_may_view_instances(nodes, alice, django_user_model):
+    assert Client().get(NODES).status_code == 302, "anonymous: to the admin's sign-in"
+    assert web(alice).get(NODES).status_code == 302, "not staff: to the admin's sign-in"
+    assert web(staff(django_user_model, "nora")).get(NODES).status_code == 403, "staff without the permission"
+
+
+def test_view_only_staff_see_the_nodes_without_buttons_and_cannot_post(nodes, vera, create):
+    create("redis")
+    page = web(vera).get(NODES)
+    assert page.status_code == 200
+    text = page.content.decode()
+    for shown in ("db-b", "10.9.0.3", "db2.example.com", "ready", "active", "MiB of 4.0 GiB"):
+        assert shown in text, shown
+    assert 'data-action="pause"' not in text and 'data-action="activate"' not in text
+    answer = web(vera).post(NODES, {"backend": "fleet", "node": "n1large", "action": "pause"})
+    assert answer.status_code == 403
+    assert nodes.fleet["n1large"].availability == "active"
+
+
+def test_staff_who_may_change_instances_pause_and_activate_with_a_message(nodes, carl):
+    client = web(carl)
+    text = client.get(NODES).content.decode()
+    assert text.count('data-action="pause"') == 3 and 'data-action="activate"' not in text
+    assert "csrfmiddlewaretoken" in text
+
+    answer = client.post(NODES, {"backend": "fleet", "node": "n1large", "action": "pause"}, follow=True)
+    assert nodes.fleet["n1large"].availability == "pause"
+    assert "Node db-b (fleet) is pause: it takes no new instances." in answer.content.decode()
+    assert answer.content.decode().count('data-action="activate"') == 1
+
+    answer = client.post(NODES, {"backend": "fleet", "node": "n1large", "action": "activate"}, follow=True)
+    assert nodes.fleet["n1large"].availability == "active"
+    assert "is active: it takes new instances." in answer.content.decode()
+
+
+def test_the_admin_needs_the_csrf_token(nodes, carl):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(carl)
+    assert client.post(NODES, {"backend": "fleet", "node": "n1large", "action": "pause"}).status_code == 403
+    assert nodes.fleet["n1large"].availability == "active"
+
+
+def test_the_admin_says_why_an_action_or_a_listing_failed(nodes, carl):
+    client = web(carl)
+    answer = client.post(NODES, {"backend": "fleet", "node": "n9gone", "action": "pause"}, follow=True)
+    assert answer.status_code == 200
+    assert "Could not pause node n9gone: Backend fleet has no node n9gone." in answer.content.decode()
+    assert client.post(NODES, {"backend": "fleet", "node": "n1large", "action": "drain"}).status_code == 400
+    assert nodes.fleet["n1large"].availability == "active"
+
+    nodes.fail_next("nodes", BackendError(MANAGER_DOWN))
+    page = client.get(NODES)
+    assert page.status_code == 200
+    assert f"Backend fleet: {MANAGER_DOWN}" in page.content.decode()
+
+
+def test_the_instance_list_links_to_the_nodes_only_when_a_backend_places(settings, fake, carl):
+    settings.STOCKROOM_BACKENDS = {"fake": {"BACKEND": "provisioning.backends.fake.FakeBackend"}}
+    assert 'id="nodes-link"' not in web(carl).get("/admin/provisioning/instance/").content.decode()
+    settings.STOCKROOM_BACKENDS = {
+        **settings.STOCKROOM_BACKENDS,
+        "fleet": {"BACKEND": FakeFleetBackend.__module__ + ".FakeFleetBackend"},
+    }
+    page = web(carl).get("/admin/provisioning/instance/").content.decode()
+    assert f'<a href="{NODES}" id="nodes-link">Nodes</a>' in page
+
+
+# The owner's page --------------------------------------------------------------------------------
+
+
+def test_an_instance_on_a_node_out_of_reach_shows_it_plainly_and_comes_back(nodes, create, alice):
+    instance = create("redis")
+    node = next(node for node in nodes.fleet.values() if node.public_host == instance["host"])
+    nodes.set_state(node.id, "down")
+    nodes.kill(instance["id"])  # the probe finds nothing answering there
+    reconcile()
+    assert Instance.objects.get(pk=instance["id"]).status == Status.UNREACHABLE
+
+    owner = web(alice)
+    page = owner.get(f"/instances/{instance['id']}/").content.decode()
+    panel = owner.get(f"/instances/{instance['id']}/panel/").content.decode()
+    for text in (page, panel):
+        assert '<span class="badge unreachable" id="status">unreachable</span>' in text
+        assert f"its node {node.hostname} is not ready in the swarm (down)" in text
+        assert 'id="unreachable"' in text and "returns, as it was, when the host does" in text
+        assert 'data-busy="true"' in text, "the page follows it until it is back"
+        assert node.id not in text, "a user never sees a node's id"
+    assert ".badge.unreachable" in open("static/stockroom.css").read()
+
+    nodes.set_state(node.id, "ready")
+    nodes.servers[instance["id"]].running = True
+    reconcile()
+    panel = owner.get(f"/instances/{instance['id']}/panel/").content.decode()
+    assert '<span class="badge running" id="status">running</span>' in panel
+    assert 'id="unreachable"' not in panel and 'data-busy="false"' in panel
