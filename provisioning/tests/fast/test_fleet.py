@@ -121,8 +121,10 @@ def test_a_manager_that_does_not_answer_is_an_error_row_and_the_other_backends_s
     assert [(row.backend, row.id) for row in rows[1:]] == [("fleet2", "m0")]
 
 
-def test_pausing_a_node_sends_new_instances_elsewhere_and_activating_it_takes_them_again(nodes, carl, create):
-    fleet.set_availability("fleet", "n1large", "pause", by=carl)
+def test_pausing_a_node_sends_new_instances_elsewhere_and_activating_it_takes_them_again(nodes, carl, create, caplog):
+    with caplog.at_level("INFO", logger="provisioning.services.fleet"):
+        fleet.set_availability("fleet", "n1large", "pause", by=carl)
+    assert "Node n1large (db-b) of backend fleet set to pause by carl" in caplog.text, "who did it is logged"
     assert nodes.fleet["n1large"].availability == "pause"
     assert create("redis")["host"] == "10.9.0.2"
     assert create("redis")["host"] == "10.9.0.2", "the larger node has more free, but is paused"
