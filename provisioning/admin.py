@@ -191,7 +191,7 @@ class InstanceAdmin(admin.ModelAdmin):
 
     def nodes_view(self, request):
         """The nodes of the backends that place servers on many hosts (services/fleet.py): staff who
-        may view instances see them; those who may change instances activate or pause one."""
+        may view instances see them; those who may change instances activate, pause or drain one."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         may_change = self.has_change_permission(request)
@@ -202,14 +202,11 @@ class InstanceAdmin(admin.ModelAdmin):
             if action not in fleet.ACTIONS:
                 return HttpResponseBadRequest(f"The action is {' or '.join(fleet.ACTIONS)}, not {action!r}.")
             try:
-                row = fleet.set_availability(alias, node_id, fleet.ACTIONS[action], by=request.user)
+                _row, said = fleet.act(alias, node_id, action, by=request.user)
             except (fleet.UnknownNode, fleet.FleetUnavailable) as exc:
                 self.message_user(request, f"Could not {action} node {node_id}: {exc}", level=messages.ERROR)
             else:
-                taking = "takes new instances" if row.availability == "active" else "takes no new instances"
-                self.message_user(
-                    request, f"Node {row.hostname or row.id} ({alias}) is {row.availability}: it {taking}."
-                )
+                self.message_user(request, said)
             return redirect("admin:provisioning_instance_nodes")
         rows = fleet.nodes()
         context = {

@@ -24,6 +24,7 @@ class Status(models.TextChoices):
     ROTATING = "rotating"  # a new password is being set
     RESTORING = "restoring"  # its data is being replaced with a snapshot's
     IMPORTING = "importing"  # a file the owner uploaded is being loaded into it
+    MOVING = "moving"  # going to another host with its data (a drain), or rebuilt there (an evacuation)
     DELETING = "deleting"
     DELETED = "deleted"
     FAILED = "failed"
@@ -45,6 +46,7 @@ BUSY_STATUSES = (
     Status.ROTATING,
     Status.RESTORING,
     Status.IMPORTING,
+    Status.MOVING,
     Status.DELETING,
 )
 

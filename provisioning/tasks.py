@@ -54,6 +54,16 @@ def archive_logs(instance_id: int) -> None:
     services.archive_logs(instance_id)
 
 
+@shared_task(acks_late=True, ignore_result=True, **WHEN_BUSY)
+def move_instance(instance_id: int) -> None:
+    services.move_instance(instance_id)
+
+
+@shared_task(acks_late=True, ignore_result=True, **WHEN_BUSY)
+def evacuate_instance(instance_id: int) -> None:
+    services.evacuate_instance(instance_id)
+
+
 @shared_task(acks_late=True, ignore_result=True)
 def heal_instance(instance_id: int) -> None:
     services.heal(instance_id)

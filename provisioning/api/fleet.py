@@ -1,4 +1,4 @@
-"""The fleet's nodes, for staff only: list them, pause or activate one (services/fleet.py)."""
+"""The fleet's nodes, for staff only: list them, pause, activate or drain one (services/fleet.py)."""
 
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, permissions, serializers, status
@@ -23,6 +23,7 @@ class NodeSerializer(serializers.Serializer):
         help_text="Bytes the portal's instances there reserve (all live ones but stopped)."
     )
     instances = serializers.IntegerField(help_text="The portal's live instances on the node.")
+    detail = serializers.CharField(required=False, help_text="After an action: what was done.")
 
 
 class BackendErrorSerializer(serializers.Serializer):
@@ -75,16 +76,19 @@ class NodeActionView(APIView):
             404: OpenApiResponse(description="No such node."),
             503: OpenApiResponse(description="The node's backend could not be asked, or refused."),
         },
-        summary="Pause a node (it takes no new instances) or activate it (staff)",
+        summary="Pause a node (no new instances), drain it (move its instances off) or activate it (staff)",
     )
     def post(self, request, node_id: str, action: str):
-        """`pause`: the node takes no new instances; those on it keep running. `activate`: it takes
-        them again. The answer is the node as it is then. Staff who may change instances only."""
+        """`pause`: the node takes no new instances; those on it keep running. `drain`: paused, and each
+        running instance of the portal's on it moves to another node with its data (`moving`, then
+        `running` at its new host and port; an `instance.moved` webhook says where). `activate`: it
+        takes new instances again. The answer is the node as it is then, and `detail`. Staff who may
+        change instances only."""
         try:
             alias = fleet.locate(node_id)
-            row = fleet.set_availability(alias, node_id, fleet.ACTIONS[action], by=request.user)
+            row, said = fleet.act(alias, node_id, action, by=request.user)
         except fleet.UnknownNode as exc:
             raise exceptions.NotFound(str(exc)) from None
         except fleet.FleetUnavailable as exc:
             return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
-        return Response(NodeSerializer(row).data)
+        return Response({**NodeSerializer(row).data, "detail": said})

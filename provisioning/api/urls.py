@@ -49,6 +49,11 @@ urlpatterns = [
         name="instance-restore",
     ),
     re_path(
+        rf"{INSTANCES}/(?P<pk>[0-9]+)/evacuate/?$",
+        InstanceViewSet.as_view({"post": "evacuate"}, name="{label} instance: evacuate"),
+        name="instance-evacuate",
+    ),
+    re_path(
         rf"{INSTANCES}/(?P<pk>[0-9]+)/import/?$",
         InstanceViewSet.as_view({"post": "import_file"}, name="{label} instance: import"),
         name="instance-import",

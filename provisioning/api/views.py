@@ -271,6 +271,16 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             instance = services.request_restore(instance=instance, snapshot=snapshot, by=request.user)
         return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
+    @extend_schema(request=None, responses={202: InstanceSerializer, 404: None, 409: None})
+    @action(detail=True, methods=["post"])
+    def evacuate(self, request, kind: str, pk: int):
+        """Rebuild an `unreachable` instance (its host is out of reach) on another host from its last
+        ready snapshot: `moving`, then `running` at a new host and port, with the same credentials.
+        Whatever was written after that snapshot is lost; its status says from when. 409 unless it
+        is unreachable, or when it has no ready snapshot."""
+        instance = services.request_evacuation(instance=self.get_object(), by=request.user)
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
     @extend_schema(
         request={"multipart/form-data": ImportSerializer},
         responses={202: InstanceSerializer, 400: None, 404: None, 409: None, 413: None},
@@ -512,7 +522,7 @@ def exception_handler(exc, context):
         exc = exceptions.ValidationError(detail)
     elif isinstance(exc, services.QuotaExceeded | webhooks.TooManyWebhooks):
         exc = exceptions.PermissionDenied(str(exc), code="quota_exceeded")
-    elif isinstance(exc, services.SnapshotBusy | services.ExportFailed | services.NotApplied):
+    elif isinstance(exc, services.SnapshotBusy | services.ExportFailed | services.NotApplied | services.CannotMove):
         return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
     elif isinstance(exc, services.WrongStatus):
         return Response({"detail": str(exc), "status": exc.instance.status}, status=status.HTTP_409_CONFLICT)

@@ -6,6 +6,7 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -19,9 +20,36 @@ from .disks import DISK_FULL
 
 if TYPE_CHECKING:
     from ..models import Instance
-    from .swarm import Node
 
-__all__ = ["DISK_FULL", "BackendError", "BaseBackend", "ImportRefused", "ServerExited", "StrangerOnPort", "get_backend"]
+__all__ = [
+    "DISK_FULL",
+    "BackendError",
+    "BaseBackend",
+    "ImportRefused",
+    "Node",
+    "ServerExited",
+    "StrangerOnPort",
+    "get_backend",
+]
+
+
+@dataclass(frozen=True)
+class Node:
+    """A host of a backend that `places` servers on many (a node of a swarm), as the portal sees it."""
+
+    id: str
+    hostname: str
+    address: str  # where the portal reaches it: the address it advertises
+    public_host: str  # where users connect
+    state: str  # ready, down, unknown, disconnected
+    availability: str  # active, pause, drain
+    role: str
+    labelled: bool  # carries the node label: instances may be placed on it
+    memory: int  # bytes
+
+    @property
+    def usable(self) -> bool:
+        return self.labelled and self.state == "ready" and self.availability == "active"
 
 
 class StrangerOnPort(BackendError):
@@ -340,7 +368,7 @@ class BaseBackend:
         (host -> bytes). Raises NoRoom if no host has room."""
         raise NotImplementedError("Backends that place servers must say where.")
 
-    def nodes(self, *, fresh: bool = False) -> "list[Node]":
+    def nodes(self, *, fresh: bool = False) -> list[Node]:
         """For a backend that `places`: every host it may place servers on (a Node each, whether it
         takes instances now or not), a listing a moment old unless `fresh`. Raises BackendError if
         the hosts' manager cannot be asked."""
@@ -350,6 +378,20 @@ class BaseBackend:
         """For a backend that `places`: make node `node_id` take new servers ("active") or not
         ("pause", its own keep running). Raises BackendError if it cannot."""
         raise NotImplementedError("Backends that place servers must let an operator pause a node.")
+
+    def node_by_id(self, node_id: str) -> Node | None:
+        return next((node for node in self.nodes() if node.id == node_id), None)
+
+    def move(self, instance: "Instance", source: tuple[str, int], spool: IO[bytes]) -> float:
+        """For a backend that `places`: move the running server at `source` (host, port) to
+        `instance.host` and `instance.port`, with its data, its snapshot passing through `spool`;
+        the seconds its writes were refused. If it fails, the old server runs on as it was."""
+        raise BackendError(f"The {self.alias} backend has one host: there is nowhere to move to.")
+
+    def rebuild(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
+        """For a backend that `places`: make the server again on `instance.host` and `instance.port`
+        from `snapshot`, its old host out of reach."""
+        raise BackendError(f"The {self.alias} backend has one host: there is nowhere to rebuild on.")
 
     def check(self) -> str:
         """Whether the backend can create instances now; for /healthz.

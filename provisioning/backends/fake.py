@@ -16,8 +16,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from ..engines import LogArchive, Replay
 from ..errors import NoRoom
-from .base import BackendError, BaseBackend, ImportRefused
-from .swarm import NODE_GONE, Node
+from .base import BackendError, BaseBackend, ImportRefused, Node
+from .swarm import NODE_GONE
 
 if TYPE_CHECKING:
     from ..models import Instance
@@ -348,7 +348,7 @@ class FakeFleetBackend(FakeBackend):
     by free memory among the usable ones; a node that is not ready makes its instances unreachable.
     Fail `nodes` to play a manager that does not answer."""
 
-    OPERATIONS = (*FakeBackend.OPERATIONS, "nodes", "set_availability")
+    OPERATIONS = (*FakeBackend.OPERATIONS, "nodes", "set_availability", "move", "rebuild")
     places = True
 
     def reset(self) -> None:
@@ -410,6 +410,25 @@ class FakeFleetBackend(FakeBackend):
         if best is None or free[best.id] < needs:
             raise NoRoom("No node has room for it.")
         return best.public_host
+
+    def move(self, instance: "Instance", source: tuple[str, int], spool: IO[bytes]) -> float:
+        """The server goes to the instance's new host and port with its data, through `spool` as a
+        snapshot would; a failure leaves it as it was."""
+        self._enter("move", instance.pk)
+        server = self._server(instance)
+        with self.lock:
+            spool.write(json.dumps(server.data).encode())
+            spool.seek(0)
+            server.data = json.loads(spool.read())
+            server.port = instance.port
+        return 0.25
+
+    def rebuild(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
+        """The server made again from `snapshot` on the instance's new host and port."""
+        self._enter("rebuild", instance.pk)
+        server = self._server(instance)
+        with self.lock:
+            server.data, server.log, server.running, server.port = json.loads(snapshot.read()), [], True, instance.port
 
     def unreachable(self, instance: "Instance") -> str | None:
         for node in self.nodes():

@@ -15,35 +15,45 @@ On the node, the instance's files live in `<data_root>/<portal id>/<kind>-<id>/`
 that holds `data`, `tmp` and `run` (its socket), the server's, owned by its uid (`uid_base` + id), which owns nothing
 else. Short-lived job services pinned to the node make the folder and remove it; the portal never
 reads a node's disk. The server runs as that uid with no capability and a read-only root, its
-memory reserved and limited. Its config, ACL and first-start files are Swarm secrets (the Raft log
-keeps them encrypted; a container sees them in memory), never its environment or command line. A
-secret cannot change, so what the portal changes on a running server it changes through the server
-(`Layout.admin_from`): a password goes in with ALTER USER, or ACL SETUSER and ACL SAVE into the ACL
-file the server keeps in its data; the files are made again, as new secrets, at the next start.
+memory reserved and limited. Its config, password and first-start files are Swarm secrets (the
+Raft log keeps them encrypted; a container sees them in memory), never its environment or command
+line. A secret cannot change, so what the portal changes on a running server it changes through the
+server (`Layout.admin_from`: the engine keeps it on the server's own disk); the files are made
+again, as new secrets, at the next start.
 
 The portal administers a server over TCP at its node's address (there is no `docker exec` across
-nodes): MySQL's root may log in from the portal's address alone; over TLS when the instance serves
-TLS. A node that Swarm no longer reports ready makes its instances `unreachable` (the reconciler),
-until it is back.
+nodes), as the engine's administrative account, which accepts the portal's address alone where the
+engine's accounts can say so; over TLS when the instance serves TLS. Snapshots and restores run the
+engine's programs in jobs on the node, whose standard input and output are a connection back to the
+portal (`_beside_job`). A node that Swarm no longer reports ready makes its instances `unreachable`
+(the reconciler), until it is back.
 """
 
+import copy
 import hashlib
+import hmac
 import ipaddress
 import logging
 import re
 import secrets
+import socket
+import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from ..engines import Container, Endpoint, Layout, ca_of, get_engine
+from django.conf import settings
+
+from ..engines import Container, Endpoint, Layout, LogArchive, Replay, ca_of, get_engine
 from ..errors import BackendError, NoRoom
 from ..options import TLS_OFF, describe_size
-from .base import BaseBackend
+from .base import BaseBackend, Node
+from .containers import DockerBeside
+from .processes import helper_failed
 
 if TYPE_CHECKING:
     from ..models import Instance
@@ -53,29 +63,26 @@ logger = logging.getLogger(__name__)
 LABEL = "io.stockroom"
 JOB = f"{LABEL}.job"  # the label of a job service (making or removing an instance's folder)
 PUBLIC_HOST_LABEL = "stockroom.public-host"  # a node label: the name users connect to it by
+PAUSED_LABEL = "stockroom.paused"  # a node label: the portal places no new instance there
 JOB_ROOT = PurePosixPath("/stockroom")  # where a job has the nodes' `data_root`
 NODES_SECONDS = 2.0  # how long a listing of the nodes is taken as current
 STOP_GRACE_NS = 30 * 10**9  # a server gets this long to stop cleanly before it is killed
 NODE_GONE = "its node {node} is not ready in the swarm ({state})"
-
-
-@dataclass(frozen=True)
-class Node:
-    """A node of the swarm, as the portal sees it."""
-
-    id: str
-    hostname: str
-    address: str  # where the portal reaches it: the address it advertises
-    public_host: str  # where users connect
-    state: str  # ready, down, unknown, disconnected
-    availability: str  # active, pause, drain
-    role: str
-    labelled: bool  # carries the node label: instances may be placed on it
-    memory: int  # bytes
-
-    @property
-    def usable(self) -> bool:
-        return self.labelled and self.state == "ready" and self.availability == "active"
+HELPER_DISK = PurePosixPath("/stockroom/disk")  # where a restore's job has the instance's folder
+SCRATCH = PurePosixPath("/scratch")  # where a throwaway server's job has its folder
+SCRATCH_MEMORY = 512 * 2**20  # a throwaway server's memory limit
+TOKEN_FILE = PurePosixPath("/run/secrets/stockroom-token")  # a job's one-time token, in its memory
+SECRET_FILE = PurePosixPath("/run/secrets/stockroom-options")  # a job's `{secret}`, in its memory
+# A job beside a server: its standard input and output are a connection to the portal ($1:$2),
+# which it opens with its token; then "$@" runs on it. Its error output goes to its log.
+CONNECT_BACK = f'set -eu; exec 3<>"/dev/tcp/$1/$2"; shift 2; cat {TOKEN_FILE} >&3; exec "$@" <&3 >&3 3>&-'
+# $1 (an instance's folder, as a root job sees it) root's alone again, and data, tmp and run in it
+# folders of uid $2, not links: a restore let the uid's group write in it.
+SEAL = (
+    'set -eu; chown root:root -- "$1"; chmod 0700 -- "$1"; for d in data tmp run; do '
+    'p="$1/$d"; if [ -L "$p" ] || [ ! -d "$p" ] || [ "$(stat -c %u -- "$p")" != "$2" ]; then '
+    'echo "$d is not the server\'s folder; it is not started." >&2; exit 1; fi; done'
+)
 
 
 class SwarmBackend(BaseBackend):
@@ -151,23 +158,26 @@ class SwarmBackend(BaseBackend):
             address=address,
             public_host=labels.get(PUBLIC_HOST_LABEL) or address,
             state=status.get("State", "unknown"),
-            availability=spec.get("Availability", "active"),
+            availability="pause" if labels.get(PAUSED_LABEL) else spec.get("Availability", "active"),
             role=spec.get("Role", ""),
             labelled=labels.get(name) == value,
             memory=int(description.get("Resources", {}).get("MemoryBytes", 0)),
         )
 
     def set_availability(self, node_id: str, availability: str) -> None:
-        """Make a node take new instances (active) or not (pause); drain moves its instances off too,
-        which the fleet service does before it sets it (services/fleet.py)."""
-        if availability not in ("active", "pause", "drain"):
-            raise BackendError(f"A node's availability is active, pause or drain, not {availability!r}.")
+        """Make a node take new instances ("active") or not ("pause"). The portal's pause is a node
+        label (PAUSED_LABEL), not Swarm's: on a node Swarm pauses, no task may start, so the jobs a
+        drain runs there (a snapshot) and a restart of its servers could not either. "active" also
+        ends a pause or drain of Swarm's own."""
+        if availability not in ("active", "pause"):
+            raise BackendError(f"A node's availability is active or pause, not {availability!r}.")
         node = self._docker("find the node", self.client.nodes.get, node_id)
-        self._docker("change the node", node.update, node.attrs["Spec"] | {"Availability": availability})
+        spec = node.attrs["Spec"]
+        labels = {key: value for key, value in (spec.get("Labels") or {}).items() if key != PAUSED_LABEL}
+        if availability == "pause":
+            labels[PAUSED_LABEL] = "true"
+        self._docker("change the node", node.update, spec | {"Labels": labels, "Availability": "active"})
         self._nodes = (0.0, [])
-
-    def node_by_id(self, node_id: str) -> Node | None:
-        return next((node for node in self.nodes() if node.id == node_id), None)
 
     def others_reserve(self) -> dict[str, int]:
         """Node id -> the bytes of memory reserved there by tasks of services not of this portal."""
@@ -237,13 +247,14 @@ class SwarmBackend(BaseBackend):
             f"{LABEL}.kind": instance.kind,
         }
 
-    def folder(self, instance: "Instance") -> PurePosixPath:
-        """The instance's folder on its node."""
-        return self.data_root / self.portal_id / f"{instance.kind}-{instance.pk}"
+    def folder(self, instance: "Instance", node: Node) -> PurePosixPath:
+        """The instance's folder on `node`. Named after the node too: where nodes share a disk
+        (as in the tests), a move never meets the folder it moves from."""
+        return self.data_root / self.portal_id / node.id / f"{instance.kind}-{instance.pk}"
 
-    def _job_folder(self, kind: str, number: int) -> PurePosixPath:
-        """An instance's folder as a job sees it."""
-        return JOB_ROOT / self.portal_id / f"{kind}-{number}"
+    def _job_folder(self, kind: str, number: int, node: Node) -> PurePosixPath:
+        """An instance's folder on `node`, as a job there sees it."""
+        return JOB_ROOT / self.portal_id / node.id / f"{kind}-{number}"
 
     def uid(self, instance: "Instance") -> int:
         return self.uid_base + instance.pk
@@ -251,9 +262,7 @@ class SwarmBackend(BaseBackend):
     def layout(self, instance: "Instance", node: Node) -> Layout:
         assert instance.port is not None, "only an instance that holds a port has a service"
         layout = get_engine(instance.kind).container_layout(bind_address=node.address, port=instance.port)
-        # The ACL in the data, which the server rewrites itself (it is seeded from the secret).
-        acl = layout.acl if layout.acl == PurePosixPath("/dev/null") else layout.data / "users.acl"
-        return replace(layout, acl=acl, admin_from=self.portal_address or None)
+        return replace(layout, admin_from=self.portal_address or None)
 
     # The contract -----------------------------------------------------------------------
 
@@ -277,14 +286,10 @@ class SwarmBackend(BaseBackend):
     ) -> dict[str, Any]:
         """The keyword arguments of services.create (and update) for the instance's service. With
         `first` False its first-start files are blank: the server made its accounts already."""
-        from docker.types import EndpointSpec, Mount, Resources, RestartPolicy, ServiceMode
+        from docker.types import EndpointSpec, Resources, RestartPolicy, ServiceMode
 
-        engine, uid, folder = get_engine(instance.kind), self.uid(instance), self.folder(instance)
-        mounts = [Mount(str(layout.data), str(folder / "data"), type="bind")]
-        if layout.tmp != layout.data:
-            mounts.append(Mount(str(layout.tmp), str(folder / "tmp"), type="bind"))
-        # The socket's folder, on the node: a job beside the server (a snapshot) reaches it there.
-        mounts.append(Mount(str(layout.socket.parent), str(folder / "run"), type="bind"))
+        engine, uid = get_engine(instance.kind), self.uid(instance)
+        mounts = self._server_mounts(instance, node, layout)
         files = {name: (path, text) for name, (path, text) in spec.files.items()}
         for name, text in spec.init_files.items():
             assert spec.init_dir is not None
@@ -347,21 +352,26 @@ class SwarmBackend(BaseBackend):
         self._wait(lambda: not self._running_tasks(instance), 45, "the server to stop")
 
     def start(self, instance: "Instance") -> None:
-        service = self._service(instance)
-        if service is None:
+        if self._service(instance) is None:
             raise BackendError("The instance's service is gone; delete the instance and create a new one.")
         node = self._home(instance)
         if not node.state == "ready":
             raise BackendError(f"The server cannot start: {NODE_GONE.format(node=node.hostname, state=node.state)}.")
         layout = self.layout(instance, node)
-        spec = get_engine(instance.kind).container(instance, layout)
-        kwargs = self._service_spec(instance, node, layout, spec, replicas=1, first=False)
+        self._update(instance, node, layout, get_engine(instance.kind).container(instance, layout), first=False)
+
+    def _update(self, instance: "Instance", node: Node, layout: Layout, spec: Container, *, first: bool) -> None:
+        """Run the instance's service (again) with `spec`'s files, as new secrets where they changed;
+        return once a login works. Its secrets of earlier starts go."""
+        service = self._service(instance)
+        if service is None:
+            raise BackendError("The instance's service is gone; delete the instance and create a new one.")
+        kwargs = self._service_spec(instance, node, layout, spec, replicas=1, first=first)
         kwargs.pop("name")
         self._docker("start the service", service.update, image=self._image(instance.kind), **kwargs)
         self._wait_for_login(instance)
-        self._forget_secrets(
-            self.labels(instance), keep=frozenset(ref["SecretName"] for ref in self._secret_refs(instance))
-        )
+        in_use = frozenset(ref["SecretName"] for ref in self._secret_refs(instance))
+        self._forget_secrets(self.labels(instance), keep=in_use)
 
     def restart(self, instance: "Instance") -> None:
         self.stop(instance)
@@ -454,7 +464,7 @@ class SwarmBackend(BaseBackend):
         else:  # a create cut short before its service was made may have left the folder
             node = next((n for n in self.nodes(fresh=True) if n.public_host == instance.host and n.labelled), None)
             if node is not None:
-                self._job(node, ["rm", "-rf", "--", str(self._job_folder(instance.kind, instance.pk))],
+                self._job(node, ["rm", "-rf", "--", str(self._job_folder(instance.kind, instance.pk, node))],
                           what="remove the instance's folder")  # fmt: skip
         self._forget_secrets(self.labels(instance))
 
@@ -466,7 +476,7 @@ class SwarmBackend(BaseBackend):
         self._wait(lambda: not self._live(self._tasks_of(service.id)), 45, "the server to stop")
         kind, number = labels.get(f"{LABEL}.kind", ""), labels.get(f"{LABEL}.instance", "")
         if node is not None and kind and number.isdigit():
-            self._job(node, ["rm", "-rf", "--", str(self._job_folder(kind, int(number)))],
+            self._job(node, ["rm", "-rf", "--", str(self._job_folder(kind, int(number), node))],
                       what="remove the instance's folder")  # fmt: skip
 
     def check(self) -> str:
@@ -494,10 +504,371 @@ class SwarmBackend(BaseBackend):
                 self._remove_service(service)
                 self._forget_secrets(service.attrs["Spec"]["Labels"])
 
+    # Snapshots and restores ---------------------------------------------------------------
+
+    def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
+        with self._beside(instance) as beside:
+            return get_engine(instance.kind).snapshot(instance, beside, out, archive)
+
+    def archive_logs(self, instance: "Instance", archive: LogArchive) -> None:
+        with self._beside(instance) as beside:
+            get_engine(instance.kind).archive_logs(instance, beside, archive)
+
+    @contextmanager
+    def _beside(self, instance: "Instance") -> Iterator[DockerBeside]:
+        """Programs beside the running server, each a job on its node with the server's own mounts
+        (its socket's folder too), as its uid; the portal's clients at the node's address."""
+        node = self._home(instance)
+        layout = self.layout(instance, node)
+        mounts = self._server_mounts(instance, node, layout)
+        execute = partial(self._beside_job, instance, node, mounts)
+        yield DockerBeside(layout=layout, endpoint=self.login_endpoint(instance), execute=execute)
+
+    def restore(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
+        node = self._home(instance)
+        layout = self.layout(instance, node)
+        self.stop(instance)
+        self._fill(instance, node, layout, snapshot, replay)
+        self._start_restored(instance, node, layout)
+
+    def _fill(
+        self, instance: "Instance", node: Node, layout: Layout, snapshot: IO[bytes], replay: Replay | None
+    ) -> None:
+        """Put `snapshot` (and `replay`) in place of the data in the instance's folder on `node`, its
+        server stopped: the engine's restore, in jobs there that have the folder whole, where the
+        uid's group may write meanwhile (to put a new `data` in place of the old). Root's alone again
+        after, `data`, `tmp` and `run` checked to be the uid's folders and not links: the server's
+        mounts are made from those paths, and follow a link."""
+        from docker.types import Mount
+
+        folder, uid = self._job_folder(instance.kind, instance.pk, node), self.uid(instance)
+        self._job(node, ["sh", "-c", 'chgrp -- "$2" "$1" && chmod 0770 "$1"', "open", str(folder), str(uid)],
+                  what="open the instance's folder to its restore")  # fmt: skip
+        try:
+            data = HELPER_DISK / "data"
+            helper = replace(layout, data=data, tmp=data if layout.tmp == layout.data else HELPER_DISK / "tmp")
+            mounts = [
+                Mount(str(HELPER_DISK), str(self.folder(instance, node)), type="bind"),
+                Mount("/tmp", None, type="tmpfs", tmpfs_size=64 * 2**20, tmpfs_mode=0o1777),
+            ]
+            execute = partial(self._beside_job, instance, node, mounts)
+            get_engine(instance.kind).restore(instance, DockerBeside(layout=helper, endpoint=None, execute=execute),
+                                              snapshot, replay)  # fmt: skip
+        finally:
+            self._job(node, ["sh", "-c", SEAL, "seal", str(folder), str(uid)], what="check the instance's folder")
+
+    def _start_restored(self, instance: "Instance", node: Node, layout: Layout) -> None:
+        """Start restored data as at its first start: the accounts made again from the instance's own
+        credentials; then with its usual files, if its first-start files are not for every start."""
+        engine = get_engine(instance.kind)
+        restored, usual = engine.container_restored(instance, layout), engine.container(instance, layout)
+        if self._service(instance) is None:
+            self._docker("create the instance's service", self.client.services.create, self._image(instance.kind),
+                         **self._service_spec(instance, node, layout, restored, replicas=1))  # fmt: skip
+            self._wait_for_login(instance)
+        else:
+            self._update(instance, node, layout, restored, first=True)
+        if restored != usual:
+            self._update(instance, node, layout, usual, first=False)
+
+    # Moves between nodes ------------------------------------------------------------------
+
+    def move(self, instance: "Instance", source: tuple[str, int], spool: IO[bytes]) -> float:
+        """Move the running server at `source` (host, port) to `instance.host` and `instance.port`,
+        a usable node's, with its data: its writes refused, a snapshot streamed into `spool` (the
+        portal's storage) by a job on its node, its server stopped, then the snapshot restored into
+        a new folder on the new node and started there; the old folder is removed last. Returns the
+        seconds writes were refused. If anything fails before the new server answers, the old one
+        runs again on its node, with its data, and the error is raised."""
+        old = copy.copy(instance)
+        old.host, old.port = source
+        old_node, new_node = self._home(old), self._placed(instance)
+        if old_node.id == new_node.id:
+            raise BackendError("The instance is on that node already.")
+        engine = get_engine(instance.kind)
+        with self.admin(old) as admin:
+            engine.refuse_writes(old, True, admin=admin)
+        refused = time.monotonic()
+        try:
+            self.snapshot(old, spool)
+        except Exception:
+            with self.admin(old) as admin:
+                engine.refuse_writes(old, False, admin=admin)
+            raise
+        self.stop(old)
+        service = self._service(old)
+        try:
+            if service is not None:  # the new one has its name
+                self._docker("remove the old service", service.remove)
+                self._wait(lambda: not self._live(self._tasks_of(service.id)), 45, "the old server to stop")
+            self._make_folder(instance, new_node)
+            spool.seek(0)
+            layout = self.layout(instance, new_node)
+            self._fill(instance, new_node, layout, spool, None)
+            self._start_restored(instance, new_node, layout)
+        except Exception:
+            logger.exception("Instance %s: the move to %s failed; starting it on %s again", instance.pk,
+                             new_node.hostname, old_node.hostname)  # fmt: skip
+            self._back_home(old, old_node, new_node)
+            raise
+        paused = time.monotonic() - refused
+        self._job(old_node, ["rm", "-rf", "--", str(self._job_folder(instance.kind, instance.pk, old_node))],
+                  what="remove the instance's old folder")  # fmt: skip
+        return paused
+
+    def _back_home(self, old: "Instance", old_node: Node, new_node: Node) -> None:
+        """After a failed move: the new service and folder gone, the old server running again."""
+        new = self._service(old)
+        if new is not None:
+            self._remove_service(new)
+        else:
+            self._job(new_node, ["rm", "-rf", "--", str(self._job_folder(old.kind, old.pk, new_node))],
+                      what="remove the failed move's folder")  # fmt: skip
+        layout = self.layout(old, old_node)
+        spec = get_engine(old.kind).container(old, layout)
+        self._docker("create the old service again", self.client.services.create, self._image(old.kind),
+                     **self._service_spec(old, old_node, layout, spec, replicas=1, first=False))  # fmt: skip
+        self._wait_for_login(old)
+
+    def rebuild(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
+        """Make the server again on `instance.host` and `instance.port` from `snapshot`, its old node
+        out of reach (an evacuation): the old service goes (Swarm stops its server if the node comes
+        back); its old folder stays on that node until an operator removes it."""
+        node = self._placed(instance)
+        service = self._service(instance)
+        if service is not None:
+            self._docker("remove the old service", service.remove)
+        self._make_folder(instance, node)
+        layout = self.layout(instance, node)
+        self._fill(instance, node, layout, snapshot, replay)
+        self._start_restored(instance, node, layout)
+
+    def _placed(self, instance: "Instance") -> Node:
+        """The usable node `instance.host` names (where a move or a rebuild puts it)."""
+        for node in self.nodes(fresh=True):
+            if node.public_host == instance.host and node.labelled:
+                return node
+        raise BackendError(f"No node of the swarm is {instance.host}.")
+
+    def _server_mounts(self, instance: "Instance", node: Node, layout: Layout) -> list[Any]:
+        """The server's bind mounts: its data, its temporary files and its socket's folder."""
+        from docker.types import Mount
+
+        folder = self.folder(instance, node)
+        mounts = [Mount(str(layout.data), str(folder / "data"), type="bind")]
+        if layout.tmp != layout.data:
+            mounts.append(Mount(str(layout.tmp), str(folder / "tmp"), type="bind"))
+        # On the node, not in memory: a job beside the server (a snapshot) reaches its socket there.
+        mounts.append(Mount(str(layout.socket.parent), str(folder / "run"), type="bind"))
+        return mounts
+
+    def _beside_job(
+        self,
+        instance: "Instance",
+        node: Node,
+        mounts: list[Any],
+        argv: Sequence[str],
+        *,
+        stdin: IO[bytes] | None = None,
+        stdout: IO[bytes] | None = None,
+        secret: str | None = None,
+    ) -> None:
+        """Run `argv` in a job on `node` beside the instance's server: as its uid, with its image,
+        its memory limit and `mounts` (see `_connected_job`)."""
+        self._connected_job(
+            node,
+            argv,
+            image=self._image(instance.kind),
+            uid=self.uid(instance),
+            memory=get_engine(instance.kind).memory_limit(instance.options),
+            labels=self.labels(instance),
+            mounts=mounts,
+            stdin=stdin,
+            stdout=stdout,
+            secret=secret,
+        )
+
+    def _connected_job(
+        self,
+        node: Node,
+        argv: Sequence[str],
+        *,
+        image: str,
+        uid: int,
+        memory: int,
+        labels: dict[str, str],
+        mounts: list[Any],
+        stdin: IO[bytes] | None = None,
+        stdout: IO[bytes] | None = None,
+        secret: str | None = None,
+    ) -> None:
+        """Run `argv` in a job on `node` as `uid`, with no capability, a read-only root, `mounts` and
+        a `memory` limit. It connects back to the portal (CONNECT_BACK): its standard input and output
+        are that connection, which it opens with a one-time token; `{secret}` in `argv` is a Swarm
+        secret's file, in the job's memory. Raises BackendError with the end of its error output."""
+        from docker.types import Resources, RestartPolicy
+
+        name = PurePosixPath(argv[0]).name
+        token = secrets.token_hex(32)
+        labels = {**labels, JOB: "true"}
+        made: list[Any] = []
+        references = [self._job_secret(made, labels, uid, "token", token + "\n", TOKEN_FILE)]
+        if secret is not None:
+            references.append(self._job_secret(made, labels, uid, "options", secret, SECRET_FILE))
+            argv = [arg.replace("{secret}", str(SECRET_FILE)) for arg in argv]
+        with socket.create_server((self.portal_address, 0)) as listener:
+            service = self._docker(
+                f"start {name} on node {node.hostname or node.address}",
+                self.client.services.create,
+                image,
+                command=["bash"],
+                args=["-c", CONNECT_BACK, name, self.portal_address, str(listener.getsockname()[1]), *argv],
+                name=f"stockroom-job-{self.portal_id[:12]}-{secrets.token_hex(4)}",
+                labels=labels,
+                constraints=[f"node.id=={node.id}"],
+                mounts=mounts,
+                secrets=references,
+                user=f"{uid}:{uid}",
+                cap_drop=["ALL"],
+                read_only=True,
+                networks=["host"],
+                resources=Resources(mem_limit=memory),
+                restart_policy=RestartPolicy(condition="none"),
+            )
+            try:
+                self._stream(service, listener, token, stdin, stdout, what=name)
+                self._ended(service, name)
+            finally:
+                self._docker(f"remove the job of {name}", service.remove)
+                for each in made:  # removed once the job's task has let go of it
+                    self._wait(partial(self._gone, each), 30, "the job to let go of its secret")
+
+    def _job_secret(
+        self, made: list[Any], labels: dict[str, str], uid: int, name: str, text: str, path: PurePosixPath
+    ) -> Any:
+        from docker.types import SecretReference
+
+        secret = self._docker(
+            "store a job's secret",
+            self.client.secrets.create,
+            name=f"sr-{self.portal_id[:12]}-job-{name}-{secrets.token_hex(8)}",
+            data=text,
+            labels=labels,
+        )
+        made.append(secret)
+        return SecretReference(secret.id, secret.name, filename=str(path), uid=str(uid), gid=str(uid), mode=0o400)
+
+    # Exports and verifies ------------------------------------------------------------------
+
+    def export_snapshot(self, kind: str, snapshot: IO[bytes], out: IO[bytes], *, database: str) -> None:
+        with self._scratch(kind) as scratch:
+            get_engine(kind).export(snapshot, scratch, out, database=database)
+
+    def verify_snapshot(self, kind: str, snapshot: IO[bytes], *, database: str) -> str:
+        with self._scratch(kind) as scratch:
+            return get_engine(kind).verify(snapshot, scratch, database=database)
+
+    @contextmanager
+    def _scratch(self, kind: str) -> Iterator["SwarmScratch"]:
+        """A throwaway folder on a usable node, of a uid no instance has (`uid_base` - 1), and jobs
+        there as that uid, which have it and nothing else of the node's: where a snapshot, which may
+        hold anything its tenant put there, is loaded and checked. Removed afterwards."""
+        usable = [node for node in self.nodes(fresh=True) if node.usable]
+        if not usable:
+            raise BackendError("No node of the swarm is usable for a throwaway server now.")
+        node, uid = usable[0], self.uid_base - 1
+        folder = JOB_ROOT / self.portal_id / node.id / f"scratch-{secrets.token_hex(8)}"
+        self._job(node, ["sh", "-c", 'umask 077; mkdir -p -- "$1" && chown -- "$2:$2" "$1"', "make", str(folder),
+                         str(uid)], what="make a throwaway folder")  # fmt: skip
+        try:
+            from docker.types import Mount
+
+            source = self.data_root / folder.relative_to(JOB_ROOT)
+            mounts = [
+                Mount(str(SCRATCH), str(source), type="bind"),
+                Mount("/tmp", None, type="tmpfs", tmpfs_size=64 * 2**20, tmpfs_mode=0o1777),
+            ]
+            labels = {f"{LABEL}.managed": "true", f"{LABEL}.portal": self.portal_id}
+            run = partial(self._connected_job, node, image=self._image(kind), uid=uid, memory=SCRATCH_MEMORY,
+                          labels=labels, mounts=mounts)  # fmt: skip
+            yield SwarmScratch(folder=SCRATCH, execute=run)
+        finally:
+            self._job(node, ["rm", "-rf", "--", str(folder)], what="remove a throwaway folder")
+
+    @staticmethod
+    def _gone(secret: Any) -> bool:
+        """Remove the secret; False while a task still holds it (Swarm refuses then)."""
+        import docker.errors
+
+        try:
+            secret.remove()
+        except docker.errors.NotFound:
+            return True
+        except docker.errors.APIError:
+            return False
+        return True
+
+    def _stream(
+        self, service: Any, listener: socket.socket, token: str, stdin: IO[bytes] | None, stdout: IO[bytes] | None,
+        *, what: str,
+    ) -> None:  # fmt: skip
+        """Take the job's connection (the first that opens with `token`), send it `stdin` and copy
+        what it writes to `stdout`, until it closes it."""
+        deadline = time.monotonic() + self.job_timeout
+        listener.settimeout(0.5)
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                if self._failed(service) or time.monotonic() > deadline:
+                    return  # _ended says why
+                continue
+            connection.settimeout(10)
+            try:
+                said = connection.recv(len(token) + 1)
+            except OSError:
+                said = b""
+            if hmac.compare_digest(said, (token + "\n").encode()):
+                break
+            connection.close()  # not the job's
+        with connection:
+            connection.settimeout(settings.STOCKROOM_TASK_TIME_LIMIT)
+            feeder = threading.Thread(target=_feed, args=(stdin, connection), daemon=True)
+            feeder.start()
+            try:
+                while chunk := connection.recv(1024 * 1024):
+                    if stdout is not None:
+                        stdout.write(chunk)
+            except OSError as exc:
+                raise BackendError(f"The connection from {what} on its node broke: {exc}.") from exc
+            finally:
+                feeder.join(timeout=5)
+
+    def _failed(self, service: Any) -> bool:
+        return any(task["Status"]["State"] in ("failed", "rejected") for task in self._tasks_of(service.id))
+
+    def _ended(self, service: Any, name: str) -> None:
+        """Wait for the job's end; raise BackendError with its error output unless it succeeded."""
+        deadline = time.monotonic() + 60
+        while True:
+            tasks = self._tasks_of(service.id)
+            states = {task["Status"]["State"] for task in tasks}
+            if "complete" in states:
+                return
+            if states & {"failed", "rejected"} or time.monotonic() > deadline:
+                task = tasks[0] if tasks else {"Status": {}}
+                status = int(task["Status"].get("ContainerStatus", {}).get("ExitCode", -1) or -1)
+                try:
+                    errors = b"".join(service.logs(stdout=False, stderr=True, tail=40))
+                except Exception:  # noqa: BLE001 - the task's own word is enough
+                    errors = b""
+                raise helper_failed(name, errors or task["Status"].get("Err", "").encode(), status)
+            time.sleep(self.poll_interval)
+
     # Jobs on a node ---------------------------------------------------------------------
 
     def _make_folder(self, instance: "Instance", node: Node) -> None:
-        folder = self._job_folder(instance.kind, instance.pk)
+        folder = self._job_folder(instance.kind, instance.pk, node)
         uid = str(self.uid(instance))
         script = (
             'set -eu; umask 077; rm -rf -- "$1"; mkdir -p -- "$1/data" "$1/tmp" "$1/run"; '
@@ -628,3 +999,30 @@ class SwarmBackend(BaseBackend):
             text = ""
         said = f"Swarm says: {err}. " if err else ""
         return f"{said}Server log: {' | '.join(text.splitlines())}" if text else f"{said}The server log is empty."
+
+
+def _feed(source: IO[bytes] | None, sink: socket.socket) -> None:
+    """Copy `source` to a job's standard input, then close that; a job that stops reading ends it."""
+    with suppress(OSError):
+        while source is not None and (chunk := source.read(1024 * 1024)):
+            sink.sendall(chunk)
+        sink.shutdown(socket.SHUT_WR)
+
+
+@dataclass(frozen=True)
+class SwarmScratch:
+    """What an engine's export and verify run in (`Scratch`): a throwaway folder on a node, and jobs
+    there that have it."""
+
+    folder: PurePosixPath
+    execute: Callable[..., None]
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: IO[bytes] | None = None,
+        stdout: IO[bytes] | None = None,
+        secret: str | None = None,
+    ) -> None:
+        self.execute(argv, stdin=stdin, stdout=stdout, secret=secret)

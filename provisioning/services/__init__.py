@@ -38,6 +38,9 @@ from .imports import run as import_instance
 from .lifetime import FIELDS as LIFETIME_FIELDS
 from .logs import OutsideWindow, recovery_window, with_first_base
 from .logs import archive as archive_logs
+from .moves import CannotMove, request_evacuation, request_move
+from .moves import evacuate as evacuate_instance
+from .moves import move as move_instance
 from .ports import NoFreePort
 from .refill import fill as fill_pool
 from .requests import Protected, WrongStatus, create_instance, delete_instance, request_action, wait_until_started
@@ -50,6 +53,11 @@ from .webhooks import TooManyWebhooks, create_webhook
 from .work import deprovision, perform_action, provision, recover
 
 __all__ = [
+    "CannotMove",
+    "evacuate_instance",
+    "move_instance",
+    "request_evacuation",
+    "request_move",
     "NotApplied",
     "fill_pool",
     "pool",

@@ -9,23 +9,20 @@ error row, never an exception: the others' nodes still show.
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db.models import Count, Sum
 
-from ..backends.base import BackendError, BaseBackend, get_backend
+from ..backends.base import BackendError, BaseBackend, Node, get_backend
 from ..models import RESERVING_MEMORY, Instance
 from ..options import describe_size
-
-if TYPE_CHECKING:
-    from ..backends.swarm import Node
+from . import moves
 
 logger = logging.getLogger(__name__)
 
-# What an operator may do to a node here -> the availability it sets. Drain, which moves the
-# node's instances off first, is not one of them.
-ACTIONS = {"activate": "active", "pause": "pause"}
+# What an operator may do to a node here -> the availability it sets. A drain pauses it, and then
+# moves each running instance of the portal's off it, with its data (services/moves.py).
+ACTIONS = {"activate": "active", "pause": "pause", "drain": "pause"}
 
 
 class UnknownNode(Exception):
@@ -137,11 +134,26 @@ def locate(node_id: str) -> str:
     raise UnknownNode(f"No node {node_id} in any backend that places servers.")
 
 
+def act(alias: str, node_id: str, action: str, *, by: object) -> tuple[NodeRow, str]:
+    """Carry out one of ACTIONS on a node: the node as it is then, and a sentence saying what was
+    done. UnknownNode, FleetUnavailable."""
+    row = set_availability(alias, node_id, ACTIONS[action], by=by)
+    name = f"Node {row.hostname or row.id} ({alias})"
+    if action != "drain":
+        taking = "takes new instances" if row.availability == "active" else "takes no new instances"
+        return row, f"{name} is {row.availability}: it {taking}."
+    requested, stay = moves.move_all(alias=alias, host=row.public_host, by=by)
+    said = f"{name} takes no new instances; moving its {requested} running instances to other nodes."
+    if stay:
+        said += f" {stay} others (stopped or busy) stay on it: drain it again once they run."
+    return row, said
+
+
 def set_availability(alias: str, node_id: str, availability: str, *, by: object) -> NodeRow:
     """Make node `node_id` of backend `alias` take new instances ("active") or not ("pause": the
     instances on it keep running); the node as it is then. UnknownNode, FleetUnavailable."""
-    if availability not in ACTIONS.values():
-        raise ValueError(f"A node's availability here is {' or '.join(ACTIONS.values())}, not {availability!r}.")
+    if availability not in ("active", "pause"):
+        raise ValueError(f"A node's availability here is active or pause, not {availability!r}.")
     if alias not in {backend.alias for backend in placing_backends()}:
         raise UnknownNode(f"{alias!r} is not a backend that places servers.")
     backend = get_backend(alias)

@@ -33,6 +33,24 @@ def save_with_free_port(instance: Instance, backend: BaseBackend) -> None:
     _take_free_port(instance, backend, take)
 
 
+def take_on(instance: Instance, backend: BaseBackend, host: str) -> None:
+    """Give `instance` `host` and the lowest port free there (a move to another host of a backend
+    that places servers), in the database. Raises NoFreePort."""
+    old_host, old_port = instance.host, instance.port
+
+    def take(port: int) -> None:
+        if not Instance.objects.filter(pk=instance.pk, host=old_host, port=old_port).update(host=host, port=port):
+            raise BackendError("The instance changed while a port was chosen for it on its new host; try again.")
+        instance.port = port
+
+    instance.host = host
+    try:
+        _take_free_port(instance, backend, take)
+    except BaseException:
+        instance.host, instance.port = old_host, old_port
+        raise
+
+
 def move_if_taken(instance: Instance, backend: BaseBackend, *, creating: bool = False) -> str:
     """Before an instance's server is created or started: if something other than the instance
     listens on its port, give it a free port instead (the backend starts it there).

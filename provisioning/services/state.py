@@ -32,11 +32,11 @@ S = Status
 # Side -> {from: the statuses it may move to}.
 TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
     Side.REQUEST: {
-        S.RUNNING: frozenset({S.DELETING, S.STOPPING, S.RESTARTING, S.ROTATING, S.RESTORING, S.IMPORTING}),
+        S.RUNNING: frozenset({S.DELETING, S.STOPPING, S.RESTARTING, S.ROTATING, S.RESTORING, S.IMPORTING, S.MOVING}),
         S.UNHEALTHY: frozenset({S.DELETING, S.STOPPING, S.RESTARTING, S.RESTORING}),
         S.STOPPED: frozenset({S.DELETING, S.STARTING}),
         S.FAILED: frozenset({S.DELETING}),
-        S.UNREACHABLE: frozenset({S.DELETING}),
+        S.UNREACHABLE: frozenset({S.DELETING, S.MOVING}),
         # The job could not be queued: back to where the instance was (a create fails).
         S.PROVISIONING: frozenset({S.FAILED}),
         S.DELETING: frozenset({S.RUNNING, S.UNHEALTHY, S.STOPPED, S.FAILED, S.UNREACHABLE}),
@@ -46,6 +46,7 @@ TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
         S.ROTATING: frozenset({S.RUNNING}),
         S.RESTORING: frozenset({S.RUNNING, S.UNHEALTHY}),
         S.IMPORTING: frozenset({S.RUNNING}),
+        S.MOVING: frozenset({S.RUNNING, S.UNREACHABLE}),
     },
     Side.WORKER: {
         S.PROVISIONING: frozenset({S.RUNNING, S.FAILED}),
@@ -60,6 +61,9 @@ TRANSITIONS: dict[Side, dict[Status, frozenset[Status]]] = {
         # An import ends running, with the file's data or the data as it was (refused, or the
         # before-import snapshot put back); unhealthy only if putting the data back failed too.
         S.IMPORTING: frozenset({S.RUNNING, S.UNHEALTHY}),
+        # A move ends running on its new host, or on its old one if it failed; an evacuation that
+        # failed leaves it unreachable. Unhealthy: a worker that died during it (recovery).
+        S.MOVING: frozenset({S.RUNNING, S.UNREACHABLE, S.UNHEALTHY}),
     },
     Side.HEALER: {
         S.RUNNING: frozenset({S.UNHEALTHY, S.UNREACHABLE}),

@@ -245,6 +245,8 @@ def _recover(instance: Instance, backend: BaseBackend) -> None:
         snapshots.restore_now(instance, backend)
     elif busy == Status.IMPORTING:  # undone: the before-import snapshot put back, if it was taken
         imports.recover(instance, backend)
+    elif busy == Status.MOVING:  # its server may be on either host, or neither: the reconciler finds out
+        _give_up_recovering(instance, backend, f"{note} during a move")
     elif answers:
         version, upgraded = versions.after_start(instance, backend, data=versions.Data.KEPT)
         message = with_note(f"{note}; the server answers, so it is running.", upgraded)
@@ -261,7 +263,8 @@ def _give_up_recovering(instance: Instance, backend: BaseBackend, what: str) -> 
         verb = "create" if busy == Status.PROVISIONING else "delete"
         _fail(instance, backend, what, BackendError(f"the {verb} was given up; try again."))
     else:
-        doing = {Status.RESTORING: "restore", Status.IMPORTING: "import"}.get(busy) or ACTION_OF[busy].replace("-", " ")
+        doing = {Status.RESTORING: "restore", Status.IMPORTING: "import", Status.MOVING: "move"}.get(busy)
+        doing = doing or ACTION_OF[busy].replace("-", " ")
         message, upload = f"{what}; the {doing} was given up.", instance.import_file
         done = {"restore_from": None, "import_file": ""}
         transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(busy,), also=done)

@@ -7,6 +7,7 @@ Traffic goes only to the run's own namespaces. Without root, dockerd or the test
 are skipped, except under CI=true, where that is a failure (see test_swarm_cluster.py).
 """
 
+import gzip
 import subprocess
 import time
 from pathlib import Path
@@ -16,14 +17,17 @@ import pytest
 import redis
 
 from devtools.swarm import swarm
+from provisioning import services
 from provisioning.backends.base import get_backend
 from provisioning.engines.redis import NO_RETRY
 from provisioning.models import Instance, InstanceEvent
 from provisioning.reconciler import Reconciler
 
 from .conftest import wait_for_status
+from .test_export_verify import download, verify
 from .test_lifecycle import act
 from .test_reconcile_pass import delete_what_each_test_made  # noqa: F401
+from .test_snapshots import execute, restore, rows, snapshot_of, stored
 from .test_swarm_cluster import IMAGE, IMAGE_SOURCE, can_build  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -53,7 +57,8 @@ def backend(cluster, settings):
     settings.STOCKROOM_DEFAULT_BACKEND = "swarm"
     backend = get_backend("swarm")
     yield backend
-    for service in backend.orphans(known_ids=set()):  # what a failed test left
+    # What a failed test left beside its instances (which delete_what_each_test_made deletes).
+    for service in backend.orphans(known_ids=set(Instance.objects.values_list("pk", flat=True))):
         backend.remove_orphan(service)
 
 
@@ -95,8 +100,9 @@ def refuses(host: str, port: int) -> bool:
     return False
 
 
-def folder(cluster, kind: str, pk: int) -> Path:
-    return cluster.data_dir / "instances" / PORTAL_ID / f"{kind}-{pk}"
+def folder(cluster, kind: str, pk: int, host: str) -> Path:
+    node = next(worker for worker in cluster.workers if worker.address == host)
+    return cluster.data_dir / "instances" / PORTAL_ID / node.node_id / f"{kind}-{pk}"
 
 
 def test_instances_land_on_both_workers_and_answer_with_the_credentials_shown(api, cluster, backend):
@@ -168,7 +174,7 @@ def test_a_delete_removes_the_service_its_secrets_its_data_and_frees_the_port(ap
     config = create(api, "redis")
     pk = config["id"]
     redis_of(config).set("key", "value")
-    assert folder(cluster, "redis", pk).is_dir()
+    assert folder(cluster, "redis", pk, config["host"]).is_dir()
 
     assert api.delete(f"/api/storage/redis/instances/{pk}").status_code == 202
     wait_for_status(api, "redis", pk, "gone", "deleted", timeout=120)
@@ -176,7 +182,7 @@ def test_a_delete_removes_the_service_its_secrets_its_data_and_frees_the_port(ap
     manager = cluster.manager.client()
     assert not manager.services.list(filters={"label": f"io.stockroom.instance={pk}"})
     assert not manager.secrets.list(filters={"label": f"io.stockroom.instance={pk}"})
-    assert not folder(cluster, "redis", pk).exists()
+    assert not folder(cluster, "redis", pk, config["host"]).exists()
     deadline = time.monotonic() + 30
     while not refuses(config["host"], config["port"]):
         assert time.monotonic() < deadline, "the port still answers 30 s after the delete"
@@ -238,3 +244,103 @@ def test_a_worker_cut_off_makes_its_instances_unreachable_and_they_return_with_t
     assert redis_of(cut_config).get("kept") == b"through the outage"
     history = InstanceEvent.objects.filter(instance_id=cut_config["id"]).values_list("to_status", flat=True)
     assert list(history.order_by("pk"))[-2:] == ["unreachable", "running"]
+
+
+def test_snapshots_stream_from_the_node_and_a_restore_brings_back_exactly_their_data(api, cluster, backend):
+    """A job on the instance's node streams the snapshot to the portal's storage, and a restore
+    streams it back: MySQL's rows and Redis's keys as they were, the writes after it gone."""
+    mysql_config = create(api, "mysql")
+    redis_config = create(api, "redis")
+    execute(mysql_config, "CREATE TABLE t (id INT PRIMARY KEY, note TEXT)", "INSERT INTO t VALUES (1, 'one')")
+    redis_of(redis_config).set("before", "1")
+
+    mysql_snapshot = snapshot_of(api, "mysql", mysql_config["id"])
+    redis_snapshot = snapshot_of(api, "redis", redis_config["id"])
+    assert stored(mysql_snapshot).stat().st_size > 0 and stored(redis_snapshot).stat().st_size > 0
+    # Loaded and checked by a throwaway server on a node; exported there as a portable file.
+    for kind, snapshot in (("mysql", mysql_snapshot), ("redis", redis_snapshot)):
+        checked = verify(api, kind, snapshot["id"])
+        assert checked["verify_status"] == "passed", checked["verify_message"]
+    _disposition, dump = download(api, "mysql", mysql_snapshot["id"])
+    text = gzip.decompress(dump)
+    assert b"CREATE TABLE `t`" in text and b"'one'" in text, text[-600:]
+    execute(mysql_config, "INSERT INTO t VALUES (2, 'after')")
+    redis_of(redis_config).set("after", "2")
+
+    assert restore(api, "mysql", mysql_config["id"], mysql_snapshot["id"])["status"] == "running"
+    assert restore(api, "redis", redis_config["id"], redis_snapshot["id"])["status"] == "running"
+
+    assert rows(mysql_config) == [[1, "one"]]
+    client = redis_of(redis_config)
+    assert client.get("before") == b"1"
+    assert client.get("after") is None
+    # The folder on the node is root's again, its data the server's uid's.
+    place = folder(cluster, "mysql", mysql_config["id"], mysql_config["host"])
+    assert place.stat().st_uid == 0 and place.stat().st_mode & 0o777 == 0o700
+    assert (place / "data").stat().st_uid == backend.uid(Instance.objects.get(pk=mysql_config["id"]))
+    # Its jobs and their secrets are gone.
+    manager = cluster.manager.client()
+    assert not manager.services.list(filters={"label": "io.stockroom.job=true"})
+    assert not manager.secrets.list(filters={"label": "io.stockroom.job=true"})
+
+
+def node_of(cluster, host: str):
+    return next(worker for worker in cluster.workers if worker.address == host)
+
+
+def test_a_drain_moves_each_instance_with_its_data_to_the_other_worker(api, cluster, backend):
+    mysql_config = create(api, "mysql")
+    redis_config = create(api, "redis", maxmemory=40 * 2**20)
+    drained = node_of(cluster, redis_config["host"])
+    if mysql_config["host"] != drained.address:  # both on the drained one: one create more lands there
+        mysql_config = create(api, "mysql")
+    assert mysql_config["host"] == drained.address
+    execute(mysql_config, "CREATE TABLE t (id INT PRIMARY KEY, note TEXT)", "INSERT INTO t VALUES (1, 'moved')")
+    redis_of(redis_config).set("moved", "yes")
+    try:
+        requested, stay = services.drain_node(alias="swarm", node_id=drained.node_id, by="an operator")
+
+        assert (requested, stay) == (2, 0)
+        for kind, config in (("mysql", mysql_config), ("redis", redis_config)):
+            body = wait_for_status(api, kind, config["id"], "running", timeout=180)
+            assert body["status_message"].startswith(f"Moved from {drained.address}:{config['port']} to "), body
+            new = api.get(f"/api/storage/{kind}/instances/{config['id']}/config").json()
+            assert new["host"] != drained.address and new["password"] == config["password"]
+            assert refuses(drained.address, config["port"]), "the old server is gone"
+            event = InstanceEvent.objects.filter(instance_id=config["id"], type=services.moves.MOVED).get()
+            assert "writes were refused for" in event.reason
+            assert Instance.objects.get(pk=config["id"]).timings["move_pause"] > 0
+            if kind == "mysql":
+                assert rows(new) == [[1, "moved"]]
+            else:
+                assert redis_of(new).get("moved") == b"yes"
+                assert redis_of(new).config_get("maxmemory") == {"maxmemory": str(40 * 2**20)}
+        assert not list((cluster.data_dir / "instances" / PORTAL_ID / drained.node_id).iterdir())
+        # The paused node takes no new instance.
+        assert create(api, "redis")["host"] != drained.address
+    finally:
+        backend.set_availability(drained.node_id, "active")
+
+
+def test_an_unreachable_instance_is_evacuated_from_its_last_snapshot(api, cluster, backend):
+    config = create(api, "redis")
+    cut = node_of(cluster, config["host"])
+    redis_of(config).set("in the snapshot", "1")
+    snapshot_of(api, "redis", config["id"])
+    redis_of(config).set("after the snapshot", "2")
+    subprocess.run(["ip", "link", "set", cluster.veth(cut), "down"], check=True)
+    try:
+        status_after_passes(api, "redis", config["id"], "unreachable", timeout=120)
+        response = api.post(f"/api/storage/redis/instances/{config['id']}/evacuate")
+        assert response.status_code == 202, response.content
+
+        body = wait_for_status(api, "redis", config["id"], "running", "unreachable", timeout=180)
+        assert body["status"] == "running", body["status_message"]
+        assert "whatever was written after that is lost" in body["status_message"]
+        new = api.get(f"/api/storage/redis/instances/{config['id']}/config").json()
+        assert new["host"] != cut.address
+        client = redis_of(new)
+        assert client.get("in the snapshot") == b"1"
+        assert client.get("after the snapshot") is None
+    finally:
+        subprocess.run(["ip", "link", "set", cluster.veth(cut), "up"], check=True)

@@ -1,5 +1,6 @@
 """Redis: one `redis-server` per instance, or a container in the official image's contract."""
 
+import dataclasses
 import hashlib
 import io
 import re
@@ -357,9 +358,11 @@ class Redis(Engine):
     def container(self, instance: "Instance", layout: Layout) -> Container:
         config, acl = CONFIG_DIR / self.config_name, CONFIG_DIR / ACL_FILE
         command = ["redis-server", str(config)]
-        if layout.acl != acl:
-            # An ACL the server itself rewrites (ACL SAVE: the portal writes no file of its, see
-            # `set_password`), in its data: the portal's file seeds it at the first start only.
+        if layout.admin_from is not None:
+            # The portal writes no file of this server's: its ACL is one the server itself rewrites
+            # (ACL SAVE, see `set_password`), in its data, which the portal's file seeds at its first
+            # start only (and after a restore, whose data has none).
+            layout = dataclasses.replace(layout, acl=layout.data / ACL_FILE)
             seed = 'test -e "$1" || cp -- "$2" "$1"; shift 2; exec docker-entrypoint.sh "$@"'
             command = ["sh", "-c", seed, "seed", str(layout.acl), str(acl), *command]
         return Container(

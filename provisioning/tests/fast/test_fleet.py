@@ -133,10 +133,88 @@ def test_pausing_a_node_sends_new_instances_elsewhere_and_activating_it_takes_th
     assert create("redis")["host"] == "db2.example.com"
 
 
-def test_drain_is_not_an_action_here(nodes, carl):
+def test_a_node_is_set_active_or_paused_only(nodes, carl):
     with pytest.raises(ValueError, match="active or pause"):
         fleet.set_availability("fleet", "n1large", "drain", by=carl)
     assert nodes.fleet["n1large"].availability == "active"
+
+
+def test_a_drain_pauses_the_node_and_moves_each_running_instance_with_its_data(nodes, create, committed, carl):
+    first, second = create("redis"), create("redis")  # on the large node, then the small one
+    assert first["host"] == "db2.example.com"
+    nodes.servers[first["id"]].data["key"] = "value"
+    api = APIClient()
+    api.force_authenticate(carl)
+
+    with committed():
+        response = api.post("/api/fleet/nodes/n1large/drain")
+
+    assert response.status_code == 200, response.content
+    assert response.json()["availability"] == "pause"
+    assert "moving its 1 running instances" in response.json()["detail"]
+    moved = Instance.objects.get(pk=first["id"])
+    assert (moved.status, moved.host) == (Status.RUNNING, "10.9.0.2")
+    assert moved.port != second["port"], "ports are unique per host"
+    assert moved.status_message.startswith(f"Moved from db2.example.com:{first['port']} to 10.9.0.2:{moved.port}")
+    assert moved.timings["move_pause"] == 0.25
+    assert nodes.servers[first["id"]].data == {"key": "value"}
+    assert nodes.servers[first["id"]].port == moved.port
+    assert moved.events.filter(type="instance.moved").count() == 1
+    assert Instance.objects.get(pk=second["id"]).host == "10.9.0.2", "the other one stays where it was"
+
+
+def test_a_move_that_fails_leaves_the_instance_running_where_it_was(nodes, create, committed, carl):
+    first = create("redis")
+    nodes.fail_next("move", BackendError("The job could not reach the portal."))
+
+    with committed():
+        fleet.act("fleet", "n1large", "drain", by=carl)
+
+    instance = Instance.objects.get(pk=first["id"])
+    assert (instance.status, instance.host, instance.port) == (Status.RUNNING, first["host"], first["port"])
+    assert "The move failed; it runs on its old node again" in instance.status_message
+    assert "could not reach the portal" in instance.status_message
+    assert not instance.events.filter(type="instance.moved").exists()
+
+
+def test_a_drain_with_no_room_elsewhere_moves_nothing_and_says_so(nodes, create, committed, carl):
+    nodes.set_availability("n0small", "pause")
+    first = create("redis")
+
+    with committed():
+        fleet.act("fleet", "n1large", "drain", by=carl)
+
+    instance = Instance.objects.get(pk=first["id"])
+    assert (instance.status, instance.host) == (Status.RUNNING, first["host"])
+    assert instance.status_message.startswith("Not moved: No node has room")
+
+
+def test_stopped_instances_stay_on_a_drained_node_and_the_operator_is_told(nodes, create, act, carl):
+    first = create("redis")
+    act(first, "stop")
+
+    _row, said = fleet.act("fleet", "n1large", "drain", by=carl)
+
+    assert "moving its 0 running instances" in said and "1 others (stopped or busy) stay on it" in said
+    assert Instance.objects.get(pk=first["id"]).host == first["host"]
+
+
+def test_evacuate_is_only_for_an_unreachable_instance_with_a_snapshot(nodes, create, alice):
+    first = create("redis")
+    api = APIClient()
+    api.force_authenticate(alice)
+    url = f"/api/storage/redis/instances/{first['id']}/evacuate"
+
+    running = api.post(url)
+    assert running.status_code == 409 and running.json()["status"] == "running"
+
+    nodes.set_state("n1large", "down")
+    nodes.kill(first["id"])
+    reconcile()
+    assert Instance.objects.get(pk=first["id"]).status == Status.UNREACHABLE
+    no_snapshot = api.post(url)
+    assert no_snapshot.status_code == 409
+    assert "no ready snapshot" in no_snapshot.json()["detail"]
 
 
 # The API -----------------------------------------------------------------------------------------
@@ -178,7 +256,7 @@ def test_the_api_answers_404_for_an_unknown_node_or_action(nodes, carl):
     answer = api.post("/api/fleet/nodes/n9gone/pause")
     assert answer.status_code == 404
     assert "n9gone" in answer.json()["detail"]
-    assert api.post("/api/fleet/nodes/n1large/drain").status_code == 404, "drain is not an action here"
+    assert api.post("/api/fleet/nodes/n1large/evict").status_code == 404, "evict is not an action"
     assert nodes.called("set_availability") == []
 
 
@@ -204,7 +282,8 @@ def test_the_schema_has_the_fleet_endpoints(client):
     assert set(paths["/api/fleet/nodes/"]) == {"get"}
     action = paths["/api/fleet/nodes/{node_id}/{action}/"]["post"]
     assert set(action["responses"]) == {"200", "404", "503"}
-    assert next(p for p in action["parameters"] if p["name"] == "action")["schema"]["enum"] == ["activate", "pause"]
+    parameter = next(p for p in action["parameters"] if p["name"] == "action")
+    assert parameter["schema"]["enum"] == ["activate", "drain", "pause"]
 
 
 # The admin ---------------------------------------------------------------------------------------
@@ -257,7 +336,7 @@ def test_the_admin_says_why_an_action_or_a_listing_failed(nodes, carl):
     answer = client.post(NODES, {"backend": "fleet", "node": "n9gone", "action": "pause"}, follow=True)
     assert answer.status_code == 200
     assert "Could not pause node n9gone: Backend fleet has no node n9gone." in answer.content.decode()
-    assert client.post(NODES, {"backend": "fleet", "node": "n1large", "action": "drain"}).status_code == 400
+    assert client.post(NODES, {"backend": "fleet", "node": "n1large", "action": "evict"}).status_code == 400
     assert nodes.fleet["n1large"].availability == "active"
 
     nodes.fail_next("nodes", BackendError(MANAGER_DOWN))

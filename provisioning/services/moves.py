@@ -1,0 +1,203 @@
+"""Instances that change hosts, on a backend that places servers on many (`BaseBackend.places`).
+
+- A *move* takes a running instance to the host with the most room, with its data: its writes are
+  refused, a snapshot streams from its node to the portal's storage and is restored on the new
+  node, and the new server starts there. Reads go on until the old server stops. The pause of its
+  writes is measured, said in its status and history, and sent as an `instance.moved` webhook with
+  the old and new host and port. A move that fails leaves it running where it was, with its data.
+- A *drain* moves every running instance off a node, which first stops taking new ones
+  (services/fleet.py).
+- An *evacuation* rebuilds an unreachable instance (its host is out of reach) on another host from
+  its last ready snapshot: whatever was written after that snapshot is lost, and its status says
+  from when.
+"""
+
+import logging
+import tempfile
+import time
+from datetime import datetime
+
+from django.conf import settings
+from django.db import transaction
+
+from ..backends.base import BackendError, BaseBackend, get_backend
+from ..errors import NoRoom
+from ..models import Instance, Snapshot, SnapshotStatus, Status
+from . import capacity, ports, snapshots
+from .capacity import NoCapacity
+from .claims import work_on
+from .outcomes import describe
+from .requests import WrongStatus, enqueue
+from .state import Side, record_event, transition
+
+logger = logging.getLogger(__name__)
+
+MOVED = "instance.moved"  # the event (and webhook) type of a move or an evacuation that succeeded
+
+
+class CannotMove(Exception):
+    """The instance cannot be moved or evacuated as asked (409); the message says why."""
+
+
+def request_move(*, instance: Instance, by: object) -> Instance:
+    """Mark a running instance moving; a worker moves it after commit. Raises CannotMove on a
+    backend of one host, WrongStatus unless it is running."""
+    if not get_backend(instance.backend).places:
+        raise CannotMove(f"The {instance.backend} backend runs every server on one host: there is nowhere to move to.")
+    with transaction.atomic():
+        moved = transition(
+            instance,
+            Status.MOVING,
+            f"A move to another node was requested by {by}.",
+            side=Side.REQUEST,
+            allowed_from=(Status.RUNNING,),
+        )
+        if moved:
+            transaction.on_commit(lambda: enqueue("move_instance", instance, revert_to=Status.RUNNING))
+    if not moved:
+        instance.refresh_from_db()
+        raise WrongStatus(instance, "move")
+    return instance
+
+
+def request_evacuation(*, instance: Instance, by: object) -> Instance:
+    """Mark an unreachable instance moving; a worker rebuilds it on another host from its last
+    ready snapshot. Raises CannotMove without such a snapshot, WrongStatus unless unreachable."""
+    if instance.status != Status.UNREACHABLE:
+        raise WrongStatus(instance, "evacuate")
+    if last_snapshot(instance) is None:
+        raise CannotMove("It has no ready snapshot to be rebuilt from; it can only wait for its host to come back.")
+    with transaction.atomic():
+        moved = transition(
+            instance,
+            Status.MOVING,
+            f"An evacuation to another node was requested by {by}.",
+            side=Side.REQUEST,
+            allowed_from=(Status.UNREACHABLE,),
+        )
+        if moved:
+            transaction.on_commit(lambda: enqueue("evacuate_instance", instance, revert_to=Status.UNREACHABLE))
+    if not moved:
+        instance.refresh_from_db()
+        raise WrongStatus(instance, "evacuate")
+    return instance
+
+
+def move_all(*, alias: str, host: str, by: object) -> tuple[int, int]:
+    """Request a move of each running instance of backend `alias` on `host` (a drain, once its node
+    takes no new ones: services/fleet.py): how many were requested, and how many live ones stay
+    (stopped, busy or unhealthy: a later drain moves them once they run)."""
+    requested = stay = 0
+    for instance in Instance.objects.live().filter(backend=alias, host=host).order_by("pk"):
+        try:
+            request_move(instance=instance, by=by)
+            requested += 1
+        except WrongStatus:
+            stay += 1
+    return requested, stay
+
+
+def last_snapshot(instance: Instance) -> Snapshot | None:
+    return (
+        Snapshot.objects.filter(instance=instance, status=SnapshotStatus.READY).order_by("-created_at", "-pk").first()
+    )
+
+
+# The worker side ---------------------------------------------------------------------
+
+
+def move(instance_id: int) -> None:
+    work_on(instance_id, (Status.MOVING,), _move)
+
+
+def _move(instance: Instance, backend: BaseBackend) -> None:
+    assert instance.port is not None, "a running instance holds a port"
+    source = (instance.host, instance.port)
+    try:
+        _relocate(instance, backend)
+    except NoCapacity as exc:
+        transition(instance, Status.RUNNING, f"Not moved: {exc}", side=Side.WORKER, allowed_from=(Status.MOVING,))
+        return
+    started = time.monotonic()
+    try:
+        with tempfile.TemporaryFile(dir=settings.STOCKROOM_SNAPSHOT_DIR, prefix="moving-") as spool:
+            paused = backend.move(instance, source, spool)
+    except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
+        _put_back(instance, source)
+        message = describe("The move failed; it runs on its old node again, with its data", instance, exc)
+        transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(Status.MOVING,))
+        return
+    said = (
+        f"Moved from {source[0]}:{source[1]} to {instance.host}:{instance.port}, with its data, in "
+        f"{time.monotonic() - started:.1f} s; writes were refused for {paused:.1f} s, reads for less."
+    )
+    _done(instance, said, {"move_pause": round(paused, 3)})
+
+
+def evacuate(instance_id: int) -> None:
+    work_on(instance_id, (Status.MOVING,), _evacuate)
+
+
+def _evacuate(instance: Instance, backend: BaseBackend) -> None:
+    source = (instance.host, instance.port)
+    snapshot = last_snapshot(instance)
+    try:
+        if snapshot is None:
+            raise BackendError("Its last snapshot was deleted meanwhile.")
+        _relocate(instance, backend)
+    except (NoCapacity, BackendError) as exc:
+        transition(
+            instance, Status.UNREACHABLE, f"Not evacuated: {exc}", side=Side.WORKER, allowed_from=(Status.MOVING,)
+        )
+        return
+    try:
+        with snapshots.verified(snapshot) as file:
+            backend.rebuild(instance, file)
+    except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
+        _put_back(instance, source)
+        message = describe("The evacuation failed; it waits for its host", instance, exc)
+        transition(instance, Status.UNREACHABLE, message, side=Side.WORKER, allowed_from=(Status.MOVING,))
+        return
+    said = (
+        f"Rebuilt on {instance.host}:{instance.port} from snapshot {snapshot.pk}, taken {_when(snapshot.created_at)}: "
+        f"whatever was written after that is lost. Its old host {source[0]} was out of reach."
+    )
+    _done(instance, said, {})
+
+
+def _relocate(instance: Instance, backend: BaseBackend) -> None:
+    """Give the instance the host with the most room (not its own) and a free port there, in the
+    database; its server moves afterwards. Raises NoCapacity if no other host has room."""
+    with transaction.atomic():
+        capacity.hold(instance.owner)
+        try:
+            host = backend.place(instance.memory_reservation, capacity.reserved_by_host(backend.alias))
+        except NoRoom as exc:
+            raise NoCapacity(str(exc)) from None
+        if host == instance.host:
+            raise NoCapacity("No other node has room for it; its own is still the one with the most.")
+        ports.take_on(instance, backend, host)
+
+
+def _put_back(instance: Instance, source: tuple[str, int | None]) -> None:
+    Instance.objects.filter(pk=instance.pk).update(host=source[0], port=source[1])
+    instance.host, instance.port = source
+
+
+def _done(instance: Instance, said: str, timings: dict[str, float]) -> None:
+    with transaction.atomic():
+        moved = transition(
+            instance,
+            Status.RUNNING,
+            said,
+            side=Side.WORKER,
+            allowed_from=(Status.MOVING,),
+            also={"timings": {**(instance.timings or {}), **timings}},
+        )
+        if moved:
+            record_event(instance, Status.RUNNING, Status.RUNNING, said, type=MOVED)
+    logger.info("Instance %s: %s", instance.pk, said)
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
