@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from functools import cached_property, partial
 from pathlib import PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
@@ -488,19 +489,31 @@ class SwarmBackend(BaseBackend):
         return f"{found} Disk limits are not enforced on this backend yet."
 
     def orphans(self, known_ids: set[int]) -> dict[str, str]:
+        """Services labelled for this portal of no instance it knows, and jobs older than any job
+        may run (their worker died): a job's end removes it otherwise."""
         found = {}
+        oldest = datetime.now(UTC) - timedelta(seconds=settings.STOCKROOM_TASK_TIME_LIMIT + self.job_timeout)
         for service in self._services({}):
-            instance = service.attrs["Spec"].get("Labels", {}).get(f"{LABEL}.instance", "")
-            if JOB in service.attrs["Spec"].get("Labels", {}):
-                continue
-            if not instance.isdigit() or int(instance) not in known_ids:
-                kind = service.attrs["Spec"]["Labels"].get(f"{LABEL}.kind", "?")
-                found[service.name] = f"Swarm service of {kind} instance {instance or '?'}."
+            labels = service.attrs["Spec"].get("Labels", {})
+            instance = labels.get(f"{LABEL}.instance", "")
+            if JOB in labels:
+                created = datetime.fromisoformat(service.attrs["CreatedAt"][:19]).replace(tzinfo=UTC)  # to the second
+                if created < oldest:
+                    found[service.name] = f"Swarm job of instance {instance or '?'} left by a worker that stopped."
+            elif not instance.isdigit() or int(instance) not in known_ids:
+                found[service.name] = f"Swarm service of {labels.get(f'{LABEL}.kind', '?')} instance {instance or '?'}."
         return found
 
     def remove_orphan(self, key: str) -> None:
         for service in self._services({}):
-            if service.name == key:
+            if service.name != key:
+                continue
+            if JOB in service.attrs["Spec"].get("Labels", {}):
+                self._docker("remove a job", service.remove)
+                wanted = [f"{LABEL}.portal={self.portal_id}", f"{JOB}=true"]
+                for secret in self._docker("list secrets", self.client.secrets.list, filters={"label": wanted}):
+                    self._gone(secret)  # a job's that ended; one still in use stays
+            else:
                 self._remove_service(service)
                 self._forget_secrets(service.attrs["Spec"]["Labels"])
 

@@ -8,6 +8,8 @@ are skipped, except under CI=true, where that is a failure (see test_swarm_clust
 """
 
 import gzip
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -344,3 +346,56 @@ def test_an_unreachable_instance_is_evacuated_from_its_last_snapshot(api, cluste
         assert client.get("after the snapshot") is None
     finally:
         subprocess.run(["ip", "link", "set", cluster.veth(cut), "up"], check=True)
+
+
+def test_a_server_runs_confined_and_comes_back_with_its_data_when_killed(api, cluster, backend):
+    config = create(api, "redis")
+    client = redis_of(config)
+    client.set("kept", "1")
+    time.sleep(1.5)  # appendfsync everysec: on its disk
+    instance = Instance.objects.get(pk=config["id"])
+    worker = node_of(cluster, config["host"])
+    task = backend._running_tasks(instance)[0]
+    container = worker.client().containers.get(task["Status"]["ContainerStatus"]["ContainerID"])
+
+    # Its own uid, no capability, a read-only root, and the kernel holds it to its memory limit.
+    uid = backend.uid(instance)
+    assert container.attrs["Config"]["User"] == f"{uid}:{uid}"
+    assert [cap.upper().removeprefix("CAP_") for cap in container.attrs["HostConfig"]["CapDrop"]] == ["ALL"]
+    assert container.attrs["HostConfig"]["ReadonlyRootfs"] is True
+    cgroup = Path("/sys/fs/cgroup/memory") / worker.cgroup_parent.strip("/") / container.id
+    assert int((cgroup / "memory.limit_in_bytes").read_text()) == instance.memory_limit
+    # The tenant tries to point the server at another folder, and to read its config: refused.
+    with pytest.raises(redis.ResponseError):
+        client.config_set("dir", "/tmp")
+    with pytest.raises(redis.ResponseError):
+        client.execute_command("ACL", "LIST")
+
+    os.kill(container.attrs["State"]["Pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:  # Swarm starts it again, or the reconciler's heal does
+        Reconciler().run_once()
+        body = api.get(f"/api/storage/redis/instances/{config['id']}").json()
+        try:
+            if body["status"] == "running" and redis_of(config).get("kept") == b"1":
+                break
+        except redis.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, f"still {body['status']}: {body['status_message']}"
+        time.sleep(1)
+
+
+def test_a_service_the_portal_no_longer_knows_is_an_orphan_and_is_removed(api, cluster, backend, settings):
+    config = create(api, "redis")
+    Instance.objects.filter(pk=config["id"]).delete()  # as if the portal's database had lost it
+    settings.STOCKROOM_ORPHAN_GRACE = 0
+
+    Reconciler().run_once()  # seen
+    Reconciler().run_once()  # past its grace: removed
+
+    assert not cluster.manager.client().services.list(filters={"label": f"io.stockroom.instance={config['id']}"})
+    assert not folder(cluster, "redis", config["id"], config["host"]).exists()
+    deadline = time.monotonic() + 30
+    while not refuses(config["host"], config["port"]):
+        assert time.monotonic() < deadline, "the orphan still answers"
+        time.sleep(0.2)
