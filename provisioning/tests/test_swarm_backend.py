@@ -11,6 +11,7 @@ import gzip
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from provisioning.backends.base import get_backend
 from provisioning.engines.redis import NO_RETRY
 from provisioning.models import Instance, InstanceEvent
 from provisioning.reconciler import Reconciler
+from provisioning.services import fleet
 
 from .conftest import wait_for_status
 from .test_export_verify import download, verify
@@ -300,9 +302,10 @@ def test_a_drain_moves_each_instance_with_its_data_to_the_other_worker(api, clus
     execute(mysql_config, "CREATE TABLE t (id INT PRIMARY KEY, note TEXT)", "INSERT INTO t VALUES (1, 'moved')")
     redis_of(redis_config).set("moved", "yes")
     try:
-        requested, stay = services.drain_node(alias="swarm", node_id=drained.node_id, by="an operator")
+        row, said = fleet.act("swarm", drained.node_id, "drain", by="an operator")
 
-        assert (requested, stay) == (2, 0)
+        assert row.availability == "pause"
+        assert "moving its 2 running instances" in said and "stay" not in said, said
         for kind, config in (("mysql", mysql_config), ("redis", redis_config)):
             body = wait_for_status(api, kind, config["id"], "running", timeout=180)
             assert body["status_message"].startswith(f"Moved from {drained.address}:{config['port']} to "), body
@@ -399,3 +402,38 @@ def test_a_service_the_portal_no_longer_knows_is_an_orphan_and_is_removed(api, c
     while not refuses(config["host"], config["port"]):
         assert time.monotonic() < deadline, "the orphan still answers"
         time.sleep(0.2)
+
+
+ROOT_LOGIN = """
+import sys, pymysql
+host, port, password = sys.stdin.read().split()
+try:
+    pymysql.connect(host=host, port=int(port), user="root", password=password, connect_timeout=5).close()
+    print("logged in")
+except pymysql.err.OperationalError as exc:
+    print("refused", exc.args[0])
+"""
+
+
+def test_mysql_root_accepts_the_portal_alone_even_with_its_password(api, cluster, backend):
+    """The attack: another host that has learnt the admin password logs in as root. It is refused;
+    the portal, from its own address, is let in."""
+    config = create(api, "mysql")
+    instance = Instance.objects.get(pk=config["id"])
+    other = next(worker for worker in cluster.workers if worker.address != config["host"])
+    said = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{other.netns}", sys.executable, "-c", ROOT_LOGIN],
+        input=f"{config['host']} {config['port']} {instance.admin_password}",
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert said == "refused 1045", said  # access denied: no root account for that address
+
+    with (
+        backend.admin(instance) as admin,
+        pymysql.connect(host=admin.host, port=admin.port, user="root", password=instance.admin_password) as db,
+        db.cursor() as cursor,
+    ):
+        cursor.execute("SELECT CURRENT_USER()")
+        assert cursor.fetchone()[0] == f"root@{cluster.manager.address}"

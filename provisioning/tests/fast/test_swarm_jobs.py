@@ -1,0 +1,50 @@
+"""How the swarm backend takes a job's connection back (`SwarmBackend._stream`): only a connection
+that opens with the job's one-time token is read; any other is closed unheard."""
+
+import io
+import socket
+import threading
+
+from provisioning.backends.swarm import SwarmBackend
+
+
+class NoSwarm(SwarmBackend):
+    def _failed(self, service) -> bool:  # no manager here: the job never fails
+        return False
+
+
+def test_only_the_connection_that_opens_with_the_token_is_read():
+    backend = NoSwarm("swarm", manager_url="", portal_address="127.0.0.1", data_root="/x", images={}, job_timeout=10)
+    token = "a" * 64
+    answers = {}
+    sent = threading.Event()
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def attacker() -> None:
+            with socket.create_connection(("127.0.0.1", port)) as intruder:
+                intruder.sendall(b"b" * 64 + b"\nstolen rows")
+                sent.set()
+                try:
+                    answers["attacker"] = intruder.recv(100)  # closed on it: nothing
+                except ConnectionResetError:  # closed with its bytes unread
+                    answers["attacker"] = b""
+
+        def job() -> None:
+            with socket.create_connection(("127.0.0.1", port)) as connection:
+                connection.sendall(token.encode() + b"\n")
+                answers["job"] = connection.recv(100)  # what the portal sent it
+                connection.sendall(b"the snapshot")
+
+        first, second = threading.Thread(target=attacker), threading.Thread(target=job)
+        first.start()
+        assert sent.wait(5)  # the first connection in the queue is the attacker's
+        second.start()
+        out = io.BytesIO()
+        backend._stream(None, listener, token, io.BytesIO(b"its input"), out, what="cat")
+        first.join(5)
+        second.join(5)
+
+    assert out.getvalue() == b"the snapshot"
+    assert answers == {"attacker": b"", "job": b"its input"}
