@@ -200,7 +200,9 @@ class InstanceAdmin(admin.ModelAdmin):
                 raise PermissionDenied
             action, alias, node_id = (request.POST.get(name, "") for name in ("action", "backend", "node"))
             if action not in fleet.ACTIONS:
-                return HttpResponseBadRequest(f"The action is {' or '.join(fleet.ACTIONS)}, not {action!r}.")
+                return HttpResponseBadRequest(
+                    f"The action is {' or '.join(fleet.ACTIONS)}, not {action!r}.", content_type="text/plain"
+                )
             try:
                 _row, said = fleet.act(alias, node_id, action, by=request.user)
             except (fleet.UnknownNode, fleet.FleetUnavailable) as exc:

@@ -177,7 +177,8 @@ class SwarmBackend(BaseBackend):
         labels = {key: value for key, value in (spec.get("Labels") or {}).items() if key != PAUSED_LABEL}
         if availability == "pause":
             labels[PAUSED_LABEL] = "true"
-        self._docker("change the node", node.update, spec | {"Labels": labels, "Availability": "active"})
+        swarm_availability = "active" if availability == "active" else spec.get("Availability", "active")
+        self._docker("change the node", node.update, spec | {"Labels": labels, "Availability": swarm_availability})
         self._nodes = (0.0, [])
 
     def others_reserve(self) -> dict[str, int]:
@@ -197,7 +198,15 @@ class SwarmBackend(BaseBackend):
         node with the most memory free. `reserved` is host -> the bytes this portal's instances of
         this backend reserve there. Raises NoRoom if none has room."""
         others = self.others_reserve()
-        usable = [node for node in self.nodes(fresh=True) if node.usable]
+        nodes = self.nodes(fresh=True)
+        hosts = [node.public_host for node in nodes if node.labelled]
+        if len(hosts) != len(set(hosts)):
+            shared = sorted({host for host in hosts if hosts.count(host) > 1})
+            raise BackendError(
+                f"Two labelled nodes have the public host {', '.join(shared)}: an instance's host must name one "
+                f"node. Ask an operator to give each its own {PUBLIC_HOST_LABEL} label."
+            )
+        usable = [node for node in nodes if node.usable]
         if not usable:
             raise NoRoom(
                 f"No node of the swarm can take instances now: none is ready, active and labelled "
@@ -342,6 +351,8 @@ class SwarmBackend(BaseBackend):
         its service uses)."""
         wanted = [f"{key}={value}" for key, value in labels.items() if key != JOB]
         for secret in self._docker("list secrets", self.client.secrets.list, filters={"label": wanted}):
+            if JOB in (secret.attrs["Spec"].get("Labels") or {}):
+                continue  # a job's, which the job removes (or remove_orphan, if its worker died)
             if secret.name not in keep:
                 self._docker("remove a secret", secret.remove)
 
@@ -358,6 +369,11 @@ class SwarmBackend(BaseBackend):
         node = self._home(instance)
         if not node.state == "ready":
             raise BackendError(f"The server cannot start: {NODE_GONE.format(node=node.hostname, state=node.state)}.")
+        # Its folder root's, and data, tmp and run the server's own folders, not links (a restore cut
+        # short may have left it open to the uid's group): its mounts follow links.
+        folder = self._job_folder(instance.kind, instance.pk, node)
+        self._job(node, ["sh", "-c", SEAL, "seal", str(folder), str(self.uid(instance))],
+                  what="check the instance's folder")  # fmt: skip
         layout = self.layout(instance, node)
         self._update(instance, node, layout, get_engine(instance.kind).container(instance, layout), first=False)
 
@@ -470,12 +486,18 @@ class SwarmBackend(BaseBackend):
         self._forget_secrets(self.labels(instance))
 
     def _remove_service(self, service: Any) -> None:
-        """Remove an instance's service, and once its server has stopped, its folder on its node."""
+        """Remove an instance's service, and once its server has stopped, its folder on its node. On
+        a node that is not ready nothing can be waited for: its folder stays, and is logged."""
         labels = service.attrs["Spec"].get("Labels", {})
         node = self.node_by_id(self._pinned_to(service))
         self._docker("remove the instance's service", service.remove)
-        self._wait(lambda: not self._live(self._tasks_of(service.id)), 45, "the server to stop")
         kind, number = labels.get(f"{LABEL}.kind", ""), labels.get(f"{LABEL}.instance", "")
+        if node is not None and node.state != "ready":
+            logger.warning("The folder of %s instance %s stays on node %s, which is %s: remove %s there",
+                           kind, number, node.hostname or node.id, node.state,
+                           self.data_root / self.portal_id / node.id / f"{kind}-{number}")  # fmt: skip
+            return
+        self._wait(lambda: not self._live(self._tasks_of(service.id)), 45, "the server to stop")
         if node is not None and kind and number.isdigit():
             self._job(node, ["rm", "-rf", "--", str(self._job_folder(kind, int(number), node))],
                       what="remove the instance's folder")  # fmt: skip
@@ -605,12 +627,11 @@ class SwarmBackend(BaseBackend):
         try:
             self.snapshot(old, spool)
         except Exception:
-            with self.admin(old) as admin:
-                engine.refuse_writes(old, False, admin=admin)
+            self._accept_writes(old, old_node)
             raise
-        self.stop(old)
-        service = self._service(old)
         try:
+            self.stop(old)
+            service = self._service(old)
             if service is not None:  # the new one has its name
                 self._docker("remove the old service", service.remove)
                 self._wait(lambda: not self._live(self._tasks_of(service.id)), 45, "the old server to stop")
@@ -625,22 +646,48 @@ class SwarmBackend(BaseBackend):
             self._back_home(old, old_node, new_node)
             raise
         paused = time.monotonic() - refused
-        self._job(old_node, ["rm", "-rf", "--", str(self._job_folder(instance.kind, instance.pk, old_node))],
-                  what="remove the instance's old folder")  # fmt: skip
+        try:
+            self._job(old_node, ["rm", "-rf", "--", str(self._job_folder(instance.kind, instance.pk, old_node))],
+                      what="remove the instance's old folder")  # fmt: skip
+        except BackendError:  # the move is done; what is left is an old folder, not the instance
+            logger.exception("Instance %s moved, but its old folder on %s stays", instance.pk, old_node.hostname)
         return paused
 
+    def _accept_writes(self, old: "Instance", node: Node) -> None:
+        """After a failed snapshot of a move: the server takes writes again, or, if it cannot be
+        told, is started again (the refusal is a setting of the running server's only)."""
+        try:
+            with self.admin(old) as admin:
+                get_engine(old.kind).refuse_writes(old, False, admin=admin)
+        except Exception:
+            logger.exception("Instance %s: writes could not be accepted again; restarting it", old.pk)
+            self._restart_old(old, node)
+
     def _back_home(self, old: "Instance", old_node: Node, new_node: Node) -> None:
-        """After a failed move: the new service and folder gone, the old server running again."""
-        new = self._service(old)
-        if new is not None:
-            self._remove_service(new)
-        else:
+        """After a failed move: the new service and folder gone, the old server running again on its
+        own folder (never removed before the new server answered)."""
+        service = self._service(old)
+        if service is not None and self._pinned_to(service) == new_node.id:
+            self._remove_service(service)
+            service = None
+        elif service is None:
             self._job(new_node, ["rm", "-rf", "--", str(self._job_folder(old.kind, old.pk, new_node))],
                       what="remove the failed move's folder")  # fmt: skip
-        layout = self.layout(old, old_node)
+        self._restart_old(old, old_node, service)
+
+    def _restart_old(self, old: "Instance", node: Node, service: Any = None) -> None:
+        """The old server running on `node` from its own folder: its service started again, or made
+        again if it was removed."""
+        layout = self.layout(old, node)
         spec = get_engine(old.kind).container(old, layout)
+        service = service or self._service(old)
+        if service is not None:
+            self._docker("stop the old service", service.scale, 0)
+            self._wait(lambda: not self._running_tasks(old), 45, "the old server to stop")
+            self._update(old, node, layout, spec, first=False)
+            return
         self._docker("create the old service again", self.client.services.create, self._image(old.kind),
-                     **self._service_spec(old, old_node, layout, spec, replicas=1, first=False))  # fmt: skip
+                     **self._service_spec(old, node, layout, spec, replicas=1, first=False))  # fmt: skip
         self._wait_for_login(old)
 
     def rebuild(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
@@ -649,12 +696,28 @@ class SwarmBackend(BaseBackend):
         back); its old folder stays on that node until an operator removes it."""
         node = self._placed(instance)
         service = self._service(instance)
+        old_spec = service.attrs["Spec"] if service is not None else None
         if service is not None:
             self._docker("remove the old service", service.remove)
-        self._make_folder(instance, node)
-        layout = self.layout(instance, node)
-        self._fill(instance, node, layout, snapshot, replay)
-        self._start_restored(instance, node, layout)
+        try:
+            self._make_folder(instance, node)
+            layout = self.layout(instance, node)
+            self._fill(instance, node, layout, snapshot, replay)
+            self._start_restored(instance, node, layout)
+        except Exception:
+            # The new one gone; the old service made again as it was: Swarm starts it on its node,
+            # with the data there, if the node comes back.
+            new = self._service(instance)
+            if new is not None:
+                self._remove_service(new)
+            else:
+                self._job(node, ["rm", "-rf", "--", str(self._job_folder(instance.kind, instance.pk, node))],
+                          what="remove the failed evacuation's folder")  # fmt: skip
+            if old_spec is not None:
+                self._docker("make the old service again", self.client.api.create_service, old_spec["TaskTemplate"],
+                             name=old_spec["Name"], labels=old_spec.get("Labels"), mode=old_spec.get("Mode"),
+                             endpoint_spec=old_spec.get("EndpointSpec"))  # fmt: skip
+            raise
 
     def _placed(self, instance: "Instance") -> Node:
         """The usable node `instance.host` names (where a move or a rebuild puts it)."""
@@ -749,7 +812,7 @@ class SwarmBackend(BaseBackend):
                 restart_policy=RestartPolicy(condition="none"),
             )
             try:
-                self._stream(service, listener, token, stdin, stdout, what=name)
+                self._stream(service, listener, token, stdin, stdout, what=name, peer=node.address)
                 self._ended(service, name)
             finally:
                 self._docker(f"remove the job of {name}", service.remove)
@@ -823,24 +886,27 @@ class SwarmBackend(BaseBackend):
 
     def _stream(
         self, service: Any, listener: socket.socket, token: str, stdin: IO[bytes] | None, stdout: IO[bytes] | None,
-        *, what: str,
+        *, what: str, peer: str,
     ) -> None:  # fmt: skip
-        """Take the job's connection (the first that opens with `token`), send it `stdin` and copy
-        what it writes to `stdout`, until it closes it."""
+        """Take the job's connection (the first from `peer`, its node's address, that opens with
+        `token` within a second), send it `stdin` and copy what it writes to `stdout`, until it
+        closes it. Any other connection is closed unheard."""
         deadline = time.monotonic() + self.job_timeout
         listener.settimeout(0.5)
         while True:
+            if time.monotonic() > deadline:
+                return  # _ended says why
             try:
-                connection, _ = listener.accept()
+                connection, (address, *_port) = listener.accept()
             except TimeoutError:
-                if self._failed(service) or time.monotonic() > deadline:
-                    return  # _ended says why
+                if self._failed(service):
+                    return
                 continue
-            connection.settimeout(10)
-            try:
-                said = connection.recv(len(token) + 1)
-            except OSError:
-                said = b""
+            said = b""
+            if address == peer:
+                connection.settimeout(1)
+                with suppress(OSError):
+                    said = connection.recv(len(token) + 1)
             if hmac.compare_digest(said, (token + "\n").encode()):
                 break
             connection.close()  # not the job's

@@ -18,12 +18,11 @@ import time
 from datetime import datetime
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from ..backends.base import BackendError, BaseBackend, get_backend
-from ..errors import NoRoom
 from ..models import Instance, Snapshot, SnapshotStatus, Status
-from . import capacity, ports, snapshots
+from . import capacity, certificates, ports, snapshots
 from .capacity import NoCapacity
 from .claims import work_on
 from .outcomes import describe
@@ -115,7 +114,7 @@ def _move(instance: Instance, backend: BaseBackend) -> None:
     source = (instance.host, instance.port)
     try:
         _relocate(instance, backend)
-    except NoCapacity as exc:
+    except (NoCapacity, BackendError) as exc:
         transition(instance, Status.RUNNING, f"Not moved: {exc}", side=Side.WORKER, allowed_from=(Status.MOVING,))
         return
     started = time.monotonic()
@@ -123,9 +122,9 @@ def _move(instance: Instance, backend: BaseBackend) -> None:
         with tempfile.TemporaryFile(dir=settings.STOCKROOM_SNAPSHOT_DIR, prefix="moving-") as spool:
             paused = backend.move(instance, source, spool)
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
-        _put_back(instance, source)
-        message = describe("The move failed; it runs on its old node again, with its data", instance, exc)
-        transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(Status.MOVING,))
+        if _put_back(instance, source):
+            message = describe("The move failed; it runs on its old node again, with its data", instance, exc)
+            transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(Status.MOVING,))
         return
     said = (
         f"Moved from {source[0]}:{source[1]} to {instance.host}:{instance.port}, with its data, in "
@@ -154,9 +153,9 @@ def _evacuate(instance: Instance, backend: BaseBackend) -> None:
         with snapshots.verified(snapshot) as file:
             backend.rebuild(instance, file)
     except Exception as exc:  # noqa: BLE001 - every failure must end in a readable status
-        _put_back(instance, source)
-        message = describe("The evacuation failed; it waits for its host", instance, exc)
-        transition(instance, Status.UNREACHABLE, message, side=Side.WORKER, allowed_from=(Status.MOVING,))
+        if _put_back(instance, source):
+            message = describe("The evacuation failed; it waits for its host", instance, exc)
+            transition(instance, Status.UNREACHABLE, message, side=Side.WORKER, allowed_from=(Status.MOVING,))
         return
     said = (
         f"Rebuilt on {instance.host}:{instance.port} from snapshot {snapshot.pk}, taken {_when(snapshot.created_at)}: "
@@ -172,16 +171,30 @@ def _relocate(instance: Instance, backend: BaseBackend) -> None:
         capacity.hold(instance.owner)
         try:
             host = backend.place(instance.memory_reservation, capacity.reserved_by_host(backend.alias))
-        except NoRoom as exc:
+        except BackendError as exc:  # no node has room (NoRoom), or the manager does not answer
             raise NoCapacity(str(exc)) from None
         if host == instance.host:
             raise NoCapacity("No other node has room for it; its own is still the one with the most.")
         ports.take_on(instance, backend, host)
+    certificates.ensure(instance)  # one for its new host, if it serves TLS
 
 
-def _put_back(instance: Instance, source: tuple[str, int | None]) -> None:
-    Instance.objects.filter(pk=instance.pk).update(host=source[0], port=source[1])
+def _put_back(instance: Instance, source: tuple[str, int | None]) -> bool:
+    """The instance's old host and port again, after a move or evacuation failed; False (and the
+    instance unhealthy, saying so) if another instance took that port meanwhile."""
+    try:
+        with transaction.atomic():
+            Instance.objects.filter(pk=instance.pk).update(host=source[0], port=source[1])
+    except IntegrityError:
+        message = (
+            f"The move failed, and port {source[1]} on {source[0]} was taken meanwhile; "
+            "its server there cannot be reached. Restart it to move it to a free port."
+        )
+        transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(Status.MOVING,))
+        return False
     instance.host, instance.port = source
+    certificates.ensure(instance)
+    return True
 
 
 def _done(instance: Instance, said: str, timings: dict[str, float]) -> None:

@@ -20,7 +20,7 @@ from django.utils import timezone
 from .. import crypto
 from ..backends.base import get_backend
 from ..engines import OptionErrors, get_engine
-from ..errors import NoRoom
+from ..errors import BackendError
 from ..models import Instance, Snapshot, SnapshotStatus, Status
 from . import capacity, jobs, logs, pool
 from .actions import ACTIONS, DELETABLE
@@ -160,7 +160,7 @@ def record_new(*, owner: User, kind: str, options: dict[str, Any], pool: bool = 
     if backend.places:  # the host with room on a backend of many hosts
         try:
             host = backend.place(fields["memory_reservation"], capacity.reserved_by_host(backend.alias))
-        except NoRoom as exc:
+        except BackendError as exc:  # no node has room (NoRoom), or the manager does not answer
             raise NoCapacity(str(exc)) from None
     instance = Instance(
         owner=owner,

@@ -384,3 +384,24 @@ def test_an_instance_on_a_node_out_of_reach_shows_it_plainly_and_comes_back(node
     panel = owner.get(f"/instances/{instance['id']}/panel/").content.decode()
     assert '<span class="badge running" id="status">running</span>' in panel
     assert 'id="unreachable"' not in panel and 'data-busy="false"' in panel
+
+
+def test_a_create_when_the_manager_does_not_answer_is_a_503_that_says_so(nodes, api):
+    nodes.fail_next("nodes", BackendError(MANAGER_DOWN))
+
+    response = api.post("/api/storage/redis/instances", {})
+
+    assert response.status_code == 503
+    assert response.json()["detail"] == MANAGER_DOWN
+    assert not Instance.objects.exists()
+
+
+def test_a_create_with_no_room_on_any_node_is_a_503_that_says_so(nodes, api):
+    for node_id in ("n0small", "n1large"):
+        nodes.set_availability(node_id, "pause")
+
+    response = api.post("/api/storage/redis/instances", {})
+
+    assert response.status_code == 503
+    assert "No node has room" in response.json()["detail"]
+    assert not Instance.objects.exists()

@@ -1,5 +1,5 @@
 """How the swarm backend takes a job's connection back (`SwarmBackend._stream`): only a connection
-that opens with the job's one-time token is read; any other is closed unheard."""
+from the job's node that opens with its one-time token is read; any other is closed unheard."""
 
 import io
 import socket
@@ -42,9 +42,30 @@ def test_only_the_connection_that_opens_with_the_token_is_read():
         assert sent.wait(5)  # the first connection in the queue is the attacker's
         second.start()
         out = io.BytesIO()
-        backend._stream(None, listener, token, io.BytesIO(b"its input"), out, what="cat")
+        backend._stream(None, listener, token, io.BytesIO(b"its input"), out, what="cat", peer="127.0.0.1")
         first.join(5)
         second.join(5)
 
     assert out.getvalue() == b"the snapshot"
     assert answers == {"attacker": b"", "job": b"its input"}
+
+
+def test_a_connection_from_another_address_is_closed_even_with_the_token():
+    backend = NoSwarm("swarm", manager_url="", portal_address="127.0.0.1", data_root="/x", images={}, job_timeout=2)
+    token = "a" * 64
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as thief:
+            thief.sendall(token.encode() + b"\nstolen rows")
+            out = io.BytesIO()
+            backend._stream(None, listener, token, io.BytesIO(b"its input"), out, what="cat", peer="10.213.0.2")
+            assert closed(thief)
+    assert out.getvalue() == b""
+
+
+def closed(connection: socket.socket) -> bool:
+    """Whether the other end closed it (with what it was sent unread, a reset)."""
+    try:
+        return connection.recv(100) == b""
+    except ConnectionResetError:
+        return True
