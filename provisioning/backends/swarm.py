@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 LABEL = "io.stockroom"
 JOB = f"{LABEL}.job"  # the label of a job service (making or removing an instance's folder)
+PORT = f"{LABEL}.port"  # an instance service's label: the port its server listens on
 PUBLIC_HOST_LABEL = "stockroom.public-host"  # a node label: the name users connect to it by
 PAUSED_LABEL = "stockroom.paused"  # a node label: the portal places no new instance there
 JOB_ROOT = PurePosixPath("/stockroom")  # where a job has the nodes' `data_root`
@@ -310,7 +311,8 @@ class SwarmBackend(BaseBackend):
             "command": spec.command,
             "env": [f"{key}={value}" for key, value in spec.environment.items()],
             "name": self.name(instance),
-            "labels": self.labels(instance),
+            # Its port too: once the service is removed, the port is watched until its server let go.
+            "labels": {**self.labels(instance), PORT: str(instance.port)},
             "container_labels": self.labels(instance),
             "constraints": [f"node.id=={node.id}"],
             "mode": ServiceMode("replicated", replicas=replicas),
@@ -498,9 +500,25 @@ class SwarmBackend(BaseBackend):
                            self.data_root / self.portal_id / node.id / f"{kind}-{number}")  # fmt: skip
             return
         self._wait(lambda: not self._live(self._tasks_of(service.id)), 45, "the server to stop")
+        if node is not None and labels.get(PORT, "").isdigit():
+            # Swarm forgets a removed service's tasks at once, while its server may still be
+            # stopping: the port is free (for the next server there) once nothing answers on it.
+            self._wait_port_free(node, int(labels[PORT]))
         if node is not None and kind and number.isdigit():
             self._job(node, ["rm", "-rf", "--", str(self._job_folder(kind, int(number), node))],
                       what="remove the instance's folder")  # fmt: skip
+
+    def _wait_port_free(self, node: Node, port: int) -> None:
+        def refused() -> bool:
+            try:
+                socket.create_connection((node.address, port), timeout=1).close()
+            except ConnectionRefusedError:
+                return True
+            except OSError:
+                return False
+            return False
+
+        self._wait(refused, STOP_GRACE_NS / 10**9 + 15, f"port {port} on {node.hostname or node.address} to be free")
 
     def check(self) -> str:
         nodes = self.nodes(fresh=True)
@@ -681,6 +699,9 @@ class SwarmBackend(BaseBackend):
         layout = self.layout(old, node)
         spec = get_engine(old.kind).container(old, layout)
         service = service or self._service(old)
+        if service is None:  # removed by the move: its server may still be stopping
+            assert old.port is not None, "a moved instance holds a port"
+            self._wait_port_free(node, old.port)
         if service is not None:
             self._docker("stop the old service", service.scale, 0)
             self._wait(lambda: not self._running_tasks(old), 45, "the old server to stop")
