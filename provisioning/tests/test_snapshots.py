@@ -408,13 +408,15 @@ def count(config: dict) -> int:
 def test_a_worker_killed_mid_snapshot_leaves_it_failed_and_the_instance_running(api, broker, queued_for_real, tmp_path):
     worker = Worker(tmp_path / "worker.log", env=RECOVERY)
     worker.start()
-    pk = create(api, "mysql", disk="512mb")["id"]
-    config = config_of(api, "mysql", pk)
-    fill(config, 48)
-    files_before = sorted(settings.STOCKROOM_SNAPSHOT_DIR.rglob("*"))
-    sid = api.post(f"/api/storage/mysql/instances/{pk}/snapshots").json()["id"]
-    wait_until(lambda: helper_running(pk, ("mariabackup",)), 30, "mariabackup to run")
-    worker.kill()
+    try:
+        pk = create(api, "mysql", disk="512mb")["id"]
+        config = config_of(api, "mysql", pk)
+        fill(config, 48)
+        files_before = sorted(settings.STOCKROOM_SNAPSHOT_DIR.rglob("*"))
+        sid = api.post(f"/api/storage/mysql/instances/{pk}/snapshots").json()["id"]
+        wait_until(lambda: helper_running(pk, ("mariabackup",)), 30, "mariabackup to run")
+    finally:  # a worker left running would take later tests' jobs from their broker
+        worker.kill()
 
     worker = Worker(tmp_path / "worker2.log", beat=True, env=RECOVERY)
     worker.start()
