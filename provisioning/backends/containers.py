@@ -149,8 +149,44 @@ def _exit_status(api: Any, execution: str, wait: float = 10.0) -> int:
         time.sleep(0.02)
 
 
+def docker_calls(doer: str, daemon: str) -> Callable[..., Any]:
+    """A function that runs one Docker SDK call and turns Docker's errors into a BackendError that
+    says what failed: "`doer` could not <what>: <Docker's word>", or, when it cannot be reached,
+    "`daemon` is not reachable (could not <what>)"."""
+
+    def call(what: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        import docker.errors
+        import requests.exceptions
+
+        try:
+            return method(*args, **kwargs)
+        except docker.errors.APIError as exc:
+            raise BackendError(f"{doer} could not {what}: {exc.explanation or exc}") from exc
+        except (docker.errors.DockerException, requests.exceptions.ConnectionError) as exc:
+            raise BackendError(f"{daemon} is not reachable (could not {what}).") from exc
+
+    return call
+
+
+class Relay:
+    """Programs run elsewhere (in a container, or as a job on a swarm node) through `execute`,
+    which a backend binds to the place: `Beside.run` and `Scratch.run` of the engines."""
+
+    execute: Callable[..., None]
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: IO[bytes] | None = None,
+        stdout: IO[bytes] | None = None,
+        secret: str | None = None,
+    ) -> None:
+        self.execute(argv, stdin=stdin, stdout=stdout, secret=secret)
+
+
 @dataclass(frozen=True)
-class DockerBeside:
+class DockerBeside(Relay):
     """What an engine's snapshot and restore run beside a container (`Beside`): programs in a
     container as the instance's uid (see the module's docstring); the portal's clients through the
     server's checked socket."""
@@ -164,13 +200,3 @@ class DockerBeside:
         if self.endpoint is None:
             raise BackendError("The server has no socket: it is not running.")
         return self.endpoint
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: IO[bytes] | None = None,
-        stdout: IO[bytes] | None = None,
-        secret: str | None = None,
-    ) -> None:
-        self.execute(argv, stdin=stdin, stdout=stdout, secret=secret)

@@ -33,7 +33,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property, partial
 from pathlib import Path, PurePosixPath
@@ -44,7 +44,7 @@ from django.conf import settings
 from ..engines import Container, Endpoint, Layout, LogArchive, Replay, engines, get_engine
 from . import files
 from .base import BackendError, BaseBackend
-from .containers import DockerBeside, exec_in
+from .containers import DockerBeside, docker_calls, exec_in
 from .disks import Disks, fullness
 
 if TYPE_CHECKING:
@@ -108,6 +108,7 @@ class DockerBackend(BaseBackend):
         if network_mode not in ("bridge", "host"):
             raise BackendError(f"DOCKER_NETWORK_MODE must be 'bridge' or 'host', not {network_mode!r}.")
         self.base_url = base_url
+        self._docker = docker_calls("Docker", f"The Docker daemon at {base_url}")
         self.volume_root = Path(volume_root)
         self.host_ip = host_ip
         self.images = dict(images)
@@ -134,18 +135,6 @@ class DockerBackend(BaseBackend):
     @property
     def public_host(self) -> str:
         return self.host_ip
-
-    def _docker(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run one SDK call; turn Docker's errors into a BackendError saying what failed."""
-        import docker.errors
-        import requests.exceptions
-
-        try:
-            return call(*args, **kwargs)
-        except docker.errors.APIError as exc:
-            raise BackendError(f"Docker could not {what}: {exc.explanation or exc}") from exc
-        except (docker.errors.DockerException, requests.exceptions.ConnectionError) as exc:
-            raise BackendError(f"The Docker daemon at {self.base_url} is not reachable (could not {what}).") from exc
 
     # Names and places -----------------------------------------------------------------
 

@@ -396,8 +396,8 @@ class FakeFleetBackend(FakeBackend):
 
     def set_availability(self, node_id: str, availability: str) -> None:
         self._enter("set_availability", None)
-        if availability not in ("active", "pause", "drain"):
-            raise BackendError(f"A node's availability is active, pause or drain, not {availability!r}.")
+        if availability not in ("active", "pause"):  # as SwarmBackend's: a drain is the portal's moves
+            raise BackendError(f"A node's availability is active or pause, not {availability!r}.")
         with self.lock:
             if node_id not in self.fleet:
                 raise BackendError(f"The swarm could not find the node: node {node_id} not found.")

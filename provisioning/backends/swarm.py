@@ -53,7 +53,7 @@ from ..engines import Container, Endpoint, Layout, LogArchive, Replay, ca_of, ge
 from ..errors import BackendError, NoRoom
 from ..options import TLS_OFF, describe_size
 from .base import BaseBackend, Node
-from .containers import DockerBeside
+from .containers import DockerBeside, Relay, docker_calls
 from .processes import helper_failed
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ NODE_GONE = "its node {node} is not ready in the swarm ({state})"
 HELPER_DISK = PurePosixPath("/stockroom/disk")  # where a restore's job has the instance's folder
 SCRATCH = PurePosixPath("/scratch")  # where a throwaway server's job has its folder
 SCRATCH_MEMORY = 512 * 2**20  # a throwaway server's memory limit
+NOBODY = 65534  # the uid and gid of a job that needs no file of its node (it reads a version)
 TOKEN_FILE = PurePosixPath("/run/secrets/stockroom-token")  # a job's one-time token, in its memory
 SECRET_FILE = PurePosixPath("/run/secrets/stockroom-options")  # a job's `{secret}`, in its memory
 # A job beside a server: its standard input and output are a connection to the portal ($1:$2),
@@ -105,6 +106,7 @@ class SwarmBackend(BaseBackend):
     ):
         super().__init__(alias)
         self.manager_url = manager_url
+        self._docker = docker_calls("The swarm", f"The swarm manager at {manager_url}")
         self.portal_address = str(ipaddress.ip_address(portal_address)) if portal_address else ""
         self.data_root = PurePosixPath(data_root)
         self.images = dict(images)
@@ -121,18 +123,6 @@ class SwarmBackend(BaseBackend):
         import docker
 
         return self._docker("connect", docker.DockerClient, base_url=self.manager_url, timeout=30)
-
-    def _docker(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run one SDK call; turn Docker's errors into a BackendError saying what failed."""
-        import docker.errors
-        import requests.exceptions
-
-        try:
-            return call(*args, **kwargs)
-        except docker.errors.APIError as exc:
-            raise BackendError(f"The swarm could not {what}: {exc.explanation or exc}") from exc
-        except (docker.errors.DockerException, requests.exceptions.ConnectionError) as exc:
-            raise BackendError(f"The swarm manager at {self.manager_url} is not reachable (could not {what}).") from exc
 
     # Nodes and placement ----------------------------------------------------------------
 
@@ -419,7 +409,8 @@ class SwarmBackend(BaseBackend):
             usable = [node for node in self.nodes() if node.usable]
             if not usable:
                 raise BackendError("No node of the swarm is usable to ask its image for a version.")
-            output = self._job(usable[0], [engine.version_program, "--version"], what="read the server's version")
+            argv = [engine.version_program, "--version"]
+            output = self._job(usable[0], argv, what="read the server's version", image=image, as_root=False)
             version = engine.program_version(output)
             self._versions[image] = (time.monotonic(), version)
         return version
@@ -976,12 +967,14 @@ class SwarmBackend(BaseBackend):
         )
         self._job(node, ["sh", "-c", script, "make", str(folder), uid], what="make the instance's folder")
 
-    def _job(self, node: Node, argv: list[str], *, what: str) -> str:
-        """Run `argv` once, as root, on `node`, with the nodes' data root at JOB_ROOT; its output.
-        Raises BackendError if it fails, or does not end within `job_timeout` s (its node down)."""
+    def _job(self, node: Node, argv: list[str], *, what: str, image: str = "", as_root: bool = True) -> str:
+        """Run `argv` once on `node`: as root, with the nodes' data root at JOB_ROOT, or else as
+        nobody, with nothing of the node's; its output. `image` is by default any of the kinds'
+        (each has a shell and coreutils). Raises BackendError if it fails, or does not end within
+        `job_timeout` s (its node down)."""
         from docker.types import Mount, RestartPolicy
 
-        image = self._image(self._kinds()[0])  # any of the images: each has a shell and coreutils
+        image = image or self._image(self._kinds()[0])
         labels = {f"{LABEL}.managed": "true", f"{LABEL}.portal": self.portal_id, JOB: "true"}
         service = self._docker(
             f"start a job to {what}",
@@ -992,8 +985,10 @@ class SwarmBackend(BaseBackend):
             name=f"stockroom-job-{self.portal_id[:12]}-{secrets.token_hex(4)}",
             labels=labels,
             constraints=[f"node.id=={node.id}"],
-            mounts=[Mount(str(JOB_ROOT), str(self.data_root), type="bind")],
-            user="0:0",
+            mounts=[Mount(str(JOB_ROOT), str(self.data_root), type="bind")] if as_root else [],
+            user="0:0" if as_root else f"{NOBODY}:{NOBODY}",
+            read_only=not as_root,
+            cap_drop=None if as_root else ["ALL"],
             networks=["host"],
             restart_policy=RestartPolicy(condition="none"),
         )
@@ -1060,7 +1055,7 @@ class SwarmBackend(BaseBackend):
             if isinstance(exc.__cause__, docker.errors.NotFound):
                 return []
             raise
-        return sorted(tasks, key=lambda task: task.get("UpdatedAt", ""), reverse=True)
+        return sorted(tasks, key=_updated, reverse=True)
 
     def _tasks(self, instance: "Instance") -> list[dict[str, Any]]:
         """The instance's service's tasks that are meant to run or still do, newest first."""
@@ -1101,6 +1096,13 @@ class SwarmBackend(BaseBackend):
         return f"{said}Server log: {' | '.join(text.splitlines())}" if text else f"{said}The server log is empty."
 
 
+def _updated(task: dict[str, Any]) -> tuple[str, str]:
+    """When a task last changed, in an order that sorts: Docker's stamps are UTC with 0 to 9
+    digits of a second's fraction ("…:05Z" before "…:05.2Z" as text would not be)."""
+    whole, _, fraction = task.get("UpdatedAt", "").rstrip("Z").partition(".")
+    return whole, fraction.ljust(9, "0")
+
+
 def _feed(source: IO[bytes] | None, sink: socket.socket) -> None:
     """Copy `source` to a job's standard input, then close that; a job that stops reading ends it."""
     with suppress(OSError):
@@ -1110,19 +1112,9 @@ def _feed(source: IO[bytes] | None, sink: socket.socket) -> None:
 
 
 @dataclass(frozen=True)
-class SwarmScratch:
+class SwarmScratch(Relay):
     """What an engine's export and verify run in (`Scratch`): a throwaway folder on a node, and jobs
     there that have it."""
 
     folder: PurePosixPath
     execute: Callable[..., None]
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: IO[bytes] | None = None,
-        stdout: IO[bytes] | None = None,
-        secret: str | None = None,
-    ) -> None:
-        self.execute(argv, stdin=stdin, stdout=stdout, secret=secret)

@@ -5,7 +5,11 @@ import io
 import socket
 import threading
 
+import pytest
+
+from provisioning.backends.fake import FakeFleetBackend
 from provisioning.backends.swarm import SwarmBackend
+from provisioning.errors import BackendError
 
 
 class NoSwarm(SwarmBackend):
@@ -69,3 +73,26 @@ def closed(connection: socket.socket) -> bool:
         return connection.recv(100) == b""
     except ConnectionResetError:
         return True
+
+
+def test_tasks_are_ordered_by_when_they_changed_not_by_their_stamps_as_text():
+    class Listed(NoSwarm):
+        client = type("Client", (), {"api": type("Api", (), {"tasks": staticmethod(lambda filters: list(stamps))})})
+
+    stamps = [
+        {"ID": "older", "UpdatedAt": "2026-11-28T10:00:05.2Z"},
+        {"ID": "oldest", "UpdatedAt": "2026-11-28T10:00:05Z"},
+        {"ID": "newest", "UpdatedAt": "2026-11-28T10:00:05.987654321Z"},
+    ]
+    backend = Listed("swarm", manager_url="", portal_address="127.0.0.1", data_root="/x", images={})
+    assert [task["ID"] for task in backend._tasks_of("s")] == ["newest", "older", "oldest"]
+
+
+@pytest.mark.parametrize("availability", ["drain", "paused", ""])
+def test_the_fake_fleet_refuses_what_the_swarm_backend_refuses(availability):
+    """The fast tier's fleet (`FakeFleetBackend`) must not accept what the real backend refuses."""
+    real = NoSwarm("swarm", manager_url="", portal_address="127.0.0.1", data_root="/x", images={})
+    fake = FakeFleetBackend("fleet")
+    for backend in (real, fake):
+        with pytest.raises(BackendError, match="active or pause, not"):
+            backend.set_availability("n1", availability)
