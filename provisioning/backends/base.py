@@ -12,7 +12,7 @@ from typing import IO, TYPE_CHECKING, Any
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from ..engines import Endpoint, LogArchive, Replay, engines, get_engine
+from ..engines import Beside, Endpoint, LogArchive, Replay, engines, get_engine
 from ..errors import BackendError, ImportRefused
 from ..options import describe_size
 from . import listeners
@@ -50,6 +50,11 @@ class Node:
     @property
     def usable(self) -> bool:
         return self.labelled and self.state == "ready" and self.availability == "active"
+
+    @property
+    def name(self) -> str:
+        """How messages name it: its hostname and address (hosts may share a hostname)."""
+        return f"{self.hostname} ({self.address})" if self.hostname else self.address
 
 
 class StrangerOnPort(BackendError):
@@ -196,11 +201,18 @@ class BaseBackend:
         """Write a consistent copy of the running instance's data to `out`, as its engine takes it
         (`Engine.snapshot`), while the server goes on serving; raise BackendError if it cannot.
         Returns where the log after it begins, "" if it cannot be a point-in-time base."""
-        raise BackendError(f"The {self.alias} backend cannot take snapshots.")
+        with self._beside(instance) as beside:
+            return get_engine(instance.kind).snapshot(instance, beside, out, archive)
 
     def archive_logs(self, instance: "Instance", archive: LogArchive) -> None:
         """Copy the running server's closed log files into `archive` (`Engine.archive_logs`)."""
-        raise BackendError(f"The {self.alias} backend cannot archive logs.")
+        with self._beside(instance) as beside:
+            get_engine(instance.kind).archive_logs(instance, beside, archive)
+
+    def _beside(self, instance: "Instance") -> AbstractContextManager[Beside]:
+        """Where the engine's programs run beside the running server (its snapshots and log
+        archiving), while the block runs."""
+        raise BackendError(f"The {self.alias} backend cannot take snapshots or archive logs.")
 
     def restore(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
         """Stop the server, replace its data with `snapshot` and, with `replay`, the logged writes

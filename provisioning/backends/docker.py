@@ -41,7 +41,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from ..engines import Container, Endpoint, Layout, LogArchive, Replay, engines, get_engine
+from ..engines import Container, Endpoint, Layout, Replay, engines, get_engine
 from . import files
 from .base import BackendError, BaseBackend
 from .containers import DockerBeside, docker_calls, exec_in
@@ -355,14 +355,6 @@ class DockerBackend(BaseBackend):
     def _mount_disk(self, directory: Path) -> None:
         if (directory / IMAGE).exists() and not os.path.ismount(directory / DISK):  # the host restarted
             self.disks.mount(directory / IMAGE, directory / DISK)
-
-    def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
-        with self._beside(instance) as beside:
-            return get_engine(instance.kind).snapshot(instance, beside, out, archive)
-
-    def archive_logs(self, instance: "Instance", archive: LogArchive) -> None:
-        with self._beside(instance) as beside:
-            get_engine(instance.kind).archive_logs(instance, beside, archive)
 
     @contextmanager
     def _beside(self, instance: "Instance") -> Iterator[DockerBeside]:

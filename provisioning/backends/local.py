@@ -33,7 +33,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from ..engines import Endpoint, Layout, LogArchive, Replay, engines, get_engine
+from ..engines import Endpoint, Layout, Replay, engines, get_engine
 from . import files, processes
 from .base import BackendError, BaseBackend
 from .cgroups import Cgroups
@@ -254,14 +254,6 @@ class LocalBackend(BaseBackend):
     def client_connections(self, instance: "Instance") -> int:
         with self.admin(instance) as admin:
             return get_engine(instance.kind).client_connections(instance, admin=admin)
-
-    def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
-        with self._beside(instance) as beside:
-            return get_engine(instance.kind).snapshot(instance, beside, out, archive)
-
-    def archive_logs(self, instance: "Instance", archive: LogArchive) -> None:
-        with self._beside(instance) as beside:
-            get_engine(instance.kind).archive_logs(instance, beside, archive)
 
     def restore(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
         engine = get_engine(instance.kind)

@@ -49,7 +49,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from ..engines import Container, Endpoint, Layout, LogArchive, Replay, ca_of, get_engine
+from ..engines import Container, Endpoint, Layout, Replay, ca_of, get_engine
 from ..errors import BackendError, NoRoom
 from ..options import TLS_OFF, describe_size
 from .base import BaseBackend, Node
@@ -79,6 +79,13 @@ SECRET_FILE = PurePosixPath("/run/secrets/stockroom-options")  # a job's `{secre
 # A job beside a server: its standard input and output are a connection to the portal ($1:$2),
 # which it opens with its token; then "$@" runs on it. Its error output goes to its log.
 CONNECT_BACK = f'set -eu; exec 3<>"/dev/tcp/$1/$2"; shift 2; cat {TOKEN_FILE} >&3; exec "$@" <&3 >&3 3>&-'
+# $1 (an instance's folder, as a root job sees it) made anew: root's, with data, tmp and run of uid $2.
+MAKE = (
+    'set -eu; umask 077; rm -rf -- "$1"; mkdir -p -- "$1/data" "$1/tmp" "$1/run"; '
+    'chown -- "$2:$2" "$1/data" "$1/tmp" "$1/run"; chown root:root "$1"; chmod 700 "$1" "$1"/*'
+)
+# $1 opened to a restore: uid $2's group may write in it (to put a new `data` in place of the old).
+OPEN = 'chgrp -- "$2" "$1" && chmod 0770 "$1"'
 # $1 (an instance's folder, as a root job sees it) root's alone again, and data, tmp and run in it
 # folders of uid $2, not links: a restore let the uid's group write in it.
 SEAL = (
@@ -360,7 +367,7 @@ class SwarmBackend(BaseBackend):
             raise BackendError("The instance's service is gone; delete the instance and create a new one.")
         node = self._home(instance)
         if not node.state == "ready":
-            raise BackendError(f"The server cannot start: {NODE_GONE.format(node=node.hostname, state=node.state)}.")
+            raise BackendError(f"The server cannot start: {NODE_GONE.format(node=node.name, state=node.state)}.")
         # Its folder root's, and data, tmp and run the server's own folders, not links (a restore cut
         # short may have left it open to the uid's group): its mounts follow links.
         folder = self._job_folder(instance.kind, instance.pk, node)
@@ -451,7 +458,7 @@ class SwarmBackend(BaseBackend):
         except BackendError as exc:
             return str(exc).rstrip(".")
         if node.state != "ready":
-            return NODE_GONE.format(node=node.hostname or node.address, state=node.state)
+            return NODE_GONE.format(node=node.hostname or node.public_host, state=node.state)  # users read it
         tasks = self._tasks(instance)
         if tasks and tasks[0]["Status"].get("Err"):
             return f"Swarm says: {tasks[0]['Status']['Err']}"
@@ -465,7 +472,7 @@ class SwarmBackend(BaseBackend):
             return str(exc).rstrip(".")
         if node.state == "ready":
             return None
-        return NODE_GONE.format(node=node.hostname or node.address, state=node.state)
+        return NODE_GONE.format(node=node.hostname or node.public_host, state=node.state)  # users read it
 
     def destroy(self, instance: "Instance") -> None:
         service = self._service(instance)
@@ -474,8 +481,7 @@ class SwarmBackend(BaseBackend):
         else:  # a create cut short before its service was made may have left the folder
             node = next((n for n in self.nodes(fresh=True) if n.public_host == instance.host and n.labelled), None)
             if node is not None:
-                self._job(node, ["rm", "-rf", "--", str(self._job_folder(instance.kind, instance.pk, node))],
-                          what="remove the instance's folder")  # fmt: skip
+                self._remove_folder(instance, node, what="remove the instance's folder")
         self._forget_secrets(self.labels(instance))
 
     def _remove_service(self, service: Any) -> None:
@@ -487,7 +493,7 @@ class SwarmBackend(BaseBackend):
         kind, number = labels.get(f"{LABEL}.kind", ""), labels.get(f"{LABEL}.instance", "")
         if node is not None and node.state != "ready":
             logger.warning("The folder of %s instance %s stays on node %s, which is %s: remove %s there",
-                           kind, number, node.hostname or node.id, node.state,
+                           kind, number, node.name, node.state,
                            self.data_root / self.portal_id / node.id / f"{kind}-{number}")  # fmt: skip
             return
         self._wait(lambda: not self._live(self._tasks_of(service.id)), 45, "the server to stop")
@@ -509,7 +515,7 @@ class SwarmBackend(BaseBackend):
                 return False
             return False
 
-        self._wait(refused, STOP_GRACE_NS / 10**9 + 15, f"port {port} on {node.hostname or node.address} to be free")
+        self._wait(refused, STOP_GRACE_NS / 10**9 + 15, f"port {port} on {node.name} to be free")
 
     def check(self) -> str:
         nodes = self.nodes(fresh=True)
@@ -550,14 +556,6 @@ class SwarmBackend(BaseBackend):
 
     # Snapshots and restores ---------------------------------------------------------------
 
-    def snapshot(self, instance: "Instance", out: IO[bytes], archive: LogArchive | None = None) -> str:
-        with self._beside(instance) as beside:
-            return get_engine(instance.kind).snapshot(instance, beside, out, archive)
-
-    def archive_logs(self, instance: "Instance", archive: LogArchive) -> None:
-        with self._beside(instance) as beside:
-            get_engine(instance.kind).archive_logs(instance, beside, archive)
-
     @contextmanager
     def _beside(self, instance: "Instance") -> Iterator[DockerBeside]:
         """Programs beside the running server, each a job on its node with the server's own mounts
@@ -576,18 +574,20 @@ class SwarmBackend(BaseBackend):
         self._start_restored(instance, node, layout)
 
     def _fill(
-        self, instance: "Instance", node: Node, layout: Layout, snapshot: IO[bytes], replay: Replay | None
-    ) -> None:
+        self, instance: "Instance", node: Node, layout: Layout, snapshot: IO[bytes], replay: Replay | None,
+        *, opened: bool = False,
+    ) -> None:  # fmt: skip
         """Put `snapshot` (and `replay`) in place of the data in the instance's folder on `node`, its
         server stopped: the engine's restore, in jobs there that have the folder whole, where the
         uid's group may write meanwhile (to put a new `data` in place of the old). Root's alone again
         after, `data`, `tmp` and `run` checked to be the uid's folders and not links: the server's
-        mounts are made from those paths, and follow a link."""
+        mounts are made from those paths, and follow a link. `opened`: _make_folder opened it."""
         from docker.types import Mount
 
         folder, uid = self._job_folder(instance.kind, instance.pk, node), self.uid(instance)
-        self._job(node, ["sh", "-c", 'chgrp -- "$2" "$1" && chmod 0770 "$1"', "open", str(folder), str(uid)],
-                  what="open the instance's folder to its restore")  # fmt: skip
+        if not opened:
+            self._job(node, ["sh", "-c", OPEN, "open", str(folder), str(uid)],
+                      what="open the instance's folder to its restore")  # fmt: skip
         try:
             data = HELPER_DISK / "data"
             helper = replace(layout, data=data, tmp=data if layout.tmp == layout.data else HELPER_DISK / "tmp")
@@ -630,13 +630,20 @@ class SwarmBackend(BaseBackend):
         if old_node.id == new_node.id:
             raise BackendError("The instance is on that node already.")
         engine = get_engine(instance.kind)
-        with self.admin(old) as admin:
-            engine.refuse_writes(old, True, admin=admin)
-        refused = time.monotonic()
+        # The new folder first, ready for the restore: it needs nothing of the old server's, so
+        # its job is not part of the pause.
+        self._make_folder(instance, new_node, to_restore=True)
         try:
-            self.snapshot(old, spool)
+            with self.admin(old) as admin:
+                engine.refuse_writes(old, True, admin=admin)
+            refused = time.monotonic()
+            try:
+                self.snapshot(old, spool)
+            except Exception:
+                self._accept_writes(old, old_node)
+                raise
         except Exception:
-            self._accept_writes(old, old_node)
+            self._remove_folder(instance, new_node, what="remove the failed move's folder")
             raise
         try:
             self.stop(old)
@@ -644,22 +651,20 @@ class SwarmBackend(BaseBackend):
             if service is not None:  # the new one has its name
                 self._docker("remove the old service", service.remove)
                 self._wait(lambda: not self._live(self._tasks_of(service.id)), 45, "the old server to stop")
-            self._make_folder(instance, new_node)
             spool.seek(0)
             layout = self.layout(instance, new_node)
-            self._fill(instance, new_node, layout, spool, None)
+            self._fill(instance, new_node, layout, spool, None, opened=True)
             self._start_restored(instance, new_node, layout)
         except Exception:
             logger.exception("Instance %s: the move to %s failed; starting it on %s again", instance.pk,
-                             new_node.hostname, old_node.hostname)  # fmt: skip
+                             new_node.name, old_node.name)  # fmt: skip
             self._back_home(old, old_node, new_node)
             raise
         paused = time.monotonic() - refused
         try:
-            self._job(old_node, ["rm", "-rf", "--", str(self._job_folder(instance.kind, instance.pk, old_node))],
-                      what="remove the instance's old folder")  # fmt: skip
+            self._remove_folder(instance, old_node, what="remove the instance's old folder")
         except BackendError:  # the move is done; what is left is an old folder, not the instance
-            logger.exception("Instance %s moved, but its old folder on %s stays", instance.pk, old_node.hostname)
+            logger.exception("Instance %s moved, but its old folder on %s stays", instance.pk, old_node.name)
         return paused
 
     def _accept_writes(self, old: "Instance", node: Node) -> None:
@@ -680,8 +685,7 @@ class SwarmBackend(BaseBackend):
             self._remove_service(service)
             service = None
         elif service is None:
-            self._job(new_node, ["rm", "-rf", "--", str(self._job_folder(old.kind, old.pk, new_node))],
-                      what="remove the failed move's folder")  # fmt: skip
+            self._remove_folder(old, new_node, what="remove the failed move's folder")
         self._restart_old(old, old_node, service)
 
     def _restart_old(self, old: "Instance", node: Node, service: Any = None) -> None:
@@ -712,9 +716,9 @@ class SwarmBackend(BaseBackend):
         if service is not None:
             self._docker("remove the old service", service.remove)
         try:
-            self._make_folder(instance, node)
+            self._make_folder(instance, node, to_restore=True)
             layout = self.layout(instance, node)
-            self._fill(instance, node, layout, snapshot, replay)
+            self._fill(instance, node, layout, snapshot, replay, opened=True)
             self._start_restored(instance, node, layout)
         except Exception:
             # The new one gone; the old service made again as it was: Swarm starts it on its node,
@@ -723,8 +727,7 @@ class SwarmBackend(BaseBackend):
             if new is not None:
                 self._remove_service(new)
             else:
-                self._job(node, ["rm", "-rf", "--", str(self._job_folder(instance.kind, instance.pk, node))],
-                          what="remove the failed evacuation's folder")  # fmt: skip
+                self._remove_folder(instance, node, what="remove the failed evacuation's folder")
             if old_spec is not None:
                 self._docker("make the old service again", self.client.api.create_service, old_spec["TaskTemplate"],
                              name=old_spec["Name"], labels=old_spec.get("Labels"), mode=old_spec.get("Mode"),
@@ -806,7 +809,7 @@ class SwarmBackend(BaseBackend):
             argv = [arg.replace("{secret}", str(SECRET_FILE)) for arg in argv]
         with socket.create_server((self.portal_address, 0)) as listener:
             service = self._docker(
-                f"start {name} on node {node.hostname or node.address}",
+                f"start {name} on node {node.name}",
                 self.client.services.create,
                 image,
                 command=["bash"],
@@ -958,14 +961,16 @@ class SwarmBackend(BaseBackend):
 
     # Jobs on a node ---------------------------------------------------------------------
 
-    def _make_folder(self, instance: "Instance", node: Node) -> None:
+    def _make_folder(self, instance: "Instance", node: Node, *, to_restore: bool = False) -> None:
+        """A new, empty folder for the instance on `node`; `to_restore`: opened to a restore there
+        too (see _fill), in the same job."""
+        script = MAKE + (f"; {OPEN}" if to_restore else "")
         folder = self._job_folder(instance.kind, instance.pk, node)
-        uid = str(self.uid(instance))
-        script = (
-            'set -eu; umask 077; rm -rf -- "$1"; mkdir -p -- "$1/data" "$1/tmp" "$1/run"; '
-            'chown -- "$2:$2" "$1/data" "$1/tmp" "$1/run"; chown root:root "$1"; chmod 700 "$1" "$1"/*'
-        )
-        self._job(node, ["sh", "-c", script, "make", str(folder), uid], what="make the instance's folder")
+        self._job(node, ["sh", "-c", script, "make", str(folder), str(self.uid(instance))],
+                  what="make the instance's folder")  # fmt: skip
+
+    def _remove_folder(self, instance: "Instance", node: Node, *, what: str) -> None:
+        self._job(node, ["rm", "-rf", "--", str(self._job_folder(instance.kind, instance.pk, node))], what=what)
 
     def _job(self, node: Node, argv: list[str], *, what: str, image: str = "", as_root: bool = True) -> str:
         """Run `argv` once on `node`: as root, with the nodes' data root at JOB_ROOT, or else as
@@ -1002,11 +1007,11 @@ class SwarmBackend(BaseBackend):
                 if {"failed", "rejected"} & set(states):
                     err = next(task["Status"].get("Err", "") for task in tasks)
                     output = b"".join(service.logs(stdout=True, stderr=True)).decode(errors="replace").strip()
-                    raise BackendError(f"Could not {what} on node {node.hostname or node.address}: {output or err}.")
+                    raise BackendError(f"Could not {what} on node {node.name}: {output or err}.")
                 if time.monotonic() > deadline:
                     raise BackendError(
-                        f"Could not {what} on node {node.hostname or node.address}: the job did not end within "
-                        f"{self.job_timeout:g} s ({NODE_GONE.format(node=node.hostname, state=node.state)}?)."
+                        f"Could not {what} on node {node.name}: the job did not end within "
+                        f"{self.job_timeout:g} s ({NODE_GONE.format(node=node.name, state=node.state)}?)."
                     )
                 time.sleep(self.poll_interval)
         finally:

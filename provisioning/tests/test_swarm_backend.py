@@ -22,7 +22,9 @@ import redis
 from devtools.swarm import swarm
 from provisioning import services
 from provisioning.backends.base import get_backend
+from provisioning.backends.swarm import SwarmBackend
 from provisioning.engines.redis import NO_RETRY
+from provisioning.errors import BackendError
 from provisioning.models import Instance, InstanceEvent
 from provisioning.reconciler import Reconciler
 from provisioning.services import fleet
@@ -309,6 +311,7 @@ def test_a_drain_moves_each_instance_with_its_data_to_the_other_worker(api, clus
         for kind, config in (("mysql", mysql_config), ("redis", redis_config)):
             body = wait_for_status(api, kind, config["id"], "running", timeout=180)
             assert body["status_message"].startswith(f"Moved from {drained.address}:{config['port']} to "), body
+            print(kind, body["status_message"])  # the pause, for the README (pytest -s)
             new = api.get(f"/api/storage/{kind}/instances/{config['id']}/config").json()
             assert new["host"] != drained.address and new["password"] == config["password"]
             assert refuses(drained.address, config["port"]), "the old server is gone"
@@ -325,6 +328,37 @@ def test_a_drain_moves_each_instance_with_its_data_to_the_other_worker(api, clus
         assert create(api, "redis")["host"] != drained.address
     finally:
         backend.set_availability(drained.node_id, "active")
+
+
+def test_a_move_that_fails_on_the_new_node_leaves_the_server_where_it_was_with_its_data(
+    api, cluster, backend, monkeypatch
+):
+    config = create(api, "redis")
+    source = node_of(cluster, config["host"])
+    target = next(worker for worker in cluster.workers if worker.node_id != source.node_id)
+    redis_of(config).set("before", "1")
+    fill = SwarmBackend._fill
+
+    def disk_full(self, instance, node, *args, **kwargs):
+        fill(self, instance, node, *args, **kwargs)
+        raise BackendError("the new node's disk is full")
+
+    monkeypatch.setattr(SwarmBackend, "_fill", disk_full)
+    try:
+        fleet.act("swarm", source.node_id, "drain", by="an operator")
+        body = wait_for_status(api, "redis", config["id"], "running", "unhealthy", timeout=180)
+    finally:
+        backend.set_availability(source.node_id, "active")
+
+    assert body["status"] == "running", body["status_message"]
+    assert "disk is full" in body["status_message"], body["status_message"]
+    after = api.get(f"/api/storage/redis/instances/{config['id']}/config").json()
+    assert (after["host"], after["port"]) == (config["host"], config["port"])
+    client = redis_of(config)
+    assert client.get("before") == b"1"
+    client.set("after", "2")  # it takes writes again
+    assert not folder(cluster, "redis", config["id"], target.address).exists(), "the new folder is gone"
+    assert all(backend._pinned_to(service) == source.node_id for service in backend._services({}))
 
 
 def test_an_unreachable_instance_is_evacuated_from_its_last_snapshot(api, cluster, backend):
