@@ -43,20 +43,7 @@ def request_move(*, instance: Instance, by: object) -> Instance:
     backend of one host, WrongStatus unless it is running."""
     if not get_backend(instance.backend).places:
         raise CannotMove(f"The {instance.backend} backend runs every server on one host: there is nowhere to move to.")
-    with transaction.atomic():
-        moved = transition(
-            instance,
-            Status.MOVING,
-            f"A move to another node was requested by {by}.",
-            side=Side.REQUEST,
-            allowed_from=(Status.RUNNING,),
-        )
-        if moved:
-            transaction.on_commit(lambda: enqueue("move_instance", instance, revert_to=Status.RUNNING))
-    if not moved:
-        instance.refresh_from_db()
-        raise WrongStatus(instance, "move")
-    return instance
+    return _to_moving(instance, "move_instance", "A move", from_status=Status.RUNNING, verb="move", by=by)
 
 
 def request_evacuation(*, instance: Instance, by: object) -> Instance:
@@ -66,19 +53,28 @@ def request_evacuation(*, instance: Instance, by: object) -> Instance:
         raise WrongStatus(instance, "evacuate")
     if last_snapshot(instance) is None:
         raise CannotMove("It has no ready snapshot to be rebuilt from; it can only wait for its host to come back.")
+    return _to_moving(
+        instance, "evacuate_instance", "An evacuation", from_status=Status.UNREACHABLE, verb="evacuate", by=by
+    )
+
+
+def _to_moving(instance: Instance, task: str, what: str, *, from_status: Status, verb: str, by: object) -> Instance:
+    """The request side of a move and an evacuation alike: `moving` (from `from_status` only, with an
+    event saying who asked `what`), and `task` queued once that commits; a worker that cannot do it
+    puts `from_status` back. WrongStatus (for `verb`) if the instance is no longer in `from_status`."""
     with transaction.atomic():
         moved = transition(
             instance,
             Status.MOVING,
-            f"An evacuation to another node was requested by {by}.",
+            f"{what} to another node was requested by {by}.",
             side=Side.REQUEST,
-            allowed_from=(Status.UNREACHABLE,),
+            allowed_from=(from_status,),
         )
         if moved:
-            transaction.on_commit(lambda: enqueue("evacuate_instance", instance, revert_to=Status.UNREACHABLE))
+            transaction.on_commit(lambda: enqueue(task, instance, revert_to=from_status))
     if not moved:
         instance.refresh_from_db()
-        raise WrongStatus(instance, "evacuate")
+        raise WrongStatus(instance, verb)
     return instance
 
 
