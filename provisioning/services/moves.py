@@ -51,8 +51,7 @@ def request_evacuation(*, instance: Instance, by: object) -> Instance:
     ready snapshot. Raises CannotMove without such a snapshot, WrongStatus unless unreachable."""
     if instance.status != Status.UNREACHABLE:
         raise WrongStatus(instance, "evacuate")
-    if last_snapshot(instance) is None:
-        raise CannotMove("It has no ready snapshot to be rebuilt from; it can only wait for its host to come back.")
+    evacuation_source(instance)
     return _to_moving(
         instance, "evacuate_instance", "An evacuation", from_status=Status.UNREACHABLE, verb="evacuate", by=by
     )
@@ -90,6 +89,15 @@ def move_all(*, alias: str, host: str, by: object) -> tuple[int, int]:
         except WrongStatus:
             stay += 1
     return requested, stay
+
+
+def evacuation_source(instance: Instance) -> Snapshot:
+    """The snapshot an evacuation would rebuild `instance` from (its last ready one), for the
+    request and for the pages that offer it; CannotMove, saying why, if it has none."""
+    snapshot = last_snapshot(instance)
+    if snapshot is None:
+        raise CannotMove("It has no ready snapshot to be rebuilt from; it can only wait for its host to come back.")
+    return snapshot
 
 
 def last_snapshot(instance: Instance) -> Snapshot | None:
