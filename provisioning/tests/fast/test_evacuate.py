@@ -1,7 +1,8 @@
-"""Evacuating an unreachable instance (its node is out of reach) from its owner's page: the same
-service as the API (services/moves.py), over the fake fleet.
+"""Evacuating an unreachable instance (its node is out of reach) from its owner's page and from the
+admin: the same service as the API (services/moves.py), over the fake fleet.
 
-Personas: alice owns the instance; charlie is an outsider."""
+Personas: alice owns the instance; charlie is an outsider; vera is staff who may view instances;
+carl is staff who may change them."""
 
 import pytest
 
@@ -10,6 +11,8 @@ from provisioning.models import Instance, Snapshot, Status
 from .conftest import reconcile, web
 
 pytestmark = pytest.mark.django_db
+
+INSTANCES = "/admin/provisioning/instance/"
 
 
 @pytest.fixture
@@ -116,3 +119,54 @@ def test_the_page_evacuates_only_by_post(running, nodes, alice):
     cut_off(nodes, running)
     assert web(alice).get(f"/instances/{running['id']}/evacuate/").status_code == 405
     assert Instance.objects.get(pk=running["id"]).status == Status.UNREACHABLE
+
+
+# The admin -------------------------------------------------------------------------------------
+
+
+def evacuate_in_admin(client, *instances: dict):
+    return client.post(
+        INSTANCES,
+        {"action": "evacuate_instances", "_selected_action": [instance["id"] for instance in instances]},
+        follow=True,
+    )
+
+
+def test_the_admin_evacuates_the_unreachable_ones_and_says_what_happened_to_each(
+    running, nodes, create, committed, carl
+):
+    no_snapshot = create("redis")  # on the other node, which stays up
+    elsewhere = next(node for node in nodes.fleet.values() if node.public_host == no_snapshot["host"])
+    cut_off(nodes, running)
+    Instance.objects.filter(pk=no_snapshot["id"]).update(status=Status.UNREACHABLE)  # its node comes back later
+    healthy = create("redis")
+
+    with committed():
+        answer = evacuate_in_admin(web(carl), running, no_snapshot, healthy)
+
+    text = answer.content.decode()
+    assert answer.status_code == 200
+    snapshot = Snapshot.objects.get(instance_id=running["id"])
+    assert (
+        f'<li class="success">Instance {running["name"]}: being rebuilt on another node from its snapshot of '
+        f"{snapshot.created_at:%Y-%m-%d %H:%M:%S} UTC; writes after that are lost.</li>"
+    ) in text
+    assert f'<li class="error">Instance {no_snapshot["name"]}: It has no ready snapshot to be rebuilt from' in text
+    assert f'<li class="warning">Instance {healthy["name"]}: skipped: it is running, not unreachable.</li>' in text
+    assert Instance.objects.get(pk=running["id"]).status == Status.RUNNING
+    assert Instance.objects.get(pk=running["id"]).host == elsewhere.public_host
+    assert Instance.objects.get(pk=no_snapshot["id"]).status == Status.UNREACHABLE
+    assert Instance.objects.get(pk=healthy["id"]).status == Status.RUNNING
+    assert nodes.called("rebuild") == [running["id"]]
+
+
+def test_staff_who_may_only_view_instances_cannot_evacuate(running, nodes, vera):
+    cut_off(nodes, running)
+    listing = web(vera).get(INSTANCES).content.decode()
+    assert "evacuate_instances" not in listing
+
+    answer = evacuate_in_admin(web(vera), running)
+
+    assert answer.status_code == 200
+    assert Instance.objects.get(pk=running["id"]).status == Status.UNREACHABLE
+    assert nodes.called("rebuild") == []

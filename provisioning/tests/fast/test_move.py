@@ -1,0 +1,89 @@
+"""Moving one running instance to another node, an operator's action: from the admin and through
+the API (services/moves.py), over the fake fleet.
+
+Personas: alice owns instances; charlie is an outsider; vera is staff who may view instances;
+carl is staff who may change them. Owners cannot ask for a move: where a server runs is the
+operators' choice."""
+
+import pytest
+
+from provisioning.models import Instance, Status
+
+from .conftest import web
+
+pytestmark = pytest.mark.django_db
+
+INSTANCES = "/admin/provisioning/instance/"
+
+
+def move_in_admin(client, *instances: dict):
+    return client.post(
+        INSTANCES,
+        {"action": "move_instances", "_selected_action": [instance["id"] for instance in instances]},
+        follow=True,
+    )
+
+
+# The admin -------------------------------------------------------------------------------------
+
+
+def test_the_admin_moves_the_running_ones_with_their_data_and_says_what_happened_to_each(
+    nodes, create, act, committed, carl
+):
+    first, stopped = create("redis"), create("redis")  # on the large node, then the small one
+    nodes.servers[first["id"]].data["key"] = "value"
+    act(stopped, "stop")
+
+    with committed():
+        answer = move_in_admin(web(carl), first, stopped)
+
+    text = answer.content.decode()
+    assert answer.status_code == 200
+    assert (
+        f'<li class="success">Instance {first["name"]}: moving to the node with the most room, with its data; '
+        "its writes pause while it moves.</li>"
+    ) in text
+    assert f'<li class="warning">Instance {stopped["name"]}: skipped: it is stopped, not running.</li>' in text
+    moved = Instance.objects.get(pk=first["id"])
+    assert (moved.status, moved.host) == (Status.RUNNING, "10.9.0.2")
+    assert nodes.servers[first["id"]].data == {"key": "value"}
+    assert moved.events.filter(type="instance.moved").count() == 1
+    assert moved.events.filter(reason="A move to another node was requested by carl.").exists()
+    assert Instance.objects.get(pk=stopped["id"]).host == stopped["host"]
+    assert nodes.called("move") == [first["id"]]
+
+
+def test_a_move_with_no_room_elsewhere_leaves_it_where_it_was_and_says_so(nodes, create, committed, carl):
+    nodes.set_availability("n0small", "pause")
+    first = create("redis")
+
+    with committed():
+        move_in_admin(web(carl), first)
+
+    instance = Instance.objects.get(pk=first["id"])
+    assert (instance.status, instance.host) == (Status.RUNNING, first["host"])
+    assert (
+        instance.status_message == "Not moved: No other node has room for it; its own is still the one with the most."
+    )
+
+
+def test_staff_who_may_only_view_instances_cannot_move_them(nodes, create, vera):
+    first = create("redis")
+    assert 'value="move_instances"' not in web(vera).get(INSTANCES).content.decode()
+
+    answer = move_in_admin(web(vera), first)
+
+    assert answer.status_code == 200
+    assert Instance.objects.get(pk=first["id"]).status == Status.RUNNING
+    assert nodes.called("move") == []
+
+
+def test_move_and_evacuate_are_offered_only_when_a_backend_places_servers(settings, nodes, carl):
+    offered = web(carl).get(INSTANCES).content.decode()
+    assert 'value="move_instances"' in offered and 'value="evacuate_instances"' in offered
+
+    settings.STOCKROOM_BACKENDS = {"fake": {"BACKEND": "provisioning.backends.fake.FakeBackend"}}
+    settings.STOCKROOM_DEFAULT_BACKEND = "fake"
+    offered = web(carl).get(INSTANCES).content.decode()
+    assert 'value="move_instances"' not in offered and 'value="evacuate_instances"' not in offered
+    assert 'value="restart_instances"' in offered
