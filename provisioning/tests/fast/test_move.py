@@ -6,9 +6,11 @@ carl is staff who may change them. Owners cannot ask for a move: where a server 
 operators' choice."""
 
 import pytest
+from rest_framework.test import APIClient
 
 from provisioning.models import Instance, Status
 
+from ..conftest import client_for
 from .conftest import web
 
 pytestmark = pytest.mark.django_db
@@ -87,3 +89,64 @@ def test_move_and_evacuate_are_offered_only_when_a_backend_places_servers(settin
     offered = web(carl).get(INSTANCES).content.decode()
     assert 'value="move_instances"' not in offered and 'value="evacuate_instances"' not in offered
     assert 'value="restart_instances"' in offered
+
+
+# The API ---------------------------------------------------------------------------------------
+
+
+def move_url(instance: dict) -> str:
+    return f"/api/storage/{instance['kind']}/instances/{instance['id']}/move"
+
+
+def test_staff_who_may_change_instances_move_anyones_through_the_api(nodes, create, committed, carl):
+    first = create("redis")  # alice's, on the large node
+    nodes.servers[first["id"]].data["key"] = "value"
+
+    with committed():
+        answer = client_for(carl).post(move_url(first))
+
+    assert answer.status_code == 202, answer.content
+    assert answer.json()["status"] == "moving" and answer.json()["id"] == first["id"]
+    moved = Instance.objects.get(pk=first["id"])
+    assert (moved.status, moved.host) == (Status.RUNNING, "10.9.0.2")
+    assert moved.status_message.startswith(f"Moved from db2.example.com:{first['port']} to 10.9.0.2:{moved.port}")
+    assert nodes.servers[first["id"]].data == {"key": "value"}
+    assert moved.events.filter(reason="A move to another node was requested by carl.").exists()
+
+
+def test_owners_and_outsiders_cannot_move_an_instance(nodes, create, alice, charlie, vera):
+    alices = create("redis")
+    veras = client_for(vera).post("/api/storage/redis/instances", {})
+    assert veras.status_code == 202, veras.content
+
+    assert APIClient().post(move_url(alices)).status_code == 401
+    assert client_for(alice).post(move_url(alices)).status_code == 403, "her own: she may see it, not move it"
+    assert client_for(charlie).post(move_url(alices)).status_code == 404, "another's does not exist for him"
+    assert client_for(vera).post(move_url(alices)).status_code == 404, "staff who may only view: not another's"
+    own = client_for(vera).post(f"/api/storage/redis/instances/{veras.json()['id']}/move")
+    assert own.status_code == 403
+    assert own.json()["detail"] == "Only staff who may change instances move one to another node."
+    assert Instance.objects.filter(status=Status.MOVING).count() == 0
+    assert nodes.called("move") == []
+
+
+def test_a_move_the_service_refuses_is_a_409_that_says_why(settings, nodes, create, act, carl):
+    first = create("redis")
+    act(first, "stop")
+    stopped = client_for(carl).post(move_url(first))
+    assert stopped.status_code == 409
+    assert stopped.json() == {"detail": "Cannot move an instance that is stopped.", "status": "stopped"}
+
+    settings.STOCKROOM_DEFAULT_BACKEND = "fake"  # one host: nowhere to go
+    single = create("redis")
+    answer = client_for(carl).post(move_url(single))
+    assert answer.status_code == 409
+    assert answer.json() == {"detail": "The fake backend runs every server on one host: there is nowhere to move to."}
+    assert Instance.objects.get(pk=single["id"]).status == Status.RUNNING
+
+
+def test_the_schema_has_the_move_endpoint(client):
+    paths = client.get("/api/schema", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()["paths"]
+    move = paths["/api/storage/{kind}/instances/{id}/move/"]["post"]
+    assert set(move["responses"]) == {"202", "403", "404", "409"}
+    assert "Staff who may change instances only" in move["description"]
