@@ -207,6 +207,31 @@ def test_only_staff_who_may_change_instances_pause_or_activate_a_node_through_th
     assert nodes.fleet["n1large"].availability == "active"
 
 
+@pytest.mark.parametrize(
+    ("codenames", "may_look", "may_act"),
+    [
+        ((), False, False),
+        (("view_instance",), True, False),
+        (("change_instance",), True, True),  # as in the admin, who may change may look
+        (("view_instance", "change_instance"), True, True),
+        (("view_snapshot", "change_snapshot", "delete_instance"), False, False),  # not the instance permissions
+    ],
+)
+def test_the_api_asks_staff_for_the_permissions_the_admins_nodes_page_asks(
+    nodes, django_user_model, codenames, may_look, may_act
+):
+    api = client_for(staff(django_user_model, "sam", *codenames))
+
+    listing = api.get("/api/fleet/nodes")
+    assert listing.status_code == (200 if may_look else 403), listing.content
+    answer = api.post("/api/fleet/nodes/n1large/pause")
+    assert answer.status_code == (200 if may_act else 403), answer.content
+    assert nodes.fleet["n1large"].availability == ("pause" if may_act else "active")
+
+    page = web(staff(django_user_model, "sam-web", *codenames)).get(NODES)
+    assert page.status_code == (200 if may_look else 403), "the admin's page answers alike"
+
+
 def test_the_api_answers_404_for_an_unknown_node_or_action(nodes, carl):
     api = client_for(carl)
     answer = api.post("/api/fleet/nodes/n9gone/pause")
@@ -237,7 +262,8 @@ def test_the_schema_has_the_fleet_endpoints(client):
     paths = client.get("/api/schema", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()["paths"]
     assert set(paths["/api/fleet/nodes/"]) == {"get"}
     action = paths["/api/fleet/nodes/{node_id}/{action}/"]["post"]
-    assert set(action["responses"]) == {"200", "404", "503"}
+    assert set(action["responses"]) == {"200", "403", "404", "503"}
+    assert set(paths["/api/fleet/nodes/"]["get"]["responses"]) == {"200", "403"}
     parameter = next(p for p in action["parameters"] if p["name"] == "action")
     assert parameter["schema"]["enum"] == ["activate", "drain", "pause"]
 
