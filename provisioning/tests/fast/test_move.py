@@ -5,13 +5,15 @@ Personas: alice owns instances; charlie is an outsider; vera is staff who may vi
 carl is staff who may change them. Owners cannot ask for a move: where a server runs is the
 operators' choice."""
 
+from dataclasses import replace
+
 import pytest
 from rest_framework.test import APIClient
 
 from provisioning.models import Instance, Status
 
 from ..conftest import client_for
-from .conftest import web
+from .conftest import GiB, web
 
 pytestmark = pytest.mark.django_db
 
@@ -55,6 +57,17 @@ def test_the_admin_moves_the_running_ones_with_their_data_and_says_what_happened
     assert nodes.called("move") == [first["id"]]
 
 
+def test_a_move_goes_to_another_node_even_when_its_own_has_the_most_room(nodes, create, committed, carl):
+    first = create("redis")  # on the large node
+    nodes.fleet["n1large"] = replace(nodes.fleet["n1large"], memory=8 * GiB)  # still by far the roomiest
+
+    with committed():
+        move_in_admin(web(carl), first)
+
+    moved = Instance.objects.get(pk=first["id"])
+    assert (moved.status, moved.host) == (Status.RUNNING, "10.9.0.2"), moved.status_message
+
+
 def test_a_move_with_no_room_elsewhere_leaves_it_where_it_was_and_says_so(nodes, create, committed, carl):
     nodes.set_availability("n0small", "pause")
     first = create("redis")
@@ -64,9 +77,7 @@ def test_a_move_with_no_room_elsewhere_leaves_it_where_it_was_and_says_so(nodes,
 
     instance = Instance.objects.get(pk=first["id"])
     assert (instance.status, instance.host) == (Status.RUNNING, first["host"])
-    assert (
-        instance.status_message == "Not moved: No other node has room for it; its own is still the one with the most."
-    )
+    assert instance.status_message == "Not moved: No other node has room for it."
 
 
 def test_staff_who_may_only_view_instances_cannot_move_them(nodes, create, vera):
