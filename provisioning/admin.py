@@ -22,6 +22,7 @@ from .models import (
     LogFile,
     Orphan,
     Snapshot,
+    Status,
     Webhook,
     WebhookDelivery,
 )
@@ -97,6 +98,10 @@ class UpgradeFilter(admin.SimpleListFilter):
         return queryset
 
 
+# Instance actions that take servers to another host: offered only with a backend that has others.
+FLEET_ACTIONS = ("move_instances", "evacuate_instances")
+
+
 @admin.register(Instance)
 class InstanceAdmin(admin.ModelAdmin):
     list_display = [
@@ -116,7 +121,8 @@ class InstanceAdmin(admin.ModelAdmin):
     ]  # fmt: skip
     actions = [
         "restart_instances", "stop_instances", "start_instances", "delete_instances",
-        "extend_instances", "protect_instances", "unprotect_instances",
+        "extend_instances", "protect_instances", "unprotect_instances", "move_instances",
+        "evacuate_instances",
     ]  # fmt: skip
     search_fields = ["name", "owner__username", "port"]
     exclude = ["password", "admin_password", "tls_key"]  # tls_expires_at: when its certificate expires
@@ -289,6 +295,49 @@ class InstanceAdmin(admin.ModelAdmin):
             request, queryset, "unprotect",
             lambda instance: services.set_protected(instance=instance, protected=False, by=request.user),
         )  # fmt: skip
+
+    @admin.action(description="Move the selected running instances to another node", permissions=["change"])
+    def move_instances(self, request, queryset):
+        def move(instance: Instance) -> str:
+            services.request_move(instance=instance, by=request.user)
+            return "moving to the node with the most room, with its data; its writes pause while it moves."
+
+        self._one_by_one(request, queryset, Status.RUNNING, move)
+
+    @admin.action(
+        description="Evacuate the selected unreachable instances (rebuilt on another node from their last snapshot)",
+        permissions=["change"],
+    )
+    def evacuate_instances(self, request, queryset):
+        def evacuate(instance: Instance) -> str:
+            snapshot = services.evacuation_source(instance)
+            services.request_evacuation(instance=instance, by=request.user)
+            return (
+                f"being rebuilt on another node from its snapshot of {snapshot.created_at:%Y-%m-%d %H:%M:%S} UTC; "
+                "writes after that are lost."
+            )
+
+        self._one_by_one(request, queryset, Status.UNREACHABLE, evacuate)
+
+    def _one_by_one(self, request, queryset, wanted: Status, service) -> None:
+        """Call `service` (it returns what it did) for each selected instance that is `wanted`; one
+        message per instance: what was done, why it was refused, or that it was skipped."""
+        for instance in queryset.visible().order_by("pk"):
+            if instance.status != wanted:
+                said, level = f"skipped: it is {instance.status}, not {wanted}.", messages.WARNING
+            else:
+                try:
+                    said, level = service(instance), messages.SUCCESS
+                except (services.WrongStatus, services.CannotMove, services.NoCapacity) as exc:
+                    said, level = str(exc), messages.ERROR
+            self.message_user(request, f"Instance {instance.name}: {said}", level=level)
+
+    def get_actions(self, request, action_location=ActionLocation.CHANGE_LIST):
+        actions = super().get_actions(request, action_location)
+        if not fleet.placing_backends():  # every server on one host: there is nowhere to move to
+            for name in FLEET_ACTIONS:
+                actions.pop(name, None)
+        return actions
 
     def _request(self, request, queryset, action: str) -> None:
         self._apply(

@@ -17,6 +17,7 @@ urlpatterns = [
     path("instances/<int:pk>/settings/", views.settings_page, name="instance-settings"),
     path("instances/<int:pk>/extend/", views.extend, name="instance-extend"),
     path("instances/<int:pk>/protect/", views.protect, name="instance-protect"),
+    path("instances/<int:pk>/evacuate/", views.evacuate, name="instance-evacuate"),
     path("instances/<int:pk>/<slug:action>/", views.act, name="instance-action"),
     path("snapshots/<int:sid>/clone/", views.clone, name="snapshot-clone"),
     path("snapshots/<int:sid>/delete/", views.snapshot_delete, name="snapshot-delete"),

@@ -147,7 +147,19 @@ def _detail_context(instance: Instance) -> dict:
         "import_suffixes": get_engine(instance.kind).import_suffixes,
         "import_most": settings.STOCKROOM_IMPORT_MAX_BYTES,
         "can_change_lifetime": instance.status in services.LIFETIME_CHANGEABLE,
+        **_evacuation(instance),
     }
+
+
+def _evacuation(instance: Instance) -> dict:
+    """What the page says of evacuating an unreachable instance: the snapshot it would be rebuilt
+    from (`evacuate_from`), or why it cannot be (`cannot_evacuate`); nothing in any other status."""
+    if instance.status != Status.UNREACHABLE:
+        return {}
+    try:
+        return {"evacuate_from": services.evacuation_source(instance)}
+    except services.CannotMove as exc:
+        return {"cannot_evacuate": str(exc)}
 
 
 @never_cache
@@ -202,6 +214,21 @@ def act(request, pk: int, action: str):
         services.request_action(instance=instance, action=action, by=request.user)
     except (services.WrongStatus, services.QuotaExceeded, services.NoCapacity) as exc:
         messages.error(request, str(exc))
+    return redirect("instance", pk=instance.pk)
+
+
+@login_required
+@require_POST
+def evacuate(request, pk: int):
+    """Rebuild an unreachable instance on another node from its last snapshot, through the same
+    service as the API; what cannot be done is said in a message."""
+    instance = _my_instance(request, pk)
+    try:
+        services.request_evacuation(instance=instance, by=request.user)
+    except (services.WrongStatus, services.CannotMove) as exc:
+        messages.error(request, f"Not evacuated: {exc}")
+    else:
+        messages.success(request, f"{instance.name} is being rebuilt on another node; the history says how it went.")
     return redirect("instance", pk=instance.pk)
 
 

@@ -36,6 +36,17 @@ class NodesSerializer(serializers.Serializer):
     unavailable = BackendErrorSerializer(many=True, help_text="Backends whose manager could not be asked.")
 
 
+class MayViewInstances(permissions.IsAdminUser):
+    """Staff who may view instances (the admin's "view" or "change instance" permission, as the
+    admin's Nodes page asks): other staff get 403."""
+
+    def has_permission(self, request, view) -> bool:
+        user = request.user
+        return super().has_permission(request, view) and (
+            user.has_perm("provisioning.view_instance") or user.has_perm("provisioning.change_instance")
+        )
+
+
 class MayChangeInstances(permissions.IsAdminUser):
     """Staff who may change instances (the admin's "change instance" permission), as in the admin:
     staff who may only look get 403."""
@@ -45,14 +56,18 @@ class MayChangeInstances(permissions.IsAdminUser):
 
 
 class NodesView(APIView):
-    permission_classes = [permissions.IsAdminUser]
+    permission_classes = [MayViewInstances]
     serializer_class = NodesSerializer
 
-    @extend_schema(summary="The nodes of the backends that place instances on many hosts (staff)")
+    @extend_schema(
+        summary="The nodes of the backends that place instances on many hosts (staff)",
+        responses={200: NodesSerializer, 403: OpenApiResponse(description="Not staff who may view instances.")},
+    )
     def get(self, request):
         """Every node of every backend that places instances on many hosts (a Docker Swarm), with
         what the portal's instances reserve there. A backend whose manager does not answer is
-        listed under `unavailable`, with why; the others' nodes still show."""
+        listed under `unavailable`, with why; the others' nodes still show. Staff who may view
+        instances only, as on the admin's Nodes page."""
         rows = fleet.nodes()
         body = {
             "nodes": [row for row in rows if not row.error],
@@ -73,6 +88,7 @@ class NodeActionView(APIView):
         ],
         responses={
             200: NodeSerializer,
+            403: OpenApiResponse(description="Not staff who may change instances."),
             404: OpenApiResponse(description="No such node."),
             503: OpenApiResponse(description="The node's backend could not be asked, or refused."),
         },

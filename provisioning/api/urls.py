@@ -54,6 +54,11 @@ urlpatterns = [
         name="instance-evacuate",
     ),
     re_path(
+        rf"{INSTANCES}/(?P<pk>[0-9]+)/move/?$",
+        InstanceViewSet.as_view({"post": "move"}, name="{label} instance: move"),
+        name="instance-move",
+    ),
+    re_path(
         rf"{INSTANCES}/(?P<pk>[0-9]+)/import/?$",
         InstanceViewSet.as_view({"post": "import_file"}, name="{label} instance: import"),
         name="instance-import",

@@ -18,6 +18,7 @@ from ..engines import UnknownKind, engines, get_engine
 from ..models import Instance, Snapshot, Webhook
 from ..options import describe_size
 from ..services import lifetime, tokens, webhooks
+from .fleet import MayChangeInstances
 from .pagination import InstancePagination
 from .parsers import MultiPartParser
 from .schema import InstanceSchema, KindSchema
@@ -79,7 +80,9 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         return InstanceSerializer
 
     def get_queryset(self):
-        instances = Instance.objects.visible().filter(owner=self.request.user, kind=self.kwargs["kind"])
+        instances = Instance.objects.visible().filter(kind=self.kwargs["kind"])
+        if not (self.action == "move" and MayChangeInstances().has_permission(self.request, self)):
+            instances = instances.filter(owner=self.request.user)  # a move is an operator's; the rest, the owner's
         if self.action in ("list", "retrieve"):  # they never show passwords: skip decrypting them
             instances = services.with_first_base(instances.defer("password", "admin_password"))
         return instances
@@ -279,6 +282,26 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         Whatever was written after that snapshot is lost; its status says from when. 409 unless it
         is unreachable, or when it has no ready snapshot."""
         instance = services.request_evacuation(instance=self.get_object(), by=request.user)
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        request=None,
+        responses={202: InstanceSerializer, 403: None, 404: None, 409: None},
+        summary="Move a running instance to another node, with its data (staff)",
+    )
+    @action(detail=True, methods=["post"])
+    def move(self, request, kind: str, pk: int):
+        """Move a `running` instance, anyone's, to the node with the most room, on a backend that
+        places servers on many hosts (a Docker Swarm): `moving`, then `running` at a new host and
+        port with its data and credentials; its writes pause meanwhile, and an `instance.moved`
+        webhook says where it went. If no other node has room, or the move fails, it runs on where
+        it was and its status says why. Staff who may change instances only: where a server runs is
+        the operators' choice, so an owner gets 403 for their own instance (404 for any other). 409
+        unless it is running, or on a backend with one host."""
+        instance = self.get_object()
+        if not MayChangeInstances().has_permission(request, self):
+            raise exceptions.PermissionDenied("Only staff who may change instances move one to another node.")
+        instance = services.request_move(instance=instance, by=request.user)
         return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(

@@ -38,7 +38,7 @@ from .imports import run as import_instance
 from .lifetime import FIELDS as LIFETIME_FIELDS
 from .logs import OutsideWindow, recovery_window, with_first_base
 from .logs import archive as archive_logs
-from .moves import CannotMove, request_evacuation, request_move
+from .moves import CannotMove, evacuation_source, request_evacuation, request_move
 from .moves import evacuate as evacuate_instance
 from .moves import move as move_instance
 from .ports import NoFreePort
@@ -54,6 +54,7 @@ from .work import deprovision, perform_action, provision, recover
 
 __all__ = [
     "CannotMove",
+    "evacuation_source",
     "evacuate_instance",
     "move_instance",
     "request_evacuation",

@@ -31,6 +31,10 @@ from .state import Side, record_event, transition
 
 logger = logging.getLogger(__name__)
 
+# Bytes reserved on a host that no host has: what _relocate says of an instance's own host, so
+# that placing it again picks among the others (the place contract has no "not this one").
+FULL = 2**62
+
 MOVED = "instance.moved"  # the event (and webhook) type of a move or an evacuation that succeeded
 
 
@@ -43,20 +47,7 @@ def request_move(*, instance: Instance, by: object) -> Instance:
     backend of one host, WrongStatus unless it is running."""
     if not get_backend(instance.backend).places:
         raise CannotMove(f"The {instance.backend} backend runs every server on one host: there is nowhere to move to.")
-    with transaction.atomic():
-        moved = transition(
-            instance,
-            Status.MOVING,
-            f"A move to another node was requested by {by}.",
-            side=Side.REQUEST,
-            allowed_from=(Status.RUNNING,),
-        )
-        if moved:
-            transaction.on_commit(lambda: enqueue("move_instance", instance, revert_to=Status.RUNNING))
-    if not moved:
-        instance.refresh_from_db()
-        raise WrongStatus(instance, "move")
-    return instance
+    return _to_moving(instance, "move_instance", "A move", from_status=Status.RUNNING, verb="move", by=by)
 
 
 def request_evacuation(*, instance: Instance, by: object) -> Instance:
@@ -64,21 +55,29 @@ def request_evacuation(*, instance: Instance, by: object) -> Instance:
     ready snapshot. Raises CannotMove without such a snapshot, WrongStatus unless unreachable."""
     if instance.status != Status.UNREACHABLE:
         raise WrongStatus(instance, "evacuate")
-    if last_snapshot(instance) is None:
-        raise CannotMove("It has no ready snapshot to be rebuilt from; it can only wait for its host to come back.")
+    evacuation_source(instance)
+    return _to_moving(
+        instance, "evacuate_instance", "An evacuation", from_status=Status.UNREACHABLE, verb="evacuate", by=by
+    )
+
+
+def _to_moving(instance: Instance, task: str, what: str, *, from_status: Status, verb: str, by: object) -> Instance:
+    """The request side of a move and an evacuation alike: `moving` (from `from_status` only, with an
+    event saying who asked `what`), and `task` queued once that commits; a worker that cannot do it
+    puts `from_status` back. WrongStatus (for `verb`) if the instance is no longer in `from_status`."""
     with transaction.atomic():
         moved = transition(
             instance,
             Status.MOVING,
-            f"An evacuation to another node was requested by {by}.",
+            f"{what} to another node was requested by {by}.",
             side=Side.REQUEST,
-            allowed_from=(Status.UNREACHABLE,),
+            allowed_from=(from_status,),
         )
         if moved:
-            transaction.on_commit(lambda: enqueue("evacuate_instance", instance, revert_to=Status.UNREACHABLE))
+            transaction.on_commit(lambda: enqueue(task, instance, revert_to=from_status))
     if not moved:
         instance.refresh_from_db()
-        raise WrongStatus(instance, "evacuate")
+        raise WrongStatus(instance, verb)
     return instance
 
 
@@ -94,6 +93,15 @@ def move_all(*, alias: str, host: str, by: object) -> tuple[int, int]:
         except WrongStatus:
             stay += 1
     return requested, stay
+
+
+def evacuation_source(instance: Instance) -> Snapshot:
+    """The snapshot an evacuation would rebuild `instance` from (its last ready one), for the
+    request and for the pages that offer it; CannotMove, saying why, if it has none."""
+    snapshot = last_snapshot(instance)
+    if snapshot is None:
+        raise CannotMove("It has no ready snapshot to be rebuilt from; it can only wait for its host to come back.")
+    return snapshot
 
 
 def last_snapshot(instance: Instance) -> Snapshot | None:
@@ -169,12 +177,16 @@ def _relocate(instance: Instance, backend: BaseBackend) -> None:
     database; its server moves afterwards. Raises NoCapacity if no other host has room."""
     with transaction.atomic():
         capacity.hold(instance.owner)
+        reserved = capacity.reserved_by_host(backend.alias)
         try:
-            host = backend.place(instance.memory_reservation, capacity.reserved_by_host(backend.alias))
+            host = backend.place(instance.memory_reservation, reserved)
         except BackendError as exc:  # no node has room (NoRoom), or the manager does not answer
             raise NoCapacity(str(exc)) from None
-        if host == instance.host:
-            raise NoCapacity("No other node has room for it; its own is still the one with the most.")
+        if host == instance.host:  # a move off a node that still takes instances: the next best one
+            try:
+                host = backend.place(instance.memory_reservation, {**reserved, instance.host: FULL})
+            except BackendError:
+                raise NoCapacity("No other node has room for it.") from None
         ports.take_on(instance, backend, host)
     certificates.ensure(instance)  # one for its new host, if it serves TLS
 

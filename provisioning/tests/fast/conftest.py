@@ -11,10 +11,12 @@ from datetime import timedelta
 from functools import partial
 
 import pytest
+from django.contrib.auth.models import Permission
+from django.test import Client
 from django.utils import timezone
 
 from provisioning.backends.base import get_backend
-from provisioning.backends.fake import FakeBackend
+from provisioning.backends.fake import FakeBackend, FakeFleetBackend
 from provisioning.reconciler import Reconciler
 
 
@@ -72,3 +74,51 @@ def reconcile(*, later: float = 0):
     if later:
         reconciler.clock = lambda: timezone.now() + timedelta(seconds=later)
     return reconciler.run_once()
+
+
+# The fleet: a fake backend that places servers on nodes, and the operators who look after it.
+# Personas: vera is staff who may view instances; carl is staff who may change them.
+
+GiB = 2**30
+LARGE = 4 * GiB + 2**20
+
+
+@pytest.fixture
+def nodes(settings, fake) -> FakeFleetBackend:
+    """New instances go on the fake fleet, on node "small" (4 GiB) or "large" (4 GiB and 1 MiB: the
+    first instance goes there, the next on "small"); "spare" is not labelled, so it takes none. No
+    other backend that places servers is configured (the swarm would ask a real manager)."""
+    settings.STOCKROOM_BACKENDS = {
+        "fake": {"BACKEND": "provisioning.backends.fake.FakeBackend"},
+        "fleet": {"BACKEND": "provisioning.backends.fake.FakeFleetBackend"},
+    }
+    settings.STOCKROOM_DEFAULT_BACKEND = "fleet"
+    backend = get_backend("fleet")
+    assert isinstance(backend, FakeFleetBackend)
+    backend.reset()
+    backend.add_node("n0small", hostname="db-a", address="10.9.0.2", memory=4 * GiB)
+    backend.add_node("n1large", hostname="db-b", address="10.9.0.3", public_host="db2.example.com", memory=LARGE)
+    backend.add_node("n2spare", hostname="portal", address="10.9.0.4", labelled=False, role="manager", memory=2 * GiB)
+    return backend
+
+
+def staff(django_user_model, name: str, *codenames: str):
+    user = django_user_model.objects.create_user(name, password="staff-password-1", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(codename__in=codenames))
+    return django_user_model.objects.get(pk=user.pk)
+
+
+@pytest.fixture
+def vera(django_user_model):
+    return staff(django_user_model, "vera", "view_instance")
+
+
+@pytest.fixture
+def carl(django_user_model):
+    return staff(django_user_model, "carl", "view_instance", "change_instance")
+
+
+def web(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client

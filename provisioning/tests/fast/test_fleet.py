@@ -5,7 +5,6 @@ Personas: alice owns instances; vera is staff who may view instances; carl is st
 them; the anonymous caller and alice (not staff) get nothing."""
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.db.models import Sum
 from django.test import Client
 from rest_framework.test import APIClient
@@ -16,55 +15,12 @@ from provisioning.models import Instance, Status
 from provisioning.services import fleet
 
 from ..conftest import client_for
-from .conftest import reconcile
+from .conftest import LARGE, GiB, reconcile, staff, web
 
 pytestmark = pytest.mark.django_db
 
-GiB = 2**30
-LARGE = 4 * GiB + 2**20
 NODES = "/admin/provisioning/instance/nodes/"
 MANAGER_DOWN = "The swarm manager at tcp://10.9.0.1:2375 is not reachable (could not list its nodes)."
-
-
-@pytest.fixture
-def nodes(settings, fake) -> FakeFleetBackend:
-    """New instances go on the fake fleet, on node "small" (4 GiB) or "large" (4 GiB and 1 MiB: the
-    first instance goes there, the next on "small"); "spare" is not labelled, so it takes none. No
-    other backend that places servers is configured (the swarm would ask a real manager)."""
-    settings.STOCKROOM_BACKENDS = {
-        "fake": {"BACKEND": "provisioning.backends.fake.FakeBackend"},
-        "fleet": {"BACKEND": "provisioning.backends.fake.FakeFleetBackend"},
-    }
-    settings.STOCKROOM_DEFAULT_BACKEND = "fleet"
-    backend = get_backend("fleet")
-    assert isinstance(backend, FakeFleetBackend)
-    backend.reset()
-    backend.add_node("n0small", hostname="db-a", address="10.9.0.2", memory=4 * GiB)
-    backend.add_node("n1large", hostname="db-b", address="10.9.0.3", public_host="db2.example.com", memory=LARGE)
-    backend.add_node("n2spare", hostname="portal", address="10.9.0.4", labelled=False, role="manager", memory=2 * GiB)
-    return backend
-
-
-def staff(django_user_model, name: str, *codenames: str):
-    user = django_user_model.objects.create_user(name, password="staff-password-1", is_staff=True)
-    user.user_permissions.set(Permission.objects.filter(codename__in=codenames))
-    return django_user_model.objects.get(pk=user.pk)
-
-
-@pytest.fixture
-def vera(django_user_model):
-    return staff(django_user_model, "vera", "view_instance")
-
-
-@pytest.fixture
-def carl(django_user_model):
-    return staff(django_user_model, "carl", "view_instance", "change_instance")
-
-
-def web(user) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def reserved_on(host: str) -> int:
@@ -251,6 +207,31 @@ def test_only_staff_who_may_change_instances_pause_or_activate_a_node_through_th
     assert nodes.fleet["n1large"].availability == "active"
 
 
+@pytest.mark.parametrize(
+    ("codenames", "may_look", "may_act"),
+    [
+        ((), False, False),
+        (("view_instance",), True, False),
+        (("change_instance",), True, True),  # as in the admin, who may change may look
+        (("view_instance", "change_instance"), True, True),
+        (("view_snapshot", "change_snapshot", "delete_instance"), False, False),  # not the instance permissions
+    ],
+)
+def test_the_api_asks_staff_for_the_permissions_the_admins_nodes_page_asks(
+    nodes, django_user_model, codenames, may_look, may_act
+):
+    api = client_for(staff(django_user_model, "sam", *codenames))
+
+    listing = api.get("/api/fleet/nodes")
+    assert listing.status_code == (200 if may_look else 403), listing.content
+    answer = api.post("/api/fleet/nodes/n1large/pause")
+    assert answer.status_code == (200 if may_act else 403), answer.content
+    assert nodes.fleet["n1large"].availability == ("pause" if may_act else "active")
+
+    page = web(staff(django_user_model, "sam-web", *codenames)).get(NODES)
+    assert page.status_code == (200 if may_look else 403), "the admin's page answers alike"
+
+
 def test_the_api_answers_404_for_an_unknown_node_or_action(nodes, carl):
     api = client_for(carl)
     answer = api.post("/api/fleet/nodes/n9gone/pause")
@@ -281,7 +262,8 @@ def test_the_schema_has_the_fleet_endpoints(client):
     paths = client.get("/api/schema", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()["paths"]
     assert set(paths["/api/fleet/nodes/"]) == {"get"}
     action = paths["/api/fleet/nodes/{node_id}/{action}/"]["post"]
-    assert set(action["responses"]) == {"200", "404", "503"}
+    assert set(action["responses"]) == {"200", "403", "404", "503"}
+    assert set(paths["/api/fleet/nodes/"]["get"]["responses"]) == {"200", "403"}
     parameter = next(p for p in action["parameters"] if p["name"] == "action")
     assert parameter["schema"]["enum"] == ["activate", "drain", "pause"]
 
