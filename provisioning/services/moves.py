@@ -32,7 +32,7 @@ from .state import Side, record_event, transition
 logger = logging.getLogger(__name__)
 
 # Bytes reserved on a host that no host has: what _relocate says of an instance's own host, so
-# that placing it again picks among the others (the place contract has no "not this one").
+# that placing it picks among the others.
 FULL = 2**62
 
 MOVED = "instance.moved"  # the event (and webhook) type of a move or an evacuation that succeeded
@@ -177,16 +177,12 @@ def _relocate(instance: Instance, backend: BaseBackend) -> None:
     database; its server moves afterwards. Raises NoCapacity if no other host has room."""
     with transaction.atomic():
         capacity.hold(instance.owner)
-        reserved = capacity.reserved_by_host(backend.alias)
+        # Its own host counted full, so that it goes to the roomiest of the others.
+        reserved = {**capacity.reserved_by_host(backend.alias), instance.host: FULL}
         try:
             host = backend.place(instance.memory_reservation, reserved)
-        except BackendError as exc:  # no node has room (NoRoom), or the manager does not answer
+        except BackendError as exc:  # no other node has room (NoRoom), or the manager does not answer
             raise NoCapacity(str(exc)) from None
-        if host == instance.host:  # a move off a node that still takes instances: the next best one
-            try:
-                host = backend.place(instance.memory_reservation, {**reserved, instance.host: FULL})
-            except BackendError:
-                raise NoCapacity("No other node has room for it.") from None
         ports.take_on(instance, backend, host)
     certificates.ensure(instance)  # one for its new host, if it serves TLS
 

