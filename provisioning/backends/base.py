@@ -83,6 +83,12 @@ class BaseBackend:
     point_in_time = False
     # Whether servers go on one of many hosts, chosen by `place` when an instance is requested.
     places = False
+    # Whether the portal administers servers across a network (`Layout.admin_from`): each serves
+    # TLS for the portal's logins, so each has a certificate, whatever its `tls` option.
+    remote_admin = False
+    # How many ports each instance holds on its host: its own and the ones after it (an engine may
+    # serve the portal's TLS on the next: `Engine.portal_port`).
+    ports_per_instance = 1
 
     def __init__(self, alias: str, **options: Any):
         self.alias = alias

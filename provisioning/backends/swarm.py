@@ -134,6 +134,8 @@ class SwarmBackend(BaseBackend):
     # Nodes and placement ----------------------------------------------------------------
 
     places = True
+    remote_admin = True
+    ports_per_instance = 2
 
     def nodes(self, *, fresh: bool = False) -> list[Node]:
         """Every node of the swarm; a listing up to NODES_SECONDS old unless `fresh`."""
@@ -427,8 +429,9 @@ class SwarmBackend(BaseBackend):
 
     @contextmanager
     def admin(self, instance: "Instance") -> Iterator[Endpoint]:
-        """The server at its node's address, over TLS where it serves TLS: the portal's account."""
-        yield self.login_endpoint(instance)
+        """The server at its node's address, over TLS always (its certificate checked against the
+        portal's CA): the portal's account, which takes TLS logins from the portal's address alone."""
+        yield self.portal_endpoint(instance)
 
     def client_connections(self, instance: "Instance") -> int:
         with self.admin(instance) as admin:
@@ -439,10 +442,16 @@ class SwarmBackend(BaseBackend):
         tls = ca_of(instance) if get_engine(instance.kind).tls(instance) != TLS_OFF else None
         return Endpoint(self._node_for(instance).address, instance.port, tls_ca=tls)
 
+    def portal_endpoint(self, instance: "Instance") -> Endpoint:
+        """Where the portal logs in to the server, over TLS (`Engine.portal_port`)."""
+        node = self._node_for(instance)
+        port = get_engine(instance.kind).portal_port(instance, self.layout(instance, node))
+        return Endpoint(node.address, port, tls_ca=ca_of(instance))
+
     def checked_login_endpoint(self, instance: "Instance") -> Endpoint:
-        # The listener is on another host, whose processes the portal cannot see; a server that
-        # serves TLS proves itself with its certificate.
-        return self.login_endpoint(instance)
+        # The listener is on another host, whose processes the portal cannot see: the server proves
+        # itself with its certificate before the user's password is sent, over the portal's TLS.
+        return self.portal_endpoint(instance)
 
     def holds_port(self, instance: "Instance") -> bool:
         return bool(self._running_tasks(instance))
@@ -564,7 +573,7 @@ class SwarmBackend(BaseBackend):
         layout = self.layout(instance, node)
         mounts = self._server_mounts(instance, node, layout)
         execute = partial(self._beside_job, instance, node, mounts)
-        yield DockerBeside(layout=layout, endpoint=self.login_endpoint(instance), execute=execute)
+        yield DockerBeside(layout=layout, endpoint=self.portal_endpoint(instance), execute=execute)
 
     def restore(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
         node = self._home(instance)

@@ -48,7 +48,8 @@ class Layout:
     config: PurePath | None = None
     # The address the portal administers the server from over TCP, where it cannot reach its Unix
     # socket (a server on another host): the engine gives its administrative account that address
-    # alone, and keeps on its own disk what the portal changes in it (`set_password`'s `write` is None).
+    # alone, over TLS alone (`Engine.portal_port`), and keeps on its own disk what the portal changes
+    # in it (`set_password`'s `write` is None). The server then serves TLS whatever its `tls` option.
     admin_from: str | None = None
 
     @classmethod
@@ -402,10 +403,15 @@ class Engine:
         return self._templates.get_template(template).render(Context(context))
 
     def render_config(self, instance: "Instance", layout: Layout) -> str:
-        """The config file; with `tls` on, `tls` in its context names the files `tls_files` writes."""
+        """The config file. Where the server serves TLS (`serves_tls`), `tls` in its context names
+        the files `tls_files` writes; where the portal logs in across a network, `portal_port` is
+        where it does, over TLS."""
         options = self.with_defaults(instance.options)
-        tls = self.tls_paths(layout) if self.tls(instance) != TLS_OFF else None
-        return self.render(self.config_template, instance=instance, options=options, layout=layout, tls=tls)
+        tls = self.tls_paths(layout) if self.serves_tls(instance, layout) else None
+        portal_port = self.portal_port(instance, layout) if layout.admin_from is not None else None
+        return self.render(
+            self.config_template, instance=instance, options=options, layout=layout, tls=tls, portal_port=portal_port
+        )
 
     # TLS -------------------------------------------------------------------------------
     #
@@ -421,23 +427,36 @@ class Engine:
         """The instance's `tls` mode as its server runs it ("off" for a kind without the option)."""
         return str(instance.options.get("tls", TLS_OFF))
 
+    def serves_tls(self, instance: "Instance", layout: Layout | None = None) -> bool:
+        """Whether the server serves TLS: its `tls` option is on, or the portal administers it
+        across a network (`Layout.admin_from`), where its logins go over TLS alone."""
+        return self.tls(instance) != TLS_OFF or (layout is not None and layout.admin_from is not None)
+
+    def portal_port(self, instance: "Instance", layout: Layout) -> int:
+        """Where the portal logs in over TLS when it administers the server across a network
+        (`Layout.admin_from`): by default the users' port, where the server speaks TLS beside
+        plaintext."""
+        return layout.port
+
     def tls_paths(self, layout: Layout) -> dict[str, PurePath]:
         """Where the server reads its certificate chain, its key and the CA's certificate."""
         folder = layout.config if layout.config is not None else self.tls_container_dir
         return {"cert": folder / TLS_CERT, "key": folder / TLS_KEY, "ca": folder / TLS_CA}
 
-    def tls_files(self, instance: "Instance") -> dict[str, str]:
-        """Name -> content of the TLS files: empty with `tls` off. Raises BackendError if the
-        instance wants TLS and has no certificate (the service issues one before a start)."""
-        if self.tls(instance) == TLS_OFF:
+    def tls_files(self, instance: "Instance", layout: Layout | None = None) -> dict[str, str]:
+        """Name -> content of the TLS files: empty unless the server serves TLS (`serves_tls`).
+        Raises BackendError if it does and the instance has no certificate (the service issues one
+        before a start)."""
+        if not self.serves_tls(instance, layout):
             return dict.fromkeys((TLS_CERT, TLS_KEY, TLS_CA), "")
         if not instance.tls_certificate or not instance.tls_key:
             raise BackendError("The instance has TLS on but no certificate yet.")
         return {TLS_CERT: instance.tls_certificate, TLS_KEY: instance.tls_key, TLS_CA: ca_of(instance)}
 
-    def tls_container_files(self, instance: "Instance") -> dict[str, tuple[PurePosixPath, str]]:
+    def tls_container_files(self, instance: "Instance", layout: Layout) -> dict[str, tuple[PurePosixPath, str]]:
         """`tls_files` as `Container.files` entries."""
-        return {name: (self.tls_container_dir / name, text) for name, text in self.tls_files(instance).items()}
+        files = self.tls_files(instance, layout)
+        return {name: (self.tls_container_dir / name, text) for name, text in files.items()}
 
     def reload_tls(self, instance: "Instance", *, admin: Endpoint) -> bool:
         """Make the running server read its TLS files again (the backend has just written a renewed

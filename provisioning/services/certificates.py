@@ -137,9 +137,10 @@ def issue(instance: Instance, *, now: datetime | None = None) -> None:
 
 
 def wants_tls(instance: Instance) -> bool:
-    """Whether the instance's server serves TLS, or will from its next restart."""
+    """Whether the instance's server serves TLS, or will from its next restart: its `tls` option
+    is on, or its backend administers it across a network (over TLS: `BaseBackend.remote_admin`)."""
     options: dict[str, Any] = {**instance.options, **(instance.pending_options or {})}
-    return bool(options.get("tls", TLS_OFF) != TLS_OFF)
+    return options.get("tls", TLS_OFF) != TLS_OFF or get_backend(instance.backend).remote_admin
 
 
 def needs_certificate(instance: Instance, *, now: datetime) -> bool:

@@ -93,7 +93,10 @@ def _take_free_port(instance: Instance, backend: BaseBackend, take: Callable[[in
     """
     first, last = settings.STOCKROOM_PORT_RANGE
     held = set(Instance.objects.live().filter(host=instance.host).values_list("port", flat=True))
-    for port in range(first, last + 1):
+    # Each instance of a backend that gives it more than one port (`ports_per_instance`) holds the
+    # port it is given and the ones after it: it is given every n-th port of the range only.
+    stride = backend.ports_per_instance
+    for port in range(first, last + 2 - stride, stride):
         if port in held or not backend.port_is_free(port):
             continue
         try:

@@ -94,9 +94,11 @@ def mysql_packet(sequence: int, payload: bytes) -> bytes:
     return struct.pack("<I", len(payload))[:3] + bytes([sequence]) + payload
 
 
-def mysql_greeting() -> bytes:
-    """A MariaDB 10.11 HandshakeV10 packet offering mysql_native_password, as a real server does."""
+def mysql_greeting(*, tls: bool = False) -> bytes:
+    """A MariaDB 10.11 HandshakeV10 packet offering mysql_native_password, as a real server does;
+    `tls`: offering TLS too, as one with a certificate does."""
     capabilities = 0x0001 | 0x0008 | 0x0200 | 0x2000 | 0x8000 | 0x80000  # protocol 4.1, secure conn., plugin auth
+    capabilities |= 0x0800 if tls else 0
     return (
         b"\x0a5.5.5-10.11.6-MariaDB\x00"
         + struct.pack("<I", 7)

@@ -18,12 +18,14 @@ from pathlib import Path
 import pymysql
 import pytest
 import redis
+from django.conf import settings as django_settings
 
 from devtools.swarm import swarm
 from provisioning import services
 from provisioning.backends.base import get_backend
 from provisioning.backends.swarm import SwarmBackend
-from provisioning.engines.redis import NO_RETRY
+from provisioning.engines.mysql import MySQL
+from provisioning.engines.redis import ADMIN_USERNAME, NO_RETRY, Redis
 from provisioning.errors import BackendError
 from provisioning.models import Instance, InstanceEvent
 from provisioning.reconciler import Reconciler
@@ -32,6 +34,7 @@ from provisioning.services import fleet
 from .conftest import wait_for_status
 from .test_export_verify import download, verify
 from .test_lifecycle import act
+from .test_port_squatting import mysql_greeting, mysql_packet
 from .test_reconcile_pass import delete_what_each_test_made  # noqa: F401
 from .test_snapshots import execute, restore, rows, snapshot_of, stored
 from .test_swarm_cluster import IMAGE, IMAGE_SOURCE, can_build  # noqa: F401
@@ -444,7 +447,8 @@ ROOT_LOGIN = """
 import sys, pymysql
 host, port, password = sys.stdin.read().split()
 try:
-    pymysql.connect(host=host, port=int(port), user="root", password=password, connect_timeout=5).close()
+    pymysql.connect(host=host, port=int(port), user="root", password=password, connect_timeout=5,
+                    ssl={"ca": None}).close()  # over TLS (unverified), as if it were the portal
     print("logged in")
 except pymysql.err.OperationalError as exc:
     print("refused", exc.args[0])
@@ -466,10 +470,100 @@ def test_mysql_root_accepts_the_portal_alone_even_with_its_password(api, cluster
     ).stdout.strip()
     assert said == "refused 1045", said  # access denied: no root account for that address
 
+    # From the portal's own address, but without TLS: refused too (REQUIRE SSL).
+    with pytest.raises(pymysql.err.OperationalError) as refused:
+        pymysql.connect(
+            host=config["host"], port=config["port"], user="root", password=instance.admin_password, ssl_disabled=True
+        )
+    assert refused.value.args[0] == 1045, refused.value
+
     with (
         backend.admin(instance) as admin,
-        pymysql.connect(host=admin.host, port=admin.port, user="root", password=instance.admin_password) as db,
+        MySQL.client(admin, user="root", password=instance.admin_password) as db,
         db.cursor() as cursor,
     ):
+        assert admin.tls_ca, "the portal logs in over TLS"
+        cursor.execute("SHOW STATUS LIKE 'Ssl_cipher'")
+        assert cursor.fetchone()[1], "the session is encrypted"
         cursor.execute("SELECT CURRENT_USER()")
         assert cursor.fetchone()[0] == f"root@{cluster.manager.address}"
+
+
+# Listens on $1 at the ports after $3 and plays a server that takes anything: it greets with $2 (hex),
+# answers whatever it hears with "+OK", and prints all it heard (hex) once its standard input ends.
+SQUAT = """
+import socket, sys, threading
+host, greeting, ports = sys.argv[1], bytes.fromhex(sys.argv[2]), [int(port) for port in sys.argv[3:]]
+heard = bytearray()
+def serve(listener):
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except OSError:
+            return
+        with connection:
+            connection.settimeout(2)
+            try:
+                connection.sendall(greeting)
+                while chunk := connection.recv(65536):
+                    heard.extend(chunk)
+                    connection.sendall(b"+OK\\r\\n")
+            except OSError:
+                pass
+listeners = [socket.create_server((host, port)) for port in ports]
+for listener in listeners:
+    threading.Thread(target=serve, args=(listener,), daemon=True).start()
+print("listening", flush=True)
+sys.stdin.read()  # until the test is done
+sys.stdout.write(heard.hex())
+"""
+
+
+@pytest.mark.parametrize("kind", ["redis", "mysql"])
+def test_a_squatter_on_a_stopped_servers_ports_hears_no_password(api, cluster, backend, kind):
+    """The attack: someone with a shell on a node listens on a stopped instance's ports, as if it were
+    its server, and waits for the portal's probes and logins. The portal speaks TLS there and checks
+    the certificate first: the squatter hears a TLS greeting and never a password."""
+    config = create(api, kind)
+    response = api.post(f"/api/storage/{kind}/instances/{config['id']}/stop")
+    assert response.status_code == 202, response.content
+    wait_for_status(api, kind, config["id"], "stopped", timeout=120)
+    instance = Instance.objects.get(pk=config["id"])
+    node = node_of(cluster, config["host"])
+    ports = sorted({config["port"], backend.portal_endpoint(instance).port})
+    # MySQL's server speaks first: a greeting that offers TLS (one that does not is refused at once).
+    greeting = mysql_packet(0, mysql_greeting(tls=True)) if kind == "mysql" else b"+OK\r\n"
+    squatter = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{node.netns}", sys.executable, "-c", SQUAT, config["host"], greeting.hex(),
+         *map(str, ports)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert squatter.stdout.readline().strip() == "listening"
+        with pytest.raises(Exception):  # noqa: B017 - the probe, with the user's password: the handshake fails
+            backend.probe(instance, timeout=3)
+        with pytest.raises(Exception):  # noqa: B017 - the portal's own account: so does this one
+            backend.client_connections(instance)
+        heard = bytes.fromhex(squatter.communicate(input="", timeout=30)[0])
+    finally:
+        if squatter.poll() is None:
+            squatter.kill()
+    assert heard, "the portal did connect to the squatter"
+    for secret in (instance.password, instance.admin_password):
+        assert secret.encode() not in heard
+    assert b"\x16\x03" in heard[:64], "what it heard was a TLS handshake (after MySQL's request for it)"
+
+
+def test_redis_serves_the_portal_tls_alone_on_a_port_of_its_own(api, cluster, backend):
+    """A Redis with `tls` off serves its users plaintext on its port, and the portal TLS alone on the
+    next one, which the portal keeps free: instances get every other port."""
+    config = create(api, "redis")
+    instance = Instance.objects.get(pk=config["id"])
+    portal = backend.portal_endpoint(instance)
+    first = django_settings.STOCKROOM_PORT_RANGE[0]
+    assert (portal.port, (config["port"] - first) % 2) == (config["port"] + 1, 0)
+    with pytest.raises(redis.ConnectionError):  # plaintext there is not answered
+        redis.Redis(host=config["host"], port=portal.port, socket_timeout=3, retry=NO_RETRY).ping()
+    admin = Redis.client(portal, username=ADMIN_USERNAME, password=instance.admin_password, timeout=5)
+    assert admin.ping() and admin.connection_pool.connection_class.__name__ == "SSLConnection"
+    assert redis_of(config).ping(), "the users' port is plaintext, as asked"

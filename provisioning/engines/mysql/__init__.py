@@ -461,7 +461,7 @@ class MySQL(Engine):
     def container(self, instance: "Instance", layout: Layout) -> Container:
         config = (PurePosixPath("/etc/mysql/conf.d/stockroom.cnf"), self.render_config(instance, layout))
         return Container(
-            files={self.config_name: config, **self.tls_container_files(instance)},
+            files={self.config_name: config, **self.tls_container_files(instance, layout)},
             init_dir=INIT_DIR,
             init_files={
                 INIT_FILE: self.accounts_sql(instance, admin_from=layout.admin_from),
@@ -504,12 +504,14 @@ class MySQL(Engine):
         """No account but root@localhost and the user's; the user's database and account, its
         password hashed. In a container, the image sets root's password once these have run. With
         `admin_from` (an address: names are not resolved), root may also log in over TCP from there
-        alone, with the same password: the portal administers a server it has no socket of so."""
+        alone, over TLS alone, with the same password: the portal administers a server it has no
+        socket of so."""
         remote = []
         if admin_from is not None:
             account = f"'{ADMIN_USERNAME}'@'{ipaddress.ip_address(admin_from)}'"
             remote = [
-                f"CREATE USER {account} IDENTIFIED BY PASSWORD '{native_password_hash(instance.admin_password)}';",
+                f"CREATE USER {account} IDENTIFIED BY PASSWORD '{native_password_hash(instance.admin_password)}' "
+                "REQUIRE SSL;",
                 f"GRANT ALL PRIVILEGES ON *.* TO {account} WITH GRANT OPTION;",
             ]
         return "\n".join([*ONLY_PORTAL_ROOT, *also, *remote, *self._user_statements(instance), ""])

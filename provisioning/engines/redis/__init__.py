@@ -355,6 +355,12 @@ class Redis(Engine):
             acl=CONFIG_DIR / ACL_FILE,
         )
 
+    def portal_port(self, instance: "Instance", layout: Layout) -> int:
+        # Redis serves TLS and plaintext on ports apart: with `tls` off, TLS on the next port, for
+        # the portal alone (a backend that administers across a network keeps it free for this:
+        # `BaseBackend.ports_per_instance`).
+        return layout.port if self.tls(instance) != TLS_OFF else layout.port + 1
+
     def container(self, instance: "Instance", layout: Layout) -> Container:
         config, acl = CONFIG_DIR / self.config_name, CONFIG_DIR / ACL_FILE
         command = ["redis-server", str(config)]
@@ -369,7 +375,7 @@ class Redis(Engine):
             files={
                 self.config_name: (config, self.render_config(instance, layout)),
                 ACL_FILE: (acl, self.acl_lines(instance, instance.password)),
-                **self.tls_container_files(instance),
+                **self.tls_container_files(instance, layout),
             },
             command=command,
         )

@@ -387,3 +387,13 @@ def test_a_create_with_no_room_on_any_node_is_a_503_that_says_so(nodes, api):
     assert response.status_code == 503
     assert "No node has room" in response.json()["detail"]
     assert not Instance.objects.exists()
+
+
+def test_a_backend_that_gives_each_instance_two_ports_hands_out_every_other_one(nodes, create, settings, monkeypatch):
+    """The swarm gives each instance its port and the next (Redis serves the portal's TLS there), so
+    no instance may be given a port right after another's."""
+    monkeypatch.setattr(nodes, "ports_per_instance", 2)
+    first_port = settings.STOCKROOM_PORT_RANGE[0]
+    nodes.set_availability("n0small", "pause")  # all on one node
+    ports = [create("redis")["port"] for _ in range(3)]
+    assert ports == [first_port, first_port + 2, first_port + 4]
