@@ -113,6 +113,9 @@ class Instance(models.Model):
     claimed_until = models.DateTimeField(null=True, blank=True)
     # Times work on the instance's current busy status was taken over from a worker that died.
     recoveries = models.PositiveSmallIntegerField(default=0)
+    # [host, port] a move to another host started from, until it is done: where the recovery of a
+    # dead worker's move puts the server back (services/moves.py).
+    move_source = models.JSONField(null=True, blank=True, help_text="Being moved from: [host, port].")
     # The snapshot a restore (or a clone's create) puts in, until it is done: what the recovery of a
     # dead worker's restore puts in again.
     restore_from = models.ForeignKey(

@@ -406,6 +406,12 @@ class BaseBackend:
         the seconds its writes were refused. If it fails, the old server runs on as it was."""
         raise BackendError(f"The {self.alias} backend has one host: there is nowhere to move to.")
 
+    def end_move(self, instance: "Instance", source: tuple[str, int], *, moved: bool) -> None:
+        """For a backend that `places`, after a `move` cut short (its worker died): `moved` (the
+        server at `instance.host` and `instance.port` answers), what is left at `source` goes; else
+        what the move made goes, and the server at `source` runs again with its data."""
+        raise BackendError(f"The {self.alias} backend has one host: it moves nothing.")
+
     def rebuild(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
         """For a backend that `places`: make the server again on `instance.host` and `instance.port`
         from `snapshot`, its old host out of reach."""

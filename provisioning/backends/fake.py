@@ -348,7 +348,7 @@ class FakeFleetBackend(FakeBackend):
     by free memory among the usable ones; a node that is not ready makes its instances unreachable.
     Fail `nodes` to play a manager that does not answer."""
 
-    OPERATIONS = (*FakeBackend.OPERATIONS, "nodes", "set_availability", "move", "rebuild")
+    OPERATIONS = (*FakeBackend.OPERATIONS, "nodes", "set_availability", "move", "end_move", "rebuild")
     places = True
 
     def reset(self) -> None:
@@ -422,6 +422,18 @@ class FakeFleetBackend(FakeBackend):
             server.data = json.loads(spool.read())
             server.port = instance.port
         return 0.25
+
+    def probe(self, instance: "Instance", timeout: float = 2.0) -> None:
+        super().probe(instance, timeout)
+        if self.servers[instance.pk].port != instance.port:  # a move's new port, before it moved
+            raise NotAnswering(f"Nothing answers on port {instance.port}.")
+
+    def end_move(self, instance: "Instance", source: tuple[str, int], *, moved: bool) -> None:
+        """The server where the move left it (`moved`), else back at `source`'s port, running."""
+        self._enter("end_move", instance.pk)
+        server = self._server(instance)
+        with self.lock:
+            server.port, server.running = (instance.port if moved else source[1]), True
 
     def rebuild(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
         """The server made again from `snapshot` on the instance's new host and port."""

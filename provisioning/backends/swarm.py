@@ -691,11 +691,23 @@ class SwarmBackend(BaseBackend):
         own folder (never removed before the new server answered)."""
         service = self._service(old)
         if service is not None and self._pinned_to(service) == new_node.id:
-            self._remove_service(service)
+            self._remove_service(service)  # its folder too
             service = None
-        elif service is None:
+        else:  # made before the old server stopped (see move)
             self._remove_folder(old, new_node, what="remove the failed move's folder")
         self._restart_old(old, old_node, service)
+
+    def end_move(self, instance: "Instance", source: tuple[str, int], *, moved: bool) -> None:
+        """After a move cut short by its worker's death: `moved` (its new server answers), the old
+        folder goes; else the new service and folder go, and the server at `source` runs again from
+        its own folder, which a move removes only once the new server answered."""
+        old = copy.copy(instance)
+        old.host, old.port = source
+        old_node = self._placed(old)
+        if moved:
+            self._remove_folder(instance, old_node, what="remove the instance's old folder")
+        else:
+            self._back_home(old, old_node, self._placed(instance))
 
     def _restart_old(self, old: "Instance", node: Node, service: Any = None) -> None:
         """The old server running on `node` from its own folder: its service started again, or made

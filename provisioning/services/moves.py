@@ -121,7 +121,7 @@ def _move(instance: Instance, backend: BaseBackend) -> None:
     assert instance.port is not None, "a running instance holds a port"
     source = (instance.host, instance.port)
     try:
-        _relocate(instance, backend)
+        _relocate(instance, backend, record=True)
     except (NoCapacity, BackendError) as exc:
         transition(instance, Status.RUNNING, f"Not moved: {exc}", side=Side.WORKER, allowed_from=(Status.MOVING,))
         return
@@ -172,9 +172,39 @@ def _evacuate(instance: Instance, backend: BaseBackend) -> None:
     _done(instance, said, {})
 
 
-def _relocate(instance: Instance, backend: BaseBackend) -> None:
+def recover(instance: Instance, backend: BaseBackend, note: str) -> bool:
+    """After the worker moving `instance` stopped (`note` says so): the move finished if its new
+    server answers, which may have taken writes since; else undone, the server back where it was with
+    its data (a move removes its old folder only once the new server answered). False, and nothing
+    done, if there is nothing to go by: the worker stopped before the move began, or it was an
+    evacuation (whose old server is out of reach)."""
+    if not instance.move_source:
+        return False
+    source = (instance.move_source[0], int(instance.move_source[1]))
+    moved = backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT) is None
+    try:
+        backend.end_move(instance, source, moved=moved)
+    except BackendError as exc:
+        message = describe(f"{note} during a move, which could not be ended", instance, exc)
+        transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(Status.MOVING,))
+        return True
+    if moved:
+        said = (
+            f"{note}, but the move had finished: moved from {source[0]}:{source[1]} to {instance.host}:"
+            f"{instance.port}, with its data."
+        )
+        _done(instance, said, {})
+    elif _put_back(instance, source):
+        message = f"{note} during a move; it runs where it was again, with its data."
+        transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(Status.MOVING,))
+    return True
+
+
+def _relocate(instance: Instance, backend: BaseBackend, *, record: bool = False) -> None:
     """Give the instance the host with the most room (not its own) and a free port there, in the
-    database; its server moves afterwards. Raises NoCapacity if no other host has room."""
+    database; its server moves afterwards. `record`: its old host and port as `move_source` too,
+    in the same transaction (what `recover` puts back). Raises NoCapacity if no other host has room."""
+    source = [instance.host, instance.port]
     with transaction.atomic():
         capacity.hold(instance.owner)
         # Its own host counted full, so that it goes to the roomiest of the others.
@@ -184,6 +214,9 @@ def _relocate(instance: Instance, backend: BaseBackend) -> None:
         except BackendError as exc:  # no other node has room (NoRoom), or the manager does not answer
             raise NoCapacity(str(exc)) from None
         ports.take_on(instance, backend, host)
+        if record:
+            Instance.objects.filter(pk=instance.pk).update(move_source=source)
+            instance.move_source = source
     certificates.ensure(instance)  # one for its new host, if it serves TLS
 
 
@@ -192,13 +225,16 @@ def _put_back(instance: Instance, source: tuple[str, int | None]) -> bool:
     instance unhealthy, saying so) if another instance took that port meanwhile."""
     try:
         with transaction.atomic():
-            Instance.objects.filter(pk=instance.pk).update(host=source[0], port=source[1])
+            Instance.objects.filter(pk=instance.pk).update(host=source[0], port=source[1], move_source=None)
     except IntegrityError:
         message = (
             f"The move failed, and port {source[1]} on {source[0]} was taken meanwhile; "
             "its server there cannot be reached. Restart it to move it to a free port."
         )
-        transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(Status.MOVING,))
+        transition(
+            instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(Status.MOVING,),
+            also={"move_source": None},
+        )  # fmt: skip
         return False
     instance.host, instance.port = source
     certificates.ensure(instance)
@@ -213,7 +249,7 @@ def _done(instance: Instance, said: str, timings: dict[str, float]) -> None:
             said,
             side=Side.WORKER,
             allowed_from=(Status.MOVING,),
-            also={"timings": {**(instance.timings or {}), **timings}},
+            also={"timings": {**(instance.timings or {}), **timings}, "move_source": None},
         )
         if moved:
             record_event(instance, Status.RUNNING, Status.RUNNING, said, type=MOVED)

@@ -15,7 +15,7 @@ from django.utils import timezone
 from .. import crypto
 from ..backends.base import BackendError, BaseBackend, ServerExited
 from ..models import BUSY_STATUSES, Instance, Status
-from . import certificates, changes, healing, imports, jobs, logs, ports, snapshots, versions
+from . import certificates, changes, healing, imports, jobs, logs, moves, ports, snapshots, versions
 from .actions import ACTION_OF, ACTIONS
 from .claims import Busy, work_on
 from .outcomes import describe, stop_quietly, with_note
@@ -245,8 +245,9 @@ def _recover(instance: Instance, backend: BaseBackend) -> None:
         snapshots.restore_now(instance, backend)
     elif busy == Status.IMPORTING:  # undone: the before-import snapshot put back, if it was taken
         imports.recover(instance, backend)
-    elif busy == Status.MOVING:  # its server may be on either host, or neither: the reconciler finds out
-        _give_up_recovering(instance, backend, f"{note} during a move")
+    elif busy == Status.MOVING:  # finished, or put back where it was; else the reconciler finds out
+        if not moves.recover(instance, backend, note):
+            _give_up_recovering(instance, backend, f"{note} during a move")
     elif answers:
         version, upgraded = versions.after_start(instance, backend, data=versions.Data.KEPT)
         message = with_note(f"{note}; the server answers, so it is running.", upgraded)

@@ -364,6 +364,59 @@ def test_a_move_that_fails_on_the_new_node_leaves_the_server_where_it_was_with_i
     assert all(backend._pinned_to(service) == source.node_id for service in backend._services({}))
 
 
+class WorkerDied(BaseException):
+    """What a SIGKILL does to a move: nothing after it runs, not even its own clean-up."""
+
+
+@pytest.mark.parametrize("dies_after", ["_fill", "_start_restored"])
+def test_a_move_whose_worker_died_is_put_back_or_finished_by_its_recovery(
+    api, cluster, backend, monkeypatch, dies_after
+):
+    """The worker dies with the old server gone and the data in the new folder (`_fill`): the
+    recovery puts the server back where it was, with its data. It dies once the new server answers
+    (`_start_restored`): the recovery finishes the move, keeping what the new server took since."""
+    config = create(api, "redis", appendfsync="always")
+    source = node_of(cluster, config["host"])
+    target = next(worker for worker in cluster.workers if worker.node_id != source.node_id)
+    redis_of(config).set("before", "1")
+    step = getattr(SwarmBackend, dies_after)
+
+    def then_die(self, *args, **kwargs):
+        step(self, *args, **kwargs)
+        raise WorkerDied
+
+    monkeypatch.setattr(SwarmBackend, dies_after, then_die)
+    try:
+        with pytest.raises(WorkerDied):
+            fleet.act("swarm", source.node_id, "drain", by="an operator")
+    finally:
+        backend.set_availability(source.node_id, "active")
+    monkeypatch.undo()
+    left = Instance.objects.get(pk=config["id"])
+    assert left.status == "moving" and left.host == target.address
+    if dies_after == "_start_restored":
+        redis_of(api.get(f"/api/storage/redis/instances/{config['id']}/config").json()).set("after", "2")
+
+    services.recover(config["id"])
+
+    body = api.get(f"/api/storage/redis/instances/{config['id']}").json()
+    assert body["status"] == "running", body["status_message"]
+    now = api.get(f"/api/storage/redis/instances/{config['id']}/config").json()
+    if dies_after == "_fill":
+        assert (now["host"], now["port"]) == (config["host"], config["port"])
+        assert "runs where it was again, with its data" in body["status_message"]
+        gone = target
+    else:
+        assert now["host"] == target.address
+        assert "the move had finished" in body["status_message"]
+        assert redis_of(now).get("after") == b"2"
+        gone = source
+    assert redis_of(now).get("before") == b"1"
+    redis_of(now).set("writable", "yes")
+    assert not folder(cluster, "redis", config["id"], gone.address).exists(), "nothing left where it is not"
+    assert Instance.objects.get(pk=config["id"]).move_source is None
+
+
 def test_an_unreachable_instance_is_evacuated_from_its_last_snapshot(api, cluster, backend):
     config = create(api, "redis")
     cut = node_of(cluster, config["host"])

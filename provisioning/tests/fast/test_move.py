@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 from rest_framework.test import APIClient
 
+from provisioning import services
 from provisioning.models import Instance, Status
 
 from ..conftest import client_for
@@ -161,3 +162,74 @@ def test_the_schema_has_the_move_endpoint(client):
     move = paths["/api/storage/{kind}/instances/{id}/move/"]["post"]
     assert set(move["responses"]) == {"202", "403", "404", "409"}
     assert "Staff who may change instances only" in move["description"]
+
+
+# A worker that dies mid-move ----------------------------------------------------------------------
+
+
+class WorkerDied(BaseException):
+    """What a SIGKILL does to the move: nothing after it runs, not even its own clean-up."""
+
+
+def die_moving(nodes, create, committed, carl, *, after_move: bool):
+    """A running instance with data, and a move whose worker dies: before the server moved, or just
+    after it did (its new server answering). The instance as the dead worker left it."""
+    first = create("redis")
+    nodes.servers[first["id"]].data["key"] = "value"
+    if after_move:
+        move = type(nodes).move
+
+        def moved_then_died(self, instance, source, spool):
+            move(self, instance, source, spool)
+            raise WorkerDied
+
+        nodes.move = moved_then_died.__get__(nodes)
+    else:
+        nodes.fail_next("move", WorkerDied())
+    with pytest.raises(WorkerDied), committed():
+        move_in_admin(web(carl), first)
+    left = Instance.objects.get(pk=first["id"])
+    assert left.status == Status.MOVING and left.move_source == [first["host"], first["port"]]
+    return first, left
+
+
+def test_a_move_whose_worker_died_before_the_server_moved_is_put_back_with_its_data(nodes, create, committed, carl):
+    first, left = die_moving(nodes, create, committed, carl, after_move=False)
+    assert left.host != first["host"]
+
+    services.recover(first["id"])
+
+    instance = Instance.objects.get(pk=first["id"])
+    assert (instance.status, instance.host, instance.port) == (Status.RUNNING, first["host"], first["port"])
+    assert instance.status_message == (
+        "The worker handling it stopped during a move; it runs where it was again, with its data."
+    )
+    assert instance.move_source is None
+    assert nodes.servers[first["id"]].data == {"key": "value"}
+    assert nodes.servers[first["id"]].port == first["port"]
+    assert nodes.called("end_move") == [first["id"]]
+
+
+def test_a_move_whose_worker_died_after_the_server_moved_is_finished_where_it_went(nodes, create, committed, carl):
+    first, left = die_moving(nodes, create, committed, carl, after_move=True)
+
+    services.recover(first["id"])
+
+    instance = Instance.objects.get(pk=first["id"])
+    assert (instance.status, instance.host, instance.port) == (Status.RUNNING, left.host, left.port)
+    assert instance.status_message.startswith("The worker handling it stopped, but the move had finished: moved from ")
+    assert instance.move_source is None
+    assert instance.events.filter(type="instance.moved").count() == 1
+    assert nodes.servers[first["id"]].data == {"key": "value"}
+
+
+def test_a_move_whose_worker_died_before_it_began_is_left_to_the_reconciler(nodes, create, committed, carl):
+    first = create("redis")
+    Instance.objects.filter(pk=first["id"]).update(status=Status.MOVING)  # asked, not begun
+
+    services.recover(first["id"])
+
+    instance = Instance.objects.get(pk=first["id"])
+    assert (instance.status, instance.host) == (Status.UNHEALTHY, first["host"])
+    assert instance.status_message == "The worker handling it stopped during a move; the move was given up."
+    assert nodes.called("end_move") == []
