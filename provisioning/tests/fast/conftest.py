@@ -122,3 +122,9 @@ def web(user) -> Client:
     client = Client()
     client.force_login(user)
     return client
+
+
+def admin_action(client: Client, action: str, *instances: dict):
+    """The admin's instance list, with `action` run on `instances` (as the API shows them)."""
+    selected = [instance["id"] for instance in instances]
+    return client.post("/admin/provisioning/instance/", {"action": action, "_selected_action": selected}, follow=True)

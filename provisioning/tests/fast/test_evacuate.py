@@ -8,7 +8,7 @@ import pytest
 
 from provisioning.models import Instance, Snapshot, Status
 
-from .conftest import reconcile, web
+from .conftest import admin_action, reconcile, web
 
 pytestmark = pytest.mark.django_db
 
@@ -125,11 +125,7 @@ def test_the_page_evacuates_only_by_post(running, nodes, alice):
 
 
 def evacuate_in_admin(client, *instances: dict):
-    return client.post(
-        INSTANCES,
-        {"action": "evacuate_instances", "_selected_action": [instance["id"] for instance in instances]},
-        follow=True,
-    )
+    return admin_action(client, "evacuate_instances", *instances)
 
 
 def test_the_admin_evacuates_the_unreachable_ones_and_says_what_happened_to_each(

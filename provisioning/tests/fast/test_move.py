@@ -14,7 +14,7 @@ from provisioning import services
 from provisioning.models import Instance, Status
 
 from ..conftest import client_for
-from .conftest import GiB, web
+from .conftest import GiB, admin_action, web
 
 pytestmark = pytest.mark.django_db
 
@@ -22,11 +22,7 @@ INSTANCES = "/admin/provisioning/instance/"
 
 
 def move_in_admin(client, *instances: dict):
-    return client.post(
-        INSTANCES,
-        {"action": "move_instances", "_selected_action": [instance["id"] for instance in instances]},
-        follow=True,
-    )
+    return admin_action(client, "move_instances", *instances)
 
 
 # The admin -------------------------------------------------------------------------------------
