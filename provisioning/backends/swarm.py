@@ -134,6 +134,7 @@ class SwarmBackend(BaseBackend):
     # Nodes and placement ----------------------------------------------------------------
 
     places = True
+    point_in_time = True  # the engine's archiving and replay run in jobs beside the server
     remote_admin = True
     ports_per_instance = 2
 

@@ -34,6 +34,8 @@ from provisioning.services import fleet
 from .conftest import wait_for_status
 from .test_export_verify import download, verify
 from .test_lifecycle import act
+from .test_point_in_time import KINDS as PITR_KINDS
+from .test_point_in_time import Writes, restore_to
 from .test_port_squatting import mysql_greeting, mysql_packet
 from .test_reconcile_pass import delete_what_each_test_made  # noqa: F401
 from .test_snapshots import execute, restore, rows, snapshot_of, stored
@@ -620,3 +622,20 @@ def test_redis_serves_the_portal_tls_alone_on_a_port_of_its_own(api, cluster, ba
     admin = Redis.client(portal, username=ADMIN_USERNAME, password=instance.admin_password, timeout=5)
     assert admin.ping() and admin.connection_pool.connection_class.__name__ == "SSLConnection"
     assert redis_of(config).ping(), "the users' port is plaintext, as asked"
+
+
+@pytest.mark.parametrize("kind", ["redis", "mysql"])
+def test_a_restore_to_a_time_has_exactly_the_writes_before_it(api, cluster, backend, kind):
+    """Point-in-time recovery on the swarm: the logs archived from the node by jobs, and replayed there."""
+    writer, read, prepare = PITR_KINDS[kind]
+    config = create(api, kind)
+    prepare(config)
+    snapshot_of(api, kind, config["id"])
+    time.sleep(1)  # the window begins with the whole second after the base was finished
+    writes = Writes(writer(config))
+    writes.run(list(range(1, 7)), archive_after=(2, 4), pk=config["id"])
+
+    done = restore_to(api, kind, config["id"], writes.second_after(3))
+
+    assert read(config) == [1, 2, 3]
+    assert done["status_message"].startswith("Restored to ")
