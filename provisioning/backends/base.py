@@ -137,7 +137,8 @@ class BaseBackend:
     def upgrade(self, instance: "Instance") -> str:
         """Bring the running instance's data up to its server's version (`Engine.upgrade`, run beside
         it); a sentence saying what was done, "" if nothing was. Raise BackendError if it failed."""
-        raise NotImplementedError("Backends must run an engine's upgrade.")
+        with self._beside(instance) as beside:
+            return get_engine(instance.kind).upgrade(instance, beside)
 
     def reload_tls(self, instance: "Instance") -> bool:
         """Write the instance's TLS files again (a renewed certificate) and make its running server
@@ -216,9 +217,9 @@ class BaseBackend:
             get_engine(instance.kind).archive_logs(instance, beside, archive)
 
     def _beside(self, instance: "Instance") -> AbstractContextManager[Beside]:
-        """Where the engine's programs run beside the running server (its snapshots and log
-        archiving), while the block runs."""
-        raise BackendError(f"The {self.alias} backend cannot take snapshots or archive logs.")
+        """Where the engine's programs run beside the running server (its snapshots, log archiving
+        and upgrades), while the block runs."""
+        raise BackendError(f"The {self.alias} backend cannot run programs beside its servers.")
 
     def restore(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
         """Stop the server, replace its data with `snapshot` and, with `replay`, the logged writes

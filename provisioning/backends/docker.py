@@ -503,10 +503,6 @@ class DockerBackend(BaseBackend):
             _image_versions[image_id] = engine.program_version(bytes(output).decode(errors="replace"))
         return _image_versions[image_id]
 
-    def upgrade(self, instance: "Instance") -> str:
-        with self._beside(instance) as beside:
-            return get_engine(instance.kind).upgrade(instance, beside)
-
     def memory(self, instance: "Instance") -> tuple[int | None, int | None]:
         container = self._running(instance)
         stats = self._docker("read the container's memory", container.stats, stream=False).get("memory_stats", {})

@@ -247,10 +247,6 @@ class LocalBackend(BaseBackend):
             _program_versions[key] = engine.program_version(result.stdout)
         return _program_versions[key]
 
-    def upgrade(self, instance: "Instance") -> str:
-        with self._beside(instance) as beside:
-            return get_engine(instance.kind).upgrade(instance, beside)
-
     def client_connections(self, instance: "Instance") -> int:
         with self.admin(instance) as admin:
             return get_engine(instance.kind).client_connections(instance, admin=admin)

@@ -425,9 +425,6 @@ class SwarmBackend(BaseBackend):
             self._versions[image] = (time.monotonic(), version)
         return version
 
-    def upgrade(self, instance: "Instance") -> str:
-        raise BackendError("The swarm backend cannot yet bring a server's data up to a new version.")
-
     @contextmanager
     def admin(self, instance: "Instance") -> Iterator[Endpoint]:
         """The server at its node's address, over TLS always (its certificate checked against the

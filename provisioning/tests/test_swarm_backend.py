@@ -40,6 +40,7 @@ from .test_port_squatting import mysql_greeting, mysql_packet
 from .test_reconcile_pass import delete_what_each_test_made  # noqa: F401
 from .test_snapshots import execute, restore, rows, snapshot_of, stored
 from .test_swarm_cluster import IMAGE, IMAGE_SOURCE, can_build  # noqa: F401
+from .test_versions import OLD, flagged, upgrades
 
 pytestmark = pytest.mark.django_db(transaction=True)
 PORTAL_ID = "swarm-tests"
@@ -639,3 +640,24 @@ def test_a_restore_to_a_time_has_exactly_the_writes_before_it(api, cluster, back
 
     assert read(config) == [1, 2, 3]
     assert done["status_message"].startswith("Restored to ")
+
+
+def test_a_mysql_server_on_old_binaries_is_flagged_and_a_restart_upgrades_its_data(api, cluster, backend):
+    """As on one host (test_versions.py): the instance's data last upgraded by an older major
+    version; a restart runs mariadb-upgrade in a job beside the server, and the rows stay."""
+    config = create(api, "mysql")
+    execute(config, "CREATE TABLE t (id INT PRIMARY KEY, note TEXT)", "INSERT INTO t VALUES (1, 'kept')")
+    current = Instance.objects.get(pk=config["id"]).server_version
+    Instance.objects.filter(pk=config["id"]).update(server_version=OLD)
+    mark = folder(cluster, "mysql", config["id"], config["host"]) / "data" / "mysql_upgrade_info"
+    mark.write_text("10.6.16-MariaDB")
+    assert flagged(api, "mysql", config["id"]) is True
+
+    after = act(api, "mysql", config["id"], "restart", "running", "unhealthy")
+
+    assert after["status"] == "running", after["status_message"]
+    assert after["server_version"] == current and after["upgrade_available"] is False
+    assert mark.read_text().strip("\0\n") == current.split("-")[0] + "-MariaDB", "mariadb-upgrade ran to the end"
+    [event] = upgrades(config["id"])
+    assert event.startswith(f"Upgraded from {OLD} to {current}: mariadb-upgrade")
+    assert rows(config) == [[1, "kept"]]
