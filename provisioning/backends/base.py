@@ -83,6 +83,9 @@ class BaseBackend:
     point_in_time = False
     # Whether servers go on one of many hosts, chosen by `place` when an instance is requested.
     places = False
+    # Whether `set_memory_limit` changes a running server's limit. Where it cannot, the options that
+    # change the limit wait for the server's restart (services/changes.py).
+    changes_memory_live = True
     # Whether the portal administers servers across a network (`Layout.admin_from`): each serves
     # TLS for the portal's logins, so each has a certificate, whatever its `tls` option.
     remote_admin = False

@@ -136,6 +136,7 @@ class SwarmBackend(BaseBackend):
     places = True
     point_in_time = True  # the engine's archiving and replay run in jobs beside the server
     remote_admin = True
+    changes_memory_live = False  # Swarm replaces a task whose resources change: a restart
     ports_per_instance = 2
 
     def nodes(self, *, fresh: bool = False) -> list[Node]:

@@ -95,7 +95,16 @@ def _change(instance: Instance, options: dict[str, Any], name: str | None, *, by
     if changed and instance.status not in CHANGEABLE:
         raise WrongStatus(instance, "change the options of")
 
+    backend = get_backend(instance.backend)
     live = by_mode[LIVE]
+    if not backend.changes_memory_live:
+        # Its server's memory limit cannot change while it runs (the swarm's): the options that
+        # would grow or shrink the server wait for its restart, as a restart option does.
+        sizing = {name: value for name, value in live.items() if _sizes(engine, running, {name: value}, instance)}
+        if _sizes(engine, running, {key: value for key, value in live.items() if key not in sizing}, instance):
+            sizing = live
+        by_mode[RESTART] = {**by_mode[RESTART], **sizing}
+        live = {name: value for name, value in live.items() if name not in sizing}
     if instance.status == Status.STOPPED:  # its next start renders every option: nothing waits
         after, pending = {**running, **live, **by_mode[RESTART]}, {}
     else:
@@ -106,7 +115,6 @@ def _change(instance: Instance, options: dict[str, Any], name: str | None, *, by
     to_server = {option: value for option, value in live.items() if option in engine.live_settings}
     new_limit = limit if limit != instance.memory_limit else None
     on_server = instance.status == Status.RUNNING and bool(to_server or new_limit)
-    backend = get_backend(instance.backend)
     undo = {option: running[option] for option in to_server}
 
     if reservation > instance.memory_reservation and instance.status in RESERVING_STATUSES:
@@ -129,6 +137,11 @@ def _change(instance: Instance, options: dict[str, Any], name: str | None, *, by
         raise
     if on_server:
         backend.keep_config(instance)  # what the server would read should it restart by itself
+
+
+def _sizes(engine: Engine, running: dict[str, Any], options: dict[str, Any], instance: Instance) -> bool:
+    """Whether `options` on top of `running` change the instance's memory limit."""
+    return bool(options) and engine.memory_limit({**running, **options}) != instance.memory_limit
 
 
 def apply_pending(instance: Instance) -> None:

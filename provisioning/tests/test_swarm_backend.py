@@ -661,3 +661,24 @@ def test_a_mysql_server_on_old_binaries_is_flagged_and_a_restart_upgrades_its_da
     [event] = upgrades(config["id"])
     assert event.startswith(f"Upgraded from {OLD} to {current}: mariadb-upgrade")
     assert rows(config) == [[1, "kept"]]
+
+
+def test_a_change_of_size_waits_for_the_restart_which_takes_the_new_limit(api, cluster, backend):
+    """Swarm cannot change a running task's memory limit: a Redis grown past it (maxmemory) would be
+    killed by the kernel. The growth waits for the restart, which runs the server with both."""
+    config = create(api, "redis")
+    before = Instance.objects.get(pk=config["id"])
+    client = redis_of(config)
+    response = api.patch(f"/api/storage/redis/instances/{config['id']}", {"maxmemory": "128mb"}, format="json")
+    assert response.status_code == 202, response.content
+    assert response.json()["pending_options"] == {"maxmemory": 128 * 2**20}
+    assert client.config_get("maxmemory") == {"maxmemory": str(before.options["maxmemory"])}
+
+    after = act(api, "redis", config["id"], "restart", "running", "unhealthy")
+
+    assert after["status"] == "running", after["status_message"]
+    instance = Instance.objects.get(pk=config["id"])
+    assert instance.memory_limit > before.memory_limit
+    spec = backend._service(instance).attrs["Spec"]["TaskTemplate"]["Resources"]
+    assert spec["Limits"]["MemoryBytes"] == instance.memory_limit
+    assert redis_of(config).config_get("maxmemory") == {"maxmemory": str(128 * 2**20)}

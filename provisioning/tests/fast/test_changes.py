@@ -29,6 +29,24 @@ def test_live_options_reach_the_server_and_restart_ones_wait(api, create, fake):
     assert body["memory_reservation"] == 128 * MiB + 16 * MiB
 
 
+def test_where_a_limit_cannot_change_live_what_changes_it_waits_for_the_restart(api, create, act, fake, monkeypatch):
+    """On the swarm a running server's memory limit stays until its restart: an option that would
+    grow the server past it (maxmemory) waits too, while one that does not (timeout) applies now."""
+    monkeypatch.setattr(type(fake), "changes_memory_live", False)
+    instance = create("redis")
+
+    body = patch(api, instance["id"], {"maxmemory": "128mb"}).json()
+    assert body["pending_options"] == {"maxmemory": 128 * MiB}
+    assert fake.server(instance["id"]).options["maxmemory"] == 64 * MiB, "the server is not grown past its limit"
+    assert body["memory_limit"] == instance["memory_limit"]
+    body = patch(api, instance["id"], {"timeout": 300}).json()
+    assert body["options"]["timeout"] == 300 and fake.server(instance["id"]).options["timeout"] == 300
+
+    after = act(instance, "restart")
+    assert after["pending_options"] == {} and after["options"]["maxmemory"] == 128 * MiB
+    assert after["memory_limit"] > instance["memory_limit"]
+
+
 def test_a_restart_takes_the_pending_options(api, create, act, fake):
     instance = create("redis")
     patch(api, instance["id"], {"databases": 32})
