@@ -73,6 +73,7 @@ NODE_GONE = "its node {node} is not ready in the swarm ({state})"
 HELPER_DISK = PurePosixPath("/stockroom/disk")  # where a restore's job has the instance's folder
 SCRATCH = PurePosixPath("/scratch")  # where a throwaway server's job has its folder
 SCRATCH_MEMORY = 512 * 2**20  # a throwaway server's memory limit
+JOB_PIDS = 256  # a job's processes and threads (a replay's or a throwaway's server among them)
 NOBODY = 65534  # the uid and gid of a job that needs no file of its node (it reads a version)
 TOKEN_FILE = PurePosixPath("/run/secrets/stockroom-token")  # a job's one-time token, in its memory
 SECRET_FILE = PurePosixPath("/run/secrets/stockroom-options")  # a job's `{secret}`, in its memory
@@ -324,7 +325,9 @@ class SwarmBackend(BaseBackend):
             "user": f"{uid}:{uid}",
             "cap_drop": ["ALL"],
             "read_only": True,
-            "resources": Resources(mem_limit=memory, mem_reservation=instance.memory_reservation or memory),
+            "resources": _limited(
+                Resources(mem_limit=memory, mem_reservation=instance.memory_reservation or memory), engine.pids_limit
+            ),
             "restart_policy": RestartPolicy(condition="any", delay=10**9, max_attempts=0),
             "stop_grace_period": STOP_GRACE_NS,
         }
@@ -843,7 +846,7 @@ class SwarmBackend(BaseBackend):
                 cap_drop=["ALL"],
                 read_only=True,
                 networks=["host"],
-                resources=Resources(mem_limit=memory),
+                resources=_limited(Resources(mem_limit=memory), JOB_PIDS),
                 restart_policy=RestartPolicy(condition="none"),
             )
             try:
@@ -1119,6 +1122,13 @@ class SwarmBackend(BaseBackend):
             text = ""
         said = f"Swarm says: {err}. " if err else ""
         return f"{said}Server log: {' | '.join(text.splitlines())}" if text else f"{said}The server log is empty."
+
+
+def _limited(resources: Any, pids: int) -> Any:
+    """`resources` (the SDK's) with a limit on the task's processes too: Docker's API has had it
+    since 1.41 (Docker 20.10), which the SDK does not know yet."""
+    resources.setdefault("Limits", {})["Pids"] = pids
+    return resources
 
 
 def _updated(task: dict[str, Any]) -> tuple[str, str]:

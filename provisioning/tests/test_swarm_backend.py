@@ -24,6 +24,7 @@ from devtools.swarm import swarm
 from provisioning import services
 from provisioning.backends.base import get_backend
 from provisioning.backends.swarm import SwarmBackend
+from provisioning.engines import get_engine
 from provisioning.engines.mysql import MySQL
 from provisioning.engines.redis import ADMIN_USERNAME, NO_RETRY, Redis
 from provisioning.errors import BackendError
@@ -461,6 +462,9 @@ def test_a_server_runs_confined_and_comes_back_with_its_data_when_killed(api, cl
     assert container.attrs["HostConfig"]["ReadonlyRootfs"] is True
     cgroup = Path("/sys/fs/cgroup/memory") / worker.cgroup_parent.strip("/") / container.id
     assert int((cgroup / "memory.limit_in_bytes").read_text()) == instance.memory_limit
+    # And to its number of processes and threads (Swarm's Limits.Pids).
+    pids = Path("/sys/fs/cgroup/pids") / worker.cgroup_parent.strip("/") / container.id / "pids.max"
+    assert int(pids.read_text()) == get_engine("redis").pids_limit == container.attrs["HostConfig"]["PidsLimit"]
     # The tenant tries to point the server at another folder, and to read its config: refused.
     with pytest.raises(redis.ResponseError):
         client.config_set("dir", "/tmp")
