@@ -328,7 +328,10 @@ class SwarmBackend(BaseBackend):
             "resources": _limited(
                 Resources(mem_limit=memory, mem_reservation=instance.memory_reservation or memory), engine.pids_limit
             ),
-            "restart_policy": RestartPolicy(condition="any", delay=10**9, max_attempts=0),
+            # Not started again by Swarm, which would start it with the files of its last start by
+            # the portal and lose the live changes since (its secrets cannot change): a server that
+            # stopped is healed by the reconciler, which starts it with its options as they are.
+            "restart_policy": RestartPolicy(condition="none"),
             "stop_grace_period": STOP_GRACE_NS,
         }
 

@@ -449,6 +449,9 @@ def test_a_server_runs_confined_and_comes_back_with_its_data_when_killed(api, cl
     config = create(api, "redis")
     client = redis_of(config)
     client.set("kept", "1")
+    response = api.patch(f"/api/storage/redis/instances/{config['id']}", {"timeout": 300}, format="json")
+    assert response.status_code == 202 and response.json()["pending_options"] == {}, response.content
+    assert client.config_get("timeout") == {"timeout": "300"}  # live: on the server only, not in its secrets
     time.sleep(1.5)  # appendfsync everysec: on its disk
     instance = Instance.objects.get(pk=config["id"])
     worker = node_of(cluster, config["host"])
@@ -475,7 +478,7 @@ def test_a_server_runs_confined_and_comes_back_with_its_data_when_killed(api, cl
     assert server > 0, container.attrs["State"]  # os.kill(0) would kill this test's process group
     os.kill(server, signal.SIGKILL)
     deadline = time.monotonic() + 120
-    while True:  # Swarm starts it again, or the reconciler's heal does
+    while True:  # the reconciler's heal starts it again (Swarm does not: see the service's restart policy)
         Reconciler().run_once()
         body = api.get(f"/api/storage/redis/instances/{config['id']}").json()
         try:
@@ -485,6 +488,7 @@ def test_a_server_runs_confined_and_comes_back_with_its_data_when_killed(api, cl
             pass
         assert time.monotonic() < deadline, f"still {body['status']}: {body['status_message']}"
         time.sleep(1)
+    assert redis_of(config).config_get("timeout") == {"timeout": "300"}, "the live change outlived the crash"
 
 
 def test_a_service_the_portal_no_longer_knows_is_an_orphan_and_is_removed(api, cluster, backend, settings):
