@@ -220,8 +220,8 @@ class BaseBackend:
             get_engine(instance.kind).archive_logs(instance, beside, archive)
 
     def _beside(self, instance: "Instance") -> AbstractContextManager[Beside]:
-        """Where the engine's programs run beside the running server (its snapshots, log archiving
-        and upgrades), while the block runs."""
+        """Where the engine's programs run beside the running server (its snapshots, log archiving,
+        upgrades and imports), while the block runs."""
         raise BackendError(f"The {self.alias} backend cannot run programs beside its servers.")
 
     def restore(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
@@ -245,14 +245,21 @@ class BaseBackend:
     def check_import(self, instance: "Instance", upload: IO[bytes]) -> None:
         """Raise ImportRefused unless the running instance can take the uploaded file
         (`Engine.check_import`); nothing of its data changes."""
-        raise BackendError(f"The {self.alias} backend cannot import files.")
+        with self._beside(instance) as beside:
+            get_engine(instance.kind).check_import(instance, beside, upload)
 
     def import_data(self, instance: "Instance", upload: IO[bytes]) -> None:
         """Load a checked file into the instance (`Engine.load`, as its tenant), or put it in place
         of its data as a snapshot is restored (`Engine.import_replaces_data`); return once the
         user's login works. On failure its data may be part old, part new: the caller puts back a
         snapshot."""
-        raise BackendError(f"The {self.alias} backend cannot import files.")
+        engine = get_engine(instance.kind)
+        if engine.import_replaces_data:
+            upload.seek(0)
+            self.restore(instance, upload)
+            return
+        with self._beside(instance) as beside:
+            engine.load(instance, beside, upload)
 
     def enforce_disk_limit(self, instance: "Instance") -> str | None:
         """Asked by the reconciler about each running instance that answers: a short message for its

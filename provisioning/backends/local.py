@@ -331,19 +331,6 @@ class LocalBackend(BaseBackend):
         if user is not None:
             remove_files_of(user.uid)
 
-    def check_import(self, instance: "Instance", upload: IO[bytes]) -> None:
-        with self._beside(instance) as beside:
-            get_engine(instance.kind).check_import(instance, beside, upload)
-
-    def import_data(self, instance: "Instance", upload: IO[bytes]) -> None:
-        engine = get_engine(instance.kind)
-        if engine.import_replaces_data:
-            upload.seek(0)
-            self.restore(instance, upload)
-            return
-        with self._beside(instance) as beside:
-            engine.load(instance, beside, upload)
-
     @contextmanager
     def _beside(self, instance: "Instance") -> Iterator["LocalBeside"]:
         layout, user = self.layout(instance), self.user(instance)

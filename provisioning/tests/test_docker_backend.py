@@ -35,6 +35,7 @@ from provisioning.models import Instance, LogFile
 
 from .conftest import connects_as, port_refuses, wait_for_status
 from .test_confinement_local import DISKS, WRITES, mounts, set_disk_limit, with_disk
+from .test_imports import foreign_dump, foreign_rdb, imports_and_reads_back  # noqa: F401 - fixtures
 from .test_lifecycle import act, mysql, running
 from .test_point_in_time import KINDS, Writes, iso, restore_to
 from .test_snapshots import config_of, create, execute, redis_client, restore, rows, snapshot_of, stored
@@ -928,3 +929,10 @@ def test_the_warm_pool_hands_out_containers_with_the_tenants_password_options_an
         settings.STOCKROOM_POOL = {"mysql": 0, "redis": 0}
         services.fill_pool()
     assert not Instance.objects.filter(pool=True).live().exists()
+
+
+@pytest.mark.parametrize("kind", ["mysql", "redis"])
+def test_a_file_of_another_server_imports_into_a_container(api, docker_settings, kind, foreign_dump, foreign_rdb):  # noqa: F811
+    docker_settings()
+    pk, config = running(api, kind)
+    imports_and_reads_back(api, kind, config | {"id": pk}, foreign_dump, foreign_rdb)

@@ -140,6 +140,21 @@ def import_file(api, kind: str, pk: int, name: str, content: bytes) -> dict:
     return wait_for_status(api, kind, pk, "running", "unhealthy", "failed")
 
 
+def imports_and_reads_back(api, kind: str, config: dict, foreign_dump: bytes, foreign_rdb: bytes) -> None:
+    """The other backends' proof (test_docker_backend.py, test_swarm_backend.py): a MySQL dump or
+    a Redis RDB of another server imports into the instance `config` shows, and reads back."""
+    name, content = ("shop.sql", foreign_dump) if kind == "mysql" else ("dump.rdb", foreign_rdb)
+    done = import_file(api, kind, config["id"], name, content)
+    assert done["status"] == "running", done["status_message"]
+    if kind == "mysql":
+        assert rows(config, "items") == [[1, "tea; with a semicolon", 3], [2, "it's -- not a comment", 5]]
+        assert tenant_rows(config, "SELECT id, name FROM cheap") == [[1, "tea; with a semicolon"]]
+    else:
+        client = redis_client(config)
+        assert client.get("greeting") == "hello" and client.lrange("queue", 0, -1) == ["a", "b", "c"]
+        assert client.hgetall("user:1") == {"name": "ann", "visits": "3"}
+
+
 def tenant_rows(config: dict, query: str) -> list:
     with mysql(config) as db, db.cursor() as cursor:
         cursor.execute(query)

@@ -34,6 +34,7 @@ from provisioning.services import fleet
 
 from .conftest import wait_for_status
 from .test_export_verify import download, verify
+from .test_imports import foreign_dump, foreign_rdb, imports_and_reads_back  # noqa: F401 - fixtures
 from .test_lifecycle import act
 from .test_point_in_time import KINDS as PITR_KINDS
 from .test_point_in_time import Writes, restore_to
@@ -690,3 +691,9 @@ def test_a_change_of_size_waits_for_the_restart_which_takes_the_new_limit(api, c
     spec = backend._service(instance).attrs["Spec"]["TaskTemplate"]["Resources"]
     assert spec["Limits"]["MemoryBytes"] == instance.memory_limit
     assert redis_of(config).config_get("maxmemory") == {"maxmemory": str(128 * 2**20)}
+
+
+@pytest.mark.parametrize("kind", ["mysql", "redis"])
+def test_a_file_of_another_server_imports_on_a_node(api, cluster, backend, kind, foreign_dump, foreign_rdb):  # noqa: F811
+    """Imports: the file checked and loaded (or restored) in jobs on the instance's node."""
+    imports_and_reads_back(api, kind, create(api, kind), foreign_dump, foreign_rdb)
