@@ -65,7 +65,7 @@ HELPER_DISK = PurePosixPath("/stockroom/disk")  # where a helper container has t
 REPLACED = "-replaced"  # the name's suffix of a container put aside while it is made again from a new image
 IMAGE_ID_SECONDS = 10.0  # how long an image name's id is taken as known (host_version is asked by pages)
 # An image's id -> the version its server program names; an image name -> (when looked up, its id).
-_image_versions: dict[str, str] = {}
+_image_versions: dict[tuple[str, str], str] = {}  # (image id, kind): one image may hold both kinds
 _image_ids: dict[str, tuple[float, str]] = {}
 
 
@@ -484,7 +484,7 @@ class DockerBackend(BaseBackend):
         if time.monotonic() - looked_up > IMAGE_ID_SECONDS:
             image_id = self._docker(f"inspect the image {image}", self.client.images.get, image).id
             _image_ids[image] = (time.monotonic(), image_id)
-        if image_id not in _image_versions:
+        if (image_id, kind) not in _image_versions:
             # Once per image: its server program, run with nothing but --version.
             output = self._docker(
                 f"run {engine.version_program} --version in {image}",
@@ -500,8 +500,8 @@ class DockerBackend(BaseBackend):
                 network_mode="none",
                 remove=True,
             )
-            _image_versions[image_id] = engine.program_version(bytes(output).decode(errors="replace"))
-        return _image_versions[image_id]
+            _image_versions[image_id, kind] = engine.program_version(bytes(output).decode(errors="replace"))
+        return _image_versions[image_id, kind]
 
     def memory(self, instance: "Instance") -> tuple[int | None, int | None]:
         container = self._running(instance)

@@ -417,11 +417,11 @@ class SwarmBackend(BaseBackend):
         with self.admin(instance) as admin:
             return get_engine(instance.kind).server_version(instance, admin)
 
-    _versions: dict[str, tuple[float, str]] = {}
+    _versions: dict[tuple[str, str], tuple[float, str]] = {}  # (image, kind): one image may hold both kinds
 
     def host_version(self, kind: str) -> str:
         engine, image = get_engine(kind), self._image(kind)
-        asked, version = self._versions.get(image, (0.0, ""))
+        asked, version = self._versions.get((image, kind), (0.0, ""))
         if time.monotonic() - asked > 600:
             usable = [node for node in self.nodes() if node.usable]
             if not usable:
@@ -429,7 +429,7 @@ class SwarmBackend(BaseBackend):
             argv = [engine.version_program, "--version"]
             output = self._job(usable[0], argv, what="read the server's version", image=image, as_root=False)
             version = engine.program_version(output)
-            self._versions[image] = (time.monotonic(), version)
+            self._versions[image, kind] = (time.monotonic(), version)
         return version
 
     @contextmanager

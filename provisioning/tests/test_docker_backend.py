@@ -786,18 +786,25 @@ def watch_for_the_replay_server(backend, instance: Instance, seen: dict, done: t
                     continue
                 if b"--skip-grant-tables" not in (entry / "cmdline").read_bytes().split(b"\0"):
                     continue
-                time.sleep(0.2)  # listening by now, if it ever does
-                tables = [(entry / "net" / name).read_text().splitlines()[1:] for name in ("tcp", "tcp6")]
-                helper = backend.client.containers.get(f"{backend.name(instance)}-helper")
-                seen.update(
-                    uid=entry.stat().st_uid,
-                    net=os.readlink(entry / "ns" / "net"),
-                    tcp=[line for table in tables for line in table if line.split()[3] == "0A"],
-                    helper_net=os.readlink(f"/proc/{helper.attrs['State']['Pid']}/ns/net"),
-                )
-                return
-            except (OSError, ValueError, docker.errors.DockerException):
+                # What it is, at once: a short replay may be over before a loaded machine looks again.
+                found = {"uid": entry.stat().st_uid, "net": os.readlink(entry / "ns" / "net"), "tcp": []}
+            except (OSError, ValueError):
                 continue
+            deadline = time.monotonic() + 0.5  # listening by then, if it ever does
+            while time.monotonic() < deadline:
+                try:
+                    tables = [(entry / "net" / name).read_text().splitlines()[1:] for name in ("tcp", "tcp6")]
+                except OSError:  # it has ended
+                    break
+                found["tcp"] += [line for table in tables for line in table if line.split()[3] == "0A"]
+                time.sleep(0.02)
+            try:  # the helper container outlives the replay
+                helper = backend.client.containers.get(f"{backend.name(instance)}-helper")
+                found["helper_net"] = os.readlink(f"/proc/{helper.attrs['State']['Pid']}/ns/net")
+            except (OSError, docker.errors.DockerException) as exc:
+                found["helper_net"] = f"not read: {exc}"
+            seen.update(found)
+            return
         time.sleep(0.01)
 
 

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from provisioning.backends.base import Node
 from provisioning.backends.fake import FakeFleetBackend
 from provisioning.backends.swarm import SwarmBackend
 from provisioning.errors import BackendError
@@ -96,3 +97,19 @@ def test_the_fake_fleet_refuses_what_the_swarm_backend_refuses(availability):
     for backend in (real, fake):
         with pytest.raises(BackendError, match="active or pause, not"):
             backend.set_availability("n1", availability)
+
+
+def test_one_image_for_both_kinds_gives_each_kind_its_own_version(monkeypatch):
+    """The tests (and an operator) may run MySQL and Redis from one image: the version a kind's
+    program reports is that kind's, whichever kind was asked first."""
+    said = {"redis-server": "Redis server v=7.0.15 sha=0", "mariadbd": "mariadbd  Ver 10.11.6-MariaDB-0+deb12u1 for x"}
+    node = Node("n1", "db", "10.0.0.2", "10.0.0.2", "ready", "active", "worker", True, 2**30)
+    backend = NoSwarm("swarm", manager_url="", portal_address="127.0.0.1", data_root="/x", images={})
+    monkeypatch.setattr(SwarmBackend, "_versions", {})
+    monkeypatch.setattr(backend, "_image", lambda kind: "one-image")
+    monkeypatch.setattr(backend, "nodes", lambda fresh=False: [node])
+    monkeypatch.setattr(backend, "_job", lambda node, argv, **kwargs: said[argv[0]])
+
+    assert backend.host_version("redis") == "7.0.15"
+    assert backend.host_version("mysql") == "10.11.6-MariaDB-0+deb12u1"
+    assert backend.host_version("redis") == "7.0.15"
