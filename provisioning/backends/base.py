@@ -417,10 +417,15 @@ class BaseBackend:
         the seconds its writes were refused. If it fails, the old server runs on as it was."""
         raise BackendError(f"The {self.alias} backend has one host: there is nowhere to move to.")
 
-    def end_move(self, instance: "Instance", source: tuple[str, int], *, moved: bool) -> None:
-        """For a backend that `places`, after a `move` cut short (its worker died): `moved` (the
-        server at `instance.host` and `instance.port` answers), what is left at `source` goes; else
-        what the move made goes, and the server at `source` runs again with its data."""
+    def move_made(self, instance: "Instance") -> bool:
+        """For a backend that `places`, after a `move` cut short (its worker died): whether it made
+        the new server at `instance.host` (which may have taken writes since)."""
+        raise BackendError(f"The {self.alias} backend has one host: it moves nothing.")
+
+    def end_move(self, instance: "Instance", *, source: tuple[str, int], target: tuple[str, int], moved: bool) -> None:
+        """For a backend that `places`, after a `move` from `source` to `target` (host, port) cut
+        short: `moved` (it stands), what is left at `source` goes; else what the move made at
+        `target` goes, and the server at `source` runs again from its own data."""
         raise BackendError(f"The {self.alias} backend has one host: it moves nothing.")
 
     def rebuild(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:

@@ -348,7 +348,7 @@ class FakeFleetBackend(FakeBackend):
     by free memory among the usable ones; a node that is not ready makes its instances unreachable.
     Fail `nodes` to play a manager that does not answer."""
 
-    OPERATIONS = (*FakeBackend.OPERATIONS, "nodes", "set_availability", "move", "end_move", "rebuild")
+    OPERATIONS = (*FakeBackend.OPERATIONS, "nodes", "set_availability", "move", "move_made", "end_move", "rebuild")
     places = True
 
     def reset(self) -> None:
@@ -428,12 +428,16 @@ class FakeFleetBackend(FakeBackend):
         if self.servers[instance.pk].port != instance.port:  # a move's new port, before it moved
             raise NotAnswering(f"Nothing answers on port {instance.port}.")
 
-    def end_move(self, instance: "Instance", source: tuple[str, int], *, moved: bool) -> None:
+    def move_made(self, instance: "Instance") -> bool:
+        self._enter("move_made", instance.pk)
+        return self._server(instance).port == instance.port
+
+    def end_move(self, instance: "Instance", *, source: tuple[str, int], target: tuple[str, int], moved: bool) -> None:
         """The server where the move left it (`moved`), else back at `source`'s port, running."""
         self._enter("end_move", instance.pk)
         server = self._server(instance)
         with self.lock:
-            server.port, server.running = (instance.port if moved else source[1]), True
+            server.port, server.running = (target[1] if moved else source[1]), True
 
     def rebuild(self, instance: "Instance", snapshot: IO[bytes], replay: Replay | None = None) -> None:
         """The server made again from `snapshot` on the instance's new host and port."""

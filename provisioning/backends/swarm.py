@@ -702,17 +702,23 @@ class SwarmBackend(BaseBackend):
             self._remove_folder(old, new_node, what="remove the failed move's folder")
         self._restart_old(old, old_node, service)
 
-    def end_move(self, instance: "Instance", source: tuple[str, int], *, moved: bool) -> None:
-        """After a move cut short by its worker's death: `moved` (its new server answers), the old
-        folder goes; else the new service and folder go, and the server at `source` runs again from
-        its own folder, which a move removes only once the new server answered."""
-        old = copy.copy(instance)
-        old.host, old.port = source
+    def move_made(self, instance: "Instance") -> bool:
+        """Whether the instance's service is pinned to the node its host names: a move made it there.
+        (Before that, the service is the old one, pinned to the old node, or gone.)"""
+        service = self._service(instance)
+        return service is not None and self._pinned_to(service) == self._placed(instance).id
+
+    def end_move(self, instance: "Instance", *, source: tuple[str, int], target: tuple[str, int], moved: bool) -> None:
+        """After a move cut short by its worker's death: `moved`, the old folder goes; else the new
+        service and folder go, and the server at `source` runs again from its own folder, which a
+        move removes only once the new server answered."""
+        old, new = copy.copy(instance), copy.copy(instance)
+        (old.host, old.port), (new.host, new.port) = source, target
         old_node = self._placed(old)
         if moved:
             self._remove_folder(instance, old_node, what="remove the instance's old folder")
         else:
-            self._back_home(old, old_node, self._placed(instance))
+            self._back_home(old, old_node, self._placed(new))
 
     def _restart_old(self, old: "Instance", node: Node, service: Any = None) -> None:
         """The old server running on `node` from its own folder: its service started again, or made

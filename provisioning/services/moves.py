@@ -173,31 +173,55 @@ def _evacuate(instance: Instance, backend: BaseBackend) -> None:
 
 
 def recover(instance: Instance, backend: BaseBackend, note: str) -> bool:
-    """After the worker moving `instance` stopped (`note` says so): the move finished if its new
-    server answers, which may have taken writes since; else undone, the server back where it was with
-    its data (a move removes its old folder only once the new server answered). False, and nothing
-    done, if there is nothing to go by: the worker stopped before the move began, or it was an
-    evacuation (whose old server is out of reach)."""
+    """After the worker moving `instance` stopped (`note` says so), decided by how far the move got,
+    never by whether a server answers at that moment:
+    - its new server was made: it may have taken writes, so the move stands. It is done once that
+      server answers (its old folder goes then); until then it is unhealthy where it went, and the
+      reconciler starts it there;
+    - it was not: the instance takes its old host and port back first, then the backend removes what
+      the move made and starts the old server from its own folder (a move never removes that folder
+      before its new server answered).
+    False, and nothing done, if there is nothing to go by: the worker stopped before the move began,
+    or it was an evacuation (whose old server is out of reach)."""
     if not instance.move_source:
         return False
-    source = (instance.move_source[0], int(instance.move_source[1]))
-    moved = backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT) is None
+    assert instance.port is not None, "a moving instance holds a port"
+    source, target = (instance.move_source[0], int(instance.move_source[1])), (instance.host, instance.port)
     try:
-        backend.end_move(instance, source, moved=moved)
+        made = backend.move_made(instance)
+        if made and backend.login_error(instance, timeout=settings.STOCKROOM_PROBE_TIMEOUT) is None:
+            _forget_source(instance, backend, source, target)
+            said = (
+                f"{note}, but the move had finished: moved from {source[0]}:{source[1]} to {instance.host}:"
+                f"{instance.port}, with its data."
+            )
+            _done(instance, said, {})
+        elif made:
+            message = (
+                f"{note} during a move, after its new server on {instance.host}:{instance.port} was made, which may "
+                "have taken writes since: it stays there, and is started again there."
+            )
+            _leave_moving(instance, Status.UNHEALTHY, message)
+        elif _put_back(instance, source):  # its port first: no create takes it meanwhile
+            backend.end_move(instance, source=source, target=target, moved=False)
+            message = f"{note} during a move; it runs where it was again, with its data."
+            _leave_moving(instance, Status.RUNNING, message)
     except BackendError as exc:
         message = describe(f"{note} during a move, which could not be ended", instance, exc)
-        transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(Status.MOVING,))
-        return True
-    if moved:
-        said = (
-            f"{note}, but the move had finished: moved from {source[0]}:{source[1]} to {instance.host}:"
-            f"{instance.port}, with its data."
-        )
-        _done(instance, said, {})
-    elif _put_back(instance, source):
-        message = f"{note} during a move; it runs where it was again, with its data."
-        transition(instance, Status.RUNNING, message, side=Side.WORKER, allowed_from=(Status.MOVING,))
+        _leave_moving(instance, Status.UNHEALTHY, message)
     return True
+
+
+def _forget_source(instance: Instance, backend: BaseBackend, source: tuple[str, int], target: tuple[str, int]) -> None:
+    """The old folder of a move that stands goes; if it cannot now, it stays, and the log says so."""
+    try:
+        backend.end_move(instance, source=source, target=target, moved=True)
+    except BackendError:
+        logger.exception("Instance %s moved, but what it left on %s stays", instance.pk, source[0])
+
+
+def _leave_moving(instance: Instance, status: Status, message: str) -> None:
+    transition(instance, status, message, side=Side.WORKER, allowed_from=(Status.MOVING,), also={"move_source": None})
 
 
 def _relocate(instance: Instance, backend: BaseBackend, *, record: bool = False) -> None:

@@ -267,6 +267,6 @@ def _give_up_recovering(instance: Instance, backend: BaseBackend, what: str) -> 
         doing = {Status.RESTORING: "restore", Status.IMPORTING: "import", Status.MOVING: "move"}.get(busy)
         doing = doing or ACTION_OF[busy].replace("-", " ")
         message, upload = f"{what}; the {doing} was given up.", instance.import_file
-        done = {"restore_from": None, "import_file": ""}
+        done = {"restore_from": None, "import_file": "", "move_source": None}
         transition(instance, Status.UNHEALTHY, message, side=Side.WORKER, allowed_from=(busy,), also=done)
         imports.forget_upload(upload)

@@ -229,3 +229,18 @@ def test_a_move_whose_worker_died_before_it_began_is_left_to_the_reconciler(node
     assert (instance.status, instance.host) == (Status.UNHEALTHY, first["host"])
     assert instance.status_message == "The worker handling it stopped during a move; the move was given up."
     assert nodes.called("end_move") == []
+
+
+def test_a_move_whose_new_server_was_made_is_kept_even_when_it_does_not_answer(nodes, create, committed, carl):
+    """Its new server may have taken writes: the move is never undone then. It stays unhealthy where
+    it went, and the reconciler starts it there."""
+    first, left = die_moving(nodes, create, committed, carl, after_move=True)
+    nodes.kill(first["id"])  # crashed after it took writes
+
+    services.recover(first["id"])
+
+    instance = Instance.objects.get(pk=first["id"])
+    assert (instance.status, instance.host, instance.port) == (Status.UNHEALTHY, left.host, left.port)
+    assert "after its new server on" in instance.status_message and "stays there" in instance.status_message
+    assert instance.move_source is None
+    assert nodes.called("end_move") == [], "nothing is removed on either host"
