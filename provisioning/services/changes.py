@@ -119,6 +119,13 @@ def _change(instance: Instance, options: dict[str, Any], name: str | None, *, by
 
     if reservation > instance.memory_reservation and instance.status in RESERVING_STATUSES:
         _reserve(instance, reservation)  # held from now: a create meanwhile sees it
+    future = engine.memory_reservation({**after, **pending})
+    if future > max(reservation, instance.memory_reservation) and instance.status in RESERVING_STATUSES:
+        # Growth that waits for the restart: refused now if the quota or the budget cannot take it
+        # (it is held once the restart brings it).
+        with transaction.atomic():
+            capacity.hold(instance.owner)
+            capacity.check_memory(instance.owner, future, what=instance.name, excluding=instance)
     try:
         if on_server:
             backend.reconfigure(instance, to_server, undo=undo, memory_limit=new_limit)

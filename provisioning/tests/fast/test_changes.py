@@ -155,6 +155,21 @@ def test_a_stopped_instance_reserves_nothing_until_it_starts(api, create, act, s
     assert api.post(f"/api/storage/redis/instances/{instance['id']}/start").status_code == 403
 
 
+def test_a_growth_that_waits_for_the_restart_is_checked_against_the_quota_now(api, create, settings, fake, monkeypatch):
+    """Where the growth of a running server waits for its restart (the swarm's), it is checked against
+    the quota when it is asked for, not found too big only when the restart brings it."""
+    monkeypatch.setattr(type(fake), "changes_memory_live", False)
+    instance = create("redis")
+    settings.STOCKROOM_MEMORY_QUOTA = 100 * MiB
+    response = patch(api, instance["id"], {"maxmemory": "512mb"})
+    assert response.status_code == 403, response.content
+    assert Instance.objects.get(pk=instance["id"]).pending_options == {}
+
+    settings.STOCKROOM_MEMORY_QUOTA = 1024 * MiB
+    body = patch(api, instance["id"], {"maxmemory": "512mb"}).json()
+    assert body["pending_options"] == {"maxmemory": 512 * MiB}
+
+
 def test_a_server_that_cannot_be_reached_is_409_not_500(api, create, fake):
     instance = create("redis")
     fake.fail_next("reconfigure", FileNotFoundError(2, "No such file or directory"))
