@@ -11,7 +11,7 @@ from collections.abc import Callable
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
-from ..backends.base import BackendError, BaseBackend
+from ..backends.base import BackendError, BaseBackend, get_backend
 from ..models import Instance
 from .capacity import NoCapacity
 
@@ -92,12 +92,18 @@ def _take_free_port(instance: Instance, backend: BaseBackend, take: Callable[[in
     constraint and the next port is tried.
     """
     first, last = settings.STOCKROOM_PORT_RANGE
-    held = set(Instance.objects.live().filter(host=instance.host).values_list("port", flat=True))
-    # Each instance of a backend that gives it more than one port (`ports_per_instance`) holds the
-    # port it is given and the ones after it: it is given every n-th port of the range only.
-    stride = backend.ports_per_instance
-    for port in range(first, last + 2 - stride, stride):
-        if port in held or not backend.port_is_free(port):
+    # An instance of a backend that gives it more than one port (`ports_per_instance`) holds the
+    # port it is given and the ones after it: none of them may be another's. Such a backend's
+    # instances are given every n-th port of the range, so that two asking at once ask for the same
+    # one (the unique constraint decides), and one made before (or another range) is stepped over.
+    held: set[int] = set()
+    for port, alias in Instance.objects.live().filter(host=instance.host).values_list("port", "backend"):
+        if port is not None:
+            held.update(range(port, port + _width(alias)))
+    width = backend.ports_per_instance
+    for port in range(first, last + 2 - width, width):
+        wanted = range(port, port + width)
+        if held.intersection(wanted) or not all(backend.port_is_free(each) for each in wanted):
             continue
         try:
             with transaction.atomic():
@@ -106,5 +112,12 @@ def _take_free_port(instance: Instance, backend: BaseBackend, take: Callable[[in
         except IntegrityError:
             if not Instance.objects.live().filter(host=instance.host, port=port).exists():
                 raise  # not a port clash: let the caller see it
-            held.add(port)
+            held.update(wanted)
     raise NoFreePort(f"No free port is left in {first}-{last}; ask an operator to widen STOCKROOM_PORT_RANGE.")
+
+
+def _width(alias: str) -> int:
+    """How many ports an instance of backend `alias` holds (1 for an alias no longer configured)."""
+    if alias not in settings.STOCKROOM_BACKENDS:
+        return 1
+    return get_backend(alias).ports_per_instance

@@ -397,3 +397,16 @@ def test_a_backend_that_gives_each_instance_two_ports_hands_out_every_other_one(
     nodes.set_availability("n0small", "pause")  # all on one node
     ports = [create("redis")["port"] for _ in range(3)]
     assert ports == [first_port, first_port + 2, first_port + 4]
+
+
+def test_a_port_next_to_an_instance_that_holds_two_is_never_given(nodes, create, settings, monkeypatch):
+    """An instance made before its backend held two ports (or under another range) may sit on an odd
+    offset: the ports after it stay its own, and a new instance steps over them."""
+    first_port = settings.STOCKROOM_PORT_RANGE[0]
+    nodes.set_availability("n0small", "pause")  # all on one node
+    old = create("redis")
+    Instance.objects.filter(pk=old["id"]).update(port=first_port + 3)  # as if made so
+    nodes.servers[old["id"]].port = first_port + 3
+    monkeypatch.setattr(nodes, "ports_per_instance", 2)
+    ports = [create("redis")["port"] for _ in range(2)]
+    assert ports == [first_port, first_port + 6], "first_port + 2 would hold first_port + 3, which is taken"
