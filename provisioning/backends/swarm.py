@@ -70,6 +70,7 @@ JOB_ROOT = PurePosixPath("/stockroom")  # where a job has the nodes' `data_root`
 NODES_SECONDS = 2.0  # how long a listing of the nodes is taken as current
 STOP_GRACE_NS = 30 * 10**9  # a server gets this long to stop cleanly before it is killed
 NODE_GONE = "its node {node} is not ready in the swarm ({state})"
+ENDED = ("complete", "failed", "rejected")  # a task in these states will not run again
 HELPER_DISK = PurePosixPath("/stockroom/disk")  # where a restore's job has the instance's folder
 SCRATCH = PurePosixPath("/scratch")  # where a throwaway server's job has its folder
 SCRATCH_MEMORY = 512 * 2**20  # a throwaway server's memory limit
@@ -473,10 +474,18 @@ class SwarmBackend(BaseBackend):
             return str(exc).rstrip(".")
         if node.state != "ready":
             return NODE_GONE.format(node=node.hostname or node.public_host, state=node.state)  # users read it
-        tasks = self._tasks(instance)
-        if tasks and tasks[0]["Status"].get("Err"):
-            return f"Swarm says: {tasks[0]['Status']['Err']}"
-        return None
+        # Its newest task, ended or not: Swarm starts no other (the reconciler does), so the last
+        # one says why it stopped (an out-of-memory kill is exit code 137).
+        service = self._service(instance)
+        tasks = self._tasks_of(service.id) if service is not None else []
+        if not tasks:
+            return None
+        status = tasks[0]["Status"]
+        code = status.get("ContainerStatus", {}).get("ExitCode")
+        said = f"Swarm says: {status['Err']}" if status.get("Err") else ""
+        if status["State"] in ENDED and code:
+            said = f"{said} (exit code {code})" if said else f"Its server exited with code {code}"
+        return said or None
 
     def unreachable(self, instance: "Instance") -> str | None:
         """Why the instance's node is out of reach (Swarm no longer reports it ready), or None."""
@@ -1115,7 +1124,7 @@ class SwarmBackend(BaseBackend):
             if service is None:
                 return True
             tasks = self._tasks_of(service.id)
-            return bool(tasks) and tasks[0]["Status"]["State"] in ("failed", "rejected")
+            return bool(tasks) and tasks[0]["Status"]["State"] in ENDED
 
         self.wait_for_login(instance, exited=exited, log_tail=lambda: self._log_tail(instance))
 

@@ -234,6 +234,8 @@ def _relocate(instance: Instance, backend: BaseBackend, *, record: bool = False)
         # Its own host counted full, so that it goes to the roomiest of the others.
         reserved = {**capacity.reserved_by_host(backend.alias), instance.host: FULL}
         try:
+            if not any(node.usable and node.public_host != instance.host for node in backend.nodes(fresh=True)):
+                raise NoCapacity("No other node takes instances now (ready, active and labelled for them).")
             host = backend.place(instance.memory_reservation, reserved)
         except BackendError as exc:  # no other node has room (NoRoom), or the manager does not answer
             raise NoCapacity(str(exc)) from None

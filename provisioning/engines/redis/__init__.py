@@ -68,13 +68,15 @@ CONFIG_DIR = PurePosixPath("/usr/local/etc/redis")  # in the official image
 DUMP = "dump.rdb"
 IMPORT_DIR = "import"  # in the data folder: an uploaded RDB and the server that loads it to check it
 # An uploaded RDB is loaded by a server of its own, as the instance's uid and in its cgroup: no
-# port, a socket in a 0700 folder only that uid reaches, nothing saved. The file is taken only if
-# that server loads all of it. $1: the folder, which holds dump.rdb (and is the cwd).
+# port, a socket in a 0700 folder only that uid reaches, nothing saved, every payload checked in
+# full as the instance's own server checks them. The file is taken only if that server loads all
+# of it. $1: the folder, which holds dump.rdb (and is the cwd).
 _SIDE_LOAD = r"""
 set -eu
 cd -- "$1"  # short paths: a socket's may not be long
 redis-server --port 0 --unixsocket side.sock --unixsocketperm 700 --dir . \
-    --dbfilename dump.rdb --appendonly no --save "" --logfile side.log &
+    --dbfilename dump.rdb --appendonly no --save "" --logfile side.log --sanitize-dump-payload yes \
+    --enable-debug-command no --enable-module-command no &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
 tries=0

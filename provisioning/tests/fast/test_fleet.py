@@ -142,7 +142,9 @@ def test_a_drain_with_no_room_elsewhere_moves_nothing_and_says_so(nodes, create,
 
     instance = Instance.objects.get(pk=first["id"])
     assert (instance.status, instance.host) == (Status.RUNNING, first["host"])
-    assert instance.status_message.startswith("Not moved: No node has room")
+    assert (
+        instance.status_message == "Not moved: No other node takes instances now (ready, active and labelled for them)."
+    )
 
 
 def test_stopped_instances_stay_on_a_drained_node_and_the_operator_is_told(nodes, create, act, carl):

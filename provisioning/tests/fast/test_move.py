@@ -74,6 +74,16 @@ def test_a_move_with_no_room_elsewhere_leaves_it_where_it_was_and_says_so(nodes,
 
     instance = Instance.objects.get(pk=first["id"])
     assert (instance.status, instance.host) == (Status.RUNNING, first["host"])
+    assert (
+        instance.status_message == "Not moved: No other node takes instances now (ready, active and labelled for them)."
+    )
+
+    nodes.set_availability("n0small", "active")
+    nodes.fleet["n0small"] = replace(nodes.fleet["n0small"], memory=1)  # takes instances, has no room
+    with committed():
+        move_in_admin(web(carl), first)
+    instance = Instance.objects.get(pk=first["id"])
+    assert (instance.status, instance.host) == (Status.RUNNING, first["host"])
     assert instance.status_message == "Not moved: No node has room for it."  # what the backend said
 
 
