@@ -23,7 +23,7 @@ from ..backends.base import BackendError, BaseBackend
 from ..engines import get_engine
 from ..models import Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status
 from ..options import describe_size
-from . import healing, snapshots, store
+from . import certificates, healing, snapshots, store
 from .claims import work_on
 from .outcomes import describe
 from .requests import WrongStatus, create_instance, enqueue
@@ -144,6 +144,7 @@ def import_now(instance: Instance, backend: BaseBackend) -> None:
             Instance.objects.filter(pk=instance.pk).update(restore_from=undo)
             try:
                 upload.seek(0)
+                certificates.ensure(instance)  # a file that replaces the data starts the server again
                 backend.import_data(instance, upload)
             except Exception as exc:  # noqa: BLE001
                 put_back(instance, backend, undo, describe("Import failed", instance, exc))

@@ -23,7 +23,7 @@ from ..backends.base import BackendError, BaseBackend
 from ..engines import get_engine
 from ..models import Instance, Snapshot, SnapshotStatus, SnapshotTrigger, Status
 from ..options import backup_options, describe_size
-from . import capacity, healing, jobs, logs, store, versions
+from . import capacity, certificates, healing, jobs, logs, store, versions
 from .capacity import QuotaExceeded
 from .claims import work_on
 from .outcomes import describe, with_note
@@ -271,6 +271,7 @@ def restore_now(instance: Instance, backend: BaseBackend) -> None:
     try:
         if snapshot is None:
             raise BackendError("The snapshot was deleted before it could be restored.")
+        certificates.ensure(instance)  # its server starts again: with TLS, with a certificate
         replay = logs.replay_for(instance, backend, snapshot, until) if until is not None else None
         with verified(snapshot) as file:
             backend.restore(instance, file, replay)
